@@ -1,0 +1,189 @@
+//! Command-line shape (argh). Only parsing lives here; `main.rs` dispatches.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+use crate::config::Overrides;
+
+/// edgeproxy: Kubernetes ClusterIP Services for edge machines, EdgeMesh-compatible.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    /// print the version and the build target, then exit
+    #[argh(switch)]
+    pub version: bool,
+    /// log level: error, warn, info (default), debug, trace
+    #[argh(option, default = "String::from(\"info\")")]
+    pub log_level: String,
+    #[argh(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Rules(RulesCmd),
+    Run(RunCmd),
+    Check(CheckCmd),
+    Cleanup(CleanupCmd),
+    CheckConfig(CheckConfigCmd),
+}
+
+
+/// Print the nat rules edgeproxy would install (a dry run; touches nothing).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rules")]
+pub struct RulesCmd {
+    /// JSON file(s) with Services and EndpointSlices or Endpoints (objects, lists, kubectl List)
+    #[argh(option)]
+    pub from: Vec<PathBuf>,
+    /// config file (JSON)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// rule layout: portals (default) or root-chain
+    #[argh(option)]
+    pub layout: Option<String>,
+    /// service filter mode: FilterIfLabelExists (default) or FilterIfLabelDoesNotExists
+    #[argh(option)]
+    pub service_filter_mode: Option<String>,
+    /// is kube-proxy on this node: auto (read the nat table), present, absent
+    #[argh(option, default = "String::from(\"auto\")")]
+    pub kube_proxy: String,
+    /// this node's name, for internalTrafficPolicy: Local
+    #[argh(option)]
+    pub node_name: Option<String>,
+    /// print, per service, proxied or ignored and why, instead of the rules
+    #[argh(switch)]
+    pub explain: bool,
+}
+
+impl RulesCmd {
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        o.set("layout", self.layout.clone());
+        o.set("service-filter-mode", self.service_filter_mode.clone());
+        o.set("node-name", self.node_name.clone());
+        o
+    }
+}
+
+/// Run the agent: source -> state -> rules -> proxy.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "run")]
+pub struct RunCmd {
+    /// config file (JSON); default /etc/edgeproxy/config.json when it exists
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// kube (default), metaserver, or file:PATH
+    #[argh(option)]
+    pub source: Option<String>,
+    /// kubeconfig file
+    #[argh(option)]
+    pub kubeconfig: Option<String>,
+    /// API server URL
+    #[argh(option)]
+    pub server: Option<String>,
+    /// bearer token file (re-read when it changes)
+    #[argh(option)]
+    pub token_file: Option<String>,
+    /// cluster CA bundle (PEM)
+    #[argh(option)]
+    pub ca_file: Option<String>,
+    /// client certificate (PEM)
+    #[argh(option)]
+    pub client_cert: Option<String>,
+    /// client key (PEM)
+    #[argh(option)]
+    pub client_key: Option<String>,
+    /// the KubeEdge MetaServer URL (default http://127.0.0.1:10550)
+    #[argh(option)]
+    pub metaserver: Option<String>,
+    /// watch (true, default) or poll with full lists (false)
+    #[argh(option)]
+    pub watch: Option<String>,
+    /// interval between full lists in poll mode (default 30s)
+    #[argh(option)]
+    pub poll_interval: Option<String>,
+    /// rule layout: portals (default) or root-chain
+    #[argh(option)]
+    pub layout: Option<String>,
+    /// service filter mode: FilterIfLabelExists (default) or FilterIfLabelDoesNotExists
+    #[argh(option)]
+    pub service_filter_mode: Option<String>,
+    /// this node's name, for internalTrafficPolicy: Local (default: $NODE_NAME)
+    #[argh(option)]
+    pub node_name: Option<String>,
+    /// the proxy's IPv4 address (default 169.254.96.16)
+    #[argh(option)]
+    pub listen_ip: Option<String>,
+    /// the proxy's TCP port (default 15001)
+    #[argh(option)]
+    pub tcp_port: Option<String>,
+    /// roundRobin (default) or random
+    #[argh(option)]
+    pub load_balancer: Option<String>,
+    /// auto (default), nft or legacy
+    #[argh(option)]
+    pub iptables_backend: Option<String>,
+    /// address:port for /healthz, /readyz and /metrics ("" for none)
+    #[argh(option)]
+    pub metrics_address: Option<String>,
+}
+
+impl RunCmd {
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        o.set("source", self.source.clone());
+        o.set("kubeconfig", self.kubeconfig.clone());
+        o.set("server", self.server.clone());
+        o.set("token-file", self.token_file.clone());
+        o.set("ca-file", self.ca_file.clone());
+        o.set("client-cert", self.client_cert.clone());
+        o.set("client-key", self.client_key.clone());
+        o.set("metaserver", self.metaserver.clone());
+        o.set("watch", self.watch.clone());
+        o.set("poll-interval", self.poll_interval.clone());
+        o.set("layout", self.layout.clone());
+        o.set("service-filter-mode", self.service_filter_mode.clone());
+        o.set("node-name", self.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()));
+        o.set("listen-ip", self.listen_ip.clone());
+        o.set("tcp-port", self.tcp_port.clone());
+        o.set("load-balancer", self.load_balancer.clone());
+        o.set("iptables-backend", self.iptables_backend.clone());
+        o.set("metrics-address", self.metrics_address.clone());
+        o
+    }
+}
+
+/// Read the live nat table and report our chains, kube-proxy and leftovers (exit codes below).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+pub struct CheckCmd {
+    /// config file (JSON), for the layout to expect
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// auto (default), nft or legacy
+    #[argh(option)]
+    pub iptables_backend: Option<String>,
+}
+
+/// Remove every rule and chain edgeproxy owns (offline).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "cleanup")]
+pub struct CleanupCmd {
+    /// also remove EdgeMesh's leftovers (EDGE-MESH*, EDGEMESH-*, KUBE-PORTALS-*/KUBE-NODEPORT-*)
+    #[argh(switch)]
+    pub edgemesh: bool,
+    /// auto (default), nft or legacy
+    #[argh(option)]
+    pub iptables_backend: Option<String>,
+}
+
+/// Validate the config file and exit (for ExecStartPre).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check-config")]
+pub struct CheckConfigCmd {
+    /// config file (JSON); default /etc/edgeproxy/config.json
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+}

@@ -1,0 +1,684 @@
+//! Configuration: a JSON file shaped like EdgeMesh's `edgeProxy` options, then flags on top, then
+//! validation into the runtime [`Config`].
+//!
+//! Precedence: built-in defaults < config file < command-line flags. The file is strict: an
+//! unknown or invalid field fails with its path (`udp.idleTimeout: invalid duration "5 parsecs"`).
+//! Secrets (tokens) never live here: only the *paths* of token and key files do.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::filter::{DefaultIgnores, FilterConfig, FilterMode};
+use crate::proxy::table::LbPolicy;
+use crate::rules::render::Layout;
+
+/// Where a config error was found and why.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file, or `--flag`, the problem is in.
+    pub origin: String,
+    /// Dotted path of the field (`udp.idleTimeout`); empty for whole-file problems.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.path.is_empty() {
+            true => write!(f, "{}: {}", self.origin, self.message),
+            false => write!(f, "{}: {}: {}", self.origin, self.path, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file as written. Every field optional; `deny_unknown_fields` everywhere.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    /// `FilterIfLabelExists` | `FilterIfLabelDoesNotExists` (EdgeMesh's key and values).
+    pub service_filter_mode: Option<String>,
+    /// Honour the old opt-out label `noproxy=edgemesh` (default true).
+    pub no_proxy_label: Option<bool>,
+    /// `auto` | `on` | `off`: ignore default/kubernetes and kube-system kube-dns services.
+    pub default_ignores: Option<String>,
+    /// `portals` | `root-chain`.
+    pub layout: Option<String>,
+    /// Service CIDRs, used by the `root-chain` layout's catch rule.
+    pub service_cidrs: Option<Vec<String>>,
+    /// This node's name (`NODE_NAME` in EdgeMesh), for `internalTrafficPolicy: Local`.
+    pub node_name: Option<String>,
+    pub listen: Option<ListenFile>,
+    pub source: Option<SourceFile>,
+    pub load_balancer: Option<String>,
+    pub tcp: Option<TcpFile>,
+    pub udp: Option<UdpFile>,
+    pub iptables: Option<IptablesFile>,
+    /// `127.0.0.1:10551`, or "" for none.
+    pub metrics_address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenFile {
+    /// The proxy's IPv4 address (EdgeMesh's `bridgeDeviceIP`, default 169.254.96.16).
+    pub ip: Option<String>,
+    pub ipv6: Option<String>,
+    /// Interface the addresses are put on (default `lo`); "" to manage them yourself.
+    pub device: Option<String>,
+    /// The one TCP listener every TCP DNAT points at.
+    pub tcp_port: Option<u16>,
+    /// `first-last`: one UDP socket per UDP service port is allocated from here.
+    pub udp_ports: Option<String>,
+    /// A port nothing listens on: DNAT target for service ports without endpoints, so the
+    /// kernel refuses them at once.
+    pub reject_port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceFile {
+    /// `kube` (default: flags, kubeconfig, in-cluster, then MetaServer), `metaserver`, or
+    /// `file:PATH`.
+    pub kind: Option<String>,
+    pub kubeconfig: Option<String>,
+    pub server: Option<String>,
+    pub token_file: Option<String>,
+    pub ca_file: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub meta_server: Option<String>,
+    /// `false`: poll with full lists instead of watching.
+    pub watch: Option<bool>,
+    pub poll_interval: Option<String>,
+    /// `auto` | `endpointslices` | `endpoints`.
+    pub endpoints_api: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpFile {
+    pub dial_timeout: Option<String>,
+    pub dial_attempts: Option<u32>,
+    pub buffer_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct UdpFile {
+    pub idle_timeout: Option<String>,
+    pub max_flows: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct IptablesFile {
+    /// `auto` | `nft` | `legacy`.
+    pub backend: Option<String>,
+    pub min_sync_period: Option<String>,
+    pub guard_period: Option<String>,
+    pub resync_period: Option<String>,
+}
+
+/// Which binaries apply the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// Where Services and endpoints come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Explicit server / kubeconfig / in-cluster / MetaServer, first that applies.
+    Kube,
+    MetaServer,
+    File(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointsApi {
+    Auto,
+    EndpointSlices,
+    Endpoints,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub kubeconfig: Option<PathBuf>,
+    pub server: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub meta_server: String,
+    pub watch: bool,
+    pub poll_interval: Duration,
+    pub endpoints_api: EndpointsApi,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub ip: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub device: String,
+    pub tcp_port: u16,
+    pub udp_ports: (u16, u16),
+    pub reject_port: u16,
+}
+
+impl ListenConfig {
+    pub fn ip_for(&self, v6: bool) -> IpAddr {
+        match v6 {
+            false => IpAddr::V4(self.ip),
+            true => IpAddr::V6(self.ipv6),
+        }
+    }
+}
+
+/// The validated runtime configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub filter: FilterConfig,
+    pub layout: Layout,
+    pub service_cidrs: Vec<(IpAddr, u8)>,
+    pub node_name: Option<String>,
+    pub listen: ListenConfig,
+    pub source: SourceConfig,
+    pub lb_policy: LbPolicy,
+    pub dial_timeout: Duration,
+    pub dial_attempts: u32,
+    pub tcp_buffer: usize,
+    pub udp_idle_timeout: Duration,
+    pub udp_max_flows: usize,
+    pub backend: Backend,
+    pub min_sync_period: Duration,
+    pub guard_period: Duration,
+    pub resync_period: Duration,
+    pub metrics_address: Option<SocketAddr>,
+}
+
+/// Default location of the config file for `run` and `check-config`.
+pub const DEFAULT_PATH: &str = "/etc/edgeproxy/config.json";
+
+/// Values from command-line flags; each `Some` overrides the file. Kept as strings so that a bad
+/// flag is reported with the same checks, naming the flag.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub values: Vec<(&'static str, String)>,
+}
+
+impl Overrides {
+    pub fn set(&mut self, flag: &'static str, value: Option<impl Into<String>>) {
+        if let Some(v) = value {
+            self.values.push((flag, v.into()));
+        }
+    }
+}
+
+impl Config {
+    /// Read `path` (if given) and apply `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let origin = path.map_or_else(|| "defaults".to_string(), |p| p.display().to_string());
+        Config::build(file, &origin, overrides)
+    }
+
+    /// Defaults only (tests, `rules --from` without a config).
+    pub fn defaults() -> Config {
+        Config::build(FileConfig::default(), "defaults", &Overrides::default())
+            .expect("built-in defaults are valid")
+    }
+
+    fn build(mut f: FileConfig, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        // Flags are folded into the file shape first, so one set of checks covers both.
+        let mut flag_of: Vec<(&'static str, &'static str)> = Vec::new();
+        for (flag, value) in &overrides.values {
+            let path = apply_override(&mut f, flag, value).map_err(|message| ConfigError {
+                origin: format!("--{flag}"),
+                path: String::new(),
+                message,
+            })?;
+            flag_of.push((path, flag));
+        }
+        let err = |path: &'static str, message: String| {
+            let origin = flag_of
+                .iter()
+                .rev()
+                .find(|(p, _)| *p == path)
+                .map_or_else(|| origin.to_string(), |(_, flag)| format!("--{flag}"));
+            let path = if origin.starts_with("--") { String::new() } else { path.to_string() };
+            ConfigError { origin, path, message }
+        };
+
+        let mode = match f.service_filter_mode.as_deref() {
+            None => FilterMode::FilterIfLabelExists,
+            Some(s) => FilterMode::parse(s).ok_or_else(|| {
+                err(
+                    "serviceFilterMode",
+                    format!("unknown value {s:?}; accepted values: FilterIfLabelExists, FilterIfLabelDoesNotExists"),
+                )
+            })?,
+        };
+        let default_ignores = match f.default_ignores.as_deref() {
+            None => DefaultIgnores::Auto,
+            Some(s) => DefaultIgnores::parse(s).ok_or_else(|| {
+                err("defaultIgnores", format!("unknown value {s:?}; accepted values: auto, on, off"))
+            })?,
+        };
+        let filter = FilterConfig {
+            mode,
+            no_proxy_label: f.no_proxy_label.unwrap_or(true),
+            default_ignores,
+        };
+        let layout = match f.layout.as_deref() {
+            None => Layout::Portals,
+            Some(s) => Layout::parse(s).ok_or_else(|| {
+                err("layout", format!("unknown value {s:?}; accepted values: portals, root-chain"))
+            })?,
+        };
+        let mut service_cidrs = Vec::new();
+        for c in f.service_cidrs.clone().unwrap_or_else(|| vec!["10.96.0.0/12".into()]) {
+            service_cidrs.push(parse_cidr(&c).map_err(|m| err("serviceCIDRs", m))?);
+        }
+        let node_name = f.node_name.clone().filter(|s| !s.is_empty());
+
+        let l = f.listen.take().unwrap_or_default();
+        let ip = parse_or(l.ip.as_deref(), Ipv4Addr::new(169, 254, 96, 16))
+            .map_err(|m| err("listen.ip", m))?;
+        let ipv6 = parse_or(l.ipv6.as_deref(), "fd00:e16e::16".parse::<Ipv6Addr>().expect("literal"))
+            .map_err(|m| err("listen.ipv6", m))?;
+        let tcp_port = l.tcp_port.unwrap_or(15001);
+        let udp_ports = match l.udp_ports.as_deref() {
+            None => (15002, 15999),
+            Some(s) => parse_range(s).map_err(|m| err("listen.udpPorts", m))?,
+        };
+        let reject_port = l.reject_port.unwrap_or(15000);
+        if tcp_port == 0 {
+            return Err(err("listen.tcpPort", "must not be 0".into()));
+        }
+        if reject_port == tcp_port || (udp_ports.0..=udp_ports.1).contains(&reject_port) {
+            return Err(err("listen.rejectPort", "must differ from the TCP port and lie outside udpPorts".into()));
+        }
+        if (udp_ports.0..=udp_ports.1).contains(&tcp_port) {
+            return Err(err("listen.tcpPort", "must lie outside udpPorts".into()));
+        }
+        let listen = ListenConfig {
+            ip,
+            ipv6,
+            device: l.device.unwrap_or_else(|| "lo".into()),
+            tcp_port,
+            udp_ports,
+            reject_port,
+        };
+
+        let s = f.source.take().unwrap_or_default();
+        let kind = match s.kind.as_deref() {
+            None | Some("kube") => SourceKind::Kube,
+            Some("metaserver") => SourceKind::MetaServer,
+            Some(k) if k.starts_with("file:") && k.len() > 5 => SourceKind::File(PathBuf::from(&k[5..])),
+            Some(k) => {
+                return Err(err(
+                    "source.kind",
+                    format!("unknown value {k:?}; accepted values: kube, metaserver, file:PATH"),
+                ))
+            }
+        };
+        let endpoints_api = match s.endpoints_api.as_deref() {
+            None | Some("auto") => EndpointsApi::Auto,
+            Some("endpointslices") => EndpointsApi::EndpointSlices,
+            Some("endpoints") => EndpointsApi::Endpoints,
+            Some(v) => {
+                return Err(err(
+                    "source.endpointsApi",
+                    format!("unknown value {v:?}; accepted values: auto, endpointslices, endpoints"),
+                ))
+            }
+        };
+        let meta_server = s.meta_server.unwrap_or_else(|| "http://127.0.0.1:10550".into());
+        if !(meta_server.starts_with("http://") || meta_server.starts_with("https://")) {
+            return Err(err("source.metaServer", format!("{meta_server:?} is not an http:// or https:// URL")));
+        }
+        if let Some(server) = &s.server {
+            if !(server.starts_with("http://") || server.starts_with("https://")) {
+                return Err(err("source.server", format!("{server:?} is not an http:// or https:// URL")));
+            }
+        }
+        let source = SourceConfig {
+            kind,
+            kubeconfig: s.kubeconfig.map(PathBuf::from),
+            server: s.server,
+            token_file: s.token_file.map(PathBuf::from),
+            ca_file: s.ca_file.map(PathBuf::from),
+            client_cert: s.client_cert.map(PathBuf::from),
+            client_key: s.client_key.map(PathBuf::from),
+            meta_server,
+            watch: s.watch.unwrap_or(true),
+            poll_interval: dur_or(s.poll_interval.as_deref(), Duration::from_secs(30))
+                .map_err(|m| err("source.pollInterval", m))?,
+            endpoints_api,
+        };
+        if source.client_cert.is_some() != source.client_key.is_some() {
+            return Err(err("source.clientCert", "clientCert and clientKey go together".into()));
+        }
+
+        let lb_policy = match f.load_balancer.as_deref() {
+            None | Some("roundRobin") | Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
+            Some("random") | Some("RANDOM") => LbPolicy::Random,
+            Some(v) => {
+                return Err(err("loadBalancer", format!("unknown value {v:?}; accepted values: roundRobin, random")))
+            }
+        };
+        let tcp = f.tcp.take().unwrap_or_default();
+        let udp = f.udp.take().unwrap_or_default();
+        let ipt = f.iptables.take().unwrap_or_default();
+        let backend = match ipt.backend.as_deref() {
+            None | Some("auto") => Backend::Auto,
+            Some("nft") => Backend::Nft,
+            Some("legacy") => Backend::Legacy,
+            Some(v) => {
+                return Err(err("iptables.backend", format!("unknown value {v:?}; accepted values: auto, nft, legacy")))
+            }
+        };
+        let tcp_buffer = tcp.buffer_size.unwrap_or(16 * 1024);
+        if !(1024..=1024 * 1024).contains(&tcp_buffer) {
+            return Err(err("tcp.bufferSize", format!("{tcp_buffer} is outside 1024..=1048576")));
+        }
+        let metrics_address = match f.metrics_address.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(
+                a.parse::<SocketAddr>()
+                    .map_err(|_| err("metricsAddress", format!("{a:?} is not an address:port")))?,
+            ),
+        };
+        Ok(Config {
+            filter,
+            layout,
+            service_cidrs,
+            node_name,
+            listen,
+            source,
+            lb_policy,
+            dial_timeout: dur_or(tcp.dial_timeout.as_deref(), Duration::from_secs(2))
+                .map_err(|m| err("tcp.dialTimeout", m))?,
+            dial_attempts: tcp.dial_attempts.unwrap_or(3).max(1),
+            tcp_buffer,
+            udp_idle_timeout: dur_or(udp.idle_timeout.as_deref(), Duration::from_secs(30))
+                .map_err(|m| err("udp.idleTimeout", m))?,
+            udp_max_flows: udp.max_flows.unwrap_or(4096).max(1),
+            backend,
+            min_sync_period: dur_or(ipt.min_sync_period.as_deref(), Duration::from_millis(200))
+                .map_err(|m| err("iptables.minSyncPeriod", m))?,
+            guard_period: dur_or(ipt.guard_period.as_deref(), Duration::from_secs(2))
+                .map_err(|m| err("iptables.guardPeriod", m))?,
+            resync_period: dur_or(ipt.resync_period.as_deref(), Duration::from_secs(60))
+                .map_err(|m| err("iptables.resyncPeriod", m))?,
+            metrics_address,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        path: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError {
+            origin,
+            path: if path == "." { String::new() } else { path },
+            message: inner.to_string(),
+        }
+    })
+}
+
+/// Fold one `--flag value` into the file shape; returns the file path it stands for.
+fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<&'static str, String> {
+    fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+        v.parse().map_err(|_| format!("{v:?} is not a valid number"))
+    }
+    fn boolean(v: &str) -> Result<bool, String> {
+        match v {
+            "true" | "yes" | "on" | "1" => Ok(true),
+            "false" | "no" | "off" | "0" => Ok(false),
+            _ => Err(format!("{v:?} is not true or false")),
+        }
+    }
+    let listen = || ListenFile::default();
+    let source = || SourceFile::default();
+    let s = v.to_string();
+    Ok(match flag {
+        "service-filter-mode" => {
+            f.service_filter_mode = Some(s);
+            "serviceFilterMode"
+        }
+        "no-proxy-label" => {
+            f.no_proxy_label = Some(boolean(v)?);
+            "noProxyLabel"
+        }
+        "default-ignores" => {
+            f.default_ignores = Some(s);
+            "defaultIgnores"
+        }
+        "layout" => {
+            f.layout = Some(s);
+            "layout"
+        }
+        "service-cidr" => {
+            f.service_cidrs = Some(v.split(',').map(str::to_string).collect());
+            "serviceCIDRs"
+        }
+        "node-name" => {
+            f.node_name = Some(s);
+            "nodeName"
+        }
+        "listen-ip" => {
+            f.listen.get_or_insert_with(listen).ip = Some(s);
+            "listen.ip"
+        }
+        "tcp-port" => {
+            f.listen.get_or_insert_with(listen).tcp_port = Some(num(v)?);
+            "listen.tcpPort"
+        }
+        "source" => {
+            f.source.get_or_insert_with(source).kind = Some(s);
+            "source.kind"
+        }
+        "kubeconfig" => {
+            f.source.get_or_insert_with(source).kubeconfig = Some(s);
+            "source.kubeconfig"
+        }
+        "server" => {
+            f.source.get_or_insert_with(source).server = Some(s);
+            "source.server"
+        }
+        "token-file" => {
+            f.source.get_or_insert_with(source).token_file = Some(s);
+            "source.tokenFile"
+        }
+        "ca-file" => {
+            f.source.get_or_insert_with(source).ca_file = Some(s);
+            "source.caFile"
+        }
+        "client-cert" => {
+            f.source.get_or_insert_with(source).client_cert = Some(s);
+            "source.clientCert"
+        }
+        "client-key" => {
+            f.source.get_or_insert_with(source).client_key = Some(s);
+            "source.clientKey"
+        }
+        "metaserver" => {
+            f.source.get_or_insert_with(source).meta_server = Some(s);
+            "source.metaServer"
+        }
+        "watch" => {
+            f.source.get_or_insert_with(source).watch = Some(boolean(v)?);
+            "source.watch"
+        }
+        "poll-interval" => {
+            f.source.get_or_insert_with(source).poll_interval = Some(s);
+            "source.pollInterval"
+        }
+        "endpoints-api" => {
+            f.source.get_or_insert_with(source).endpoints_api = Some(s);
+            "source.endpointsApi"
+        }
+        "load-balancer" => {
+            f.load_balancer = Some(s);
+            "loadBalancer"
+        }
+        "iptables-backend" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).backend = Some(s);
+            "iptables.backend"
+        }
+        "metrics-address" => {
+            f.metrics_address = Some(s);
+            "metricsAddress"
+        }
+        other => return Err(format!("edgeproxy does not know the flag --{other}")),
+    })
+}
+
+fn parse_or<T: std::str::FromStr>(v: Option<&str>, default: T) -> Result<T, String> {
+    match v {
+        None => Ok(default),
+        Some(s) => s.parse().map_err(|_| format!("{s:?} is not a valid address")),
+    }
+}
+
+fn dur_or(v: Option<&str>, default: Duration) -> Result<Duration, String> {
+    v.map_or(Ok(default), parse_duration)
+}
+
+/// `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?} (use e.g. 250ms, 5s, 2m)");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 86_400.0 * 365.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not a port range like 15002-15999");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// `10.96.0.0/12` -> (network address, prefix length).
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let bad = || format!("{s:?} is not a CIDR like 10.96.0.0/12");
+    let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(bad());
+    }
+    Ok((ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_json(text: &str) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let f: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError {
+            origin: "test".into(),
+            path: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        })?;
+        Config::build(f, "test", &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_are_edgemesh_like() {
+        let c = Config::defaults();
+        assert_eq!(c.filter.mode, FilterMode::FilterIfLabelExists);
+        assert!(c.filter.no_proxy_label);
+        assert_eq!(c.filter.default_ignores, DefaultIgnores::Auto);
+        assert_eq!(c.layout, Layout::Portals);
+        assert_eq!(c.listen.ip, Ipv4Addr::new(169, 254, 96, 16));
+        assert_eq!(c.source.meta_server, "http://127.0.0.1:10550");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let e = from_json(r#"{"udp": {"idleTimeot": "5s"}}"#).unwrap_err();
+        assert_eq!(e.path, "udp.idleTimeot");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_filter_mode_lists_accepted_values() {
+        let e = from_json(r#"{"serviceFilterMode": "FilterAll"}"#).unwrap_err();
+        assert_eq!(e.path, "serviceFilterMode");
+        assert!(e.message.contains("FilterIfLabelExists, FilterIfLabelDoesNotExists"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_field() {
+        let e = from_json(r#"{"udp": {"idleTimeout": "5 parsecs"}}"#).unwrap_err();
+        assert_eq!(e.to_string(), r#"test: udp.idleTimeout: invalid duration "5 parsecs" (use e.g. 250ms, 5s, 2m)"#);
+    }
+
+    #[test]
+    fn wrong_type_names_field() {
+        let e = from_json(r#"{"listen": {"tcpPort": "http"}}"#).unwrap_err();
+        assert_eq!(e.path, "listen.tcpPort");
+    }
+
+    #[test]
+    fn flags_override_file_and_name_the_flag() {
+        let mut o = Overrides::default();
+        o.set("layout", Some("root-chain"));
+        let c = Config::build(FileConfig::default(), "f", &o).unwrap();
+        assert_eq!(c.layout, Layout::RootChain);
+        let mut o = Overrides::default();
+        o.set("service-filter-mode", Some("nope"));
+        let e = Config::build(FileConfig::default(), "f", &o).unwrap_err();
+        assert_eq!(e.origin, "--service-filter-mode");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

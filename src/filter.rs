@@ -1,0 +1,161 @@
+//! The service filter: which Services edgeproxy proxies, and why. A pure function of the Service,
+//! the filter settings and one fact about the node (is kube-proxy there?).
+//!
+//! Every rule that applies can only *ignore* a service; a service is proxied when none does. The
+//! order below fixes which reason is reported when several apply.
+
+use std::fmt;
+
+use crate::model::{Service, ServiceType};
+
+/// EdgeMesh's label (v1.10+). Only the key counts; any value, the empty string included.
+pub const PROXY_NAME_LABEL: &str = "service.edgemesh.kubeedge.io/service-proxy-name";
+/// EdgeMesh v1.9's opt-out label and the one value that means "do not proxy".
+pub const NO_PROXY_LABEL: (&str, &str) = ("noproxy", "edgemesh");
+
+/// EdgeMesh's `serviceFilterMode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterMode {
+    /// Proxy everything except services that carry the label (default).
+    FilterIfLabelExists,
+    /// Proxy only services that carry the label.
+    FilterIfLabelDoesNotExists,
+}
+
+impl FilterMode {
+    pub fn parse(s: &str) -> Option<FilterMode> {
+        match s {
+            "FilterIfLabelExists" => Some(FilterMode::FilterIfLabelExists),
+            "FilterIfLabelDoesNotExists" => Some(FilterMode::FilterIfLabelDoesNotExists),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `default/kubernetes` and kube-system's `k8s-app=kube-dns` services are ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultIgnores {
+    /// Ignored when kube-proxy serves them on this node, proxied when nobody else would.
+    Auto,
+    On,
+    Off,
+}
+
+impl DefaultIgnores {
+    pub fn parse(s: &str) -> Option<DefaultIgnores> {
+        match s {
+            "auto" => Some(DefaultIgnores::Auto),
+            "on" => Some(DefaultIgnores::On),
+            "off" => Some(DefaultIgnores::Off),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterConfig {
+    pub mode: FilterMode,
+    pub no_proxy_label: bool,
+    pub default_ignores: DefaultIgnores,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            mode: FilterMode::FilterIfLabelExists,
+            no_proxy_label: true,
+            default_ignores: DefaultIgnores::Auto,
+        }
+    }
+}
+
+/// Why a service is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IgnoreReason {
+    Headless,
+    ExternalName,
+    NoClusterIp,
+    LabelPresent,
+    LabelAbsent,
+    NoProxyLabel,
+    /// `default/kubernetes` or a kube-system kube-dns service; the flag says whether it is
+    /// because kube-proxy is present (`auto`) or forced (`on`).
+    DefaultIgnore { kube_proxy: bool },
+}
+
+/// The filter's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Proxy,
+    Ignore(IgnoreReason),
+}
+
+impl Verdict {
+    pub fn is_proxied(self) -> bool {
+        self == Verdict::Proxy
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reason = match self {
+            Verdict::Proxy => return f.write_str("proxied: no ignore rule applies"),
+            Verdict::Ignore(r) => r,
+        };
+        f.write_str("ignored: ")?;
+        match reason {
+            IgnoreReason::Headless => f.write_str("headless service (clusterIP: None)"),
+            IgnoreReason::ExternalName => f.write_str("ExternalName service"),
+            IgnoreReason::NoClusterIp => f.write_str("no cluster IP"),
+            IgnoreReason::LabelPresent => {
+                write!(f, "label {PROXY_NAME_LABEL} is set (serviceFilterMode FilterIfLabelExists)")
+            }
+            IgnoreReason::LabelAbsent => {
+                write!(f, "label {PROXY_NAME_LABEL} is not set (serviceFilterMode FilterIfLabelDoesNotExists)")
+            }
+            IgnoreReason::NoProxyLabel => f.write_str("label noproxy=edgemesh"),
+            IgnoreReason::DefaultIgnore { kube_proxy: true } => {
+                f.write_str("default ignore (kube-proxy serves it on this node)")
+            }
+            IgnoreReason::DefaultIgnore { kube_proxy: false } => f.write_str("default ignore (defaultIgnores: on)"),
+        }
+    }
+}
+
+/// Is this one of the services EdgeMesh v1.9 ignored by default?
+pub fn is_default_ignore(svc: &Service) -> bool {
+    let k = &svc.key;
+    (&*k.namespace == "default" && &*k.name == "kubernetes")
+        || (&*k.namespace == "kube-system" && svc.label("k8s-app") == Some("kube-dns"))
+}
+
+/// The verdict for one service.
+pub fn verdict(svc: &Service, cfg: &FilterConfig, kube_proxy_present: bool) -> Verdict {
+    use IgnoreReason::*;
+    if svc.service_type == ServiceType::ExternalName {
+        return Verdict::Ignore(ExternalName);
+    }
+    if svc.headless {
+        return Verdict::Ignore(Headless);
+    }
+    if svc.cluster_ips.is_empty() {
+        return Verdict::Ignore(NoClusterIp);
+    }
+    let labelled = svc.label(PROXY_NAME_LABEL).is_some();
+    match cfg.mode {
+        FilterMode::FilterIfLabelExists if labelled => return Verdict::Ignore(LabelPresent),
+        FilterMode::FilterIfLabelDoesNotExists if !labelled => return Verdict::Ignore(LabelAbsent),
+        _ => {}
+    }
+    if cfg.no_proxy_label && svc.label(NO_PROXY_LABEL.0) == Some(NO_PROXY_LABEL.1) {
+        return Verdict::Ignore(NoProxyLabel);
+    }
+    if is_default_ignore(svc) {
+        match cfg.default_ignores {
+            DefaultIgnores::On => return Verdict::Ignore(DefaultIgnore { kube_proxy: false }),
+            DefaultIgnores::Auto if kube_proxy_present => return Verdict::Ignore(DefaultIgnore { kube_proxy: true }),
+            _ => {}
+        }
+    }
+    Verdict::Proxy
+}

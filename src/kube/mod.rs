@@ -1,0 +1,4 @@
+//! Everything that speaks the Kubernetes API: decoding objects, and (with the source issue) the
+//! HTTP client, kubeconfig handling and the list/watch reflector.
+
+pub mod objects;

@@ -1,0 +1,768 @@
+//! Decoding the API server's JSON into `model` types.
+//!
+//! Lenient with what we do not use (unknown fields, `managedFields`, status), strict with what we
+//! do: a bad field makes that one object an [`ObjectError`] naming kind, namespace/name, field and
+//! why, and the rest of the document still counts. A document cut short keeps the items decoded
+//! before the cut.
+//!
+//! Accepted shapes: a single object, a typed list (`ServiceList`, `EndpointSliceList`,
+//! `EndpointsList`), kubectl's `List`, and watch events (one JSON object per line).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::model::{
+    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service,
+    ServicePort, ServiceType, TargetPort,
+};
+
+/// One object that could not be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectError {
+    pub kind: Option<Kind>,
+    /// `namespace/name`, or `items[i]` when even the name could not be read.
+    pub object: String,
+    /// JSON path of the offending field (`spec.ports[1].port`), empty for the whole object.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            Some(k) => write!(f, "{k} {}", self.object)?,
+            None => write!(f, "object {}", self.object)?,
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ObjectError {}
+
+/// What a document held.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub objects: Vec<Object>,
+    pub errors: Vec<ObjectError>,
+    /// `metadata.resourceVersion` of a list.
+    pub resource_version: Option<String>,
+    /// `metadata.continue` of a list page.
+    pub continue_token: Option<String>,
+    /// Set when the document itself is broken (truncated, not JSON): says where. Objects decoded
+    /// before the break are still in `objects`.
+    pub document_error: Option<String>,
+}
+
+/// A `metav1.Status`, as returned with 4xx/5xx responses and in watch `ERROR` events.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    pub code: u16,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Status {
+    /// `410 Gone` / `Expired`: the resourceVersion is too old; relist.
+    pub fn is_expired(&self) -> bool {
+        self.code == 410 || self.reason == "Expired" || self.reason == "Gone"
+    }
+}
+
+/// One watch event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    Added(Object),
+    Modified(Object),
+    /// Only the key is decoded: a delete must go through even for an object we could not parse.
+    Deleted(Kind, ObjectKey),
+    Bookmark,
+    Error(Status),
+}
+
+/// A decoded watch line: the event and the resourceVersion it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchLine {
+    pub event: WatchEvent,
+    pub resource_version: Option<String>,
+}
+
+// ---- raw shapes: only the fields we read -------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct RawMeta {
+    name: String,
+    namespace: String,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct RawListMeta {
+    resource_version: Option<String>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawServicePort {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    port: i64,
+    #[serde(default)]
+    target_port: Option<IntOrString>,
+    #[serde(default)]
+    node_port: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawClientIp {
+    #[serde(rename = "timeoutSeconds")]
+    timeout_seconds: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawAffinityConfig {
+    #[serde(rename = "clientIP")]
+    client_ip: Option<RawClientIp>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct RawServiceSpec {
+    #[serde(rename = "type")]
+    service_type: Option<String>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    cluster_ips: Option<Vec<String>>,
+    ports: Option<Vec<RawServicePort>>,
+    session_affinity: Option<String>,
+    session_affinity_config: Option<RawAffinityConfig>,
+    internal_traffic_policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: RawServiceSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawConditions {
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSliceEndpoint {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: RawConditions,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawPort {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    port: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSlice {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    address_type: Option<String>,
+    #[serde(default)]
+    endpoints: Option<Vec<RawSliceEndpoint>>,
+    #[serde(default)]
+    ports: Option<Vec<RawPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawAddress {
+    ip: String,
+    #[serde(default)]
+    node_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct RawSubset {
+    addresses: Option<Vec<RawAddress>>,
+    not_ready_addresses: Option<Vec<RawAddress>>,
+    ports: Option<Vec<RawPort>>,
+}
+
+#[derive(Deserialize)]
+struct RawEndpoints {
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    subsets: Option<Vec<RawSubset>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct KindOnly {
+    kind: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct MetaOnly {
+    metadata: RawMeta,
+}
+
+// ---- documents ---------------------------------------------------------------------------------
+
+/// Map a kind name (`Service`, `ServiceList`, `EndpointSlice`, ...) to the item kind.
+pub fn kind_of(name: &str) -> Option<Kind> {
+    match name.strip_suffix("List").unwrap_or(name) {
+        "Service" => Some(Kind::Service),
+        "EndpointSlice" => Some(Kind::EndpointSlice),
+        "Endpoints" => Some(Kind::Endpoints),
+        _ => None,
+    }
+}
+
+/// Top-level fields collected while streaming through a document; items are borrowed from the
+/// input and kept even when the document breaks off later.
+#[derive(Default)]
+struct Top<'a> {
+    kind: Option<String>,
+    meta: RawListMeta,
+    items: Vec<&'a RawValue>,
+    has_items: bool,
+}
+
+struct TopSeed<'t, 'a>(&'t mut Top<'a>);
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for TopSeed<'_, 'a> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for TopSeed<'_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a Kubernetes object or list")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(key) = map.next_key::<&str>()? {
+            match key {
+                "kind" => self.0.kind = map.next_value()?,
+                "metadata" => self.0.meta = map.next_value()?,
+                "items" => {
+                    self.0.has_items = true;
+                    map.next_value_seed(ItemsSeed(&mut self.0.items))?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct ItemsSeed<'t, 'a>(&'t mut Vec<&'a RawValue>);
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for ItemsSeed<'_, 'a> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for ItemsSeed<'_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of items")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(()) // "items": null
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        while let Some(item) = seq.next_element::<&RawValue>()? {
+            self.0.push(item);
+        }
+        Ok(())
+    }
+}
+
+/// Decode a whole document: one object or a list. `expect` is the kind to assume when neither
+/// the document nor its items say (typed list items carry no `kind`).
+pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
+    let mut top = Top::default();
+    let mut out = Decoded::default();
+    let mut de = serde_json::Deserializer::from_slice(input);
+    let result = TopSeed(&mut top).deserialize(&mut de).and_then(|()| de.end());
+    if let Err(e) = result {
+        out.document_error = Some(describe_json_error(&e, top.items.len()));
+    }
+    out.resource_version = top.meta.resource_version.filter(|s| !s.is_empty());
+    out.continue_token = top.meta.continue_token.filter(|s| !s.is_empty());
+    let doc_kind = top.kind.as_deref().and_then(kind_of).or(expect);
+
+    if !top.has_items {
+        // A single object (or nothing usable).
+        if out.document_error.is_none() {
+            match top.kind.as_deref() {
+                Some("Status") => out.document_error = Some("the document is a Status, not an object".into()),
+                _ => match std::str::from_utf8(input).ok().and_then(|s| serde_json::from_str::<&RawValue>(s).ok()) {
+                    Some(raw) => push(&mut out, decode_item(raw, doc_kind, "the document")),
+                    None => out.document_error = Some("not a JSON object".into()),
+                },
+            }
+        }
+        return out;
+    }
+    let list_kind = top.kind.as_deref().and_then(kind_of);
+    out.objects.reserve(top.items.len());
+    for (i, raw) in top.items.iter().enumerate() {
+        // kubectl's `List` mixes kinds and every item says its own.
+        let kind = match list_kind {
+            Some(k) => Some(k),
+            None => serde_json::from_str::<KindOnly>(raw.get())
+                .ok()
+                .and_then(|k| k.kind)
+                .and_then(|k| kind_of(&k))
+                .or(expect),
+        };
+        push(&mut out, decode_item(raw, kind, &format!("items[{i}]")));
+    }
+    out
+}
+
+fn push(out: &mut Decoded, r: Result<Object, ObjectError>) {
+    match r {
+        Ok(o) => out.objects.push(o),
+        Err(e) => out.errors.push(e),
+    }
+}
+
+fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
+    let what = if e.is_eof() { "the document ends early (truncated)" } else { "the document is not valid JSON" };
+    format!(
+        "{what} at line {} column {}: {e}; {items_before} item(s) before that point were read",
+        e.line(),
+        e.column()
+    )
+}
+
+/// Decode one object of a known (or guessed) kind.
+pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
+    let kind = match kind {
+        Some(k) => k,
+        None => {
+            let own = serde_json::from_str::<KindOnly>(raw.get()).ok().and_then(|k| k.kind);
+            return Err(ObjectError {
+                kind: None,
+                object: name_of(raw).unwrap_or_else(|| position.to_string()),
+                field: "kind".into(),
+                message: match own {
+                    Some(k) => format!("kind {k:?} is not a Service, EndpointSlice or Endpoints"),
+                    None => "no kind given and none expected here".into(),
+                },
+            });
+        }
+    };
+    let fail = |field: String, message: String| ObjectError {
+        kind: Some(kind),
+        object: name_of(raw).unwrap_or_else(|| position.to_string()),
+        field,
+        message,
+    };
+    if let Ok(KindOnly { kind: Some(own) }) = serde_json::from_str::<KindOnly>(raw.get()) {
+        if kind_of(&own) != Some(kind) {
+            return Err(fail("kind".into(), format!("expected {kind}, found {own:?}")));
+        }
+    }
+    let result = match kind {
+        Kind::Service => typed::<RawService>(raw).and_then(service).map(Object::Service),
+        Kind::EndpointSlice => typed::<RawSlice>(raw).and_then(slice).map(Object::Endpoints),
+        Kind::Endpoints => typed::<RawEndpoints>(raw).and_then(endpoints).map(Object::Endpoints),
+    };
+    result.map_err(|(field, message)| fail(field, message))
+}
+
+/// `namespace/name` of an object, if its metadata can be read at all.
+fn name_of(raw: &RawValue) -> Option<String> {
+    let m = serde_json::from_str::<MetaOnly>(raw.get()).ok()?.metadata;
+    (!m.name.is_empty()).then(|| format!("{}/{}", m.namespace, m.name))
+}
+
+type FieldResult<T> = Result<T, (String, String)>;
+
+fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> FieldResult<T> {
+    let de = &mut serde_json::Deserializer::from_str(raw.get());
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_json appends "at line 1 column N"; the field path says more.
+        let msg = inner.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        (if path == "." { String::new() } else { path }, msg)
+    })
+}
+
+fn key_of(meta: &RawMeta) -> FieldResult<ObjectKey> {
+    if meta.name.is_empty() {
+        return Err(("metadata.name".into(), "missing".into()));
+    }
+    if meta.namespace.is_empty() {
+        return Err(("metadata.namespace".into(), "missing".into()));
+    }
+    Ok(ObjectKey::new(&meta.namespace, &meta.name))
+}
+
+fn port_number(v: i64, field: impl FnOnce() -> String) -> FieldResult<u16> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err((field(), format!("port {v} is out of range 1-65535"))),
+    }
+}
+
+fn protocol(v: Option<&str>, field: impl FnOnce() -> String) -> FieldResult<Protocol> {
+    match v {
+        None | Some("") => Ok(Protocol::Tcp),
+        Some(s) => Protocol::parse(s).ok_or_else(|| (field(), format!("unknown protocol {s:?} (TCP, UDP or SCTP)"))),
+    }
+}
+
+fn ip(v: &str, field: impl FnOnce() -> String) -> FieldResult<IpAddr> {
+    v.parse().map_err(|_| (field(), format!("{v:?} is not an IP address")))
+}
+
+fn labels(meta: &mut RawMeta) -> Vec<(Box<str>, Box<str>)> {
+    // BTreeMap iteration is sorted, which `Service::label` relies on.
+    meta.labels.take().unwrap_or_default().into_iter().map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+fn service(mut raw: RawService) -> FieldResult<Service> {
+    let key = key_of(&raw.metadata)?;
+    let spec = raw.spec;
+    let service_type = match spec.service_type.as_deref() {
+        None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(t) => return Err(("spec.type".into(), format!("unknown service type {t:?}"))),
+    };
+    let mut headless = false;
+    let mut cluster_ips = Vec::new();
+    let (field, list): (&str, Vec<String>) = match (spec.cluster_ips, spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips),
+        (_, Some(ip)) => ("spec.clusterIP", vec![ip]),
+        _ => ("spec.clusterIP", Vec::new()),
+    };
+    for (i, s) in list.iter().enumerate() {
+        match s.as_str() {
+            "None" => headless = true,
+            "" => {}
+            s if service_type == ServiceType::ExternalName => {
+                // ExternalName services have no cluster IP; tolerate leftovers, never use them.
+                let _ = s;
+            }
+            s => cluster_ips.push(ip(s, || format!("{field}[{i}]"))?),
+        }
+    }
+    if cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4() || cluster_ips.len() > 2 {
+        return Err((field.into(), "at most one cluster IP per family".into()));
+    }
+    let mut ports: Vec<ServicePort> = Vec::new();
+    for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+        let at = |f: &str| format!("spec.ports[{i}].{f}");
+        let port = port_number(p.port, || at("port"))?;
+        let proto = protocol(p.protocol.as_deref(), || at("protocol"))?;
+        let target_port = match p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(0)) => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(n, || at("targetPort"))?),
+            Some(IntOrString::Str(s)) if s.is_empty() => TargetPort::Number(port),
+            Some(IntOrString::Str(s)) => TargetPort::Name(s.into()),
+        };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(n, || at("nodePort"))?),
+        };
+        let name: Box<str> = p.name.unwrap_or_default().into();
+        if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == proto) {
+            return Err((format!("spec.ports[{i}]"), format!("duplicate port {port}/{proto} (also spec.ports[{j}])")));
+        }
+        if let Some(j) = ports.iter().position(|q| q.name == name) {
+            return Err((format!("spec.ports[{i}].name"), format!("duplicate port name {name:?} (also spec.ports[{j}])")));
+        }
+        ports.push(ServicePort { name, protocol: proto, port, target_port, node_port });
+    }
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(10800);
+            if !(1..=86400).contains(&t) {
+                return Err((
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    format!("{t} is outside 1-86400"),
+                ));
+            }
+            Some(t as u32)
+        }
+        Some(s) => return Err(("spec.sessionAffinity".into(), format!("unknown value {s:?} (None or ClientIP)"))),
+    };
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(s) => return Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)"))),
+    };
+    Ok(Service {
+        key,
+        service_type,
+        headless,
+        cluster_ips,
+        ports,
+        affinity_timeout,
+        internal_local,
+        labels: labels(&mut raw.metadata),
+    })
+}
+
+fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str) -> FieldResult<Vec<EndpointPort>> {
+    let mut ports = Vec::new();
+    for (i, p) in raw.unwrap_or_default().into_iter().enumerate() {
+        let at = |f: &str| format!("{prefix}[{i}].{f}");
+        // A port without a number is "unrestricted"; kube-proxy skips those, so do we.
+        let Some(n) = p.port else { continue };
+        let port = port_number(n, || at("port"))?;
+        let protocol = protocol(p.protocol.as_deref(), || at("protocol"))?;
+        ports.push(EndpointPort { name: p.name.unwrap_or_default().into(), protocol, port });
+    }
+    Ok(ports)
+}
+
+fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
+    let key = key_of(&raw.metadata)?;
+    let service_name = raw
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?
+        .clone();
+    let service = ObjectKey::new(&key.namespace, &service_name);
+    let v6 = match raw.address_type.as_deref() {
+        Some("IPv4") => false,
+        Some("IPv6") => true,
+        // FQDN slices are valid but no proxy can use them.
+        Some("FQDN") => {
+            return Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: Vec::new() });
+        }
+        other => return Err(("addressType".into(), format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
+    };
+    let ports = endpoint_ports(raw.ports.take(), "ports")?;
+    let mut endpoints = Vec::new();
+    for (i, e) in raw.endpoints.take().unwrap_or_default().into_iter().enumerate() {
+        let mut addresses = Vec::with_capacity(e.addresses.len());
+        for (j, a) in e.addresses.iter().enumerate() {
+            let addr = ip(a, || format!("endpoints[{i}].addresses[{j}]"))?;
+            if addr.is_ipv6() != v6 {
+                return Err((format!("endpoints[{i}].addresses[{j}]"), format!("{a} does not match addressType")));
+            }
+            addresses.push(addr);
+        }
+        let ready = e.conditions.ready.unwrap_or(true);
+        endpoints.push(Endpoint {
+            addresses,
+            ready,
+            serving: e.conditions.serving.unwrap_or(ready),
+            terminating: e.conditions.terminating.unwrap_or(false),
+            node_name: e.node_name.filter(|s| !s.is_empty()).map(Into::into),
+            zone: e.zone.filter(|s| !s.is_empty()).map(Into::into),
+        });
+    }
+    Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
+}
+
+fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
+    let key = key_of(&raw.metadata)?;
+    let mut groups = Vec::new();
+    for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
+        let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"))?;
+        let mut endpoints = Vec::new();
+        for (field, list, ready) in [("addresses", s.addresses, true), ("notReadyAddresses", s.not_ready_addresses, false)] {
+            for (j, a) in list.unwrap_or_default().into_iter().enumerate() {
+                let addr = ip(&a.ip, || format!("subsets[{i}].{field}[{j}].ip"))?;
+                endpoints.push(Endpoint {
+                    addresses: vec![addr],
+                    ready,
+                    serving: ready,
+                    terminating: false,
+                    node_name: a.node_name.filter(|s| !s.is_empty()).map(Into::into),
+                    zone: None,
+                });
+            }
+        }
+        groups.push(EndpointGroup { ports, endpoints });
+    }
+    Ok(EndpointSet { source: EndpointSource::Endpoints, service: key.clone(), key, groups })
+}
+
+// ---- watch events ------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(borrow)]
+    object: Option<&'a RawValue>,
+}
+
+/// Why a watch line could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LineError {
+    /// Not a JSON watch event at all (garbage, truncated line).
+    Garbage(String),
+    /// A well-formed event whose object is bad; the event is skipped.
+    Object(ObjectError),
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LineError::Garbage(m) => write!(f, "unusable watch line: {m}"),
+            LineError::Object(e) => write!(f, "skipped watch event: {e}"),
+        }
+    }
+}
+
+/// Decode one line of a watch stream of `kind` objects.
+pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError> {
+    let text = std::str::from_utf8(line).map_err(|_| LineError::Garbage("not UTF-8".into()))?;
+    let ev: RawEvent = serde_json::from_str(text).map_err(|e| LineError::Garbage(e.to_string()))?;
+    let object = ev.object.ok_or_else(|| LineError::Garbage("event without an object".into()))?;
+    let rv = || serde_json::from_str::<MetaOnly>(object.get()).ok().and_then(|m| m.metadata.resource_version);
+    let event = match ev.event_type.as_str() {
+        "ADDED" | "MODIFIED" => {
+            let obj = decode_item(object, Some(kind), "the event object").map_err(LineError::Object)?;
+            match ev.event_type.as_str() {
+                "ADDED" => WatchEvent::Added(obj),
+                _ => WatchEvent::Modified(obj),
+            }
+        }
+        "DELETED" => {
+            let meta = serde_json::from_str::<MetaOnly>(object.get())
+                .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
+                .metadata;
+            let key = key_of(&meta).map_err(|(field, message)| {
+                LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
+            })?;
+            WatchEvent::Deleted(kind, key)
+        }
+        "BOOKMARK" => WatchEvent::Bookmark,
+        "ERROR" => {
+            let status: Status = serde_json::from_str(object.get())
+                .map_err(|e| LineError::Garbage(format!("ERROR event without a Status: {e}")))?;
+            return Ok(WatchLine { event: WatchEvent::Error(status), resource_version: None });
+        }
+        other => return Err(LineError::Garbage(format!("unknown event type {other:?}"))),
+    };
+    Ok(WatchLine { event, resource_version: rv() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = r#"{"metadata":{"name":"a","namespace":"n","labels":{"z":"1","b":"2"}},
+        "spec":{"clusterIP":"10.96.0.5","ports":[{"name":"http","port":80,"targetPort":"web"},
+        {"name":"dns","protocol":"UDP","port":53,"targetPort":5353}],"sessionAffinity":"ClientIP"}}"#;
+
+    #[test]
+    fn single_service() {
+        let d = decode_document(SVC.as_bytes(), Some(Kind::Service));
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        let Object::Service(s) = &d.objects[0] else { panic!() };
+        assert_eq!(s.cluster_ips, vec!["10.96.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("web".into()));
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+        assert_eq!(s.affinity_timeout, Some(10800));
+        assert_eq!(s.label("b"), Some("2"));
+    }
+
+    #[test]
+    fn bad_port_names_object_and_field() {
+        let doc = r#"{"kind":"ServiceList","items":[
+            {"metadata":{"name":"ok","namespace":"n"},"spec":{"clusterIP":"10.0.0.1","ports":[{"port":1}]}},
+            {"metadata":{"name":"bad","namespace":"n"},"spec":{"clusterIP":"10.0.0.2","ports":[{"port":70000}]}}]}"#;
+        let d = decode_document(doc.as_bytes(), None);
+        assert_eq!(d.objects.len(), 1);
+        assert_eq!(d.errors[0].to_string(), "Service n/bad: spec.ports[0].port: port 70000 is out of range 1-65535");
+    }
+
+    #[test]
+    fn truncated_list_keeps_earlier_items() {
+        let doc = r#"{"kind":"ServiceList","metadata":{"resourceVersion":"7"},"items":[
+            {"metadata":{"name":"ok","namespace":"n"},"spec":{"clusterIP":"10.0.0.1","ports":[{"port":1}]}},
+            {"metadata":{"name":"cut","namespace":"n"},"spec":{"clus"#;
+        let d = decode_document(doc.as_bytes(), None);
+        assert_eq!(d.objects.len(), 1);
+        assert!(d.document_error.as_deref().unwrap().contains("truncated"), "{:?}", d.document_error);
+    }
+
+    #[test]
+    fn bookmark_and_error_lines() {
+        let b = br#"{"type":"BOOKMARK","object":{"kind":"Service","apiVersion":"v1","metadata":{"resourceVersion":"548","creationTimestamp":null},"spec":{},"status":{"loadBalancer":{}}}}"#;
+        let l = decode_watch_line(b, Kind::Service).unwrap();
+        assert_eq!(l.event, WatchEvent::Bookmark);
+        assert_eq!(l.resource_version.as_deref(), Some("548"));
+        let e = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"too old resource version: 553 (563)","reason":"Expired","code":410}}"#;
+        let WatchEvent::Error(s) = decode_watch_line(e, Kind::Service).unwrap().event else { panic!() };
+        assert!(s.is_expired());
+        assert!(matches!(decode_watch_line(b"{\"type\":", Kind::Service), Err(LineError::Garbage(_))));
+    }
+}

@@ -1,0 +1,22 @@
+//! edgeproxy: Kubernetes ClusterIP Services for edge machines, EdgeMesh-compatible.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! source (kube::reflector, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
+//!        watch threads                   |          ->  proxy (tokio current_thread loop)
+//!                                        +-- filter (pure), rules::render (pure)
+//! ```
+//!
+//! `model` holds the validated cluster types, `kube::objects` decodes the API server's JSON into
+//! them. `filter`, `state` and `rules::render` never do I/O and never read the clock; see
+//! ARCHITECTURE.md for the map and the invariants.
+
+pub mod cli;
+pub mod config;
+pub mod filter;
+pub mod kube;
+pub mod model;
+pub mod proxy;
+pub mod rules;
+pub mod state;

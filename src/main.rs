@@ -1,0 +1,110 @@
+//! The `edgeproxy` binary: parse arguments, set up logging, dispatch. Everything else is in the
+//! library.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use edgeproxy::cli::{Cli, Command, RulesCmd};
+use edgeproxy::config::{Backend, Config};
+use edgeproxy::kube::objects::decode_document;
+use edgeproxy::rules::{apply, Family};
+use edgeproxy::state::{Change, State, StateConfig};
+
+fn main() -> ExitCode {
+    let cli: Cli = argh::from_env();
+    if cli.version {
+        println!("edgeproxy {} ({})", env!("CARGO_PKG_VERSION"), env!("EDGEPROXY_TARGET"));
+        return ExitCode::SUCCESS;
+    }
+    let level = match cli.log_level.parse::<log::LevelFilter>() {
+        Ok(l) => l,
+        Err(_) => {
+            eprintln!("--log-level: {:?} is not one of error, warn, info, debug, trace", cli.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    let _ = simple_logger::SimpleLogger::new().with_level(level).init();
+    let result = match cli.command {
+        None => {
+            eprintln!("edgeproxy: no command given; see edgeproxy --help");
+            return ExitCode::from(2);
+        }
+        Some(Command::Rules(cmd)) => rules(&cmd),
+        Some(_) => Err("this command is not built yet".to_string()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("edgeproxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `edgeproxy rules`: decode the files, run the state machine once, print.
+fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
+    let config = Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+    if cmd.from.is_empty() {
+        return Err("rules: give at least one --from FILE".into());
+    }
+    let mut state = State::new(StateConfig::from(&config));
+    let kube_proxy = match cmd.kube_proxy.as_str() {
+        "present" => true,
+        "absent" => false,
+        "auto" => apply::kube_proxy_present(Backend::Auto).unwrap_or_else(|| {
+            eprintln!("note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)");
+            false
+        }),
+        other => return Err(format!("--kube-proxy: {other:?} is not one of auto, present, absent")),
+    };
+    state.apply(Change::KubeProxy(kube_proxy));
+    let mut bad = 0usize;
+    for path in &cmd.from {
+        bad += load_file(&mut state, path)?;
+    }
+    let plan = state.plan();
+    if cmd.explain {
+        for r in &plan.reports {
+            println!("{}: {}", r.key, r.verdict);
+            for p in &r.ports {
+                let note = p.note.map(|n| format!(" ({n})")).unwrap_or_default();
+                println!("    {} {}/{}: {} endpoint(s){note}", p.name, p.port, p.protocol, p.backends);
+            }
+        }
+        let n = plan.proxied().count();
+        println!("{n} of {} services proxied (kube-proxy {})", plan.reports.len(), if kube_proxy { "present" } else { "absent" });
+    } else {
+        for family in [Family::V4, Family::V6] {
+            let t = plan.rules.family(family);
+            if t.is_empty() {
+                continue;
+            }
+            let tool = if family == Family::V4 { "iptables" } else { "ip6tables" };
+            println!("# {tool}: jumps, each inserted at position 1 of its chain");
+            for j in &t.jumps {
+                println!("# -I {} 1 {}", j.from, j.spec);
+            }
+            println!("# {tool}-restore --noflush --wait input:");
+            print!("{}", t.restore_text());
+        }
+    }
+    Ok(if bad > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
+
+/// Decode one file into the state; returns the number of bad objects (each already reported).
+fn load_file(state: &mut State, path: &Path) -> Result<usize, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let decoded = decode_document(&bytes, None);
+    let mut bad = decoded.errors.len();
+    for e in &decoded.errors {
+        eprintln!("{}: {e} (skipped)", path.display());
+    }
+    if let Some(e) = &decoded.document_error {
+        eprintln!("{}: {e}", path.display());
+        bad += 1;
+    }
+    for o in decoded.objects {
+        state.apply(Change::Upsert(o));
+    }
+    Ok(bad)
+}

@@ -1,0 +1,434 @@
+//! The state machine: what the cluster holds (last known good), and what that means for the
+//! kernel (a [`RuleSet`]) and for the proxy (a [`ProxyTable`]).
+//!
+//! Pure: no I/O, no clock, no randomness. Sources feed it [`Change`]s; `plan` derives everything
+//! else. Only explicit deletes and replacements remove objects: a failed list or a broken watch
+//! simply sends nothing, so the held state (and with it the installed rules) stays as it was.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, ListenConfig};
+use crate::filter::{self, FilterConfig, Verdict};
+use crate::model::{EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, Snapshot};
+use crate::proxy::table::{Backend, LbPolicy, ProxyTable, ServiceEntry};
+use crate::rules::render::{self, Ignored, Layout, PlannedPort, RenderInput, Target};
+use crate::rules::RuleSet;
+
+/// The parts of [`Config`] the state machine needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateConfig {
+    pub filter: FilterConfig,
+    pub layout: Layout,
+    pub listen: ListenConfig,
+    pub service_cidrs: Vec<(IpAddr, u8)>,
+    pub node_name: Option<String>,
+    pub lb_policy: LbPolicy,
+}
+
+impl From<&Config> for StateConfig {
+    fn from(c: &Config) -> Self {
+        StateConfig {
+            filter: c.filter,
+            layout: c.layout,
+            listen: c.listen.clone(),
+            service_cidrs: c.service_cidrs.clone(),
+            node_name: c.node_name.clone(),
+            lb_policy: c.lb_policy,
+        }
+    }
+}
+
+/// An input to the state machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// ADDED or MODIFIED.
+    Upsert(Object),
+    /// A real DELETED event.
+    Delete(Kind, ObjectKey),
+    /// A complete list of one kind (a relist, a poll, a file reload): objects of that kind not in
+    /// it are removed, the others replaced.
+    Replace(Kind, Vec<Object>),
+    /// Whether kube-proxy's chains exist on this node (feeds `defaultIgnores: auto`).
+    KubeProxy(bool),
+    /// The proxy could not bind this UDP port; allocate another.
+    UdpPortUnavailable(u16),
+}
+
+/// Per service port, what the plan decided (for `--explain` and logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortReport {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub backends: usize,
+    pub note: Option<&'static str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceReport {
+    pub key: ObjectKey,
+    pub verdict: Verdict,
+    pub ports: Vec<PortReport>,
+}
+
+/// Everything derived from the state at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub reports: Vec<ServiceReport>,
+    pub rules: RuleSet,
+    pub table: ProxyTable,
+}
+
+impl Plan {
+    pub fn proxied(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.reports.iter().filter(|r| r.verdict.is_proxied()).map(|r| &r.key)
+    }
+}
+
+type UdpKey = (ObjectKey, u16);
+
+pub struct State {
+    cfg: StateConfig,
+    snapshot: Snapshot,
+    kube_proxy: bool,
+    /// Sticky UDP proxy port per (service, service port number).
+    udp_ports: BTreeMap<UdpKey, u16>,
+    /// Ports the proxy reported it cannot bind.
+    unusable_udp: BTreeSet<u16>,
+}
+
+impl State {
+    pub fn new(cfg: StateConfig) -> State {
+        State { cfg, snapshot: Snapshot::default(), kube_proxy: false, udp_ports: BTreeMap::new(), unusable_udp: BTreeSet::new() }
+    }
+
+    pub fn config(&self) -> &StateConfig {
+        &self.cfg
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    pub fn kube_proxy(&self) -> bool {
+        self.kube_proxy
+    }
+
+    /// Apply one change; returns whether anything the plan depends on changed.
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Upsert(Object::Service(s)) => match self.snapshot.services.get(&s.key) {
+                Some(old) if *old == s => false,
+                _ => {
+                    self.snapshot.services.insert(s.key.clone(), s);
+                    true
+                }
+            },
+            Change::Upsert(Object::Endpoints(e)) => {
+                let k = (e.source, e.key.clone());
+                match self.snapshot.endpoints.get(&k) {
+                    Some(old) if *old == e => false,
+                    _ => {
+                        self.snapshot.endpoints.insert(k, e);
+                        true
+                    }
+                }
+            }
+            Change::Delete(Kind::Service, key) => self.snapshot.services.remove(&key).is_some(),
+            Change::Delete(kind, key) => self.snapshot.endpoints.remove(&(source_of(kind), key)).is_some(),
+            Change::Replace(Kind::Service, objects) => {
+                let new: BTreeMap<ObjectKey, Service> = objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Service(s) => Some((s.key.clone(), s)),
+                        Object::Endpoints(_) => None,
+                    })
+                    .collect();
+                let changed = new != self.snapshot.services;
+                self.snapshot.services = new;
+                changed
+            }
+            Change::Replace(kind, objects) => {
+                let source = source_of(kind);
+                let mut new: BTreeMap<(EndpointSource, ObjectKey), EndpointSet> = self
+                    .snapshot
+                    .endpoints
+                    .iter()
+                    .filter(|((s, _), _)| *s != source)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                for o in objects {
+                    if let Object::Endpoints(e) = o {
+                        if e.source == source {
+                            new.insert((e.source, e.key.clone()), e);
+                        }
+                    }
+                }
+                let changed = new != self.snapshot.endpoints;
+                self.snapshot.endpoints = new;
+                changed
+            }
+            Change::KubeProxy(present) => std::mem::replace(&mut self.kube_proxy, present) != present,
+            Change::UdpPortUnavailable(port) => {
+                let fresh = self.unusable_udp.insert(port);
+                self.udp_ports.retain(|_, p| *p != port);
+                fresh
+            }
+        }
+    }
+
+    /// Derive verdicts, rules and the proxy table. `&mut` only for the UDP port allocation,
+    /// which must be stable across plans.
+    pub fn plan(&mut self) -> Plan {
+        let mut by_service: HashMap<&ObjectKey, Vec<&EndpointSet>> = HashMap::new();
+        for set in self.snapshot.endpoints.values() {
+            by_service.entry(&set.service).or_default().push(set);
+        }
+        let cfg = &self.cfg;
+        let mut reports = Vec::with_capacity(self.snapshot.services.len());
+        let mut planned: Vec<PlannedPort> = Vec::new();
+        let mut ignored: Vec<Ignored> = Vec::new();
+        let mut table = ProxyTable::default();
+        let mut wanted_udp: Vec<UdpKey> = Vec::new();
+        let mut resolved: Vec<(usize, usize, Vec<Backend>)> = Vec::new();
+
+        for svc in self.snapshot.services.values() {
+            let verdict = filter::verdict(svc, &cfg.filter, self.kube_proxy);
+            let sets = by_service.get(&svc.key).map(Vec::as_slice).unwrap_or(&[]);
+            if !verdict.is_proxied() {
+                if cfg.layout == Layout::RootChain {
+                    let ips = if svc.headless { endpoint_ips(sets) } else { svc.cluster_ips.clone() };
+                    if !ips.is_empty() {
+                        ignored.push(Ignored { key: svc.key.clone(), ips });
+                    }
+                }
+                reports.push(ServiceReport { key: svc.key.clone(), verdict, ports: Vec::new() });
+                continue;
+            }
+            let idx = reports.len();
+            let mut ports = Vec::with_capacity(svc.ports.len());
+            for (pi, sp) in svc.ports.iter().enumerate() {
+                let backends = resolve(svc, sp, sets, cfg);
+                let note = match sp.protocol {
+                    Protocol::Sctp => Some("SCTP is not proxied"),
+                    _ if backends.is_empty() => Some("no usable endpoint: connections are refused"),
+                    _ => None,
+                };
+                if sp.protocol == Protocol::Udp {
+                    wanted_udp.push((svc.key.clone(), sp.port));
+                }
+                ports.push(PortReport {
+                    name: port_comment(&svc.key, sp),
+                    protocol: sp.protocol,
+                    port: sp.port,
+                    backends: backends.len(),
+                    note,
+                });
+                resolved.push((idx, pi, backends));
+            }
+            reports.push(ServiceReport { key: svc.key.clone(), verdict, ports });
+        }
+
+        // UDP ports: keep what is still wanted, then hand out the lowest free ones.
+        let wanted: BTreeSet<&UdpKey> = wanted_udp.iter().collect();
+        self.udp_ports.retain(|k, _| wanted.contains(k));
+        let mut used: BTreeSet<u16> = self.udp_ports.values().copied().collect();
+        let mut next = cfg.listen.udp_ports.0;
+        for k in &wanted_udp {
+            if self.udp_ports.contains_key(k) {
+                continue;
+            }
+            while next <= cfg.listen.udp_ports.1 && (used.contains(&next) || self.unusable_udp.contains(&next)) {
+                next += 1;
+            }
+            if next > cfg.listen.udp_ports.1 {
+                break; // exhausted: reported below
+            }
+            self.udp_ports.insert(k.clone(), next);
+            used.insert(next);
+        }
+
+        for (idx, pi, backends) in resolved {
+            let svc = &self.snapshot.services[&reports[idx].key];
+            let sp = &svc.ports[pi];
+            let proxy_port = match sp.protocol {
+                Protocol::Sctp => continue,
+                Protocol::Tcp => cfg.listen.tcp_port,
+                Protocol::Udp => match self.udp_ports.get(&(svc.key.clone(), sp.port)) {
+                    Some(p) => *p,
+                    None => {
+                        reports[idx].ports[pi].note = Some("UDP proxy port range exhausted: not proxied");
+                        continue;
+                    }
+                },
+            };
+            let name = port_comment(&svc.key, sp);
+            let target = if backends.is_empty() { Target::Reject } else { Target::Proxy(proxy_port) };
+            let entry = Arc::new(ServiceEntry {
+                name: name.as_str().into(),
+                protocol: sp.protocol,
+                backends,
+                affinity: svc.affinity_timeout.map(|t| Duration::from_secs(t.into())),
+                policy: cfg.lb_policy,
+            });
+            for ip in &svc.cluster_ips {
+                planned.push(PlannedPort { comment: name.clone(), cluster_ip: *ip, protocol: sp.protocol, port: sp.port, target });
+                if sp.protocol == Protocol::Tcp {
+                    table.tcp.insert(SocketAddr::new(*ip, sp.port), entry.clone());
+                }
+            }
+            if sp.protocol == Protocol::Udp {
+                table.udp.insert(proxy_port, entry);
+            }
+        }
+
+        let rules = render::render(&RenderInput {
+            layout: cfg.layout,
+            listen: &cfg.listen,
+            service_cidrs: &cfg.service_cidrs,
+            ports: &planned,
+            ignored: &ignored,
+        });
+        Plan { reports, rules, table }
+    }
+}
+
+fn source_of(kind: Kind) -> EndpointSource {
+    match kind {
+        Kind::Endpoints => EndpointSource::Endpoints,
+        _ => EndpointSource::Slice,
+    }
+}
+
+/// `namespace/name[:portName]`, EdgeMesh's rule comment (`ServicePortName.String()`).
+pub fn port_comment(key: &ObjectKey, sp: &ServicePort) -> String {
+    match sp.name.is_empty() {
+        true => key.to_string(),
+        false => format!("{key}:{}", sp.name),
+    }
+}
+
+/// The endpoint sets to use for a service: its EndpointSlices when it has any, else its core/v1
+/// Endpoints (never both, so nothing is counted twice).
+fn chosen_sets<'a>(sets: &'a [&'a EndpointSet]) -> impl Iterator<Item = &'a EndpointSet> + 'a {
+    let any_slice = sets.iter().any(|s| s.source == EndpointSource::Slice);
+    sets.iter().copied().filter(move |s| (s.source == EndpointSource::Slice) == any_slice)
+}
+
+fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = chosen_sets(sets)
+        .flat_map(|s| s.groups.iter())
+        .flat_map(|g| g.endpoints.iter())
+        .filter_map(|e| e.addresses.first().copied())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// The usable backends of one service port, in a stable order.
+///
+/// Kubernetes semantics: ready endpoints; when none is ready, serving-and-terminating ones; under
+/// `internalTrafficPolicy: Local` (and a known node name) only endpoints on this node. The same
+/// address in two slices (a mirrored and a hand-made one) counts once.
+fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateConfig) -> Vec<Backend> {
+    #[derive(Clone, Copy)]
+    struct Candidate {
+        ready: bool,
+        fallback: bool,
+        local: bool,
+    }
+    let mut found: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
+    let node = cfg.node_name.as_deref();
+    for set in chosen_sets(sets) {
+        for group in &set.groups {
+            let Some(port) = group.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol) else {
+                continue;
+            };
+            for ep in &group.endpoints {
+                // The first address is the endpoint's; the others are informational.
+                let Some(ip) = ep.addresses.first() else { continue };
+                if *ip == cfg.listen.ip_for(ip.is_ipv6()) || ip.is_unspecified() {
+                    continue; // would loop back into the proxy
+                }
+                let local = node.is_some() && ep.node_name.as_deref() == node;
+                let c = Candidate { ready: ep.ready, fallback: ep.serving && ep.terminating, local };
+                found
+                    .entry(SocketAddr::new(*ip, port.port))
+                    .and_modify(|o| {
+                        o.ready |= c.ready;
+                        o.fallback |= c.fallback;
+                        o.local |= c.local;
+                    })
+                    .or_insert(c);
+            }
+        }
+    }
+    let local_only = svc.internal_local && node.is_some();
+    let eligible = |c: &Candidate| !local_only || c.local;
+    let any_ready = found.values().any(|c| c.ready && eligible(c));
+    found
+        .into_iter()
+        .filter(|(_, c)| eligible(c) && if any_ready { c.ready } else { c.fallback })
+        .map(|(addr, c)| Backend { addr, local: c.local })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::objects::decode_document;
+
+    fn state(json_svcs: &str, json_slices: &str) -> State {
+        let mut st = State::new(StateConfig::from(&Config::defaults()));
+        for (doc, kind) in [(json_svcs, Kind::Service), (json_slices, Kind::EndpointSlice)] {
+            let d = decode_document(doc.as_bytes(), Some(kind));
+            assert!(d.errors.is_empty(), "{:?}", d.errors);
+            st.apply(Change::Replace(kind, d.objects));
+        }
+        st
+    }
+
+    const SVCS: &str = r#"{"kind":"ServiceList","items":[
+      {"metadata":{"name":"web","namespace":"a"},"spec":{"clusterIP":"10.96.0.20","ports":[{"name":"http","port":80,"targetPort":"http"}]}},
+      {"metadata":{"name":"dns","namespace":"a"},"spec":{"clusterIP":"10.96.0.21","ports":[{"name":"dns","protocol":"UDP","port":53}]}}]}"#;
+    const SLICES: &str = r#"{"kind":"EndpointSliceList","items":[
+      {"metadata":{"name":"web-1","namespace":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4",
+       "endpoints":[{"addresses":["192.0.2.1"],"conditions":{"ready":true}},
+                    {"addresses":["192.0.2.2"],"conditions":{"ready":false,"serving":true,"terminating":true}}],
+       "ports":[{"name":"http","port":8080,"protocol":"TCP"}]}]}"#;
+
+    #[test]
+    fn ready_backends_and_reject_without_endpoints() {
+        let mut st = state(SVCS, SLICES);
+        let plan = st.plan();
+        let web = &plan.table.tcp[&"10.96.0.20:80".parse().unwrap()];
+        assert_eq!(web.backends, vec![Backend { addr: "192.0.2.1:8080".parse().unwrap(), local: false }]);
+        let dns = plan.rules.v4.rules.iter().find(|r| r.contains("a/dns:dns")).unwrap();
+        assert!(dns.contains("has no endpoints") && dns.ends_with(":15000"), "{dns}");
+        assert_eq!(plan.table.udp.keys().copied().collect::<Vec<_>>(), vec![15002]);
+    }
+
+    #[test]
+    fn terminating_used_only_when_none_ready() {
+        let slices = SLICES.replace(r#""conditions":{"ready":true}"#, r#""conditions":{"ready":false}"#);
+        let mut st = state(SVCS, &slices);
+        let plan = st.plan();
+        let web = &plan.table.tcp[&"10.96.0.20:80".parse().unwrap()];
+        assert_eq!(web.backends[0].addr, "192.0.2.2:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn udp_ports_are_sticky_and_unchanged_input_is_no_change() {
+        let mut st = state(SVCS, SLICES);
+        let first = st.plan().rules;
+        let d = decode_document(SVCS.as_bytes(), Some(Kind::Service));
+        assert!(!st.apply(Change::Replace(Kind::Service, d.objects)));
+        assert_eq!(st.plan().rules, first);
+        assert!(st.apply(Change::UdpPortUnavailable(15002)));
+        assert_eq!(st.plan().table.udp.keys().copied().collect::<Vec<_>>(), vec![15003]);
+    }
+}

@@ -1,0 +1,3 @@
+//! Helpers shared by the integration tests. Each test file includes this with `mod support;`.
+#![allow(dead_code)]
+pub mod netns;
