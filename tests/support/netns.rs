@@ -117,7 +117,8 @@ impl Drop for Netns {
 
 /// Connect two namespaces with a veth pair: `a_if` (address `a_cidr`) in `a`, `b_if` in `b`.
 pub fn veth(a: &Netns, a_if: &str, a_cidr: &str, b: &Netns, b_if: &str, b_cidr: &str) {
-    let tmp = format!("v{}", COUNTER.fetch_add(1, Ordering::SeqCst));
+    // Created in the root namespace first, so the name must be unique across processes.
+    let tmp = format!("v{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
     let tmp_peer = format!("{tmp}p");
     run(Command::new("ip").args(["link", "add", &tmp, "type", "veth", "peer", "name", &tmp_peer]));
     run(Command::new("ip").args(["link", "set", &tmp, "netns", &a.name, "name", a_if]));
