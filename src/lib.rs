@@ -19,4 +19,5 @@ pub mod kube;
 pub mod model;
 pub mod proxy;
 pub mod rules;
+pub mod source;
 pub mod state;

@@ -1,0 +1,27 @@
+//! What sources (the API server reflectors, a static file) hand to the agent loop.
+//!
+//! Sources run on their own threads and never touch the state directly: they send
+//! [`SourceEvent`]s through a [`Sink`], and the agent loop applies them to `state::State`.
+
+use std::sync::Arc;
+
+use crate::model::Kind;
+use crate::state::Change;
+
+/// One message from a source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// Something to apply to the state.
+    Change(Change),
+    /// The first complete list of this kind has been delivered (readiness).
+    Synced(Kind),
+    /// A watch ended (timeout, disconnect, idle) and was resumed from the last resourceVersion.
+    WatchRestarted(Kind),
+    /// A full relist happened (410 Gone, expired watch, or a poll).
+    Relisted(Kind),
+    /// A failure the source is recovering from by itself (backoff, retry); for logs and metrics.
+    Error { kind: Option<Kind>, message: String },
+}
+
+/// Where a source sends its events. Callable from any thread.
+pub type Sink = Arc<dyn Fn(SourceEvent) + Send + Sync>;
