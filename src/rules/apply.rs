@@ -32,7 +32,9 @@ pub const LEGACY: Binaries = Binaries {
 
 fn save_nat(bin: &str) -> Option<String> {
     let out = Command::new(bin).args(["-t", "nat"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Pick the backend as kube-proxy's iptables wrapper does: the one holding kubelet's or
@@ -57,5 +59,8 @@ pub fn detect(backend: Backend) -> Binaries {
 
 /// Is kube-proxy's `KUBE-SERVICES` chain in the nat table? `None` when the table cannot be read.
 pub fn kube_proxy_present(backend: Backend) -> Option<bool> {
-    save_nat(detect(backend).save).map(|s| s.lines().any(|l| l == ":KUBE-SERVICES - [0:0]" || l.starts_with(":KUBE-SERVICES ")))
+    save_nat(detect(backend).save).map(|s| {
+        s.lines()
+            .any(|l| l == ":KUBE-SERVICES - [0:0]" || l.starts_with(":KUBE-SERVICES "))
+    })
 }

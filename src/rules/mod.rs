@@ -51,7 +51,8 @@ impl TableRules {
     /// The `iptables-restore --noflush` input that rewrites our chains and nothing else:
     /// each `:CHAIN - [0:0]` line creates or flushes one of our chains, then the rules follow.
     pub fn restore_text(&self) -> String {
-        let mut out = String::with_capacity(64 + self.rules.iter().map(|r| r.len() + 1).sum::<usize>());
+        let mut out =
+            String::with_capacity(64 + self.rules.iter().map(|r| r.len() + 1).sum::<usize>());
         out.push_str("*nat\n");
         for chain in &self.chains {
             let _ = writeln!(out, ":{chain} - [0:0]");
