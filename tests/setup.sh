@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what the tests, the demo and the benchmarks need on Debian 12, as root. Idempotent:
+# packages already present are not reinstalled. Services that packages would start are not started.
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for pkg in iptables iproute2 iputils-ping socat curl procps psmisc util-linux \
+           qemu-user-static gcc gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf \
+           haproxy iperf3 shellcheck prometheus systemd python3-venv; do
+  have "$pkg" || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  # Keep packaged daemons (haproxy, prometheus) from starting: the tests start what they need.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Packaged daemons that did start before (on a machine set up by hand) would only get in the way.
+for svc in haproxy prometheus; do
+  pkill -x "$svc" 2>/dev/null || true
+done
+
+if command -v rustup >/dev/null 2>&1; then
+  for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+    rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+  done
+  for c in rustfmt clippy; do
+    rustup component list --installed | grep -q "^$c" || rustup component add "$c"
+  done
+fi
+echo "setup: ok"
