@@ -1,0 +1,731 @@
+//! Side-by-side benchmark of edgeproxy against a direct connection, the kernel's DNAT path
+//! (kube-proxy style) and HAProxy, on one topology of network namespaces. Needs root.
+//!
+//! ```text
+//! sudo cargo run --release --example bench -- [--quick] [--json FILE]
+//! ```
+//!
+//! Topology: `client` (10.77.1.2) -- `node` (10.77.1.1 | 10.77.2.1, forwarding on) --
+//! `backend` (10.77.2.2: TCP/UDP echo on 7000, iperf3 on 5201). Each path has its own
+//! ClusterIP, all installed at once in the node namespace:
+//! - direct: the client dials 10.77.2.2;
+//! - kernel-dnat: 10.96.77.10, kube-proxy-shaped SERVICES -> SVC -> SEP chains, DNAT to the backend;
+//! - edgeproxy: 10.96.77.20, the release binary's `edgeproxy run --source file:` in the node;
+//! - haproxy: 10.96.77.30, DNAT to HAProxy (mode tcp, nbthread 1) on 169.254.96.17 in the node.
+//!
+//! Owns the orchestration only: set up, run every figure for every path in each round (the path
+//! order rotates per round), collect, report. Everything it creates (namespaces, processes,
+//! files under a temporary directory) is removed at the end, also on error, panic or Ctrl-C. It
+//! never changes the root namespace's routes, iptables or sysctls.
+
+#[path = "bench/load.rs"]
+mod load;
+#[path = "bench/paths.rs"]
+mod paths;
+#[path = "bench/report.rs"]
+mod report;
+#[path = "bench/topo.rs"]
+mod topo;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use serde_json::json;
+
+use paths::Path;
+use report::Results;
+use topo::{Ns, Proc, Res, Topology};
+
+/// Benchmark edgeproxy against direct, kernel DNAT and HAProxy paths (needs root).
+#[derive(FromArgs)]
+struct Args {
+    /// short run (2 rounds, short windows; under a minute) for development
+    #[argh(switch)]
+    quick: bool,
+    /// where to write the JSON results (default bench-results/latest.json)
+    #[argh(option, default = "PathBuf::from(\"bench-results/latest.json\")")]
+    json: PathBuf,
+    /// number of rounds (default 5, or 2 with --quick)
+    #[argh(option)]
+    rounds: Option<usize>,
+    /// comma-separated paths to run (default direct,kernel-dnat,edgeproxy,haproxy)
+    #[argh(option)]
+    paths: Option<String>,
+    /// the edgeproxy binary (default: build and use target/release/edgeproxy)
+    #[argh(option)]
+    edgeproxy: Option<PathBuf>,
+}
+
+/// How long each measurement window lasts.
+struct Windows {
+    rounds: usize,
+    throughput: u32,
+    rr: Duration,
+    conns: Duration,
+    udp: Duration,
+}
+
+const IDLE_CONNS: usize = 5000;
+/// HAProxy needs 2 fds per connection and refuses to start above the hard limit (20000 here).
+const HAPROXY_MAXCONN: usize = 9000;
+const GENERATED_SERVICES: usize = 1000;
+
+fn main() {
+    let args: Args = argh::from_env();
+    match run(&args) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("bench: {e}");
+            topo::emergency_cleanup();
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: &Args) -> Res<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "needs root (network namespaces, iptables): sudo cargo run --release --example bench"
+                .into(),
+        );
+    }
+    for tool in ["ip", "iperf3", "haproxy", "iptables-nft-restore"] {
+        if which(tool).is_none() {
+            return Err(format!(
+                "{tool} not found in PATH (apt-get install iproute2 iperf3 haproxy iptables)"
+            ));
+        }
+    }
+    topo::install_cleanup_handlers()?;
+    topo::remove_stale();
+    raise_nofile()?;
+    let paths: Vec<Path> = match &args.paths {
+        None => Path::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|s| {
+                Path::parse(s.trim()).ok_or_else(|| {
+                    format!("--paths: unknown path {s:?} (direct, kernel-dnat, edgeproxy, haproxy)")
+                })
+            })
+            .collect::<Res<_>>()?,
+    };
+    if !paths.contains(&Path::Kernel) {
+        return Err("--paths must include kernel-dnat: every figure is a ratio to it".into());
+    }
+    let w = if args.quick {
+        Windows {
+            rounds: args.rounds.unwrap_or(2),
+            throughput: 1,
+            rr: Duration::from_millis(300),
+            conns: Duration::from_millis(300),
+            udp: Duration::from_millis(300),
+        }
+    } else {
+        Windows {
+            rounds: args.rounds.unwrap_or(5),
+            throughput: 4,
+            rr: Duration::from_millis(1500),
+            conns: Duration::from_millis(1500),
+            udp: Duration::from_millis(1500),
+        }
+    };
+    let started = Instant::now();
+    let binary = if paths.contains(&Path::Edgeproxy) {
+        Some(edgeproxy_binary(args)?)
+    } else {
+        None
+    };
+    let mut facts = machine_facts(binary.as_ref());
+    let work = tempdir()?;
+
+    let topo = Topology::build()?;
+    paths::kernel_rules(&topo.node)?;
+    topo.node.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/32", paths::HAPROXY_IP),
+        "dev",
+        "lo",
+    ])?;
+    start_backend(&topo.backend)?;
+    let _iperf = topo
+        .backend
+        .spawn(&["iperf3", "-s", "-p", &load::IPERF_PORT.to_string()], true)?;
+
+    let mut results = Results::default();
+    let mut procs: Vec<(Path, Proc)> = Vec::new();
+    if let Some(bin) = &binary {
+        let file = work.0.join("cluster.json");
+        write(&file, &paths::bench_cluster_json())?;
+        procs.push((
+            Path::Edgeproxy,
+            spawn_edgeproxy(&topo.node, bin, &file, &work.0.join("edgeproxy.log"))?,
+        ));
+    }
+    if paths.contains(&Path::Haproxy) {
+        let cfg = work.0.join("haproxy.cfg");
+        write(&cfg, &paths::haproxy_bench_config(HAPROXY_MAXCONN))?;
+        procs.push((
+            Path::Haproxy,
+            spawn_haproxy(&topo.node, &cfg, &work.0.join("haproxy.log"))?,
+        ));
+    }
+    for p in &paths {
+        let (tcp, udp) = (p.echo(), p.has_udp().then(|| p.echo()));
+        in_ns(&topo.client, move || {
+            load::probe(tcp, udp, Duration::from_secs(15))
+        })
+        .map_err(|e| format!("{}: {e}", p.name()))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (p, proc) in &procs {
+        results
+            .resources
+            .entry("rss_idle")
+            .or_default()
+            .insert(p.name(), rss_kib(proc.pid())?);
+    }
+
+    for round in 0..w.rounds {
+        for i in 0..paths.len() {
+            let p = paths[(i + round) % paths.len()];
+            let pid = procs.iter().find(|(q, _)| *q == p).map(|(_, pr)| pr.pid());
+            eprintln!(
+                "round {}/{} {:<12} ({:.0}s)",
+                round + 1,
+                w.rounds,
+                p.name(),
+                started.elapsed().as_secs_f64()
+            );
+            if let Err(e) = measure(&topo, p, pid, round, &w, &mut results) {
+                results
+                    .errors
+                    .push(format!("round {} {}: {e}", round + 1, p.name()));
+                eprintln!("  error: {e}");
+            }
+        }
+    }
+
+    for (p, proc) in &procs {
+        eprintln!("{}: {IDLE_CONNS} idle connections", p.name());
+        let addr = p.echo();
+        let pid = proc.pid();
+        match in_ns(&topo.client, move || load::idle_conns(addr, IDLE_CONNS)) {
+            Ok(conns) => {
+                std::thread::sleep(Duration::from_millis(300));
+                let rss = rss_kib(pid)?;
+                results
+                    .resources
+                    .entry("rss_5000_conns")
+                    .or_default()
+                    .insert(p.name(), rss);
+                drop(conns);
+            }
+            Err(e) => results
+                .errors
+                .push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
+        }
+    }
+    for (p, _) in &procs {
+        eprintln!("{}: {GENERATED_SERVICES} services", p.name());
+        match rss_with_services(*p, binary.as_ref(), &work.0) {
+            Ok(kib) => {
+                results
+                    .resources
+                    .entry("rss_1000_services")
+                    .or_default()
+                    .insert(p.name(), kib);
+            }
+            Err(e) => results
+                .errors
+                .push(format!("{}: {GENERATED_SERVICES} services: {e}", p.name())),
+        }
+    }
+    for (p, proc) in &mut procs {
+        if !proc.alive() {
+            results
+                .errors
+                .push(format!("{} exited during the benchmark", p.name()));
+        }
+        proc.stop();
+    }
+    drop(procs);
+    drop(topo);
+
+    facts.push(("load after".into(), loadavg()));
+    facts.push((
+        "duration".into(),
+        format!("{:.0} s", started.elapsed().as_secs_f64()),
+    ));
+    print!("\n{}", report::table(&results, &paths, &facts));
+    let settings = json!({
+        "quick": args.quick,
+        "rounds": w.rounds,
+        "throughput_seconds": w.throughput,
+        "rr_seconds": w.rr.as_secs_f64(),
+        "conns_seconds": w.conns.as_secs_f64(),
+        "udp_seconds": w.udp.as_secs_f64(),
+        "new_conn_threads": NEW_CONN_THREADS,
+        "udp_flows": UDP_FLOWS,
+        "idle_connections": IDLE_CONNS,
+        "generated_services": GENERATED_SERVICES,
+        "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        "haproxy": "mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
+    });
+    let doc = report::json(&results, &paths, &facts, settings);
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| format!("json: {e}"))?;
+    write(&args.json, &text)?;
+    println!("\nJSON: {}", args.json.display());
+    Ok(())
+}
+
+const NEW_CONN_THREADS: usize = 4;
+const UDP_FLOWS: usize = 8;
+
+/// All figures of one path in one round.
+fn measure(
+    topo: &Topology,
+    p: Path,
+    pid: Option<u32>,
+    round: usize,
+    w: &Windows,
+    r: &mut Results,
+) -> Res<()> {
+    // Throughput (iperf3) and the proxy's CPU time around it.
+    let cpu0 = pid.map(cpu_seconds).transpose()?;
+    let one = iperf(&topo.client, p, 1, w.throughput)?;
+    let eight = iperf(&topo.client, p, 8, w.throughput)?;
+    if let (Some(pid), Some(c0)) = (pid, cpu0) {
+        let used = cpu_seconds(pid)? - c0;
+        let gb = (one.1 + eight.1) / 1e9;
+        r.push("cpu_per_gb", p, round, used / gb);
+    }
+    r.push("tcp_1_stream", p, round, one.0 / 1e9);
+    r.push("tcp_8_streams", p, round, eight.0 / 1e9);
+
+    let (addr, dur) = (p.echo(), w.rr);
+    let s = in_ns(&topo.client, move || load::pingpong(addr, 1, dur))?;
+    r.push("rr_1b_p50", p, round, s.quantile_us(0.5));
+    r.push("rr_1b_p99", p, round, s.quantile_us(0.99));
+    r.push("rr_1b_p999", p, round, s.quantile_us(0.999));
+    let s = in_ns(&topo.client, move || load::pingpong(addr, 4096, dur))?;
+    r.push("rr_4k_p50", p, round, s.quantile_us(0.5));
+    r.push("rr_4k_p99", p, round, s.quantile_us(0.99));
+    r.push("rr_4k_p999", p, round, s.quantile_us(0.999));
+    let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
+    r.push("rr_16_conns", p, round, s.rate());
+    let dur = w.conns;
+    let s = in_ns(&topo.client, move || {
+        load::new_conns(addr, NEW_CONN_THREADS, dur)
+    })?;
+    r.push("new_conns", p, round, s.rate());
+    r.push("new_conn_p99", p, round, s.quantile_us(0.99));
+    if p.has_udp() {
+        let dur = w.udp;
+        let (s, _lost) = in_ns(&topo.client, move || load::udp_rr(addr, UDP_FLOWS, dur))?;
+        r.push("udp_rr", p, round, s.rate());
+        r.push("udp_p99", p, round, s.quantile_us(0.99));
+    }
+    Ok(())
+}
+
+/// iperf3 from the client: (bits/s received, bytes received).
+fn iperf(client: &Ns, p: Path, streams: u32, secs: u32) -> Res<(f64, f64)> {
+    let target = p.iperf();
+    let mut last = String::new();
+    for _attempt in 0..4 {
+        let out = client
+            .cmd(&[
+                "iperf3",
+                "-c",
+                &target.ip().to_string(),
+                "-p",
+                &target.port().to_string(),
+                "-t",
+                &secs.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ])
+            .output()
+            .map_err(|e| format!("iperf3: {e}"))?;
+        let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+            Ok(v) => v,
+            Err(e) => {
+                last = format!(
+                    "iperf3 output is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(300));
+                continue;
+            }
+        };
+        if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+            // "the server is busy" right after the previous test: wait and retry.
+            last = format!("iperf3 to {target}: {err}");
+            std::thread::sleep(Duration::from_millis(300));
+            continue;
+        }
+        let sum = &v["end"]["sum_received"];
+        let (Some(bps), Some(bytes)) = (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64())
+        else {
+            return Err(format!(
+                "iperf3 to {target}: no end.sum_received in its JSON"
+            ));
+        };
+        return Ok((bps, bytes));
+    }
+    Err(last)
+}
+
+fn in_ns<T: Send + 'static>(ns: &Ns, f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
+    ns.thread(f)?
+        .join()
+        .map_err(|_| "a benchmark thread panicked".to_string())?
+}
+
+fn start_backend(backend: &Ns) -> Res<()> {
+    let ready = Arc::new(Barrier::new(2 * load::BACKEND_THREADS + 1));
+    for _ in 0..load::BACKEND_THREADS {
+        let r = ready.clone();
+        backend.thread(move || {
+            if let Err(e) = load::tcp_echo_server(load::ECHO_PORT, r) {
+                eprintln!("backend TCP echo: {e}");
+                std::process::abort();
+            }
+        })?;
+        let r = ready.clone();
+        backend.thread(move || {
+            if let Err(e) = load::udp_echo_server(load::ECHO_PORT, r) {
+                eprintln!("backend UDP echo: {e}");
+                std::process::abort();
+            }
+        })?;
+    }
+    ready.wait();
+    Ok(())
+}
+
+fn spawn_edgeproxy(
+    node: &Ns,
+    bin: &std::path::Path,
+    file: &std::path::Path,
+    log: &std::path::Path,
+) -> Res<Proc> {
+    let source = format!("file:{}", file.display());
+    spawn_logged(
+        node,
+        &[
+            &bin.display().to_string(),
+            "--log-level",
+            "warn",
+            "run",
+            "--source",
+            &source,
+            "--node-name",
+            "node",
+            "--metrics-address",
+            "",
+            "--iptables-backend",
+            "nft",
+        ],
+        log,
+    )
+}
+
+fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
+    spawn_logged(
+        node,
+        &["haproxy", "-db", "-f", &cfg.display().to_string()],
+        log,
+    )
+}
+
+/// Start a process in `ns` with stdout and stderr to `log`; errors quote the log's tail if it
+/// is gone 200 ms later.
+fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> {
+    let log_file =
+        std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err_file = log_file
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut c = ns.cmd(argv);
+    c.stdin(std::process::Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file);
+    let child = c
+        .spawn()
+        .map_err(|e| format!("cannot start {argv:?}: {e}"))?;
+    let mut p = Proc::adopt(child);
+    std::thread::sleep(Duration::from_millis(200));
+    if !p.alive() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        return Err(format!(
+            "{} exited at start: {}",
+            argv[0],
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    Ok(p)
+}
+
+/// Start a second instance of the proxy alone in a fresh namespace with 1,000 services, wait
+/// until it has loaded them, read its RSS.
+fn rss_with_services(p: Path, binary: Option<&PathBuf>, work: &std::path::Path) -> Res<f64> {
+    let ns = Ns::new("rss")?;
+    let mut proc = match p {
+        Path::Edgeproxy => {
+            let bin = binary.ok_or("no edgeproxy binary")?;
+            let file = work.join("generated.json");
+            write(&file, &paths::generated_cluster_json(GENERATED_SERVICES))?;
+            spawn_edgeproxy(&ns, bin, &file, &work.join("edgeproxy-1000.log"))?
+        }
+        Path::Haproxy => {
+            ns.ok(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/32", paths::HAPROXY_IP),
+                "dev",
+                "lo",
+            ])?;
+            let cfg = work.join("haproxy-1000.cfg");
+            write(&cfg, &paths::haproxy_generated_config(GENERATED_SERVICES))?;
+            spawn_haproxy(&ns, &cfg, &work.join("haproxy-1000.log"))?
+        }
+        _ => return Err("not a proxy".into()),
+    };
+    let last = paths::generated_ip(GENERATED_SERVICES - 1).to_string();
+    let start = Instant::now();
+    loop {
+        if !proc.alive() {
+            return Err("the proxy exited while loading".into());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("not loaded after 30 s".into());
+        }
+        let loaded = match p {
+            // Loaded when its rules for the last service are in the nat table.
+            Path::Edgeproxy => ns
+                .ok(&["iptables-nft-save", "-t", "nat"])
+                .map(|s| s.contains(&last))
+                .unwrap_or(false),
+            // Loaded when it listens on the last port.
+            _ => ns
+                .ok(&[
+                    "ss",
+                    "-Htln",
+                    &format!("sport = :{}", 20000 + GENERATED_SERVICES - 1),
+                ])
+                .map(|s| !s.trim().is_empty())
+                .unwrap_or(false),
+        };
+        if loaded {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let kib = rss_kib(proc.pid())?;
+    proc.stop();
+    Ok(kib)
+}
+
+/// VmRSS of a process, KiB.
+fn rss_kib(pid: u32) -> Res<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("/proc/{pid}/status has no VmRSS"))
+}
+
+/// utime + stime of a process (all its threads), seconds.
+fn cpu_seconds(pid: u32) -> Res<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = s
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .ok_or("bad /proc/pid/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    let (Some(u), Some(s)) = (ticks(14), ticks(15)) else {
+        return Err(format!("/proc/{pid}/stat: no utime/stime"));
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((u + s) / hz)
+}
+
+/// Raise our soft open-file limit to the hard limit (children inherit it).
+fn raise_nofile() -> Res<()> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
+        }
+        l.rlim_cur = l.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+        }
+    }
+    if (l.rlim_cur as usize) < 2 * IDLE_CONNS + 1000 {
+        return Err(format!(
+            "open-file limit {} is too low for {IDLE_CONNS} idle connections",
+            l.rlim_cur
+        ));
+    }
+    Ok(())
+}
+
+/// The release edgeproxy: `--edgeproxy PATH`, or build `target/release/edgeproxy` now.
+fn edgeproxy_binary(args: &Args) -> Res<PathBuf> {
+    if let Some(p) = &args.edgeproxy {
+        return p
+            .canonicalize()
+            .map_err(|e| format!("--edgeproxy {}: {e}", p.display()));
+    }
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the release edgeproxy (cargo build --release --bin edgeproxy)");
+    topo::run(
+        std::process::Command::new(&cargo)
+            .current_dir(manifest)
+            .args(["build", "--release", "--bin", "edgeproxy"]),
+    )?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest}/target"));
+    let bin = PathBuf::from(target).join("release/edgeproxy");
+    if !bin.exists() {
+        return Err(format!("{} not found after the build", bin.display()));
+    }
+    Ok(bin)
+}
+
+fn machine_facts(bin: Option<&PathBuf>) -> Vec<(String, String)> {
+    let cmd = |argv: &[&str]| {
+        std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let commit = cmd(&["git", "-C", manifest, "rev-parse", "--short", "HEAD"]);
+    let dirty = !cmd(&[
+        "git",
+        "-C",
+        manifest,
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ])
+    .is_empty();
+    let mut v = vec![
+        (
+            "date".to_string(),
+            cmd(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        ),
+        (
+            "commit".into(),
+            format!("{commit}{}", if dirty { " (dirty)" } else { "" }),
+        ),
+        (
+            "cpu".into(),
+            format!(
+                "{} x {cpu}",
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0)
+            ),
+        ),
+        ("kernel".into(), cmd(&["uname", "-r"])),
+        ("load before".into(), loadavg()),
+        (
+            "haproxy".into(),
+            cmd(&["haproxy", "-v"])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ),
+        (
+            "iperf3".into(),
+            cmd(&["iperf3", "--version"])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ),
+    ];
+    if let Some(b) = bin {
+        let size = std::fs::metadata(b).map(|m| m.len()).unwrap_or(0);
+        v.push((
+            "edgeproxy".into(),
+            format!("{} ({size} bytes)", b.display()),
+        ));
+    }
+    v
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.exists())
+}
+
+fn write(path: &std::path::Path, text: &str) -> Res<()> {
+    std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+fn tempdir() -> Res<TempDir> {
+    let p = std::env::temp_dir().join(format!("epbench-{}", std::process::id()));
+    std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
+    Ok(TempDir(p))
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

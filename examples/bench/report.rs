@@ -1,0 +1,332 @@
+//! Results: per-round figures, ratios to the kernel DNAT path, the stdout table, the targets and
+//! the JSON file.
+//!
+//! Owns the arithmetic on measured numbers (min/median/max, per-round ratios) and their
+//! presentation. It never measures and never touches the system.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::paths::Path;
+
+/// One measured quantity.
+#[derive(Clone, Copy)]
+pub struct Figure {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+}
+
+const fn fig(key: &'static str, label: &'static str, unit: &'static str, higher: bool) -> Figure {
+    Figure {
+        key,
+        label,
+        unit,
+        higher_is_better: higher,
+    }
+}
+
+pub const FIGURES: &[Figure] = &[
+    fig("tcp_1_stream", "TCP throughput, 1 stream", "Gbit/s", true),
+    fig("tcp_8_streams", "TCP throughput, 8 streams", "Gbit/s", true),
+    fig("rr_1b_p50", "req/resp 1 B, p50", "us", false),
+    fig("rr_1b_p99", "req/resp 1 B, p99", "us", false),
+    fig("rr_1b_p999", "req/resp 1 B, p99.9", "us", false),
+    fig("rr_4k_p50", "req/resp 4 KiB, p50", "us", false),
+    fig("rr_4k_p99", "req/resp 4 KiB, p99", "us", false),
+    fig("rr_4k_p999", "req/resp 4 KiB, p99.9", "us", false),
+    fig("rr_16_conns", "req/resp rate, 16 conns", "req/s", true),
+    fig("new_conns", "new connections", "conn/s", true),
+    fig("new_conn_p99", "connect-to-first-byte p99", "us", false),
+    fig("udp_rr", "UDP req/resp rate, 8 flows", "req/s", true),
+    fig("udp_p99", "UDP req/resp p99", "us", false),
+    fig("cpu_per_gb", "proxy CPU per GB moved", "CPU-s/GB", false),
+];
+
+/// Resource figures, measured once per run per proxy.
+pub const RESOURCES: &[(&str, &str)] = &[
+    ("rss_idle", "RSS idle (the bench service)"),
+    ("rss_1000_services", "RSS idle, 1,000 services loaded"),
+    ("rss_5000_conns", "RSS with 5,000 idle connections"),
+];
+
+#[derive(Default)]
+pub struct Results {
+    /// figure key -> path name -> one value per round (NaN when that round failed).
+    pub rounds: BTreeMap<&'static str, BTreeMap<&'static str, Vec<f64>>>,
+    /// resource key -> path name -> KiB.
+    pub resources: BTreeMap<&'static str, BTreeMap<&'static str, f64>>,
+    /// What failed, for the report.
+    pub errors: Vec<String>,
+}
+
+impl Results {
+    pub fn push(&mut self, key: &'static str, path: Path, round: usize, v: f64) {
+        let vals = self
+            .rounds
+            .entry(key)
+            .or_default()
+            .entry(path.name())
+            .or_default();
+        while vals.len() <= round {
+            vals.push(f64::NAN);
+        }
+        vals[round] = v;
+    }
+
+    fn values(&self, key: &str, path: &str) -> Vec<f64> {
+        self.rounds
+            .get(key)
+            .and_then(|m| m.get(path))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Per-round ratios of `path` to the kernel DNAT path (same round).
+    fn ratios(&self, key: &str, path: &str) -> Vec<f64> {
+        let v = self.values(key, path);
+        let k = self.values(key, Path::Kernel.name());
+        v.iter()
+            .zip(k.iter())
+            .map(|(a, b)| a / b)
+            .filter(|r| r.is_finite())
+            .collect()
+    }
+}
+
+/// (min, median, max) of the finite values; None when there are none.
+pub fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some((v[0], med, v[n - 1]))
+}
+
+fn num(x: f64) -> String {
+    let a = x.abs();
+    if a >= 100.0 {
+        format!("{:.0}", x)
+    } else if a >= 10.0 {
+        format!("{:.1}", x)
+    } else {
+        format!("{:.2}", x)
+    }
+}
+
+/// One target line: what, the measured value, the bound, PASS/MISS.
+pub struct Target {
+    pub name: String,
+    pub value: Option<f64>,
+    pub bound: String,
+    pub pass: Option<bool>,
+}
+
+pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
+    let ep = Path::Edgeproxy.name();
+    let med_ratio = |key: &str| spread(&r.ratios(key, ep)).map(|s| s.1);
+    let med = |key: &str, p: &str| spread(&r.values(key, p)).map(|s| s.1);
+    let mut t = Vec::new();
+    let mut ratio_target = |name: &str, key: &str, min: Option<f64>, max: Option<f64>| {
+        let v = med_ratio(key);
+        let pass = v.map(|v| min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m));
+        let bound = match (min, max) {
+            (Some(m), _) => format!(">= {m}x kernel DNAT"),
+            (_, Some(m)) => format!("<= {m}x kernel DNAT"),
+            _ => String::new(),
+        };
+        t.push(Target {
+            name: name.into(),
+            value: v,
+            bound,
+            pass,
+        });
+    };
+    if !paths.contains(&Path::Edgeproxy) || !paths.contains(&Path::Kernel) {
+        return Vec::new();
+    }
+    ratio_target("single-stream throughput", "tcp_1_stream", Some(0.9), None);
+    ratio_target("req/resp p50 latency, 1 B", "rr_1b_p50", None, Some(1.8));
+    ratio_target("req/resp p50 latency, 4 KiB", "rr_4k_p50", None, Some(1.8));
+    ratio_target("req/resp rate, 16 conns", "rr_16_conns", Some(0.7), None);
+    ratio_target("new connections/s", "new_conns", Some(0.6), None);
+    ratio_target("UDP req/resp rate", "udp_rr", Some(0.6), None);
+    let cpu = med("cpu_per_gb", ep);
+    t.push(Target {
+        name: "proxy CPU per GB".into(),
+        value: cpu,
+        bound: "<= 0.25 CPU-s/GB".into(),
+        pass: cpu.map(|c| c <= 0.25),
+    });
+    for (key, bound_mib) in [("rss_1000_services", 8.0), ("rss_5000_conns", 40.0)] {
+        let v = r
+            .resources
+            .get(key)
+            .and_then(|m| m.get(ep))
+            .map(|kib| kib / 1024.0);
+        t.push(Target {
+            name: format!("{key} (MiB)"),
+            value: v,
+            bound: format!("< {bound_mib} MiB"),
+            pass: v.map(|v| v < bound_mib),
+        });
+    }
+    if paths.contains(&Path::Haproxy) {
+        let ha = Path::Haproxy.name();
+        for f in FIGURES {
+            let (Some(a), Some(b)) = (med(f.key, ep), med(f.key, ha)) else {
+                continue;
+            };
+            let better = if f.higher_is_better { a > b } else { a < b };
+            t.push(Target {
+                name: format!("better than HAProxy: {}", f.label),
+                value: Some(a / b),
+                bound: format!(
+                    "{} HAProxy (value = edgeproxy / HAProxy)",
+                    if f.higher_is_better { ">" } else { "<" }
+                ),
+                pass: Some(better),
+            });
+        }
+        for (key, _) in RESOURCES {
+            let get = |p: &str| r.resources.get(key).and_then(|m| m.get(p)).copied();
+            if let (Some(a), Some(b)) = (get(ep), get(ha)) {
+                t.push(Target {
+                    name: format!("better than HAProxy: {key}"),
+                    value: Some(a / b),
+                    bound: "< HAProxy (value = edgeproxy / HAProxy)".into(),
+                    pass: Some(a < b),
+                });
+            }
+        }
+    }
+    t
+}
+
+/// The stdout table.
+pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String {
+    let mut s = String::new();
+    for (k, v) in facts {
+        s.push_str(&format!("{k:<12} {v}\n"));
+    }
+    s.push_str("\nEach cell: median [min-max] over rounds, then the median per-round ratio to kernel-dnat.\n\n");
+    let w = 28;
+    s.push_str(&format!("{:<34} {:<9}", "figure", "unit"));
+    for p in paths {
+        s.push_str(&format!(" {:<w$}", p.name()));
+    }
+    s.push('\n');
+    for f in FIGURES {
+        s.push_str(&format!("{:<34} {:<9}", f.label, f.unit));
+        for p in paths {
+            let cell = match spread(&r.values(f.key, p.name())) {
+                None => "n/a".to_string(),
+                Some((lo, med, hi)) => {
+                    let ratio = spread(&r.ratios(f.key, p.name()))
+                        .map(|x| format!(" {:.2}x", x.1))
+                        .unwrap_or_default();
+                    format!("{} [{}-{}]{ratio}", num(med), num(lo), num(hi))
+                }
+            };
+            s.push_str(&format!(" {cell:<w$}"));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    for (key, label) in RESOURCES {
+        s.push_str(&format!("{:<34} {:<9}", label, "MiB"));
+        for p in paths {
+            let cell = r
+                .resources
+                .get(key)
+                .and_then(|m| m.get(p.name()))
+                .map(|kib| format!("{:.2}", kib / 1024.0))
+                .unwrap_or_else(|| "n/a".into());
+            s.push_str(&format!(" {cell:<w$}"));
+        }
+        s.push('\n');
+    }
+    let t = targets(r, paths);
+    if !t.is_empty() {
+        s.push_str("\nTargets (edgeproxy; ratios are medians of per-round ratios):\n");
+        for t in &t {
+            let mark = match t.pass {
+                Some(true) => "PASS",
+                Some(false) => "MISS",
+                None => "n/a ",
+            };
+            let v = t.value.map(num).unwrap_or_else(|| "n/a".into());
+            s.push_str(&format!(
+                "  {mark}  {:<48} {:>8}   target {}\n",
+                t.name, v, t.bound
+            ));
+        }
+    }
+    if !r.errors.is_empty() {
+        s.push_str("\nErrors:\n");
+        for e in &r.errors {
+            s.push_str(&format!("  {e}\n"));
+        }
+    }
+    s
+}
+
+pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: Value) -> Value {
+    let mut figures = serde_json::Map::new();
+    for f in FIGURES {
+        let mut per_path = serde_json::Map::new();
+        for p in paths {
+            let vals = r.values(f.key, p.name());
+            let Some((lo, med, hi)) = spread(&vals) else {
+                continue;
+            };
+            let ratios = r.ratios(f.key, p.name());
+            let rs = spread(&ratios);
+            per_path.insert(
+                p.name().into(),
+                json!({
+                    "rounds": vals.iter().map(|v| if v.is_finite() { json!(v) } else { Value::Null }).collect::<Vec<_>>(),
+                    "min": lo, "median": med, "max": hi,
+                    "ratio_to_kernel_dnat": rs.map(|(a, b, c)| json!({"rounds": ratios, "min": a, "median": b, "max": c})),
+                }),
+            );
+        }
+        figures.insert(
+            f.key.into(),
+            json!({"label": f.label, "unit": f.unit, "higher_is_better": f.higher_is_better, "paths": per_path}),
+        );
+    }
+    let mut resources = serde_json::Map::new();
+    for (key, label) in RESOURCES {
+        let m = r.resources.get(key).cloned().unwrap_or_default();
+        resources.insert(
+            (*key).into(),
+            json!({"label": label, "unit": "KiB", "paths": m}),
+        );
+    }
+    let targets: Vec<Value> = targets(r, paths)
+        .into_iter()
+        .map(|t| json!({"name": t.name, "value": t.value, "target": t.bound, "pass": t.pass}))
+        .collect();
+    let machine: serde_json::Map<String, Value> = facts
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    json!({
+        "machine": machine,
+        "settings": settings,
+        "figures": figures,
+        "resources": resources,
+        "targets": targets,
+        "errors": r.errors,
+    })
+}
