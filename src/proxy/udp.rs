@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -215,7 +215,9 @@ fn on_datagram(
     };
     drop(map);
     flow.touch(now);
-    match flow.upstream.try_send(data) {
+    // A plain non-blocking send: tokio's try_send would refuse until the new socket's first
+    // writable event has been seen.
+    match SockRef::from(&flow.upstream).send(data) {
         Ok(n) => {
             flow.svc.bytes_to_backend.add(n as u64);
             stats.bytes_to_backend.add(n as u64);
@@ -277,7 +279,7 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>,
                         match flow.upstream.try_recv(&mut buf) {
                             Ok(n) => {
                                 flow.touch(shared.now_ms());
-                                match listener.try_send_to(&buf[..n], client) {
+                                match SockRef::from(&*listener).send_to(&buf[..n], &client.into()) {
                                     Ok(n) => {
                                         flow.svc.bytes_to_client.add(n as u64);
                                         stats.bytes_to_client.add(n as u64);

@@ -15,6 +15,7 @@
 //! Backends run in-process, one thread per connection:
 //! - TCP 8080: writes `<id>\n`, echoes until EOF, then writes `<id> bye\n` and closes.
 //! - TCP 8081: reads one chunk, then resets the connection (SO_LINGER 0).
+//! - TCP 8082 (b3 only): writes `h\n` and holds the connection open, one thread for all.
 //! - UDP 5353: answers each datagram with `<id>:` + the datagram.
 #![allow(dead_code)]
 
@@ -44,6 +45,7 @@ pub const EMPTY: &str = "10.96.0.14:80";
 pub const CHANGE: &str = "10.96.0.15:80";
 pub const DNS: &str = "10.96.0.20:53";
 pub const KP: &str = "10.96.0.30:80";
+pub const HOLD: &str = "10.96.0.16:80";
 pub const PROXY_PORT: &str = "169.254.96.16:15001";
 
 fn svc(name: &str, ip: &str, port: u16, proto: &str, target: u16, extra: &str) -> String {
@@ -78,6 +80,7 @@ fn services_json() -> String {
         svc("change", "10.96.0.15", 80, "TCP", 8080, ""),
         svc("dns", "10.96.0.20", 53, "UDP", 5353, ""),
         svc("kp", "10.96.0.30", 80, "TCP", 8080, filtered),
+        svc("hold", "10.96.0.16", 80, "TCP", 8082, ""),
     ];
     format!(r#"{{"kind":"ServiceList","items":[{}]}}"#, items.join(","))
 }
@@ -92,6 +95,7 @@ fn slices_json() -> String {
         slice("change", "1", &["10.20.1.2"], 8080, "TCP"),
         slice("dns", "1", &["10.20.1.2", "10.20.2.2"], 5353, "UDP"),
         slice("kp", "1", &["10.20.1.2"], 8080, "TCP"),
+        slice("hold", "1", &["10.20.3.2"], 8082, "TCP"),
     ];
     format!(r#"{{"kind":"EndpointSliceList","items":[{}]}}"#, items.join(","))
 }
@@ -134,6 +138,9 @@ impl Topo {
             serve_tcp_echo(&b, &format!("10.20.{i}.2:8080"), &id);
             serve_tcp_reset(&b, &format!("10.20.{i}.2:8081"));
             serve_udp_echo(&b, &format!("10.20.{i}.2:5353"), &id);
+            if i == 3 {
+                serve_tcp_hold(&b, "10.20.3.2:8082");
+            }
             backends.push(b);
         }
         // An address that never answers a SYN.
@@ -259,6 +266,18 @@ fn serve_tcp_reset(ns: &Netns, addr: &str) {
             let mut buf = [0u8; 64];
             let _ = s.read(&mut buf);
             let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+    });
+}
+
+fn serve_tcp_hold(ns: &Netns, addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let l = ns.thread(move || TcpListener::bind(addr)).join().unwrap().expect("bind hold");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(b"h\n");
+            held.push(s);
         }
     });
 }
