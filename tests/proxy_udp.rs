@@ -16,7 +16,8 @@ fn client(ns: &Netns, addr: &str) -> UdpSocket {
     Topo::in_ns(ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1000)))
+            .unwrap();
         s
     })
 }
@@ -41,7 +42,12 @@ fn udp_request_response_volume_expiry_and_cap() {
     for ns in [&t.node, &t.pod] {
         let s = client(ns, DNS);
         let r = ask(&s, b"query example.org").unwrap_or_else(|| {
-            panic!("no answer via {}: {:?}\n{}", ns.name, t.stats, t.node.ok(&["iptables-save", "-t", "nat", "-c"]))
+            panic!(
+                "no answer via {}: {:?}\n{}",
+                ns.name,
+                t.stats,
+                t.node.ok(&["iptables-save", "-t", "nat", "-c"])
+            )
         });
         let text = String::from_utf8(r).unwrap();
         let (id, rest) = text.split_once(':').unwrap();
@@ -94,9 +100,13 @@ fn udp_request_response_volume_expiry_and_cap() {
     // The cap (8 flows here): the ninth and tenth clients are dropped and counted.
     let clients: Vec<UdpSocket> = (0..10).map(|_| client(&t.node, DNS)).collect();
     for c in &clients {
-        c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
     }
-    let answered = clients.iter().filter(|c| ask(c, b"capped").is_some()).count();
+    let answered = clients
+        .iter()
+        .filter(|c| ask(c, b"capped").is_some())
+        .count();
     assert_eq!(answered, 8);
     assert_eq!(stats.udp_flows_dropped_at_cap.get(), 2);
     assert_eq!(stats.udp_flows_active.get(), 8);
@@ -104,6 +114,11 @@ fn udp_request_response_volume_expiry_and_cap() {
     assert!(ask(&clients[0], b"still here").is_some());
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
     assert!(ask(&clients[9], b"room again").is_some());
-    let total = stats.services().into_iter().find(|(n, _)| &**n == "t/dns:p").expect("per-service counters").1;
+    let total = stats
+        .services()
+        .into_iter()
+        .find(|(n, _)| &**n == "t/dns:p")
+        .expect("per-service counters")
+        .1;
     assert!(total.udp_flows_created.get() >= 15);
 }

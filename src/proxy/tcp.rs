@@ -37,19 +37,27 @@ const POOL_MAX: usize = 64;
 /// Bind the IPv4 listener (required) and the IPv6 one (when its address is usable).
 pub(super) fn bind(cfg: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
     let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
-    let mut out = vec![listen(v4).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?];
+    let mut out =
+        vec![listen(v4)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?];
     if let Some(ip) = cfg.listen_v6 {
         let v6 = SocketAddr::from((ip, cfg.tcp_port));
         match listen(v6) {
             Ok(l) => out.push(l),
-            Err(e) => log::info!("no IPv6 TCP listener on {v6} ({e}); IPv6 services are not proxied"),
+            Err(e) => {
+                log::info!("no IPv6 TCP listener on {v6} ({e}); IPv6 services are not proxied")
+            }
         }
     }
     Ok(out)
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -70,10 +78,15 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
-    addr.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
 }
 
-pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    tables: watch::Receiver<Arc<ProxyTable>>,
+    shared: Arc<Shared>,
+) {
     let stats = &shared.stats;
     let mut conns = JoinSet::new();
     loop {
@@ -157,23 +170,34 @@ async fn serve(client: TcpStream, peer: SocketAddr, entry: Arc<ServiceEntry>, sh
 }
 
 /// Dial a backend: bounded attempts, each with a timeout, each on a backend not tried yet.
-async fn dial(entry: &ServiceEntry, peer: SocketAddr, shared: &Shared, svc: &ServiceCounters) -> Result<TcpStream, Outcome> {
+async fn dial(
+    entry: &ServiceEntry,
+    peer: SocketAddr,
+    shared: &Shared,
+    svc: &ServiceCounters,
+) -> Result<TcpStream, Outcome> {
     let stats = &shared.stats;
     let mut tried: Vec<SocketAddr> = Vec::new();
     for _ in 0..shared.cfg.dial_attempts {
-        let Some(addr) = shared.pick(entry, peer.ip(), &tried) else { break };
+        let Some(addr) = shared.pick(entry, peer.ip(), &tried) else {
+            break;
+        };
         tried.push(addr);
         if shared.cfg.is_own(addr) {
             // `state` never puts such a backend in the table; refuse rather than loop.
             stats.tcp_refused_loop.inc();
-            log::warn!("{}: backend {addr} is the proxy itself; refused", entry.name);
+            log::warn!(
+                "{}: backend {addr} is the proxy itself; refused",
+                entry.name
+            );
             continue;
         }
-        let err = match tokio::time::timeout(shared.cfg.dial_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
-        };
+        let err =
+            match tokio::time::timeout(shared.cfg.dial_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
+            };
         stats.dial_failures.inc();
         svc.dial_failures.inc();
         log::debug!("{peer} ({}): dial {addr}: {err}", entry.name);
@@ -197,12 +221,29 @@ struct Relay<'a> {
 
 impl Relay<'_> {
     /// Ready(Ok) once both directions have ended cleanly; Ready(Err) at the first error.
-    fn poll(&mut self, cx: &mut Context<'_>, client: &TcpStream, upstream: &TcpStream) -> Poll<io::Result<()>> {
-        let up = self.up.poll(cx, client, upstream, self.size, [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend]);
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Poll<io::Result<()>> {
+        let up = self.up.poll(
+            cx,
+            client,
+            upstream,
+            self.size,
+            [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend],
+        );
         if let Poll::Ready(Err(e)) = up {
             return Poll::Ready(Err(e));
         }
-        let down = self.down.poll(cx, upstream, client, self.size, [&self.svc.bytes_to_client, &self.stats.bytes_to_client]);
+        let down = self.down.poll(
+            cx,
+            upstream,
+            client,
+            self.size,
+            [&self.svc.bytes_to_client, &self.stats.bytes_to_client],
+        );
         if let Poll::Ready(Err(e)) = down {
             return Poll::Ready(Err(e));
         }
@@ -256,7 +297,9 @@ impl Pipe {
                 pool_put(self.buf.take());
                 // ENOTCONN: the peer is already gone; the other direction will see it.
                 match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Poll::Ready(Err(e)),
+                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
+                        return Poll::Ready(Err(e))
+                    }
                     _ => return Poll::Ready(Ok(())),
                 }
             }
