@@ -6,6 +6,9 @@ mod support;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
+use edgeproxy::model::Kind;
+use edgeproxy::proxy::ProxyEvent;
+use edgeproxy::state::Change;
 use proxy_support::*;
 use support::netns::Netns;
 
@@ -34,7 +37,7 @@ fn fds() -> usize {
 
 #[test]
 fn udp_request_response_volume_expiry_and_cap() {
-    let t = Topo::new(test_config());
+    let mut t = Topo::new(test_config());
     let stats = t.stats.clone();
 
     // Request/response from both paths; round robin over b1, b2 per new flow.
@@ -114,6 +117,58 @@ fn udp_request_response_volume_expiry_and_cap() {
     assert!(ask(&clients[0], b"still here").is_some());
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
     assert!(ask(&clients[9], b"room again").is_some());
+
+    // The backends change: a flow whose backend left is replaced on the client's next datagram.
+    let s = client(&t.pod, DNS);
+    let first = String::from_utf8(ask(&s, b"who").unwrap()).unwrap();
+    let other = if first.starts_with("b1") {
+        ("10.20.2.2", "b2")
+    } else {
+        ("10.20.1.2", "b1")
+    };
+    t.apply(Change::Upsert(slice_object(&slice(
+        "dns",
+        "1",
+        &[other.0],
+        5353,
+        "UDP",
+    ))));
+    let again = String::from_utf8(ask(&s, b"who").unwrap()).unwrap();
+    assert_eq!(again, format!("{}:who", other.1), "was {first}");
+
+    // A UDP port that cannot be bound is reported; the state allocates another and it works.
+    let squatter = Topo::in_ns(&t.node, || UdpSocket::bind("169.254.96.16:15003").unwrap());
+    while t.events.try_recv().is_ok() {}
+    let dns2 = svc("dns2", "10.96.0.21", 53, "UDP", 5353, "");
+    t.apply(Change::Upsert(object(Kind::Service, &dns2)));
+    t.apply(Change::Upsert(slice_object(&slice(
+        "dns2",
+        "1",
+        &["10.20.3.2"],
+        5353,
+        "UDP",
+    ))));
+    let mut unavailable = None;
+    while unavailable.is_none() {
+        match t.events.blocking_recv() {
+            Some(ProxyEvent::UdpPortUnavailable(p)) => unavailable = Some(p),
+            Some(_) => {}
+            None => panic!("proxy gone"),
+        }
+    }
+    assert_eq!(unavailable, Some(15003));
+    t.apply(Change::UdpPortUnavailable(15003));
+    loop {
+        match t.events.blocking_recv() {
+            Some(ProxyEvent::UdpPorts(p)) if p == [15002, 15004] => break,
+            Some(_) => {}
+            None => panic!("proxy gone"),
+        }
+    }
+    let s2 = client(&t.node, "10.96.0.21:53");
+    assert_eq!(ask(&s2, b"moved").as_deref(), Some(&b"b3:moved"[..]));
+    drop(squatter);
+
     let total = stats
         .services()
         .into_iter()

@@ -48,7 +48,8 @@ pub const KP: &str = "10.96.0.30:80";
 pub const HOLD: &str = "10.96.0.16:80";
 pub const PROXY_PORT: &str = "169.254.96.16:15001";
 
-fn svc(name: &str, ip: &str, port: u16, proto: &str, target: u16, extra: &str) -> String {
+/// A Service `t/<name>` with one port named `p` (`sticky` gets ClientIP affinity).
+pub fn svc(name: &str, ip: &str, port: u16, proto: &str, target: u16, extra: &str) -> String {
     format!(
         r#"{{"metadata":{{"name":"{name}","namespace":"t"{extra}}},"spec":{{"clusterIP":"{ip}","ports":[{{"name":"p","protocol":"{proto}","port":{port},"targetPort":{target}}}]{aff}}}}}"#,
         aff = if name == "sticky" {
@@ -403,8 +404,13 @@ pub fn who(ns: &Netns, addr: &str) -> String {
 
 /// Decode one EndpointSlice (as JSON text) into an object for `Change::Upsert`.
 pub fn slice_object(json: &str) -> edgeproxy::model::Object {
-    let doc = format!(r#"{{"kind":"EndpointSliceList","items":[{json}]}}"#);
-    let mut d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
+    object(Kind::EndpointSlice, json)
+}
+
+/// Decode one object of `kind` (as JSON text) for `Change::Upsert`.
+pub fn object(kind: Kind, json: &str) -> edgeproxy::model::Object {
+    let doc = format!(r#"{{"kind":"{kind}List","items":[{json}]}}"#);
+    let mut d = decode_document(doc.as_bytes(), Some(kind));
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     d.objects.remove(0)
 }
