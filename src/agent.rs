@@ -64,6 +64,8 @@ enum Input {
 
 /// How often the file source looks at its file.
 const FILE_POLL: Duration = Duration::from_secs(1);
+/// How long the control task waits for the rest of a burst of source events before planning.
+const SOURCE_DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// Run the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), AgentError> {
@@ -133,13 +135,29 @@ async fn control(config: Config) -> Result<(), AgentError> {
     let mut dirty = false;
     let mut signal = None;
 
+    let mut synced_kinds = [false; 2];
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(input) = next {
+        let mut from_source = false;
+        loop {
+            let Some(input) = next else {
+                // A source delivers one reload as several events (one per kind): give the rest
+                // of the burst a moment to arrive, so it becomes one plan and one restore.
+                if std::mem::take(&mut from_source) {
+                    tokio::time::sleep(SOURCE_DEBOUNCE).await;
+                    next = rx.try_recv().ok();
+                    continue;
+                }
+                break;
+            };
             match input {
-                Input::Source(SourceEvent::Change(c)) => dirty |= state.apply(c),
+                Input::Source(SourceEvent::Change(c)) => {
+                    from_source = true;
+                    dirty |= state.apply(c);
+                }
                 Input::Source(SourceEvent::Synced(kind)) => {
-                    if kind == Kind::Service && !synced {
+                    synced_kinds[usize::from(kind != Kind::Service)] = true;
+                    if !synced && synced_kinds == [true, true] {
                         synced = true;
                         dirty = true;
                     }
