@@ -158,17 +158,19 @@ fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, String> {
     let path = config_path(cmd.config.as_deref());
     let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
     let mut applier = apply::Applier::new(config.backend).map_err(|e| e.to_string())?;
-    let r = applier.cleanup().map_err(|e| e.to_string())?;
-    println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
     if cmd.edgemesh {
+        // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
         let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];
         let notes = applier.cleanup_edgemesh(&ips).map_err(|e| e.to_string())?;
         if notes.is_empty() {
-            println!("EdgeMesh leftovers: none found");
+            println!("nothing to remove");
         }
         for n in notes {
             println!("{n}");
         }
+    } else {
+        let r = applier.cleanup().map_err(|e| e.to_string())?;
+        println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
     }
     Ok(ExitCode::SUCCESS)
 }

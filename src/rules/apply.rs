@@ -575,8 +575,8 @@ impl Applier {
     /// the returned notes say so.
     pub fn cleanup_edgemesh(&mut self, proxy_ips: &[IpAddr]) -> Result<Vec<String>, ApplyError> {
         let mut notes = Vec::new();
-        self.cleanup()?;
         for family in [Family::V4, Family::V6] {
+            self.last[idx(family)] = None;
             let nat = match save_table(&self.bins, family, "nat") {
                 Ok(s) => s,
                 Err(_) if family == Family::V6 => continue,
@@ -586,33 +586,33 @@ impl Applier {
             if kube_userspace {
                 notes.push(format!(
                     "{}: KUBE-PORTALS-*/KUBE-NODEPORT-* hold rules that do not point at {proxy_ips:?}: \
-                     kept (kube-proxy userspace mode owns them)",
+                     kept (kube-proxy's userspace mode owns them)",
                     family_name(family)
                 ));
             }
-            let edgemesh_nat = |c: &str| {
-                c.starts_with("EDGE-MESH")
+            let pick_nat = |c: &str| {
+                let kube_named = c.starts_with("KUBE-PORTALS-") || c.starts_with("KUBE-NODEPORT-");
+                if kube_named {
+                    return !kube_userspace;
+                }
+                OWN_CHAINS.contains(&c)
+                    || c.starts_with("EDGE-MESH")
                     || c.starts_with("EDGEMESH-PORTALS-")
                     || c.starts_with("EDGEMESH-NODEPORT-")
-                    || (!kube_userspace && (c.starts_with("KUBE-PORTALS-") || c.starts_with("KUBE-NODEPORT-")))
             };
-            if let Some(text) = removal_input(&nat, edgemesh_nat) {
+            if let Some(text) = removal_input(&nat, pick_nat) {
                 self.restore(family, &text)?;
-                notes.push(format!("{}: removed EdgeMesh chains from nat: {}", family_name(family), chains_in(&nat, edgemesh_nat).join(", ")));
+                notes.push(format!("{}: removed from nat: {}", family_name(family), chains_in(&nat, pick_nat).join(", ")));
             }
-            let filter = match save_table(&self.bins, family, "filter") {
-                Ok(s) => s,
-                Err(_) => continue,
-            };
-            let edgemesh_filter =
+            let Ok(filter) = save_table(&self.bins, family, "filter") else { continue };
+            let pick_filter =
                 |c: &str| c == "EDGEMESH-NODEPORT-NON-LOCAL" || (!kube_userspace && c == "KUBE-NODEPORT-NON-LOCAL");
-            if let Some(text) = removal_input(&filter, edgemesh_filter) {
-                let text = text.replacen("*nat", "*filter", 1);
-                self.restore(family, &text)?;
+            if let Some(text) = removal_input(&filter, pick_filter) {
+                self.restore(family, &text.replacen("*nat", "*filter", 1))?;
                 notes.push(format!(
-                    "{}: removed EdgeMesh chains from filter: {}",
+                    "{}: removed from filter: {}",
                     family_name(family),
-                    chains_in(&filter, edgemesh_filter).join(", ")
+                    chains_in(&filter, pick_filter).join(", ")
                 ));
             }
         }
