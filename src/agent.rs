@@ -162,7 +162,9 @@ async fn control(config: Config) -> Result<(), AgentError> {
                         dirty = true;
                     }
                 }
-                Input::Source(SourceEvent::Error { message, .. }) => log::debug!("source: {message}"),
+                Input::Source(SourceEvent::Error { message, .. }) => {
+                    log::debug!("source: {message}")
+                }
                 Input::Source(other) => log::debug!("source: {other:?}"),
                 Input::Rules(e) => {
                     if let Some(present) = on_rules_event(e, &mut installed) {
@@ -230,7 +232,10 @@ fn on_rules_event(e: applier::Event, installed: &mut bool) -> Option<bool> {
             }
         }
         applier::Event::Failed { error, retry_in } => {
-            log::error!("rules sync failed, previous rules still in force; retry in {} ms: {error}", retry_in.as_millis());
+            log::error!(
+                "rules sync failed, previous rules still in force; retry in {} ms: {error}",
+                retry_in.as_millis()
+            );
         }
         applier::Event::Repaired { what } => log::warn!("rules repaired: {}", what.join("; ")),
         applier::Event::KubeProxy(present) => {

@@ -95,9 +95,14 @@ fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
             .join();
         let (_, _, full) = result.unwrap_or_else(|_| panic!("{name}: applier thread panicked"));
         let host = chain(&ns, &b, "KUBE-PORTALS-HOST");
-        assert_eq!(host, full.v4.rules.iter().filter(|r| r.starts_with("-A KUBE-PORTALS-HOST")).cloned().collect::<Vec<_>>());
+        assert_eq!(
+            host,
+            full.v4.rules.iter().filter(|r| r.starts_with("-A KUBE-PORTALS-HOST")).cloned().collect::<Vec<_>>()
+        );
         assert!(host.iter().any(|r| r.contains("edge-apps/web-frontend:http") && r.contains("10.96.85.103/32")));
-        assert!(host.iter().any(|r| r.contains("edge-apps/reports") && r.contains("has no endpoints") && r.ends_with(":15000")));
+        assert!(host
+            .iter()
+            .any(|r| r.contains("edge-apps/reports") && r.contains("has no endpoints") && r.ends_with(":15000")));
         assert_eq!(chain(&ns, &b, "PREROUTING")[0], format!("-A PREROUTING {}", full.v4.jumps[0].spec));
         assert_eq!(chain(&ns, &b, "OUTPUT")[0], format!("-A OUTPUT {}", full.v4.jumps[1].spec));
     }
@@ -125,7 +130,7 @@ fn guard_puts_jumps_first_again_and_recreates_chains() {
             }
         });
         done_rx.recv_timeout(Duration::from_secs(30)).expect("installed");
-        let mut step = |what: &'static str, script: &str| {
+        let step = |what: &'static str, script: &str| {
             ns.sh(script);
             tx.send(what).unwrap();
             let (restores, repaired) = done_rx.recv_timeout(Duration::from_secs(30)).expect("guard answered");
@@ -151,10 +156,7 @@ fn guard_puts_jumps_first_again_and_recreates_chains() {
         assert!(chain(&ns, &b, "PREROUTING")[1].ends_with("-j KUBE-SERVICES"));
         step("jump deleted", &format!("{ipt} -t nat -D OUTPUT 1"));
         step("chain flushed", &format!("{ipt} -t nat -F KUBE-PORTALS-HOST"));
-        step(
-            "everything flushed and deleted (fw4 flush)",
-            &format!("{ipt} -t nat -F && {ipt} -t nat -X"),
-        );
+        step("everything flushed and deleted (fw4 flush)", &format!("{ipt} -t nat -F && {ipt} -t nat -X"));
         drop(tx);
         worker.join().expect("guard thread");
     }
@@ -257,7 +259,10 @@ fn cleanup_leaves_the_table_as_before_and_layout_switch_removes_the_old() {
         .unwrap();
         let nat = dump(&ns, &b, "nat");
         assert!(!nat.contains("KUBE-PORTALS"), "{}: old layout left: {nat}", b.name);
-        assert!(nat.contains(":EDGE-MESH-TCP") && nat.contains("-A PREROUTING -m comment --comment \"edgemesh root chain\" -j EDGE-MESH"));
+        assert!(
+            nat.contains(":EDGE-MESH-TCP")
+                && nat.contains("-A PREROUTING -m comment --comment \"edgemesh root chain\" -j EDGE-MESH")
+        );
         ns.thread(move || Applier::with_binaries(b).unwrap().cleanup().unwrap()).join().unwrap();
         assert_eq!(dump(&ns, &b, "nat"), nat0, "{}: nat table differs after cleanup", b.name);
         assert_eq!(dump(&ns, &b, "filter"), filter0, "{}: filter table differs after cleanup", b.name);

@@ -125,10 +125,7 @@ fn check_codes_and_cleanup_edgemesh() {
         assert!(dump(&ns, &b, "nat").contains("-j REDIRECT --to-ports 40000"));
 
         // No iptables at all: cannot read the table.
-        let out = ns
-            .cmd(&["env", "PATH=/nonexistent", BIN, "check", "--iptables-backend", b.name])
-            .output()
-            .unwrap();
+        let out = ns.cmd(&["env", "PATH=/nonexistent", BIN, "check", "--iptables-backend", b.name]).output().unwrap();
         assert_eq!(out.status.code(), Some(exit::CANNOT_READ.into()), "{}", String::from_utf8_lossy(&out.stdout));
     }
 }

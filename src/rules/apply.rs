@@ -55,13 +55,25 @@ pub const LEGACY: Binaries = Binaries {
 
 impl Binaries {
     pub fn save_bin(&self, f: Family) -> &'static str {
-        if f == Family::V4 { self.save } else { self.save6 }
+        if f == Family::V4 {
+            self.save
+        } else {
+            self.save6
+        }
     }
     pub fn restore_bin(&self, f: Family) -> &'static str {
-        if f == Family::V4 { self.restore } else { self.restore6 }
+        if f == Family::V4 {
+            self.restore
+        } else {
+            self.restore6
+        }
     }
     pub fn cmd_bin(&self, f: Family) -> &'static str {
-        if f == Family::V4 { self.cmd } else { self.cmd6 }
+        if f == Family::V4 {
+            self.cmd
+        } else {
+            self.cmd6
+        }
     }
 }
 
@@ -221,7 +233,9 @@ fn list_chain(bins: &Binaries, family: Family, chain: &str) -> Result<Option<Vec
         }
         return Err(ApplyError::Read { binary: bin.into(), stderr });
     }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).map(str::to_string).collect()))
+    Ok(Some(
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).map(str::to_string).collect(),
+    ))
 }
 
 /// What the restore input must do to the jumps of one family.
@@ -407,7 +421,13 @@ impl Applier {
         Ok(report)
     }
 
-    fn sync_family(&mut self, family: Family, want: &TableRules, force: bool, report: &mut SyncReport) -> Result<(), ApplyError> {
+    fn sync_family(
+        &mut self,
+        family: Family,
+        want: &TableRules,
+        force: bool,
+        report: &mut SyncReport,
+    ) -> Result<(), ApplyError> {
         let i = idx(family);
         if want.is_empty() {
             if self.last[i].is_some() {
@@ -455,7 +475,9 @@ impl Applier {
     pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
-            let Some(applied) = self.last[idx(family)].clone() else { continue };
+            let Some(applied) = self.last[idx(family)].clone() else {
+                continue;
+            };
             let want = &applied.rules;
             let mut fix = jump_fix(&self.bins, family, &want.jumps)?;
             if family == Family::V4 {
@@ -485,7 +507,8 @@ impl Applier {
                 report.rules += want.rules.len();
                 continue;
             }
-            let input = if chains_bad || fix.missing { full_input(want, &fix.lines, &[]) } else { jumps_only(&fix.lines) };
+            let input =
+                if chains_bad || fix.missing { full_input(want, &fix.lines, &[]) } else { jumps_only(&fix.lines) };
             self.restore(family, &input)?;
             for f in &fix.found {
                 log::warn!("rules guard ({}): {f}; repaired", family_name(family));
@@ -602,9 +625,15 @@ impl Applier {
             };
             if let Some(text) = removal_input(&nat, pick_nat) {
                 self.restore(family, &text)?;
-                notes.push(format!("{}: removed from nat: {}", family_name(family), chains_in(&nat, pick_nat).join(", ")));
+                notes.push(format!(
+                    "{}: removed from nat: {}",
+                    family_name(family),
+                    chains_in(&nat, pick_nat).join(", ")
+                ));
             }
-            let Ok(filter) = save_table(&self.bins, family, "filter") else { continue };
+            let Ok(filter) = save_table(&self.bins, family, "filter") else {
+                continue;
+            };
             let pick_filter =
                 |c: &str| c == "EDGEMESH-NODEPORT-NON-LOCAL" || (!kube_userspace && c == "KUBE-NODEPORT-NON-LOCAL");
             if let Some(text) = removal_input(&filter, pick_filter) {
@@ -711,21 +740,19 @@ fn removal_input(save: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
 /// Do `KUBE-PORTALS-*`/`KUBE-NODEPORT-*` hold rules of kube-proxy's userspace mode (a
 /// `REDIRECT`, or a DNAT to an address other than the proxy's)?
 fn userspace_owned(nat: &str, proxy_ips: &[IpAddr]) -> bool {
-    nat.lines()
-        .filter(|l| l.starts_with("-A KUBE-PORTALS-") || l.starts_with("-A KUBE-NODEPORT-"))
-        .any(|l| {
-            if l.contains(" -j REDIRECT") {
-                return true;
+    nat.lines().filter(|l| l.starts_with("-A KUBE-PORTALS-") || l.starts_with("-A KUBE-NODEPORT-")).any(|l| {
+        if l.contains(" -j REDIRECT") {
+            return true;
+        }
+        match l.split(" --to-destination ").nth(1).and_then(|t| t.split_whitespace().next()) {
+            None => false,
+            Some(dest) => {
+                let host = dest.rsplit_once(':').map_or(dest, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                !proxy_ips.iter().any(|ip| ip.to_string() == host)
             }
-            match l.split(" --to-destination ").nth(1).and_then(|t| t.split_whitespace().next()) {
-                None => false,
-                Some(dest) => {
-                    let host = dest.rsplit_once(':').map_or(dest, |(h, _)| h);
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    !proxy_ips.iter().any(|ip| ip.to_string() == host)
-                }
-            }
-        })
+        }
+    })
 }
 
 /// The input line a restore failed on, and a few lines of context around it.
@@ -744,13 +771,17 @@ fn blame(input: &str, stderr: &str) -> (Option<usize>, String) {
     if let Some(n) = reported {
         if lines[n - 1].trim() == "COMMIT" {
             if let Some(name) = quoted(stderr) {
-                if let Some(pos) = lines.iter().position(|l| l.starts_with('-') && l.split_whitespace().any(|w| w == name)) {
+                if let Some(pos) =
+                    lines.iter().position(|l| l.starts_with('-') && l.split_whitespace().any(|w| w == name))
+                {
                     line = Some(pos + 1);
                 }
             }
         }
     }
-    let Some(n) = line else { return (None, String::new()) };
+    let Some(n) = line else {
+        return (None, String::new());
+    };
     let from = n.saturating_sub(3);
     let to = (n + 2).min(lines.len());
     let mut ctx = String::new();
@@ -932,10 +963,16 @@ mod tests {
     #[test]
     fn blame_finds_reported_line_and_commit_fallback() {
         let input = "*nat\n:A - [0:0]\n-A A -d 10.0.0.1/32 -j RETURN\n-A A -d 10.0.0.2/32 -j NOPE\nCOMMIT\n";
-        let (line, ctx) = blame(input, "iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE'\n\nError occurred at line: 4\n");
+        let (line, ctx) = blame(
+            input,
+            "iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE'\n\nError occurred at line: 4\n",
+        );
         assert_eq!(line, Some(4));
         assert!(ctx.contains(">     4 | -A A -d 10.0.0.2/32 -j NOPE"), "{ctx}");
-        let (line, _) = blame(input, "iptables-nft-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\nError occurred at line: 5\n");
+        let (line, _) = blame(
+            input,
+            "iptables-nft-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\nError occurred at line: 5\n",
+        );
         assert_eq!(line, Some(4));
         assert_eq!(blame(input, "garbage").0, None);
     }
@@ -960,7 +997,8 @@ mod tests {
         assert!(!userspace_owned(em, &[ip]));
         let kp = "-A KUBE-PORTALS-CONTAINER -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 40000\n";
         assert!(userspace_owned(kp, &[ip]));
-        let kp2 = "-A KUBE-PORTALS-HOST -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:40000\n";
+        let kp2 =
+            "-A KUBE-PORTALS-HOST -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:40000\n";
         assert!(userspace_owned(kp2, &[ip]));
     }
 }
