@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use edgeproxy::cli::{Cli, Command, RulesCmd};
-use edgeproxy::config::{Backend, Config};
+use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
+use edgeproxy::config::{parse_duration, Backend, Config, Overrides, DEFAULT_PATH};
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::rules::{apply, Family};
 use edgeproxy::state::{Change, State, StateConfig};
@@ -37,7 +37,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Some(Command::Rules(cmd)) => rules(&cmd),
-        Some(_) => Err("this command is not built yet".to_string()),
+        Some(Command::Run(cmd)) => run(&cmd),
+        Some(Command::Check(cmd)) => check(&cmd),
+        Some(Command::Cleanup(cmd)) => cleanup(&cmd),
+        Some(Command::CheckConfig(cmd)) => check_config(&cmd),
     };
     match result {
         Ok(code) => code,
@@ -130,4 +133,75 @@ fn load_file(state: &mut State, path: &Path) -> Result<usize, String> {
         state.apply(Change::Upsert(o));
     }
     Ok(bad)
+}
+
+/// The given config path, else the default one when it exists.
+fn config_path(given: Option<&Path>) -> Option<std::path::PathBuf> {
+    given.map(Path::to_path_buf).or_else(|| Path::new(DEFAULT_PATH).exists().then(|| DEFAULT_PATH.into()))
+}
+
+/// `edgeproxy run`: the agent, until SIGTERM/SIGINT.
+fn run(cmd: &RunCmd) -> Result<ExitCode, String> {
+    let path = config_path(cmd.config.as_deref());
+    let mut config = Config::load(path.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+    for (flag, value, field) in [
+        ("--min-sync-period", &cmd.min_sync_period, &mut config.min_sync_period),
+        ("--guard-period", &cmd.guard_period, &mut config.guard_period),
+        ("--resync-period", &cmd.resync_period, &mut config.resync_period),
+    ] {
+        if let Some(v) = value {
+            *field = parse_duration(v).map_err(|m| format!("{flag}: {m}"))?;
+        }
+    }
+    edgeproxy::agent::run(config).map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backend_overrides(backend: &Option<String>) -> Overrides {
+    let mut o = Overrides::default();
+    o.set("iptables-backend", backend.clone());
+    o
+}
+
+/// `edgeproxy check`: exit codes in `rules::apply::exit`.
+fn check(cmd: &CheckCmd) -> Result<ExitCode, String> {
+    let path = config_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
+    // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
+    let expected = State::new(StateConfig::from(&config)).plan().rules;
+    let report = apply::check(apply::detect(config.backend), &expected);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    Ok(ExitCode::from(report.code))
+}
+
+/// `edgeproxy cleanup [--edgemesh]`.
+fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, String> {
+    let path = config_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
+    let mut applier = apply::Applier::new(config.backend).map_err(|e| e.to_string())?;
+    if cmd.edgemesh {
+        // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
+        let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];
+        let notes = applier.cleanup_edgemesh(&ips).map_err(|e| e.to_string())?;
+        if notes.is_empty() {
+            println!("nothing to remove");
+        }
+        for n in notes {
+            println!("{n}");
+        }
+    } else {
+        let r = applier.cleanup().map_err(|e| e.to_string())?;
+        println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edgeproxy check-config`: validate and exit (for ExecStartPre).
+fn check_config(cmd: &CheckConfigCmd) -> Result<ExitCode, String> {
+    let path = cmd.config.clone().unwrap_or_else(|| DEFAULT_PATH.into());
+    Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
+    println!("{}: ok", path.display());
+    Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 //! (`apply`, the only module that starts iptables processes).
 
 pub mod apply;
+pub mod applier;
 pub mod render;
 
 use std::fmt::Write as _;
