@@ -155,12 +155,7 @@ impl RunCmd {
         o.set("poll-interval", self.poll_interval.clone());
         o.set("layout", self.layout.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
-        o.set(
-            "node-name",
-            self.node_name
-                .clone()
-                .or_else(|| std::env::var("NODE_NAME").ok()),
-        );
+        o.set("node-name", self.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()));
         o.set("listen-ip", self.listen_ip.clone());
         o.set("tcp-port", self.tcp_port.clone());
         o.set("load-balancer", self.load_balancer.clone());

@@ -13,20 +13,13 @@ use edgeproxy::state::{Change, State, StateConfig};
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     if cli.version {
-        println!(
-            "edgeproxy {} ({})",
-            env!("CARGO_PKG_VERSION"),
-            env!("EDGEPROXY_TARGET")
-        );
+        println!("edgeproxy {} ({})", env!("CARGO_PKG_VERSION"), env!("EDGEPROXY_TARGET"));
         return ExitCode::SUCCESS;
     }
     let level = match cli.log_level.parse::<log::LevelFilter>() {
         Ok(l) => l,
         Err(_) => {
-            eprintln!(
-                "--log-level: {:?} is not one of error, warn, info, debug, trace",
-                cli.log_level
-            );
+            eprintln!("--log-level: {:?} is not one of error, warn, info, debug, trace", cli.log_level);
             return ExitCode::from(2);
         }
     };
@@ -53,8 +46,7 @@ fn main() -> ExitCode {
 
 /// `edgeproxy rules`: decode the files, run the state machine once, print.
 fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
-    let config =
-        Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+    let config = Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
     if cmd.from.is_empty() {
         return Err("rules: give at least one --from FILE".into());
     }
@@ -63,7 +55,9 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
         "present" => true,
         "absent" => false,
         "auto" => apply::kube_proxy_present(Backend::Auto).unwrap_or_else(|| {
-            eprintln!("note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)");
+            eprintln!(
+                "note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)"
+            );
             false
         }),
         other => return Err(format!("--kube-proxy: {other:?} is not one of auto, present, absent")),
@@ -79,10 +73,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
             println!("{}: {}", r.key, r.verdict);
             for p in &r.ports {
                 let note = p.note.map(|n| format!(" ({n})")).unwrap_or_default();
-                println!(
-                    "    {} {}/{}: {} endpoint(s){note}",
-                    p.name, p.port, p.protocol, p.backends
-                );
+                println!("    {} {}/{}: {} endpoint(s){note}", p.name, p.port, p.protocol, p.backends);
             }
         }
         let n = plan.proxied().count();
@@ -97,11 +88,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
             if t.is_empty() {
                 continue;
             }
-            let tool = if family == Family::V4 {
-                "iptables"
-            } else {
-                "ip6tables"
-            };
+            let tool = if family == Family::V4 { "iptables" } else { "ip6tables" };
             println!("# {tool}: jumps, each inserted at position 1 of its chain");
             for j in &t.jumps {
                 println!("# -I {} 1 {}", j.from, j.spec);
@@ -110,11 +97,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
             print!("{}", t.restore_text());
         }
     }
-    Ok(if bad > 0 {
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if bad > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
 }
 
 /// Decode one file into the state; returns the number of bad objects (each already reported).

@@ -31,10 +31,7 @@ fn echo_and_half_close_on_both_paths() {
         assert_eq!(rest, format!(" world{id} bye\n"), "via {}", ns.name);
     }
     assert_eq!(t.stats.tcp_ok.get(), 2);
-    wait_for(
-        || t.stats.tcp_active.get() == 0,
-        "both relays end when both sides have closed",
-    );
+    wait_for(|| t.stats.tcp_active.get() == 0, "both relays end when both sides have closed");
 }
 
 /// Deterministic data and an order-sensitive checksum over it.
@@ -54,9 +51,7 @@ struct Sum(u64, u64);
 impl Sum {
     fn add(&mut self, buf: &[u8]) {
         for chunk in buf.chunks_exact(8) {
-            self.0 = self
-                .0
-                .wrapping_add(u64::from_le_bytes(chunk.try_into().unwrap()));
+            self.0 = self.0.wrapping_add(u64::from_le_bytes(chunk.try_into().unwrap()));
             self.1 = self.1.wrapping_add(self.0);
         }
     }
@@ -72,8 +67,7 @@ fn hundred_megabytes_keep_their_checksum() {
     let mut w = s.try_clone().unwrap();
     let started = Instant::now();
     let writer = std::thread::spawn(move || {
-        let (mut g, mut sum, mut buf) =
-            (Gen(0x1234_5678_9abc_def1), Sum::default(), vec![0u8; CHUNK]);
+        let (mut g, mut sum, mut buf) = (Gen(0x1234_5678_9abc_def1), Sum::default(), vec![0u8; CHUNK]);
         for _ in 0..TOTAL / CHUNK {
             g.fill(&mut buf);
             sum.add(&buf);
@@ -98,10 +92,7 @@ fn hundred_megabytes_keep_their_checksum() {
     assert_eq!(sum, sent, "checksum of the echoed stream");
     assert_eq!(rest, format!("{id} bye\n"));
     assert_eq!(t.stats.bytes_to_backend.get(), TOTAL as u64);
-    assert_eq!(
-        t.stats.bytes_to_client.get(),
-        (TOTAL + id.len() * 2 + 6) as u64
-    );
+    assert_eq!(t.stats.bytes_to_client.get(), (TOTAL + id.len() * 2 + 6) as u64);
 }
 
 #[test]
@@ -112,12 +103,7 @@ fn a_backend_reset_resets_the_client() {
         s.write_all(b"x").unwrap();
         let mut buf = [0u8; 16];
         let r = s.read(&mut buf);
-        assert_eq!(
-            r.map_err(|e| e.kind()).unwrap_err(),
-            ErrorKind::ConnectionReset,
-            "via {}",
-            ns.name
-        );
+        assert_eq!(r.map_err(|e| e.kind()).unwrap_err(), ErrorKind::ConnectionReset, "via {}", ns.name);
     }
 }
 
@@ -139,23 +125,11 @@ fn a_silent_backend_times_out_and_the_next_serves_while_others_proceed() {
     let b_done = started.elapsed();
     let (a_id, a_took) = a.join().unwrap();
     assert_eq!(b, "b2");
-    assert!(
-        b_took < Duration::from_millis(250),
-        "second connection took {b_took:?}"
-    );
+    assert!(b_took < Duration::from_millis(250), "second connection took {b_took:?}");
     assert_eq!(a_id, "b2", "retried on the next endpoint");
-    assert!(
-        a_took >= Duration::from_millis(300),
-        "first connection took only {a_took:?}"
-    );
-    assert!(
-        a_took < Duration::from_millis(1000),
-        "first connection took {a_took:?}"
-    );
-    assert!(
-        b_done < a_took,
-        "the second connection did not wait for the first"
-    );
+    assert!(a_took >= Duration::from_millis(300), "first connection took only {a_took:?}");
+    assert!(a_took < Duration::from_millis(1000), "first connection took {a_took:?}");
+    assert!(b_done < a_took, "the second connection did not wait for the first");
     assert_eq!(t.stats.dial_failures.get(), 1);
     assert_eq!(t.stats.tcp_ok.get(), 2);
 }
@@ -179,17 +153,9 @@ fn no_endpoints_is_refused_at_once_on_both_paths() {
                 .min()
                 .unwrap()
         });
-        assert!(
-            took < Duration::from_millis(10),
-            "refusal took {took:?} via {}",
-            ns.name
-        );
+        assert!(took < Duration::from_millis(10), "refusal took {took:?} via {}", ns.name);
     }
-    assert_eq!(
-        t.stats.tcp_accepted.get(),
-        0,
-        "the reject rule answers; the proxy never sees these"
-    );
+    assert_eq!(t.stats.tcp_accepted.get(), 0, "the reject rule answers; the proxy never sees these");
 }
 
 #[test]
@@ -232,9 +198,7 @@ fn round_robin_spreads_and_client_ip_affinity_sticks() {
         let ns = if i % 2 == 0 { &t.pod } else { &t.node };
         *seen.entry(who(ns, WEB)).or_default() += 1;
     }
-    let want: BTreeMap<String, usize> = [("b1", 10), ("b2", 10), ("b3", 10)]
-        .map(|(k, v)| (k.to_string(), v))
-        .into();
+    let want: BTreeMap<String, usize> = [("b1", 10), ("b2", 10), ("b3", 10)].map(|(k, v)| (k.to_string(), v)).into();
     assert_eq!(seen, want);
 
     for ns in [&t.pod, &t.node] {
@@ -244,10 +208,7 @@ fn round_robin_spreads_and_client_ip_affinity_sticks() {
         }
     }
     let (pod, node) = (who(&t.pod, STICKY), who(&t.node, STICKY));
-    assert_ne!(
-        pod, node,
-        "two clients, two backends: round robin for the first choice"
-    );
+    assert_ne!(pod, node, "two clients, two backends: round robin for the first choice");
 }
 
 #[test]
@@ -257,12 +218,7 @@ fn the_proxy_port_itself_is_not_an_open_relay() {
         // The reset may already be there when connect_timeout() checks SO_ERROR; else the first
         // read sees it. No write first: a failed write would consume the reset (then EOF).
         let r = connect(ns, PROXY_PORT).and_then(|(mut s, _)| s.read(&mut [0u8; 16]));
-        assert_eq!(
-            r.map_err(|e| e.kind()),
-            Err(ErrorKind::ConnectionReset),
-            "via {}",
-            ns.name
-        );
+        assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "via {}", ns.name);
     }
     assert_eq!(t.stats.tcp_refused_not_service.get(), 2);
     assert_eq!(t.stats.tcp_ok.get(), 0);
@@ -272,11 +228,7 @@ fn the_proxy_port_itself_is_not_an_open_relay() {
 fn a_filtered_service_goes_through_kube_proxy_not_us() {
     let t = Topo::new(test_config());
     for ns in [&t.node, &t.pod] {
-        assert_eq!(
-            who(ns, KP),
-            "b3",
-            "kube-proxy's DNAT picks b3; ours would have picked b1"
-        );
+        assert_eq!(who(ns, KP), "b3", "kube-proxy's DNAT picks b3; ours would have picked b1");
     }
     assert_eq!(t.stats.tcp_accepted.get(), 0);
     let rules = t.node.ok(&["iptables", "-t", "nat", "-S", "OUTPUT"]);

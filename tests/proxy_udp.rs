@@ -19,8 +19,7 @@ fn client(ns: &Netns, addr: &str) -> UdpSocket {
     Topo::in_ns(ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1000)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
         s
     })
 }
@@ -45,12 +44,7 @@ fn udp_request_response_volume_expiry_and_cap() {
     for ns in [&t.node, &t.pod] {
         let s = client(ns, DNS);
         let r = ask(&s, b"query example.org").unwrap_or_else(|| {
-            panic!(
-                "no answer via {}: {:?}\n{}",
-                ns.name,
-                t.stats,
-                t.node.ok(&["iptables-save", "-t", "nat", "-c"])
-            )
+            panic!("no answer via {}: {:?}\n{}", ns.name, t.stats, t.node.ok(&["iptables-save", "-t", "nat", "-c"]))
         });
         let text = String::from_utf8(r).unwrap();
         let (id, rest) = text.split_once(':').unwrap();
@@ -103,13 +97,9 @@ fn udp_request_response_volume_expiry_and_cap() {
     // The cap (8 flows here): the ninth and tenth clients are dropped and counted.
     let clients: Vec<UdpSocket> = (0..10).map(|_| client(&t.node, DNS)).collect();
     for c in &clients {
-        c.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     }
-    let answered = clients
-        .iter()
-        .filter(|c| ask(c, b"capped").is_some())
-        .count();
+    let answered = clients.iter().filter(|c| ask(c, b"capped").is_some()).count();
     assert_eq!(answered, 8);
     assert_eq!(stats.udp_flows_dropped_at_cap.get(), 2);
     assert_eq!(stats.udp_flows_active.get(), 8);
@@ -121,18 +111,8 @@ fn udp_request_response_volume_expiry_and_cap() {
     // The backends change: a flow whose backend left is replaced on the client's next datagram.
     let s = client(&t.pod, DNS);
     let first = String::from_utf8(ask(&s, b"who").unwrap()).unwrap();
-    let other = if first.starts_with("b1") {
-        ("10.20.2.2", "b2")
-    } else {
-        ("10.20.1.2", "b1")
-    };
-    t.apply(Change::Upsert(slice_object(&slice(
-        "dns",
-        "1",
-        &[other.0],
-        5353,
-        "UDP",
-    ))));
+    let other = if first.starts_with("b1") { ("10.20.2.2", "b2") } else { ("10.20.1.2", "b1") };
+    t.apply(Change::Upsert(slice_object(&slice("dns", "1", &[other.0], 5353, "UDP"))));
     let again = String::from_utf8(ask(&s, b"who").unwrap()).unwrap();
     assert_eq!(again, format!("{}:who", other.1), "was {first}");
 
@@ -141,13 +121,7 @@ fn udp_request_response_volume_expiry_and_cap() {
     while t.events.try_recv().is_ok() {}
     let dns2 = svc("dns2", "10.96.0.21", 53, "UDP", 5353, "");
     t.apply(Change::Upsert(object(Kind::Service, &dns2)));
-    t.apply(Change::Upsert(slice_object(&slice(
-        "dns2",
-        "1",
-        &["10.20.3.2"],
-        5353,
-        "UDP",
-    ))));
+    t.apply(Change::Upsert(slice_object(&slice("dns2", "1", &["10.20.3.2"], 5353, "UDP"))));
     let mut unavailable = None;
     while unavailable.is_none() {
         match t.events.blocking_recv() {
@@ -169,11 +143,6 @@ fn udp_request_response_volume_expiry_and_cap() {
     assert_eq!(ask(&s2, b"moved").as_deref(), Some(&b"b3:moved"[..]));
     drop(squatter);
 
-    let total = stats
-        .services()
-        .into_iter()
-        .find(|(n, _)| &**n == "t/dns:p")
-        .expect("per-service counters")
-        .1;
+    let total = stats.services().into_iter().find(|(n, _)| &**n == "t/dns:p").expect("per-service counters").1;
     assert!(total.udp_flows_created.get() >= 15);
 }

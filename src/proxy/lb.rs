@@ -58,8 +58,7 @@ impl Balancer {
         if let Some(timeout) = entry.affinity {
             if let Some((addr, seen)) = state.affinity.get_mut(&client) {
                 let fresh = now.saturating_duration_since(*seen) < timeout;
-                if fresh && !tried.contains(addr) && entry.backends.iter().any(|b| b.addr == *addr)
-                {
+                if fresh && !tried.contains(addr) && entry.backends.iter().any(|b| b.addr == *addr) {
                     *seen = now;
                     return Some(*addr);
                 }
@@ -89,17 +88,11 @@ impl Balancer {
 
     /// Drop affinity entries not used for longer than their service's timeout. `timeout_of`
     /// gives a service's current timeout (`None`: affinity is off now, drop all of its entries).
-    pub fn expire(
-        &mut self,
-        now: Instant,
-        timeout_of: impl Fn(&str) -> Option<std::time::Duration>,
-    ) {
+    pub fn expire(&mut self, now: Instant, timeout_of: impl Fn(&str) -> Option<std::time::Duration>) {
         for (name, state) in &mut self.services {
             match timeout_of(name) {
                 None => state.affinity.clear(),
-                Some(t) => state
-                    .affinity
-                    .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < t),
+                Some(t) => state.affinity.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < t),
             }
         }
     }
@@ -136,22 +129,11 @@ mod tests {
     use crate::proxy::table::Backend;
     use std::time::Duration;
 
-    fn entry(
-        name: &str,
-        backends: &[&str],
-        affinity: Option<u64>,
-        policy: LbPolicy,
-    ) -> ServiceEntry {
+    fn entry(name: &str, backends: &[&str], affinity: Option<u64>, policy: LbPolicy) -> ServiceEntry {
         ServiceEntry {
             name: name.into(),
             protocol: Protocol::Tcp,
-            backends: backends
-                .iter()
-                .map(|a| Backend {
-                    addr: a.parse().unwrap(),
-                    local: false,
-                })
-                .collect(),
+            backends: backends.iter().map(|a| Backend { addr: a.parse().unwrap(), local: false }).collect(),
             affinity: affinity.map(Duration::from_secs),
             policy,
         }
@@ -168,36 +150,18 @@ mod tests {
     #[test]
     fn round_robin_cycles_and_survives_a_table_swap() {
         let mut lb = Balancer::new();
-        let e = entry(
-            "a/web",
-            &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
-            None,
-            LbPolicy::RoundRobin,
-        );
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, LbPolicy::RoundRobin);
         let now = Instant::now();
-        let picks: Vec<SocketAddr> = (0..4)
-            .map(|_| {
-                lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random())
-                    .unwrap()
-            })
-            .collect();
-        let want: Vec<SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let picks: Vec<SocketAddr> =
+            (0..4).map(|_| lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap()).collect();
+        let want: Vec<SocketAddr> =
+            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(picks, want);
         // A new table (same name, one backend removed): the position carries on, the removed
         // backend is never chosen.
-        let e2 = entry(
-            "a/web",
-            &["10.0.0.1:80", "10.0.0.3:80"],
-            None,
-            LbPolicy::RoundRobin,
-        );
+        let e2 = entry("a/web", &["10.0.0.1:80", "10.0.0.3:80"], None, LbPolicy::RoundRobin);
         for _ in 0..10 {
-            let p = lb
-                .pick(&e2, ip("1.1.1.1"), &[], now, &mut no_random())
-                .unwrap();
+            let p = lb.pick(&e2, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap();
             assert_ne!(p, "10.0.0.2:80".parse().unwrap());
         }
     }
@@ -205,50 +169,28 @@ mod tests {
     #[test]
     fn tried_backends_are_skipped_and_exhaustion_is_none() {
         let mut lb = Balancer::new();
-        let e = entry(
-            "a/web",
-            &["10.0.0.1:80", "10.0.0.2:80"],
-            None,
-            LbPolicy::RoundRobin,
-        );
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80"], None, LbPolicy::RoundRobin);
         let now = Instant::now();
-        let first = lb
-            .pick(&e, ip("1.1.1.1"), &[], now, &mut no_random())
-            .unwrap();
-        let second = lb
-            .pick(&e, ip("1.1.1.1"), &[first], now, &mut no_random())
-            .unwrap();
+        let first = lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap();
+        let second = lb.pick(&e, ip("1.1.1.1"), &[first], now, &mut no_random()).unwrap();
         assert_ne!(first, second);
-        assert_eq!(
-            lb.pick(&e, ip("1.1.1.1"), &[first, second], now, &mut no_random()),
-            None
-        );
+        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[first, second], now, &mut no_random()), None);
         let empty = entry("a/none", &[], None, LbPolicy::RoundRobin);
-        assert_eq!(
-            lb.pick(&empty, ip("1.1.1.1"), &[], now, &mut no_random()),
-            None
-        );
+        assert_eq!(lb.pick(&empty, ip("1.1.1.1"), &[], now, &mut no_random()), None);
     }
 
     #[test]
     fn random_uses_the_injected_source() {
         let mut lb = Balancer::new();
-        let e = entry(
-            "a/web",
-            &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
-            None,
-            LbPolicy::Random,
-        );
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, LbPolicy::Random);
         let now = Instant::now();
         let mut seq = [2u64, 0, 4].into_iter();
         let mut rnd = move || seq.next().unwrap();
         let picks: Vec<u8> = (0..3)
-            .map(
-                |_| match lb.pick(&e, ip("1.1.1.1"), &[], now, &mut rnd).unwrap().ip() {
-                    IpAddr::V4(v4) => v4.octets()[3],
-                    IpAddr::V6(_) => unreachable!(),
-                },
-            )
+            .map(|_| match lb.pick(&e, ip("1.1.1.1"), &[], now, &mut rnd).unwrap().ip() {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(_) => unreachable!(),
+            })
             .collect();
         assert_eq!(picks, vec![3, 1, 2]);
     }
@@ -256,63 +198,26 @@ mod tests {
     #[test]
     fn client_ip_affinity_holds_until_timeout_and_follows_removal() {
         let mut lb = Balancer::new();
-        let e = entry(
-            "a/web",
-            &["10.0.0.1:80", "10.0.0.2:80"],
-            Some(10),
-            LbPolicy::RoundRobin,
-        );
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80"], Some(10), LbPolicy::RoundRobin);
         let t0 = Instant::now();
-        let a = lb
-            .pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random())
-            .unwrap();
-        let b = lb
-            .pick(&e, ip("2.2.2.2"), &[], t0, &mut no_random())
-            .unwrap();
+        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
+        let b = lb.pick(&e, ip("2.2.2.2"), &[], t0, &mut no_random()).unwrap();
         assert_ne!(a, b, "round robin still spreads distinct clients");
         for s in 1..=9 {
             let t = t0 + Duration::from_secs(s);
-            assert_eq!(
-                lb.pick(&e, ip("1.1.1.1"), &[], t, &mut no_random()),
-                Some(a)
-            );
+            assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t, &mut no_random()), Some(a));
         }
         // Used at t0+9 s, so it lives until t0+19 s; expire() keeps it at +18 and drops it at +19.
-        lb.expire(t0 + Duration::from_secs(18), |_| {
-            Some(Duration::from_secs(10))
-        });
-        assert_eq!(
-            lb.affinity_entries(),
-            1,
-            "client 2 (last seen t0) expired, client 1 kept"
-        );
-        lb.expire(t0 + Duration::from_secs(19), |_| {
-            Some(Duration::from_secs(10))
-        });
+        lb.expire(t0 + Duration::from_secs(18), |_| Some(Duration::from_secs(10)));
+        assert_eq!(lb.affinity_entries(), 1, "client 2 (last seen t0) expired, client 1 kept");
+        lb.expire(t0 + Duration::from_secs(19), |_| Some(Duration::from_secs(10)));
         assert_eq!(lb.affinity_entries(), 0);
         // The backend a client sticks to disappears: it moves, and sticks to the new one.
-        let a = lb
-            .pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random())
-            .unwrap();
-        let other = if a == e.backends[0].addr {
-            e.backends[1].addr
-        } else {
-            e.backends[0].addr
-        };
-        let only_other = entry(
-            "a/web",
-            &[&other.to_string()],
-            Some(10),
-            LbPolicy::RoundRobin,
-        );
-        assert_eq!(
-            lb.pick(&only_other, ip("1.1.1.1"), &[], t0, &mut no_random()),
-            Some(other)
-        );
-        assert_eq!(
-            lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()),
-            Some(other)
-        );
+        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
+        let other = if a == e.backends[0].addr { e.backends[1].addr } else { e.backends[0].addr };
+        let only_other = entry("a/web", &[&other.to_string()], Some(10), LbPolicy::RoundRobin);
+        assert_eq!(lb.pick(&only_other, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
+        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
     }
 
     #[test]

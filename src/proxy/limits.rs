@@ -20,35 +20,22 @@ pub struct FileLimits {
 // `rlim_t` is 32 bits on some 32-bit targets, so the casts are not always no-ops.
 #[allow(clippy::unnecessary_cast)]
 pub fn raise_nofile() -> io::Result<FileLimits> {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we pass and has no other effect.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let before = rl.rlim_cur as u64;
     if rl.rlim_cur < rl.rlim_max {
-        let want = libc::rlimit {
-            rlim_cur: rl.rlim_max,
-            rlim_max: rl.rlim_max,
-        };
+        let want = libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max };
         // SAFETY: setrlimit reads the struct we pass; raising soft up to hard needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(
-                e.kind(),
-                format!("setrlimit(RLIMIT_NOFILE, {}): {e}", rl.rlim_max),
-            ));
+            return Err(io::Error::new(e.kind(), format!("setrlimit(RLIMIT_NOFILE, {}): {e}", rl.rlim_max)));
         }
         rl = want;
     }
-    Ok(FileLimits {
-        soft: rl.rlim_cur as u64,
-        hard: rl.rlim_max as u64,
-        before,
-    })
+    Ok(FileLimits { soft: rl.rlim_cur as u64, hard: rl.rlim_max as u64, before })
 }
 
 /// EMFILE (this process) or ENFILE (the whole system) out of descriptors.
@@ -69,14 +56,8 @@ mod tests {
 
     #[test]
     fn exhaustion_is_recognised() {
-        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
-            libc::EMFILE
-        )));
-        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
-            libc::ENFILE
-        )));
-        assert!(!is_fd_exhaustion(&io::Error::from_raw_os_error(
-            libc::ECONNABORTED
-        )));
+        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!is_fd_exhaustion(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
     }
 }

@@ -85,14 +85,10 @@ impl ProxyConfig {
     fn is_own(&self, addr: SocketAddr) -> bool {
         match addr.ip() {
             IpAddr::V4(ip) => {
-                ip == self.listen_v4
-                    || ip.is_unspecified()
-                    || ip.is_loopback() && addr.port() == self.tcp_port
+                ip == self.listen_v4 || ip.is_unspecified() || ip.is_loopback() && addr.port() == self.tcp_port
             }
             IpAddr::V6(ip) => {
-                Some(ip) == self.listen_v6
-                    || ip.is_unspecified()
-                    || ip.is_loopback() && addr.port() == self.tcp_port
+                Some(ip) == self.listen_v6 || ip.is_unspecified() || ip.is_loopback() && addr.port() == self.tcp_port
             }
         }
     }
@@ -121,12 +117,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn pick(
-        &self,
-        entry: &ServiceEntry,
-        client: IpAddr,
-        tried: &[SocketAddr],
-    ) -> Option<SocketAddr> {
+    pub fn pick(&self, entry: &ServiceEntry, client: IpAddr, tried: &[SocketAddr]) -> Option<SocketAddr> {
         let mut guard = self.lb.lock().unwrap_or_else(|p| p.into_inner());
         let (lb, rng) = &mut *guard;
         lb.pick(entry, client, tried, Instant::now(), &mut || rng.next_u64())
@@ -153,12 +144,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     match limits::raise_nofile() {
         Ok(l) if l.before < l.soft => {
-            log::info!(
-                "open-file limit raised from {} to {} (hard limit {})",
-                l.before,
-                l.soft,
-                l.hard
-            )
+            log::info!("open-file limit raised from {} to {} (hard limit {})", l.before, l.soft, l.hard)
         }
         Ok(l) => log::info!("open-file limit {} (hard limit {})", l.soft, l.hard),
         Err(e) => log::warn!("cannot raise the open-file limit, carrying on: {e}"),
@@ -175,10 +161,7 @@ pub async fn run(
     });
 
     let listeners = tcp::bind(&cfg)?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     log::info!(
         "proxy listening on {} (TCP); UDP idle timeout {:?}, at most {} flows; dial timeout {:?} x {} attempts",
         addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
@@ -191,11 +174,7 @@ pub async fn run(
     for l in listeners {
         tasks.spawn(tcp::accept_loop(l, tables.clone(), shared.clone()));
     }
-    tasks.spawn(udp::reconcile_loop(
-        tables.clone(),
-        events.clone(),
-        shared.clone(),
-    ));
+    tasks.spawn(udp::reconcile_loop(tables.clone(), events.clone(), shared.clone()));
     tasks.spawn(housekeeping(tables, shared));
     let _ = events.send(ProxyEvent::Listening(addrs));
 
@@ -224,19 +203,13 @@ async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<
             },
         };
         let table = tables.borrow().clone();
-        let timeouts: HashMap<&str, Option<Duration>> = table
-            .tcp
-            .values()
-            .chain(table.udp.values())
-            .map(|e| (&*e.name, e.affinity))
-            .collect();
+        let timeouts: HashMap<&str, Option<Duration>> =
+            table.tcp.values().chain(table.udp.values()).map(|e| (&*e.name, e.affinity)).collect();
         let mut guard = shared.lb.lock().unwrap_or_else(|p| p.into_inner());
         if changed {
             guard.0.retain(timeouts.keys().copied());
             shared.stats.retain(|n| timeouts.contains_key(n));
         }
-        guard
-            .0
-            .expire(Instant::now(), |name| timeouts.get(name).copied().flatten());
+        guard.0.expire(Instant::now(), |name| timeouts.get(name).copied().flatten());
     }
 }

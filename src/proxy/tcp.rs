@@ -37,9 +37,7 @@ const POOL_MAX: usize = 64;
 /// Bind the IPv4 listener (required) and the IPv6 one (when its address is usable).
 pub(super) fn bind(cfg: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
     let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
-    let mut out =
-        vec![listen(v4)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?];
+    let mut out = vec![listen(v4).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?];
     if let Some(ip) = cfg.listen_v6 {
         let v6 = SocketAddr::from((ip, cfg.tcp_port));
         match listen(v6) {
@@ -53,11 +51,7 @@ pub(super) fn bind(cfg: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -78,15 +72,10 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
-    addr.as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+    addr.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
 }
 
-pub(super) async fn accept_loop(
-    listener: TcpListener,
-    tables: watch::Receiver<Arc<ProxyTable>>,
-    shared: Arc<Shared>,
-) {
+pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
     let stats = &shared.stats;
     let mut conns = JoinSet::new();
     loop {
@@ -155,13 +144,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, entry: Arc<ServiceEntry>, sh
     stats.tcp_active.inc();
     svc.tcp_active.inc();
     let _active = Active(&stats.tcp_active, &svc.tcp_active);
-    let mut relay = Relay {
-        up: Pipe::default(),
-        down: Pipe::default(),
-        size: shared.cfg.tcp_buffer,
-        svc: &svc,
-        stats,
-    };
+    let mut relay = Relay { up: Pipe::default(), down: Pipe::default(), size: shared.cfg.tcp_buffer, svc: &svc, stats };
     if let Err(e) = poll_fn(|cx| relay.poll(cx, &client, &upstream)).await {
         log::debug!("{peer} ({}): relay ended: {e}", entry.name);
         reset(&client);
@@ -186,18 +169,14 @@ async fn dial(
         if shared.cfg.is_own(addr) {
             // `state` never puts such a backend in the table; refuse rather than loop.
             stats.tcp_refused_loop.inc();
-            log::warn!(
-                "{}: backend {addr} is the proxy itself; refused",
-                entry.name
-            );
+            log::warn!("{}: backend {addr} is the proxy itself; refused", entry.name);
             continue;
         }
-        let err =
-            match tokio::time::timeout(shared.cfg.dial_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => return Ok(s),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
-            };
+        let err = match tokio::time::timeout(shared.cfg.dial_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
+        };
         stats.dial_failures.inc();
         svc.dial_failures.inc();
         log::debug!("{peer} ({}): dial {addr}: {err}", entry.name);
@@ -221,29 +200,14 @@ struct Relay<'a> {
 
 impl Relay<'_> {
     /// Ready(Ok) once both directions have ended cleanly; Ready(Err) at the first error.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        client: &TcpStream,
-        upstream: &TcpStream,
-    ) -> Poll<io::Result<()>> {
-        let up = self.up.poll(
-            cx,
-            client,
-            upstream,
-            self.size,
-            [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend],
-        );
+    fn poll(&mut self, cx: &mut Context<'_>, client: &TcpStream, upstream: &TcpStream) -> Poll<io::Result<()>> {
+        let up =
+            self.up.poll(cx, client, upstream, self.size, [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend]);
         if let Poll::Ready(Err(e)) = up {
             return Poll::Ready(Err(e));
         }
-        let down = self.down.poll(
-            cx,
-            upstream,
-            client,
-            self.size,
-            [&self.svc.bytes_to_client, &self.stats.bytes_to_client],
-        );
+        let down =
+            self.down.poll(cx, upstream, client, self.size, [&self.svc.bytes_to_client, &self.stats.bytes_to_client]);
         if let Poll::Ready(Err(e)) = down {
             return Poll::Ready(Err(e));
         }
@@ -297,9 +261,7 @@ impl Pipe {
                 pool_put(self.buf.take());
                 // ENOTCONN: the peer is already gone; the other direction will see it.
                 match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
-                        return Poll::Ready(Err(e))
-                    }
+                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Poll::Ready(Err(e)),
                     _ => return Poll::Ready(Ok(())),
                 }
             }

@@ -63,14 +63,7 @@ pub(super) async fn reconcile_loop(
                 Ok(socks) => {
                     let handles = socks
                         .into_iter()
-                        .map(|s| {
-                            tasks.spawn(serve_port(
-                                Arc::new(s),
-                                port,
-                                tables.clone(),
-                                shared.clone(),
-                            ))
-                        })
+                        .map(|s| tasks.spawn(serve_port(Arc::new(s), port, tables.clone(), shared.clone())))
                         .collect();
                     ports.insert(port, handles);
                 }
@@ -102,11 +95,7 @@ fn bind(shared: &Shared, port: u16) -> io::Result<Vec<UdpSocket>> {
 }
 
 fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )?;
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -137,12 +126,7 @@ type Flows = Arc<Mutex<HashMap<SocketAddr, (Arc<Flow>, AbortHandle)>>>;
 
 /// Serve one listening socket: route client datagrams into flows (creating them as needed).
 /// Aborting this task drops the socket and every flow of it.
-async fn serve_port(
-    sock: Arc<UdpSocket>,
-    port: u16,
-    tables: watch::Receiver<Arc<ProxyTable>>,
-    shared: Arc<Shared>,
-) {
+async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
     let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
     let mut flow_tasks: JoinSet<()> = JoinSet::new();
     loop {
@@ -155,16 +139,7 @@ async fn serve_port(
                 let mut buf = b.borrow_mut();
                 match sock.try_recv_from(&mut buf) {
                     Ok((n, client)) => {
-                        on_datagram(
-                            &buf[..n],
-                            client,
-                            port,
-                            &sock,
-                            &tables,
-                            &flows,
-                            &mut flow_tasks,
-                            &shared,
-                        );
+                        on_datagram(&buf[..n], client, port, &sock, &tables, &flows, &mut flow_tasks, &shared);
                         true
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
@@ -229,22 +204,11 @@ fn on_datagram(
                 }
             };
             let svc = stats.service(&entry.name);
-            let flow = Arc::new(Flow {
-                upstream,
-                backend,
-                last: now.into(),
-                svc,
-            });
+            let flow = Arc::new(Flow { upstream, backend, last: now.into(), svc });
             stats.udp_flows_active.inc();
             stats.udp_flows_created.inc();
             flow.svc.udp_flows_created.inc();
-            let handle = flow_tasks.spawn(run_flow(
-                flow.clone(),
-                client,
-                sock.clone(),
-                flows.clone(),
-                shared.clone(),
-            ));
+            let handle = flow_tasks.spawn(run_flow(flow.clone(), client, sock.clone(), flows.clone(), shared.clone()));
             map.insert(client, (flow.clone(), handle));
             flow
         }
@@ -271,11 +235,7 @@ fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let s = Socket::new(
-        Domain::for_address(backend),
-        Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )?;
+    let s = Socket::new(Domain::for_address(backend), Type::DGRAM.nonblocking().cloexec(), None)?;
     s.bind(&any.into())?;
     s.connect(&backend.into())?;
     UdpSocket::from_std(s.into())
@@ -291,13 +251,7 @@ impl Drop for ActiveFlow {
 }
 
 /// Relay the backend's replies to the client until the flow is idle for the timeout.
-async fn run_flow(
-    flow: Arc<Flow>,
-    client: SocketAddr,
-    listener: Arc<UdpSocket>,
-    flows: Flows,
-    shared: Arc<Shared>,
-) {
+async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>, flows: Flows, shared: Arc<Shared>) {
     let _active = ActiveFlow(shared.clone());
     let idle = shared.cfg.udp_idle_timeout;
     let stats = &shared.stats;

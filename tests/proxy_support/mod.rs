@@ -62,10 +62,8 @@ pub fn svc(name: &str, ip: &str, port: u16, proto: &str, target: u16, extra: &st
 
 /// An EndpointSlice of service `t/<service>` with ready endpoints `addrs` on `port`.
 pub fn slice(service: &str, suffix: &str, addrs: &[&str], port: u16, proto: &str) -> String {
-    let eps: Vec<String> = addrs
-        .iter()
-        .map(|a| format!(r#"{{"addresses":["{a}"],"conditions":{{"ready":true}}}}"#))
-        .collect();
+    let eps: Vec<String> =
+        addrs.iter().map(|a| format!(r#"{{"addresses":["{a}"],"conditions":{{"ready":true}}}}"#)).collect();
     format!(
         r#"{{"metadata":{{"name":"{service}-{suffix}","namespace":"t","labels":{{"kubernetes.io/service-name":"{service}"}}}},"addressType":"IPv4","endpoints":[{}],"ports":[{{"name":"p","port":{port},"protocol":"{proto}"}}]}}"#,
         eps.join(",")
@@ -90,13 +88,7 @@ fn services_json() -> String {
 
 fn slices_json() -> String {
     let items = [
-        slice(
-            "web",
-            "1",
-            &["10.20.1.2", "10.20.2.2", "10.20.3.2"],
-            8080,
-            "TCP",
-        ),
+        slice("web", "1", &["10.20.1.2", "10.20.2.2", "10.20.3.2"], 8080, "TCP"),
         slice("sticky", "1", &["10.20.1.2", "10.20.2.2"], 8080, "TCP"),
         slice("rst", "1", &["10.20.1.2"], 8081, "TCP"),
         // 10.20.1.3 drops SYNs; it sorts first, so round robin tries it first.
@@ -106,10 +98,7 @@ fn slices_json() -> String {
         slice("kp", "1", &["10.20.1.2"], 8080, "TCP"),
         slice("hold", "1", &["10.20.3.2"], 8082, "TCP"),
     ];
-    format!(
-        r#"{{"kind":"EndpointSliceList","items":[{}]}}"#,
-        items.join(",")
-    )
+    format!(r#"{{"kind":"EndpointSliceList","items":[{}]}}"#, items.join(","))
 }
 
 pub struct Topo {
@@ -144,22 +133,8 @@ impl Topo {
         let mut backends = Vec::new();
         for i in 1..=3 {
             let b = Netns::new(&format!("pb{i}"));
-            veth(
-                &b,
-                "eth0",
-                &format!("10.20.{i}.2/24"),
-                &node,
-                &format!("vb{i}"),
-                &format!("10.20.{i}.1/24"),
-            );
-            b.ok(&[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.20.{i}.1"),
-            ]);
+            veth(&b, "eth0", &format!("10.20.{i}.2/24"), &node, &format!("vb{i}"), &format!("10.20.{i}.1/24"));
+            b.ok(&["ip", "route", "add", "default", "via", &format!("10.20.{i}.1")]);
             let id = format!("b{i}");
             serve_tcp_echo(&b, &format!("10.20.{i}.2:8080"), &id);
             serve_tcp_reset(&b, &format!("10.20.{i}.2:8081"));
@@ -170,13 +145,9 @@ impl Topo {
             backends.push(b);
         }
         // An address that never answers a SYN.
-        backends[0].sh(
-            "ip addr add 10.20.1.3/24 dev eth0 && iptables -A INPUT -d 10.20.1.3 -p tcp -j DROP",
-        );
-        node.sh(
-            "sysctl -qw net.ipv4.ip_forward=1 && ip addr add 169.254.96.16/32 dev lo \
-             && ip route add 10.96.0.0/12 dev vpod",
-        );
+        backends[0].sh("ip addr add 10.20.1.3/24 dev eth0 && iptables -A INPUT -d 10.20.1.3 -p tcp -j DROP");
+        node.sh("sysctl -qw net.ipv4.ip_forward=1 && ip addr add 169.254.96.16/32 dev lo \
+             && ip route add 10.96.0.0/12 dev vpod");
         // kube-proxy's chain, hooked in first so that ours end up in front of it.
         node.sh(
             "iptables -t nat -N KUBE-SERVICES \
@@ -185,10 +156,7 @@ impl Topo {
         );
 
         let mut state = State::new(StateConfig::from(&Config::defaults()));
-        for (doc, kind) in [
-            (services_json(), Kind::Service),
-            (slices_json(), Kind::EndpointSlice),
-        ] {
+        for (doc, kind) in [(services_json(), Kind::Service), (slices_json(), Kind::EndpointSlice)] {
             let d = decode_document(doc.as_bytes(), Some(kind));
             assert!(d.errors.is_empty(), "{:?}", d.errors);
             state.apply(Change::Replace(kind, d.objects));
@@ -205,9 +173,7 @@ impl Topo {
         let stats = Arc::new(ProxyStats::new());
         let s = stats.clone();
         let proxy = node.thread(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(run(cfg, rx, ev_tx, s, async {
                 let _ = stop_rx.await;
             }))
@@ -222,17 +188,7 @@ impl Topo {
                 None => panic!("proxy ended at start: {:?}", proxy.join()),
             }
         }
-        Topo {
-            node,
-            pod,
-            backends,
-            state,
-            stats,
-            events,
-            tables,
-            stop: Some(stop),
-            proxy: Some(proxy),
-        }
+        Topo { node, pod, backends, state, stats, events, tables, stop: Some(stop), proxy: Some(proxy) }
     }
 
     /// Apply a change as the agent would: new rules into the node, new table into the proxy.
@@ -270,28 +226,15 @@ fn restore(ns: &Netns, text: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("iptables-restore");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "iptables-restore: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "iptables-restore: {}\n{text}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn serve_tcp_echo(ns: &Netns, addr: &str, id: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
     let id = id.to_string();
-    let l = ns
-        .thread(move || TcpListener::bind(addr))
-        .join()
-        .unwrap()
-        .expect("bind echo");
+    let l = ns.thread(move || TcpListener::bind(addr)).join().unwrap().expect("bind echo");
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             let id = id.clone();
@@ -316,11 +259,7 @@ fn echo_conn(mut s: TcpStream, id: &str) -> io::Result<()> {
 
 fn serve_tcp_reset(ns: &Netns, addr: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
-    let l = ns
-        .thread(move || TcpListener::bind(addr))
-        .join()
-        .unwrap()
-        .expect("bind reset");
+    let l = ns.thread(move || TcpListener::bind(addr)).join().unwrap().expect("bind reset");
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
             let mut buf = [0u8; 64];
@@ -332,11 +271,7 @@ fn serve_tcp_reset(ns: &Netns, addr: &str) {
 
 fn serve_tcp_hold(ns: &Netns, addr: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
-    let l = ns
-        .thread(move || TcpListener::bind(addr))
-        .join()
-        .unwrap()
-        .expect("bind hold");
+    let l = ns.thread(move || TcpListener::bind(addr)).join().unwrap().expect("bind hold");
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for mut s in l.incoming().flatten() {
@@ -349,11 +284,7 @@ fn serve_tcp_hold(ns: &Netns, addr: &str) {
 fn serve_udp_echo(ns: &Netns, addr: &str, id: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
     let prefix = format!("{id}:").into_bytes();
-    let s = ns
-        .thread(move || UdpSocket::bind(addr))
-        .join()
-        .unwrap()
-        .expect("bind udp");
+    let s = ns.thread(move || UdpSocket::bind(addr)).join().unwrap().expect("bind udp");
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65_536];
         let mut out = Vec::with_capacity(65_600);
@@ -383,12 +314,7 @@ pub fn greeting(s: &mut TcpStream) -> io::Result<String> {
     let mut b = [0u8; 1];
     loop {
         match s.read(&mut b)? {
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("EOF after {line:?}"),
-                ))
-            }
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("EOF after {line:?}"))),
             _ if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
             _ => line.push(b[0]),
         }
@@ -397,8 +323,7 @@ pub fn greeting(s: &mut TcpStream) -> io::Result<String> {
 
 /// Connect and read the greeting: which backend answered.
 pub fn who(ns: &Netns, addr: &str) -> String {
-    let (mut s, _) =
-        connect(ns, addr).unwrap_or_else(|e| panic!("connect {addr} from {}: {e}", ns.name));
+    let (mut s, _) = connect(ns, addr).unwrap_or_else(|e| panic!("connect {addr} from {}: {e}", ns.name));
     greeting(&mut s).unwrap_or_else(|e| panic!("greeting from {addr} via {}: {e}", ns.name))
 }
 
@@ -419,10 +344,7 @@ pub fn object(kind: Kind, json: &str) -> edgeproxy::model::Object {
 pub fn wait_for(cond: impl Fn() -> bool, what: &str) {
     let until = std::time::Instant::now() + Duration::from_secs(2);
     while !cond() {
-        assert!(
-            std::time::Instant::now() < until,
-            "timed out waiting: {what}"
-        );
+        assert!(std::time::Instant::now() < until, "timed out waiting: {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
