@@ -18,11 +18,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, SourceKind};
 use crate::model::Kind;
+use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
+use crate::proxy::{self, ProxyConfig, ProxyEvent};
 use crate::rules::applier::{self, ApplierConfig};
 use crate::rules::apply::{self, Applier, ApplyError};
 use crate::rules::RuleSet;
@@ -59,6 +61,8 @@ impl std::error::Error for AgentError {}
 enum Input {
     Source(SourceEvent),
     Rules(applier::Event),
+    Proxy(ProxyEvent),
+    ProxyFailed(String),
     Signal(&'static str),
 }
 
@@ -73,10 +77,36 @@ pub fn run(config: Config) -> Result<(), AgentError> {
     rt.block_on(control(config))
 }
 
-/// PROXY HOOK: where the proxy is started, with the table it must use for every new connection
-/// or flow (the receiver always holds the newest). Not written yet; the rules alone already
-/// steer traffic to `config.listen`.
-fn start_proxy(_config: &Config, _table: watch::Receiver<Arc<ProxyTable>>) {}
+/// Start the proxy on this runtime. It reads the newest table for every new connection or flow;
+/// its events come back to the control task as [`Input::Proxy`]. Dropping the returned sender
+/// (or sending on it) stops the proxy.
+fn start_proxy(
+    config: &Config,
+    table: watch::Receiver<Arc<ProxyTable>>,
+    stats: Arc<ProxyStats>,
+    tx: mpsc::UnboundedSender<Input>,
+) -> oneshot::Sender<()> {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<ProxyEvent>();
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events_rx.recv().await {
+            if forward.send(Input::Proxy(e)).is_err() {
+                break;
+            }
+        }
+    });
+    let cfg = ProxyConfig::from(config);
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = proxy::run(cfg, table, events_tx, stats, shutdown).await {
+            let _ = tx.send(Input::ProxyFailed(e.to_string()));
+        }
+    });
+    stop_tx
+}
 
 async fn control(config: Config) -> Result<(), AgentError> {
     let path = match &config.source.kind {
@@ -120,10 +150,11 @@ async fn control(config: Config) -> Result<(), AgentError> {
         let _ = source_tx.send(Input::Source(e));
     });
     let source = file::spawn(path, FILE_POLL, sink, stop.clone());
-    drop(tx);
 
     let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
-    start_proxy(&config, table_rx);
+    let stats = Arc::new(ProxyStats::new());
+    let proxy_stop = start_proxy(&config, table_rx, stats.clone(), tx.clone());
+    drop(tx);
 
     let mut state = State::new(StateConfig::from(&config));
     state.apply(Change::KubeProxy(kube_proxy));
@@ -134,6 +165,8 @@ async fn control(config: Config) -> Result<(), AgentError> {
     let mut ready_logged = false;
     let mut dirty = false;
     let mut signal = None;
+    let mut listening = false;
+    let mut proxy_error: Option<String> = None;
 
     let mut synced_kinds = [false; 2];
     while let Some(first) = rx.recv().await {
@@ -171,6 +204,20 @@ async fn control(config: Config) -> Result<(), AgentError> {
                         dirty |= state.apply(Change::KubeProxy(present));
                     }
                 }
+                Input::Proxy(ProxyEvent::UdpPortUnavailable(port)) => {
+                    log::warn!("UDP proxy port {port} is taken by another process; moving its service to another port");
+                    dirty |= state.apply(Change::UdpPortUnavailable(port));
+                }
+                Input::Proxy(ProxyEvent::Listening(addrs)) => {
+                    log::info!("proxy listening on {addrs:?}");
+                    listening = true;
+                }
+                Input::Proxy(other) => log::debug!("proxy: {other:?}"),
+                Input::ProxyFailed(e) => {
+                    log::error!("proxy failed: {e}");
+                    proxy_error = Some(e);
+                    signal = Some("proxy failure");
+                }
                 Input::Signal(name) => signal = Some(name),
             }
             next = rx.try_recv().ok();
@@ -178,9 +225,9 @@ async fn control(config: Config) -> Result<(), AgentError> {
         if signal.is_some() {
             break;
         }
-        if installed && synced && !ready_logged {
+        if installed && synced && listening && !ready_logged {
             ready_logged = true;
-            log::info!("ready: source synced, rules installed");
+            log::info!("ready: source synced, rules installed, proxy listening");
         }
         if dirty && synced {
             dirty = false;
@@ -199,6 +246,7 @@ async fn control(config: Config) -> Result<(), AgentError> {
 
     log::info!("{}: removing rules and exiting", signal.unwrap_or("all inputs closed"));
     stop.store(true, Ordering::Relaxed);
+    let _ = proxy_stop.send(());
     handle.shutdown();
     let mut result = Ok(());
     while let Ok(input) = rx.try_recv() {
@@ -214,7 +262,10 @@ async fn control(config: Config) -> Result<(), AgentError> {
     }
     remove_addresses(&config, &added);
     let _ = source.join();
-    result
+    match proxy_error {
+        Some(e) => Err(AgentError::Runtime(std::io::Error::other(format!("proxy: {e}")))),
+        None => result,
+    }
 }
 
 /// Log an applier event; returns kube-proxy presence when it changed.
