@@ -16,18 +16,12 @@ use edgeproxy::state::{Change, State, StateConfig};
 fn generate(services: usize, endpoints_per: usize) -> (String, String) {
     let mut svcs = String::with_capacity(services * 400);
     let mut slices = String::with_capacity(services * (300 + endpoints_per * 150));
-    svcs.push_str(
-        r#"{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":["#,
-    );
+    svcs.push_str(r#"{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":["#);
     slices.push_str(r#"{"kind":"EndpointSliceList","apiVersion":"discovery.k8s.io/v1","metadata":{"resourceVersion":"1"},"items":["#);
     for i in 0..services {
         let sep = if i == 0 { "" } else { "," };
         let ip = format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 255, i & 255);
-        let udp = if i % 10 == 0 {
-            r#",{"name":"dns","protocol":"UDP","port":53,"targetPort":5353}"#
-        } else {
-            ""
-        };
+        let udp = if i % 10 == 0 { r#",{"name":"dns","protocol":"UDP","port":53,"targetPort":5353}"# } else { "" };
         let _ = write!(
             svcs,
             r#"{sep}{{"metadata":{{"name":"svc-{i}","namespace":"ns-{}","labels":{{"app":"svc-{i}"}}}},"spec":{{"type":"ClusterIP","clusterIP":"{ip}","clusterIPs":["{ip}"],"ports":[{{"name":"http","protocol":"TCP","port":80,"targetPort":8080}}{udp}],"sessionAffinity":"None","internalTrafficPolicy":"Cluster"}}}}"#,
@@ -52,7 +46,9 @@ fn generate(services: usize, endpoints_per: usize) -> (String, String) {
                 n % 3
             );
         }
-        slices.push_str(r#"],"ports":[{"name":"http","protocol":"TCP","port":8080},{"name":"dns","protocol":"UDP","port":5353}]}"#);
+        slices.push_str(
+            r#"],"ports":[{"name":"http","protocol":"TCP","port":8080},{"name":"dns","protocol":"UDP","port":5353}]}"#,
+        );
     }
     svcs.push_str("]}");
     slices.push_str("]}");
@@ -75,11 +71,7 @@ fn main() {
     cfg.listen.udp_ports = (20000, 29999);
     println!(
         "edgeproxy core benchmark: decode + plan/render ({} build)",
-        if cfg!(debug_assertions) {
-            "DEBUG"
-        } else {
-            "release"
-        }
+        if cfg!(debug_assertions) { "DEBUG" } else { "release" }
     );
     println!(
         "{:>9} {:>10} {:>8} {:>11} {:>11} {:>9} {:>11}",

@@ -129,6 +129,15 @@ pub struct RunCmd {
     /// address:port for /healthz, /readyz and /metrics ("" for none)
     #[argh(option)]
     pub metrics_address: Option<String>,
+    /// minimum time between two rule syncs; bursts are coalesced (default 200ms)
+    #[argh(option)]
+    pub min_sync_period: Option<String>,
+    /// how often the guard checks our jumps are first and our chains exist (default 2s)
+    #[argh(option)]
+    pub guard_period: Option<String>,
+    /// how often all rules are rewritten even when nothing changed (default 60s)
+    #[argh(option)]
+    pub resync_period: Option<String>,
 }
 
 impl RunCmd {
@@ -146,12 +155,7 @@ impl RunCmd {
         o.set("poll-interval", self.poll_interval.clone());
         o.set("layout", self.layout.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
-        o.set(
-            "node-name",
-            self.node_name
-                .clone()
-                .or_else(|| std::env::var("NODE_NAME").ok()),
-        );
+        o.set("node-name", self.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()));
         o.set("listen-ip", self.listen_ip.clone());
         o.set("tcp-port", self.tcp_port.clone());
         o.set("load-balancer", self.load_balancer.clone());
@@ -161,7 +165,9 @@ impl RunCmd {
     }
 }
 
-/// Read the live nat table and report our chains, kube-proxy and leftovers (exit codes below).
+/// Read the live nat table and report our chains, kube-proxy and leftovers. Exit codes: 0 all
+/// good, 3 not installed, 4 installed but not first, 5 leftovers (EdgeMesh's chains, the other
+/// layout's, duplicate jumps), 6 cannot read the nat table, 1 bad arguments or config.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "check")]
 pub struct CheckCmd {
@@ -180,6 +186,9 @@ pub struct CleanupCmd {
     /// also remove EdgeMesh's leftovers (EDGE-MESH*, EDGEMESH-*, KUBE-PORTALS-*/KUBE-NODEPORT-*)
     #[argh(switch)]
     pub edgemesh: bool,
+    /// config file (JSON), for the proxy address; default /etc/edgeproxy/config.json when it exists
+    #[argh(option)]
+    pub config: Option<PathBuf>,
     /// auto (default), nft or legacy
     #[argh(option)]
     pub iptables_backend: Option<String>,

@@ -236,15 +236,10 @@ impl Config {
 
     /// Defaults only (tests, `rules --from` without a config).
     pub fn defaults() -> Config {
-        Config::build(FileConfig::default(), "defaults", &Overrides::default())
-            .expect("built-in defaults are valid")
+        Config::build(FileConfig::default(), "defaults", &Overrides::default()).expect("built-in defaults are valid")
     }
 
-    fn build(
-        mut f: FileConfig,
-        origin: &str,
-        overrides: &Overrides,
-    ) -> Result<Config, ConfigError> {
+    fn build(mut f: FileConfig, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
         // Flags are folded into the file shape first, so one set of checks covers both.
         let mut flag_of: Vec<(&'static str, &'static str)> = Vec::new();
         for (flag, value) in &overrides.values {
@@ -261,16 +256,8 @@ impl Config {
                 .rev()
                 .find(|(p, _)| *p == path)
                 .map_or_else(|| origin.to_string(), |(_, flag)| format!("--{flag}"));
-            let path = if origin.starts_with("--") {
-                String::new()
-            } else {
-                path.to_string()
-            };
-            ConfigError {
-                origin,
-                path,
-                message,
-            }
+            let path = if origin.starts_with("--") { String::new() } else { path.to_string() };
+            ConfigError { origin, path, message }
         };
 
         let mode = match f.service_filter_mode.as_deref() {
@@ -284,45 +271,25 @@ impl Config {
         };
         let default_ignores = match f.default_ignores.as_deref() {
             None => DefaultIgnores::Auto,
-            Some(s) => DefaultIgnores::parse(s).ok_or_else(|| {
-                err(
-                    "defaultIgnores",
-                    format!("unknown value {s:?}; accepted values: auto, on, off"),
-                )
-            })?,
+            Some(s) => DefaultIgnores::parse(s)
+                .ok_or_else(|| err("defaultIgnores", format!("unknown value {s:?}; accepted values: auto, on, off")))?,
         };
-        let filter = FilterConfig {
-            mode,
-            no_proxy_label: f.no_proxy_label.unwrap_or(true),
-            default_ignores,
-        };
+        let filter = FilterConfig { mode, no_proxy_label: f.no_proxy_label.unwrap_or(true), default_ignores };
         let layout = match f.layout.as_deref() {
             None => Layout::Portals,
-            Some(s) => Layout::parse(s).ok_or_else(|| {
-                err(
-                    "layout",
-                    format!("unknown value {s:?}; accepted values: portals, root-chain"),
-                )
-            })?,
+            Some(s) => Layout::parse(s)
+                .ok_or_else(|| err("layout", format!("unknown value {s:?}; accepted values: portals, root-chain")))?,
         };
         let mut service_cidrs = Vec::new();
-        for c in f
-            .service_cidrs
-            .clone()
-            .unwrap_or_else(|| vec!["10.96.0.0/12".into()])
-        {
+        for c in f.service_cidrs.clone().unwrap_or_else(|| vec!["10.96.0.0/12".into()]) {
             service_cidrs.push(parse_cidr(&c).map_err(|m| err("serviceCIDRs", m))?);
         }
         let node_name = f.node_name.clone().filter(|s| !s.is_empty());
 
         let l = f.listen.take().unwrap_or_default();
-        let ip = parse_or(l.ip.as_deref(), Ipv4Addr::new(169, 254, 96, 16))
-            .map_err(|m| err("listen.ip", m))?;
-        let ipv6 = parse_or(
-            l.ipv6.as_deref(),
-            "fd00:e16e::16".parse::<Ipv6Addr>().expect("literal"),
-        )
-        .map_err(|m| err("listen.ipv6", m))?;
+        let ip = parse_or(l.ip.as_deref(), Ipv4Addr::new(169, 254, 96, 16)).map_err(|m| err("listen.ip", m))?;
+        let ipv6 = parse_or(l.ipv6.as_deref(), "fd00:e16e::16".parse::<Ipv6Addr>().expect("literal"))
+            .map_err(|m| err("listen.ipv6", m))?;
         let tcp_port = l.tcp_port.unwrap_or(15001);
         let udp_ports = match l.udp_ports.as_deref() {
             None => (15002, 15999),
@@ -333,10 +300,7 @@ impl Config {
             return Err(err("listen.tcpPort", "must not be 0".into()));
         }
         if reject_port == tcp_port || (udp_ports.0..=udp_ports.1).contains(&reject_port) {
-            return Err(err(
-                "listen.rejectPort",
-                "must differ from the TCP port and lie outside udpPorts".into(),
-            ));
+            return Err(err("listen.rejectPort", "must differ from the TCP port and lie outside udpPorts".into()));
         }
         if (udp_ports.0..=udp_ports.1).contains(&tcp_port) {
             return Err(err("listen.tcpPort", "must lie outside udpPorts".into()));
@@ -354,9 +318,7 @@ impl Config {
         let kind = match s.kind.as_deref() {
             None | Some("kube") => SourceKind::Kube,
             Some("metaserver") => SourceKind::MetaServer,
-            Some(k) if k.starts_with("file:") && k.len() > 5 => {
-                SourceKind::File(PathBuf::from(&k[5..]))
-            }
+            Some(k) if k.starts_with("file:") && k.len() > 5 => SourceKind::File(PathBuf::from(&k[5..])),
             Some(k) => {
                 return Err(err(
                     "source.kind",
@@ -371,27 +333,17 @@ impl Config {
             Some(v) => {
                 return Err(err(
                     "source.endpointsApi",
-                    format!(
-                        "unknown value {v:?}; accepted values: auto, endpointslices, endpoints"
-                    ),
+                    format!("unknown value {v:?}; accepted values: auto, endpointslices, endpoints"),
                 ))
             }
         };
-        let meta_server = s
-            .meta_server
-            .unwrap_or_else(|| "http://127.0.0.1:10550".into());
+        let meta_server = s.meta_server.unwrap_or_else(|| "http://127.0.0.1:10550".into());
         if !(meta_server.starts_with("http://") || meta_server.starts_with("https://")) {
-            return Err(err(
-                "source.metaServer",
-                format!("{meta_server:?} is not an http:// or https:// URL"),
-            ));
+            return Err(err("source.metaServer", format!("{meta_server:?} is not an http:// or https:// URL")));
         }
         if let Some(server) = &s.server {
             if !(server.starts_with("http://") || server.starts_with("https://")) {
-                return Err(err(
-                    "source.server",
-                    format!("{server:?} is not an http:// or https:// URL"),
-                ));
+                return Err(err("source.server", format!("{server:?} is not an http:// or https:// URL")));
             }
         }
         let source = SourceConfig {
@@ -409,20 +361,14 @@ impl Config {
             endpoints_api,
         };
         if source.client_cert.is_some() != source.client_key.is_some() {
-            return Err(err(
-                "source.clientCert",
-                "clientCert and clientKey go together".into(),
-            ));
+            return Err(err("source.clientCert", "clientCert and clientKey go together".into()));
         }
 
         let lb_policy = match f.load_balancer.as_deref() {
             None | Some("roundRobin") | Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
             Some("random") | Some("RANDOM") => LbPolicy::Random,
             Some(v) => {
-                return Err(err(
-                    "loadBalancer",
-                    format!("unknown value {v:?}; accepted values: roundRobin, random"),
-                ))
+                return Err(err("loadBalancer", format!("unknown value {v:?}; accepted values: roundRobin, random")))
             }
         };
         let tcp = f.tcp.take().unwrap_or_default();
@@ -433,24 +379,17 @@ impl Config {
             Some("nft") => Backend::Nft,
             Some("legacy") => Backend::Legacy,
             Some(v) => {
-                return Err(err(
-                    "iptables.backend",
-                    format!("unknown value {v:?}; accepted values: auto, nft, legacy"),
-                ))
+                return Err(err("iptables.backend", format!("unknown value {v:?}; accepted values: auto, nft, legacy")))
             }
         };
         let tcp_buffer = tcp.buffer_size.unwrap_or(16 * 1024);
         if !(1024..=1024 * 1024).contains(&tcp_buffer) {
-            return Err(err(
-                "tcp.bufferSize",
-                format!("{tcp_buffer} is outside 1024..=1048576"),
-            ));
+            return Err(err("tcp.bufferSize", format!("{tcp_buffer} is outside 1024..=1048576")));
         }
         let metrics_address = match f.metrics_address.as_deref() {
             None | Some("") => None,
             Some(a) => Some(
-                a.parse::<SocketAddr>()
-                    .map_err(|_| err("metricsAddress", format!("{a:?} is not an address:port")))?,
+                a.parse::<SocketAddr>().map_err(|_| err("metricsAddress", format!("{a:?} is not an address:port")))?,
             ),
         };
         Ok(Config {
@@ -491,19 +430,14 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        ConfigError {
-            origin,
-            path: if path == "." { String::new() } else { path },
-            message: inner.to_string(),
-        }
+        ConfigError { origin, path: if path == "." { String::new() } else { path }, message: inner.to_string() }
     })
 }
 
 /// Fold one `--flag value` into the file shape; returns the file path it stands for.
 fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<&'static str, String> {
     fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
-        v.parse()
-            .map_err(|_| format!("{v:?} is not a valid number"))
+        v.parse().map_err(|_| format!("{v:?} is not a valid number"))
     }
     fn boolean(v: &str) -> Result<bool, String> {
         match v {
@@ -611,9 +545,7 @@ fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<&'static st
 fn parse_or<T: std::str::FromStr>(v: Option<&str>, default: T) -> Result<T, String> {
     match v {
         None => Ok(default),
-        Some(s) => s
-            .parse()
-            .map_err(|_| format!("{s:?} is not a valid address")),
+        Some(s) => s.parse().map_err(|_| format!("{s:?} is not a valid address")),
     }
 }
 
@@ -625,9 +557,7 @@ fn dur_or(v: Option<&str>, default: Duration) -> Result<Duration, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("invalid duration {s:?} (use e.g. 250ms, 5s, 2m)");
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
@@ -703,20 +633,13 @@ mod tests {
     fn bad_filter_mode_lists_accepted_values() {
         let e = from_json(r#"{"serviceFilterMode": "FilterAll"}"#).unwrap_err();
         assert_eq!(e.path, "serviceFilterMode");
-        assert!(
-            e.message
-                .contains("FilterIfLabelExists, FilterIfLabelDoesNotExists"),
-            "{e}"
-        );
+        assert!(e.message.contains("FilterIfLabelExists, FilterIfLabelDoesNotExists"), "{e}");
     }
 
     #[test]
     fn bad_duration_names_field() {
         let e = from_json(r#"{"udp": {"idleTimeout": "5 parsecs"}}"#).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            r#"test: udp.idleTimeout: invalid duration "5 parsecs" (use e.g. 250ms, 5s, 2m)"#
-        );
+        assert_eq!(e.to_string(), r#"test: udp.idleTimeout: invalid duration "5 parsecs" (use e.g. 250ms, 5s, 2m)"#);
     }
 
     #[test]

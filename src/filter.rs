@@ -110,10 +110,7 @@ impl fmt::Display for Verdict {
             IgnoreReason::ExternalName => f.write_str("ExternalName service"),
             IgnoreReason::NoClusterIp => f.write_str("no cluster IP"),
             IgnoreReason::LabelPresent => {
-                write!(
-                    f,
-                    "label {PROXY_NAME_LABEL} is set (serviceFilterMode FilterIfLabelExists)"
-                )
+                write!(f, "label {PROXY_NAME_LABEL} is set (serviceFilterMode FilterIfLabelExists)")
             }
             IgnoreReason::LabelAbsent => {
                 write!(f, "label {PROXY_NAME_LABEL} is not set (serviceFilterMode FilterIfLabelDoesNotExists)")
@@ -122,9 +119,7 @@ impl fmt::Display for Verdict {
             IgnoreReason::DefaultIgnore { kube_proxy: true } => {
                 f.write_str("default ignore (kube-proxy serves it on this node)")
             }
-            IgnoreReason::DefaultIgnore { kube_proxy: false } => {
-                f.write_str("default ignore (defaultIgnores: on)")
-            }
+            IgnoreReason::DefaultIgnore { kube_proxy: false } => f.write_str("default ignore (defaultIgnores: on)"),
         }
     }
 }
@@ -160,9 +155,7 @@ pub fn verdict(svc: &Service, cfg: &FilterConfig, kube_proxy_present: bool) -> V
     if is_default_ignore(svc) {
         match cfg.default_ignores {
             DefaultIgnores::On => return Verdict::Ignore(DefaultIgnore { kube_proxy: false }),
-            DefaultIgnores::Auto if kube_proxy_present => {
-                return Verdict::Ignore(DefaultIgnore { kube_proxy: true })
-            }
+            DefaultIgnores::Auto if kube_proxy_present => return Verdict::Ignore(DefaultIgnore { kube_proxy: true }),
             _ => {}
         }
     }

@@ -12,6 +12,7 @@
 //! them. `filter`, `state` and `rules::render` never do I/O and never read the clock; see
 //! ARCHITECTURE.md for the map and the invariants.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod filter;

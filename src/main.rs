@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use edgeproxy::cli::{Cli, Command, RulesCmd};
-use edgeproxy::config::{Backend, Config};
+use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
+use edgeproxy::config::{parse_duration, Backend, Config, Overrides, DEFAULT_PATH};
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::rules::{apply, Family};
 use edgeproxy::state::{Change, State, StateConfig};
@@ -13,20 +13,13 @@ use edgeproxy::state::{Change, State, StateConfig};
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     if cli.version {
-        println!(
-            "edgeproxy {} ({})",
-            env!("CARGO_PKG_VERSION"),
-            env!("EDGEPROXY_TARGET")
-        );
+        println!("edgeproxy {} ({})", env!("CARGO_PKG_VERSION"), env!("EDGEPROXY_TARGET"));
         return ExitCode::SUCCESS;
     }
     let level = match cli.log_level.parse::<log::LevelFilter>() {
         Ok(l) => l,
         Err(_) => {
-            eprintln!(
-                "--log-level: {:?} is not one of error, warn, info, debug, trace",
-                cli.log_level
-            );
+            eprintln!("--log-level: {:?} is not one of error, warn, info, debug, trace", cli.log_level);
             return ExitCode::from(2);
         }
     };
@@ -37,7 +30,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Some(Command::Rules(cmd)) => rules(&cmd),
-        Some(_) => Err("this command is not built yet".to_string()),
+        Some(Command::Run(cmd)) => run(&cmd),
+        Some(Command::Check(cmd)) => check(&cmd),
+        Some(Command::Cleanup(cmd)) => cleanup(&cmd),
+        Some(Command::CheckConfig(cmd)) => check_config(&cmd),
     };
     match result {
         Ok(code) => code,
@@ -50,8 +46,7 @@ fn main() -> ExitCode {
 
 /// `edgeproxy rules`: decode the files, run the state machine once, print.
 fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
-    let config =
-        Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+    let config = Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
     if cmd.from.is_empty() {
         return Err("rules: give at least one --from FILE".into());
     }
@@ -60,7 +55,9 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
         "present" => true,
         "absent" => false,
         "auto" => apply::kube_proxy_present(Backend::Auto).unwrap_or_else(|| {
-            eprintln!("note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)");
+            eprintln!(
+                "note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)"
+            );
             false
         }),
         other => return Err(format!("--kube-proxy: {other:?} is not one of auto, present, absent")),
@@ -76,10 +73,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
             println!("{}: {}", r.key, r.verdict);
             for p in &r.ports {
                 let note = p.note.map(|n| format!(" ({n})")).unwrap_or_default();
-                println!(
-                    "    {} {}/{}: {} endpoint(s){note}",
-                    p.name, p.port, p.protocol, p.backends
-                );
+                println!("    {} {}/{}: {} endpoint(s){note}", p.name, p.port, p.protocol, p.backends);
             }
         }
         let n = plan.proxied().count();
@@ -94,11 +88,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
             if t.is_empty() {
                 continue;
             }
-            let tool = if family == Family::V4 {
-                "iptables"
-            } else {
-                "ip6tables"
-            };
+            let tool = if family == Family::V4 { "iptables" } else { "ip6tables" };
             println!("# {tool}: jumps, each inserted at position 1 of its chain");
             for j in &t.jumps {
                 println!("# -I {} 1 {}", j.from, j.spec);
@@ -107,11 +97,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
             print!("{}", t.restore_text());
         }
     }
-    Ok(if bad > 0 {
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if bad > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
 }
 
 /// Decode one file into the state; returns the number of bad objects (each already reported).
@@ -130,4 +116,75 @@ fn load_file(state: &mut State, path: &Path) -> Result<usize, String> {
         state.apply(Change::Upsert(o));
     }
     Ok(bad)
+}
+
+/// The given config path, else the default one when it exists.
+fn config_path(given: Option<&Path>) -> Option<std::path::PathBuf> {
+    given.map(Path::to_path_buf).or_else(|| Path::new(DEFAULT_PATH).exists().then(|| DEFAULT_PATH.into()))
+}
+
+/// `edgeproxy run`: the agent, until SIGTERM/SIGINT.
+fn run(cmd: &RunCmd) -> Result<ExitCode, String> {
+    let path = config_path(cmd.config.as_deref());
+    let mut config = Config::load(path.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+    for (flag, value, field) in [
+        ("--min-sync-period", &cmd.min_sync_period, &mut config.min_sync_period),
+        ("--guard-period", &cmd.guard_period, &mut config.guard_period),
+        ("--resync-period", &cmd.resync_period, &mut config.resync_period),
+    ] {
+        if let Some(v) = value {
+            *field = parse_duration(v).map_err(|m| format!("{flag}: {m}"))?;
+        }
+    }
+    edgeproxy::agent::run(config).map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backend_overrides(backend: &Option<String>) -> Overrides {
+    let mut o = Overrides::default();
+    o.set("iptables-backend", backend.clone());
+    o
+}
+
+/// `edgeproxy check`: exit codes in `rules::apply::exit`.
+fn check(cmd: &CheckCmd) -> Result<ExitCode, String> {
+    let path = config_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
+    // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
+    let expected = State::new(StateConfig::from(&config)).plan().rules;
+    let report = apply::check(apply::detect(config.backend), &expected);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    Ok(ExitCode::from(report.code))
+}
+
+/// `edgeproxy cleanup [--edgemesh]`.
+fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, String> {
+    let path = config_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
+    let mut applier = apply::Applier::new(config.backend).map_err(|e| e.to_string())?;
+    if cmd.edgemesh {
+        // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
+        let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];
+        let notes = applier.cleanup_edgemesh(&ips).map_err(|e| e.to_string())?;
+        if notes.is_empty() {
+            println!("nothing to remove");
+        }
+        for n in notes {
+            println!("{n}");
+        }
+    } else {
+        let r = applier.cleanup().map_err(|e| e.to_string())?;
+        println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edgeproxy check-config`: validate and exit (for ExecStartPre).
+fn check_config(cmd: &CheckConfigCmd) -> Result<ExitCode, String> {
+    let path = cmd.config.clone().unwrap_or_else(|| DEFAULT_PATH.into());
+    Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
+    println!("{}: ok", path.display());
+    Ok(ExitCode::SUCCESS)
 }

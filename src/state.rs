@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use crate::config::{Config, ListenConfig};
 use crate::filter::{self, FilterConfig, Verdict};
-use crate::model::{
-    EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, Snapshot,
-};
+use crate::model::{EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, Snapshot};
 use crate::proxy::table::{Backend, LbPolicy, ProxyTable, ServiceEntry};
 use crate::rules::render::{self, Ignored, Layout, PlannedPort, RenderInput, Target};
 use crate::rules::RuleSet;
@@ -86,10 +84,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn proxied(&self) -> impl Iterator<Item = &ObjectKey> {
-        self.reports
-            .iter()
-            .filter(|r| r.verdict.is_proxied())
-            .map(|r| &r.key)
+        self.reports.iter().filter(|r| r.verdict.is_proxied()).map(|r| &r.key)
     }
 }
 
@@ -149,11 +144,7 @@ impl State {
                 }
             }
             Change::Delete(Kind::Service, key) => self.snapshot.services.remove(&key).is_some(),
-            Change::Delete(kind, key) => self
-                .snapshot
-                .endpoints
-                .remove(&(source_of(kind), key))
-                .is_some(),
+            Change::Delete(kind, key) => self.snapshot.endpoints.remove(&(source_of(kind), key)).is_some(),
             Change::Replace(Kind::Service, objects) => {
                 let new: BTreeMap<ObjectKey, Service> = objects
                     .into_iter()
@@ -186,9 +177,7 @@ impl State {
                 self.snapshot.endpoints = new;
                 changed
             }
-            Change::KubeProxy(present) => {
-                std::mem::replace(&mut self.kube_proxy, present) != present
-            }
+            Change::KubeProxy(present) => std::mem::replace(&mut self.kube_proxy, present) != present,
             Change::UdpPortUnavailable(port) => {
                 let fresh = self.unusable_udp.insert(port);
                 self.udp_ports.retain(|_, p| *p != port);
@@ -217,23 +206,12 @@ impl State {
             let sets = by_service.get(&svc.key).map(Vec::as_slice).unwrap_or(&[]);
             if !verdict.is_proxied() {
                 if cfg.layout == Layout::RootChain {
-                    let ips = if svc.headless {
-                        endpoint_ips(sets)
-                    } else {
-                        svc.cluster_ips.clone()
-                    };
+                    let ips = if svc.headless { endpoint_ips(sets) } else { svc.cluster_ips.clone() };
                     if !ips.is_empty() {
-                        ignored.push(Ignored {
-                            key: svc.key.clone(),
-                            ips,
-                        });
+                        ignored.push(Ignored { key: svc.key.clone(), ips });
                     }
                 }
-                reports.push(ServiceReport {
-                    key: svc.key.clone(),
-                    verdict,
-                    ports: Vec::new(),
-                });
+                reports.push(ServiceReport { key: svc.key.clone(), verdict, ports: Vec::new() });
                 continue;
             }
             let idx = reports.len();
@@ -257,11 +235,7 @@ impl State {
                 });
                 resolved.push((idx, pi, backends));
             }
-            reports.push(ServiceReport {
-                key: svc.key.clone(),
-                verdict,
-                ports,
-            });
+            reports.push(ServiceReport { key: svc.key.clone(), verdict, ports });
         }
 
         // UDP ports: keep what is still wanted, then hand out the lowest free ones.
@@ -273,9 +247,7 @@ impl State {
             if self.udp_ports.contains_key(k) {
                 continue;
             }
-            while next <= cfg.listen.udp_ports.1
-                && (used.contains(&next) || self.unusable_udp.contains(&next))
-            {
+            while next <= cfg.listen.udp_ports.1 && (used.contains(&next) || self.unusable_udp.contains(&next)) {
                 next += 1;
             }
             if next > cfg.listen.udp_ports.1 {
@@ -294,18 +266,13 @@ impl State {
                 Protocol::Udp => match self.udp_ports.get(&(svc.key.clone(), sp.port)) {
                     Some(p) => *p,
                     None => {
-                        reports[idx].ports[pi].note =
-                            Some("UDP proxy port range exhausted: not proxied");
+                        reports[idx].ports[pi].note = Some("UDP proxy port range exhausted: not proxied");
                         continue;
                     }
                 },
             };
             let name = port_comment(&svc.key, sp);
-            let target = if backends.is_empty() {
-                Target::Reject
-            } else {
-                Target::Proxy(proxy_port)
-            };
+            let target = if backends.is_empty() { Target::Reject } else { Target::Proxy(proxy_port) };
             let entry = Arc::new(ServiceEntry {
                 name: name.as_str().into(),
                 protocol: sp.protocol,
@@ -322,9 +289,7 @@ impl State {
                     target,
                 });
                 if sp.protocol == Protocol::Tcp {
-                    table
-                        .tcp
-                        .insert(SocketAddr::new(*ip, sp.port), entry.clone());
+                    table.tcp.insert(SocketAddr::new(*ip, sp.port), entry.clone());
                 }
             }
             if sp.protocol == Protocol::Udp {
@@ -339,11 +304,7 @@ impl State {
             ports: &planned,
             ignored: &ignored,
         });
-        Plan {
-            reports,
-            rules,
-            table,
-        }
+        Plan { reports, rules, table }
     }
 }
 
@@ -366,9 +327,7 @@ pub fn port_comment(key: &ObjectKey, sp: &ServicePort) -> String {
 /// Endpoints (never both, so nothing is counted twice).
 fn chosen_sets<'a>(sets: &'a [&'a EndpointSet]) -> impl Iterator<Item = &'a EndpointSet> + 'a {
     let any_slice = sets.iter().any(|s| s.source == EndpointSource::Slice);
-    sets.iter()
-        .copied()
-        .filter(move |s| (s.source == EndpointSource::Slice) == any_slice)
+    sets.iter().copied().filter(move |s| (s.source == EndpointSource::Slice) == any_slice)
 }
 
 fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
@@ -387,12 +346,7 @@ fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
 /// Kubernetes semantics: ready endpoints; when none is ready, serving-and-terminating ones; under
 /// `internalTrafficPolicy: Local` (and a known node name) only endpoints on this node. The same
 /// address in two slices (a mirrored and a hand-made one) counts once.
-fn resolve(
-    svc: &Service,
-    sp: &ServicePort,
-    sets: &[&EndpointSet],
-    cfg: &StateConfig,
-) -> Vec<Backend> {
+fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateConfig) -> Vec<Backend> {
     #[derive(Clone, Copy)]
     struct Candidate {
         ready: bool,
@@ -403,11 +357,7 @@ fn resolve(
     let node = cfg.node_name.as_deref();
     for set in chosen_sets(sets) {
         for group in &set.groups {
-            let Some(port) = group
-                .ports
-                .iter()
-                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-            else {
+            let Some(port) = group.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol) else {
                 continue;
             };
             for ep in &group.endpoints {
@@ -419,11 +369,7 @@ fn resolve(
                     continue; // would loop back into the proxy
                 }
                 let local = node.is_some() && ep.node_name.as_deref() == node;
-                let c = Candidate {
-                    ready: ep.ready,
-                    fallback: ep.serving && ep.terminating,
-                    local,
-                };
+                let c = Candidate { ready: ep.ready, fallback: ep.serving && ep.terminating, local };
                 found
                     .entry(SocketAddr::new(*ip, port.port))
                     .and_modify(|o| {
@@ -441,10 +387,7 @@ fn resolve(
     found
         .into_iter()
         .filter(|(_, c)| eligible(c) && if any_ready { c.ready } else { c.fallback })
-        .map(|(addr, c)| Backend {
-            addr,
-            local: c.local,
-        })
+        .map(|(addr, c)| Backend { addr, local: c.local })
         .collect()
 }
 
@@ -455,10 +398,7 @@ mod tests {
 
     fn state(json_svcs: &str, json_slices: &str) -> State {
         let mut st = State::new(StateConfig::from(&Config::defaults()));
-        for (doc, kind) in [
-            (json_svcs, Kind::Service),
-            (json_slices, Kind::EndpointSlice),
-        ] {
+        for (doc, kind) in [(json_svcs, Kind::Service), (json_slices, Kind::EndpointSlice)] {
             let d = decode_document(doc.as_bytes(), Some(kind));
             assert!(d.errors.is_empty(), "{:?}", d.errors);
             st.apply(Change::Replace(kind, d.objects));
@@ -480,36 +420,15 @@ mod tests {
         let mut st = state(SVCS, SLICES);
         let plan = st.plan();
         let web = &plan.table.tcp[&"10.96.0.20:80".parse().unwrap()];
-        assert_eq!(
-            web.backends,
-            vec![Backend {
-                addr: "192.0.2.1:8080".parse().unwrap(),
-                local: false
-            }]
-        );
-        let dns = plan
-            .rules
-            .v4
-            .rules
-            .iter()
-            .find(|r| r.contains("a/dns:dns"))
-            .unwrap();
-        assert!(
-            dns.contains("has no endpoints") && dns.ends_with(":15000"),
-            "{dns}"
-        );
-        assert_eq!(
-            plan.table.udp.keys().copied().collect::<Vec<_>>(),
-            vec![15002]
-        );
+        assert_eq!(web.backends, vec![Backend { addr: "192.0.2.1:8080".parse().unwrap(), local: false }]);
+        let dns = plan.rules.v4.rules.iter().find(|r| r.contains("a/dns:dns")).unwrap();
+        assert!(dns.contains("has no endpoints") && dns.ends_with(":15000"), "{dns}");
+        assert_eq!(plan.table.udp.keys().copied().collect::<Vec<_>>(), vec![15002]);
     }
 
     #[test]
     fn terminating_used_only_when_none_ready() {
-        let slices = SLICES.replace(
-            r#""conditions":{"ready":true}"#,
-            r#""conditions":{"ready":false}"#,
-        );
+        let slices = SLICES.replace(r#""conditions":{"ready":true}"#, r#""conditions":{"ready":false}"#);
         let mut st = state(SVCS, &slices);
         let plan = st.plan();
         let web = &plan.table.tcp[&"10.96.0.20:80".parse().unwrap()];
@@ -524,9 +443,6 @@ mod tests {
         assert!(!st.apply(Change::Replace(Kind::Service, d.objects)));
         assert_eq!(st.plan().rules, first);
         assert!(st.apply(Change::UdpPortUnavailable(15002)));
-        assert_eq!(
-            st.plan().table.udp.keys().copied().collect::<Vec<_>>(),
-            vec![15003]
-        );
+        assert_eq!(st.plan().table.udp.keys().copied().collect::<Vec<_>>(), vec![15003]);
     }
 }

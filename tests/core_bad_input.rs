@@ -25,9 +25,7 @@ fn rules(files: &[(&str, &str)], extra: &[&str]) -> (i32, String, String) {
 }
 
 fn svc(name: &str, ip: &str, ports: &str) -> String {
-    format!(
-        r#"{{"metadata":{{"name":"{name}","namespace":"t"}},"spec":{{"clusterIP":"{ip}","ports":[{ports}]}}}}"#
-    )
+    format!(r#"{{"metadata":{{"name":"{name}","namespace":"t"}},"spec":{{"clusterIP":"{ip}","ports":[{ports}]}}}}"#)
 }
 
 fn list(items: &[String]) -> String {
@@ -43,29 +41,14 @@ fn good() -> String {
 
 /// One bad object among good ones: exit code 3, exactly one message naming it, the good one renders.
 fn one_bad(bad: String, expect_msg: &str) {
-    let (code, out, err) = rules(
-        &[(
-            "in.json",
-            &list(&[good(), bad, svc("good2", "10.96.0.3", r#"{"port":81}"#)]),
-        )],
-        &[],
-    );
+    let (code, out, err) =
+        rules(&[("in.json", &list(&[good(), bad, svc("good2", "10.96.0.3", r#"{"port":81}"#)]))], &[]);
     assert_eq!(code, 3, "stderr: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("note:")).collect();
     assert_eq!(lines.len(), 1, "exactly one message, got: {err}");
-    assert!(
-        lines[0].contains(expect_msg),
-        "message {:?} lacks {expect_msg:?}",
-        lines[0]
-    );
-    assert!(
-        out.contains("\"t/good:http has no endpoints\""),
-        "good service missing:\n{out}"
-    );
-    assert!(
-        out.contains("\"t/good2 has no endpoints\""),
-        "good2 missing:\n{out}"
-    );
+    assert!(lines[0].contains(expect_msg), "message {:?} lacks {expect_msg:?}", lines[0]);
+    assert!(out.contains("\"t/good:http has no endpoints\""), "good service missing:\n{out}");
+    assert!(out.contains("\"t/good2 has no endpoints\""), "good2 missing:\n{out}");
 }
 
 #[test]
@@ -95,21 +78,14 @@ fn target_port_out_of_range() {
 #[test]
 fn duplicate_ports() {
     one_bad(
-        svc(
-            "bad",
-            "10.96.0.4",
-            r#"{"name":"a","port":80},{"name":"b","port":80}"#,
-        ),
+        svc("bad", "10.96.0.4", r#"{"name":"a","port":80},{"name":"b","port":80}"#),
         "Service t/bad: spec.ports[1]: duplicate port 80/TCP (also spec.ports[0])",
     );
 }
 
 #[test]
 fn missing_port_field() {
-    one_bad(
-        svc("bad", "10.96.0.4", r#"{"name":"a"}"#),
-        "Service t/bad: spec.ports[0]: missing field `port`",
-    );
+    one_bad(svc("bad", "10.96.0.4", r#"{"name":"a"}"#), "Service t/bad: spec.ports[0]: missing field `port`");
 }
 
 #[test]
@@ -144,12 +120,7 @@ fn wrong_kind_in_kubectl_list() {
     );
     let (code, out, err) = rules(&[("kinds.json", &doc)], &[]);
     assert_eq!(code, 3);
-    assert!(
-        err.contains(
-            r#"object t/p: kind: kind "Pod" is not a Service, EndpointSlice or Endpoints"#
-        ),
-        "{err}"
-    );
+    assert!(err.contains(r#"object t/p: kind: kind "Pod" is not a Service, EndpointSlice or Endpoints"#), "{err}");
     assert!(out.contains("t/good:http"));
 }
 
@@ -162,29 +133,16 @@ fn slice_with_invalid_address_and_missing_service_label() {
        "endpoints":[{"addresses":["192.0.2.999"]}],"ports":[{"port":8080}]},
       {"metadata":{"name":"orphan","namespace":"t"},"addressType":"IPv4","endpoints":[],"ports":[]}]}"#;
     let (code, out, err) = rules(
-        &[
-            (
-                "svcs.json",
-                &list(&[good(), svc("good2", "10.96.0.3", r#"{"port":81}"#)]),
-            ),
-            ("slices.json", slices),
-        ],
+        &[("svcs.json", &list(&[good(), svc("good2", "10.96.0.3", r#"{"port":81}"#)])), ("slices.json", slices)],
         &[],
     );
     assert_eq!(code, 3);
-    assert!(err.contains(r#"EndpointSlice t/bad-1: endpoints[0].addresses[0]: "192.0.2.999" is not an IP address"#), "{err}");
     assert!(
-        err.contains(
-            "EndpointSlice t/orphan: metadata.labels: no kubernetes.io/service-name label"
-        ),
+        err.contains(r#"EndpointSlice t/bad-1: endpoints[0].addresses[0]: "192.0.2.999" is not an IP address"#),
         "{err}"
     );
-    assert!(
-        out.contains(
-            "\"t/good:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001"
-        ),
-        "{out}"
-    );
+    assert!(err.contains("EndpointSlice t/orphan: metadata.labels: no kubernetes.io/service-name label"), "{err}");
+    assert!(out.contains("\"t/good:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001"), "{out}");
 }
 
 #[test]
@@ -193,58 +151,34 @@ fn truncated_json_keeps_earlier_objects_and_says_where() {
     let cut = &full[..full.len() - 30];
     let (code, out, err) = rules(&[("cut.json", cut)], &[]);
     assert_eq!(code, 3);
-    assert!(
-        err.contains("cut.json: the document ends early (truncated) at line 1"),
-        "{err}"
-    );
-    assert!(
-        err.contains("1 item(s) before that point were read"),
-        "{err}"
-    );
+    assert!(err.contains("cut.json: the document ends early (truncated) at line 1"), "{err}");
+    assert!(err.contains("1 item(s) before that point were read"), "{err}");
     assert!(out.contains("t/good:http"), "{out}");
 }
 
 #[test]
 fn a_broken_file_does_not_stop_the_others() {
-    let (code, out, err) = rules(
-        &[("a.json", "this is not json"), ("b.json", &list(&[good()]))],
-        &[],
-    );
+    let (code, out, err) = rules(&[("a.json", "this is not json"), ("b.json", &list(&[good()]))], &[]);
     assert_eq!(code, 3);
-    assert!(
-        err.contains("a.json: the document is not valid JSON"),
-        "{err}"
-    );
+    assert!(err.contains("a.json: the document is not valid JSON"), "{err}");
     assert!(out.contains("t/good:http"));
 }
 
 #[test]
 fn explain_names_every_verdict() {
     let (code, out, _) = rules(
-        &[(
-            "e.json",
-            &list(&[good(), svc("hl", "None", r#"{"port":80}"#)]),
-        )],
+        &[("e.json", &list(&[good(), svc("hl", "None", r#"{"port":80}"#)]))],
         &["--explain", "--service-filter-mode", "FilterIfLabelExists"],
     );
     assert_eq!(code, 0);
-    assert!(
-        out.contains("t/good: proxied: no ignore rule applies"),
-        "{out}"
-    );
-    assert!(
-        out.contains("t/hl: ignored: headless service (clusterIP: None)"),
-        "{out}"
-    );
+    assert!(out.contains("t/good: proxied: no ignore rule applies"), "{out}");
+    assert!(out.contains("t/hl: ignored: headless service (clusterIP: None)"), "{out}");
     assert!(out.contains("1 of 2 services proxied"), "{out}");
 }
 
 #[test]
 fn bad_flag_value_is_a_config_error_naming_the_flag() {
-    let (code, _, err) = rules(
-        &[("f.json", &list(&[good()]))],
-        &["--service-filter-mode", "FilterAll"],
-    );
+    let (code, _, err) = rules(&[("f.json", &list(&[good()]))], &["--service-filter-mode", "FilterAll"]);
     assert_eq!(code, 1);
     assert!(err.contains("--service-filter-mode: unknown value \"FilterAll\"; accepted values: FilterIfLabelExists, FilterIfLabelDoesNotExists"), "{err}");
 }

@@ -14,9 +14,7 @@ use edgeproxy::rules::render::PORTALS_COMMENT;
 use edgeproxy::state::{Change, Plan, State, StateConfig};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/monitoring-cluster")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/monitoring-cluster").join(name)
 }
 
 fn read(name: &str) -> Vec<u8> {
@@ -50,49 +48,26 @@ fn state_from(cfg: &Config, files: &[&str], kube_proxy: bool) -> State {
 /// Exists no kp, NotExists kp, NotExists no kp] (true = proxy).
 fn readme_verdicts() -> BTreeMap<String, BTreeMap<String, [bool; 4]>> {
     let text = String::from_utf8(read("README.md")).unwrap();
-    let own = text
-        .split("## edgeproxy's own verdicts")
-        .nth(1)
-        .expect("README has the verdict section");
+    let own = text.split("## edgeproxy's own verdicts").nth(1).expect("README has the verdict section");
     let mut out = BTreeMap::new();
     for section in own.split("\n### ").skip(1) {
         let title = section.lines().next().unwrap().trim().to_string();
         let mut rows = BTreeMap::new();
-        for line in section
-            .lines()
-            .filter(|l| l.starts_with("| ") && l.contains('/'))
-        {
-            let cells: Vec<&str> = line
-                .split('|')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .collect();
+        for line in section.lines().filter(|l| l.starts_with("| ") && l.contains('/')) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
             assert_eq!(cells.len(), 5, "row {line}");
             let v = |c: &str| match c {
                 "proxy" => true,
                 "ignore" => false,
                 other => panic!("unexpected verdict {other:?} in {line}"),
             };
-            rows.insert(
-                cells[0].to_string(),
-                [v(cells[1]), v(cells[2]), v(cells[3]), v(cells[4])],
-            );
+            rows.insert(cells[0].to_string(), [v(cells[1]), v(cells[2]), v(cells[3]), v(cells[4])]);
         }
         // The table's own totals row.
-        let totals = section
-            .lines()
-            .find(|l| l.contains("**services proxied**"))
-            .expect("totals row");
-        let counts: Vec<usize> = totals
-            .split('|')
-            .filter_map(|c| c.trim().parse().ok())
-            .collect();
+        let totals = section.lines().find(|l| l.contains("**services proxied**")).expect("totals row");
+        let counts: Vec<usize> = totals.split('|').filter_map(|c| c.trim().parse().ok()).collect();
         for (col, count) in counts.iter().enumerate() {
-            assert_eq!(
-                rows.values().filter(|r| r[col]).count(),
-                *count,
-                "README totals in {title}"
-            );
+            assert_eq!(rows.values().filter(|r| r[col]).count(), *count, "README totals in {title}");
         }
         out.insert(title, rows);
     }
@@ -109,45 +84,29 @@ const MODES: [(&str, bool); 4] = [
 
 fn check_verdicts(title_prefix: &str, files: &[&str]) {
     let tables = readme_verdicts();
-    let (_, expected) = tables
-        .iter()
-        .find(|(t, _)| t.starts_with(title_prefix))
-        .expect("table");
+    let (_, expected) = tables.iter().find(|(t, _)| t.starts_with(title_prefix)).expect("table");
     for (col, (mode, kp)) in MODES.iter().enumerate() {
         for layout in ["portals", "root-chain"] {
             let cfg = config(mode, layout, None);
             let plan = state_from(&cfg, files, *kp).plan();
-            let got: BTreeMap<String, bool> = plan
-                .reports
-                .iter()
-                .map(|r| (r.key.to_string(), r.verdict.is_proxied()))
-                .collect();
-            let want: BTreeMap<String, bool> =
-                expected.iter().map(|(k, v)| (k.clone(), v[col])).collect();
-            assert_eq!(
-                got, want,
-                "{title_prefix}: {mode}, kube-proxy {kp}, {layout}"
-            );
+            let got: BTreeMap<String, bool> =
+                plan.reports.iter().map(|r| (r.key.to_string(), r.verdict.is_proxied())).collect();
+            let want: BTreeMap<String, bool> = expected.iter().map(|(k, v)| (k.clone(), v[col])).collect();
+            assert_eq!(got, want, "{title_prefix}: {mode}, kube-proxy {kp}, {layout}");
         }
     }
 }
 
 #[test]
 fn verdicts_at_rv_512_match_the_readme() {
-    check_verdicts(
-        "At RV 512",
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-    );
+    check_verdicts("At RV 512", &["list-services-raw.json", "list-endpointslices-raw.json"]);
 }
 
 #[test]
 fn verdicts_after_the_watch_match_the_readme() {
     check_verdicts(
         "After the watch",
-        &[
-            "list-services-after-watch-raw.json",
-            "list-endpointslices-after-watch-raw.json",
-        ],
+        &["list-services-after-watch-raw.json", "list-endpointslices-after-watch-raw.json"],
     );
 }
 
@@ -155,11 +114,7 @@ fn verdicts_after_the_watch_match_the_readme() {
 fn kubectl_list_and_raw_list_decode_to_the_same_state() {
     let cfg = Config::defaults();
     let a = state_from(&cfg, &["services.json", "endpointslices.json"], false);
-    let b = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        false,
-    );
+    let b = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], false);
     assert_eq!(a.snapshot(), b.snapshot());
     assert_eq!(a.snapshot().services.len(), 26);
 }
@@ -173,30 +128,18 @@ fn paged_lists_decode_with_continue_tokens() {
     assert_eq!(p1.resource_version.as_deref(), Some("512"));
     let expired = decode_document(&read("list-services-continue-expired.json"), None);
     assert!(expired.objects.is_empty());
-    assert!(
-        expired.document_error.is_some(),
-        "a Status is not an object"
-    );
+    assert!(expired.document_error.is_some(), "a Status is not an object");
 }
 
 fn backends(plan: &Plan, ip_port: &str) -> Vec<SocketAddr> {
     let addr: SocketAddr = ip_port.parse().unwrap();
-    plan.table
-        .tcp
-        .get(&addr)
-        .map(|e| e.backends.iter().map(|b| b.addr).collect())
-        .unwrap_or_default()
+    plan.table.tcp.get(&addr).map(|e| e.backends.iter().map(|b| b.addr).collect()).unwrap_or_default()
 }
 
 #[test]
 fn endpoint_resolution_handles_the_fixture_edge_cases() {
     let cfg = config("FilterIfLabelExists", "portals", Some("edge-node-2"));
-    let plan = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        true,
-    )
-    .plan();
+    let plan = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     // shop: a named targetPort resolving to 8080 on one pod and 8081 on two others (two slices).
     let shop = backends(&plan, "10.96.195.48:80");
     assert_eq!(shop.len(), 3, "{shop:?}");
@@ -205,58 +148,23 @@ fn endpoint_resolution_handles_the_fixture_edge_cases() {
     assert_eq!(backends(&plan, "10.96.120.222:1883").len(), 2);
     // inventory: only the two ready endpoints, not the not-ready or the terminating one.
     let inv = backends(&plan, "10.96.146.82:8080");
-    assert_eq!(
-        inv,
-        vec![
-            "192.0.2.68:8080".parse().unwrap(),
-            "198.51.100.83:8080".parse().unwrap()
-        ]
-    );
+    assert_eq!(inv, vec!["192.0.2.68:8080".parse().unwrap(), "198.51.100.83:8080".parse().unwrap()]);
     // node-cache: internalTrafficPolicy Local and no endpoint on edge-node-2 -> refused by rule.
     assert!(backends(&plan, "10.96.180.48:8080").is_empty());
-    let nc = plan
-        .rules
-        .v4
-        .rules
-        .iter()
-        .find(|r| r.contains("edge-apps/node-cache:http"))
-        .unwrap();
-    assert!(
-        nc.contains("has no endpoints") && nc.ends_with("169.254.96.16:15000"),
-        "{nc}"
-    );
+    let nc = plan.rules.v4.rules.iter().find(|r| r.contains("edge-apps/node-cache:http")).unwrap();
+    assert!(nc.contains("has no endpoints") && nc.ends_with("169.254.96.16:15000"), "{nc}");
     // reports: zero endpoints -> refused by rule.
-    assert!(plan
-        .rules
-        .v4
-        .rules
-        .iter()
-        .any(|r| r.contains("edge-apps/reports:http has no endpoints")));
+    assert!(plan.rules.v4.rules.iter().any(|r| r.contains("edge-apps/reports:http has no endpoints")));
     // local-dns: UDP and TCP on the same port number, each its own target.
-    assert!(plan
-        .rules
-        .v4
-        .rules
-        .iter()
-        .any(|r| r.contains("\"edge-apps/local-dns:dns\" -m udp --dport 53")));
+    assert!(plan.rules.v4.rules.iter().any(|r| r.contains("\"edge-apps/local-dns:dns\" -m udp --dport 53")));
     assert_eq!(backends(&plan, "10.96.160.193:53").len(), 2);
 }
 
 #[test]
 fn core_v1_endpoints_give_the_same_ready_backends() {
     let cfg = Config::defaults();
-    let slices = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        false,
-    )
-    .plan();
-    let endpoints = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpoints-raw.json"],
-        false,
-    )
-    .plan();
+    let slices = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], false).plan();
+    let endpoints = state_from(&cfg, &["list-services-raw.json", "list-endpoints-raw.json"], false).plan();
     for (addr, entry) in &slices.table.tcp {
         let other = &endpoints.table.tcp[addr];
         assert_eq!(entry.backends, other.backends, "{addr} ({})", entry.name);
@@ -266,47 +174,20 @@ fn core_v1_endpoints_give_the_same_ready_backends() {
 #[test]
 fn portals_layout_has_the_seed_shape() {
     let cfg = config("FilterIfLabelExists", "portals", None);
-    let plan = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        true,
-    )
-    .plan();
+    let plan = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     let t = &plan.rules.v4;
-    assert_eq!(
-        t.chains,
-        vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"]
-    );
+    assert_eq!(t.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"]);
     assert_eq!(t.jumps.len(), 2);
-    assert_eq!(
-        (t.jumps[0].from, t.jumps[0].target),
-        ("PREROUTING", "KUBE-PORTALS-CONTAINER")
-    );
-    assert_eq!(
-        (t.jumps[1].from, t.jumps[1].target),
-        ("OUTPUT", "KUBE-PORTALS-HOST")
-    );
+    assert_eq!((t.jumps[0].from, t.jumps[0].target), ("PREROUTING", "KUBE-PORTALS-CONTAINER"));
+    assert_eq!((t.jumps[1].from, t.jumps[1].target), ("OUTPUT", "KUBE-PORTALS-HOST"));
     assert!(t.jumps.iter().all(|j| j.spec.contains(PORTALS_COMMENT)));
     // Every proxied service port, on every cluster IP, in both chains; nothing for ignored ones.
     let proxied: Vec<&ObjectKey> = plan.proxied().collect();
-    let ports: usize = plan
-        .reports
-        .iter()
-        .filter(|r| r.verdict.is_proxied())
-        .map(|r| r.ports.len())
-        .sum();
+    let ports: usize = plan.reports.iter().filter(|r| r.verdict.is_proxied()).map(|r| r.ports.len()).sum();
     assert_eq!(t.rules.len(), 2 * ports);
-    assert!(t
-        .rules
-        .iter()
-        .all(|r| r.contains(" -j DNAT --to-destination 169.254.96.16:")));
-    assert!(!t
-        .rules
-        .iter()
-        .any(|r| r.contains("monitoring/alertmanager-main")));
-    assert!(proxied
-        .iter()
-        .any(|k| k.to_string() == "monitoring/grafana"));
+    assert!(t.rules.iter().all(|r| r.contains(" -j DNAT --to-destination 169.254.96.16:")));
+    assert!(!t.rules.iter().any(|r| r.contains("monitoring/alertmanager-main")));
+    assert!(proxied.iter().any(|k| k.to_string() == "monitoring/grafana"));
     let grafana = "-A KUBE-PORTALS-HOST -d 10.96.171.49/32 -p tcp -m comment --comment \"monitoring/grafana:http\" -m tcp --dport 3000 -j DNAT --to-destination 169.254.96.16:15001";
     assert!(t.rules.iter().any(|r| r == grafana), "missing {grafana}");
     let text = t.restore_text();
@@ -318,63 +199,30 @@ fn portals_layout_has_the_seed_shape() {
 #[test]
 fn root_chain_layout_returns_ignored_services_before_the_proxy_jump() {
     let cfg = config("FilterIfLabelExists", "root-chain", None);
-    let plan = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        true,
-    )
-    .plan();
+    let plan = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     let t = &plan.rules.v4;
-    assert_eq!(
-        t.chains,
-        vec!["EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP"]
-    );
-    assert!(t
-        .jumps
-        .iter()
-        .all(|j| j.target == "EDGE-MESH" && j.spec.contains("edgemesh root chain")));
-    let first_jump = t
-        .rules
-        .iter()
-        .position(|r| r.contains("-j EDGE-MESH-TCP"))
-        .unwrap();
-    let last_return = t
-        .rules
-        .iter()
-        .rposition(|r| r.ends_with("-j RETURN"))
-        .unwrap();
-    assert!(
-        last_return < first_jump,
-        "RETURN rules must precede the proxy jump"
-    );
-    for ignored in [
-        "default/kubernetes",
-        "kube-system/kube-dns",
-        "monitoring/prometheus-k8s",
-    ] {
+    assert_eq!(t.chains, vec!["EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP"]);
+    assert!(t.jumps.iter().all(|j| j.target == "EDGE-MESH" && j.spec.contains("edgemesh root chain")));
+    let first_jump = t.rules.iter().position(|r| r.contains("-j EDGE-MESH-TCP")).unwrap();
+    let last_return = t.rules.iter().rposition(|r| r.ends_with("-j RETURN")).unwrap();
+    assert!(last_return < first_jump, "RETURN rules must precede the proxy jump");
+    for ignored in ["default/kubernetes", "kube-system/kube-dns", "monitoring/prometheus-k8s"] {
         assert!(
-            t.rules
-                .iter()
-                .any(|r| r.contains(&format!("--comment \"ignore {ignored} service\" -j RETURN"))),
+            t.rules.iter().any(|r| r.contains(&format!("--comment \"ignore {ignored} service\" -j RETURN"))),
             "no RETURN for {ignored}"
         );
     }
     // A headless ignored service gets one RETURN per endpoint IP, as EdgeMesh v1.9 did.
-    let node_exporter = t
-        .rules
-        .iter()
-        .filter(|r| r.contains("ignore monitoring/node-exporter service"))
-        .count();
+    let node_exporter = t.rules.iter().filter(|r| r.contains("ignore monitoring/node-exporter service")).count();
     assert_eq!(node_exporter, 3);
-    assert!(t.rules.contains(&"-A EDGE-MESH -d 10.96.0.0/12 -p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP".to_string()));
-    assert!(t.rules.contains(&"-A EDGE-MESH -d 10.96.0.0/12 -p udp -m comment --comment \"udp service proxy\" -j EDGE-MESH-UDP".to_string()));
+    assert!(t.rules.contains(
+        &"-A EDGE-MESH -d 10.96.0.0/12 -p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP".to_string()
+    ));
+    assert!(t.rules.contains(
+        &"-A EDGE-MESH -d 10.96.0.0/12 -p udp -m comment --comment \"udp service proxy\" -j EDGE-MESH-UDP".to_string()
+    ));
     // Stable: rendering twice gives the same bytes.
-    let again = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        true,
-    )
-    .plan();
+    let again = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     assert_eq!(again.rules, plan.rules);
 }
 
@@ -382,15 +230,8 @@ fn root_chain_layout_returns_ignored_services_before_the_proxy_jump() {
 fn watch_events_replayed_over_the_list_reach_the_after_watch_state() {
     use edgeproxy::kube::objects::{decode_watch_line, WatchEvent};
     let cfg = Config::defaults();
-    let mut st = state_from(
-        &cfg,
-        &["list-services-raw.json", "list-endpointslices-raw.json"],
-        false,
-    );
-    for (file, kind) in [
-        ("watch-services.jsonl", Kind::Service),
-        ("watch-endpointslices.jsonl", Kind::EndpointSlice),
-    ] {
+    let mut st = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], false);
+    for (file, kind) in [("watch-services.jsonl", Kind::Service), ("watch-endpointslices.jsonl", Kind::EndpointSlice)] {
         for line in read(file).split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let ev = decode_watch_line(line, kind).unwrap();
             match ev.event {
@@ -405,13 +246,7 @@ fn watch_events_replayed_over_the_list_reach_the_after_watch_state() {
             }
         }
     }
-    let after = state_from(
-        &cfg,
-        &[
-            "list-services-after-watch-raw.json",
-            "list-endpointslices-after-watch-raw.json",
-        ],
-        false,
-    );
+    let after =
+        state_from(&cfg, &["list-services-after-watch-raw.json", "list-endpointslices-after-watch-raw.json"], false);
     assert_eq!(st.snapshot(), after.snapshot());
 }

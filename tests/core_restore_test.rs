@@ -13,9 +13,8 @@ use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/monitoring-cluster")
-        .join(name);
+    let p =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/monitoring-cluster").join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -36,12 +35,7 @@ fn restore_test(ns: &Netns, bin: &str, text: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{bin}: {e} (apt-get install iptables)"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -56,10 +50,7 @@ fn every_rendered_rule_set_passes_iptables_restore_test_on_both_backends() {
     let ns = Netns::new("rst");
     let snapshots: [&[&str]; 2] = [
         &["list-services-raw.json", "list-endpointslices-raw.json"],
-        &[
-            "list-services-after-watch-raw.json",
-            "list-endpointslices-after-watch-raw.json",
-        ],
+        &["list-services-after-watch-raw.json", "list-endpointslices-after-watch-raw.json"],
     ];
     let mut checked = 0;
     for files in snapshots {
@@ -84,25 +75,12 @@ fn every_rendered_rule_set_passes_iptables_restore_test_on_both_backends() {
                         st.apply(Change::Upsert(obj));
                     }
                     let plan = st.plan();
-                    assert!(
-                        !plan.rules.v6.is_empty(),
-                        "the dual-stack service renders an ip6tables set"
-                    );
+                    assert!(!plan.rules.v6.is_empty(), "the dual-stack service renders an ip6tables set");
                     for backend in ["nft", "legacy"] {
-                        restore_test(
-                            &ns,
-                            &format!("iptables-{backend}-restore"),
-                            &plan.rules.v4.restore_text(),
-                        );
-                        restore_test(
-                            &ns,
-                            &format!("ip6tables-{backend}-restore"),
-                            &plan.rules.v6.restore_text(),
-                        );
+                        restore_test(&ns, &format!("iptables-{backend}-restore"), &plan.rules.v4.restore_text());
+                        restore_test(&ns, &format!("ip6tables-{backend}-restore"), &plan.rules.v6.restore_text());
                         // The jumps, as a restore would insert them.
-                        for (family, t) in
-                            [("iptables", &plan.rules.v4), ("ip6tables", &plan.rules.v6)]
-                        {
+                        for (family, t) in [("iptables", &plan.rules.v4), ("ip6tables", &plan.rules.v6)] {
                             let mut text = t.restore_text().replace("COMMIT\n", "");
                             for j in &t.jumps {
                                 text.push_str(&format!("-I {} 1 {}\n", j.from, j.spec));
@@ -119,8 +97,5 @@ fn every_rendered_rule_set_passes_iptables_restore_test_on_both_backends() {
     assert_eq!(checked, 32);
     // Nothing was committed: --test leaves the table as it was.
     let saved = ns.ok(&["iptables-nft-save", "-t", "nat"]);
-    assert!(
-        !saved.contains("KUBE-PORTALS") && !saved.contains("EDGE-MESH"),
-        "{saved}"
-    );
+    assert!(!saved.contains("KUBE-PORTALS") && !saved.contains("EDGE-MESH"), "{saved}");
 }

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Object, ObjectKey,
-    Protocol, Service, ServicePort, ServiceType, TargetPort,
+    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service,
+    ServicePort, ServiceType, TargetPort,
 };
 
 /// One object that could not be used, and why.
@@ -343,9 +343,7 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
     let mut top = Top::default();
     let mut out = Decoded::default();
     let mut de = serde_json::Deserializer::from_slice(input);
-    let result = TopSeed(&mut top)
-        .deserialize(&mut de)
-        .and_then(|()| de.end());
+    let result = TopSeed(&mut top).deserialize(&mut de).and_then(|()| de.end());
     if let Err(e) = result {
         out.document_error = Some(describe_json_error(&e, top.items.len()));
     }
@@ -357,13 +355,8 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
         // A single object (or nothing usable).
         if out.document_error.is_none() {
             match top.kind.as_deref() {
-                Some("Status") => {
-                    out.document_error = Some("the document is a Status, not an object".into())
-                }
-                _ => match std::str::from_utf8(input)
-                    .ok()
-                    .and_then(|s| serde_json::from_str::<&RawValue>(s).ok())
-                {
+                Some("Status") => out.document_error = Some("the document is a Status, not an object".into()),
+                _ => match std::str::from_utf8(input).ok().and_then(|s| serde_json::from_str::<&RawValue>(s).ok()) {
                     Some(raw) => push(&mut out, decode_item(raw, doc_kind, "the document")),
                     None => out.document_error = Some("not a JSON object".into()),
                 },
@@ -396,11 +389,7 @@ fn push(out: &mut Decoded, r: Result<Object, ObjectError>) {
 }
 
 fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
-    let what = if e.is_eof() {
-        "the document ends early (truncated)"
-    } else {
-        "the document is not valid JSON"
-    };
+    let what = if e.is_eof() { "the document ends early (truncated)" } else { "the document is not valid JSON" };
     format!(
         "{what} at line {} column {}: {e}; {items_before} item(s) before that point were read",
         e.line(),
@@ -409,17 +398,11 @@ fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
 }
 
 /// Decode one object of a known (or guessed) kind.
-pub fn decode_item(
-    raw: &RawValue,
-    kind: Option<Kind>,
-    position: &str,
-) -> Result<Object, ObjectError> {
+pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
     let kind = match kind {
         Some(k) => k,
         None => {
-            let own = serde_json::from_str::<KindOnly>(raw.get())
-                .ok()
-                .and_then(|k| k.kind);
+            let own = serde_json::from_str::<KindOnly>(raw.get()).ok().and_then(|k| k.kind);
             return Err(ObjectError {
                 kind: None,
                 object: name_of(raw).unwrap_or_else(|| position.to_string()),
@@ -438,10 +421,7 @@ pub fn decode_item(
         message,
     };
     let check_kind = |own: &Option<String>| match own {
-        Some(own) if kind_of(own) != Some(kind) => Err((
-            "kind".to_string(),
-            format!("expected {kind}, found {own:?}"),
-        )),
+        Some(own) if kind_of(own) != Some(kind) => Err(("kind".to_string(), format!("expected {kind}, found {own:?}"))),
         _ => Ok(()),
     };
     let result = match kind {
@@ -449,10 +429,9 @@ pub fn decode_item(
             .and_then(|r| check_kind(&r.kind).map(|()| r))
             .and_then(service)
             .map(Object::Service),
-        Kind::EndpointSlice => typed::<RawSlice>(raw)
-            .and_then(|r| check_kind(&r.kind).map(|()| r))
-            .and_then(slice)
-            .map(Object::Endpoints),
+        Kind::EndpointSlice => {
+            typed::<RawSlice>(raw).and_then(|r| check_kind(&r.kind).map(|()| r)).and_then(slice).map(Object::Endpoints)
+        }
         Kind::Endpoints => typed::<RawEndpoints>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
             .and_then(endpoints)
@@ -505,28 +484,17 @@ fn port_number(v: i64, field: impl FnOnce() -> String) -> FieldResult<u16> {
 fn protocol(v: Option<&str>, field: impl FnOnce() -> String) -> FieldResult<Protocol> {
     match v {
         None | Some("") => Ok(Protocol::Tcp),
-        Some(s) => Protocol::parse(s).ok_or_else(|| {
-            (
-                field(),
-                format!("unknown protocol {s:?} (TCP, UDP or SCTP)"),
-            )
-        }),
+        Some(s) => Protocol::parse(s).ok_or_else(|| (field(), format!("unknown protocol {s:?} (TCP, UDP or SCTP)"))),
     }
 }
 
 fn ip(v: &str, field: impl FnOnce() -> String) -> FieldResult<IpAddr> {
-    v.parse()
-        .map_err(|_| (field(), format!("{v:?} is not an IP address")))
+    v.parse().map_err(|_| (field(), format!("{v:?} is not an IP address")))
 }
 
 fn labels(meta: &mut RawMeta) -> Vec<(Box<str>, Box<str>)> {
     // BTreeMap iteration is sorted, which `Service::label` relies on.
-    meta.labels
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k.into(), v.into()))
-        .collect()
+    meta.labels.take().unwrap_or_default().into_iter().map(|(k, v)| (k.into(), v.into())).collect()
 }
 
 fn service(mut raw: RawService) -> FieldResult<Service> {
@@ -557,9 +525,7 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
             s => cluster_ips.push(ip(s, || format!("{field}[{i}]"))?),
         }
     }
-    if cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4()
-        || cluster_ips.len() > 2
-    {
+    if cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4() || cluster_ips.len() > 2 {
         return Err((field.into(), "at most one cluster IP per family".into()));
     }
     let mut ports: Vec<ServicePort> = Vec::new();
@@ -579,14 +545,8 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
             Some(n) => Some(port_number(n, || at("nodePort"))?),
         };
         let name: Box<str> = p.name.unwrap_or_default().into();
-        if let Some(j) = ports
-            .iter()
-            .position(|q| q.port == port && q.protocol == proto)
-        {
-            return Err((
-                format!("spec.ports[{i}]"),
-                format!("duplicate port {port}/{proto} (also spec.ports[{j}])"),
-            ));
+        if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == proto) {
+            return Err((format!("spec.ports[{i}]"), format!("duplicate port {port}/{proto} (also spec.ports[{j}])")));
         }
         if let Some(j) = ports.iter().position(|q| q.name == name) {
             return Err((
@@ -594,22 +554,13 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
                 format!("duplicate port name {name:?} (also spec.ports[{j}])"),
             ));
         }
-        ports.push(ServicePort {
-            name,
-            protocol: proto,
-            port,
-            target_port,
-            node_port,
-        });
+        ports.push(ServicePort { name, protocol: proto, port, target_port, node_port });
     }
     let affinity_timeout = match spec.session_affinity.as_deref() {
         None | Some("") | Some("None") => None,
         Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .and_then(|c| c.client_ip)
-                .and_then(|c| c.timeout_seconds)
-                .unwrap_or(10800);
+            let t =
+                spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds).unwrap_or(10800);
             if !(1..=86400).contains(&t) {
                 return Err((
                     "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
@@ -618,21 +569,13 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
             }
             Some(t as u32)
         }
-        Some(s) => {
-            return Err((
-                "spec.sessionAffinity".into(),
-                format!("unknown value {s:?} (None or ClientIP)"),
-            ))
-        }
+        Some(s) => return Err(("spec.sessionAffinity".into(), format!("unknown value {s:?} (None or ClientIP)"))),
     };
     let internal_local = match spec.internal_traffic_policy.as_deref() {
         None | Some("") | Some("Cluster") => false,
         Some("Local") => true,
         Some(s) => {
-            return Err((
-                "spec.internalTrafficPolicy".into(),
-                format!("unknown value {s:?} (Cluster or Local)"),
-            ))
+            return Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)")))
         }
     };
     Ok(Service {
@@ -655,11 +598,7 @@ fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str) -> FieldResult<Vec<En
         let Some(n) = p.port else { continue };
         let port = port_number(n, || at("port"))?;
         let protocol = protocol(p.protocol.as_deref(), || at("protocol"))?;
-        ports.push(EndpointPort {
-            name: p.name.unwrap_or_default().into(),
-            protocol,
-            port,
-        });
+        ports.push(EndpointPort { name: p.name.unwrap_or_default().into(), protocol, port });
     }
     Ok(ports)
 }
@@ -672,12 +611,7 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
         .as_ref()
         .and_then(|l| l.get("kubernetes.io/service-name"))
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            (
-                "metadata.labels".to_string(),
-                "no kubernetes.io/service-name label".to_string(),
-            )
-        })?
+        .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?
         .clone();
     let service = ObjectKey::new(&key.namespace, &service_name);
     let v6 = match raw.address_type.as_deref() {
@@ -685,37 +619,18 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
         Some("IPv6") => true,
         // FQDN slices are valid but no proxy can use them.
         Some("FQDN") => {
-            return Ok(EndpointSet {
-                source: EndpointSource::Slice,
-                key,
-                service,
-                groups: Vec::new(),
-            });
+            return Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: Vec::new() });
         }
-        other => {
-            return Err((
-                "addressType".into(),
-                format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"),
-            ))
-        }
+        other => return Err(("addressType".into(), format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
     };
     let ports = endpoint_ports(raw.ports.take(), "ports")?;
     let mut endpoints = Vec::new();
-    for (i, e) in raw
-        .endpoints
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    for (i, e) in raw.endpoints.take().unwrap_or_default().into_iter().enumerate() {
         let mut addresses = Vec::with_capacity(e.addresses.len());
         for (j, a) in e.addresses.iter().enumerate() {
             let addr = ip(a, || format!("endpoints[{i}].addresses[{j}]"))?;
             if addr.is_ipv6() != v6 {
-                return Err((
-                    format!("endpoints[{i}].addresses[{j}]"),
-                    format!("{a} does not match addressType"),
-                ));
+                return Err((format!("endpoints[{i}].addresses[{j}]"), format!("{a} does not match addressType")));
             }
             addresses.push(addr);
         }
@@ -729,12 +644,7 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
             zone: e.zone.filter(|s| !s.is_empty()).map(Into::into),
         });
     }
-    Ok(EndpointSet {
-        source: EndpointSource::Slice,
-        key,
-        service,
-        groups: vec![EndpointGroup { ports, endpoints }],
-    })
+    Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
 }
 
 fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
@@ -743,10 +653,9 @@ fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
         let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"))?;
         let mut endpoints = Vec::new();
-        for (field, list, ready) in [
-            ("addresses", s.addresses, true),
-            ("notReadyAddresses", s.not_ready_addresses, false),
-        ] {
+        for (field, list, ready) in
+            [("addresses", s.addresses, true), ("notReadyAddresses", s.not_ready_addresses, false)]
+        {
             for (j, a) in list.unwrap_or_default().into_iter().enumerate() {
                 let addr = ip(&a.ip, || format!("subsets[{i}].{field}[{j}].ip"))?;
                 endpoints.push(Endpoint {
@@ -761,12 +670,7 @@ fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
         }
         groups.push(EndpointGroup { ports, endpoints });
     }
-    Ok(EndpointSet {
-        source: EndpointSource::Endpoints,
-        service: key.clone(),
-        key,
-        groups,
-    })
+    Ok(EndpointSet { source: EndpointSource::Endpoints, service: key.clone(), key, groups })
 }
 
 // ---- watch events ------------------------------------------------------------------------------
@@ -801,18 +705,11 @@ impl fmt::Display for LineError {
 pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError> {
     let text = std::str::from_utf8(line).map_err(|_| LineError::Garbage("not UTF-8".into()))?;
     let ev: RawEvent = serde_json::from_str(text).map_err(|e| LineError::Garbage(e.to_string()))?;
-    let object = ev
-        .object
-        .ok_or_else(|| LineError::Garbage("event without an object".into()))?;
-    let rv = || {
-        serde_json::from_str::<MetaOnly>(object.get())
-            .ok()
-            .and_then(|m| m.metadata.resource_version)
-    };
+    let object = ev.object.ok_or_else(|| LineError::Garbage("event without an object".into()))?;
+    let rv = || serde_json::from_str::<MetaOnly>(object.get()).ok().and_then(|m| m.metadata.resource_version);
     let event = match ev.event_type.as_str() {
         "ADDED" | "MODIFIED" => {
-            let obj =
-                decode_item(object, Some(kind), "the event object").map_err(LineError::Object)?;
+            let obj = decode_item(object, Some(kind), "the event object").map_err(LineError::Object)?;
             match ev.event_type.as_str() {
                 "ADDED" => WatchEvent::Added(obj),
                 _ => WatchEvent::Modified(obj),
@@ -823,12 +720,7 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
                 .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
                 .metadata;
             let key = key_of(&meta).map_err(|(field, message)| {
-                LineError::Object(ObjectError {
-                    kind: Some(kind),
-                    object: "DELETED object".into(),
-                    field,
-                    message,
-                })
+                LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
             })?;
             WatchEvent::Deleted(kind, key)
         }
@@ -836,17 +728,11 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
         "ERROR" => {
             let status: Status = serde_json::from_str(object.get())
                 .map_err(|e| LineError::Garbage(format!("ERROR event without a Status: {e}")))?;
-            return Ok(WatchLine {
-                event: WatchEvent::Error(status),
-                resource_version: None,
-            });
+            return Ok(WatchLine { event: WatchEvent::Error(status), resource_version: None });
         }
         other => return Err(LineError::Garbage(format!("unknown event type {other:?}"))),
     };
-    Ok(WatchLine {
-        event,
-        resource_version: rv(),
-    })
+    Ok(WatchLine { event, resource_version: rv() })
 }
 
 #[cfg(test)]
@@ -861,9 +747,7 @@ mod tests {
     fn single_service() {
         let d = decode_document(SVC.as_bytes(), Some(Kind::Service));
         assert!(d.errors.is_empty(), "{:?}", d.errors);
-        let Object::Service(s) = &d.objects[0] else {
-            panic!()
-        };
+        let Object::Service(s) = &d.objects[0] else { panic!() };
         assert_eq!(s.cluster_ips, vec!["10.96.0.5".parse::<IpAddr>().unwrap()]);
         assert_eq!(s.ports[0].target_port, TargetPort::Name("web".into()));
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
@@ -878,10 +762,7 @@ mod tests {
             {"metadata":{"name":"bad","namespace":"n"},"spec":{"clusterIP":"10.0.0.2","ports":[{"port":70000}]}}]}"#;
         let d = decode_document(doc.as_bytes(), None);
         assert_eq!(d.objects.len(), 1);
-        assert_eq!(
-            d.errors[0].to_string(),
-            "Service n/bad: spec.ports[0].port: port 70000 is out of range 1-65535"
-        );
+        assert_eq!(d.errors[0].to_string(), "Service n/bad: spec.ports[0].port: port 70000 is out of range 1-65535");
     }
 
     #[test]
@@ -891,11 +772,7 @@ mod tests {
             {"metadata":{"name":"cut","namespace":"n"},"spec":{"clus"#;
         let d = decode_document(doc.as_bytes(), None);
         assert_eq!(d.objects.len(), 1);
-        assert!(
-            d.document_error.as_deref().unwrap().contains("truncated"),
-            "{:?}",
-            d.document_error
-        );
+        assert!(d.document_error.as_deref().unwrap().contains("truncated"), "{:?}", d.document_error);
     }
 
     #[test]
@@ -905,13 +782,8 @@ mod tests {
         assert_eq!(l.event, WatchEvent::Bookmark);
         assert_eq!(l.resource_version.as_deref(), Some("548"));
         let e = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"too old resource version: 553 (563)","reason":"Expired","code":410}}"#;
-        let WatchEvent::Error(s) = decode_watch_line(e, Kind::Service).unwrap().event else {
-            panic!()
-        };
+        let WatchEvent::Error(s) = decode_watch_line(e, Kind::Service).unwrap().event else { panic!() };
         assert!(s.is_expired());
-        assert!(matches!(
-            decode_watch_line(b"{\"type\":", Kind::Service),
-            Err(LineError::Garbage(_))
-        ));
+        assert!(matches!(decode_watch_line(b"{\"type\":", Kind::Service), Err(LineError::Garbage(_))));
     }
 }

@@ -1,8 +1,24 @@
-//! The only module that starts iptables processes: backend detection, atomic apply with
-//! `iptables-restore --noflush --wait`, the hybrid-order guard, cleanup and `check`.
+//! The only module that starts `iptables*` and `ip` processes: backend detection, atomic apply
+//! with `iptables-restore --noflush --wait`, the hybrid-order guard, start-up and exit cleanup,
+//! EdgeMesh leftover removal, `check`, and the proxy address on the listen device.
+//!
+//! What it owns: the chains in [`OWN_CHAINS`] and the jumps into them from `PREROUTING` and
+//! `OUTPUT` (nat), plus the proxy address when it added it. It never flushes a table, never
+//! touches a chain it does not own (the `--edgemesh` cleanup excepted, which removes only
+//! EdgeMesh's chain names), and never decides *what* the rules are (that is `render`).
+//!
+//! Every change is one `iptables-restore --noflush` transaction per family: our chains are
+//! declared (`:CHAIN - [0:0]` creates or flushes), refilled, and the jumps are fixed in the same
+//! input (`-D` of misplaced copies by spec, then `-I <from> 1`). A failed restore leaves the
+//! kernel as it was (the input is one transaction); the error names the failing input line.
 
-use std::process::Command;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Output, Stdio};
 
+use super::{Family, Jump, RuleSet, TableRules, OWN_CHAINS};
 use crate::config::Backend;
 
 /// The binaries of one iptables backend.
@@ -12,6 +28,9 @@ pub struct Binaries {
     pub restore: &'static str,
     pub save6: &'static str,
     pub restore6: &'static str,
+    /// The plain `iptables` command of this backend (listing single chains).
+    pub cmd: &'static str,
+    pub cmd6: &'static str,
     pub name: &'static str,
 }
 
@@ -20,6 +39,8 @@ pub const NFT: Binaries = Binaries {
     restore: "iptables-nft-restore",
     save6: "ip6tables-nft-save",
     restore6: "ip6tables-nft-restore",
+    cmd: "iptables-nft",
+    cmd6: "ip6tables-nft",
     name: "nft",
 };
 pub const LEGACY: Binaries = Binaries {
@@ -27,31 +48,170 @@ pub const LEGACY: Binaries = Binaries {
     restore: "iptables-legacy-restore",
     save6: "ip6tables-legacy-save",
     restore6: "ip6tables-legacy-restore",
+    cmd: "iptables-legacy",
+    cmd6: "ip6tables-legacy",
     name: "legacy",
 };
 
-fn save_nat(bin: &str) -> Option<String> {
-    let out = Command::new(bin).args(["-t", "nat"]).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+impl Binaries {
+    pub fn save_bin(&self, f: Family) -> &'static str {
+        if f == Family::V4 {
+            self.save
+        } else {
+            self.save6
+        }
+    }
+    pub fn restore_bin(&self, f: Family) -> &'static str {
+        if f == Family::V4 {
+            self.restore
+        } else {
+            self.restore6
+        }
+    }
+    pub fn cmd_bin(&self, f: Family) -> &'static str {
+        if f == Family::V4 {
+            self.cmd
+        } else {
+            self.cmd6
+        }
+    }
 }
 
-/// Pick the backend as kube-proxy's iptables wrapper does: the one holding kubelet's or
-/// kube-proxy's chains, else the one with more rules, else nft.
+/// Seconds `iptables-restore --wait` waits for the xtables lock before giving up.
+pub const LOCK_WAIT_SECS: u32 = 30;
+
+/// Everything that can go wrong here; every variant names the binary (or device) involved.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// Neither backend's binaries could be started.
+    NoBinaries(String),
+    /// The binary runs but cannot read the nat table (no kernel support, no permission).
+    NatUnavailable { binary: String, stderr: String },
+    /// A process could not be started.
+    Spawn { binary: String, error: std::io::Error },
+    /// `iptables-restore` refused the input; nothing of it was applied.
+    Restore {
+        binary: String,
+        /// 1-based line of the input iptables blamed (or that we matched from its message).
+        line: Option<usize>,
+        /// That line and a few around it, the failing one marked with `>`.
+        context: String,
+        stderr: String,
+    },
+    /// A listing (`iptables-save`, `iptables -S`) failed.
+    Read { binary: String, stderr: String },
+    /// `ip addr` failed.
+    Address { message: String },
+}
+
+impl fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApplyError::NoBinaries(tried) => write!(
+                f,
+                "no usable iptables backend: cannot run {tried} (install iptables, or iptables-nft / iptables-legacy)"
+            ),
+            ApplyError::NatUnavailable { binary, stderr } => {
+                write!(f, "{binary}: the nat table is not available (kernel module or permission?): {}", stderr.trim())
+            }
+            ApplyError::Spawn { binary, error } => write!(f, "cannot run {binary}: {error}"),
+            ApplyError::Restore { binary, line, context, stderr } => {
+                let first = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+                match line {
+                    Some(n) => write!(f, "{binary} failed at input line {n}: {first}\n{context}"),
+                    None => write!(f, "{binary} failed: {}", stderr.trim()),
+                }
+            }
+            ApplyError::Read { binary, stderr } => write!(f, "{binary}: cannot list the nat table: {}", stderr.trim()),
+            ApplyError::Address { message } => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+fn run(binary: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, ApplyError> {
+    let spawn_err = |error| ApplyError::Spawn { binary: binary.to_string(), error };
+    let mut cmd = Command::new(binary);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        // A write error (the process died early) shows up in its exit status and stderr.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    child.wait_with_output().map_err(spawn_err)
+}
+
+fn stdout_of(binary: &str, args: &[&str]) -> Result<String, ApplyError> {
+    let out = run(binary, args, None)?;
+    if !out.status.success() {
+        return Err(ApplyError::Read { binary: binary.into(), stderr: String::from_utf8_lossy(&out.stderr).into() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn save_table(bins: &Binaries, family: Family, table: &str) -> Result<String, ApplyError> {
+    stdout_of(bins.save_bin(family), &["-t", table])
+}
+
+fn save_nat(bin: &str) -> Option<String> {
+    let out = Command::new(bin).args(["-t", "nat"]).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn has_canary(save: &str) -> bool {
+    save.lines().any(|l| l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY "))
+}
+
+fn has_kube_proxy_chain(save: &str) -> bool {
+    save.lines().any(|l| l.starts_with(":KUBE-SERVICES ") || l.starts_with(":KUBE-PROXY-CANARY "))
+}
+
+fn rule_count(save: &str) -> usize {
+    save.lines().filter(|l| l.starts_with("-A ")).count()
+}
+
+/// Pick the backend as kube-proxy's iptables wrapper does: the one holding kubelet's canary
+/// chains (`KUBE-IPTABLES-HINT`, `KUBE-KUBELET-CANARY`; nft's mangle table first, then legacy),
+/// then the one holding kube-proxy's chains, then the one with more rules; nft by default.
+/// Legacy is only read with plain `-t nat`, which never creates a table that was not there.
 pub fn detect(backend: Backend) -> Binaries {
     match backend {
         Backend::Nft => NFT,
         Backend::Legacy => LEGACY,
         Backend::Auto => {
+            let mangle = |bin: &str| {
+                Command::new(bin)
+                    .args(["-t", "mangle"])
+                    .stderr(Stdio::null())
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            if has_canary(&mangle(NFT.save)) || has_canary(&mangle(NFT.save6)) {
+                return NFT;
+            }
+            let legacy_all = Command::new(LEGACY.save)
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if has_canary(&legacy_all) {
+                return LEGACY;
+            }
             let nft = save_nat(NFT.save).unwrap_or_default();
             let legacy = save_nat(LEGACY.save).unwrap_or_default();
-            let kube = |s: &str| s.contains(":KUBE-SERVICES") || s.contains(":KUBE-KUBELET-CANARY");
-            let rules = |s: &str| s.lines().filter(|l| l.starts_with("-A")).count();
-            if kube(&legacy) && !kube(&nft) || rules(&legacy) > rules(&nft) {
-                LEGACY
-            } else {
-                NFT
+            match (has_kube_proxy_chain(&nft), has_kube_proxy_chain(&legacy)) {
+                (true, false) => NFT,
+                (false, true) => LEGACY,
+                _ if rule_count(&legacy) > rule_count(&nft) => LEGACY,
+                _ => NFT,
             }
         }
     }
@@ -59,8 +219,786 @@ pub fn detect(backend: Backend) -> Binaries {
 
 /// Is kube-proxy's `KUBE-SERVICES` chain in the nat table? `None` when the table cannot be read.
 pub fn kube_proxy_present(backend: Backend) -> Option<bool> {
-    save_nat(detect(backend).save).map(|s| {
-        s.lines()
-            .any(|l| l == ":KUBE-SERVICES - [0:0]" || l.starts_with(":KUBE-SERVICES "))
+    save_nat(detect(backend).save).map(|s| has_kube_proxy_chain(&s))
+}
+
+/// One listed chain: `iptables -t nat -S <chain>` without the `-P`/`-N` line, as `-A` lines.
+fn list_chain(bins: &Binaries, family: Family, chain: &str) -> Result<Option<Vec<String>>, ApplyError> {
+    let bin = bins.cmd_bin(family);
+    let out = run(bin, &["-t", "nat", "-S", chain], None)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if stderr.contains("No chain") || stderr.contains("does not exist") || stderr.contains("doesn't exist") {
+            return Ok(None);
+        }
+        return Err(ApplyError::Read { binary: bin.into(), stderr });
+    }
+    Ok(Some(
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).map(str::to_string).collect(),
+    ))
+}
+
+/// What the restore input must do to the jumps of one family.
+#[derive(Debug, Default)]
+struct JumpFix {
+    /// `-D`/`-I` lines, in order.
+    lines: Vec<String>,
+    /// Human-readable findings, for the log.
+    found: Vec<String>,
+    /// A wanted jump is absent (so our chains may be gone too: rewrite them).
+    missing: bool,
+    /// kube-proxy's jump into KUBE-SERVICES is in PREROUTING or OUTPUT.
+    kube_proxy: bool,
+}
+
+/// The target of a `-A CHAIN ... -j TARGET` (or `-g TARGET`) line.
+fn jump_target(line: &str) -> Option<&str> {
+    let idx = line.rfind(" -j ").or_else(|| line.rfind(" -g "))?;
+    line[idx + 4..].split_whitespace().next()
+}
+
+/// Compare the built-in chains' listings with the wanted jumps: each must be rule 1 of its
+/// chain, once; any other jump into one of our chains (a duplicate, the other layout's) goes.
+fn jump_fix(bins: &Binaries, family: Family, wanted: &[Jump]) -> Result<JumpFix, ApplyError> {
+    let mut fix = JumpFix::default();
+    let mut deletes = Vec::new();
+    let mut inserts = Vec::new();
+    for from in ["PREROUTING", "OUTPUT"] {
+        let listed = list_chain(bins, family, from)?.unwrap_or_default();
+        fix.kube_proxy |= listed.iter().any(|l| jump_target(l) == Some("KUBE-SERVICES"));
+        let want = wanted.iter().find(|j| j.from == from);
+        let want_line = want.map(|j| format!("-A {from} {}", j.spec));
+        let first_ok = want_line.as_ref().is_some_and(|w| listed.first() == Some(w));
+        for (i, line) in listed.iter().enumerate() {
+            let ours = jump_target(line).is_some_and(|t| OWN_CHAINS.contains(&t));
+            if !ours {
+                continue;
+            }
+            let keep = i == 0 && first_ok;
+            if !keep {
+                let spec = &line[3 + from.len() + 1..];
+                deletes.push(format!("-D {from} {spec}"));
+                fix.found.push(format!("{from}: removed `{line}` (rule {})", i + 1));
+            }
+        }
+        if let (Some(j), Some(w)) = (want, &want_line) {
+            if !first_ok {
+                match listed.iter().position(|l| l == w) {
+                    None => {
+                        fix.missing = true;
+                        fix.found.push(format!("{from}: jump to {} was missing", j.target));
+                    }
+                    Some(_) => fix.found.push(format!(
+                        "{from}: `{}` was ahead of our jump to {}",
+                        listed.first().map(String::as_str).unwrap_or("?"),
+                        j.target
+                    )),
+                }
+                inserts.push(format!("-I {from} 1 {}", j.spec));
+            }
+        }
+    }
+    fix.lines = deletes;
+    fix.lines.extend(inserts);
+    Ok(fix)
+}
+
+/// What one `apply` or `guard` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Number of `iptables-restore` processes run.
+    pub restores: u32,
+    /// Per family, rules now in our chains (after a restore) or unchanged.
+    pub rules: usize,
+    /// Repairs made (jumps moved back, chains recreated), for the log.
+    pub repaired: Vec<String>,
+    /// kube-proxy's jump seen in PREROUTING/OUTPUT (IPv4).
+    pub kube_proxy: bool,
+}
+
+/// The last set applied to one family, as the kernel should now hold it.
+#[derive(Clone, Debug)]
+struct Applied {
+    rules: TableRules,
+    text: String,
+}
+
+/// Puts a [`RuleSet`] into the kernel and keeps it there. Blocking; use from one thread.
+pub struct Applier {
+    bins: Binaries,
+    last: [Option<Applied>; 2],
+    restores: u64,
+    /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
+    pub wait_secs: u32,
+}
+
+fn idx(f: Family) -> usize {
+    match f {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+impl Applier {
+    /// Pick the backend (see [`detect`]) and check that its nat table can be read.
+    pub fn new(backend: Backend) -> Result<Applier, ApplyError> {
+        let bins = detect(backend);
+        Applier::with_binaries(bins)
+    }
+
+    /// Use these binaries; fails clearly when they are missing or the nat table is unavailable.
+    pub fn with_binaries(bins: Binaries) -> Result<Applier, ApplyError> {
+        match run(bins.save, &["-t", "nat"], None) {
+            Err(ApplyError::Spawn { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+                let other = if bins.name == NFT.name { LEGACY } else { NFT };
+                let other_exists = Command::new(other.save).arg("--version").output().is_ok();
+                return Err(ApplyError::NoBinaries(if other_exists {
+                    format!("{} (the {} backend was asked for; {} exists)", bins.save, bins.name, other.save)
+                } else {
+                    format!("{} or {}", NFT.save, LEGACY.save)
+                }));
+            }
+            Err(e) => return Err(e),
+            Ok(out) if !out.status.success() => {
+                return Err(ApplyError::NatUnavailable {
+                    binary: bins.save.into(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into(),
+                })
+            }
+            Ok(_) => {}
+        }
+        Ok(Applier { bins, last: [None, None], restores: 0, wait_secs: LOCK_WAIT_SECS })
+    }
+
+    pub fn binaries(&self) -> Binaries {
+        self.bins
+    }
+
+    /// `iptables-restore` processes run so far (apply, guard repairs, cleanup).
+    pub fn restores(&self) -> u64 {
+        self.restores
+    }
+
+    /// Is any family installed (applied and not cleaned up)?
+    pub fn installed(&self) -> bool {
+        self.last.iter().any(Option::is_some)
+    }
+
+    fn restore(&mut self, family: Family, text: &str) -> Result<(), ApplyError> {
+        let bin = self.bins.restore_bin(family);
+        let wait = format!("--wait={}", self.wait_secs);
+        self.restores += 1;
+        let out = run(bin, &["--noflush", &wait], Some(text))?;
+        if out.status.success() {
+            log::debug!("{bin}: applied {} input lines", text.lines().count());
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let (line, context) = blame(text, &stderr);
+        let err = ApplyError::Restore { binary: bin.into(), line, context, stderr };
+        log::error!("{err}");
+        Err(err)
+    }
+
+    /// Make the kernel hold `set`: one restore per family that changed (none when nothing did),
+    /// with the jumps put (back) at position 1 in the same transaction. IPv6 is only touched
+    /// when it has rules or had them.
+    pub fn apply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport::default();
+        for family in [Family::V4, Family::V6] {
+            self.sync_family(family, set.family(family), false, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// Like [`Applier::apply`] but rewrites every family even when the text is unchanged (the
+    /// periodic full resync, which also repairs edits to the insides of our chains).
+    pub fn reapply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport::default();
+        for family in [Family::V4, Family::V6] {
+            self.sync_family(family, set.family(family), true, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    fn sync_family(
+        &mut self,
+        family: Family,
+        want: &TableRules,
+        force: bool,
+        report: &mut SyncReport,
+    ) -> Result<(), ApplyError> {
+        let i = idx(family);
+        if want.is_empty() {
+            if self.last[i].is_some() {
+                self.remove_family(family)?;
+                report.restores += 1;
+                self.last[i] = None;
+            }
+            return Ok(());
+        }
+        let fix = jump_fix(&self.bins, family, &want.jumps)?;
+        if family == Family::V4 {
+            report.kube_proxy = fix.kube_proxy;
+        }
+        let text = want.restore_text();
+        let same = !force && self.last[i].as_ref().is_some_and(|a| a.text == text);
+        if same && fix.lines.is_empty() {
+            report.rules += want.rules.len();
+            return Ok(());
+        }
+        let stale: Vec<&'static str> = match &self.last[i] {
+            Some(a) => a.rules.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
+            None => Vec::new(),
+        };
+        let input = if same && !fix.missing && stale.is_empty() {
+            jumps_only(&fix.lines)
+        } else {
+            full_input(want, &fix.lines, &stale)
+        };
+        self.restore(family, &input)?;
+        if self.last[i].is_some() {
+            for f in &fix.found {
+                log::warn!("rules guard ({}): {f}", family_name(family));
+            }
+            report.repaired.extend(fix.found.iter().cloned());
+        }
+        report.restores += 1;
+        report.rules += want.rules.len();
+        self.last[i] = Some(Applied { rules: want.clone(), text });
+        Ok(())
+    }
+
+    /// The hybrid-order guard: our jumps first in PREROUTING and OUTPUT, once, and our chains
+    /// present (their first rule where they have rules). Repairs what it finds in one restore
+    /// per family; runs no restore when everything is in place.
+    pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport::default();
+        for family in [Family::V4, Family::V6] {
+            let Some(applied) = self.last[idx(family)].clone() else {
+                continue;
+            };
+            let want = &applied.rules;
+            let mut fix = jump_fix(&self.bins, family, &want.jumps)?;
+            if family == Family::V4 {
+                report.kube_proxy = fix.kube_proxy;
+            }
+            let mut chains_bad = false;
+            for chain in &want.chains {
+                let first = want.rules.iter().find(|r| r.starts_with(&format!("-A {chain} ")));
+                let listed = match first {
+                    // `-S CHAIN 1` lists only rule 1 (cheap) and fails when the chain is gone.
+                    Some(_) => self.first_rule(family, chain)?,
+                    None => list_chain(&self.bins, family, chain)?.map(|v| v.into_iter().next()),
+                };
+                match (listed, first) {
+                    (None, _) => {
+                        chains_bad = true;
+                        fix.found.push(format!("chain {chain} was deleted"));
+                    }
+                    (Some(got), Some(f)) if got.as_deref() != Some(f.as_str()) => {
+                        chains_bad = true;
+                        fix.found.push(format!("chain {chain} was flushed or edited"));
+                    }
+                    _ => {}
+                }
+            }
+            if fix.lines.is_empty() && !chains_bad {
+                report.rules += want.rules.len();
+                continue;
+            }
+            let input =
+                if chains_bad || fix.missing { full_input(want, &fix.lines, &[]) } else { jumps_only(&fix.lines) };
+            self.restore(family, &input)?;
+            for f in &fix.found {
+                log::warn!("rules guard ({}): {f}; repaired", family_name(family));
+            }
+            report.restores += 1;
+            report.rules += want.rules.len();
+            report.repaired.extend(fix.found);
+        }
+        Ok(report)
+    }
+
+    fn first_rule(&self, family: Family, chain: &str) -> Result<Option<Option<String>>, ApplyError> {
+        let bin = self.bins.cmd_bin(family);
+        let out = run(bin, &["-t", "nat", "-S", chain, "1"], None)?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            if stderr.contains("No chain") || stderr.contains("does not exist") || stderr.contains("incompatible") {
+                return Ok(None);
+            }
+            return Err(ApplyError::Read { binary: bin.into(), stderr });
+        }
+        Ok(Some(String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("-A ")).map(str::to_string)))
+    }
+
+    /// Is kube-proxy's jump into `KUBE-SERVICES` in PREROUTING or OUTPUT (IPv4)?
+    pub fn kube_proxy_jump_present(&self) -> Result<bool, ApplyError> {
+        for from in ["PREROUTING", "OUTPUT"] {
+            let listed = list_chain(&self.bins, Family::V4, from)?.unwrap_or_default();
+            if listed.iter().any(|l| jump_target(l) == Some("KUBE-SERVICES")) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Remove every chain in [`OWN_CHAINS`] and every jump into them, both families, in one
+    /// restore per family that has any. Used at start (leftovers of a killed run, or of the
+    /// other layout) and at exit.
+    pub fn cleanup(&mut self) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport::default();
+        for family in [Family::V4, Family::V6] {
+            if self.remove_family(family)? {
+                report.restores += 1;
+            }
+            self.last[idx(family)] = None;
+        }
+        Ok(report)
+    }
+
+    /// [`Applier::cleanup`] before the first install; logs what it found.
+    pub fn startup_cleanup(&mut self) -> Result<SyncReport, ApplyError> {
+        let r = self.cleanup()?;
+        if r.restores > 0 {
+            log::info!("removed rules left by a previous run ({} restore(s))", r.restores);
+        }
+        Ok(r)
+    }
+
+    /// Returns whether anything was there to remove.
+    fn remove_family(&mut self, family: Family) -> Result<bool, ApplyError> {
+        let save = match save_table(&self.bins, family, "nat") {
+            Ok(s) => s,
+            // IPv6 may be unavailable entirely; then there is nothing of ours in it.
+            Err(_) if family == Family::V6 => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let input = removal_input(&save, |c| OWN_CHAINS.contains(&c));
+        match input {
+            None => Ok(false),
+            Some(text) => {
+                self.restore(family, &text)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// `edgeproxy cleanup --edgemesh`: our own rules plus EdgeMesh's chains in nat
+    /// (`EDGE-MESH*`, `EDGEMESH-PORTALS-*`, `EDGEMESH-NODEPORT-*`, `KUBE-PORTALS-*`,
+    /// `KUBE-NODEPORT-*`) and filter (`KUBE-NODEPORT-NON-LOCAL`, `EDGEMESH-NODEPORT-NON-LOCAL`),
+    /// with every jump into them.
+    ///
+    /// `KUBE-PORTALS-*`/`KUBE-NODEPORT-*` are also the chains of kube-proxy's old userspace mode.
+    /// They are EdgeMesh's (or ours) when every DNAT in them goes to `proxy_ips` (EdgeMesh's
+    /// 169.254.96.16 bridge address, which is also our default); kube-proxy's userspace mode
+    /// binds 0.0.0.0 and so writes `REDIRECT` rules or DNATs to the node's own address. When any
+    /// rule in them is of that kind they are kept (with `KUBE-NODEPORT-NON-LOCAL` in filter) and
+    /// the returned notes say so.
+    pub fn cleanup_edgemesh(&mut self, proxy_ips: &[IpAddr]) -> Result<Vec<String>, ApplyError> {
+        let mut notes = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            self.last[idx(family)] = None;
+            let nat = match save_table(&self.bins, family, "nat") {
+                Ok(s) => s,
+                Err(_) if family == Family::V6 => continue,
+                Err(e) => return Err(e),
+            };
+            let kube_userspace = userspace_owned(&nat, proxy_ips);
+            if kube_userspace {
+                notes.push(format!(
+                    "{}: KUBE-PORTALS-*/KUBE-NODEPORT-* hold rules that do not point at {proxy_ips:?}: \
+                     kept (kube-proxy's userspace mode owns them)",
+                    family_name(family)
+                ));
+            }
+            let pick_nat = |c: &str| {
+                let kube_named = c.starts_with("KUBE-PORTALS-") || c.starts_with("KUBE-NODEPORT-");
+                if kube_named {
+                    return !kube_userspace;
+                }
+                OWN_CHAINS.contains(&c)
+                    || c.starts_with("EDGE-MESH")
+                    || c.starts_with("EDGEMESH-PORTALS-")
+                    || c.starts_with("EDGEMESH-NODEPORT-")
+            };
+            if let Some(text) = removal_input(&nat, pick_nat) {
+                self.restore(family, &text)?;
+                notes.push(format!(
+                    "{}: removed from nat: {}",
+                    family_name(family),
+                    chains_in(&nat, pick_nat).join(", ")
+                ));
+            }
+            let Ok(filter) = save_table(&self.bins, family, "filter") else {
+                continue;
+            };
+            let pick_filter =
+                |c: &str| c == "EDGEMESH-NODEPORT-NON-LOCAL" || (!kube_userspace && c == "KUBE-NODEPORT-NON-LOCAL");
+            if let Some(text) = removal_input(&filter, pick_filter) {
+                self.restore(family, &text.replacen("*nat", "*filter", 1))?;
+                notes.push(format!(
+                    "{}: removed from filter: {}",
+                    family_name(family),
+                    chains_in(&filter, pick_filter).join(", ")
+                ));
+            }
+        }
+        Ok(notes)
+    }
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+fn jumps_only(lines: &[String]) -> String {
+    let mut s = String::from("*nat\n");
+    for l in lines {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// Our chains declared (created or flushed) and refilled, stale chains flushed, jump fixes,
+/// then the stale chains deleted, all in one transaction.
+fn full_input(want: &TableRules, jump_lines: &[String], stale: &[&str]) -> String {
+    let mut s = String::with_capacity(64 + want.rules.iter().map(|r| r.len() + 1).sum::<usize>());
+    s.push_str("*nat\n");
+    for c in want.chains.iter().chain(stale) {
+        s.push(':');
+        s.push_str(c);
+        s.push_str(" - [0:0]\n");
+    }
+    for r in &want.rules {
+        s.push_str(r);
+        s.push('\n');
+    }
+    for l in jump_lines {
+        s.push_str(l);
+        s.push('\n');
+    }
+    for c in stale {
+        s.push_str("-X ");
+        s.push_str(c);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The user chains of an `iptables-save` table text that `pick` selects.
+fn chains_in(save: &str, pick: impl Fn(&str) -> bool) -> Vec<String> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| pick(c))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A restore input that deletes every rule jumping into a picked chain from a chain not picked,
+/// flushes the picked chains and deletes them. `None` when none of them is present.
+fn removal_input(save: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
+    let chains = chains_in(save, &pick);
+    let mut deletes = Vec::new();
+    for line in save.lines().filter(|l| l.starts_with("-A ")) {
+        let mut words = line.split_whitespace();
+        let _ = words.next();
+        let Some(from) = words.next() else { continue };
+        if pick(from) {
+            continue; // goes with the flush
+        }
+        if jump_target(line).is_some_and(&pick) {
+            deletes.push(format!("-D {}", &line[3..]));
+        }
+    }
+    if chains.is_empty() && deletes.is_empty() {
+        return None;
+    }
+    let mut s = String::from("*nat\n");
+    for c in &chains {
+        s.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    for d in &deletes {
+        s.push_str(d);
+        s.push('\n');
+    }
+    for c in &chains {
+        s.push_str(&format!("-X {c}\n"));
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// Do `KUBE-PORTALS-*`/`KUBE-NODEPORT-*` hold rules of kube-proxy's userspace mode (a
+/// `REDIRECT`, or a DNAT to an address other than the proxy's)?
+fn userspace_owned(nat: &str, proxy_ips: &[IpAddr]) -> bool {
+    nat.lines().filter(|l| l.starts_with("-A KUBE-PORTALS-") || l.starts_with("-A KUBE-NODEPORT-")).any(|l| {
+        if l.contains(" -j REDIRECT") {
+            return true;
+        }
+        match l.split(" --to-destination ").nth(1).and_then(|t| t.split_whitespace().next()) {
+            None => false,
+            Some(dest) => {
+                let host = dest.rsplit_once(':').map_or(dest, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                !proxy_ips.iter().any(|ip| ip.to_string() == host)
+            }
+        }
     })
+}
+
+/// The input line a restore failed on, and a few lines of context around it.
+///
+/// iptables says `Error occurred at line: N`. iptables-nft checks some errors (an unknown
+/// target chain) only at `COMMIT` and then blames that line; in that case the name it quotes in
+/// its message is looked up in the input to find the rule at fault.
+fn blame(input: &str, stderr: &str) -> (Option<usize>, String) {
+    let lines: Vec<&str> = input.lines().collect();
+    let reported = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Error occurred at line: "))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|n| *n >= 1 && *n <= lines.len());
+    let mut line = reported;
+    if let Some(n) = reported {
+        if lines[n - 1].trim() == "COMMIT" {
+            if let Some(name) = quoted(stderr) {
+                if let Some(pos) =
+                    lines.iter().position(|l| l.starts_with('-') && l.split_whitespace().any(|w| w == name))
+                {
+                    line = Some(pos + 1);
+                }
+            }
+        }
+    }
+    let Some(n) = line else {
+        return (None, String::new());
+    };
+    let from = n.saturating_sub(3);
+    let to = (n + 2).min(lines.len());
+    let mut ctx = String::new();
+    for (i, l) in lines.iter().enumerate().take(to).skip(from) {
+        let mark = if i + 1 == n { '>' } else { ' ' };
+        ctx.push_str(&format!("{mark} {:>5} | {l}\n", i + 1));
+    }
+    (Some(n), ctx.trim_end().to_string())
+}
+
+/// The first `'name'` or `` `name' `` quoted in an iptables message.
+fn quoted(msg: &str) -> Option<&str> {
+    let first = msg.lines().next()?;
+    let start = first.find(['\'', '`'])? + 1;
+    let len = first[start..].find('\'')?;
+    Some(&first[start..start + len]).filter(|s| !s.is_empty())
+}
+
+// ---- `edgeproxy check` ----------------------------------------------------------------------
+
+/// Exit codes of `edgeproxy check`, for scripts.
+pub mod exit {
+    /// Our chains are present and our jumps are first in PREROUTING and OUTPUT.
+    pub const OK: u8 = 0;
+    /// Our jumps are not there (edgeproxy is not running, or the rules were removed).
+    pub const NOT_INSTALLED: u8 = 3;
+    /// Installed, but something (kube-proxy's KUBE-SERVICES, say) is ahead of a jump.
+    pub const NOT_FIRST: u8 = 4;
+    /// Installed and first, but leftovers exist: EdgeMesh's chains, chains of our other
+    /// layout, duplicate jumps.
+    pub const LEFTOVERS: u8 = 5;
+    /// The nat table cannot be read (no binary, no kernel support, no permission).
+    pub const CANNOT_READ: u8 = 6;
+}
+
+/// What `edgeproxy check` found.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    pub backend: &'static str,
+    pub kube_proxy: bool,
+    pub lines: Vec<String>,
+    pub code: u8,
+}
+
+/// Read the live nat table (IPv4, and IPv6 when it holds any of our chains) and judge it
+/// against the jumps `expected` (from rendering an empty plan with the configured layout).
+pub fn check(bins: Binaries, expected: &RuleSet) -> CheckReport {
+    let mut r = CheckReport { backend: bins.name, ..Default::default() };
+    let v4 = match save_table(&bins, Family::V4, "nat") {
+        Ok(s) => s,
+        Err(e) => {
+            r.lines.push(format!("cannot read the nat table: {e}"));
+            r.code = exit::CANNOT_READ;
+            return r;
+        }
+    };
+    r.lines.push(format!("backend: {} ({})", bins.name, bins.save));
+    let mut installed = true;
+    let mut first = true;
+    let mut leftovers = Vec::new();
+    let mut judge = |save: &str, want: &TableRules, family: Family, r: &mut CheckReport| {
+        let name = family_name(family);
+        let present: BTreeSet<String> = chains_in(save, |_| true).into_iter().collect();
+        for c in &want.chains {
+            if !present.contains(*c) {
+                installed = false;
+                r.lines.push(format!("{name}: chain {c} missing"));
+            }
+        }
+        for j in &want.jumps {
+            let rules: Vec<&str> = save.lines().filter(|l| l.starts_with(&format!("-A {} ", j.from))).collect();
+            let wanted = format!("-A {} {}", j.from, j.spec);
+            let copies = rules.iter().filter(|l| **l == wanted).count();
+            match rules.iter().position(|l| *l == wanted) {
+                None => {
+                    installed = false;
+                    r.lines.push(format!("{name}: no jump from {} to {}", j.from, j.target));
+                }
+                Some(0) => r.lines.push(format!("{name}: jump {} -> {} is first", j.from, j.target)),
+                Some(p) => {
+                    first = false;
+                    r.lines.push(format!(
+                        "{name}: jump {} -> {} is rule {} behind `{}`",
+                        j.from,
+                        j.target,
+                        p + 1,
+                        rules[0]
+                    ));
+                }
+            }
+            if copies > 1 {
+                leftovers.push(format!("{name}: {copies} copies of the jump {} -> {}", j.from, j.target));
+            }
+        }
+        for c in OWN_CHAINS.iter().filter(|c| present.contains(**c) && !want.chains.contains(c)) {
+            leftovers.push(format!("{name}: chain {c} of the other layout"));
+        }
+        for c in present.iter().filter(|c| {
+            c.starts_with("EDGEMESH-") || (c.starts_with("KUBE-NODEPORT-") && !OWN_CHAINS.contains(&c.as_str()))
+        }) {
+            leftovers.push(format!("{name}: EdgeMesh chain {c}"));
+        }
+    };
+    r.kube_proxy = has_kube_proxy_chain(&v4);
+    judge(&v4, &expected.v4, Family::V4, &mut r);
+    if let Ok(v6) = save_table(&bins, Family::V6, "nat") {
+        if OWN_CHAINS.iter().any(|c| v6.lines().any(|l| l.starts_with(&format!(":{c} ")))) {
+            let want = if expected.v6.is_empty() { &expected.v4 } else { &expected.v6 };
+            judge(&v6, want, Family::V6, &mut r);
+        }
+    }
+    r.lines.push(format!("kube-proxy: {}", if r.kube_proxy { "present (KUBE-SERVICES)" } else { "absent" }));
+    for l in &leftovers {
+        r.lines.push(format!("leftover: {l}"));
+    }
+    r.code = if !installed {
+        exit::NOT_INSTALLED
+    } else if !first {
+        exit::NOT_FIRST
+    } else if !leftovers.is_empty() {
+        exit::LEFTOVERS
+    } else {
+        exit::OK
+    };
+    r
+}
+
+// ---- the proxy address ----------------------------------------------------------------------
+
+fn prefix(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}/32"),
+        IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}
+
+/// Put `ip` (/32 or /128) on `device`. Returns `true` when it was added now, `false` when it was
+/// already there (then it is not ours to remove).
+pub fn ensure_address(device: &str, ip: IpAddr) -> Result<bool, ApplyError> {
+    let fam = if ip.is_ipv4() { "-4" } else { "-6" };
+    let shown = run("ip", &[fam, "-o", "addr", "show", "dev", device], None)?;
+    if !shown.status.success() {
+        return Err(ApplyError::Address {
+            message: format!("device {device:?}: {}", String::from_utf8_lossy(&shown.stderr).trim()),
+        });
+    }
+    let want = prefix(ip);
+    if String::from_utf8_lossy(&shown.stdout).split_whitespace().any(|w| w == want) {
+        return Ok(false);
+    }
+    let out = run("ip", &["addr", "add", &want, "dev", device], None)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("File exists") {
+            return Ok(false);
+        }
+        return Err(ApplyError::Address { message: format!("ip addr add {want} dev {device}: {}", stderr.trim()) });
+    }
+    Ok(true)
+}
+
+/// Take `ip` off `device` (at exit, when [`ensure_address`] added it).
+pub fn remove_address(device: &str, ip: IpAddr) -> Result<(), ApplyError> {
+    let want = prefix(ip);
+    let out = run("ip", &["addr", "del", &want, "dev", device], None)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stderr.contains("Cannot assign") {
+            return Err(ApplyError::Address { message: format!("ip addr del {want} dev {device}: {}", stderr.trim()) });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blame_finds_reported_line_and_commit_fallback() {
+        let input = "*nat\n:A - [0:0]\n-A A -d 10.0.0.1/32 -j RETURN\n-A A -d 10.0.0.2/32 -j NOPE\nCOMMIT\n";
+        let (line, ctx) = blame(
+            input,
+            "iptables-restore v1.8.9 (legacy): Couldn't load target `NOPE'\n\nError occurred at line: 4\n",
+        );
+        assert_eq!(line, Some(4));
+        assert!(ctx.contains(">     4 | -A A -d 10.0.0.2/32 -j NOPE"), "{ctx}");
+        let (line, _) = blame(
+            input,
+            "iptables-nft-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\nError occurred at line: 5\n",
+        );
+        assert_eq!(line, Some(4));
+        assert_eq!(blame(input, "garbage").0, None);
+    }
+
+    #[test]
+    fn removal_input_deletes_jumps_before_chains() {
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:EDGE-MESH - [0:0]\n:EDGE-MESH-TCP - [0:0]\n:KUBE-SERVICES - [0:0]\n\
+            -A PREROUTING -m comment --comment \"edgemesh root chain\" -j EDGE-MESH\n-A PREROUTING -j KUBE-SERVICES\n\
+            -A EDGE-MESH -p tcp -j EDGE-MESH-TCP\nCOMMIT\n";
+        let text = removal_input(save, |c| OWN_CHAINS.contains(&c)).unwrap();
+        assert_eq!(
+            text,
+            "*nat\n:EDGE-MESH - [0:0]\n:EDGE-MESH-TCP - [0:0]\n-D PREROUTING -m comment --comment \"edgemesh root chain\" -j EDGE-MESH\n-X EDGE-MESH\n-X EDGE-MESH-TCP\nCOMMIT\n"
+        );
+        assert!(removal_input("*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n", |c| OWN_CHAINS.contains(&c)).is_none());
+    }
+
+    #[test]
+    fn userspace_ownership() {
+        let ip: IpAddr = "169.254.96.16".parse().unwrap();
+        let em = "-A KUBE-PORTALS-HOST -d 10.96.0.1/32 -p tcp -m comment --comment \"a/b\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:36906\n";
+        assert!(!userspace_owned(em, &[ip]));
+        let kp = "-A KUBE-PORTALS-CONTAINER -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 40000\n";
+        assert!(userspace_owned(kp, &[ip]));
+        let kp2 =
+            "-A KUBE-PORTALS-HOST -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:40000\n";
+        assert!(userspace_owned(kp2, &[ip]));
+    }
 }

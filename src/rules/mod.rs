@@ -1,6 +1,7 @@
 //! The nat rule set: what we want in the kernel (`render`, pure) and the code that puts it there
 //! (`apply`, the only module that starts iptables processes).
 
+pub mod applier;
 pub mod apply;
 pub mod render;
 
@@ -8,13 +9,8 @@ use std::fmt::Write as _;
 
 /// Every chain edgeproxy may own, in any layout. Cleanup removes exactly these (and the jumps to
 /// them); nothing else in the nat table is ever touched.
-pub const OWN_CHAINS: &[&str] = &[
-    "KUBE-PORTALS-CONTAINER",
-    "KUBE-PORTALS-HOST",
-    "EDGE-MESH",
-    "EDGE-MESH-TCP",
-    "EDGE-MESH-UDP",
-];
+pub const OWN_CHAINS: &[&str] =
+    &["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP"];
 
 /// IP family of a table (`iptables` vs `ip6tables`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,8 +47,7 @@ impl TableRules {
     /// The `iptables-restore --noflush` input that rewrites our chains and nothing else:
     /// each `:CHAIN - [0:0]` line creates or flushes one of our chains, then the rules follow.
     pub fn restore_text(&self) -> String {
-        let mut out =
-            String::with_capacity(64 + self.rules.iter().map(|r| r.len() + 1).sum::<usize>());
+        let mut out = String::with_capacity(64 + self.rules.iter().map(|r| r.len() + 1).sum::<usize>());
         out.push_str("*nat\n");
         for chain in &self.chains {
             let _ = writeln!(out, ":{chain} - [0:0]");

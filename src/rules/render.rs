@@ -76,10 +76,7 @@ pub struct RenderInput<'a> {
 }
 
 pub fn render(input: &RenderInput<'_>) -> RuleSet {
-    RuleSet {
-        v4: render_family(input, Family::V4),
-        v6: render_family(input, Family::V6),
-    }
+    RuleSet { v4: render_family(input, Family::V4), v6: render_family(input, Family::V6) }
 }
 
 fn family_of(ip: &IpAddr) -> Family {
@@ -118,11 +115,7 @@ fn dnat_rule(out: &mut String, chain: &str, p: &PlannedPort, listen: &ListenConf
 }
 
 fn render_family(input: &RenderInput<'_>, family: Family) -> TableRules {
-    let ports: Vec<&PlannedPort> = input
-        .ports
-        .iter()
-        .filter(|p| family_of(&p.cluster_ip) == family)
-        .collect();
+    let ports: Vec<&PlannedPort> = input.ports.iter().filter(|p| family_of(&p.cluster_ip) == family).collect();
     match input.layout {
         Layout::Portals => portals(input, &ports, family),
         Layout::RootChain => root_chain(input, &ports, family),
@@ -147,16 +140,8 @@ fn portals(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -> T
         chains: vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"],
         rules,
         jumps: vec![
-            Jump {
-                from: "PREROUTING",
-                target: "KUBE-PORTALS-CONTAINER",
-                spec: spec("KUBE-PORTALS-CONTAINER"),
-            },
-            Jump {
-                from: "OUTPUT",
-                target: "KUBE-PORTALS-HOST",
-                spec: spec("KUBE-PORTALS-HOST"),
-            },
+            Jump { from: "PREROUTING", target: "KUBE-PORTALS-CONTAINER", spec: spec("KUBE-PORTALS-CONTAINER") },
+            Jump { from: "OUTPUT", target: "KUBE-PORTALS-HOST", spec: spec("KUBE-PORTALS-HOST") },
         ],
     }
 }
@@ -190,29 +175,20 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
         .collect();
     // Without a configured CIDR of this family the catch rule matches every destination; the
     // per-port DNATs inside still decide, so that only costs rule evaluations.
-    let cidrs = if cidrs.is_empty() {
-        vec![String::new()]
-    } else {
-        cidrs
-    };
+    let cidrs = if cidrs.is_empty() { vec![String::new()] } else { cidrs };
     let mut chains = vec!["EDGE-MESH", "EDGE-MESH-TCP"];
     let has_udp = ports.iter().any(|p| p.protocol == Protocol::Udp);
     if has_udp {
         chains.push("EDGE-MESH-UDP");
     }
     for d in &cidrs {
-        rules.push(format!(
-            "-A EDGE-MESH {d}-p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP"
-        ));
+        rules.push(format!("-A EDGE-MESH {d}-p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP"));
         if has_udp {
             rules.push(format!("-A EDGE-MESH {d}-p udp -m comment --comment \"udp service proxy\" -j EDGE-MESH-UDP"));
         }
     }
     // Grouped by chain, as iptables-save would list them.
-    for (chain, proto) in [
-        ("EDGE-MESH-TCP", Protocol::Tcp),
-        ("EDGE-MESH-UDP", Protocol::Udp),
-    ] {
+    for (chain, proto) in [("EDGE-MESH-TCP", Protocol::Tcp), ("EDGE-MESH-UDP", Protocol::Udp)] {
         for p in ports.iter().filter(|p| p.protocol == proto) {
             let mut line = String::with_capacity(192);
             dnat_rule(&mut line, chain, p, input.listen);
@@ -224,16 +200,8 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
         chains,
         rules,
         jumps: vec![
-            Jump {
-                from: "PREROUTING",
-                target: "EDGE-MESH",
-                spec: spec.clone(),
-            },
-            Jump {
-                from: "OUTPUT",
-                target: "EDGE-MESH",
-                spec,
-            },
+            Jump { from: "PREROUTING", target: "EDGE-MESH", spec: spec.clone() },
+            Jump { from: "OUTPUT", target: "EDGE-MESH", spec },
         ],
     }
 }
@@ -244,25 +212,13 @@ mod tests {
     use crate::config::Config;
 
     fn port(comment: &str, ip: &str, protocol: Protocol, port: u16, target: Target) -> PlannedPort {
-        PlannedPort {
-            comment: comment.into(),
-            cluster_ip: ip.parse().unwrap(),
-            protocol,
-            port,
-            target,
-        }
+        PlannedPort { comment: comment.into(), cluster_ip: ip.parse().unwrap(), protocol, port, target }
     }
 
     #[test]
     fn portals_dnat_has_edgemesh_shape() {
         let cfg = Config::defaults();
-        let ports = [port(
-            "default/nginx:http",
-            "10.96.100.10",
-            Protocol::Tcp,
-            80,
-            Target::Proxy(15001),
-        )];
+        let ports = [port("default/nginx:http", "10.96.100.10", Protocol::Tcp, 80, Target::Proxy(15001))];
         let rs = render(&RenderInput {
             layout: Layout::Portals,
             listen: &cfg.listen,
@@ -303,18 +259,9 @@ mod tests {
     #[test]
     fn root_chain_returns_come_first_and_sorted() {
         let cfg = Config::defaults();
-        let ports = [port(
-            "x/y",
-            "10.96.0.20",
-            Protocol::Tcp,
-            80,
-            Target::Proxy(15001),
-        )];
+        let ports = [port("x/y", "10.96.0.20", Protocol::Tcp, 80, Target::Proxy(15001))];
         let ignored = [
-            Ignored {
-                key: ObjectKey::new("m", "z"),
-                ips: vec!["10.96.0.9".parse().unwrap()],
-            },
+            Ignored { key: ObjectKey::new("m", "z"), ips: vec!["10.96.0.9".parse().unwrap()] },
             Ignored {
                 key: ObjectKey::new("a", "b"),
                 ips: vec!["10.96.0.3".parse().unwrap(), "10.96.0.2".parse().unwrap()],

@@ -3,6 +3,8 @@
 //! Sources run on their own threads and never touch the state directly: they send
 //! [`SourceEvent`]s through a [`Sink`], and the agent loop applies them to `state::State`.
 
+pub mod file;
+
 use std::sync::Arc;
 
 use crate::model::Kind;

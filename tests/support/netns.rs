@@ -16,19 +16,9 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test needs root (network namespaces); CI runs it as root"
-    );
-    let ok = Command::new("ip")
-        .arg("-V")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "this test needs iproute2's `ip`; apt-get install iproute2"
-    );
+    assert_eq!(euid, 0, "this test needs root (network namespaces); CI runs it as root");
+    let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "this test needs iproute2's `ip`; apt-get install iproute2");
 }
 
 /// A network namespace that lives as long as this value.
@@ -43,10 +33,7 @@ impl Netns {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("ep{prefix}-{}-{n}", std::process::id());
         run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns {
-            name,
-            children: Vec::new(),
-        };
+        let ns = Netns { name, children: Vec::new() };
         ns.ok(&["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -60,9 +47,7 @@ impl Netns {
 
     /// Run inside the namespace and return the output, whatever the exit status.
     pub fn exec(&self, argv: &[&str]) -> Output {
-        self.cmd(argv)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {argv:?} in {}: {e}", self.name))
+        self.cmd(argv).output().unwrap_or_else(|e| panic!("cannot run {argv:?} in {}: {e}", self.name))
     }
 
     /// Run inside the namespace; panic with stderr unless it succeeds. Returns stdout.
@@ -86,10 +71,7 @@ impl Netns {
     /// Start a long-running process inside the namespace; it is killed when the namespace drops.
     /// Returns its index for [`Netns::child`].
     pub fn spawn(&mut self, mut cmd: Command) -> usize {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn in {}: {e}", self.name));
+        let child = cmd.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot spawn in {}: {e}", self.name));
         self.children.push(child);
         self.children.len() - 1
     }
@@ -100,10 +82,7 @@ impl Netns {
 
     /// Run `f` on a new thread whose network namespace is this one: sockets it creates (and
     /// processes it starts) live here. Use it for in-process servers and clients.
-    pub fn thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
+    pub fn thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             enter(&path);
@@ -127,32 +106,21 @@ impl Drop for Netns {
             let _ = c.wait();
         }
         // Kill anything else still running inside before deleting the namespace.
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 /// Connect two namespaces with a veth pair: `a_if` (address `a_cidr`) in `a`, `b_if` in `b`.
 pub fn veth(a: &Netns, a_if: &str, a_cidr: &str, b: &Netns, b_if: &str, b_cidr: &str) {
     // Created in the root namespace first, so the name must be unique across processes.
-    let tmp = format!(
-        "v{}x{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    );
+    let tmp = format!("v{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
     let tmp_peer = format!("{tmp}p");
-    run(Command::new("ip").args([
-        "link", "add", &tmp, "type", "veth", "peer", "name", &tmp_peer,
-    ]));
+    run(Command::new("ip").args(["link", "add", &tmp, "type", "veth", "peer", "name", &tmp_peer]));
     run(Command::new("ip").args(["link", "set", &tmp, "netns", &a.name, "name", a_if]));
     run(Command::new("ip").args(["link", "set", &tmp_peer, "netns", &b.name, "name", b_if]));
     for (ns, ifname, cidr) in [(a, a_if, a_cidr), (b, b_if, b_cidr)] {
@@ -163,9 +131,5 @@ pub fn veth(a: &Netns, a_if: &str, a_cidr: &str, b: &Netns, b_if: &str, b_cidr: 
 
 fn run(c: &mut Command) {
     let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }

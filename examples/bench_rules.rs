@@ -1,0 +1,168 @@
+//! Rule sync benchmark (not a test): run as root, `cargo run --release --example bench_rules`.
+//!
+//! In throwaway network namespaces, for both backends: full-sync time for 1,000 / 5,000 / 10,000
+//! service ports (portals layout: two DNAT rules per port), the time from one endpoint change
+//! (a service losing its last endpoint) to rules in the kernel, and the same work done
+//! EdgeMesh's way (one `iptables -C` then `-A` process per rule). The per-process part is
+//! measured on 1,000 rules and extrapolated linearly (a lower bound: each call copies the whole
+//! table, so the real cost grows with the table).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edgeproxy::config::Config;
+use edgeproxy::kube::objects::decode_document;
+use edgeproxy::model::{Kind, ObjectKey};
+use edgeproxy::rules::apply::{Applier, Binaries, LEGACY, NFT};
+use edgeproxy::state::{Change, State, StateConfig};
+
+fn cluster(n: usize) -> State {
+    let mut svcs = Vec::with_capacity(n);
+    let mut slices = Vec::with_capacity(n);
+    for i in 0..n {
+        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        let ep = format!("192.0.{}.{}", (i / 250) % 250, i % 250 + 1);
+        svcs.push(format!(r#"{{"kind":"Service","apiVersion":"v1","metadata":{{"name":"s{i}","namespace":"bench"}},"spec":{{"clusterIP":"{ip}","ports":[{{"name":"http","port":80,"targetPort":8080}}]}}}}"#));
+        slices.push(format!(r#"{{"kind":"EndpointSlice","apiVersion":"discovery.k8s.io/v1","metadata":{{"name":"s{i}-x","namespace":"bench","labels":{{"kubernetes.io/service-name":"s{i}"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["{ep}"],"conditions":{{"ready":true}}}}],"ports":[{{"name":"http","port":8080,"protocol":"TCP"}}]}}"#));
+    }
+    let mut st = State::new(StateConfig::from(&Config::defaults()));
+    for (items, kind) in [(svcs, Kind::Service), (slices, Kind::EndpointSlice)] {
+        let doc = format!(r#"{{"kind":"List","apiVersion":"v1","items":[{}]}}"#, items.join(","));
+        let d = decode_document(doc.as_bytes(), None);
+        assert!(d.errors.is_empty() && d.document_error.is_none());
+        st.apply(Change::Replace(kind, d.objects));
+    }
+    st
+}
+
+/// Split an iptables-save rule line into argv (double quotes group words).
+fn split(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+struct Row {
+    backend: &'static str,
+    ports: usize,
+    full: Duration,
+    noop: Duration,
+    plan: Duration,
+    change: Duration,
+    edgemesh_per_rule: Duration,
+}
+
+fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("netns");
+        // SAFETY: setns only changes this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        f()
+    })
+    .join()
+    .expect("bench thread")
+}
+
+fn bench(b: Binaries, n: usize, edgemesh_sample: usize) -> Row {
+    let ns = format!("epbench-{}-{n}-{}", b.name, std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    let row = in_netns(&ns, move || {
+        let mut st = cluster(n);
+        let rules = st.plan().rules;
+        let mut a = Applier::with_binaries(b).expect("backend");
+        let t = Instant::now();
+        a.apply(&rules).expect("full sync");
+        let full = t.elapsed();
+        let t = Instant::now();
+        a.apply(&rules).expect("no-op sync");
+        let noop = t.elapsed();
+        // One endpoint change that changes the rules: a service loses its only endpoint.
+        let t = Instant::now();
+        st.apply(Change::Delete(Kind::EndpointSlice, ObjectKey::new("bench", &format!("s{}-x", n / 2))));
+        let changed = st.plan().rules;
+        let plan = t.elapsed();
+        let t = Instant::now();
+        a.apply(&changed).expect("change");
+        let change = t.elapsed();
+        a.cleanup().unwrap();
+        // EdgeMesh's way: -C then -A, one process each, per rule, onto an empty chain.
+        let sample: Vec<&String> =
+            rules.v4.rules.iter().filter(|r| r.starts_with("-A KUBE-PORTALS-HOST")).take(edgemesh_sample).collect();
+        Command::new(b.cmd).args(["-t", "nat", "-N", "KUBE-PORTALS-HOST"]).status().unwrap();
+        let t = Instant::now();
+        for r in &sample {
+            let args = split(&r[3..]); // chain and its arguments
+            let check = Command::new(b.cmd).args(["-w", "5", "-t", "nat", "-C"]).args(&args).output().unwrap();
+            if !check.status.success() {
+                let add = Command::new(b.cmd).args(["-w", "5", "-t", "nat", "-A"]).args(&args).output().unwrap();
+                assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+            }
+        }
+        let edgemesh_per_rule = t.elapsed() / sample.len().max(1) as u32;
+        Row { backend: b.name, ports: n, full, noop, plan, change, edgemesh_per_rule }
+    });
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    row
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (it creates network namespaces)");
+    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![1_000, 5_000, 10_000] } else { sizes };
+    let sample = 1_000;
+    println!("edgeproxy rule sync (portals layout: 2 rules per service port, IPv4); EdgeMesh way measured on {sample} rules, extrapolated");
+    println!(
+        "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>16} {:>20} {:>9}",
+        "backend",
+        "ports",
+        "rules",
+        "full sync ms",
+        "no-op ms",
+        "plan ms",
+        "1 change sync ms",
+        "EdgeMesh way s (est)",
+        "speed-up"
+    );
+    for b in [NFT, LEGACY] {
+        for &n in &sizes {
+            let r = bench(b, n, sample);
+            let rules = 2 * r.ports;
+            let em = r.edgemesh_per_rule * rules as u32;
+            println!(
+                "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>16} {:>20.1} {:>8.0}x",
+                r.backend,
+                r.ports,
+                rules,
+                ms(r.full),
+                ms(r.noop),
+                ms(r.plan),
+                ms(r.change),
+                em.as_secs_f64(),
+                em.as_secs_f64() / r.full.as_secs_f64()
+            );
+        }
+    }
+}

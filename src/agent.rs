@@ -1,0 +1,328 @@
+//! `edgeproxy run`: the agent loop that wires source -> state -> rules (and, later, the proxy).
+//!
+//! One tokio `current_thread` runtime runs the control task. Sources run on their own threads
+//! and send [`SourceEvent`]s; the rules applier runs on its own thread (it starts processes and
+//! blocks) and reports [`applier::Event`]s; signals arrive as inputs too. The control task owns
+//! the [`State`]: it applies every input, then plans once per batch, hands the [`RuleSet`] to the
+//! applier when it changed, and publishes the [`ProxyTable`] through a `watch` channel.
+//!
+//! Start: pick the backend, remove what a previous run left, put the proxy address on the
+//! listen device, then install once the source has delivered its first complete list.
+//! SIGTERM/SIGINT: stop the source, remove every rule and chain we own, remove the address if we
+//! added it, return `Ok`. This module starts no process itself (`rules::apply` does) and
+//! holds no proxy code: see [`start_proxy`], the hook where the proxy is started.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Config, SourceKind};
+use crate::model::Kind;
+use crate::proxy::stats::ProxyStats;
+use crate::proxy::table::ProxyTable;
+use crate::proxy::{self, ProxyConfig, ProxyEvent};
+use crate::rules::applier::{self, ApplierConfig};
+use crate::rules::apply::{self, Applier, ApplyError};
+use crate::rules::RuleSet;
+use crate::source::{file, Sink, SourceEvent};
+use crate::state::{Change, State, StateConfig};
+
+/// Why the agent could not start or stop cleanly.
+#[derive(Debug)]
+pub enum AgentError {
+    /// Backend detection, start-up cleanup, or the exit cleanup failed.
+    Rules(ApplyError),
+    /// The proxy address could not be put on the listen device.
+    Address(ApplyError),
+    /// The configured source cannot be used.
+    Source(String),
+    /// The runtime or a signal handler could not be set up.
+    Runtime(std::io::Error),
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentError::Rules(e) => write!(f, "rules: {e}"),
+            AgentError::Address(e) => write!(f, "proxy address: {e}"),
+            AgentError::Source(m) => write!(f, "source: {m}"),
+            AgentError::Runtime(e) => write!(f, "runtime: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// Everything the control task reacts to.
+enum Input {
+    Source(SourceEvent),
+    Rules(applier::Event),
+    Proxy(ProxyEvent),
+    ProxyFailed(String),
+    Signal(&'static str),
+}
+
+/// How often the file source looks at its file.
+const FILE_POLL: Duration = Duration::from_secs(1);
+/// How long the control task waits for the rest of a burst of source events before planning.
+const SOURCE_DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// Run the agent until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), AgentError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
+    rt.block_on(control(config))
+}
+
+/// Start the proxy on this runtime. It reads the newest table for every new connection or flow;
+/// its events come back to the control task as [`Input::Proxy`]. Dropping the returned sender
+/// (or sending on it) stops the proxy.
+fn start_proxy(
+    config: &Config,
+    table: watch::Receiver<Arc<ProxyTable>>,
+    stats: Arc<ProxyStats>,
+    tx: mpsc::UnboundedSender<Input>,
+) -> oneshot::Sender<()> {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<ProxyEvent>();
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events_rx.recv().await {
+            if forward.send(Input::Proxy(e)).is_err() {
+                break;
+            }
+        }
+    });
+    let cfg = ProxyConfig::from(config);
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = proxy::run(cfg, table, events_tx, stats, shutdown).await {
+            let _ = tx.send(Input::ProxyFailed(e.to_string()));
+        }
+    });
+    stop_tx
+}
+
+async fn control(config: Config) -> Result<(), AgentError> {
+    let path = match &config.source.kind {
+        SourceKind::File(p) => p.clone(),
+        SourceKind::Kube | SourceKind::MetaServer => {
+            return Err(AgentError::Source(
+                "the API-server and MetaServer sources are not wired into the agent yet; use --source file:PATH".into(),
+            ))
+        }
+    };
+
+    let mut rules = Applier::new(config.backend).map_err(AgentError::Rules)?;
+    log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
+    rules.startup_cleanup().map_err(AgentError::Rules)?;
+    let kube_proxy = rules.kube_proxy_jump_present().map_err(AgentError::Rules)?;
+
+    let added = add_addresses(&config)?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    for (kind, name) in [
+        (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+        (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
+    ] {
+        let mut sig = tokio::signal::unix::signal(kind).map_err(AgentError::Runtime)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if sig.recv().await.is_some() {
+                let _ = tx.send(Input::Signal(name));
+            }
+        });
+    }
+
+    let rules_tx = tx.clone();
+    let handle = applier::spawn(rules, ApplierConfig::from(&config), move |e| {
+        let _ = rules_tx.send(Input::Rules(e));
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let source_tx = tx.clone();
+    let sink: Sink = Arc::new(move |e| {
+        let _ = source_tx.send(Input::Source(e));
+    });
+    let source = file::spawn(path, FILE_POLL, sink, stop.clone());
+
+    let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
+    let stats = Arc::new(ProxyStats::new());
+    let proxy_stop = start_proxy(&config, table_rx, stats.clone(), tx.clone());
+    drop(tx);
+
+    let mut state = State::new(StateConfig::from(&config));
+    state.apply(Change::KubeProxy(kube_proxy));
+    log::info!("kube-proxy {}", if kube_proxy { "present: filtered services fall through to it" } else { "absent" });
+    let mut synced = false;
+    let mut sent: Option<RuleSet> = None;
+    let mut installed = false;
+    let mut ready_logged = false;
+    let mut dirty = false;
+    let mut signal = None;
+    let mut listening = false;
+    let mut proxy_error: Option<String> = None;
+
+    let mut synced_kinds = [false; 2];
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut from_source = false;
+        loop {
+            let Some(input) = next else {
+                // A source delivers one reload as several events (one per kind): give the rest
+                // of the burst a moment to arrive, so it becomes one plan and one restore.
+                if std::mem::take(&mut from_source) {
+                    tokio::time::sleep(SOURCE_DEBOUNCE).await;
+                    next = rx.try_recv().ok();
+                    continue;
+                }
+                break;
+            };
+            match input {
+                Input::Source(SourceEvent::Change(c)) => {
+                    from_source = true;
+                    dirty |= state.apply(c);
+                }
+                Input::Source(SourceEvent::Synced(kind)) => {
+                    synced_kinds[usize::from(kind != Kind::Service)] = true;
+                    if !synced && synced_kinds == [true, true] {
+                        synced = true;
+                        dirty = true;
+                    }
+                }
+                Input::Source(SourceEvent::Error { message, .. }) => {
+                    log::debug!("source: {message}")
+                }
+                Input::Source(other) => log::debug!("source: {other:?}"),
+                Input::Rules(e) => {
+                    if let Some(present) = on_rules_event(e, &mut installed) {
+                        dirty |= state.apply(Change::KubeProxy(present));
+                    }
+                }
+                Input::Proxy(ProxyEvent::UdpPortUnavailable(port)) => {
+                    log::warn!("UDP proxy port {port} is taken by another process; moving its service to another port");
+                    dirty |= state.apply(Change::UdpPortUnavailable(port));
+                }
+                Input::Proxy(ProxyEvent::Listening(addrs)) => {
+                    log::info!("proxy listening on {addrs:?}");
+                    listening = true;
+                }
+                Input::Proxy(other) => log::debug!("proxy: {other:?}"),
+                Input::ProxyFailed(e) => {
+                    log::error!("proxy failed: {e}");
+                    proxy_error = Some(e);
+                    signal = Some("proxy failure");
+                }
+                Input::Signal(name) => signal = Some(name),
+            }
+            next = rx.try_recv().ok();
+        }
+        if signal.is_some() {
+            break;
+        }
+        if installed && synced && listening && !ready_logged {
+            ready_logged = true;
+            log::info!("ready: source synced, rules installed, proxy listening");
+        }
+        if dirty && synced {
+            dirty = false;
+            let plan = state.plan();
+            let proxied = plan.proxied().count();
+            if sent.as_ref() != Some(&plan.rules) {
+                log::info!("plan: {proxied} of {} services proxied", plan.reports.len());
+                sent = Some(plan.rules.clone());
+                handle.send(plan.rules);
+            }
+            if **table_tx.borrow() != plan.table {
+                table_tx.send_replace(Arc::new(plan.table));
+            }
+        }
+    }
+
+    log::info!("{}: removing rules and exiting", signal.unwrap_or("all inputs closed"));
+    stop.store(true, Ordering::Relaxed);
+    let _ = proxy_stop.send(());
+    handle.shutdown();
+    let mut result = Ok(());
+    while let Ok(input) = rx.try_recv() {
+        if let Input::Rules(applier::Event::Stopped { error }) = input {
+            match error {
+                None => log::info!("rules removed"),
+                Some(e) => {
+                    log::error!("could not remove the rules: {e}");
+                    result = Err(AgentError::Rules(ApplyError::Read { binary: "cleanup".into(), stderr: e }));
+                }
+            }
+        }
+    }
+    remove_addresses(&config, &added);
+    let _ = source.join();
+    match proxy_error {
+        Some(e) => Err(AgentError::Runtime(std::io::Error::other(format!("proxy: {e}")))),
+        None => result,
+    }
+}
+
+/// Log an applier event; returns kube-proxy presence when it changed.
+fn on_rules_event(e: applier::Event, installed: &mut bool) -> Option<bool> {
+    match e {
+        applier::Event::Applied { duration, restores, rules, total_restores } => {
+            *installed = true;
+            if restores > 0 {
+                log::info!(
+                    "rules applied: {rules} rules, {restores} restore(s) in {} ms (restores so far: {total_restores})",
+                    duration.as_millis()
+                );
+            } else {
+                log::debug!("rules unchanged: no restore");
+            }
+        }
+        applier::Event::Failed { error, retry_in } => {
+            log::error!(
+                "rules sync failed, previous rules still in force; retry in {} ms: {error}",
+                retry_in.as_millis()
+            );
+        }
+        applier::Event::Repaired { what } => log::warn!("rules repaired: {}", what.join("; ")),
+        applier::Event::KubeProxy(present) => {
+            log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
+            return Some(present);
+        }
+        applier::Event::Stopped { .. } => {}
+    }
+    None
+}
+
+fn add_addresses(config: &Config) -> Result<Vec<IpAddr>, AgentError> {
+    let dev = &config.listen.device;
+    if dev.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut added = Vec::new();
+    let v4 = IpAddr::V4(config.listen.ip);
+    if apply::ensure_address(dev, v4).map_err(AgentError::Address)? {
+        log::info!("added {v4} to {dev}");
+        added.push(v4);
+    }
+    let v6 = IpAddr::V6(config.listen.ipv6);
+    match apply::ensure_address(dev, v6) {
+        Ok(true) => added.push(v6),
+        Ok(false) => {}
+        Err(e) => log::warn!("IPv6 proxy address not set ({e}); IPv6 services will be refused"),
+    }
+    Ok(added)
+}
+
+fn remove_addresses(config: &Config, added: &[IpAddr]) {
+    for ip in added {
+        match apply::remove_address(&config.listen.device, *ip) {
+            Ok(()) => log::info!("removed {ip} from {}", config.listen.device),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+}

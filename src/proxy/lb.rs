@@ -1,0 +1,231 @@
+//! Load balancing: which backend of a service port a new connection or UDP flow goes to.
+//!
+//! Pure: no sockets, no clock, no randomness of its own. The caller passes `now` and a source of
+//! random numbers, so every decision is reproducible in tests. State (the round-robin position
+//! and the ClientIP affinity table) is keyed by [`ServiceEntry::name`], so it survives a table
+//! swap; a service that leaves the table loses its state on the next [`Balancer::retain`].
+//!
+//! What it never does: it never chooses a backend that is not in the entry it is given, so a
+//! removed endpoint gets no new connections (open ones are not its business).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use super::table::{LbPolicy, ServiceEntry};
+
+/// Per service port: where round robin stands, and who is stuck to which backend.
+#[derive(Debug, Default)]
+struct ServiceState {
+    next: usize,
+    /// Client IP (without port, as Kubernetes does) -> backend and last use.
+    affinity: HashMap<IpAddr, (SocketAddr, Instant)>,
+}
+
+/// The load-balancing state of every service port.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    services: HashMap<Box<str>, ServiceState>,
+}
+
+impl Balancer {
+    pub fn new() -> Balancer {
+        Balancer::default()
+    }
+
+    /// Choose a backend for a new connection from `client`, skipping `tried` (backends a
+    /// previous attempt of the same connection failed to reach). `None` when nothing is left.
+    ///
+    /// Under `sessionAffinity: ClientIP` a client keeps its backend while that backend is still
+    /// in the entry, not in `tried`, and the client was last seen less than the timeout ago; any
+    /// new choice becomes the client's backend.
+    pub fn pick(
+        &mut self,
+        entry: &ServiceEntry,
+        client: IpAddr,
+        tried: &[SocketAddr],
+        now: Instant,
+        random: &mut dyn FnMut() -> u64,
+    ) -> Option<SocketAddr> {
+        let n = entry.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let state = match self.services.get_mut(&entry.name) {
+            Some(s) => s,
+            None => self.services.entry(entry.name.clone()).or_default(),
+        };
+        if let Some(timeout) = entry.affinity {
+            if let Some((addr, seen)) = state.affinity.get_mut(&client) {
+                let fresh = now.saturating_duration_since(*seen) < timeout;
+                if fresh && !tried.contains(addr) && entry.backends.iter().any(|b| b.addr == *addr) {
+                    *seen = now;
+                    return Some(*addr);
+                }
+            }
+        }
+        let usable = |i: usize| !tried.contains(&entry.backends[i].addr);
+        let start = match entry.policy {
+            LbPolicy::RoundRobin => state.next % n,
+            LbPolicy::Random => (random() % n as u64) as usize,
+        };
+        let i = (0..n).map(|k| (start + k) % n).find(|&i| usable(i))?;
+        if entry.policy == LbPolicy::RoundRobin {
+            state.next = (i + 1) % n;
+        }
+        let addr = entry.backends[i].addr;
+        if entry.affinity.is_some() {
+            state.affinity.insert(client, (addr, now));
+        }
+        Some(addr)
+    }
+
+    /// Forget services that are no longer in the table.
+    pub fn retain<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        let keep: HashSet<&str> = names.into_iter().collect();
+        self.services.retain(|name, _| keep.contains(&**name));
+    }
+
+    /// Drop affinity entries not used for longer than their service's timeout. `timeout_of`
+    /// gives a service's current timeout (`None`: affinity is off now, drop all of its entries).
+    pub fn expire(&mut self, now: Instant, timeout_of: impl Fn(&str) -> Option<std::time::Duration>) {
+        for (name, state) in &mut self.services {
+            match timeout_of(name) {
+                None => state.affinity.clear(),
+                Some(t) => state.affinity.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < t),
+            }
+        }
+    }
+
+    /// Number of affinity entries held (for tests and metrics).
+    pub fn affinity_entries(&self) -> usize {
+        self.services.values().map(|s| s.affinity.len()).sum()
+    }
+}
+
+/// A small xorshift generator for [`LbPolicy::Random`]; not for anything secret.
+#[derive(Debug)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+    use crate::proxy::table::Backend;
+    use std::time::Duration;
+
+    fn entry(name: &str, backends: &[&str], affinity: Option<u64>, policy: LbPolicy) -> ServiceEntry {
+        ServiceEntry {
+            name: name.into(),
+            protocol: Protocol::Tcp,
+            backends: backends.iter().map(|a| Backend { addr: a.parse().unwrap(), local: false }).collect(),
+            affinity: affinity.map(Duration::from_secs),
+            policy,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn no_random() -> impl FnMut() -> u64 {
+        || panic!("round robin must not draw random numbers")
+    }
+
+    #[test]
+    fn round_robin_cycles_and_survives_a_table_swap() {
+        let mut lb = Balancer::new();
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, LbPolicy::RoundRobin);
+        let now = Instant::now();
+        let picks: Vec<SocketAddr> =
+            (0..4).map(|_| lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap()).collect();
+        let want: Vec<SocketAddr> =
+            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(picks, want);
+        // A new table (same name, one backend removed): the position carries on, the removed
+        // backend is never chosen.
+        let e2 = entry("a/web", &["10.0.0.1:80", "10.0.0.3:80"], None, LbPolicy::RoundRobin);
+        for _ in 0..10 {
+            let p = lb.pick(&e2, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap();
+            assert_ne!(p, "10.0.0.2:80".parse().unwrap());
+        }
+    }
+
+    #[test]
+    fn tried_backends_are_skipped_and_exhaustion_is_none() {
+        let mut lb = Balancer::new();
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80"], None, LbPolicy::RoundRobin);
+        let now = Instant::now();
+        let first = lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap();
+        let second = lb.pick(&e, ip("1.1.1.1"), &[first], now, &mut no_random()).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[first, second], now, &mut no_random()), None);
+        let empty = entry("a/none", &[], None, LbPolicy::RoundRobin);
+        assert_eq!(lb.pick(&empty, ip("1.1.1.1"), &[], now, &mut no_random()), None);
+    }
+
+    #[test]
+    fn random_uses_the_injected_source() {
+        let mut lb = Balancer::new();
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, LbPolicy::Random);
+        let now = Instant::now();
+        let mut seq = [2u64, 0, 4].into_iter();
+        let mut rnd = move || seq.next().unwrap();
+        let picks: Vec<u8> = (0..3)
+            .map(|_| match lb.pick(&e, ip("1.1.1.1"), &[], now, &mut rnd).unwrap().ip() {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(picks, vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn client_ip_affinity_holds_until_timeout_and_follows_removal() {
+        let mut lb = Balancer::new();
+        let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80"], Some(10), LbPolicy::RoundRobin);
+        let t0 = Instant::now();
+        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
+        let b = lb.pick(&e, ip("2.2.2.2"), &[], t0, &mut no_random()).unwrap();
+        assert_ne!(a, b, "round robin still spreads distinct clients");
+        for s in 1..=9 {
+            let t = t0 + Duration::from_secs(s);
+            assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t, &mut no_random()), Some(a));
+        }
+        // Used at t0+9 s, so it lives until t0+19 s; expire() keeps it at +18 and drops it at +19.
+        lb.expire(t0 + Duration::from_secs(18), |_| Some(Duration::from_secs(10)));
+        assert_eq!(lb.affinity_entries(), 1, "client 2 (last seen t0) expired, client 1 kept");
+        lb.expire(t0 + Duration::from_secs(19), |_| Some(Duration::from_secs(10)));
+        assert_eq!(lb.affinity_entries(), 0);
+        // The backend a client sticks to disappears: it moves, and sticks to the new one.
+        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
+        let other = if a == e.backends[0].addr { e.backends[1].addr } else { e.backends[0].addr };
+        let only_other = entry("a/web", &[&other.to_string()], Some(10), LbPolicy::RoundRobin);
+        assert_eq!(lb.pick(&only_other, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
+        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
+    }
+
+    #[test]
+    fn retain_forgets_removed_services() {
+        let mut lb = Balancer::new();
+        let e = entry("a/web", &["10.0.0.1:80"], Some(10), LbPolicy::RoundRobin);
+        lb.pick(&e, ip("1.1.1.1"), &[], Instant::now(), &mut no_random());
+        lb.retain(["a/other"]);
+        assert_eq!(lb.affinity_entries(), 0);
+    }
+}

@@ -1,0 +1,142 @@
+//! Counters of the data path, for logs, tests and the metrics endpoint.
+//!
+//! Owns plain atomics (relaxed: they are statistics, not synchronisation). Per-service counters
+//! live in a map keyed by the service port's name; a connection or flow looks its counters up
+//! once, at its start, and keeps the `Arc`. This module never does I/O and never formats text.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A monotonic counter or a gauge.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// For gauges.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a TCP connection ended the way it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Dialled a backend and relayed.
+    Ok,
+    /// The service port has no usable backend (the reject rule normally catches these first).
+    NoEndpoints,
+    /// Every dial attempt failed or timed out.
+    DialFailed,
+}
+
+/// Counters of one service port (`namespace/name[:port]`).
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    /// TCP connections by outcome.
+    pub tcp_ok: Counter,
+    pub tcp_no_endpoints: Counter,
+    pub tcp_dial_failed: Counter,
+    /// Failed dial attempts (a connection that succeeds on its second attempt counts one).
+    pub dial_failures: Counter,
+    /// Open relayed TCP connections (gauge).
+    pub tcp_active: Counter,
+    /// Bytes client -> backend and backend -> client (TCP payload and UDP datagrams).
+    pub bytes_to_backend: Counter,
+    pub bytes_to_client: Counter,
+    pub udp_flows_created: Counter,
+}
+
+impl ServiceCounters {
+    pub fn outcome(&self, o: Outcome) -> &Counter {
+        match o {
+            Outcome::Ok => &self.tcp_ok,
+            Outcome::NoEndpoints => &self.tcp_no_endpoints,
+            Outcome::DialFailed => &self.tcp_dial_failed,
+        }
+    }
+}
+
+/// Everything the proxy counts.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Connections accepted on the TCP listener(s).
+    pub tcp_accepted: Counter,
+    /// Refused: the original destination is not a proxied service port (a direct connection to
+    /// the proxy port, a stale DNAT, no conntrack entry).
+    pub tcp_refused_not_service: Counter,
+    /// Refused: the chosen backend is the proxy's own address (a loop).
+    pub tcp_refused_loop: Counter,
+    /// Sums over all services, so the totals survive a service's removal.
+    pub tcp_ok: Counter,
+    pub tcp_no_endpoints: Counter,
+    pub tcp_dial_failed: Counter,
+    pub dial_failures: Counter,
+    pub tcp_active: Counter,
+    pub bytes_to_backend: Counter,
+    pub bytes_to_client: Counter,
+    /// Times accepting paused because the process or system ran out of file descriptors.
+    pub accept_fd_exhausted: Counter,
+    pub udp_flows_active: Counter,
+    pub udp_flows_created: Counter,
+    pub udp_flows_expired: Counter,
+    /// Datagrams that would have opened a flow beyond the cap.
+    pub udp_flows_dropped_at_cap: Counter,
+    /// Datagrams dropped for any other reason (no backend, send buffer full, socket error).
+    pub udp_datagrams_dropped: Counter,
+    services: Mutex<HashMap<Box<str>, Arc<ServiceCounters>>>,
+}
+
+impl ProxyStats {
+    pub fn new() -> ProxyStats {
+        ProxyStats::default()
+    }
+
+    /// The counters of one service port, created on first use.
+    pub fn service(&self, name: &str) -> Arc<ServiceCounters> {
+        let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(name) {
+            return c.clone();
+        }
+        let c = Arc::new(ServiceCounters::default());
+        map.insert(name.into(), c.clone());
+        c
+    }
+
+    /// A copy of the per-service map (for the metrics endpoint and tests).
+    pub fn services(&self) -> Vec<(Box<str>, Arc<ServiceCounters>)> {
+        let map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Drop the counters of services no longer in the table and with nothing open.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|name, c| keep(name) || c.tcp_active.get() > 0 || Arc::strong_count(c) > 1);
+    }
+
+    /// Count one finished connection setup, per service and in total.
+    pub(crate) fn outcome(&self, svc: &ServiceCounters, o: Outcome) {
+        svc.outcome(o).inc();
+        match o {
+            Outcome::Ok => &self.tcp_ok,
+            Outcome::NoEndpoints => &self.tcp_no_endpoints,
+            Outcome::DialFailed => &self.tcp_dial_failed,
+        }
+        .inc();
+    }
+}

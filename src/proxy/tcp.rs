@@ -1,0 +1,316 @@
+//! TCP: the listener every TCP service port is DNATed to, the per-connection dial, and the relay.
+//!
+//! The accept loop only accepts, reads the original destination and looks it up; everything
+//! that can wait (dialling, copying) runs in a task of its own, so one slow backend never stalls
+//! another connection. Refusals (not a service port, a loop, no backend, every dial failed) close
+//! the client with an RST (SO_LINGER 0), as the kernel would for a closed port.
+//!
+//! The relay copies both ways with half-close: when one side's read ends, writing is shut down
+//! on the other and the opposite direction carries on until it ends too. An error on either side
+//! (a reset) resets the other. Memory is bounded: one buffer of `tcp_buffer` bytes per direction
+//! while data is in flight, none while idle (buffers go back to a small per-thread pool), and
+//! backpressure comes from not reading while the buffer is unwritten.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::limits::is_fd_exhaustion;
+use super::stats::{Counter, Outcome, ServiceCounters};
+use super::table::{ProxyTable, ServiceEntry};
+use super::{ProxyConfig, Shared};
+
+/// How long accepting pauses when the process or system is out of file descriptors.
+const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+/// Idle buffers kept per thread for reuse.
+const POOL_MAX: usize = 64;
+
+/// Bind the IPv4 listener (required) and the IPv6 one (when its address is usable).
+pub(super) fn bind(cfg: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
+    let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
+    let mut out = vec![listen(v4).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?];
+    if let Some(ip) = cfg.listen_v6 {
+        let v6 = SocketAddr::from((ip, cfg.tcp_port));
+        match listen(v6) {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                log::info!("no IPv6 TCP listener on {v6} ({e}); IPv6 services are not proxied")
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Close with an RST instead of a FIN.
+fn reset(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(s);
+    let addr = match s.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+}
+
+pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+    let stats = &shared.stats;
+    let mut conns = JoinSet::new();
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) if is_fd_exhaustion(&e) => {
+                stats.accept_fd_exhausted.inc();
+                log::warn!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}");
+                tokio::time::sleep(FD_EXHAUSTED_PAUSE).await;
+                continue;
+            }
+            Err(e) => {
+                log::debug!("accept: {e}");
+                continue;
+            }
+        };
+        stats.tcp_accepted.inc();
+        while conns.try_join_next().is_some() {}
+        let orig = match original_dst(&client) {
+            Ok(o) => o,
+            Err(e) => {
+                log::debug!("{peer}: no original destination ({e}); refused");
+                stats.tcp_refused_not_service.inc();
+                reset(&client);
+                continue;
+            }
+        };
+        let entry = match shared.cfg.is_own(orig) {
+            true => None,
+            false => tables.borrow().tcp.get(&orig).cloned(),
+        };
+        let Some(entry) = entry else {
+            log::debug!("{peer} -> {orig}: not a proxied service port; refused");
+            stats.tcp_refused_not_service.inc();
+            reset(&client);
+            continue;
+        };
+        conns.spawn(serve(client, peer, entry, shared.clone()));
+    }
+}
+
+/// Decrements a gauge when dropped (also when the task is aborted at shutdown).
+struct Active<'a>(&'a Counter, &'a Counter);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+        self.1.dec();
+    }
+}
+
+async fn serve(client: TcpStream, peer: SocketAddr, entry: Arc<ServiceEntry>, shared: Arc<Shared>) {
+    let stats = &shared.stats;
+    let svc = stats.service(&entry.name);
+    let upstream = match dial(&entry, peer, &shared, &svc).await {
+        Ok(u) => u,
+        Err(outcome) => {
+            stats.outcome(&svc, outcome);
+            reset(&client);
+            return;
+        }
+    };
+    stats.outcome(&svc, Outcome::Ok);
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    stats.tcp_active.inc();
+    svc.tcp_active.inc();
+    let _active = Active(&stats.tcp_active, &svc.tcp_active);
+    let mut relay = Relay { up: Pipe::default(), down: Pipe::default(), size: shared.cfg.tcp_buffer, svc: &svc, stats };
+    if let Err(e) = poll_fn(|cx| relay.poll(cx, &client, &upstream)).await {
+        log::debug!("{peer} ({}): relay ended: {e}", entry.name);
+        reset(&client);
+        reset(&upstream);
+    }
+}
+
+/// Dial a backend: bounded attempts, each with a timeout, each on a backend not tried yet.
+async fn dial(
+    entry: &ServiceEntry,
+    peer: SocketAddr,
+    shared: &Shared,
+    svc: &ServiceCounters,
+) -> Result<TcpStream, Outcome> {
+    let stats = &shared.stats;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    for _ in 0..shared.cfg.dial_attempts {
+        let Some(addr) = shared.pick(entry, peer.ip(), &tried) else {
+            break;
+        };
+        tried.push(addr);
+        if shared.cfg.is_own(addr) {
+            // `state` never puts such a backend in the table; refuse rather than loop.
+            stats.tcp_refused_loop.inc();
+            log::warn!("{}: backend {addr} is the proxy itself; refused", entry.name);
+            continue;
+        }
+        let err = match tokio::time::timeout(shared.cfg.dial_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
+        };
+        stats.dial_failures.inc();
+        svc.dial_failures.inc();
+        log::debug!("{peer} ({}): dial {addr}: {err}", entry.name);
+    }
+    Err(match tried.is_empty() {
+        true => Outcome::NoEndpoints,
+        false => Outcome::DialFailed,
+    })
+}
+
+/// Both directions of one connection.
+struct Relay<'a> {
+    /// Client -> backend.
+    up: Pipe,
+    /// Backend -> client.
+    down: Pipe,
+    size: usize,
+    svc: &'a ServiceCounters,
+    stats: &'a super::stats::ProxyStats,
+}
+
+impl Relay<'_> {
+    /// Ready(Ok) once both directions have ended cleanly; Ready(Err) at the first error.
+    fn poll(&mut self, cx: &mut Context<'_>, client: &TcpStream, upstream: &TcpStream) -> Poll<io::Result<()>> {
+        let up =
+            self.up.poll(cx, client, upstream, self.size, [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend]);
+        if let Poll::Ready(Err(e)) = up {
+            return Poll::Ready(Err(e));
+        }
+        let down =
+            self.down.poll(cx, upstream, client, self.size, [&self.svc.bytes_to_client, &self.stats.bytes_to_client]);
+        if let Poll::Ready(Err(e)) = down {
+            return Poll::Ready(Err(e));
+        }
+        match up.is_ready() && down.is_ready() {
+            true => Poll::Ready(Ok(())),
+            false => Poll::Pending,
+        }
+    }
+}
+
+/// One direction: read from `from` into the buffer, write it all to `to`, repeat; at EOF shut
+/// down writing on `to`.
+#[derive(Default)]
+struct Pipe {
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    done: bool,
+}
+
+impl Pipe {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        size: usize,
+        counters: [&Counter; 2],
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.start < self.end {
+                ready!(to.poll_write_ready(cx))?;
+                let buf = self.buf.as_deref().expect("data pending implies a buffer");
+                match to.try_write(&buf[self.start..self.end]) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.start += n;
+                        counters.iter().for_each(|c| c.add(n as u64));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
+            if self.eof {
+                self.done = true;
+                pool_put(self.buf.take());
+                // ENOTCONN: the peer is already gone; the other direction will see it.
+                match SockRef::from(to).shutdown(Shutdown::Write) {
+                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Poll::Ready(Err(e)),
+                    _ => return Poll::Ready(Ok(())),
+                }
+            }
+            ready!(from.poll_read_ready(cx))?;
+            let buf = self.buf.get_or_insert_with(|| pool_take(size));
+            match from.try_read(buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.start = 0;
+                    self.end = n;
+                }
+                // Nothing to read: this direction is idle, so it holds no buffer.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool_put(self.buf.take()),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        pool_put(self.buf.take());
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn pool_take(size: usize) -> Box<[u8]> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        while let Some(b) = p.pop() {
+            if b.len() == size {
+                return b;
+            }
+        }
+        vec![0u8; size].into_boxed_slice()
+    })
+}
+
+fn pool_put(buf: Option<Box<[u8]>>) {
+    if let Some(b) = buf {
+        // try_with: during thread teardown the pool may already be gone; then just free.
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(b);
+            }
+        });
+    }
+}

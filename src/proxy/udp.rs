@@ -1,0 +1,303 @@
+//! UDP: one socket per UDP service port on the proxy address, and a flow per client address.
+//!
+//! A flow is a socket connected to the backend chosen for that client. Datagrams from the client
+//! go out on it; datagrams from the backend go back to the client from the service port's
+//! listening socket, so conntrack rewrites their source to the ClusterIP:port the client used.
+//! A flow ends after `udp_idle_timeout` without traffic either way, and its socket with it;
+//! at `udp_max_flows` new flows are dropped and counted. A flow whose backend has left the
+//! service is replaced on the client's next datagram.
+//!
+//! Datagrams are read into one 64 KiB per-thread buffer and sent on at once (dropped and
+//! counted if the socket's send buffer is full), so memory does not grow with the flow count
+//! beyond the sockets themselves. This module never chooses which ports exist: it binds the
+//! ports of the table it is given and reports the ones it cannot bind.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::stats::ServiceCounters;
+use super::table::ProxyTable;
+use super::{ProxyEvent, Shared};
+
+/// Larger than any UDP payload (65 507 bytes over IPv4, 65 527 over IPv6 without jumbograms).
+const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams handled per wake-up of one socket before other tasks get a turn.
+const BATCH: usize = 64;
+
+thread_local! {
+    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
+}
+
+/// Keeps the bound UDP ports equal to the table's, binding and dropping as tables change.
+pub(super) async fn reconcile_loop(
+    mut tables: watch::Receiver<Arc<ProxyTable>>,
+    events: mpsc::UnboundedSender<ProxyEvent>,
+    shared: Arc<Shared>,
+) {
+    let mut ports: BTreeMap<u16, Vec<AbortHandle>> = BTreeMap::new();
+    let mut tasks = JoinSet::new();
+    loop {
+        let table = tables.borrow_and_update().clone();
+        ports.retain(|port, handles| {
+            let keep = table.udp.contains_key(port);
+            if !keep {
+                handles.iter().for_each(AbortHandle::abort);
+                log::info!("UDP port {port} closed");
+            }
+            keep
+        });
+        for &port in table.udp.keys() {
+            if ports.contains_key(&port) {
+                continue;
+            }
+            match bind(&shared, port) {
+                Ok(socks) => {
+                    let handles = socks
+                        .into_iter()
+                        .map(|s| tasks.spawn(serve_port(Arc::new(s), port, tables.clone(), shared.clone())))
+                        .collect();
+                    ports.insert(port, handles);
+                }
+                Err(e) => {
+                    log::warn!("cannot bind UDP proxy port {port}: {e}; asking for another port");
+                    let _ = events.send(ProxyEvent::UdpPortUnavailable(port));
+                }
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+        let _ = events.send(ProxyEvent::UdpPorts(ports.keys().copied().collect()));
+        if tables.changed().await.is_err() {
+            // No more tables: keep serving the last one until shutdown.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The IPv4 socket (required) and the IPv6 one (when the IPv6 proxy address is usable).
+fn bind(shared: &Shared, port: u16) -> io::Result<Vec<UdpSocket>> {
+    let mut out = vec![udp_socket(SocketAddr::from((shared.cfg.listen_v4, port)))?];
+    if let Some(ip) = shared.cfg.listen_v6 {
+        match udp_socket(SocketAddr::from((ip, port))) {
+            Ok(s) => out.push(s),
+            Err(e) => log::debug!("no IPv6 socket for UDP port {port}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// A socket connected to a backend for a client, plus its bookkeeping.
+struct Flow {
+    upstream: UdpSocket,
+    backend: SocketAddr,
+    /// Last datagram either way, in ms since `Shared::epoch`.
+    last: std::sync::atomic::AtomicU64,
+    svc: Arc<ServiceCounters>,
+}
+
+impl Flow {
+    fn touch(&self, now: u64) {
+        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> u64 {
+        self.last.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+type Flows = Arc<Mutex<HashMap<SocketAddr, (Arc<Flow>, AbortHandle)>>>;
+
+/// Serve one listening socket: route client datagrams into flows (creating them as needed).
+/// Aborting this task drops the socket and every flow of it.
+async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+    let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
+    let mut flow_tasks: JoinSet<()> = JoinSet::new();
+    loop {
+        if let Err(e) = sock.readable().await {
+            log::warn!("UDP port {port}: {e}; closing it");
+            return;
+        }
+        for _ in 0..BATCH {
+            let more = BUF.with(|b| {
+                let mut buf = b.borrow_mut();
+                match sock.try_recv_from(&mut buf) {
+                    Ok((n, client)) => {
+                        on_datagram(&buf[..n], client, port, &sock, &tables, &flows, &mut flow_tasks, &shared);
+                        true
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Err(e) => {
+                        log::debug!("UDP port {port}: receive: {e}");
+                        true
+                    }
+                }
+            });
+            if !more {
+                break;
+            }
+        }
+        while flow_tasks.try_join_next().is_some() {}
+        tokio::task::yield_now().await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_datagram(
+    data: &[u8],
+    client: SocketAddr,
+    port: u16,
+    sock: &Arc<UdpSocket>,
+    tables: &watch::Receiver<Arc<ProxyTable>>,
+    flows: &Flows,
+    flow_tasks: &mut JoinSet<()>,
+    shared: &Arc<Shared>,
+) {
+    let stats = &shared.stats;
+    let now = shared.now_ms();
+    let entry = tables.borrow().udp.get(&port).cloned();
+    let Some(entry) = entry else {
+        stats.udp_datagrams_dropped.inc();
+        return;
+    };
+    let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+    // The flow's backend left the service: end the flow, this datagram opens a new one.
+    if let Some((flow, handle)) = map.get(&client) {
+        if !entry.backends.iter().any(|b| b.addr == flow.backend) {
+            handle.abort();
+            map.remove(&client);
+        }
+    }
+    let flow = match map.get(&client) {
+        Some((flow, _)) => flow.clone(),
+        None => {
+            if stats.udp_flows_active.get() >= shared.cfg.udp_max_flows as u64 {
+                stats.udp_flows_dropped_at_cap.inc();
+                return;
+            }
+            let Some(backend) = shared.pick(&entry, client.ip(), &[]) else {
+                stats.udp_datagrams_dropped.inc();
+                return;
+            };
+            let upstream = match connect(backend) {
+                Ok(u) => u,
+                Err(e) => {
+                    log::debug!("{client} ({}): UDP socket to {backend}: {e}", entry.name);
+                    stats.udp_datagrams_dropped.inc();
+                    return;
+                }
+            };
+            let svc = stats.service(&entry.name);
+            let flow = Arc::new(Flow { upstream, backend, last: now.into(), svc });
+            stats.udp_flows_active.inc();
+            stats.udp_flows_created.inc();
+            flow.svc.udp_flows_created.inc();
+            let handle = flow_tasks.spawn(run_flow(flow.clone(), client, sock.clone(), flows.clone(), shared.clone()));
+            map.insert(client, (flow.clone(), handle));
+            flow
+        }
+    };
+    drop(map);
+    flow.touch(now);
+    // A plain non-blocking send: tokio's try_send would refuse until the new socket's first
+    // writable event has been seen.
+    match SockRef::from(&flow.upstream).send(data) {
+        Ok(n) => {
+            flow.svc.bytes_to_backend.add(n as u64);
+            stats.bytes_to_backend.add(n as u64);
+        }
+        Err(e) => {
+            log::debug!("{client} -> {}: {e}", flow.backend);
+            stats.udp_datagrams_dropped.inc();
+        }
+    }
+}
+
+/// An unbound socket of the backend's family, connected to it (no packet is sent).
+fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match backend.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = Socket::new(Domain::for_address(backend), Type::DGRAM.nonblocking().cloexec(), None)?;
+    s.bind(&any.into())?;
+    s.connect(&backend.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Decrements the active-flow gauge however the flow ends.
+struct ActiveFlow(Arc<Shared>);
+
+impl Drop for ActiveFlow {
+    fn drop(&mut self) {
+        self.0.stats.udp_flows_active.dec();
+    }
+}
+
+/// Relay the backend's replies to the client until the flow is idle for the timeout.
+async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>, flows: Flows, shared: Arc<Shared>) {
+    let _active = ActiveFlow(shared.clone());
+    let idle = shared.cfg.udp_idle_timeout;
+    let stats = &shared.stats;
+    loop {
+        let deadline = shared.epoch + Duration::from_millis(flow.last()) + idle;
+        match tokio::time::timeout_at(deadline.into(), flow.upstream.readable()).await {
+            Err(_) => {
+                if shared.now_ms() >= flow.last() + idle.as_millis() as u64 {
+                    let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&client).is_some_and(|(f, _)| Arc::ptr_eq(f, &flow)) {
+                        map.remove(&client);
+                    }
+                    stats.udp_flows_expired.inc();
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                log::debug!("{client} <- {}: {e}", flow.backend);
+                return;
+            }
+            Ok(Ok(())) => {
+                for _ in 0..BATCH {
+                    let more = BUF.with(|b| {
+                        let mut buf = b.borrow_mut();
+                        match flow.upstream.try_recv(&mut buf) {
+                            Ok(n) => {
+                                flow.touch(shared.now_ms());
+                                match SockRef::from(&*listener).send_to(&buf[..n], &client.into()) {
+                                    Ok(n) => {
+                                        flow.svc.bytes_to_client.add(n as u64);
+                                        stats.bytes_to_client.add(n as u64);
+                                    }
+                                    Err(_) => stats.udp_datagrams_dropped.inc(),
+                                }
+                                true
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                            // ICMP port unreachable from the backend: nothing to relay.
+                            Err(_) => true,
+                        }
+                    });
+                    if !more {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
