@@ -87,16 +87,11 @@ fn main() {
 fn run(args: &Args) -> Res<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(
-            "needs root (network namespaces, iptables): sudo cargo run --release --example bench"
-                .into(),
-        );
+        return Err("needs root (network namespaces, iptables): sudo cargo run --release --example bench".into());
     }
     for tool in ["ip", "iperf3", "haproxy", "iptables-nft-restore"] {
         if which(tool).is_none() {
-            return Err(format!(
-                "{tool} not found in PATH (apt-get install iproute2 iperf3 haproxy iptables)"
-            ));
+            return Err(format!("{tool} not found in PATH (apt-get install iproute2 iperf3 haproxy iptables)"));
         }
     }
     topo::install_cleanup_handlers()?;
@@ -107,9 +102,8 @@ fn run(args: &Args) -> Res<()> {
         Some(list) => list
             .split(',')
             .map(|s| {
-                Path::parse(s.trim()).ok_or_else(|| {
-                    format!("--paths: unknown path {s:?} (direct, kernel-dnat, edgeproxy, haproxy)")
-                })
+                Path::parse(s.trim())
+                    .ok_or_else(|| format!("--paths: unknown path {s:?} (direct, kernel-dnat, edgeproxy, haproxy)"))
             })
             .collect::<Res<_>>()?,
     };
@@ -134,78 +128,45 @@ fn run(args: &Args) -> Res<()> {
         }
     };
     let started = Instant::now();
-    let binary = if paths.contains(&Path::Edgeproxy) {
-        Some(edgeproxy_binary(args)?)
-    } else {
-        None
-    };
+    let binary = if paths.contains(&Path::Edgeproxy) { Some(edgeproxy_binary(args)?) } else { None };
     let mut facts = machine_facts(binary.as_ref());
     let work = tempdir()?;
 
     let topo = Topology::build()?;
     paths::kernel_rules(&topo.node)?;
-    topo.node.ok(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{}/32", paths::HAPROXY_IP),
-        "dev",
-        "lo",
-    ])?;
+    topo.node.ok(&["ip", "addr", "add", &format!("{}/32", paths::HAPROXY_IP), "dev", "lo"])?;
     start_backend(&topo.backend)?;
-    let _iperf = topo
-        .backend
-        .spawn(&["iperf3", "-s", "-p", &load::IPERF_PORT.to_string()], true)?;
+    let _iperf = topo.backend.spawn(&["iperf3", "-s", "-p", &load::IPERF_PORT.to_string()], true)?;
 
     let mut results = Results::default();
     let mut procs: Vec<(Path, Proc)> = Vec::new();
     if let Some(bin) = &binary {
         let file = work.0.join("cluster.json");
         write(&file, &paths::bench_cluster_json())?;
-        procs.push((
-            Path::Edgeproxy,
-            spawn_edgeproxy(&topo.node, bin, &file, &work.0.join("edgeproxy.log"))?,
-        ));
+        procs.push((Path::Edgeproxy, spawn_edgeproxy(&topo.node, bin, &file, &work.0.join("edgeproxy.log"))?));
     }
     if paths.contains(&Path::Haproxy) {
         let cfg = work.0.join("haproxy.cfg");
         write(&cfg, &paths::haproxy_bench_config(HAPROXY_MAXCONN))?;
-        procs.push((
-            Path::Haproxy,
-            spawn_haproxy(&topo.node, &cfg, &work.0.join("haproxy.log"))?,
-        ));
+        procs.push((Path::Haproxy, spawn_haproxy(&topo.node, &cfg, &work.0.join("haproxy.log"))?));
     }
     for p in &paths {
         let (tcp, udp) = (p.echo(), p.has_udp().then(|| p.echo()));
-        in_ns(&topo.client, move || {
-            load::probe(tcp, udp, Duration::from_secs(15))
-        })
-        .map_err(|e| format!("{}: {e}", p.name()))?;
+        in_ns(&topo.client, move || load::probe(tcp, udp, Duration::from_secs(15)))
+            .map_err(|e| format!("{}: {e}", p.name()))?;
     }
     std::thread::sleep(Duration::from_millis(300));
     for (p, proc) in &procs {
-        results
-            .resources
-            .entry("rss_idle")
-            .or_default()
-            .insert(p.name(), rss_kib(proc.pid())?);
+        results.resources.entry("rss_idle").or_default().insert(p.name(), rss_kib(proc.pid())?);
     }
 
     for round in 0..w.rounds {
         for i in 0..paths.len() {
             let p = paths[(i + round) % paths.len()];
             let pid = procs.iter().find(|(q, _)| *q == p).map(|(_, pr)| pr.pid());
-            eprintln!(
-                "round {}/{} {:<12} ({:.0}s)",
-                round + 1,
-                w.rounds,
-                p.name(),
-                started.elapsed().as_secs_f64()
-            );
+            eprintln!("round {}/{} {:<12} ({:.0}s)", round + 1, w.rounds, p.name(), started.elapsed().as_secs_f64());
             if let Err(e) = measure(&topo, p, pid, round, &w, &mut results) {
-                results
-                    .errors
-                    .push(format!("round {} {}: {e}", round + 1, p.name()));
+                results.errors.push(format!("round {} {}: {e}", round + 1, p.name()));
                 eprintln!("  error: {e}");
             }
         }
@@ -219,38 +180,24 @@ fn run(args: &Args) -> Res<()> {
             Ok(conns) => {
                 std::thread::sleep(Duration::from_millis(300));
                 let rss = rss_kib(pid)?;
-                results
-                    .resources
-                    .entry("rss_5000_conns")
-                    .or_default()
-                    .insert(p.name(), rss);
+                results.resources.entry("rss_5000_conns").or_default().insert(p.name(), rss);
                 drop(conns);
             }
-            Err(e) => results
-                .errors
-                .push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
+            Err(e) => results.errors.push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
         }
     }
     for (p, _) in &procs {
         eprintln!("{}: {GENERATED_SERVICES} services", p.name());
         match rss_with_services(*p, binary.as_ref(), &work.0) {
             Ok(kib) => {
-                results
-                    .resources
-                    .entry("rss_1000_services")
-                    .or_default()
-                    .insert(p.name(), kib);
+                results.resources.entry("rss_1000_services").or_default().insert(p.name(), kib);
             }
-            Err(e) => results
-                .errors
-                .push(format!("{}: {GENERATED_SERVICES} services: {e}", p.name())),
+            Err(e) => results.errors.push(format!("{}: {GENERATED_SERVICES} services: {e}", p.name())),
         }
     }
     for (p, proc) in &mut procs {
         if !proc.alive() {
-            results
-                .errors
-                .push(format!("{} exited during the benchmark", p.name()));
+            results.errors.push(format!("{} exited during the benchmark", p.name()));
         }
         proc.stop();
     }
@@ -258,10 +205,7 @@ fn run(args: &Args) -> Res<()> {
     drop(topo);
 
     facts.push(("load after".into(), loadavg()));
-    facts.push((
-        "duration".into(),
-        format!("{:.0} s", started.elapsed().as_secs_f64()),
-    ));
+    facts.push(("duration".into(), format!("{:.0} s", started.elapsed().as_secs_f64())));
     print!("\n{}", report::table(&results, &paths, &facts));
     let settings = json!({
         "quick": args.quick,
@@ -291,14 +235,7 @@ const NEW_CONN_THREADS: usize = 4;
 const UDP_FLOWS: usize = 8;
 
 /// All figures of one path in one round.
-fn measure(
-    topo: &Topology,
-    p: Path,
-    pid: Option<u32>,
-    round: usize,
-    w: &Windows,
-    r: &mut Results,
-) -> Res<()> {
+fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows, r: &mut Results) -> Res<()> {
     // Throughput (iperf3) and the proxy's CPU time around it.
     let cpu0 = pid.map(cpu_seconds).transpose()?;
     let one = iperf(&topo.client, p, 1, w.throughput)?;
@@ -323,9 +260,7 @@ fn measure(
     let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
     r.push("rr_16_conns", p, round, s.rate());
     let dur = w.conns;
-    let s = in_ns(&topo.client, move || {
-        load::new_conns(addr, NEW_CONN_THREADS, dur)
-    })?;
+    let s = in_ns(&topo.client, move || load::new_conns(addr, NEW_CONN_THREADS, dur))?;
     r.push("new_conns", p, round, s.rate());
     r.push("new_conn_p99", p, round, s.quantile_us(0.99));
     if p.has_udp() {
@@ -360,10 +295,7 @@ fn iperf(client: &Ns, p: Path, streams: u32, secs: u32) -> Res<(f64, f64)> {
         let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
             Ok(v) => v,
             Err(e) => {
-                last = format!(
-                    "iperf3 output is not JSON ({e}): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                last = format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr));
                 std::thread::sleep(Duration::from_millis(300));
                 continue;
             }
@@ -375,11 +307,8 @@ fn iperf(client: &Ns, p: Path, streams: u32, secs: u32) -> Res<(f64, f64)> {
             continue;
         }
         let sum = &v["end"]["sum_received"];
-        let (Some(bps), Some(bytes)) = (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64())
-        else {
-            return Err(format!(
-                "iperf3 to {target}: no end.sum_received in its JSON"
-            ));
+        let (Some(bps), Some(bytes)) = (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) else {
+            return Err(format!("iperf3 to {target}: no end.sum_received in its JSON"));
         };
         return Ok((bps, bytes));
     }
@@ -387,9 +316,7 @@ fn iperf(client: &Ns, p: Path, streams: u32, secs: u32) -> Res<(f64, f64)> {
 }
 
 fn in_ns<T: Send + 'static>(ns: &Ns, f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
-    ns.thread(f)?
-        .join()
-        .map_err(|_| "a benchmark thread panicked".to_string())?
+    ns.thread(f)?.join().map_err(|_| "a benchmark thread panicked".to_string())?
 }
 
 fn start_backend(backend: &Ns) -> Res<()> {
@@ -414,12 +341,7 @@ fn start_backend(backend: &Ns) -> Res<()> {
     Ok(())
 }
 
-fn spawn_edgeproxy(
-    node: &Ns,
-    bin: &std::path::Path,
-    file: &std::path::Path,
-    log: &std::path::Path,
-) -> Res<Proc> {
+fn spawn_edgeproxy(node: &Ns, bin: &std::path::Path, file: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
     let source = format!("file:{}", file.display());
     spawn_logged(
         node,
@@ -442,38 +364,23 @@ fn spawn_edgeproxy(
 }
 
 fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
-    spawn_logged(
-        node,
-        &["haproxy", "-db", "-f", &cfg.display().to_string()],
-        log,
-    )
+    spawn_logged(node, &["haproxy", "-db", "-f", &cfg.display().to_string()], log)
 }
 
 /// Start a process in `ns` with stdout and stderr to `log`; errors quote the log's tail if it
 /// is gone 200 ms later.
 fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> {
-    let log_file =
-        std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let err_file = log_file
-        .try_clone()
-        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let log_file = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err_file = log_file.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
     let mut c = ns.cmd(argv);
-    c.stdin(std::process::Stdio::null())
-        .stdout(log_file)
-        .stderr(err_file);
-    let child = c
-        .spawn()
-        .map_err(|e| format!("cannot start {argv:?}: {e}"))?;
+    c.stdin(std::process::Stdio::null()).stdout(log_file).stderr(err_file);
+    let child = c.spawn().map_err(|e| format!("cannot start {argv:?}: {e}"))?;
     let mut p = Proc::adopt(child);
     std::thread::sleep(Duration::from_millis(200));
     if !p.alive() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        return Err(format!(
-            "{} exited at start: {}",
-            argv[0],
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        ));
+        return Err(format!("{} exited at start: {}", argv[0], tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));
     }
     Ok(p)
 }
@@ -490,14 +397,7 @@ fn rss_with_services(p: Path, binary: Option<&PathBuf>, work: &std::path::Path) 
             spawn_edgeproxy(&ns, bin, &file, &work.join("edgeproxy-1000.log"))?
         }
         Path::Haproxy => {
-            ns.ok(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/32", paths::HAPROXY_IP),
-                "dev",
-                "lo",
-            ])?;
+            ns.ok(&["ip", "addr", "add", &format!("{}/32", paths::HAPROXY_IP), "dev", "lo"])?;
             let cfg = work.join("haproxy-1000.cfg");
             write(&cfg, &paths::haproxy_generated_config(GENERATED_SERVICES))?;
             spawn_haproxy(&ns, &cfg, &work.join("haproxy-1000.log"))?
@@ -515,17 +415,10 @@ fn rss_with_services(p: Path, binary: Option<&PathBuf>, work: &std::path::Path) 
         }
         let loaded = match p {
             // Loaded when its rules for the last service are in the nat table.
-            Path::Edgeproxy => ns
-                .ok(&["iptables-nft-save", "-t", "nat"])
-                .map(|s| s.contains(&last))
-                .unwrap_or(false),
+            Path::Edgeproxy => ns.ok(&["iptables-nft-save", "-t", "nat"]).map(|s| s.contains(&last)).unwrap_or(false),
             // Loaded when it listens on the last port.
             _ => ns
-                .ok(&[
-                    "ss",
-                    "-Htln",
-                    &format!("sport = :{}", 20000 + GENERATED_SERVICES - 1),
-                ])
+                .ok(&["ss", "-Htln", &format!("sport = :{}", 20000 + GENERATED_SERVICES - 1)])
                 .map(|s| !s.trim().is_empty())
                 .unwrap_or(false),
         };
@@ -542,8 +435,7 @@ fn rss_with_services(p: Path, binary: Option<&PathBuf>, work: &std::path::Path) 
 
 /// VmRSS of a process, KiB.
 fn rss_kib(pid: u32) -> Res<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
@@ -553,13 +445,9 @@ fn rss_kib(pid: u32) -> Res<f64> {
 
 /// utime + stime of a process (all its threads), seconds.
 fn cpu_seconds(pid: u32) -> Res<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     // Fields after the command name (which may contain spaces) start at ')'.
-    let rest = s
-        .rsplit_once(')')
-        .map(|x| x.1)
-        .ok_or("bad /proc/pid/stat")?;
+    let rest = s.rsplit_once(')').map(|x| x.1).ok_or("bad /proc/pid/stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); utime is field 14, stime 15.
     let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
@@ -573,10 +461,7 @@ fn cpu_seconds(pid: u32) -> Res<f64> {
 
 /// Raise our soft open-file limit to the hard limit (children inherit it).
 fn raise_nofile() -> Res<()> {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with a valid pointer.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
@@ -588,10 +473,7 @@ fn raise_nofile() -> Res<()> {
         }
     }
     if (l.rlim_cur as usize) < 2 * IDLE_CONNS + 1000 {
-        return Err(format!(
-            "open-file limit {} is too low for {IDLE_CONNS} idle connections",
-            l.rlim_cur
-        ));
+        return Err(format!("open-file limit {} is too low for {IDLE_CONNS} idle connections", l.rlim_cur));
     }
     Ok(())
 }
@@ -599,18 +481,17 @@ fn raise_nofile() -> Res<()> {
 /// The release edgeproxy: `--edgeproxy PATH`, or build `target/release/edgeproxy` now.
 fn edgeproxy_binary(args: &Args) -> Res<PathBuf> {
     if let Some(p) = &args.edgeproxy {
-        return p
-            .canonicalize()
-            .map_err(|e| format!("--edgeproxy {}: {e}", p.display()));
+        return p.canonicalize().map_err(|e| format!("--edgeproxy {}: {e}", p.display()));
     }
     let manifest = env!("CARGO_MANIFEST_DIR");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building the release edgeproxy (cargo build --release --bin edgeproxy)");
-    topo::run(
-        std::process::Command::new(&cargo)
-            .current_dir(manifest)
-            .args(["build", "--release", "--bin", "edgeproxy"]),
-    )?;
+    topo::run(std::process::Command::new(&cargo).current_dir(manifest).args([
+        "build",
+        "--release",
+        "--bin",
+        "edgeproxy",
+    ]))?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest}/target"));
     let bin = PathBuf::from(target).join("release/edgeproxy");
     if !bin.exists() {
@@ -631,66 +512,25 @@ fn machine_facts(bin: Option<&PathBuf>) -> Vec<(String, String)> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
         })
         .unwrap_or_default();
     let manifest = env!("CARGO_MANIFEST_DIR");
     let commit = cmd(&["git", "-C", manifest, "rev-parse", "--short", "HEAD"]);
-    let dirty = !cmd(&[
-        "git",
-        "-C",
-        manifest,
-        "status",
-        "--porcelain",
-        "--untracked-files=no",
-    ])
-    .is_empty();
+    let dirty = !cmd(&["git", "-C", manifest, "status", "--porcelain", "--untracked-files=no"]).is_empty();
     let mut v = vec![
-        (
-            "date".to_string(),
-            cmd(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
-        ),
-        (
-            "commit".into(),
-            format!("{commit}{}", if dirty { " (dirty)" } else { "" }),
-        ),
-        (
-            "cpu".into(),
-            format!(
-                "{} x {cpu}",
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(0)
-            ),
-        ),
+        ("date".to_string(), cmd(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])),
+        ("commit".into(), format!("{commit}{}", if dirty { " (dirty)" } else { "" })),
+        ("cpu".into(), format!("{} x {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))),
         ("kernel".into(), cmd(&["uname", "-r"])),
         ("load before".into(), loadavg()),
-        (
-            "haproxy".into(),
-            cmd(&["haproxy", "-v"])
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-        ),
-        (
-            "iperf3".into(),
-            cmd(&["iperf3", "--version"])
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-        ),
+        ("haproxy".into(), cmd(&["haproxy", "-v"]).lines().next().unwrap_or("").to_string()),
+        ("iperf3".into(), cmd(&["iperf3", "--version"]).lines().next().unwrap_or("").to_string()),
     ];
     if let Some(b) = bin {
         let size = std::fs::metadata(b).map(|m| m.len()).unwrap_or(0);
-        v.push((
-            "edgeproxy".into(),
-            format!("{} ({size} bytes)", b.display()),
-        ));
+        v.push(("edgeproxy".into(), format!("{} ({size} bytes)", b.display())));
     }
     v
 }
@@ -703,10 +543,7 @@ fn loadavg() -> String {
 
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(tool))
-        .find(|p| p.exists())
+    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(tool)).find(|p| p.exists())
 }
 
 fn write(path: &std::path::Path, text: &str) -> Res<()> {

@@ -31,13 +31,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn reuseport_socket(ty: Type, proto: Protocol, port: u16) -> Res<Socket> {
     let s = Socket::new(Domain::IPV4, ty, Some(proto)).map_err(|e| format!("socket: {e}"))?;
-    s.set_reuse_port(true)
-        .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
-    s.set_reuse_address(true)
-        .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    s.set_reuse_port(true).map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+    s.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
     let addr: SocketAddr = ([0, 0, 0, 0], port).into();
-    s.bind(&addr.into())
-        .map_err(|e| format!("bind {addr}: {e}"))?;
+    s.bind(&addr.into()).map_err(|e| format!("bind {addr}: {e}"))?;
     Ok(s)
 }
 
@@ -46,8 +43,7 @@ fn reuseport_socket(ty: Type, proto: Protocol, port: u16) -> Res<Socket> {
 pub fn tcp_echo_server(port: u16, ready: Arc<Barrier>) -> Res<()> {
     let s = reuseport_socket(Type::STREAM, Protocol::TCP, port)?;
     s.listen(4096).map_err(|e| format!("listen: {e}"))?;
-    s.set_nonblocking(true)
-        .map_err(|e| format!("nonblocking: {e}"))?;
+    s.set_nonblocking(true).map_err(|e| format!("nonblocking: {e}"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -94,22 +90,17 @@ pub fn udp_echo_server(port: u16, ready: Arc<Barrier>) -> Res<()> {
 }
 
 fn connect(addr: SocketAddr) -> Res<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| format!("timeout: {e}"))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| format!("timeout: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("timeout: {e}"))?;
+    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("timeout: {e}"))?;
     Ok(s)
 }
 
 /// One request/response: write `buf`, read the same number of bytes back.
 fn roundtrip(s: &mut TcpStream, buf: &mut [u8], addr: SocketAddr) -> Res<()> {
-    s.write_all(buf)
-        .map_err(|e| format!("write to {addr}: {e}"))?;
-    s.read_exact(buf)
-        .map_err(|e| format!("read from {addr}: {e}"))
+    s.write_all(buf).map_err(|e| format!("write to {addr}: {e}"))?;
+    s.read_exact(buf).map_err(|e| format!("read from {addr}: {e}"))
 }
 
 /// Latency samples, in nanoseconds, and how long they took.
@@ -256,10 +247,7 @@ pub fn new_conns(addr: SocketAddr, threads: usize, dur: Duration) -> Res<Samples
     })?;
     let failed = failures.load(Ordering::Relaxed);
     if failed * 100 > r.ns.len() as u64 {
-        return Err(format!(
-            "{failed} of {} new connections to {addr} failed",
-            r.ns.len() as u64 + failed
-        ));
+        return Err(format!("{failed} of {} new connections to {addr} failed", r.ns.len() as u64 + failed));
     }
     Ok(r)
 }
@@ -271,10 +259,8 @@ pub fn udp_rr(addr: SocketAddr, flows: usize, dur: Duration) -> Res<(Samples, u6
     let l2 = lost.clone();
     let r = workers(flows, dur, move |_, stop, ns| {
         let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
-        s.connect(addr)
-            .map_err(|e| format!("udp connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))
-            .map_err(|e| format!("timeout: {e}"))?;
+        s.connect(addr).map_err(|e| format!("udp connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| format!("timeout: {e}"))?;
         let mut out = [0u8; 32];
         let mut inb = [0u8; 64];
         let mut seq = 0u64;
@@ -337,10 +323,8 @@ pub fn probe(tcp: SocketAddr, udp: Option<SocketAddr>, wait: Duration) -> Res<()
         let u = match (t.is_ok(), udp) {
             (true, Some(u)) => (|| -> Res<()> {
                 let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_millis(200)))
-                    .map_err(|e| e.to_string())?;
-                s.send_to(b"probe", u)
-                    .map_err(|e| format!("udp {u}: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+                s.send_to(b"probe", u).map_err(|e| format!("udp {u}: {e}"))?;
                 let mut b = [0u8; 16];
                 s.recv(&mut b).map_err(|e| format!("udp {u}: {e}"))?;
                 Ok(())

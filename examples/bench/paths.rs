@@ -39,9 +39,7 @@ impl Path {
     }
 
     pub fn parse(s: &str) -> Option<Path> {
-        Path::ALL
-            .into_iter()
-            .find(|p| p.name() == s || (s == "kernel" && *p == Path::Kernel))
+        Path::ALL.into_iter().find(|p| p.name() == s || (s == "kernel" && *p == Path::Kernel))
     }
 
     /// The address the client dials for this path.
@@ -94,30 +92,19 @@ pub fn kernel_rules(node: &Ns) -> Res<()> {
         }
     }
     t.push_str(&body);
-    let _ = writeln!(
-        t,
-        "-A PREROUTING -j {p}-SERVICES\n-A OUTPUT -j {p}-SERVICES\nCOMMIT"
-    );
+    let _ = writeln!(t, "-A PREROUTING -j {p}-SERVICES\n-A OUTPUT -j {p}-SERVICES\nCOMMIT");
     restore(node, &t)
 }
 
 fn restore(node: &Ns, text: &str) -> Res<()> {
     use std::io::Write;
     let mut c = node.cmd(&["iptables-nft-restore", "--noflush"]);
-    c.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c
-        .spawn()
-        .map_err(|e| format!("iptables-nft-restore: {e}"))?;
+    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().map_err(|e| format!("iptables-nft-restore: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("iptables-nft-restore stdin: {e}"))?;
+        stdin.write_all(text.as_bytes()).map_err(|e| format!("iptables-nft-restore stdin: {e}"))?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("iptables-nft-restore: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("iptables-nft-restore: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "iptables-nft-restore in {} failed: {}\ninput:\n{text}",
@@ -146,11 +133,7 @@ pub fn bench_cluster_json() -> String {
             "bench",
             "bench",
             &[BACKEND_IP],
-            &[
-                ("echo", "TCP", ECHO_PORT),
-                ("iperf", "TCP", IPERF_PORT),
-                ("echo-udp", "UDP", ECHO_PORT),
-            ],
+            &[("echo", "TCP", ECHO_PORT), ("iperf", "TCP", IPERF_PORT), ("echo-udp", "UDP", ECHO_PORT)],
         ),
     ];
     list_json(&items)
@@ -173,12 +156,7 @@ pub fn generated_cluster_json(n: usize) -> String {
             ports.push(("dns", "UDP", 53, 5353));
             tports.push(("dns", "UDP", 5353));
         }
-        items.push(service_json(
-            "gen",
-            &name,
-            &generated_ip(i).to_string(),
-            &ports,
-        ));
+        items.push(service_json("gen", &name, &generated_ip(i).to_string(), &ports));
         let a = format!("10.78.{}.{}", (2 * i) >> 8 & 255, (2 * i) & 255);
         let b = format!("10.78.{}.{}", (2 * i + 1) >> 8 & 255, (2 * i + 1) & 255);
         items.push(slice_json("gen", &name, &[&a, &b], &tports));
@@ -217,9 +195,7 @@ fn slice_json(ns: &str, svc: &str, addrs: &[&str], ports: &[(&str, &str, u16)]) 
         .collect();
     let ports: Vec<String> = ports
         .iter()
-        .map(|(n, proto, port)| {
-            format!("{{\"name\":\"{n}\",\"protocol\":\"{proto}\",\"port\":{port}}}")
-        })
+        .map(|(n, proto, port)| format!("{{\"name\":\"{n}\",\"protocol\":\"{proto}\",\"port\":{port}}}"))
         .collect();
     format!(
         "{{\"apiVersion\":\"discovery.k8s.io/v1\",\"kind\":\"EndpointSlice\",\"metadata\":{{\"name\":\"{svc}-bench\",\"namespace\":\"{ns}\",\
@@ -238,10 +214,7 @@ pub fn haproxy_config(listens: &[(u16, String)], maxconn: usize) -> String {
          defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\n"
     );
     for (port, server) in listens {
-        let _ = writeln!(
-            c,
-            "listen l{port}\n    bind {HAPROXY_IP}:{port}\n    server s1 {server}\n"
-        );
+        let _ = writeln!(c, "listen l{port}\n    bind {HAPROXY_IP}:{port}\n    server s1 {server}\n");
     }
     c
 }
@@ -249,10 +222,7 @@ pub fn haproxy_config(listens: &[(u16, String)], maxconn: usize) -> String {
 /// HAProxy for the benchmark path: echo and iperf3 ports to the backend.
 pub fn haproxy_bench_config(maxconn: usize) -> String {
     haproxy_config(
-        &[
-            (ECHO_PORT, format!("{BACKEND_IP}:{ECHO_PORT}")),
-            (IPERF_PORT, format!("{BACKEND_IP}:{IPERF_PORT}")),
-        ],
+        &[(ECHO_PORT, format!("{BACKEND_IP}:{ECHO_PORT}")), (IPERF_PORT, format!("{BACKEND_IP}:{IPERF_PORT}"))],
         maxconn,
     )
 }

@@ -20,12 +20,7 @@ pub struct Figure {
 }
 
 const fn fig(key: &'static str, label: &'static str, unit: &'static str, higher: bool) -> Figure {
-    Figure {
-        key,
-        label,
-        unit,
-        higher_is_better: higher,
-    }
+    Figure { key, label, unit, higher_is_better: higher }
 }
 
 pub const FIGURES: &[Figure] = &[
@@ -64,12 +59,7 @@ pub struct Results {
 
 impl Results {
     pub fn push(&mut self, key: &'static str, path: Path, round: usize, v: f64) {
-        let vals = self
-            .rounds
-            .entry(key)
-            .or_default()
-            .entry(path.name())
-            .or_default();
+        let vals = self.rounds.entry(key).or_default().entry(path.name()).or_default();
         while vals.len() <= round {
             vals.push(f64::NAN);
         }
@@ -77,22 +67,14 @@ impl Results {
     }
 
     fn values(&self, key: &str, path: &str) -> Vec<f64> {
-        self.rounds
-            .get(key)
-            .and_then(|m| m.get(path))
-            .cloned()
-            .unwrap_or_default()
+        self.rounds.get(key).and_then(|m| m.get(path)).cloned().unwrap_or_default()
     }
 
     /// Per-round ratios of `path` to the kernel DNAT path (same round).
     fn ratios(&self, key: &str, path: &str) -> Vec<f64> {
         let v = self.values(key, path);
         let k = self.values(key, Path::Kernel.name());
-        v.iter()
-            .zip(k.iter())
-            .map(|(a, b)| a / b)
-            .filter(|r| r.is_finite())
-            .collect()
+        v.iter().zip(k.iter()).map(|(a, b)| a / b).filter(|r| r.is_finite()).collect()
     }
 }
 
@@ -104,11 +86,7 @@ pub fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
+    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
     Some((v[0], med, v[n - 1]))
 }
 
@@ -144,12 +122,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             (_, Some(m)) => format!("<= {m}x kernel DNAT"),
             _ => String::new(),
         };
-        t.push(Target {
-            name: name.into(),
-            value: v,
-            bound,
-            pass,
-        });
+        t.push(Target { name: name.into(), value: v, bound, pass });
     };
     if !paths.contains(&Path::Edgeproxy) || !paths.contains(&Path::Kernel) {
         return Vec::new();
@@ -168,11 +141,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
         pass: cpu.map(|c| c <= 0.25),
     });
     for (key, bound_mib) in [("rss_1000_services", 8.0), ("rss_5000_conns", 40.0)] {
-        let v = r
-            .resources
-            .get(key)
-            .and_then(|m| m.get(ep))
-            .map(|kib| kib / 1024.0);
+        let v = r.resources.get(key).and_then(|m| m.get(ep)).map(|kib| kib / 1024.0);
         t.push(Target {
             name: format!("{key} (MiB)"),
             value: v,
@@ -190,10 +159,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             t.push(Target {
                 name: format!("better than HAProxy: {}", f.label),
                 value: Some(a / b),
-                bound: format!(
-                    "{} HAProxy (value = edgeproxy / HAProxy)",
-                    if f.higher_is_better { ">" } else { "<" }
-                ),
+                bound: format!("{} HAProxy (value = edgeproxy / HAProxy)", if f.higher_is_better { ">" } else { "<" }),
                 pass: Some(better),
             });
         }
@@ -231,9 +197,7 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
             let cell = match spread(&r.values(f.key, p.name())) {
                 None => "n/a".to_string(),
                 Some((lo, med, hi)) => {
-                    let ratio = spread(&r.ratios(f.key, p.name()))
-                        .map(|x| format!(" {:.2}x", x.1))
-                        .unwrap_or_default();
+                    let ratio = spread(&r.ratios(f.key, p.name())).map(|x| format!(" {:.2}x", x.1)).unwrap_or_default();
                     format!("{} [{}-{}]{ratio}", num(med), num(lo), num(hi))
                 }
             };
@@ -265,10 +229,7 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
                 None => "n/a ",
             };
             let v = t.value.map(num).unwrap_or_else(|| "n/a".into());
-            s.push_str(&format!(
-                "  {mark}  {:<48} {:>8}   target {}\n",
-                t.name, v, t.bound
-            ));
+            s.push_str(&format!("  {mark}  {:<48} {:>8}   target {}\n", t.name, v, t.bound));
         }
     }
     if !r.errors.is_empty() {
@@ -308,19 +269,14 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: V
     let mut resources = serde_json::Map::new();
     for (key, label) in RESOURCES {
         let m = r.resources.get(key).cloned().unwrap_or_default();
-        resources.insert(
-            (*key).into(),
-            json!({"label": label, "unit": "KiB", "paths": m}),
-        );
+        resources.insert((*key).into(), json!({"label": label, "unit": "KiB", "paths": m}));
     }
     let targets: Vec<Value> = targets(r, paths)
         .into_iter()
         .map(|t| json!({"name": t.name, "value": t.value, "target": t.bound, "pass": t.pass}))
         .collect();
-    let machine: serde_json::Map<String, Value> = facts
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
+    let machine: serde_json::Map<String, Value> =
+        facts.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     json!({
         "machine": machine,
         "settings": settings,

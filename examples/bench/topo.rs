@@ -53,8 +53,7 @@ impl Ns {
 
     /// Set a sysctl inside this namespace (per-namespace sysctls only).
     pub fn sysctl(&self, key: &str, value: &str) -> Res<()> {
-        self.ok(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-            .map(drop)
+        self.ok(&["sysctl", "-q", "-w", &format!("{key}={value}")]).map(drop)
     }
 
     /// Start a long-running process inside the namespace. `ip netns exec` execs the program, so
@@ -65,9 +64,7 @@ impl Ns {
         if quiet {
             c.stdout(Stdio::null()).stderr(Stdio::null());
         }
-        let child = c
-            .spawn()
-            .map_err(|e| format!("cannot start {argv:?} in {}: {e}", self.name))?;
+        let child = c.spawn().map_err(|e| format!("cannot start {argv:?} in {}: {e}", self.name))?;
         Ok(Proc::adopt(child))
     }
 
@@ -77,10 +74,7 @@ impl Ns {
     }
 
     /// Run `f` on a new thread inside this namespace.
-    pub fn thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Res<std::thread::JoinHandle<T>> {
+    pub fn thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Res<std::thread::JoinHandle<T>> {
         let path = self.path();
         let file = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
         std::thread::Builder::new()
@@ -165,22 +159,8 @@ impl Topology {
         let client = Ns::new("client")?;
         let node = Ns::new("node")?;
         let backend = Ns::new("backend")?;
-        veth(
-            &client,
-            "c0",
-            &format!("{CLIENT_IP}/24"),
-            &node,
-            "n0",
-            &format!("{NODE_CLIENT_SIDE}/24"),
-        )?;
-        veth(
-            &node,
-            "n1",
-            &format!("{NODE_BACKEND_SIDE}/24"),
-            &backend,
-            "b0",
-            &format!("{BACKEND_IP}/24"),
-        )?;
+        veth(&client, "c0", &format!("{CLIENT_IP}/24"), &node, "n0", &format!("{NODE_CLIENT_SIDE}/24"))?;
+        veth(&node, "n1", &format!("{NODE_BACKEND_SIDE}/24"), &backend, "b0", &format!("{BACKEND_IP}/24"))?;
         client.ok(&["ip", "route", "add", "default", "via", NODE_CLIENT_SIDE])?;
         backend.ok(&["ip", "route", "add", "default", "via", NODE_BACKEND_SIDE])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -190,20 +170,14 @@ impl Topology {
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         }
-        Ok(Topology {
-            client,
-            node,
-            backend,
-        })
+        Ok(Topology { client, node, backend })
     }
 }
 
 /// Connect two namespaces with a veth pair.
 pub fn veth(a: &Ns, a_if: &str, a_cidr: &str, b: &Ns, b_if: &str, b_cidr: &str) -> Res<()> {
     // Created inside `a` directly, so no name ever appears in the root namespace.
-    a.ok(&[
-        "ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
-    ])?;
+    a.ok(&["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
     for (ns, ifname, cidr) in [(a, a_if, a_cidr), (b, b_if, b_cidr)] {
         ns.ok(&["ip", "addr", "add", cidr, "dev", ifname])?;
         ns.ok(&["ip", "link", "set", ifname, "up"])?;
@@ -237,10 +211,7 @@ fn delete_ns(name: &str) {
             }
         }
     }
-    let _ = Command::new("ip")
-        .args(["netns", "del", name])
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -314,12 +285,7 @@ pub fn install_cleanup_handlers() -> Res<()> {
     });
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: installing a handler that only calls write(2).
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
+        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
     Ok(())
 }
