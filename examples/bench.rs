@@ -486,12 +486,17 @@ fn edgeproxy_binary(args: &Args) -> Res<PathBuf> {
     let manifest = env!("CARGO_MANIFEST_DIR");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building the release edgeproxy (cargo build --release --bin edgeproxy)");
-    topo::run(std::process::Command::new(&cargo).current_dir(manifest).args([
-        "build",
-        "--release",
-        "--bin",
-        "edgeproxy",
-    ]))?;
+    let mut c = std::process::Command::new(&cargo);
+    c.current_dir(manifest).args(["build", "--release", "--bin", "edgeproxy"]);
+    // `cargo run` sets CARGO_PKG_* and friends for us; build scripts that watch such variables
+    // would see a different environment than a plain `cargo build` and rebuild every time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k == "OUT_DIR" {
+            c.env_remove(&*k);
+        }
+    }
+    topo::run(&mut c)?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest}/target"));
     let bin = PathBuf::from(target).join("release/edgeproxy");
     if !bin.exists() {
