@@ -165,6 +165,11 @@ fn run(args: &Args) -> Res<()> {
             let p = paths[(i + round) % paths.len()];
             let pid = procs.iter().find(|(q, _)| *q == p).map(|(_, pr)| pr.pid());
             eprintln!("round {}/{} {:<12} ({:.0}s)", round + 1, w.rounds, p.name(), started.elapsed().as_secs_f64());
+            if let Some((_, proc)) = procs.iter_mut().find(|(q, _)| *q == p) {
+                if let Some(st) = proc.exit_status() {
+                    return Err(format!("{} exited ({st}) before round {}", p.name(), round + 1));
+                }
+            }
             if let Err(e) = measure(&topo, p, pid, round, &w, &mut results) {
                 results.errors.push(format!("round {} {}: {e}", round + 1, p.name()));
                 eprintln!("  error: {e}");
@@ -196,8 +201,8 @@ fn run(args: &Args) -> Res<()> {
         }
     }
     for (p, proc) in &mut procs {
-        if !proc.alive() {
-            results.errors.push(format!("{} exited during the benchmark", p.name()));
+        if let Some(st) = proc.exit_status() {
+            results.errors.push(format!("{} exited during the benchmark ({st})", p.name()));
         }
         proc.stop();
     }
@@ -364,7 +369,16 @@ fn spawn_edgeproxy(node: &Ns, bin: &std::path::Path, file: &std::path::Path, log
 }
 
 fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
-    spawn_logged(node, &["haproxy", "-db", "-f", &cfg.display().to_string()], log)
+    // Started through a symlink named `bench-haproxy`, so the process name is not `haproxy`:
+    // tests/setup.sh runs `pkill -x haproxy` (to stop the packaged daemon) and would otherwise
+    // kill the benchmark's HAProxy whenever someone runs the test setup.
+    let dir = cfg.parent().ok_or("config without a directory")?;
+    let link = dir.join("bench-haproxy");
+    if !link.exists() {
+        let real = which("haproxy").ok_or("haproxy not found")?;
+        std::os::unix::fs::symlink(&real, &link).map_err(|e| format!("symlink {}: {e}", link.display()))?;
+    }
+    spawn_logged(node, &[&link.display().to_string(), "-db", "-f", &cfg.display().to_string()], log)
 }
 
 /// Start a process in `ns` with stdout and stderr to `log`; errors quote the log's tail if it

@@ -116,6 +116,14 @@ impl Proc {
         self.child.id()
     }
 
+    /// How it ended, if it did.
+    pub fn exit_status(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Some(st.to_string()),
+            _ => None,
+        }
+    }
+
     /// Is it still running?
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
