@@ -56,6 +56,9 @@ struct Args {
     /// the edgeproxy binary (default: build and use target/release/edgeproxy)
     #[argh(option)]
     edgeproxy: Option<PathBuf>,
+    /// a config file for the edgeproxy under test (for tuning experiments; default none)
+    #[argh(option)]
+    edgeproxy_config: Option<PathBuf>,
 }
 
 /// How long each measurement window lasts.
@@ -143,7 +146,10 @@ fn run(args: &Args) -> Res<()> {
     if let Some(bin) = &binary {
         let file = work.0.join("cluster.json");
         write(&file, &paths::bench_cluster_json())?;
-        procs.push((Path::Edgeproxy, spawn_edgeproxy(&topo.node, bin, &file, &work.0.join("edgeproxy.log"))?));
+        procs.push((
+            Path::Edgeproxy,
+            spawn_edgeproxy(&topo.node, bin, &file, args.edgeproxy_config.as_deref(), &work.0.join("edgeproxy.log"))?,
+        ));
     }
     if paths.contains(&Path::Haproxy) {
         let cfg = work.0.join("haproxy.cfg");
@@ -193,7 +199,7 @@ fn run(args: &Args) -> Res<()> {
     }
     for (p, _) in &procs {
         eprintln!("{}: {GENERATED_SERVICES} services", p.name());
-        match rss_with_services(*p, binary.as_ref(), &work.0) {
+        match rss_with_services(*p, binary.as_ref(), args.edgeproxy_config.as_deref(), &work.0) {
             Ok(kib) => {
                 results.resources.entry("rss_1000_services").or_default().insert(p.name(), kib);
             }
@@ -346,26 +352,34 @@ fn start_backend(backend: &Ns) -> Res<()> {
     Ok(())
 }
 
-fn spawn_edgeproxy(node: &Ns, bin: &std::path::Path, file: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
+fn spawn_edgeproxy(
+    node: &Ns,
+    bin: &std::path::Path,
+    file: &std::path::Path,
+    config: Option<&std::path::Path>,
+    log: &std::path::Path,
+) -> Res<Proc> {
     let source = format!("file:{}", file.display());
-    spawn_logged(
-        node,
-        &[
-            &bin.display().to_string(),
-            "--log-level",
-            "warn",
-            "run",
-            "--source",
-            &source,
-            "--node-name",
-            "node",
-            "--metrics-address",
-            "",
-            "--iptables-backend",
-            "nft",
-        ],
-        log,
-    )
+    let bin = bin.display().to_string();
+    let mut argv = vec![
+        bin.as_str(),
+        "--log-level",
+        "warn",
+        "run",
+        "--source",
+        &source,
+        "--node-name",
+        "node",
+        "--metrics-address",
+        "",
+        "--iptables-backend",
+        "nft",
+    ];
+    let config = config.map(|c| c.display().to_string());
+    if let Some(c) = &config {
+        argv.extend(["--config", c.as_str()]);
+    }
+    spawn_logged(node, &argv, log)
 }
 
 fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
@@ -401,14 +415,19 @@ fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> {
 
 /// Start a second instance of the proxy alone in a fresh namespace with 1,000 services, wait
 /// until it has loaded them, read its RSS.
-fn rss_with_services(p: Path, binary: Option<&PathBuf>, work: &std::path::Path) -> Res<f64> {
+fn rss_with_services(
+    p: Path,
+    binary: Option<&PathBuf>,
+    config: Option<&std::path::Path>,
+    work: &std::path::Path,
+) -> Res<f64> {
     let ns = Ns::new("rss")?;
     let mut proc = match p {
         Path::Edgeproxy => {
             let bin = binary.ok_or("no edgeproxy binary")?;
             let file = work.join("generated.json");
             write(&file, &paths::generated_cluster_json(GENERATED_SERVICES))?;
-            spawn_edgeproxy(&ns, bin, &file, &work.join("edgeproxy-1000.log"))?
+            spawn_edgeproxy(&ns, bin, &file, config, &work.join("edgeproxy-1000.log"))?
         }
         Path::Haproxy => {
             ns.ok(&["ip", "addr", "add", &format!("{}/32", paths::HAPROXY_IP), "dev", "lo"])?;
