@@ -7,19 +7,25 @@
 //!
 //! The relay copies both ways with half-close: when one side's read ends, writing is shut down
 //! on the other and the opposite direction carries on until it ends too. An error on either side
-//! (a reset) resets the other. Memory is bounded: one buffer of `tcp_buffer` bytes per direction
-//! while data is in flight, none while idle (buffers go back to a small per-thread pool), and
-//! backpressure comes from not reading while the buffer is unwritten.
+//! (a reset) resets the other. Small messages are copied through a buffer of `tcp_buffer` bytes;
+//! once a read fills the whole buffer (a bulk transfer), that direction switches to splice(2)
+//! through a kernel pipe (socket -> pipe -> socket, no copy to user space) until a splice moves
+//! less than a buffer's worth again. When no pipe can be had (out of descriptors) it copies. Memory and descriptors are bounded: a pipe or
+//! buffer per direction only while data is in flight, none while idle (both go back to small
+//! per-thread pools), and backpressure comes from not reading while the pipe or buffer is
+//! unwritten.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -31,8 +37,10 @@ use super::{ProxyConfig, Shared};
 
 /// How long accepting pauses when the process or system is out of file descriptors.
 const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
-/// Idle buffers kept per thread for reuse.
+/// Idle buffers (and idle pipes) kept per thread for reuse.
 const POOL_MAX: usize = 64;
+/// Most bytes one splice(2) moves; the pipe's capacity (64 KiB by default) caps it further.
+const SPLICE_MAX: usize = 1 << 20;
 
 /// Bind the IPv4 listener (required) and the IPv6 one (when its address is usable).
 pub(super) fn bind(cfg: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
@@ -225,6 +233,13 @@ struct Pipe {
     buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
+    /// The kernel pipe bytes are spliced through, held while `in_pipe > 0` (and between a
+    /// readiness wake-up and the splice that follows it).
+    kpipe: Option<KernelPipe>,
+    /// Bytes in `kpipe`, read from `from` and not yet written to `to`.
+    in_pipe: usize,
+    /// The last read filled the buffer: move the next bytes with splice.
+    bulk: bool,
     eof: bool,
     done: bool,
 }
@@ -241,6 +256,21 @@ impl Pipe {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
+            }
+            if self.in_pipe > 0 {
+                ready!(to.poll_write_ready(cx))?;
+                let pipe_r = self.kpipe.as_ref().expect("bytes in the pipe imply a pipe").r.as_raw_fd();
+                let len = self.in_pipe;
+                match to.try_io(Interest::WRITABLE, || splice(pipe_r, to.as_raw_fd(), len)) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        counters.iter().for_each(|c| c.add(n as u64));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
             }
             if self.start < self.end {
                 ready!(to.poll_write_ready(cx))?;
@@ -259,6 +289,7 @@ impl Pipe {
             if self.eof {
                 self.done = true;
                 pool_put(self.buf.take());
+                pipe_put(self.kpipe.take());
                 // ENOTCONN: the peer is already gone; the other direction will see it.
                 match SockRef::from(to).shutdown(Shutdown::Write) {
                     Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Poll::Ready(Err(e)),
@@ -266,12 +297,36 @@ impl Pipe {
                 }
             }
             ready!(from.poll_read_ready(cx))?;
+            // Nothing is pending here: hand back whichever of buffer and pipe this read won't use.
+            if self.bulk {
+                pool_put(self.buf.take());
+                if self.kpipe.is_none() {
+                    self.kpipe = pipe_take();
+                }
+            } else {
+                pipe_put(self.kpipe.take());
+            }
+            if let Some(p) = &self.kpipe {
+                let pipe_w = p.w.as_raw_fd();
+                match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe_w, SPLICE_MAX)) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => {
+                        self.in_pipe = n;
+                        self.bulk = n >= size;
+                    }
+                    // Nothing to read: this direction is idle, so it holds no pipe.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe_put(self.kpipe.take()),
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                continue;
+            }
             let buf = self.buf.get_or_insert_with(|| pool_take(size));
             match from.try_read(buf) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     self.start = 0;
                     self.end = n;
+                    self.bulk = n == buf.len();
                 }
                 // Nothing to read: this direction is idle, so it holds no buffer.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool_put(self.buf.take()),
@@ -284,11 +339,70 @@ impl Pipe {
 impl Drop for Pipe {
     fn drop(&mut self) {
         pool_put(self.buf.take());
+        // A pipe with bytes still in it is closed, never reused.
+        if self.in_pipe == 0 {
+            pipe_put(self.kpipe.take());
+        }
+    }
+}
+
+/// Both ends of a non-blocking kernel pipe.
+struct KernelPipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+/// splice(2) between a socket and a pipe, never blocking on the pipe.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call (owned by the caller's streams and
+    // pipe); null offsets are required for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    match n {
+        n if n >= 0 => Ok(n as usize),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// An empty pipe from the pool, or a new one; None when none can be made (out of
+/// descriptors): the caller copies through a buffer instead.
+fn pipe_take() -> Option<KernelPipe> {
+    if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+        return Some(p);
+    }
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        log::debug!("pipe2: {}; copying through a buffer", io::Error::last_os_error());
+        return None;
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Some(unsafe { KernelPipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } })
+}
+
+/// Return an empty pipe to the pool (or close it when the pool is full).
+fn pipe_put(p: Option<KernelPipe>) {
+    if let Some(p) = p {
+        let _ = PIPES.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(p);
+            }
+        });
     }
 }
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
 }
 
 fn pool_take(size: usize) -> Box<[u8]> {
