@@ -201,7 +201,10 @@ async fn control(config: Config) -> Result<(), AgentError> {
                 Input::Source(other) => log::debug!("source: {other:?}"),
                 Input::Rules(e) => {
                     if let Some(present) = on_rules_event(e, &mut installed) {
-                        dirty |= state.apply(Change::KubeProxy(present));
+                        if state.apply(Change::KubeProxy(present)) {
+                            log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
+                            dirty = true;
+                        }
                     }
                 }
                 Input::Proxy(ProxyEvent::UdpPortUnavailable(port)) => {
@@ -289,10 +292,7 @@ fn on_rules_event(e: applier::Event, installed: &mut bool) -> Option<bool> {
             );
         }
         applier::Event::Repaired { what } => log::warn!("rules repaired: {}", what.join("; ")),
-        applier::Event::KubeProxy(present) => {
-            log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
-            return Some(present);
-        }
+        applier::Event::KubeProxy(present) => return Some(present),
         applier::Event::Stopped { .. } => {}
     }
     None
