@@ -101,7 +101,10 @@ impl Run {
                     "not converged after {timeout:?}.\nmissing: {:?}\nextra: {:?}\ndiffering: {:?}\nerrors: {:#?}",
                     need.difference(&have).collect::<Vec<_>>(),
                     have.difference(&need).collect::<Vec<_>>(),
-                    want.iter().filter(|(k, v)| held.get(*k).is_some_and(|h| h != *v)).map(|(k, _)| k).collect::<Vec<_>>(),
+                    want.iter()
+                        .filter(|(k, v)| held.get(*k).is_some_and(|h| h != *v))
+                        .map(|(k, _)| k)
+                        .collect::<Vec<_>>(),
                     self.errors()
                 );
             }
@@ -253,13 +256,8 @@ fn modified_web_frontend(object: serde_json::Value) -> Vec<u8> {
 
 fn web_frontend() -> serde_json::Value {
     let list: serde_json::Value = serde_json::from_slice(&fixture("list-services-raw.json")).unwrap();
-    let mut o = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["metadata"]["name"] == "web-frontend")
-        .unwrap()
-        .clone();
+    let mut o =
+        list["items"].as_array().unwrap().iter().find(|i| i["metadata"]["name"] == "web-frontend").unwrap().clone();
     o["metadata"]["resourceVersion"] = "520".into();
     o
 }
@@ -348,7 +346,8 @@ fn wrong_ca_fails_clearly_and_never_connects_unverified() {
     assert_eq!(count(&ev, |e| matches!(e, SourceEvent::Change(_) | SourceEvent::Synced(_))), 0, "{ev:?}");
     let errors = run.errors();
     assert!(
-        errors.iter().any(|m| m.contains("TLS handshake failed") && m.contains("UnknownIssuer")
+        errors.iter().any(|m| m.contains("TLS handshake failed")
+            && m.contains("UnknownIssuer")
             && m.contains("does not fall back")),
         "{errors:?}"
     );

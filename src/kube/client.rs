@@ -136,7 +136,8 @@ pub struct Settings {
 }
 
 fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path).map_err(|e| ClientError::new(ErrorKind::Config, format!("{what} {}: cannot read: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| ClientError::new(ErrorKind::Config, format!("{what} {}: cannot read: {e}", path.display())))
 }
 
 /// Resolve connection settings from the source config, in this order: an explicit `server`; a
@@ -311,7 +312,10 @@ impl TokenCache {
             let bytes = read_file("token file", &self.path)?;
             let trimmed = bytes.trim_ascii();
             if trimmed.is_empty() {
-                return Err(ClientError::new(ErrorKind::Config, format!("token file {} is empty", self.path.display())));
+                return Err(ClientError::new(
+                    ErrorKind::Config,
+                    format!("token file {} is empty", self.path.display()),
+                ));
             }
             if trimmed.iter().any(|b| !b.is_ascii_graphic()) {
                 return Err(ClientError::new(
@@ -394,7 +398,10 @@ impl Client {
             if let Some((cert, key)) = &settings.client_cert {
                 let chain = pem_certs(&format!("{}: client certificate", settings.origin), cert)?;
                 let key = PrivateKey::from_pem(key.expose()).map_err(|e| {
-                    ClientError::new(ErrorKind::Config, format!("{}: client key is not a usable PEM private key: {e}", settings.origin))
+                    ClientError::new(
+                        ErrorKind::Config,
+                        format!("{}: client key is not a usable PEM private key: {e}", settings.origin),
+                    )
                 })?;
                 tls = tls.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
             }

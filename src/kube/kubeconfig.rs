@@ -84,7 +84,9 @@ pub fn load(paths: &[PathBuf]) -> Result<KubeconfigSettings, KubeconfigError> {
         let text = match std::fs::read_to_string(p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && paths.len() > 1 => continue,
-            Err(e) => return Err(KubeconfigError { file: p.display().to_string(), message: format!("cannot read: {e}") }),
+            Err(e) => {
+                return Err(KubeconfigError { file: p.display().to_string(), message: format!("cannot read: {e}") })
+            }
         };
         let doc = parse_one(&text).map_err(|message| KubeconfigError { file: p.display().to_string(), message })?;
         let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -178,10 +180,8 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
     let clusters = entries(docs, "clusters", "cluster")?;
     let users = entries(docs, "users", "user")?;
     let contexts = entries(docs, "contexts", "context")?;
-    let current = docs
-        .iter()
-        .find_map(|(_, d)| d["current-context"].as_str().filter(|s| !s.is_empty()))
-        .map(str::to_string);
+    let current =
+        docs.iter().find_map(|(_, d)| d["current-context"].as_str().filter(|s| !s.is_empty())).map(str::to_string);
     let ctx_name = match current {
         Some(c) => c,
         None if contexts.len() == 1 => contexts[0].name.to_string(),
@@ -192,8 +192,7 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
         .find(|e| e.name == ctx_name)
         .ok_or_else(|| format!("current-context {ctx_name:?} is not among the contexts"))?;
     let cwhat = format!("context {ctx_name:?}");
-    let cluster_name =
-        string(ctx.body, "cluster", &cwhat)?.ok_or_else(|| format!("{cwhat} names no cluster"))?;
+    let cluster_name = string(ctx.body, "cluster", &cwhat)?.ok_or_else(|| format!("{cwhat} names no cluster"))?;
     let cluster = clusters
         .iter()
         .find(|e| e.name == cluster_name)
@@ -202,10 +201,7 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
     let user = match &user_name {
         None => None,
         Some(u) => Some(
-            users
-                .iter()
-                .find(|e| e.name == *u)
-                .ok_or_else(|| format!("{cwhat}: user {u:?} is not among the users"))?,
+            users.iter().find(|e| e.name == *u).ok_or_else(|| format!("{cwhat}: user {u:?} is not among the users"))?,
         ),
     };
 
@@ -274,11 +270,12 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
         }
         settings.token = string(u, "token", &what)?.map(|t| Secret::new(t.into_bytes()));
         settings.token_file = string(u, "tokenFile", &what)?.map(|p| path_in(&user.dir, p));
-        settings.client_cert = match (string(u, "client-certificate-data", &what)?, string(u, "client-certificate", &what)?) {
-            (Some(d), _) => Some(PemSource::Data(b64(&what, "client-certificate-data", &d)?)),
-            (None, Some(p)) => Some(PemSource::File(path_in(&user.dir, p))),
-            (None, None) => None,
-        };
+        settings.client_cert =
+            match (string(u, "client-certificate-data", &what)?, string(u, "client-certificate", &what)?) {
+                (Some(d), _) => Some(PemSource::Data(b64(&what, "client-certificate-data", &d)?)),
+                (None, Some(p)) => Some(PemSource::File(path_in(&user.dir, p))),
+                (None, None) => None,
+            };
         settings.client_key = match (string(u, "client-key-data", &what)?, string(u, "client-key", &what)?) {
             (Some(d), _) => Some(KeySource::Data(Secret::new(b64(&what, "client-key-data", &d)?))),
             (None, Some(p)) => Some(KeySource::File(path_in(&user.dir, p))),
@@ -330,8 +327,13 @@ users:
         );
         let s = from_str(&text, Path::new("/etc/kubernetes")).unwrap();
         assert_eq!(s.server, "https://192.168.56.10:6443");
-        assert_eq!(s.ca, Some(PemSource::Data(b"-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".to_vec())));
-        assert!(matches!(&s.client_cert, Some(PemSource::Data(d)) if d.starts_with(b"-----BEGIN CERTIFICATE-----\nCRT")));
+        assert_eq!(
+            s.ca,
+            Some(PemSource::Data(b"-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".to_vec()))
+        );
+        assert!(
+            matches!(&s.client_cert, Some(PemSource::Data(d)) if d.starts_with(b"-----BEGIN CERTIFICATE-----\nCRT"))
+        );
         let Some(KeySource::Data(key)) = &s.client_key else { panic!("{:?}", s.client_key) };
         assert!(key.expose().starts_with(b"-----BEGIN RSA PRIVATE KEY-----"));
         assert!(!s.insecure);

@@ -329,7 +329,10 @@ impl Machine {
                     let interval = Duration::from_secs(30);
                     self.error(
                         emit,
-                        format!("watch not supported ({message}); polling with full lists every {}s", interval.as_secs()),
+                        format!(
+                            "watch not supported ({message}); polling with full lists every {}s",
+                            interval.as_secs()
+                        ),
                     );
                     self.poll = Some(interval);
                     self.after_sleep = Some(Action::List { continue_token: None });
@@ -405,7 +408,13 @@ impl Machine {
         }
         if self.rv.is_none() {
             let interval = Duration::from_secs(30);
-            self.error(emit, format!("list carried no resourceVersion, so it cannot be watched; polling every {}s", interval.as_secs()));
+            self.error(
+                emit,
+                format!(
+                    "list carried no resourceVersion, so it cannot be watched; polling every {}s",
+                    interval.as_secs()
+                ),
+            );
             self.poll = Some(interval);
             self.after_sleep = Some(Action::List { continue_token: None });
             return Action::Sleep(interval);
@@ -426,7 +435,10 @@ impl Machine {
                 None
             }
             WatchInput::Line(Err(LineError::Object(e))) => {
-                self.error(emit, format!("watch: skipped an event with a bad object (its last good version stays): {e}"));
+                self.error(
+                    emit,
+                    format!("watch: skipped an event with a bad object (its last good version stays): {e}"),
+                );
                 None
             }
             WatchInput::Line(Ok(WatchLine { event, resource_version })) => {
@@ -657,7 +669,12 @@ fn status_message(status: u16, st: &crate::kube::objects::Status) -> String {
 }
 
 /// Read a whole body with a size limit and a stall deadline.
-fn read_body(mut r: client::Response, limit: usize, stall: Duration, stop: &AtomicBool) -> Result<Vec<u8>, ClientError> {
+fn read_body(
+    mut r: client::Response,
+    limit: usize,
+    stall: Duration,
+    stop: &AtomicBool,
+) -> Result<Vec<u8>, ClientError> {
     let server = r.server().to_string();
     let started = Instant::now();
     let mut out = Vec::new();
@@ -705,7 +722,12 @@ fn list_page(client: &Client, kind: Kind, cont: Option<&str>, opts: &ReflectorOp
     if let Some(e) = d.document_error {
         return failed(false, format!("the list page is unusable: {e}"));
     }
-    Input::Page { objects: d.objects, errors: d.errors, resource_version: d.resource_version, continue_token: d.continue_token }
+    Input::Page {
+        objects: d.objects,
+        errors: d.errors,
+        resource_version: d.resource_version,
+        continue_token: d.continue_token,
+    }
 }
 
 /// Percent-encode a query value (continue tokens are base64url, but be safe).
@@ -826,7 +848,8 @@ fn watch(
         let status = resp.status;
         let st = resp.status_body();
         let expired = status == 410 || st.is_expired();
-        return machine.step(Input::WatchRefused { status: Some(status), expired, message: status_message(status, &st) }, emit);
+        return machine
+            .step(Input::WatchRefused { status: Some(status), expired, message: status_message(status, &st) }, emit);
     }
     let server = resp.server().to_string();
     let kind = machine.kind();
@@ -967,12 +990,7 @@ mod tests {
     }
 
     fn page(objects: Vec<Object>, rv: &str, cont: Option<&str>) -> Input {
-        Input::Page {
-            objects,
-            errors: vec![],
-            resource_version: Some(rv.into()),
-            continue_token: cont.map(Into::into),
-        }
+        Input::Page { objects, errors: vec![], resource_version: Some(rv.into()), continue_token: cont.map(Into::into) }
     }
 
     fn line(event: WatchEvent, rv: &str) -> WatchInput {
@@ -985,15 +1003,21 @@ mod tests {
         let mut ev = Vec::new();
         let mut e = |x| ev.push(x);
         assert_eq!(m.start(), Action::List { continue_token: None });
-        assert_eq!(m.step(page(vec![svc("a")], "5", Some("t1")), &mut e), Action::List { continue_token: Some("t1".into()) });
+        assert_eq!(
+            m.step(page(vec![svc("a")], "5", Some("t1")), &mut e),
+            Action::List { continue_token: Some("t1".into()) }
+        );
         let a = m.step(page(vec![svc("b")], "5", None), &mut e);
         let Action::Watch { resource_version, timeout_seconds } = a else { panic!("{a:?}") };
         assert_eq!(resource_version, "5");
         assert!((300..=600).contains(&timeout_seconds));
-        assert_eq!(ev, vec![
-            SourceEvent::Change(Change::Replace(Kind::Service, vec![svc("a"), svc("b")])),
-            SourceEvent::Synced(Kind::Service),
-        ]);
+        assert_eq!(
+            ev,
+            vec![
+                SourceEvent::Change(Change::Replace(Kind::Service, vec![svc("a"), svc("b")])),
+                SourceEvent::Synced(Kind::Service),
+            ]
+        );
     }
 
     #[test]
@@ -1035,7 +1059,8 @@ mod tests {
         assert!(matches!(&a, Action::Watch { resource_version, .. } if resource_version == "9"), "{a:?}");
         // ERROR Expired -> relist.
         let st = Status { code: 410, reason: "Expired".into(), message: "too old resource version: 9 (12)".into() };
-        let a = m.on_watch(WatchInput::Line(Ok(WatchLine { event: WatchEvent::Error(st), resource_version: None })), &mut e);
+        let a = m
+            .on_watch(WatchInput::Line(Ok(WatchLine { event: WatchEvent::Error(st), resource_version: None })), &mut e);
         assert_eq!(a, Some(Action::List { continue_token: None }));
         m.step(page(vec![svc("b")], "12", None), &mut e);
         assert!(ev.contains(&SourceEvent::Relisted(Kind::Service)));
@@ -1061,7 +1086,9 @@ mod tests {
         assert!(last >= Duration::from_secs(15));
         // Progress resets the backoff.
         m.on_watch(line(WatchEvent::Bookmark, "6"), &mut e);
-        let Action::Sleep(d) = m.step(Input::WatchRefused { status: None, expired: false, message: "x".into() }, &mut e) else {
+        let Action::Sleep(d) =
+            m.step(Input::WatchRefused { status: None, expired: false, message: "x".into() }, &mut e)
+        else {
             panic!()
         };
         assert!(d <= Duration::from_millis(500));
@@ -1078,10 +1105,26 @@ mod tests {
         m.step(Input::WatchEnded(WatchEnd::Broken("x".into())), &mut e);
         m.step(Input::Woke, &mut e);
         m.step(Input::ListFailed { expired: true, message: "410".into() }, &mut e);
-        let bad = ObjectError { kind: Some(Kind::Service), object: "ns/b".into(), field: "spec.ports[0].port".into(), message: "x".into() };
-        m.step(Input::Page { objects: vec![svc("a")], errors: vec![bad], resource_version: Some("7".into()), continue_token: None }, &mut e);
-        let changes: Vec<_> =
-            ev.borrow().iter().filter_map(|x| if let SourceEvent::Change(c) = x { Some(c.clone()) } else { None }).collect();
+        let bad = ObjectError {
+            kind: Some(Kind::Service),
+            object: "ns/b".into(),
+            field: "spec.ports[0].port".into(),
+            message: "x".into(),
+        };
+        m.step(
+            Input::Page {
+                objects: vec![svc("a")],
+                errors: vec![bad],
+                resource_version: Some("7".into()),
+                continue_token: None,
+            },
+            &mut e,
+        );
+        let changes: Vec<_> = ev
+            .borrow()
+            .iter()
+            .filter_map(|x| if let SourceEvent::Change(c) = x { Some(c.clone()) } else { None })
+            .collect();
         assert_eq!(changes, vec![Change::Upsert(svc("a")), Change::Delete(Kind::Service, ObjectKey::new("ns", "c"))]);
     }
 

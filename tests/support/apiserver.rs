@@ -161,7 +161,10 @@ impl Cluster {
             watch: Vec::new(),
             watched: true,
         };
-        Cluster { resources: vec![svc, eps, ep], faults: Faults { hold: Duration::from_millis(300), ..Faults::default() } }
+        Cluster {
+            resources: vec![svc, eps, ep],
+            faults: Faults { hold: Duration::from_millis(300), ..Faults::default() },
+        }
     }
 
     /// Move the cluster to its state after the watch (lists answer with RV 553).
@@ -182,7 +185,10 @@ impl Cluster {
     /// Answer a request for a known resource path; `None` = 404.
     pub fn answer(&mut self, req: &Request) -> Option<Reply> {
         if req.path == "/apis/discovery.k8s.io/v1" {
-            return Some(Reply::json(200, r#"{"kind":"APIResourceList","groupVersion":"discovery.k8s.io/v1","resources":[]}"#));
+            return Some(Reply::json(
+                200,
+                r#"{"kind":"APIResourceList","groupVersion":"discovery.k8s.io/v1","resources":[]}"#,
+            ));
         }
         let idx = self.resources.iter().position(|r| r.path == req.path)?;
         if req.is_watch() {
@@ -309,7 +315,8 @@ impl ApiServer {
 
     pub fn start_with(cluster: Cluster, tls: bool) -> ApiServer {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = std::env::temp_dir().join(format!("ep-api-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst)));
+        let dir =
+            std::env::temp_dir().join(format!("ep-api-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst)));
         std::fs::create_dir_all(&dir).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -409,10 +416,8 @@ fn make_pki(dir: &Path) -> rustls::ServerConfig {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-        .allow_unauthenticated()
-        .build()
-        .unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().unwrap();
     rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(
