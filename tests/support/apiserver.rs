@@ -94,7 +94,7 @@ pub struct Faults {
     pub cuts: usize,
     /// Write watch streams one byte per chunk, flushing each.
     pub byte_chunks: bool,
-    /// Extra lines inserted into the first watch stream after line `at`.
+    /// Extra lines inserted into the first Services watch stream after line `inject_at`.
     pub inject_at: usize,
     pub inject: Vec<Vec<u8>>,
     /// Trickle the first N watch streams at one byte per `trickle_every`.
@@ -260,7 +260,7 @@ impl Cluster {
                 }
             }
             body.extend_from_slice(l);
-            if i + 1 == faults.inject_at && !faults.inject.is_empty() {
+            if i + 1 == faults.inject_at && !faults.inject.is_empty() && r.path == "/api/v1/services" {
                 for x in std::mem::take(&mut faults.inject) {
                     body.extend_from_slice(&x);
                 }
