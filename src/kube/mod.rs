@@ -2,3 +2,6 @@
 //! HTTP client, kubeconfig handling and the list/watch reflector.
 
 pub mod objects;
+pub mod client;
+pub mod kubeconfig;
+pub mod reflector;
