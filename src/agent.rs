@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, SourceKind};
+use crate::kube::reflector;
 use crate::model::Kind;
 use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
@@ -109,14 +110,6 @@ fn start_proxy(
 }
 
 async fn control(config: Config) -> Result<(), AgentError> {
-    let path = match &config.source.kind {
-        SourceKind::File(p) => p.clone(),
-        SourceKind::Kube | SourceKind::MetaServer => {
-            return Err(AgentError::Source(
-                "the API-server and MetaServer sources are not wired into the agent yet; use --source file:PATH".into(),
-            ))
-        }
-    };
 
     let mut rules = Applier::new(config.backend).map_err(AgentError::Rules)?;
     log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
@@ -149,7 +142,12 @@ async fn control(config: Config) -> Result<(), AgentError> {
     let sink: Sink = Arc::new(move |e| {
         let _ = source_tx.send(Input::Source(e));
     });
-    let source = file::spawn(path, FILE_POLL, sink, stop.clone());
+    let sources: Vec<std::thread::JoinHandle<()>> = match &config.source.kind {
+        SourceKind::File(path) => vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())],
+        SourceKind::Kube | SourceKind::MetaServer => {
+            reflector::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
+        }
+    };
 
     let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
     let stats = Arc::new(ProxyStats::new());
@@ -264,7 +262,9 @@ async fn control(config: Config) -> Result<(), AgentError> {
         }
     }
     remove_addresses(&config, &added);
-    let _ = source.join();
+    for source in sources {
+        let _ = source.join();
+    }
     match proxy_error {
         Some(e) => Err(AgentError::Runtime(std::io::Error::other(format!("proxy: {e}")))),
         None => result,
