@@ -1,3 +1,4 @@
 //! Helpers shared by the integration tests. Each test file includes this with `mod support;`.
 #![allow(dead_code)]
 pub mod netns;
+pub mod notify_listener;
