@@ -122,6 +122,9 @@ enum Value {
     Histogram(Arc<Histogram>),
 }
 
+/// One label set (values in `label_names` order) and its value.
+type Series = (Box<[Box<str>]>, Value);
+
 #[derive(Debug)]
 struct Family {
     name: &'static str,
@@ -130,7 +133,7 @@ struct Family {
     label_names: &'static [&'static str],
     bounds: &'static [f64],
     /// Label values (in `label_names` order) -> value, in creation order.
-    series: Mutex<Vec<(Box<[Box<str>]>, Value)>>,
+    series: Mutex<Vec<Series>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
