@@ -5,6 +5,8 @@
 //! set built on it ([`Metrics`], [`ServiceMetrics`]), the readiness flags ([`Health`]) and the
 //! HTTP server ([`Server`]: one std thread, one request per connection, bounded reads, timeouts;
 //! `/healthz`, `/readyz`, `/metrics`).
+//! Connections are served one at a time: a client that stalls
+//! holds the next one back for at most [`IO_TIMEOUT`].
 //!
 //! Updating a metric is one atomic operation on a handle (`Arc<Counter>` and friends) that the
 //! caller creates once, e.g. per service when the proxy table is swapped; only creating or
