@@ -110,7 +110,6 @@ fn start_proxy(
 }
 
 async fn control(config: Config) -> Result<(), AgentError> {
-
     let mut rules = Applier::new(config.backend).map_err(AgentError::Rules)?;
     log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
     rules.startup_cleanup().map_err(AgentError::Rules)?;

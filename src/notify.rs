@@ -55,10 +55,7 @@ pub struct Notifier {
 impl Notifier {
     /// A notifier that sends nothing and has no watchdog.
     pub fn disabled() -> Notifier {
-        Notifier {
-            socket: None,
-            watchdog: None,
-        }
+        Notifier { socket: None, watchdog: None }
     }
 
     /// Read `$NOTIFY_SOCKET`, `$WATCHDOG_USEC` and `$WATCHDOG_PID`, then remove all three from
@@ -72,12 +69,7 @@ impl Notifier {
         for k in ENV_VARS {
             std::env::remove_var(k);
         }
-        Notifier::from_parts(
-            socket.as_deref(),
-            usec.as_deref(),
-            pid.as_deref(),
-            std::process::id(),
-        )
+        Notifier::from_parts(socket.as_deref(), usec.as_deref(), pid.as_deref(), std::process::id())
     }
 
     /// The pure part of [`Notifier::from_env`]: the variables' values and our own pid.
@@ -130,15 +122,10 @@ impl Notifier {
         };
         let sent = match target {
             Target::Path(p) => sock.send_to(message.as_bytes(), p)?,
-            Target::Abstract(name) => {
-                sock.send_to_addr(message.as_bytes(), &SocketAddr::from_abstract_name(name)?)?
-            }
+            Target::Abstract(name) => sock.send_to_addr(message.as_bytes(), &SocketAddr::from_abstract_name(name)?)?,
         };
         if sent != message.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "short datagram to $NOTIFY_SOCKET",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short datagram to $NOTIFY_SOCKET"));
         }
         Ok(())
     }
@@ -171,34 +158,21 @@ fn one_line(s: &str) -> String {
 
 fn parse_target(s: &OsStr) -> Result<Target, NotifyError> {
     let bytes = s.as_bytes();
-    let err = |message: String| NotifyError {
-        var: "NOTIFY_SOCKET",
-        message,
-    };
+    let err = |message: String| NotifyError { var: "NOTIFY_SOCKET", message };
     match bytes.first() {
         Some(b'@') if bytes.len() > 1 => Ok(Target::Abstract(bytes[1..].to_vec())),
         Some(b'/') => {
             // sun_path holds 108 bytes including the terminating NUL.
             if bytes.len() > 107 {
-                return Err(err(format!(
-                    "{:?} is longer than a unix socket path may be (107 bytes)",
-                    s
-                )));
+                return Err(err(format!("{:?} is longer than a unix socket path may be (107 bytes)", s)));
             }
             Ok(Target::Path(PathBuf::from(s)))
         }
-        _ => Err(err(format!(
-            "{:?} is neither an absolute path nor @name (vsock: is not supported)",
-            s
-        ))),
+        _ => Err(err(format!("{:?} is neither an absolute path nor @name (vsock: is not supported)", s))),
     }
 }
 
-fn parse_watchdog(
-    usec: Option<&OsStr>,
-    pid: Option<&OsStr>,
-    our_pid: u32,
-) -> Result<Option<Duration>, NotifyError> {
+fn parse_watchdog(usec: Option<&OsStr>, pid: Option<&OsStr>, our_pid: u32) -> Result<Option<Duration>, NotifyError> {
     let Some(usec) = usec.filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
@@ -208,17 +182,14 @@ fn parse_watchdog(
         message: format!("{text:?} is not a number of microseconds"),
     })?;
     if n == 0 {
-        return Err(NotifyError {
-            var: "WATCHDOG_USEC",
-            message: "0 is not a watchdog timeout".into(),
-        });
+        return Err(NotifyError { var: "WATCHDOG_USEC", message: "0 is not a watchdog timeout".into() });
     }
     if let Some(pid) = pid.filter(|s| !s.is_empty()) {
         let text = pid.to_string_lossy();
-        let p: u32 = text.trim().parse().map_err(|_| NotifyError {
-            var: "WATCHDOG_PID",
-            message: format!("{text:?} is not a process id"),
-        })?;
+        let p: u32 = text
+            .trim()
+            .parse()
+            .map_err(|_| NotifyError { var: "WATCHDOG_PID", message: format!("{text:?} is not a process id") })?;
         if p != our_pid {
             // Meant for another process (e.g. our parent when we are a child): not ours.
             return Ok(None);
@@ -254,10 +225,7 @@ mod tests {
         assert!(n.enabled());
         assert_eq!(n.target(), Some(&Target::Path(path.clone())));
         n.ready("synced 3 services\nline two").unwrap();
-        assert_eq!(
-            recv(&listener),
-            "READY=1\nSTATUS=synced 3 services line two"
-        );
+        assert_eq!(recv(&listener), "READY=1\nSTATUS=synced 3 services line two");
         n.watchdog().unwrap();
         assert_eq!(recv(&listener), "WATCHDOG=1");
         n.stopping().unwrap();
@@ -271,10 +239,7 @@ mod tests {
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let listener = UnixDatagram::bind_addr(&addr).unwrap();
         let n = Notifier::from_parts(os(&format!("@{name}")), None, None, 1).unwrap();
-        assert_eq!(
-            n.target(),
-            Some(&Target::Abstract(name.clone().into_bytes()))
-        );
+        assert_eq!(n.target(), Some(&Target::Abstract(name.clone().into_bytes())));
         n.status("hello").unwrap();
         assert_eq!(recv(&listener), "STATUS=hello");
     }
@@ -290,8 +255,7 @@ mod tests {
 
     #[test]
     fn missing_listener_is_an_error_not_a_panic() {
-        let n =
-            Notifier::from_parts(os("/nonexistent/edgeproxy/notify.sock"), None, None, 1).unwrap();
+        let n = Notifier::from_parts(os("/nonexistent/edgeproxy/notify.sock"), None, None, 1).unwrap();
         assert!(n.ready("x").is_err());
     }
 
@@ -299,10 +263,7 @@ mod tests {
     fn bad_socket_values_are_named() {
         let e = Notifier::from_parts(os("relative/path"), None, None, 1).unwrap_err();
         assert_eq!(e.var, "NOTIFY_SOCKET");
-        assert!(
-            e.to_string().contains("neither an absolute path nor @name"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("neither an absolute path nor @name"), "{e}");
         assert!(Notifier::from_parts(os("@"), None, None, 1).is_err());
         assert!(Notifier::from_parts(os("vsock:2:1234"), None, None, 1).is_err());
         let long = format!("/{}", "a".repeat(120));
@@ -316,12 +277,7 @@ mod tests {
         assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(15)));
         let n = Notifier::from_parts(None, os("30000000"), os("7"), 7).unwrap();
         assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(15)));
-        assert_eq!(
-            Notifier::from_parts(None, None, None, 7)
-                .unwrap()
-                .watchdog_interval(),
-            None
-        );
+        assert_eq!(Notifier::from_parts(None, None, None, 7).unwrap().watchdog_interval(), None);
     }
 
     #[test]
@@ -333,21 +289,8 @@ mod tests {
     #[test]
     fn bad_watchdog_values_are_named() {
         let e = Notifier::from_parts(None, os("30s"), None, 7).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "$WATCHDOG_USEC: \"30s\" is not a number of microseconds"
-        );
-        assert_eq!(
-            Notifier::from_parts(None, os("0"), None, 7)
-                .unwrap_err()
-                .var,
-            "WATCHDOG_USEC"
-        );
-        assert_eq!(
-            Notifier::from_parts(None, os("10"), os("me"), 7)
-                .unwrap_err()
-                .var,
-            "WATCHDOG_PID"
-        );
+        assert_eq!(e.to_string(), "$WATCHDOG_USEC: \"30s\" is not a number of microseconds");
+        assert_eq!(Notifier::from_parts(None, os("0"), None, 7).unwrap_err().var, "WATCHDOG_USEC");
+        assert_eq!(Notifier::from_parts(None, os("10"), os("me"), 7).unwrap_err().var, "WATCHDOG_PID");
     }
 }

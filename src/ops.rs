@@ -50,11 +50,7 @@ impl Gauge {
         self.0.store(v.to_bits(), Ordering::Relaxed);
     }
     pub fn add(&self, d: f64) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some((f64::from_bits(b) + d).to_bits())
-            });
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((f64::from_bits(b) + d).to_bits()));
     }
     pub fn inc(&self) {
         self.add(1.0);
@@ -87,11 +83,7 @@ impl Histogram {
         }
     }
     pub fn observe(&self, v: f64) {
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| v <= *b)
-            .unwrap_or(self.bounds.len());
+        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum.add(v);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -146,17 +138,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Family {
     fn get_or_create(&self, values: &[&str]) -> Value {
-        assert_eq!(
-            values.len(),
-            self.label_names.len(),
-            "{}: wrong number of label values",
-            self.name
-        );
+        assert_eq!(values.len(), self.label_names.len(), "{}: wrong number of label values", self.name);
         let mut series = lock(&self.series);
-        if let Some((_, v)) = series
-            .iter()
-            .find(|(k, _)| k.iter().map(|s| &**s).eq(values.iter().copied()))
-        {
+        if let Some((_, v)) = series.iter().find(|(k, _)| k.iter().map(|s| &**s).eq(values.iter().copied())) {
             return v.clone();
         }
         let v = match self.kind {
@@ -236,8 +220,7 @@ fn remove_matching(f: &Family, label: &str, value: &str) {
 fn valid_name(s: &str, colon_ok: bool) -> bool {
     let mut chars = s.chars();
     let first_ok = |c: char| c.is_ascii_alphabetic() || c == '_' || (colon_ok && c == ':');
-    matches!(chars.next(), Some(c) if first_ok(c))
-        && chars.all(|c| first_ok(c) || c.is_ascii_digit())
+    matches!(chars.next(), Some(c) if first_ok(c)) && chars.all(|c| first_ok(c) || c.is_ascii_digit())
 }
 
 impl Registry {
@@ -256,50 +239,21 @@ impl Registry {
         // Names are constants in our code, so a bad one is a programming error, not input.
         assert!(valid_name(name, true), "invalid metric name {name:?}");
         for l in label_names {
-            assert!(
-                valid_name(l, false) && !l.starts_with("__"),
-                "invalid label name {l:?} in {name}"
-            );
-            assert!(
-                !(kind == Kind::Histogram && *l == "le"),
-                "{name}: `le` is reserved for histograms"
-            );
+            assert!(valid_name(l, false) && !l.starts_with("__"), "invalid label name {l:?} in {name}");
+            assert!(!(kind == Kind::Histogram && *l == "le"), "{name}: `le` is reserved for histograms");
         }
-        assert!(
-            bounds.windows(2).all(|w| w[0] < w[1]),
-            "{name}: bucket bounds must ascend"
-        );
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{name}: bucket bounds must ascend");
         let mut families = lock(&self.families);
-        assert!(
-            families.iter().all(|f| f.name != name),
-            "metric {name} registered twice"
-        );
-        let f = Arc::new(Family {
-            name,
-            help,
-            kind,
-            label_names,
-            bounds,
-            series: Mutex::new(Vec::new()),
-        });
+        assert!(families.iter().all(|f| f.name != name), "metric {name} registered twice");
+        let f = Arc::new(Family { name, help, kind, label_names, bounds, series: Mutex::new(Vec::new()) });
         families.push(f.clone());
         f
     }
 
-    pub fn counter_vec(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &'static [&'static str],
-    ) -> CounterVec {
+    pub fn counter_vec(&self, name: &'static str, help: &'static str, labels: &'static [&'static str]) -> CounterVec {
         CounterVec(self.register(name, help, Kind::Counter, labels, &[]))
     }
-    pub fn gauge_vec(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &'static [&'static str],
-    ) -> GaugeVec {
+    pub fn gauge_vec(&self, name: &'static str, help: &'static str, labels: &'static [&'static str]) -> GaugeVec {
         GaugeVec(self.register(name, help, Kind::Gauge, labels, &[]))
     }
     pub fn histogram_vec(
@@ -320,12 +274,7 @@ impl Registry {
         self.gauge_vec(name, help, &[]).with(&[])
     }
     /// A histogram without labels.
-    pub fn histogram(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        bounds: &'static [f64],
-    ) -> Arc<Histogram> {
+    pub fn histogram(&self, name: &'static str, help: &'static str, bounds: &'static [f64]) -> Arc<Histogram> {
         self.histogram_vec(name, help, &[], bounds).with(&[])
     }
 
@@ -365,10 +314,7 @@ fn render_histogram(out: &mut String, f: &Family, values: &[Box<str>], h: &Histo
     let mut cumulative = 0u64;
     for (i, b) in h.buckets.iter().enumerate() {
         cumulative += b.load(Ordering::Relaxed);
-        let le = h
-            .bounds
-            .get(i)
-            .map_or_else(|| "+Inf".to_string(), |b| fmt_f64(*b));
+        let le = h.bounds.get(i).map_or_else(|| "+Inf".to_string(), |b| fmt_f64(*b));
         let labels = label_text(f.label_names, values, Some(&le));
         let _ = writeln!(out, "{}_bucket{labels} {cumulative}", f.name);
     }
@@ -383,11 +329,7 @@ fn label_text(names: &[&str], values: &[Box<str>], le: Option<&str>) -> String {
     }
     let mut s = String::from("{");
     let mut first = true;
-    let pairs = names
-        .iter()
-        .copied()
-        .zip(values.iter().map(|v| &**v))
-        .chain(le.map(|le| ("le", le)));
+    let pairs = names.iter().copied().zip(values.iter().map(|v| &**v)).chain(le.map(|le| ("le", le)));
     for (n, v) in pairs {
         if !first {
             s.push(',');
@@ -433,9 +375,7 @@ fn fmt_f64(v: f64) -> String {
 // The edgeproxy metric set
 
 /// Bucket bounds (seconds) for rule sync durations: iptables-restore takes ~5 ms to seconds.
-pub const SYNC_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+pub const SYNC_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// How a proxied connection (TCP) or flow (UDP) ended up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,18 +465,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let info = r.gauge_vec(
-            "edgeproxy_build_info",
-            "Version and target of this binary; always 1.",
-            &["version", "target"],
-        );
+        let info =
+            r.gauge_vec("edgeproxy_build_info", "Version and target of this binary; always 1.", &["version", "target"]);
         let target = option_env!("EDGEPROXY_TARGET").unwrap_or("unknown");
         info.with(&[env!("CARGO_PKG_VERSION"), target]).set(1.0);
-        let syncs = r.counter_vec(
-            "edgeproxy_rule_syncs_total",
-            "Rule syncs (iptables-restore runs) by result.",
-            &["result"],
-        );
+        let syncs =
+            r.counter_vec("edgeproxy_rule_syncs_total", "Rule syncs (iptables-restore runs) by result.", &["result"]);
         Metrics {
             connections: r.counter_vec(
                 "edgeproxy_connections_total",
@@ -619,10 +553,7 @@ impl Metrics {
         self.rule_sync_duration.observe_duration(took);
         if ok {
             self.rule_syncs_ok.inc();
-            let t = at
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
+            let t = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
             self.last_sync.set(t);
         } else {
             self.rule_syncs_failed.inc();
@@ -713,12 +644,8 @@ pub struct Server {
 impl Server {
     /// Bind `addr` (e.g. `127.0.0.1:10551`) and serve `ops` from a new thread.
     pub fn start(addr: SocketAddr, ops: Arc<Ops>) -> io::Result<Server> {
-        let listener = TcpListener::bind(addr).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("metrics address {addr}: cannot listen: {e}"),
-            )
-        })?;
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("metrics address {addr}: cannot listen: {e}")))?;
         Server::serve(listener, ops)
     }
 
@@ -727,32 +654,26 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("ops-http".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::Relaxed) {
-                        break;
+        let thread = std::thread::Builder::new().name("ops-http".into()).spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                match conn {
+                    Ok(stream) => {
+                        if let Err(e) = handle(stream, &ops) {
+                            log::debug!("ops endpoint: {e}");
+                        }
                     }
-                    match conn {
-                        Ok(stream) => {
-                            if let Err(e) = handle(stream, &ops) {
-                                log::debug!("ops endpoint: {e}");
-                            }
-                        }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            log::warn!("ops endpoint: accept: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        log::warn!("ops endpoint: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
-            })?;
-        Ok(Server {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
+            }
+        })?;
+        Ok(Server { addr, stop, thread: Some(thread) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -793,8 +714,7 @@ struct Request<'a> {
 fn parse_head(head: &str) -> Result<Request<'_>, (u16, &'static str)> {
     let line = head.lines().next().unwrap_or("");
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err((400, "malformed request line"));
     };
@@ -817,16 +737,8 @@ fn route(req: &Request<'_>, ops: &Ops) -> (u16, &'static str, String) {
             Ok(()) => (200, TEXT, "ready\n".into()),
             Err(why) => (503, TEXT, format!("not ready: {why}\n")),
         },
-        "/metrics" => (
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            ops.metrics.registry.render(),
-        ),
-        _ => (
-            404,
-            TEXT,
-            "not found; try /healthz, /readyz or /metrics\n".into(),
-        ),
+        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", ops.metrics.registry.render()),
+        _ => (404, TEXT, "not found; try /healthz, /readyz or /metrics\n".into()),
     }
 }
 
@@ -870,12 +782,7 @@ fn read_head(stream: &mut TcpStream) -> Result<String, (u16, &'static str)> {
             Ok(0) => return Err((400, "connection closed before the request head ended")),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Err((408, "request head not received in time"))
             }
             Err(_) => return Err((400, "read error")),
@@ -931,15 +838,8 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape_label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
         let r = Registry::new();
-        r.counter_vec("t_total", "x", &["service"])
-            .with(&["ns/we\"ird\n"])
-            .inc();
-        assert!(
-            r.render()
-                .contains("t_total{service=\"ns/we\\\"ird\\n\"} 1\n"),
-            "{}",
-            r.render()
-        );
+        r.counter_vec("t_total", "x", &["service"]).with(&["ns/we\"ird\n"]).inc();
+        assert!(r.render().contains("t_total{service=\"ns/we\\\"ird\\n\"} 1\n"), "{}", r.render());
     }
 
     #[test]
@@ -957,10 +857,7 @@ mod tests {
             "t_seconds_sum 5.55",
             "t_seconds_count 3",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 
@@ -993,10 +890,7 @@ mod tests {
     #[test]
     fn readiness_reasons() {
         let ops = Ops::new();
-        assert_eq!(
-            ops.health.ready(),
-            Err("source not synced, rules not installed".into())
-        );
+        assert_eq!(ops.health.ready(), Err("source not synced, rules not installed".into()));
         ops.set_source_synced(true);
         assert_eq!(ops.health.ready(), Err("rules not installed".into()));
         ops.set_rules_installed(true);
@@ -1005,13 +899,7 @@ mod tests {
 
     #[test]
     fn request_lines() {
-        assert_eq!(
-            parse_head("GET /metrics?x=1 HTTP/1.1\r\nHost: a"),
-            Ok(Request {
-                method: "GET",
-                path: "/metrics"
-            })
-        );
+        assert_eq!(parse_head("GET /metrics?x=1 HTTP/1.1\r\nHost: a"), Ok(Request { method: "GET", path: "/metrics" }));
         assert_eq!(parse_head("GET /metrics").unwrap_err().0, 400);
         assert_eq!(parse_head("GET / HTTP/2 extra").unwrap_err().0, 400);
         assert_eq!(parse_head("GET / SPDY/3").unwrap_err().0, 400);

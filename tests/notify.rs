@@ -13,24 +13,13 @@ use support::notify_listener::NotifyListener;
 fn path_listener_sees_ready_watchdog_stopping_in_order() {
     let mut l = NotifyListener::bind();
     let value = l.env_value();
-    let n = Notifier::from_parts(
-        Some(&value),
-        Some("4000000".as_ref()),
-        None,
-        std::process::id(),
-    )
-    .unwrap();
+    let n = Notifier::from_parts(Some(&value), Some("4000000".as_ref()), None, std::process::id()).unwrap();
     assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(2)));
     n.ready("2 services").unwrap();
     n.watchdog().unwrap();
     n.stopping().unwrap();
-    let got = l
-        .wait_for("STOPPING=1", Duration::from_secs(5))
-        .expect("STOPPING=1 within 5 s");
-    assert_eq!(
-        got,
-        ["READY=1\nSTATUS=2 services", "WATCHDOG=1", "STOPPING=1"]
-    );
+    let got = l.wait_for("STOPPING=1", Duration::from_secs(5)).expect("STOPPING=1 within 5 s");
+    assert_eq!(got, ["READY=1\nSTATUS=2 services", "WATCHDOG=1", "STOPPING=1"]);
 }
 
 #[test]
@@ -40,8 +29,7 @@ fn abstract_listener_sees_ready() {
     assert!(value.to_string_lossy().starts_with('@'));
     let n = Notifier::from_parts(Some(&value), None, None, 1).unwrap();
     n.ready("ok").unwrap();
-    l.wait_for("READY=1", Duration::from_secs(5))
-        .expect("READY=1 within 5 s");
+    l.wait_for("READY=1", Duration::from_secs(5)).expect("READY=1 within 5 s");
 }
 
 #[test]
@@ -49,9 +37,7 @@ fn wait_for_times_out_with_what_it_saw() {
     let mut l = NotifyListener::bind();
     let n = Notifier::from_parts(Some(&l.env_value()), None, None, 1).unwrap();
     n.status("starting").unwrap();
-    let seen = l
-        .wait_for("READY=1", Duration::from_millis(300))
-        .unwrap_err();
+    let seen = l.wait_for("READY=1", Duration::from_millis(300)).unwrap_err();
     assert_eq!(seen, ["STATUS=starting"]);
 }
 
@@ -67,18 +53,11 @@ fn from_env_reads_then_unsets_so_children_do_not_inherit() {
         assert!(std::env::var_os(var).is_none(), "{var} still set");
     }
     let out = Command::new("sh")
-        .args([
-            "-c",
-            "echo \"${NOTIFY_SOCKET-unset} ${WATCHDOG_USEC-unset} ${WATCHDOG_PID-unset}\"",
-        ])
+        .args(["-c", "echo \"${NOTIFY_SOCKET-unset} ${WATCHDOG_USEC-unset} ${WATCHDOG_PID-unset}\""])
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "unset unset unset"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "unset unset unset");
     assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(5)));
     n.watchdog().unwrap();
-    l.wait_for("WATCHDOG=1", Duration::from_secs(5))
-        .expect("WATCHDOG=1 within 5 s");
+    l.wait_for("WATCHDOG=1", Duration::from_secs(5)).expect("WATCHDOG=1 within 5 s");
 }

@@ -26,22 +26,14 @@ fn raw(addr: SocketAddr, request: &[u8]) -> String {
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let resp = raw(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
-    );
+    let resp = raw(addr, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
     split(&resp)
 }
 
 fn split(resp: &str) -> (u16, String, String) {
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no head end in {resp:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {head:?}"));
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head end in {resp:?}"));
+    let status =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line {head:?}"));
     let len: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
@@ -80,10 +72,7 @@ fn metrics_pass_promtool_check() {
     let server = start(populated());
     let (status, head, body) = get(server.local_addr(), "/metrics");
     assert_eq!(status, 200);
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
-        "{head}"
-    );
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"), "{head}");
     for needle in [
         "edgeproxy_connections_total{service=\"default/web:http\",protocol=\"tcp\",outcome=\"ok\"} 2",
         "edgeproxy_connections_total{service=\"default/web:http\",protocol=\"tcp\",outcome=\"dial_failed\"} 1",
@@ -122,12 +111,7 @@ fn metrics_pass_promtool_check() {
             panic!("promtool is needed for this test ({e}); install Debian's `prometheus` package (cross/setup-test-deps.sh)")
         });
     let mut child = promtool;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -136,11 +120,7 @@ fn metrics_pass_promtool_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     // promtool also prints lint findings (e.g. naming advice) while exiting 0: we want none.
-    let lint = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let lint = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(lint.trim().is_empty(), "promtool lint findings:\n{lint}");
 }
 
@@ -154,12 +134,7 @@ fn promtool_rejects_broken_exposition() {
         .stderr(Stdio::null())
         .spawn()
         .expect("promtool (Debian package prometheus) is needed for this test");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"# TYPE x counter\nx{a=\"unterminated} 1\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"# TYPE x counter\nx{a=\"unterminated} 1\n").unwrap();
     assert!(!child.wait().unwrap().success());
 }
 
@@ -170,16 +145,10 @@ fn healthz_readyz_and_errors() {
     let addr = server.local_addr();
     assert_eq!(get(addr, "/healthz").0, 200);
     let (status, _, body) = get(addr, "/readyz");
-    assert_eq!(
-        (status, body.as_str()),
-        (503, "not ready: source not synced, rules not installed\n")
-    );
+    assert_eq!((status, body.as_str()), (503, "not ready: source not synced, rules not installed\n"));
     ops.set_source_synced(true);
     let (status, _, body) = get(addr, "/readyz");
-    assert_eq!(
-        (status, body.as_str()),
-        (503, "not ready: rules not installed\n")
-    );
+    assert_eq!((status, body.as_str()), (503, "not ready: rules not installed\n"));
     ops.set_rules_installed(true);
     assert_eq!(get(addr, "/readyz?verbose").0, 200);
     assert_eq!(get(addr, "/nope").0, 404);
@@ -188,19 +157,12 @@ fn healthz_readyz_and_errors() {
     // HEAD: the GET's headers (Content-Length of the GET body, "ok\n"), no body.
     let resp = raw(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp:?}");
-    assert!(
-        resp.contains("Content-Length: 3\r\n") && resp.ends_with("\r\n\r\n"),
-        "{resp:?}"
-    );
+    assert!(resp.contains("Content-Length: 3\r\n") && resp.ends_with("\r\n\r\n"), "{resp:?}");
     // shutdown() wakes the accept loop and joins the thread. (Connecting afterwards proves
     // nothing: a parallel test may already have been given the same ephemeral port.)
     let t = Instant::now();
     server.shutdown();
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "shutdown took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t.elapsed());
 }
 
 #[test]
@@ -227,13 +189,9 @@ fn silent_client_times_out_and_the_next_is_served_after_it() {
     let (status, _, _) = get(addr, "/healthz");
     assert_eq!(status, 200);
     let waited = started.elapsed();
-    assert!(
-        waited < Duration::from_secs(5),
-        "second client waited {waited:?}"
-    );
+    assert!(waited < Duration::from_secs(5), "second client waited {waited:?}");
     let mut out = String::new();
-    idle.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     idle.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 408 "), "{out:?}");
 }

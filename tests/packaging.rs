@@ -41,9 +41,7 @@ impl Drop for TempDir {
 }
 
 fn output(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} (is it installed? see cross/setup-test-deps.sh)")
-    })
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? see cross/setup-test-deps.sh)"))
 }
 
 /// Run; panic with its output unless it succeeds; return stdout.
@@ -62,10 +60,7 @@ fn ok(cmd: &mut Command) -> String {
 fn cargo_version() -> String {
     let toml = fs::read_to_string(repo().join("Cargo.toml")).unwrap();
     toml.lines()
-        .find_map(|l| {
-            l.strip_prefix("version = \"")
-                .and_then(|v| v.strip_suffix('"'))
-        })
+        .find_map(|l| l.strip_prefix("version = \"").and_then(|v| v.strip_suffix('"')))
         .expect("version in Cargo.toml")
         .to_string()
 }
@@ -75,19 +70,12 @@ fn cargo_version() -> String {
 
 /// `tar -tv` lines -> (path, mode string, owner/group).
 fn tar_listing(archive: &Path) -> Vec<(String, String, String)> {
-    let text = ok(Command::new("tar")
-        .arg("--numeric-owner")
-        .arg("-tvzf")
-        .arg(archive));
+    let text = ok(Command::new("tar").arg("--numeric-owner").arg("-tvzf").arg(archive));
     text.lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             assert!(f.len() >= 6, "unexpected tar line {l:?}");
-            (
-                f[f.len() - 1].to_string(),
-                f[0].to_string(),
-                f[1].to_string(),
-            )
+            (f[f.len() - 1].to_string(), f[0].to_string(), f[1].to_string())
         })
         .collect()
 }
@@ -95,13 +83,8 @@ fn tar_listing(archive: &Path) -> Vec<(String, String, String)> {
 fn control_fields(text: &str) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with(' ')) {
-        let (k, v) = line
-            .split_once(": ")
-            .unwrap_or_else(|| panic!("bad control line {line:?}"));
-        assert!(
-            m.insert(k.to_string(), v.to_string()).is_none(),
-            "field {k} twice"
-        );
+        let (k, v) = line.split_once(": ").unwrap_or_else(|| panic!("bad control line {line:?}"));
+        assert!(m.insert(k.to_string(), v.to_string()).is_none(), "field {k} twice");
     }
     m
 }
@@ -109,41 +92,24 @@ fn control_fields(text: &str) -> BTreeMap<String, String> {
 #[test]
 fn ipk_from_built_binary_has_control_fields_files_and_modes() {
     let out = TempDir::new("ipk");
-    let printed = ok(Command::new(repo().join("openwrt/build-ipk.sh"))
-        .arg(BIN)
-        .arg(out.path())
-        .arg("aarch64_cortex-a53"));
+    let printed =
+        ok(Command::new(repo().join("openwrt/build-ipk.sh")).arg(BIN).arg(out.path()).arg("aarch64_cortex-a53"));
     let version = format!("{}-1", cargo_version());
-    let ipk = out
-        .path()
-        .join(format!("edgeproxy_{version}_aarch64_cortex-a53.ipk"));
+    let ipk = out.path().join(format!("edgeproxy_{version}_aarch64_cortex-a53.ipk"));
     assert_eq!(printed.trim(), ipk.to_str().unwrap());
 
     // Outer archive: gzip'ed tar of exactly these three members, in opkg's order.
     let outer = tar_listing(&ipk);
     let names: Vec<&str> = outer.iter().map(|(p, _, _)| p.as_str()).collect();
-    assert_eq!(
-        names,
-        ["./debian-binary", "./data.tar.gz", "./control.tar.gz"]
-    );
+    assert_eq!(names, ["./debian-binary", "./data.tar.gz", "./control.tar.gz"]);
     let unpacked = TempDir::new("ipk-x");
-    ok(Command::new("tar")
-        .arg("-xzf")
-        .arg(&ipk)
-        .arg("-C")
-        .arg(unpacked.path()));
-    assert_eq!(
-        fs::read_to_string(unpacked.path().join("debian-binary")).unwrap(),
-        "2.0\n"
-    );
+    ok(Command::new("tar").arg("-xzf").arg(&ipk).arg("-C").arg(unpacked.path()));
+    assert_eq!(fs::read_to_string(unpacked.path().join("debian-binary")).unwrap(), "2.0\n");
 
     // Control.
     let ctl = unpacked.path().join("control.tar.gz");
     let ctl_names: Vec<String> = tar_listing(&ctl).into_iter().map(|(p, _, _)| p).collect();
-    assert_eq!(
-        ctl_names,
-        ["./", "./conffiles", "./control", "./postinst", "./prerm"]
-    );
+    assert_eq!(ctl_names, ["./", "./conffiles", "./control", "./postinst", "./prerm"]);
     let control = ok(Command::new("tar").arg("-xOzf").arg(&ctl).arg("./control"));
     let f = control_fields(&control);
     assert_eq!(f["Package"], "edgeproxy");
@@ -156,10 +122,7 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
     for k in ["Maintainer", "Source", "SourceName", "Priority"] {
         assert!(f.contains_key(k), "{k} missing from\n{control}");
     }
-    let conffiles = ok(Command::new("tar")
-        .arg("-xOzf")
-        .arg(&ctl)
-        .arg("./conffiles"));
+    let conffiles = ok(Command::new("tar").arg("-xOzf").arg(&ctl).arg("./conffiles"));
     assert_eq!(conffiles, "/etc/config/edgeproxy\n");
     let postinst = ok(Command::new("tar").arg("-xOzf").arg(&ctl).arg("./postinst"));
     assert!(postinst.contains("default_postinst"), "{postinst}");
@@ -184,38 +147,15 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
             assert_eq!(m, "drwxr-xr-x", "{p}");
         }
     }
-    let bytes = output(
-        Command::new("tar")
-            .arg("-xOzf")
-            .arg(&data)
-            .arg("./usr/sbin/edgeproxy"),
-    )
-    .stdout;
-    assert!(
-        bytes == fs::read(BIN).unwrap(),
-        "the packaged binary differs from {BIN}"
-    );
-    let init = output(
-        Command::new("tar")
-            .arg("-xOzf")
-            .arg(&data)
-            .arg("./etc/init.d/edgeproxy"),
-    )
-    .stdout;
-    assert_eq!(
-        init,
-        fs::read(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap()
-    );
+    let bytes = output(Command::new("tar").arg("-xOzf").arg(&data).arg("./usr/sbin/edgeproxy")).stdout;
+    assert!(bytes == fs::read(BIN).unwrap(), "the packaged binary differs from {BIN}");
+    let init = output(Command::new("tar").arg("-xOzf").arg(&data).arg("./etc/init.d/edgeproxy")).stdout;
+    assert_eq!(init, fs::read(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap());
     let installed: u64 = f["Installed-Size"].parse().unwrap();
     let sum = bytes.len() as u64
         + init.len() as u64
-        + fs::metadata(repo().join("openwrt/edgeproxy/files/edgeproxy.config"))
-            .unwrap()
-            .len();
-    assert_eq!(
-        installed, sum,
-        "Installed-Size is the sum of the file sizes"
-    );
+        + fs::metadata(repo().join("openwrt/edgeproxy/files/edgeproxy.config")).unwrap().len();
+    assert_eq!(installed, sum, "Installed-Size is the sum of the file sizes");
 }
 
 #[test]
@@ -229,10 +169,7 @@ fn ipk_is_reproducible() {
             .env("SOURCE_DATE_EPOCH", "1700000000"));
         fs::read(p.trim()).unwrap()
     };
-    assert!(
-        build(a.path()) == build(b.path()),
-        "two builds of the same input differ"
-    );
+    assert!(build(a.path()) == build(b.path()), "two builds of the same input differ");
 }
 
 #[test]
@@ -261,10 +198,7 @@ fn build_ipk_refuses_bad_input_with_a_reason() {
     }
     let o = output(Command::new(&script).arg(BIN));
     assert_eq!(o.status.code(), Some(2), "usage error without OUTDIR");
-    assert!(
-        fs::read_dir(out.path()).unwrap().next().is_none(),
-        "no package left behind"
-    );
+    assert!(fs::read_dir(out.path()).unwrap().next().is_none(), "no package left behind");
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -283,9 +217,7 @@ fn shell_scripts_are_shellcheck_clean() {
     for s in scripts {
         let path = repo().join(s);
         assert!(path.exists(), "{s} missing");
-        ok(Command::new("shellcheck")
-            .arg("--severity=style")
-            .arg(&path));
+        ok(Command::new("shellcheck").arg("--severity=style").arg(&path));
     }
 }
 
@@ -297,17 +229,11 @@ fn shellcheck_catches_a_planted_problem() {
     let bad = dir.path().join("bad.init");
     fs::write(
         &bad,
-        text.replace(
-            "procd_append_param command \"--$2\" \"$value\"",
-            "procd_append_param command --$2 $value",
-        ),
+        text.replace("procd_append_param command \"--$2\" \"$value\"", "procd_append_param command --$2 $value"),
     )
     .unwrap();
     let o = output(Command::new("shellcheck").arg(&bad));
-    assert!(
-        !o.status.success(),
-        "shellcheck accepted unquoted expansions"
-    );
+    assert!(!o.status.success(), "shellcheck accepted unquoted expansions");
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -365,16 +291,9 @@ fn uci_to_shell(uci: &str) -> String {
     let mut section = String::new();
     let mut lists: BTreeMap<String, usize> = BTreeMap::new();
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
-    for line in uci
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    for line in uci.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (kw, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        let (name, value) = rest
-            .trim()
-            .split_once(char::is_whitespace)
-            .unwrap_or((rest.trim(), ""));
+        let (name, value) = rest.trim().split_once(char::is_whitespace).unwrap_or((rest.trim(), ""));
         let value = value.trim().trim_matches('\'');
         let name = name.trim_matches('\'');
         match kw {
@@ -383,10 +302,7 @@ fn uci_to_shell(uci: &str) -> String {
             "list" => {
                 let n = lists.entry(format!("{section}_{name}")).or_default();
                 *n += 1;
-                out += &format!(
-                    "CONFIG_{section}_{name}_ITEM{n}={}\nCONFIG_{section}_{name}_LENGTH={n}\n",
-                    q(value)
-                );
+                out += &format!("CONFIG_{section}_{name}_ITEM{n}={}\nCONFIG_{section}_{name}_LENGTH={n}\n", q(value));
             }
             other => panic!("uci keyword {other:?} in {line:?}"),
         }
@@ -424,11 +340,7 @@ fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
             .env("PROCD_LOG", &log)
             .env("STUB_DIR", dir.path()),
     );
-    assert!(
-        out.status.success(),
-        "init script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "init script failed: {}", String::from_utf8_lossy(&out.stderr));
     let mut p = Procd::default();
     let mut open: Option<BTreeMap<String, Vec<String>>> = None;
     for line in fs::read_to_string(&log).unwrap().lines() {
@@ -442,9 +354,7 @@ fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
                 open = Some(BTreeMap::new());
             }
             "procd_set_param" | "procd_append_param" => {
-                let inst = open
-                    .as_mut()
-                    .unwrap_or_else(|| panic!("{call} outside an instance"));
+                let inst = open.as_mut().unwrap_or_else(|| panic!("{call} outside an instance"));
                 let (k, v) = args.split_first().expect("param name");
                 let e = inst.entry(k.clone()).or_default();
                 if call == "procd_set_param" {
@@ -466,10 +376,7 @@ fn shipped_uci() -> String {
 }
 
 fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap()
-        .trim()
-        .to_string()
+    fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()
 }
 
 #[test]
@@ -514,15 +421,8 @@ fn procd_shipped_config_enabled_gives_defaults_with_metrics_off() {
     let mut args: Vec<&str> = want[1..].to_vec();
     args.push("--help");
     let o = output(Command::new(BIN).args(&args));
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        !all.contains("Unrecognized"),
-        "the binary rejects the init script's flags: {all}"
-    );
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!all.contains("Unrecognized"), "the binary rejects the init script's flags: {all}");
 }
 
 #[test]
@@ -608,15 +508,9 @@ config edgeproxy 'main'
         .map(|w| w.trim_end_matches(','))
         .filter(|w| w.starts_with("--") && *w != "--help")
         .collect();
-    assert!(
-        flags.len() >= 18,
-        "cannot read the flags from `run --help`:\n{help}"
-    );
+    assert!(flags.len() >= 18, "cannot read the flags from `run --help`:\n{help}");
     for flag in flags {
-        assert!(
-            want.contains(&flag),
-            "`run {flag}` has no UCI option in the init script"
-        );
+        assert!(want.contains(&flag), "`run {flag}` has no UCI option in the init script");
     }
 }
 
@@ -625,15 +519,8 @@ fn procd_service_stopped_cleans_up_with_the_configured_backend() {
     let uci = "config edgeproxy 'main'\n\toption enabled '1'\n\toption iptables_backend 'legacy'\n";
     // PROG replaced by a stub that records its arguments.
     let extra = "PROG=\"$STUB_DIR/fake-edgeproxy\"\nprintf '#!/bin/sh\\necho \"$*\" >\"$STUB_DIR/cleanup.args\"\\n' >\"$PROG\"\nchmod +x \"$PROG\"";
-    let (_, out) = run_init(
-        uci,
-        "service_stopped\ncat \"$STUB_DIR/cleanup.args\"",
-        extra,
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "cleanup --iptables-backend legacy"
-    );
+    let (_, out) = run_init(uci, "service_stopped\ncat \"$STUB_DIR/cleanup.args\"", extra);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cleanup --iptables-backend legacy");
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -654,58 +541,32 @@ fn systemd_unit_verifies_without_warnings() {
     let unit = unit_for_test(dir.path());
     let o = output(Command::new("systemd-analyze").arg("verify").arg(&unit));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && err.trim().is_empty(),
-        "systemd-analyze verify: {}\n{err}",
-        o.status
-    );
+    assert!(o.status.success() && err.trim().is_empty(), "systemd-analyze verify: {}\n{err}", o.status);
 
     // Control: the same check notices an unknown directive and a missing binary.
     let text = fs::read_to_string(&unit).unwrap();
     fs::write(&unit, text.replace("LimitNOFILE=", "LimitNOFILEZ=")).unwrap();
     let o = output(Command::new("systemd-analyze").arg("verify").arg(&unit));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("Unknown key"),
-        "verify did not flag an unknown key"
-    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Unknown key"), "verify did not flag an unknown key");
     fs::write(&unit, text.replace(BIN, "/nonexistent/edgeproxy")).unwrap();
-    assert!(
-        !output(Command::new("systemd-analyze").arg("verify").arg(&unit))
-            .status
-            .success()
-    );
+    assert!(!output(Command::new("systemd-analyze").arg("verify").arg(&unit)).status.success());
 }
 
 #[test]
 fn systemd_unit_has_what_the_issue_asks() {
     let text = fs::read_to_string(repo().join("systemd/edgeproxy.service")).unwrap();
-    let directives: Vec<(&str, &str)> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .collect();
-    let get = |k: &str| {
-        directives
-            .iter()
-            .filter(|(d, _)| *d == k)
-            .map(|(_, v)| *v)
-            .collect::<Vec<_>>()
-    };
+    let directives: Vec<(&str, &str)> =
+        text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once('=')).collect();
+    let get = |k: &str| directives.iter().filter(|(d, _)| *d == k).map(|(_, v)| *v).collect::<Vec<_>>();
     assert_eq!(get("Type"), ["notify"]);
     assert_eq!(get("Restart"), ["always"]);
     assert_eq!(get("WatchdogSec").len(), 1);
     assert_eq!(get("CapabilityBoundingSet"), ["CAP_NET_ADMIN CAP_NET_RAW"]);
     assert_eq!(get("ReadWritePaths"), ["-/run/xtables.lock"]);
     assert_eq!(get("ProtectSystem"), ["strict"]);
-    assert_eq!(
-        get("ExecStartPre"),
-        ["/usr/local/bin/edgeproxy check-config --config /etc/edgeproxy/config.json"]
-    );
+    assert_eq!(get("ExecStartPre"), ["/usr/local/bin/edgeproxy check-config --config /etc/edgeproxy/config.json"]);
     let after = get("After").join(" ");
-    assert!(
-        after.contains("kube-proxy.service") && after.contains("edgecore.service"),
-        "{after}"
-    );
+    assert!(after.contains("kube-proxy.service") && after.contains("edgecore.service"), "{after}");
     assert_eq!(get("LimitNOFILE"), ["65536"]);
     let af = get("RestrictAddressFamilies").join(" ");
     assert!(af.contains("AF_UNIX"), "sd_notify needs AF_UNIX: {af}");
@@ -715,13 +576,9 @@ fn systemd_unit_has_what_the_issue_asks() {
 fn systemd_security_exposure_is_at_most_2_5() {
     let dir = TempDir::new("sec");
     let unit = unit_for_test(dir.path());
-    let out = ok(Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--no-pager"])
-        .arg(&unit));
-    let line = out
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .unwrap_or_else(|| panic!("no score in\n{out}"));
+    let out = ok(Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&unit));
+    let line =
+        out.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("no score in\n{out}"));
     let score: f64 = line
         .split(':')
         .nth(1)
@@ -740,8 +597,7 @@ fn tmpfiles_creates_the_xtables_lock() {
         .arg(format!("--root={}", root.path().display()))
         .arg(repo().join("systemd/edgeproxy.tmpfiles")));
     use std::os::unix::fs::PermissionsExt;
-    let meta =
-        fs::metadata(root.path().join("run/xtables.lock")).expect("/run/xtables.lock created");
+    let meta = fs::metadata(root.path().join("run/xtables.lock")).expect("/run/xtables.lock created");
     assert!(meta.is_file());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
 }
@@ -749,8 +605,7 @@ fn tmpfiles_creates_the_xtables_lock() {
 #[test]
 fn systemd_sample_config_is_valid_and_turns_metrics_on() {
     let path = repo().join("systemd/config.json");
-    let c = edgeproxy::config::Config::load(Some(&path), &Default::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let c = edgeproxy::config::Config::load(Some(&path), &Default::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.metrics_address, Some("127.0.0.1:10551".parse().unwrap()));
     assert_eq!(c.source.meta_server, "http://127.0.0.1:10550");
 }
@@ -768,11 +623,7 @@ fn openwrt_makefile_matches_the_crate() {
             .trim()
             .to_string()
     };
-    assert_eq!(
-        var("PKG_VERSION"),
-        cargo_version(),
-        "PKG_VERSION follows Cargo.toml"
-    );
+    assert_eq!(var("PKG_VERSION"), cargo_version(), "PKG_VERSION follows Cargo.toml");
     assert_eq!(var("PKG_NAME"), "edgeproxy");
     assert_eq!(var("PKG_BUILD_DEPENDS"), "rust/host");
     assert!(mk.contains("include ../../lang/rust/rust-package.mk"));
@@ -780,10 +631,7 @@ fn openwrt_makefile_matches_the_crate() {
     assert!(mk.contains("$(eval $(call BuildPackage,edgeproxy))"));
     let deps = var("  DEPENDS");
     for d in ["$(RUST_ARCH_DEPENDS)", "+iptables-nft", "+kmod-ipt-nat"] {
-        assert!(
-            deps.split_whitespace().any(|x| x == d),
-            "{d} missing from DEPENDS {deps}"
-        );
+        assert!(deps.split_whitespace().any(|x| x == d), "{d} missing from DEPENDS {deps}");
     }
     // Recipe lines must start with a tab, or make fails on them.
     let mut in_define = false;

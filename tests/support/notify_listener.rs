@@ -33,17 +33,10 @@ impl NotifyListener {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("ep-notify-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path)
-            .unwrap_or_else(|e| panic!("cannot bind {}: {e}", path.display()));
-        NotifyListener {
-            sock,
-            value: path.into_os_string(),
-            dir: Some(dir),
-            received: Vec::new(),
-        }
+        let sock = UnixDatagram::bind(&path).unwrap_or_else(|e| panic!("cannot bind {}: {e}", path.display()));
+        NotifyListener { sock, value: path.into_os_string(), dir: Some(dir), received: Vec::new() }
     }
 
     /// An abstract-namespace socket (`$NOTIFY_SOCKET` = `@name`).
@@ -51,14 +44,8 @@ impl NotifyListener {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("ep-notify-{}-{n}", std::process::id());
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
-        let sock =
-            UnixDatagram::bind_addr(&addr).unwrap_or_else(|e| panic!("cannot bind @{name}: {e}"));
-        NotifyListener {
-            sock,
-            value: format!("@{name}").into(),
-            dir: None,
-            received: Vec::new(),
-        }
+        let sock = UnixDatagram::bind_addr(&addr).unwrap_or_else(|e| panic!("cannot bind @{name}: {e}"));
+        NotifyListener { sock, value: format!("@{name}").into(), dir: None, received: Vec::new() }
     }
 
     /// The value for `$NOTIFY_SOCKET`.
@@ -69,9 +56,7 @@ impl NotifyListener {
     /// Receive one datagram, waiting at most `timeout`; `None` when none came.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Option<String> {
         let timeout = timeout.max(Duration::from_millis(1));
-        self.sock
-            .set_read_timeout(Some(timeout))
-            .expect("set_read_timeout");
+        self.sock.set_read_timeout(Some(timeout)).expect("set_read_timeout");
         let mut buf = vec![0u8; 64 * 1024];
         match self.sock.recv(&mut buf) {
             Ok(n) => {
@@ -79,14 +64,7 @@ impl NotifyListener {
                 self.received.push(msg.clone());
                 Some(msg)
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                None
-            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
             Err(e) => panic!("notify socket recv: {e}"),
         }
     }
