@@ -153,7 +153,9 @@ fn run(cmd: &RunCmd) -> Result<ExitCode, String> {
             *field = parse_duration(v).map_err(|m| format!("{flag}: {m}"))?;
         }
     }
-    edgeproxy::agent::run(config).map_err(|e| e.to_string())?;
+    // Read (and unset, so that iptables children do not inherit them) systemd's variables first.
+    let notifier = edgeproxy::notify::Notifier::from_env().map_err(|e| e.to_string())?;
+    edgeproxy::agent::run(config, notifier).map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
 }
 

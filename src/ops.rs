@@ -14,6 +14,7 @@
 //! mean: the agent, the rules applier and the proxy update them; it never touches the network
 //! beyond its own listener.
 
+use crate::proxy::stats::ProxyStats;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -377,36 +378,10 @@ fn fmt_f64(v: f64) -> String {
 /// Bucket bounds (seconds) for rule sync durations: iptables-restore takes ~5 ms to seconds.
 pub const SYNC_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// How a proxied connection (TCP) or flow (UDP) ended up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A backend was dialled and the bytes were relayed.
-    Ok,
-    /// Every dial attempt failed.
-    DialFailed,
-    /// The service port had no usable backend.
-    NoBackend,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 3] = [Outcome::Ok, Outcome::DialFailed, Outcome::NoBackend];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::DialFailed => "dial_failed",
-            Outcome::NoBackend => "no_backend",
-        }
-    }
-}
-
 /// Every metric edgeproxy exports, registered in [`Metrics::registry`].
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
-    connections: CounterVec,
-    bytes: CounterVec,
-    active: GaugeVec,
-    dial_failures: CounterVec,
     rule_syncs_ok: Arc<Counter>,
     rule_syncs_failed: Arc<Counter>,
     rule_sync_duration: Arc<Histogram>,
@@ -417,43 +392,6 @@ pub struct Metrics {
     last_sync: Arc<Gauge>,
     rules_installed: Arc<Gauge>,
     source_synced: Arc<Gauge>,
-}
-
-/// The per-service-port handles, created once (e.g. when the proxy table is swapped) and then
-/// updated with single atomic operations on the data path.
-#[derive(Debug, Clone)]
-pub struct ServiceMetrics {
-    /// Indexed by `Outcome as usize`.
-    outcomes: [Arc<Counter>; 3],
-    /// Bytes from clients to backends.
-    pub bytes_to_backend: Arc<Counter>,
-    /// Bytes from backends to clients.
-    pub bytes_to_client: Arc<Counter>,
-    /// Open TCP connections or live UDP flows.
-    pub active: Arc<Gauge>,
-    /// Failed dial attempts (one connection may make several).
-    pub dial_failures: Arc<Counter>,
-}
-
-impl ServiceMetrics {
-    pub fn outcome(&self, o: Outcome) {
-        self.outcomes[o as usize].inc();
-    }
-    /// Count an open connection until the returned guard drops.
-    pub fn open(&self) -> ActiveGuard {
-        self.active.inc();
-        ActiveGuard(self.active.clone())
-    }
-}
-
-/// Decrements the active gauge when dropped.
-#[derive(Debug)]
-pub struct ActiveGuard(Arc<Gauge>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 impl Default for Metrics {
@@ -472,26 +410,6 @@ impl Metrics {
         let syncs =
             r.counter_vec("edgeproxy_rule_syncs_total", "Rule syncs (iptables-restore runs) by result.", &["result"]);
         Metrics {
-            connections: r.counter_vec(
-                "edgeproxy_connections_total",
-                "Proxied TCP connections and UDP flows by service port and outcome.",
-                &["service", "protocol", "outcome"],
-            ),
-            bytes: r.counter_vec(
-                "edgeproxy_bytes_total",
-                "Bytes relayed by service port and direction (to_backend, to_client).",
-                &["service", "protocol", "direction"],
-            ),
-            active: r.gauge_vec(
-                "edgeproxy_active_connections",
-                "Open TCP connections and live UDP flows by service port.",
-                &["service", "protocol"],
-            ),
-            dial_failures: r.counter_vec(
-                "edgeproxy_dial_failures_total",
-                "Failed attempts to reach a backend, by service port.",
-                &["service", "protocol"],
-            ),
             rule_syncs_ok: syncs.with(&["ok"]),
             rule_syncs_failed: syncs.with(&["error"]),
             rule_sync_duration: r.histogram(
@@ -526,28 +444,6 @@ impl Metrics {
         }
     }
 
-    /// The handles for one service port (`namespace/name[:port]`, as in
-    /// `ServiceEntry::name`) and protocol (`tcp`, `udp`). Creating is idempotent: the same
-    /// name gives the same counters.
-    pub fn service(&self, name: &str, protocol: &str) -> ServiceMetrics {
-        let outcomes = Outcome::ALL.map(|o| self.connections.with(&[name, protocol, o.as_str()]));
-        ServiceMetrics {
-            outcomes,
-            bytes_to_backend: self.bytes.with(&[name, protocol, "to_backend"]),
-            bytes_to_client: self.bytes.with(&[name, protocol, "to_client"]),
-            active: self.active.with(&[name, protocol]),
-            dial_failures: self.dial_failures.with(&[name, protocol]),
-        }
-    }
-
-    /// Drop a service port's series (it left the table), so label sets do not pile up.
-    pub fn forget_service(&self, name: &str) {
-        self.connections.remove_matching("service", name);
-        self.bytes.remove_matching("service", name);
-        self.active.remove_matching("service", name);
-        self.dial_failures.remove_matching("service", name);
-    }
-
     /// One rule sync ended. `at` is the wall-clock time, recorded as the last successful sync.
     pub fn rule_sync(&self, ok: bool, took: Duration, at: SystemTime) {
         self.rule_sync_duration.observe_duration(took);
@@ -560,6 +456,11 @@ impl Metrics {
         }
     }
 
+    /// One rule sync failed (the previous rules stay in force).
+    pub fn rule_sync_failed(&self) {
+        self.rule_syncs_failed.inc();
+    }
+
     /// A watch of `resource` (`services`, `endpointslices`, `endpoints`) ended and restarts.
     pub fn watch_restart(&self, resource: &str) {
         self.watch_restarts.with(&[resource]).inc();
@@ -569,6 +470,87 @@ impl Metrics {
     pub fn relist(&self, resource: &str) {
         self.relists.with(&[resource]).inc();
     }
+}
+
+/// The proxy's counters in the text format: per service port (`namespace/name[:port]`) and in
+/// total. Rendered from [`ProxyStats`] at scrape time, so the data path pays one atomic add per
+/// event and nothing else.
+pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
+    use std::fmt::Write as _;
+    let services = stats.services();
+    let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let svc = |n: &str| format!("service=\"{}\"", escape_label(n));
+    family(
+        "edgeproxy_connections_total",
+        "counter",
+        "Proxied TCP connections by service port and outcome (ok, no_endpoints, dial_failed).",
+        &mut services.iter().flat_map(|(n, c)| {
+            [
+                ("ok", c.tcp_ok.get()),
+                ("no_endpoints", c.tcp_no_endpoints.get()),
+                ("dial_failed", c.tcp_dial_failed.get()),
+            ]
+            .map(|(o, v)| (format!("{{{},outcome=\"{o}\"}}", svc(n)), v))
+        }),
+    );
+    family(
+        "edgeproxy_connections_refused_total",
+        "counter",
+        "TCP connections refused before any service lookup: not a proxied service port, or a loop.",
+        &mut [("not_a_service", stats.tcp_refused_not_service.get()), ("loop", stats.tcp_refused_loop.get())]
+            .into_iter()
+            .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), v)),
+    );
+    family(
+        "edgeproxy_bytes_total",
+        "counter",
+        "Bytes relayed by service port and direction (to_backend, to_client), TCP and UDP.",
+        &mut services.iter().flat_map(|(n, c)| {
+            [("to_backend", c.bytes_to_backend.get()), ("to_client", c.bytes_to_client.get())]
+                .map(|(d, v)| (format!("{{{},direction=\"{d}\"}}", svc(n)), v))
+        }),
+    );
+    family(
+        "edgeproxy_active_connections",
+        "gauge",
+        "Open relayed TCP connections by service port.",
+        &mut services.iter().map(|(n, c)| (format!("{{{}}}", svc(n)), c.tcp_active.get())),
+    );
+    family(
+        "edgeproxy_dial_failures_total",
+        "counter",
+        "Failed attempts to reach a backend, by service port (one connection may make several).",
+        &mut services.iter().map(|(n, c)| (format!("{{{}}}", svc(n)), c.dial_failures.get())),
+    );
+    family(
+        "edgeproxy_udp_flows",
+        "gauge",
+        "Live UDP flows (one per client address and service port).",
+        &mut std::iter::once((String::new(), stats.udp_flows_active.get())),
+    );
+    family(
+        "edgeproxy_udp_flow_events_total",
+        "counter",
+        "UDP flows created, expired, and refused at the flow cap.",
+        &mut [
+            ("created", stats.udp_flows_created.get()),
+            ("expired", stats.udp_flows_expired.get()),
+            ("dropped_at_cap", stats.udp_flows_dropped_at_cap.get()),
+        ]
+        .into_iter()
+        .map(|(e, v)| (format!("{{event=\"{e}\"}}"), v)),
+    );
+    family(
+        "edgeproxy_accept_paused_total",
+        "counter",
+        "Times accepting paused because file descriptors ran out.",
+        &mut std::iter::once((String::new(), stats.accept_fd_exhausted.get())),
+    );
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -604,10 +586,12 @@ impl Health {
     }
 }
 
-/// What the endpoint serves: the metrics and the readiness flags.
+/// What the endpoint serves: the metrics, the proxy's counters and the readiness flags.
 #[derive(Debug, Default)]
 pub struct Ops {
     pub metrics: Metrics,
+    /// The data path's counters, rendered at scrape time (the proxy owns and updates them).
+    pub proxy: Arc<ProxyStats>,
     pub health: Health,
 }
 
@@ -737,7 +721,11 @@ fn route(req: &Request<'_>, ops: &Ops) -> (u16, &'static str, String) {
             Ok(()) => (200, TEXT, "ready\n".into()),
             Err(why) => (503, TEXT, format!("not ready: {why}\n")),
         },
-        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", ops.metrics.registry.render()),
+        "/metrics" => {
+            let mut text = ops.metrics.registry.render();
+            render_proxy(&ops.proxy, &mut text);
+            (200, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
         _ => (404, TEXT, "not found; try /healthz, /readyz or /metrics\n".into()),
     }
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use edgeproxy::ops::{Ops, Outcome, Server, MAX_REQUEST};
+use edgeproxy::ops::{Ops, Server, MAX_REQUEST};
 
 fn start(ops: Arc<Ops>) -> Server {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -46,17 +46,17 @@ fn split(resp: &str) -> (u16, String, String) {
 fn populated() -> Arc<Ops> {
     let ops = Ops::new();
     let m = &ops.metrics;
-    let web = m.service("default/web:http", "tcp");
-    web.outcome(Outcome::Ok);
-    web.outcome(Outcome::Ok);
-    web.outcome(Outcome::DialFailed);
+    let web = ops.proxy.service("default/web:http");
+    web.tcp_ok.add(2);
+    web.tcp_dial_failed.inc();
     web.dial_failures.add(3);
     web.bytes_to_backend.add(1200);
     web.bytes_to_client.add(98_765);
-    // An open connection whose guard outlives this function.
-    std::mem::forget(web.open());
-    let dns = m.service("kube-system/\"odd\"\\name\n:dns", "udp");
-    dns.outcome(Outcome::NoBackend);
+    web.tcp_active.inc();
+    let dns = ops.proxy.service("kube-system/\"odd\"\\name\n:dns");
+    dns.tcp_no_endpoints.inc();
+    ops.proxy.tcp_refused_not_service.inc();
+    ops.proxy.udp_flows_created.add(4);
     m.rule_sync(true, Duration::from_millis(7), SystemTime::now());
     m.rule_sync(false, Duration::from_millis(1300), SystemTime::now());
     m.guard_repairs.inc();
@@ -74,12 +74,14 @@ fn metrics_pass_promtool_check() {
     assert_eq!(status, 200);
     assert!(head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"), "{head}");
     for needle in [
-        "edgeproxy_connections_total{service=\"default/web:http\",protocol=\"tcp\",outcome=\"ok\"} 2",
-        "edgeproxy_connections_total{service=\"default/web:http\",protocol=\"tcp\",outcome=\"dial_failed\"} 1",
-        "edgeproxy_dial_failures_total{service=\"default/web:http\",protocol=\"tcp\"} 3",
-        "edgeproxy_bytes_total{service=\"default/web:http\",protocol=\"tcp\",direction=\"to_client\"} 98765",
-        "edgeproxy_active_connections{service=\"default/web:http\",protocol=\"tcp\"} 1",
-        "outcome=\"no_backend\"} 1",
+        "edgeproxy_connections_total{service=\"default/web:http\",outcome=\"ok\"} 2",
+        "edgeproxy_connections_total{service=\"default/web:http\",outcome=\"dial_failed\"} 1",
+        "edgeproxy_dial_failures_total{service=\"default/web:http\"} 3",
+        "edgeproxy_bytes_total{service=\"default/web:http\",direction=\"to_client\"} 98765",
+        "edgeproxy_active_connections{service=\"default/web:http\"} 1",
+        "outcome=\"no_endpoints\"} 1",
+        "edgeproxy_connections_refused_total{reason=\"not_a_service\"} 1",
+        "edgeproxy_udp_flow_events_total{event=\"created\"} 4",
         "service=\"kube-system/\\\"odd\\\"\\\\name\\n:dns\"",
         "edgeproxy_rule_syncs_total{result=\"ok\"} 1",
         "edgeproxy_rule_syncs_total{result=\"error\"} 1",
