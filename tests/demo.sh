@@ -77,10 +77,10 @@ EOF
 done
 for b in 1 2; do
   ns=$BE1; [ $b = 2 ] && ns=$BE2
-  inns "$ns" socat TCP-LISTEN:8080,fork,reuseaddr EXEC:"$WORK/http-backend-$b" &
-  inns "$ns" socat UDP-RECVFROM:5353,fork EXEC:"$WORK/udp-backend-$b" &
+  ip netns exec "$ns" socat TCP-LISTEN:8080,fork,reuseaddr EXEC:"$WORK/http-backend-$b" &
+  ip netns exec "$ns" socat UDP-RECVFROM:5353,fork EXEC:"$WORK/udp-backend-$b" &
 done
-inns "$CLOUD" socat TCP-LISTEN:8080,fork,reuseaddr EXEC:"$WORK/http-cloud" &
+ip netns exec "$CLOUD" socat TCP-LISTEN:8080,fork,reuseaddr EXEC:"$WORK/http-cloud" &
 
 say "a kube-proxy-like KUBE-SERVICES chain in the node (for the filtered service), installed first"
 inns "$NODE" iptables -t nat -N KUBE-SERVICES
@@ -111,7 +111,7 @@ cat > "$WORK/cluster.json" <<'JSON'
                 {"addresses": ["10.244.2.10"], "conditions": {"ready": true}}]}
 ]}
 JSON
-inns "$NODE" iptables-save -t nat > "$WORK/before.txt"
+inns "$NODE" iptables-save -t nat > "$WORK/before.txt" 2>/dev/null
 
 say "what edgeproxy will do with this cluster (a dry run, touches nothing)"
 run "$BIN" rules --from "$WORK/cluster.json" --kube-proxy present --explain
@@ -150,7 +150,7 @@ inns "$NODE" curl -s http://127.0.0.1:10551/metrics | grep -E '^edgeproxy_(conne
 
 say "stop the agent (SIGTERM): it removes everything it installed"
 kill "$AGENT_PID"; wait "$AGENT_PID" || true; AGENT_PID=
-inns "$NODE" iptables-save -t nat > "$WORK/after.txt"
+inns "$NODE" iptables-save -t nat > "$WORK/after.txt" 2>/dev/null
 if diff <(grep -v '^#' "$WORK/before.txt") <(grep -v '^#' "$WORK/after.txt"); then
   echo "nat table after exit == nat table before start"
 else
