@@ -850,21 +850,27 @@ mod tests {
     }
 
     #[test]
-    fn same_labels_same_handle_and_forget_removes() {
-        let m = Metrics::new();
-        let a = m.service("default/web:http", "tcp");
-        let b = m.service("default/web:http", "tcp");
-        a.outcome(Outcome::Ok);
-        b.outcome(Outcome::Ok);
-        assert_eq!(a.outcomes[0].get(), 2);
-        {
-            let _g = a.open();
-            assert_eq!(b.active.get(), 1.0);
-        }
-        assert_eq!(b.active.get(), 0.0);
-        assert!(m.registry.render().contains("service=\"default/web:http\""));
-        m.forget_service("default/web:http");
-        assert!(!m.registry.render().contains("default/web:http"));
+    fn same_labels_same_handle_and_remove_matching() {
+        let r = Registry::new();
+        let v = r.counter_vec("t_total", "x", &["resource"]);
+        let a = v.with(&["services"]);
+        let b = v.with(&["services"]);
+        a.inc();
+        b.inc();
+        assert_eq!(a.get(), 2);
+        assert!(r.render().contains("t_total{resource=\"services\"} 2"));
+        v.remove_matching("resource", "services");
+        assert!(!r.render().contains("services"));
+    }
+
+    #[test]
+    fn proxy_counters_render_per_service() {
+        let stats = ProxyStats::new();
+        stats.service("a/b:http").tcp_ok.add(3);
+        let mut out = String::new();
+        render_proxy(&stats, &mut out);
+        assert!(out.contains("edgeproxy_connections_total{service=\"a/b:http\",outcome=\"ok\"} 3"), "{out}");
+        assert!(out.contains("# TYPE edgeproxy_active_connections gauge"));
     }
 
     #[test]
