@@ -449,6 +449,9 @@ config edgeproxy 'main'
 	option tcp_port '15101'
 	option load_balancer 'random'
 	option iptables_backend 'nft'
+	option min_sync_period '500ms'
+	option guard_period '5s'
+	option resync_period '2m'
 	option metrics_address '127.0.0.1:10551'
 ";
     let (p, _) = run_init(uci, "start_service", "");
@@ -494,6 +497,12 @@ config edgeproxy 'main'
         "random",
         "--iptables-backend",
         "nft",
+        "--min-sync-period",
+        "500ms",
+        "--guard-period",
+        "5s",
+        "--resync-period",
+        "2m",
         "--metrics-address",
         "127.0.0.1:10551",
     ];
