@@ -1,6 +1,6 @@
 //! `edgeproxy run --source file:` as a real process in namespaces the test creates, both
 //! backends: the hybrid proxy end to end (kube-proxy inserted after start, guard puts our jumps
-//! first again, proxied traffic reaches our port, filtered traffic falls through to the
+//! first again, proxied traffic reaches an endpoint through the proxy, filtered traffic falls through to the
 //! KUBE-SERVICES DNAT, from the node and from a pod), file changes followed with one restore
 //! each, SIGTERM leaving nat and filter as before, SIGKILL then start leaving no duplicates.
 mod support;
@@ -185,8 +185,17 @@ fn hybrid_proxy_end_to_end_with_kube_proxy_inserted_after_start() {
         svc.ok(&["ip", "route", "add", "default", "via", "10.0.2.1"]);
         node.ok(&["ip", "route", "add", "default", "via", "10.0.2.2"]);
         node.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        // Our target (the proxy is written elsewhere): a listener on the proxy's TCP port.
-        serve(&node, "0.0.0.0:15001", "edgeproxy\n");
+        // The proxied service's three endpoints (web-frontend in the fixtures) live behind the
+        // node's uplink and say "edgeproxy": only the proxy dials them. kube-proxy's DNAT target
+        // says "kube-proxy".
+        for (ip, addr) in [
+            ("192.0.2.65", "192.0.2.65:8080"),
+            ("192.0.2.129", "192.0.2.129:8080"),
+            ("198.51.100.80", "198.51.100.80:8080"),
+        ] {
+            svc.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+            serve(&svc, addr, "edgeproxy\n");
+        }
         serve(&svc, "10.0.2.2:8080", "kube-proxy\n");
 
         let agent = start_agent(&mut node, b, &source);
