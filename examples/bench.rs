@@ -216,6 +216,7 @@ fn run(args: &Args) -> Res<()> {
     drop(topo);
 
     facts.push(("load after".into(), loadavg()));
+    facts.push(("rounds".into(), w.rounds.to_string()));
     facts.push(("duration".into(), format!("{:.0} s", started.elapsed().as_secs_f64())));
     print!("\n{}", report::table(&results, &paths, &facts));
     let settings = json!({
@@ -238,7 +239,9 @@ fn run(args: &Args) -> Res<()> {
     }
     let text = serde_json::to_string_pretty(&doc).map_err(|e| format!("json: {e}"))?;
     write(&args.json, &text)?;
-    println!("\nJSON: {}", args.json.display());
+    let md = args.json.with_extension("md");
+    write(&md, &report::markdown(&results, &paths, &facts))?;
+    println!("\nJSON: {}\nMarkdown table: {}", args.json.display(), md.display());
     Ok(())
 }
 

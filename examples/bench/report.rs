@@ -286,3 +286,70 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: V
         "errors": r.errors,
     })
 }
+
+/// The README table: one row per figure, one column per path ("median (ratio)"), then the
+/// resources and the targets.
+pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String {
+    let get = |k: &str| facts.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str()).unwrap_or("");
+    let mut s = format!(
+        "Measured {} on {} (kernel {}), commit {}, load average {} before / {} after; \
+         median of {} rounds, ratio to kernel DNAT in parentheses (median of per-round ratios).\n\n",
+        get("date"),
+        get("cpu"),
+        get("kernel"),
+        get("commit"),
+        get("load before"),
+        get("load after"),
+        get("rounds"),
+    );
+    s.push_str("| figure | unit |");
+    for p in paths {
+        s.push_str(&format!(" {} |", p.name()));
+    }
+    s.push_str("\n|---|---|");
+    for _ in paths {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for f in FIGURES {
+        s.push_str(&format!("| {} | {} |", f.label, f.unit));
+        for p in paths {
+            let cell = match spread(&r.values(f.key, p.name())) {
+                None => "n/a".to_string(),
+                Some((_, med, _)) => match spread(&r.ratios(f.key, p.name())) {
+                    Some((_, ratio, _)) => format!("{} ({ratio:.2}x)", num(med)),
+                    None => num(med),
+                },
+            };
+            s.push_str(&format!(" {cell} |"));
+        }
+        s.push('\n');
+    }
+    for (key, label) in RESOURCES {
+        s.push_str(&format!("| {label} | MiB |"));
+        for p in paths {
+            let cell = r
+                .resources
+                .get(key)
+                .and_then(|m| m.get(p.name()))
+                .map(|kib| format!("{:.1}", kib / 1024.0))
+                .unwrap_or_else(|| "n/a".into());
+            s.push_str(&format!(" {cell} |"));
+        }
+        s.push('\n');
+    }
+    let t = targets(r, paths);
+    if !t.is_empty() {
+        s.push_str("\n| target (edgeproxy) | measured | bound | |\n|---|---:|---|---|\n");
+        for t in &t {
+            let mark = match t.pass {
+                Some(true) => "PASS",
+                Some(false) => "MISS",
+                None => "n/a",
+            };
+            let v = t.value.map(num).unwrap_or_else(|| "n/a".into());
+            s.push_str(&format!("| {} | {v} | {} | {mark} |\n", t.name, t.bound));
+        }
+    }
+    s
+}
