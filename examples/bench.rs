@@ -271,8 +271,12 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
     r.push("rr_4k_p50", p, round, s.quantile_us(0.5));
     r.push("rr_4k_p99", p, round, s.quantile_us(0.99));
     r.push("rr_4k_p999", p, round, s.quantile_us(0.999));
+    let cpu0 = pid.map(cpu_seconds).transpose()?;
     let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
     r.push("rr_16_conns", p, round, s.rate());
+    if let (Some(pid), Some(c0)) = (pid, cpu0) {
+        r.push("cpu_per_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / s.ns.len() as f64);
+    }
     let dur = w.conns;
     let s = in_ns(&topo.client, move || load::new_conns(addr, NEW_CONN_THREADS, dur))?;
     r.push("new_conns", p, round, s.rate());

@@ -38,6 +38,7 @@ pub const FIGURES: &[Figure] = &[
     fig("udp_rr", "UDP req/resp rate, 8 flows", "req/s", true),
     fig("udp_p99", "UDP req/resp p99", "us", false),
     fig("cpu_per_gb", "proxy CPU per GB moved", "CPU-s/GB", false),
+    fig("cpu_per_req", "proxy CPU per request (16 conns)", "CPU-us", false),
 ];
 
 /// Resource figures, measured once per run per proxy.
