@@ -12,7 +12,7 @@
 //! input (`-D` of misplaced copies by spec, then `-I <from> 1`). A failed restore leaves the
 //! kernel as it was (the input is one transaction); the error names the failing input line.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -260,11 +260,17 @@ fn jump_target(line: &str) -> Option<&str> {
 /// Compare the built-in chains' listings with the wanted jumps: each must be rule 1 of its
 /// chain, once; any other jump into one of our chains (a duplicate, the other layout's) goes.
 fn jump_fix(bins: &Binaries, family: Family, wanted: &[Jump]) -> Result<JumpFix, ApplyError> {
+    let pre = list_chain(bins, family, "PREROUTING")?.unwrap_or_default();
+    let out = list_chain(bins, family, "OUTPUT")?.unwrap_or_default();
+    Ok(jump_fix_from(&pre, &out, wanted))
+}
+
+/// [`jump_fix`] on listings already read (`-A` lines of PREROUTING and OUTPUT).
+fn jump_fix_from(pre: &[String], out: &[String], wanted: &[Jump]) -> JumpFix {
     let mut fix = JumpFix::default();
     let mut deletes = Vec::new();
     let mut inserts = Vec::new();
-    for from in ["PREROUTING", "OUTPUT"] {
-        let listed = list_chain(bins, family, from)?.unwrap_or_default();
+    for (from, listed) in [("PREROUTING", pre), ("OUTPUT", out)] {
         fix.kube_proxy |= listed.iter().any(|l| jump_target(l) == Some("KUBE-SERVICES"));
         let want = wanted.iter().find(|j| j.from == from);
         let want_line = want.map(|j| format!("-A {from} {}", j.spec));
@@ -300,7 +306,7 @@ fn jump_fix(bins: &Binaries, family: Family, wanted: &[Jump]) -> Result<JumpFix,
     }
     fix.lines = deletes;
     fix.lines.extend(inserts);
-    Ok(fix)
+    fix
 }
 
 /// What one `apply` or `guard` did.
@@ -312,24 +318,35 @@ pub struct SyncReport {
     pub rules: usize,
     /// Repairs made (jumps moved back, chains recreated), for the log.
     pub repaired: Vec<String>,
-    /// kube-proxy's jump seen in PREROUTING/OUTPUT (IPv4).
+    /// kube-proxy's jump seen in PREROUTING/OUTPUT (IPv4), as last read (a minimal sync reads
+    /// nothing and reports the last guard's or full sync's finding).
     pub kube_proxy: bool,
+    /// The chains the restores rewrote (flushed and refilled), both families.
+    pub chains: Vec<&'static str>,
+    /// Some restore rewrote every chain of its family and fixed the jumps (start, after a
+    /// failure, a guard repair, the periodic resync).
+    pub full: bool,
 }
 
-/// The last set applied to one family, as the kernel should now hold it.
-#[derive(Clone, Debug)]
-struct Applied {
-    rules: TableRules,
-    text: String,
-}
+/// Chains with at most this many rules are listed and compared in full by the guard on the nft
+/// backend (a listing costs about 30 us per rule of the chain there); see [`Applier::guard`].
+pub const CONTENT_CHECK_MAX_RULES: usize = 256;
 
 /// Puts a [`RuleSet`] into the kernel and keeps it there. Blocking; use from one thread.
 pub struct Applier {
     bins: Binaries,
-    last: [Option<Applied>; 2],
+    /// Per family, the set the kernel holds since our last successful restore.
+    last: [Option<TableRules>; 2],
+    /// Per family: the next sync rewrites everything (a restore or read failed since).
+    full_next: [bool; 2],
+    /// kube-proxy's jump, as last read.
+    kube_proxy: bool,
     restores: u64,
     /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
     pub wait_secs: u32,
+    /// nft backend: the guard compares the content of chains up to this many rules every guard
+    /// period (default [`CONTENT_CHECK_MAX_RULES`]); bigger ones are put right by the resync.
+    pub content_check_max_rules: usize,
 }
 
 fn idx(f: Family) -> usize {
@@ -367,7 +384,15 @@ impl Applier {
             }
             Ok(_) => {}
         }
-        Ok(Applier { bins, last: [None, None], restores: 0, wait_secs: LOCK_WAIT_SECS })
+        Ok(Applier {
+            bins,
+            last: [None, None],
+            full_next: [false, false],
+            kube_proxy: false,
+            restores: 0,
+            wait_secs: LOCK_WAIT_SECS,
+            content_check_max_rules: CONTENT_CHECK_MAX_RULES,
+        })
     }
 
     pub fn binaries(&self) -> Binaries {
@@ -400,24 +425,31 @@ impl Applier {
         Err(err)
     }
 
-    /// Make the kernel hold `set`: one restore per family that changed (none when nothing did),
-    /// with the jumps put (back) at position 1 in the same transaction. IPv6 is only touched
-    /// when it has rules or had them.
+    /// Make the kernel hold `set`: one restore per family that changed (none when nothing did).
+    ///
+    /// A minimal sync (the usual case) writes only the chains whose content changed since the
+    /// last successful restore (`:CHAIN - [0:0]` flushes just that chain under `--noflush`, as
+    /// kube-proxy's MinimizeIPTablesRestore does) and reads nothing from the kernel: the guard
+    /// watches the jumps. A full rewrite (every chain, plus the jumps read and put back at
+    /// position 1 in the same transaction) happens on the first sync, after any failure, and in
+    /// [`Applier::reapply`]. IPv6 is only touched when it has rules or had them.
     pub fn apply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
             self.sync_family(family, set.family(family), false, &mut report)?;
         }
+        report.kube_proxy = self.kube_proxy;
         Ok(report)
     }
 
-    /// Like [`Applier::apply`] but rewrites every family even when the text is unchanged (the
-    /// periodic full resync, which also repairs edits to the insides of our chains).
+    /// Like [`Applier::apply`] but a full rewrite of every family even when nothing changed
+    /// (the periodic resync, which also repairs edits to the insides of our chains).
     pub fn reapply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
             self.sync_family(family, set.family(family), true, &mut report)?;
         }
+        report.kube_proxy = self.kube_proxy;
         Ok(report)
     }
 
@@ -431,32 +463,42 @@ impl Applier {
         let i = idx(family);
         if want.is_empty() {
             if self.last[i].is_some() {
-                self.remove_family(family)?;
+                self.remove_family(family).inspect_err(|_| self.full_next[i] = true)?;
                 report.restores += 1;
                 self.last[i] = None;
             }
+            self.full_next[i] = false;
             return Ok(());
         }
+        let minimal = !force && !self.full_next[i];
+        if let Some(last) = self.last[i].as_ref().filter(|l| minimal && l.jumps == want.jumps) {
+            let (changed, stale) = changed_chains(last, want);
+            report.rules += want.rules.len();
+            if changed.is_empty() && stale.is_empty() {
+                return Ok(());
+            }
+            let input = restore_input(want, &changed, &[], &stale);
+            self.restore(family, &input).inspect_err(|_| self.full_next[i] = true)?;
+            report.restores += 1;
+            report.chains.extend(changed);
+            self.last[i] = Some(want.clone());
+            return Ok(());
+        }
+        self.full_sync(family, want, report).inspect_err(|_| self.full_next[i] = true)
+    }
+
+    /// Rewrite every chain of `want`, fix the jumps, delete chains `want` no longer has.
+    fn full_sync(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
+        let i = idx(family);
         let fix = jump_fix(&self.bins, family, &want.jumps)?;
         if family == Family::V4 {
-            report.kube_proxy = fix.kube_proxy;
-        }
-        let text = want.restore_text();
-        let same = !force && self.last[i].as_ref().is_some_and(|a| a.text == text);
-        if same && fix.lines.is_empty() {
-            report.rules += want.rules.len();
-            return Ok(());
+            self.kube_proxy = fix.kube_proxy;
         }
         let stale: Vec<&'static str> = match &self.last[i] {
-            Some(a) => a.rules.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
+            Some(last) => last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
             None => Vec::new(),
         };
-        let input = if same && !fix.missing && stale.is_empty() {
-            jumps_only(&fix.lines)
-        } else {
-            full_input(want, &fix.lines, &stale)
-        };
-        self.restore(family, &input)?;
+        self.restore(family, &restore_input(want, &want.chains, &fix.lines, &stale))?;
         if self.last[i].is_some() {
             for f in &fix.found {
                 log::warn!("rules guard ({}): {f}", family_name(family));
@@ -465,72 +507,85 @@ impl Applier {
         }
         report.restores += 1;
         report.rules += want.rules.len();
-        self.last[i] = Some(Applied { rules: want.clone(), text });
+        report.chains.extend(want.chains.iter().copied());
+        report.full = true;
+        self.last[i] = Some(want.clone());
+        self.full_next[i] = false;
         Ok(())
     }
 
-    /// The hybrid-order guard: our jumps first in PREROUTING and OUTPUT, once, and our chains
-    /// present (their first rule where they have rules). Repairs what it finds in one restore
-    /// per family; runs no restore when everything is in place.
+    /// The hybrid-order guard, run every guard period: our jumps first in PREROUTING and OUTPUT,
+    /// once, and our chains present with the content we put there, as far as that is cheap:
+    ///
+    /// - legacy: one `iptables-legacy-save -t nat` per family. Any legacy listing copies the
+    ///   whole table out of the kernel, so this costs about what `-S PREROUTING` alone does,
+    ///   and it holds every chain: all of them are compared in full.
+    /// - nft: `-S PREROUTING` and `-S OUTPUT` (cheap: nft fetches only the listed chain), and
+    ///   every chain of ours with at most [`Applier::content_check_max_rules`] rules listed and
+    ///   compared in full (always `EDGEPROXY-NO-ENDPOINTS`, which changes most, while it is
+    ///   small). Listing even one rule of a 10,000-rule chain costs ~0.3 s on nft, so the big
+    ///   chains are left to the periodic resync ([`Applier::reapply`]). A big chain cannot be
+    ///   deleted while our jumps lead to it, so only a flush or an edit of one goes unseen
+    ///   until then.
+    ///
+    /// Anything out of place is put right by a full rewrite of that family (one restore); no
+    /// restore runs when everything is in place.
     pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
-            let Some(applied) = self.last[idx(family)].clone() else {
+            let i = idx(family);
+            let Some(want) = self.last[i].take() else {
                 continue;
             };
-            let want = &applied.rules;
-            let mut fix = jump_fix(&self.bins, family, &want.jumps)?;
-            if family == Family::V4 {
-                report.kube_proxy = fix.kube_proxy;
-            }
-            let mut chains_bad = false;
-            for chain in &want.chains {
-                let first = want.rules.iter().find(|r| r.starts_with(&format!("-A {chain} ")));
-                let listed = match first {
-                    // `-S CHAIN 1` lists only rule 1 (cheap) and fails when the chain is gone.
-                    Some(_) => self.first_rule(family, chain)?,
-                    None => list_chain(&self.bins, family, chain)?.map(|v| v.into_iter().next()),
-                };
-                match (listed, first) {
-                    (None, _) => {
-                        chains_bad = true;
-                        fix.found.push(format!("chain {chain} was deleted"));
-                    }
-                    (Some(got), Some(f)) if got.as_deref() != Some(f.as_str()) => {
-                        chains_bad = true;
-                        fix.found.push(format!("chain {chain} was flushed or edited"));
-                    }
-                    _ => {}
-                }
-            }
-            if fix.lines.is_empty() && !chains_bad {
-                report.rules += want.rules.len();
-                continue;
-            }
-            let input =
-                if chains_bad || fix.missing { full_input(want, &fix.lines, &[]) } else { jumps_only(&fix.lines) };
-            self.restore(family, &input)?;
-            for f in &fix.found {
-                log::warn!("rules guard ({}): {f}; repaired", family_name(family));
-            }
-            report.restores += 1;
-            report.rules += want.rules.len();
-            report.repaired.extend(fix.found);
+            let result = self.guard_family(family, &want, &mut report);
+            self.last[i] = Some(want);
+            result.inspect_err(|_| self.full_next[i] = true)?;
         }
+        report.kube_proxy = self.kube_proxy;
         Ok(report)
     }
 
-    fn first_rule(&self, family: Family, chain: &str) -> Result<Option<Option<String>>, ApplyError> {
-        let bin = self.bins.cmd_bin(family);
-        let out = run(bin, &["-t", "nat", "-S", chain, "1"], None)?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            if stderr.contains("No chain") || stderr.contains("does not exist") || stderr.contains("incompatible") {
-                return Ok(None);
+    fn guard_family(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
+        let mut found = Vec::new();
+        let fix = if self.bins.name == LEGACY.name {
+            let save = save_table(&self.bins, family, "nat")?;
+            let listing = Listing::parse(&save);
+            for chain in &want.chains {
+                compare_chain(chain, listing.chain(chain), want, &mut found);
             }
-            return Err(ApplyError::Read { binary: bin.into(), stderr });
+            jump_fix_from(
+                listing.chain("PREROUTING").unwrap_or(&[]),
+                listing.chain("OUTPUT").unwrap_or(&[]),
+                &want.jumps,
+            )
+        } else {
+            let fix = jump_fix(&self.bins, family, &want.jumps)?;
+            for chain in &want.chains {
+                if rules_of(want, chain).count() <= self.content_check_max_rules {
+                    let listed = list_chain(&self.bins, family, chain)?;
+                    compare_chain(chain, listed.as_deref(), want, &mut found);
+                }
+            }
+            fix
+        };
+        if family == Family::V4 {
+            self.kube_proxy = fix.kube_proxy;
         }
-        Ok(Some(String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("-A ")).map(str::to_string)))
+        if fix.lines.is_empty() && found.is_empty() {
+            report.rules += want.rules.len();
+            return Ok(());
+        }
+        found.extend(fix.found);
+        self.restore(family, &restore_input(want, &want.chains, &fix.lines, &[]))?;
+        for f in &found {
+            log::warn!("rules guard ({}): {f}; repaired", family_name(family));
+        }
+        report.restores += 1;
+        report.rules += want.rules.len();
+        report.chains.extend(want.chains.iter().copied());
+        report.full = true;
+        report.repaired.extend(found);
+        Ok(())
     }
 
     /// Is kube-proxy's jump into `KUBE-SERVICES` in PREROUTING or OUTPUT (IPv4)?
@@ -550,10 +605,11 @@ impl Applier {
     pub fn cleanup(&mut self) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
+            self.last[idx(family)] = None;
+            self.full_next[idx(family)] = false;
             if self.remove_family(family)? {
                 report.restores += 1;
             }
-            self.last[idx(family)] = None;
         }
         Ok(report)
     }
@@ -656,27 +712,48 @@ fn family_name(f: Family) -> &'static str {
     }
 }
 
-fn jumps_only(lines: &[String]) -> String {
-    let mut s = String::from("*nat\n");
-    for l in lines {
-        s.push_str(l);
-        s.push('\n');
-    }
-    s.push_str("COMMIT\n");
-    s
+/// The chain a `-A CHAIN ...` line appends to.
+fn chain_of(rule: &str) -> Option<&str> {
+    rule.strip_prefix("-A ")?.split_whitespace().next()
 }
 
-/// Our chains declared (created or flushed) and refilled, stale chains flushed, jump fixes,
-/// then the stale chains deleted, all in one transaction.
-fn full_input(want: &TableRules, jump_lines: &[String], stale: &[&str]) -> String {
-    let mut s = String::with_capacity(64 + want.rules.iter().map(|r| r.len() + 1).sum::<usize>());
+/// The rules of `t` that go into `chain`, in order.
+fn rules_of<'a>(t: &'a TableRules, chain: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    t.rules.iter().filter(move |r| chain_of(r) == Some(chain))
+}
+
+/// The chains of `want` whose content differs from `last` or that `last` did not have, and the
+/// chains of `last` that `want` no longer has.
+fn changed_chains(last: &TableRules, want: &TableRules) -> (Vec<&'static str>, Vec<&'static str>) {
+    fn group(t: &TableRules) -> BTreeMap<&str, Vec<&str>> {
+        let mut m: BTreeMap<&str, Vec<&str>> = t.chains.iter().map(|c| (*c, Vec::new())).collect();
+        for r in &t.rules {
+            if let Some(c) = chain_of(r) {
+                m.entry(c).or_default().push(r);
+            }
+        }
+        m
+    }
+    let (old, new) = (group(last), group(want));
+    let changed = want.chains.iter().copied().filter(|c| old.get(c) != new.get(c)).collect();
+    let stale = last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect();
+    (changed, stale)
+}
+
+/// One restore transaction: `chains` declared (created, or flushed) and refilled with their
+/// rules from `want`, `stale` chains flushed, the jump fixes, then the `stale` chains deleted.
+/// With `chains` = all of `want.chains` this is the full rewrite.
+fn restore_input(want: &TableRules, chains: &[&'static str], jump_lines: &[String], stale: &[&str]) -> String {
+    let written = |r: &&String| chain_of(r).is_some_and(|c| chains.contains(&c));
+    let mut s = String::with_capacity(64 + want.rules.iter().filter(written).map(|r| r.len() + 1).sum::<usize>());
     s.push_str("*nat\n");
-    for c in want.chains.iter().chain(stale) {
+    // Declared in the set's order, whatever the order of `chains`.
+    for c in want.chains.iter().filter(|c| chains.contains(c)).chain(stale) {
         s.push(':');
         s.push_str(c);
         s.push_str(" - [0:0]\n");
     }
-    for r in &want.rules {
+    for r in want.rules.iter().filter(written) {
         s.push_str(r);
         s.push('\n');
     }
@@ -691,6 +768,43 @@ fn full_input(want: &TableRules, jump_lines: &[String], stale: &[&str]) -> Strin
     }
     s.push_str("COMMIT\n");
     s
+}
+
+/// One table as `iptables-save` printed it: declared chains and their `-A` lines.
+struct Listing<'a> {
+    chains: BTreeMap<&'a str, Vec<String>>,
+}
+
+impl<'a> Listing<'a> {
+    fn parse(save: &'a str) -> Listing<'a> {
+        let mut chains: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for line in save.lines() {
+            if let Some(name) = line.strip_prefix(':').and_then(|l| l.split_whitespace().next()) {
+                chains.entry(name).or_default();
+            } else if let Some(name) = chain_of(line) {
+                chains.entry(name).or_default().push(line.to_string());
+            }
+        }
+        Listing { chains }
+    }
+
+    /// The chain's rules; `None` when the chain does not exist.
+    fn chain(&self, name: &str) -> Option<&[String]> {
+        self.chains.get(name).map(Vec::as_slice)
+    }
+}
+
+/// Compare one chain's listing (`None`: it does not exist) with what `want` puts in it.
+fn compare_chain(chain: &str, listed: Option<&[String]>, want: &TableRules, found: &mut Vec<String>) {
+    match listed {
+        None => found.push(format!("chain {chain} was deleted")),
+        Some(got) if !got.iter().eq(rules_of(want, chain)) => found.push(format!(
+            "chain {chain} was flushed or edited ({} rules, {} expected)",
+            got.len(),
+            rules_of(want, chain).count()
+        )),
+        Some(_) => {}
+    }
 }
 
 /// The user chains of an `iptables-save` table text that `pick` selects.
