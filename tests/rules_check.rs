@@ -85,8 +85,11 @@ fn check_codes_and_cleanup_edgemesh() {
 
         seed(&ns, &b, EDGEMESH);
         let (code, out) = edgeproxy(&ns, &b, &["check"]);
-        // EdgeMesh v1.12+'s portal jumps look exactly like ours; its other chains are leftovers.
-        assert_eq!(code, Some(exit::LEFTOVERS.into()), "{out}");
+        // EdgeMesh v1.12+'s portal jumps look exactly like ours, but it has no
+        // EDGEPROXY-NO-ENDPOINTS chain: that is EdgeMesh, not us. Its other chains are listed.
+        assert_eq!(code, Some(exit::NOT_INSTALLED.into()), "{out}");
+        assert!(out.contains("IPv4: chain EDGEPROXY-NO-ENDPOINTS missing"), "{out}");
+        assert!(out.contains("IPv4: jump OUTPUT -> KUBE-PORTALS-HOST is first"), "{out}");
         assert!(out.contains("EdgeMesh chain EDGEMESH-PORTALS-HOST") && out.contains("KUBE-NODEPORT-HOST"), "{out}");
         assert!(out.contains("chain EDGE-MESH of the other layout"), "{out}");
 
@@ -104,6 +107,12 @@ fn check_codes_and_cleanup_edgemesh() {
         .unwrap();
         let (code, out) = edgeproxy(&ns, &b, &["check"]);
         assert_eq!(code, Some(exit::OK.into()), "{out}");
+        // Installed and first, with an EdgeMesh chain left over: 5.
+        ns.ok(&[b.cmd, "-t", "nat", "-N", "EDGEMESH-PORTALS-HOST"]);
+        let (code, out) = edgeproxy(&ns, &b, &["check"]);
+        assert_eq!(code, Some(exit::LEFTOVERS.into()), "{out}");
+        assert!(out.contains("leftover: IPv4: EdgeMesh chain EDGEMESH-PORTALS-HOST"), "{out}");
+        ns.ok(&[b.cmd, "-t", "nat", "-X", "EDGEMESH-PORTALS-HOST"]);
         ns.ok(&[b.cmd, "-t", "nat", "-I", "OUTPUT", "1", "-j", "KUBE-SERVICES"]);
         let (code, out) = edgeproxy(&ns, &b, &["check"]);
         assert_eq!(code, Some(exit::NOT_FIRST.into()), "{out}");

@@ -231,6 +231,11 @@ fn list_chain(bins: &Binaries, family: Family, chain: &str) -> Result<Option<Vec
         if stderr.contains("No chain") || stderr.contains("does not exist") || stderr.contains("doesn't exist") {
             return Ok(None);
         }
+        // iptables-nft 1.8.9 says a chain of ours is "incompatible" right after `-F`/`-X` of the
+        // whole table removed it; ours are rewritten whole anyway, so treat it as missing.
+        if stderr.contains("incompatible") && OWN_CHAINS.contains(&chain) {
+            return Ok(None);
+        }
         return Err(ApplyError::Read { binary: bin.into(), stderr });
     }
     Ok(Some(
@@ -1114,5 +1119,77 @@ mod tests {
         let kp2 =
             "-A KUBE-PORTALS-HOST -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:40000\n";
         assert!(userspace_owned(kp2, &[ip]));
+    }
+}
+
+#[cfg(test)]
+mod minimal_tests {
+    use super::*;
+
+    fn set(container: &[&str], no_endpoints: &[&str]) -> TableRules {
+        let mut rules: Vec<String> = container.iter().map(|r| format!("-A KUBE-PORTALS-CONTAINER {r}")).collect();
+        rules.extend(no_endpoints.iter().map(|r| format!("-A EDGEPROXY-NO-ENDPOINTS {r}")));
+        TableRules { chains: vec!["KUBE-PORTALS-CONTAINER", "EDGEPROXY-NO-ENDPOINTS"], rules, jumps: Vec::new() }
+    }
+
+    #[test]
+    fn only_changed_chains_are_written() {
+        let last = set(&["-j A", "-j B"], &[]);
+        let want = set(&["-j A", "-j B"], &["-j R"]);
+        let (changed, stale) = changed_chains(&last, &want);
+        assert_eq!((changed.as_slice(), stale.as_slice()), (&["EDGEPROXY-NO-ENDPOINTS"][..], &[][..]));
+        assert_eq!(
+            restore_input(&want, &changed, &[], &stale),
+            "*nat\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\n-A EDGEPROXY-NO-ENDPOINTS -j R\nCOMMIT\n"
+        );
+        // Emptying a chain still writes it (the flush is the change).
+        let (changed, _) = changed_chains(&want, &last);
+        assert_eq!(changed, vec!["EDGEPROXY-NO-ENDPOINTS"]);
+        assert_eq!(restore_input(&last, &changed, &[], &[]), "*nat\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\nCOMMIT\n");
+        // Order within a chain matters.
+        let (changed, _) = changed_chains(&last, &set(&["-j B", "-j A"], &[]));
+        assert_eq!(changed, vec!["KUBE-PORTALS-CONTAINER"]);
+        assert_eq!(changed_chains(&last, &last.clone()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_chain_gone_from_the_set_is_flushed_then_deleted() {
+        let mut last = set(&["-j A"], &[]);
+        last.chains.push("EDGE-MESH-UDP");
+        last.rules.push("-A EDGE-MESH-UDP -j U".into());
+        let want = set(&["-j A"], &[]);
+        let (changed, stale) = changed_chains(&last, &want);
+        assert_eq!((changed.len(), stale.as_slice()), (0, &["EDGE-MESH-UDP"][..]));
+        assert_eq!(
+            restore_input(&want, &changed, &["-I OUTPUT 1 -j X".into()], &stale),
+            "*nat\n:EDGE-MESH-UDP - [0:0]\n-I OUTPUT 1 -j X\n-X EDGE-MESH-UDP\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn listing_and_compare() {
+        let save = "# Generated\n*nat\n:PREROUTING ACCEPT [0:0]\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\n:KUBE-PORTALS-CONTAINER - [0:0]\n\
+            -A PREROUTING -j KUBE-PORTALS-CONTAINER\n-A KUBE-PORTALS-CONTAINER -j A\n-A KUBE-PORTALS-CONTAINER -j B\nCOMMIT\n";
+        let l = Listing::parse(save);
+        assert_eq!(l.chain("PREROUTING").unwrap(), ["-A PREROUTING -j KUBE-PORTALS-CONTAINER"]);
+        assert_eq!(l.chain("EDGEPROXY-NO-ENDPOINTS").unwrap().len(), 0);
+        assert!(l.chain("EDGE-MESH").is_none());
+        let mut found = Vec::new();
+        let want = set(&["-j A", "-j B"], &[]);
+        compare_chain("KUBE-PORTALS-CONTAINER", l.chain("KUBE-PORTALS-CONTAINER"), &want, &mut found);
+        compare_chain("EDGEPROXY-NO-ENDPOINTS", l.chain("EDGEPROXY-NO-ENDPOINTS"), &want, &mut found);
+        assert!(found.is_empty(), "{found:?}");
+        let want = set(&["-j A"], &["-j R"]);
+        compare_chain("KUBE-PORTALS-CONTAINER", l.chain("KUBE-PORTALS-CONTAINER"), &want, &mut found);
+        compare_chain("EDGEPROXY-NO-ENDPOINTS", l.chain("EDGEPROXY-NO-ENDPOINTS"), &want, &mut found);
+        compare_chain("EDGE-MESH", l.chain("EDGE-MESH"), &want, &mut found);
+        assert_eq!(
+            found,
+            vec![
+                "chain KUBE-PORTALS-CONTAINER was flushed or edited (2 rules, 1 expected)",
+                "chain EDGEPROXY-NO-ENDPOINTS was flushed or edited (0 rules, 1 expected)",
+                "chain EDGE-MESH was deleted",
+            ]
+        );
     }
 }
