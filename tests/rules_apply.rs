@@ -262,6 +262,76 @@ fn big_chain_contents_on_nft_are_left_to_the_resync() {
     }
 }
 
+/// Root-chain layout: an endpoint flip writes only the small chain; the last UDP service going
+/// away deletes EDGE-MESH-UDP in the same (minimal) restore, and coming back recreates it.
+#[test]
+fn root_chain_minimal_syncs_create_and_delete_chains() {
+    require_root();
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("rc{tag}"));
+        ns.thread(move || {
+            let mut cfg = Config::defaults();
+            cfg.layout = edgeproxy::rules::render::Layout::RootChain;
+            let load = || {
+                let mut st = State::new(StateConfig::from(&cfg));
+                for (file, kind) in [("services.json", Kind::Service), ("endpointslices.json", Kind::EndpointSlice)] {
+                    let d = decode_document(&std::fs::read(format!("{FIXTURES}/{file}")).unwrap(), Some(kind));
+                    st.apply(Change::Replace(kind, d.objects));
+                }
+                st
+            };
+            let mut st = load();
+            let mut a = Applier::with_binaries(b).unwrap();
+            let all = st.plan().rules;
+            assert!(all.v4.chains.contains(&"EDGE-MESH-UDP"));
+            a.apply(&all).unwrap();
+            assert_kernel_holds(&b, &all.v4, "root-chain install");
+            // inventory loses its endpoints.
+            let slices: Vec<_> = st
+                .snapshot()
+                .endpoints
+                .values()
+                .filter(|e| &*e.service.name == "inventory")
+                .map(|e| e.key.clone())
+                .collect();
+            for k in slices {
+                st.apply(Change::Delete(Kind::EndpointSlice, k));
+            }
+            let flipped = st.plan().rules;
+            let r = a.apply(&flipped).unwrap();
+            assert_eq!((r.restores, r.chains.as_slice()), (1, &["EDGEPROXY-NO-ENDPOINTS"][..]), "{}", b.name);
+            assert_kernel_holds(&b, &flipped.v4, "root-chain flip");
+            // Every service with a UDP port goes.
+            let udp: Vec<ObjectKey> = st
+                .snapshot()
+                .services
+                .values()
+                .filter(|s| s.ports.iter().any(|p| p.protocol == edgeproxy::model::Protocol::Udp))
+                .map(|s| s.key.clone())
+                .collect();
+            assert!(!udp.is_empty());
+            for k in &udp {
+                st.apply(Change::Delete(Kind::Service, k.clone()));
+            }
+            let no_udp = st.plan().rules;
+            assert!(!no_udp.v4.chains.contains(&"EDGE-MESH-UDP"));
+            let r = a.apply(&no_udp).unwrap();
+            assert_eq!(r.restores, 1);
+            assert!(!r.full && r.chains.contains(&"EDGE-MESH") && !r.chains.contains(&"EDGE-MESH-UDP"), "{r:?}");
+            assert_kernel_holds(&b, &no_udp.v4, "UDP services gone");
+            let out = std::process::Command::new(b.cmd).args(["-t", "nat", "-S", "EDGE-MESH-UDP"]).output().unwrap();
+            assert!(!out.status.success(), "{}: EDGE-MESH-UDP still exists", b.name);
+            // Back: the chain is created again, in one restore.
+            let r = a.apply(&flipped).unwrap();
+            assert_eq!(r.restores, 1);
+            assert!(!r.full && r.chains.contains(&"EDGE-MESH-UDP"), "{r:?}");
+            assert_kernel_holds(&b, &flipped.v4, "UDP services back");
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("{}: root-chain thread panicked", b.name));
+    }
+}
+
 #[test]
 fn restore_failing_halfway_keeps_previous_rules_and_names_the_line() {
     require_root();

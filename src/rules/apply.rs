@@ -7,10 +7,13 @@
 //! touches a chain it does not own (the `--edgemesh` cleanup excepted, which removes only
 //! EdgeMesh's chain names), and never decides *what* the rules are (that is `render`).
 //!
-//! Every change is one `iptables-restore --noflush` transaction per family: our chains are
-//! declared (`:CHAIN - [0:0]` creates or flushes), refilled, and the jumps are fixed in the same
-//! input (`-D` of misplaced copies by spec, then `-I <from> 1`). A failed restore leaves the
-//! kernel as it was (the input is one transaction); the error names the failing input line.
+//! Every change is one `iptables-restore --noflush` transaction per family. It remembers the
+//! content of each chain it last put in the kernel; a sync declares (`:CHAIN - [0:0]` creates or
+//! flushes) and refills only the chains whose content changed, and reads nothing. A full
+//! rewrite (every chain, with the jumps read and fixed in the same input: `-D` of misplaced
+//! copies by spec, then `-I <from> 1`) happens on the first sync, after a failure, on a guard
+//! repair and on the periodic resync. A failed restore leaves the kernel as it was (the input is
+//! one transaction); the error names the failing input line.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
