@@ -332,6 +332,47 @@ fn root_chain_minimal_syncs_create_and_delete_chains() {
     }
 }
 
+/// What one guard check reads with everything in place: nft lists PREROUTING, OUTPUT and the
+/// small chains; legacy reads the kernel's table summary and lists nothing while it is unchanged,
+/// and one `iptables-legacy-save` when anything in the table changed (even a rule not ours).
+#[test]
+fn guard_reads_little_when_nothing_changed() {
+    require_root();
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("gr{tag}"));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<(u32, u32, usize)>>();
+        let worker = ns.thread(move || {
+            let mut a = Applier::with_binaries(b).expect("backend");
+            let rules = fixture_state().plan().rules;
+            a.apply(&rules).unwrap();
+            let mut g = || {
+                let r = a.guard().unwrap();
+                (r.reads, r.restores, r.repaired.len())
+            };
+            let before = vec![g(), g(), g()];
+            done_tx.send(before).unwrap();
+            rx.recv().unwrap();
+            done_tx.send(vec![g(), g()]).unwrap();
+            rules
+        });
+        let first = done_rx.recv_timeout(Duration::from_secs(30)).expect("guards ran");
+        // Somebody else's rule, elsewhere in the nat table.
+        ns.ok(&[b.cmd, "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE"]);
+        tx.send(()).unwrap();
+        let second = done_rx.recv_timeout(Duration::from_secs(30)).expect("guards ran");
+        let rules = worker.join().expect("worker");
+        if b.name == "legacy" {
+            assert_eq!(first, vec![(1, 0, 0), (0, 0, 0), (0, 0, 0)], "legacy: one save after the install, then none");
+            assert_eq!(second, vec![(1, 0, 0), (0, 0, 0)], "legacy: a foreign change costs one save, no repair");
+        } else {
+            // The fixture's chains are all small enough to be listed.
+            let listed = 2 + rules.v4.chains.len() as u32;
+            assert!(first.iter().chain(&second).all(|g| *g == (listed, 0, 0)), "nft: {first:?} {second:?}");
+        }
+    }
+}
+
 #[test]
 fn restore_failing_halfway_keeps_previous_rules_and_names_the_line() {
     require_root();

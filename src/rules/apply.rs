@@ -331,6 +331,8 @@ pub struct SyncReport {
     pub kube_proxy: bool,
     /// The chains the restores rewrote (flushed and refilled), both families.
     pub chains: Vec<&'static str>,
+    /// Listing processes run (`iptables -S`, `iptables-save`), both families.
+    pub reads: u32,
     /// Some restore rewrote every chain of its family and fixed the jumps (start, after a
     /// failure, a guard repair, the periodic resync).
     pub full: bool,
@@ -349,6 +351,9 @@ pub struct Applier {
     full_next: [bool; 2],
     /// kube-proxy's jump, as last read.
     kube_proxy: bool,
+    /// legacy: the table summary when the guard last found everything in place (`None` after
+    /// any restore of ours, or when it cannot be read).
+    legacy_info: [Option<XtInfo>; 2],
     restores: u64,
     /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
     pub wait_secs: u32,
@@ -397,6 +402,7 @@ impl Applier {
             last: [None, None],
             full_next: [false, false],
             kube_proxy: false,
+            legacy_info: [None, None],
             restores: 0,
             wait_secs: LOCK_WAIT_SECS,
             content_check_max_rules: CONTENT_CHECK_MAX_RULES,
@@ -418,6 +424,7 @@ impl Applier {
     }
 
     fn restore(&mut self, family: Family, text: &str) -> Result<(), ApplyError> {
+        self.legacy_info[idx(family)] = None;
         let bin = self.bins.restore_bin(family);
         let wait = format!("--wait={}", self.wait_secs);
         self.restores += 1;
@@ -499,6 +506,7 @@ impl Applier {
     fn full_sync(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
         let i = idx(family);
         let fix = jump_fix(&self.bins, family, &want.jumps)?;
+        report.reads += 2;
         if family == Family::V4 {
             self.kube_proxy = fix.kube_proxy;
         }
@@ -525,9 +533,13 @@ impl Applier {
     /// The hybrid-order guard, run every guard period: our jumps first in PREROUTING and OUTPUT,
     /// once, and our chains present with the content we put there, as far as that is cheap:
     ///
-    /// - legacy: one `iptables-legacy-save -t nat` per family. Any legacy listing copies the
-    ///   whole table out of the kernel, so this costs about what `-S PREROUTING` alone does,
-    ///   and it holds every chain: all of them are compared in full.
+    /// - legacy: first the kernel's summary of the nat table (`IPT_SO_GET_INFO`: entry count,
+    ///   size, built-in chain offsets; one `getsockopt`, microseconds). Unchanged since the last
+    ///   check that found everything in place: nothing else is read. Otherwise one
+    ///   `iptables-legacy-save -t nat`: any legacy listing copies the whole table out of the
+    ///   kernel, so this costs about what `-S PREROUTING` alone does, and it holds every chain:
+    ///   all of them are compared in full. (An edit that keeps every size and offset, say a
+    ///   rule replaced by one of the same length, waits for the resync.)
     /// - nft: `-S PREROUTING` and `-S OUTPUT` (cheap: nft fetches only the listed chain), and
     ///   every chain of ours with at most [`Applier::content_check_max_rules`] rules listed and
     ///   compared in full (always `EDGEPROXY-NO-ENDPOINTS`, which changes most, while it is
@@ -555,8 +567,15 @@ impl Applier {
 
     fn guard_family(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
         let mut found = Vec::new();
-        let fix = if self.bins.name == LEGACY.name {
+        let legacy = self.bins.name == LEGACY.name;
+        let info = if legacy { xt_info(family, "nat") } else { None };
+        if info.is_some() && info == self.legacy_info[idx(family)] {
+            report.rules += want.rules.len();
+            return Ok(());
+        }
+        let fix = if legacy {
             let save = save_table(&self.bins, family, "nat")?;
+            report.reads += 1;
             let listing = Listing::parse(&save);
             for chain in &want.chains {
                 compare_chain(chain, listing.chain(chain), want, &mut found);
@@ -568,9 +587,11 @@ impl Applier {
             )
         } else {
             let fix = jump_fix(&self.bins, family, &want.jumps)?;
+            report.reads += 2;
             for chain in &want.chains {
                 if rules_of(want, chain).count() <= self.content_check_max_rules {
                     let listed = list_chain(&self.bins, family, chain)?;
+                    report.reads += 1;
                     compare_chain(chain, listed.as_deref(), want, &mut found);
                 }
             }
@@ -580,6 +601,8 @@ impl Applier {
             self.kube_proxy = fix.kube_proxy;
         }
         if fix.lines.is_empty() && found.is_empty() {
+            // Read before the listing: a change after it shows up as a different summary.
+            self.legacy_info[idx(family)] = info;
             report.rules += want.rules.len();
             return Ok(());
         }
@@ -718,6 +741,51 @@ fn family_name(f: Family) -> &'static str {
         Family::V4 => "IPv4",
         Family::V6 => "IPv6",
     }
+}
+
+/// The x_tables (iptables-legacy) kernel's summary of one table, `struct ipt_getinfo` (the same
+/// layout as `ip6t_getinfo`). Every rule or chain added, removed or moved changes the entry
+/// count, the size or a built-in chain's offset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct XtInfo {
+    name: [u8; 32],
+    valid_hooks: u32,
+    hook_entry: [u32; 5],
+    underflow: [u32; 5],
+    num_entries: u32,
+    size: u32,
+}
+
+/// `getsockopt(IPT_SO_GET_INFO)` (or IPv6's) on a raw socket, as libiptc does first; no copy of
+/// the rules. `None` when it cannot be read (no module, no permission): callers then list.
+fn xt_info(family: Family, table: &str) -> Option<XtInfo> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    /// `IPT_SO_GET_INFO` and `IP6T_SO_GET_INFO` (`IPT_BASE_CTL`, linux/netfilter_ipv4/ip_tables.h).
+    const SO_GET_INFO: libc::c_int = 64;
+    let (domain, level) = match family {
+        Family::V4 => (libc::AF_INET, libc::SOL_IP),
+        Family::V6 => (libc::AF_INET6, libc::SOL_IPV6),
+    };
+    let mut info =
+        XtInfo { name: [0; 32], valid_hooks: 0, hook_entry: [0; 5], underflow: [0; 5], num_entries: 0, size: 0 };
+    let name = table.as_bytes();
+    if name.len() >= info.name.len() {
+        return None;
+    }
+    info.name[..name.len()].copy_from_slice(name);
+    // SAFETY: plain socket(2); the descriptor is owned (and closed) by `fd` below.
+    let raw = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut len = std::mem::size_of::<XtInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a repr(C) `ipt_getinfo` of `len` bytes, valid for writes.
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), level, SO_GET_INFO, (&mut info as *mut XtInfo).cast(), &mut len) };
+    (rc == 0 && len as usize == std::mem::size_of::<XtInfo>()).then_some(info)
 }
 
 /// The chain a `-A CHAIN ...` line appends to.
