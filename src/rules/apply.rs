@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::ops::Range;
 use std::process::{Command, Output, Stdio};
 
 use super::{Family, Jump, RuleSet, TableRules, OWN_CHAINS};
@@ -351,9 +352,9 @@ pub struct Applier {
     full_next: [bool; 2],
     /// kube-proxy's jump, as last read.
     kube_proxy: bool,
-    /// legacy: the table summary when the guard last found everything in place (`None` after
+    /// The kernel's change marker when the guard last found everything in place (`None` after
     /// any restore of ours, or when it cannot be read).
-    legacy_info: [Option<XtInfo>; 2],
+    canary: [Option<Canary>; 2],
     restores: u64,
     /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
     pub wait_secs: u32,
@@ -402,7 +403,7 @@ impl Applier {
             last: [None, None],
             full_next: [false, false],
             kube_proxy: false,
-            legacy_info: [None, None],
+            canary: [None, None],
             restores: 0,
             wait_secs: LOCK_WAIT_SECS,
             content_check_max_rules: CONTENT_CHECK_MAX_RULES,
@@ -424,7 +425,7 @@ impl Applier {
     }
 
     fn restore(&mut self, family: Family, text: &str) -> Result<(), ApplyError> {
-        self.legacy_info[idx(family)] = None;
+        self.canary[idx(family)] = None;
         let bin = self.bins.restore_bin(family);
         let wait = format!("--wait={}", self.wait_secs);
         self.restores += 1;
@@ -495,8 +496,9 @@ impl Applier {
             let input = restore_input(want, &changed, &[], &stale);
             self.restore(family, &input).inspect_err(|_| self.full_next[i] = true)?;
             report.restores += 1;
+            let last = self.last[i].take().expect("checked above");
+            self.last[i] = Some(carry_over(last, want, &changed));
             report.chains.extend(changed);
-            self.last[i] = Some(want.clone());
             return Ok(());
         }
         self.full_sync(family, want, report).inspect_err(|_| self.full_next[i] = true)
@@ -531,15 +533,18 @@ impl Applier {
     }
 
     /// The hybrid-order guard, run every guard period: our jumps first in PREROUTING and OUTPUT,
-    /// once, and our chains present with the content we put there, as far as that is cheap:
+    /// once, and our chains present with the content we put there, as far as that is cheap.
     ///
-    /// - legacy: first the kernel's summary of the nat table (`IPT_SO_GET_INFO`: entry count,
-    ///   size, built-in chain offsets; one `getsockopt`, microseconds). Unchanged since the last
-    ///   check that found everything in place: nothing else is read. Otherwise one
-    ///   `iptables-legacy-save -t nat`: any legacy listing copies the whole table out of the
-    ///   kernel, so this costs about what `-S PREROUTING` alone does, and it holds every chain:
-    ///   all of them are compared in full. (An edit that keeps every size and offset, say a
-    ///   rule replaced by one of the same length, waits for the resync.)
+    /// First a canary, read in microseconds without starting a process: on nft the ruleset
+    /// generation (`NFT_MSG_GETGEN`, bumped by every nftables transaction in the namespace), on
+    /// legacy the kernel's summary of the nat table (`IPT_SO_GET_INFO`: entry count, size,
+    /// built-in chain offsets). Unchanged since the last check that found everything in place:
+    /// nothing else is read. Otherwise:
+    ///
+    /// - legacy: one `iptables-legacy-save -t nat`. Any legacy listing copies the whole table
+    ///   out of the kernel, so this costs about what `-S PREROUTING` alone does, and it holds
+    ///   every chain: all of them are compared in full. (An edit that keeps every size and
+    ///   offset, say a rule replaced by one of the same length, waits for the resync.)
     /// - nft: `-S PREROUTING` and `-S OUTPUT` (cheap: nft fetches only the listed chain), and
     ///   every chain of ours with at most [`Applier::content_check_max_rules`] rules listed and
     ///   compared in full (always `EDGEPROXY-NO-ENDPOINTS`, which changes most, while it is
@@ -568,8 +573,9 @@ impl Applier {
     fn guard_family(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
         let mut found = Vec::new();
         let legacy = self.bins.name == LEGACY.name;
-        let info = if legacy { xt_info(family, "nat") } else { None };
-        if info.is_some() && info == self.legacy_info[idx(family)] {
+        let canary =
+            if legacy { xt_info(family, "nat").map(Canary::Legacy) } else { nft_generation().map(Canary::Nft) };
+        if canary.is_some() && canary == self.canary[idx(family)] {
             report.rules += want.rules.len();
             return Ok(());
         }
@@ -602,7 +608,7 @@ impl Applier {
         }
         if fix.lines.is_empty() && found.is_empty() {
             // Read before the listing: a change after it shows up as a different summary.
-            self.legacy_info[idx(family)] = info;
+            self.canary[idx(family)] = canary;
             report.rules += want.rules.len();
             return Ok(());
         }
@@ -743,6 +749,70 @@ fn family_name(f: Family) -> &'static str {
     }
 }
 
+/// What the guard reads first to learn whether anything changed since its last check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Canary {
+    Legacy(XtInfo),
+    /// The nftables ruleset generation of this network namespace.
+    Nft(u32),
+}
+
+/// The nftables ruleset generation (`NFT_MSG_GETGEN` over netfilter netlink, as `nft` and
+/// iptables-nft read it). Every committed transaction in the namespace bumps it, ours and
+/// anybody else's; listings do not. `None` when it cannot be read.
+fn nft_generation() -> Option<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NFTA_GEN_ID: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    // SAFETY: plain socket(2); the descriptor is owned (and closed) by `fd` below.
+    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // nlmsghdr (16 bytes) + nfgenmsg (4 bytes: family AF_UNSPEC, version 0, res_id 0).
+    let mut req = [0u8; 20];
+    req[0..4].copy_from_slice(&20u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: `req` is valid for reads of its length; the kernel is the default destination.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent != req.len() as isize {
+        return None;
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let msg = buf.get(..usize::try_from(n).ok()?)?;
+    let u16_at = |b: &[u8], i: usize| Some(u16::from_ne_bytes(b.get(i..i + 2)?.try_into().ok()?));
+    let len = u32::from_ne_bytes(msg.get(0..4)?.try_into().ok()?) as usize;
+    let kind = u16_at(msg, 4)?;
+    if kind == NLMSG_ERROR || kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+        return None;
+    }
+    // Attributes after the 16-byte header and the 4-byte nfgenmsg, each 4-byte aligned.
+    let msg = msg.get(..len)?;
+    let mut at = 20;
+    while at + 4 <= msg.len() {
+        let alen = usize::from(u16_at(msg, at)?);
+        let atype = u16_at(msg, at + 2)? & 0x3fff;
+        if alen < 4 {
+            return None;
+        }
+        if atype == NFTA_GEN_ID && alen >= 8 {
+            return Some(u32::from_be_bytes(msg.get(at + 4..at + 8)?.try_into().ok()?));
+        }
+        at += (alen + 3) & !3;
+    }
+    None
+}
+
 /// The x_tables (iptables-legacy) kernel's summary of one table, `struct ipt_getinfo` (the same
 /// layout as `ip6t_getinfo`). Every rule or chain added, removed or moved changes the entry
 /// count, the size or a built-in chain's offset.
@@ -790,7 +860,10 @@ fn xt_info(family: Family, table: &str) -> Option<XtInfo> {
 
 /// The chain a `-A CHAIN ...` line appends to.
 fn chain_of(rule: &str) -> Option<&str> {
-    rule.strip_prefix("-A ")?.split_whitespace().next()
+    let rest = rule.strip_prefix("-A ")?;
+    // A byte search: this runs for every rule on every sync.
+    let name = rest.split(' ').next()?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// The rules of `t` that go into `chain`, in order.
@@ -801,6 +874,19 @@ fn rules_of<'a>(t: &'a TableRules, chain: &'a str) -> impl Iterator<Item = &'a S
 /// The chains of `want` whose content differs from `last` or that `last` did not have, and the
 /// chains of `last` that `want` no longer has.
 fn changed_chains(last: &TableRules, want: &TableRules) -> (Vec<&'static str>, Vec<&'static str>) {
+    let stale = last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect();
+    // The usual case (rendered sets): compare slices, no allocation per rule.
+    if let (Some(old), Some(new)) = (chain_ranges(last), chain_ranges(want)) {
+        let changed = new
+            .iter()
+            .filter(|(c, r)| match old.iter().find(|(o, _)| o == c) {
+                Some((_, or)) => last.rules[or.clone()] != want.rules[r.clone()],
+                None => true,
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        return (changed, stale);
+    }
     fn group(t: &TableRules) -> BTreeMap<&str, Vec<&str>> {
         let mut m: BTreeMap<&str, Vec<&str>> = t.chains.iter().map(|c| (*c, Vec::new())).collect();
         for r in &t.rules {
@@ -812,8 +898,43 @@ fn changed_chains(last: &TableRules, want: &TableRules) -> (Vec<&'static str>, V
     }
     let (old, new) = (group(last), group(want));
     let changed = want.chains.iter().copied().filter(|c| old.get(c) != new.get(c)).collect();
-    let stale = last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect();
     (changed, stale)
+}
+
+/// Where each chain's rules sit in `t.rules` (empty range: no rules), when every chain's rules
+/// are contiguous, as `render` makes them; `None` otherwise.
+fn chain_ranges(t: &TableRules) -> Option<Vec<(&'static str, Range<usize>)>> {
+    let mut out: Vec<(&'static str, Range<usize>)> = t.chains.iter().map(|c| (*c, 0..0)).collect();
+    let mut i = 0;
+    while i < t.rules.len() {
+        let chain = chain_of(&t.rules[i])?;
+        let start = i;
+        while i < t.rules.len() && chain_of(&t.rules[i]) == Some(chain) {
+            i += 1;
+        }
+        let slot = out.iter_mut().find(|(c, _)| *c == chain)?;
+        if !slot.1.is_empty() {
+            return None; // a second run of the same chain
+        }
+        slot.1 = start..i;
+    }
+    Some(out)
+}
+
+/// `want` as an owned set, reusing `last`'s strings for the chains not in `changed` (they are
+/// equal): after an endpoint flip only the small chain is copied.
+fn carry_over(mut last: TableRules, want: &TableRules, changed: &[&'static str]) -> TableRules {
+    let (Some(old), Some(new)) = (chain_ranges(&last), chain_ranges(want)) else {
+        return want.clone();
+    };
+    let mut rules = Vec::with_capacity(want.rules.len());
+    for (chain, range) in new {
+        match old.iter().find(|(c, _)| *c == chain).filter(|_| !changed.contains(&chain)) {
+            Some((_, or)) => rules.extend(last.rules[or.clone()].iter_mut().map(std::mem::take)),
+            None => rules.extend_from_slice(&want.rules[range]),
+        }
+    }
+    TableRules { chains: want.chains.clone(), rules, jumps: want.jumps.clone() }
 }
 
 /// One restore transaction: `chains` declared (created, or flushed) and refilled with their
@@ -1221,6 +1342,29 @@ mod minimal_tests {
         let (changed, _) = changed_chains(&last, &set(&["-j B", "-j A"], &[]));
         assert_eq!(changed, vec!["KUBE-PORTALS-CONTAINER"]);
         assert_eq!(changed_chains(&last, &last.clone()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn ranges_and_carry_over() {
+        let last = set(&["-j A", "-j B"], &[]);
+        let want = set(&["-j A", "-j B"], &["-j R"]);
+        assert_eq!(
+            chain_ranges(&want).unwrap(),
+            vec![("KUBE-PORTALS-CONTAINER", 0..2), ("EDGEPROXY-NO-ENDPOINTS", 2..3)]
+        );
+        assert_eq!(chain_ranges(&last).unwrap()[1], ("EDGEPROXY-NO-ENDPOINTS", 0..0));
+        assert_eq!(carry_over(last.clone(), &want, &["EDGEPROXY-NO-ENDPOINTS"]), want);
+        assert_eq!(carry_over(want.clone(), &last, &["EDGEPROXY-NO-ENDPOINTS"]), last);
+        // Not contiguous (not what render makes): found all the same, by grouping.
+        let mut split = want.clone();
+        split.rules.push("-A KUBE-PORTALS-CONTAINER -j C".into());
+        assert!(chain_ranges(&split).is_none());
+        assert_eq!(changed_chains(&want, &split).0, vec!["KUBE-PORTALS-CONTAINER"]);
+        assert_eq!(carry_over(want.clone(), &split, &["KUBE-PORTALS-CONTAINER"]), split);
+        // A rule of an undeclared chain.
+        let mut odd = want.clone();
+        odd.rules.push("-A ELSEWHERE -j C".into());
+        assert!(chain_ranges(&odd).is_none());
     }
 
     #[test]
