@@ -254,8 +254,6 @@ struct JumpFix {
     lines: Vec<String>,
     /// Human-readable findings, for the log.
     found: Vec<String>,
-    /// A wanted jump is absent (so our chains may be gone too: rewrite them).
-    missing: bool,
     /// kube-proxy's jump into KUBE-SERVICES is in PREROUTING or OUTPUT.
     kube_proxy: bool,
 }
@@ -300,7 +298,6 @@ fn jump_fix_from(pre: &[String], out: &[String], wanted: &[Jump]) -> JumpFix {
             if !first_ok {
                 match listed.iter().position(|l| l == w) {
                     None => {
-                        fix.missing = true;
                         fix.found.push(format!("{from}: jump to {} was missing", j.target));
                     }
                     Some(_) => fix.found.push(format!(
