@@ -375,6 +375,56 @@ fn guard_reads_little_when_nothing_changed() {
     }
 }
 
+/// Both families: the IPv6 set follows an endpoint flip with one small-chain restore, and the
+/// guard's content comparison (ip6tables listings vs rendered rules) never churns.
+#[test]
+fn ipv6_flip_and_guard() {
+    require_root();
+    const DUAL: &str = r#"{"kind":"List","items":[
+      {"kind":"Service","metadata":{"name":"dual","namespace":"v6"},"spec":{"clusterIP":"10.96.7.7","clusterIPs":["10.96.7.7","fd00:10:96::7"],
+       "ports":[{"name":"http","port":80},{"name":"dns","protocol":"UDP","port":53}]}},
+      {"kind":"EndpointSlice","metadata":{"name":"dual-v6","namespace":"v6","labels":{"kubernetes.io/service-name":"dual"}},"addressType":"IPv6",
+       "endpoints":[{"addresses":["fd00:200::1"]}],"ports":[{"name":"http","port":8080},{"name":"dns","protocol":"UDP","port":53}]}]}"#;
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("v6{tag}"));
+        ns.thread(move || {
+            let mut st = State::new(StateConfig::from(&Config::defaults()));
+            for obj in decode_document(DUAL.as_bytes(), None).objects {
+                st.apply(Change::Upsert(obj));
+            }
+            let mut a = Applier::with_binaries(b).unwrap();
+            let rules = st.plan().rules;
+            assert!(!rules.v6.is_empty() && !rules.v6.rules.iter().any(|r| r.contains("has no endpoints")));
+            a.apply(&rules).unwrap();
+            for _ in 0..2 {
+                let g = a.guard().unwrap();
+                assert!(g.repaired.is_empty() && g.restores == 0, "{}: {:?}", b.name, g.repaired);
+            }
+            st.apply(Change::Delete(Kind::EndpointSlice, ObjectKey::new("v6", "dual-v6")));
+            let flipped = st.plan().rules;
+            let r = a.apply(&flipped).unwrap();
+            // The service's backends serve both of its cluster IPs: one small-chain restore per family.
+            let small = ["EDGEPROXY-NO-ENDPOINTS", "EDGEPROXY-NO-ENDPOINTS"];
+            assert_eq!((r.restores, r.chains.as_slice()), (2, &small[..]), "{}", b.name);
+            let out = std::process::Command::new(b.cmd6).args(["-t", "nat", "-S", "EDGEPROXY-NO-ENDPOINTS"]).output();
+            let listed = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+            let want: Vec<&String> =
+                flipped.v6.rules.iter().filter(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS ")).collect();
+            assert_eq!(want.len(), 2, "{want:?}");
+            for w in want {
+                assert!(listed.lines().any(|l| l == w), "{}: {w} not in\n{listed}", b.name);
+            }
+            for _ in 0..2 {
+                let g = a.guard().unwrap();
+                assert!(g.repaired.is_empty() && g.restores == 0, "{}: {:?}", b.name, g.repaired);
+            }
+            a.cleanup().unwrap();
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("{}: IPv6 thread panicked", b.name));
+    }
+}
+
 #[test]
 fn restore_failing_halfway_keeps_previous_rules_and_names_the_line() {
     require_root();
