@@ -21,7 +21,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, SourceKind};
+use crate::kube::reflector;
 use crate::model::Kind;
+use crate::notify::Notifier;
+use crate::ops::{self, Ops};
 use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
 use crate::proxy::{self, ProxyConfig, ProxyEvent};
@@ -64,6 +67,8 @@ enum Input {
     Proxy(ProxyEvent),
     ProxyFailed(String),
     Signal(&'static str),
+    /// Time to tell systemd's watchdog we are alive.
+    Tick,
 }
 
 /// How often the file source looks at its file.
@@ -72,9 +77,9 @@ const FILE_POLL: Duration = Duration::from_secs(1);
 const SOURCE_DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// Run the agent until SIGTERM or SIGINT.
-pub fn run(config: Config) -> Result<(), AgentError> {
+pub fn run(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
-    rt.block_on(control(config))
+    rt.block_on(control(config, notifier))
 }
 
 /// Start the proxy on this runtime. It reads the newest table for every new connection or flow;
@@ -108,16 +113,16 @@ fn start_proxy(
     stop_tx
 }
 
-async fn control(config: Config) -> Result<(), AgentError> {
-    let path = match &config.source.kind {
-        SourceKind::File(p) => p.clone(),
-        SourceKind::Kube | SourceKind::MetaServer => {
-            return Err(AgentError::Source(
-                "the API-server and MetaServer sources are not wired into the agent yet; use --source file:PATH".into(),
-            ))
+async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
+    let ops = Ops::new();
+    let _ops_server = match config.metrics_address {
+        Some(addr) => {
+            let server = ops::Server::start(addr, ops.clone()).map_err(AgentError::Runtime)?;
+            log::info!("/healthz, /readyz and /metrics on http://{addr}");
+            Some(server)
         }
+        None => None,
     };
-
     let mut rules = Applier::new(config.backend).map_err(AgentError::Rules)?;
     log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
     rules.startup_cleanup().map_err(AgentError::Rules)?;
@@ -149,11 +154,28 @@ async fn control(config: Config) -> Result<(), AgentError> {
     let sink: Sink = Arc::new(move |e| {
         let _ = source_tx.send(Input::Source(e));
     });
-    let source = file::spawn(path, FILE_POLL, sink, stop.clone());
+    let sources: Vec<std::thread::JoinHandle<()>> = match &config.source.kind {
+        SourceKind::File(path) => vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())],
+        SourceKind::Kube | SourceKind::MetaServer => {
+            reflector::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
+        }
+    };
 
     let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
-    let stats = Arc::new(ProxyStats::new());
-    let proxy_stop = start_proxy(&config, table_rx, stats.clone(), tx.clone());
+    let proxy_stop = start_proxy(&config, table_rx, ops.proxy.clone(), tx.clone());
+    // The watchdog is fed from this loop, so a wedged loop really trips it.
+    if let Some(every) = notifier.watchdog_interval() {
+        let tick = tx.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            loop {
+                interval.tick().await;
+                if tick.send(Input::Tick).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     drop(tx);
 
     let mut state = State::new(StateConfig::from(&config));
@@ -193,15 +215,24 @@ async fn control(config: Config) -> Result<(), AgentError> {
                     if !synced && synced_kinds == [true, true] {
                         synced = true;
                         dirty = true;
+                        ops.set_source_synced(true);
                     }
                 }
                 Input::Source(SourceEvent::Error { message, .. }) => {
                     log::debug!("source: {message}")
                 }
-                Input::Source(other) => log::debug!("source: {other:?}"),
+                Input::Source(SourceEvent::WatchRestarted(kind)) => ops.metrics.watch_restart(resource(kind)),
+                Input::Source(SourceEvent::Relisted(kind)) => ops.metrics.relist(resource(kind)),
+                Input::Tick => {
+                    let _ = notifier.watchdog();
+                }
                 Input::Rules(e) => {
+                    record(&ops, &e);
                     if let Some(present) = on_rules_event(e, &mut installed) {
-                        dirty |= state.apply(Change::KubeProxy(present));
+                        if state.apply(Change::KubeProxy(present)) {
+                            log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
+                            dirty = true;
+                        }
                     }
                 }
                 Input::Proxy(ProxyEvent::UdpPortUnavailable(port)) => {
@@ -227,7 +258,9 @@ async fn control(config: Config) -> Result<(), AgentError> {
         }
         if installed && synced && listening && !ready_logged {
             ready_logged = true;
+            ops.set_rules_installed(true);
             log::info!("ready: source synced, rules installed, proxy listening");
+            let _ = notifier.ready("source synced, rules installed, proxy listening");
         }
         if dirty && synced {
             dirty = false;
@@ -245,6 +278,8 @@ async fn control(config: Config) -> Result<(), AgentError> {
     }
 
     log::info!("{}: removing rules and exiting", signal.unwrap_or("all inputs closed"));
+    let _ = notifier.stopping();
+    ops.set_rules_installed(false);
     stop.store(true, Ordering::Relaxed);
     let _ = proxy_stop.send(());
     handle.shutdown();
@@ -261,10 +296,33 @@ async fn control(config: Config) -> Result<(), AgentError> {
         }
     }
     remove_addresses(&config, &added);
-    let _ = source.join();
+    for source in sources {
+        let _ = source.join();
+    }
     match proxy_error {
         Some(e) => Err(AgentError::Runtime(std::io::Error::other(format!("proxy: {e}")))),
         None => result,
+    }
+}
+
+/// The metric name of a resource.
+fn resource(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => "services",
+        Kind::EndpointSlice => "endpointslices",
+        Kind::Endpoints => "endpoints",
+    }
+}
+
+/// Count an applier event in the metrics.
+fn record(ops: &Ops, e: &applier::Event) {
+    match e {
+        applier::Event::Applied { duration, restores, .. } if *restores > 0 => {
+            ops.metrics.rule_sync(true, *duration, std::time::SystemTime::now())
+        }
+        applier::Event::Failed { .. } => ops.metrics.rule_sync_failed(),
+        applier::Event::Repaired { .. } => ops.metrics.guard_repairs.inc(),
+        _ => {}
     }
 }
 
@@ -289,10 +347,7 @@ fn on_rules_event(e: applier::Event, installed: &mut bool) -> Option<bool> {
             );
         }
         applier::Event::Repaired { what } => log::warn!("rules repaired: {}", what.join("; ")),
-        applier::Event::KubeProxy(present) => {
-            log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
-            return Some(present);
-        }
+        applier::Event::KubeProxy(present) => return Some(present),
         applier::Event::Stopped { .. } => {}
     }
     None

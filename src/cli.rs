@@ -56,6 +56,30 @@ pub struct RulesCmd {
     /// print, per service, proxied or ignored and why, instead of the rules
     #[argh(switch)]
     pub explain: bool,
+    /// list from the cluster through this kubeconfig (a live dry run)
+    #[argh(option)]
+    pub kubeconfig: Option<String>,
+    /// list from this API server URL (a live dry run)
+    #[argh(option)]
+    pub server: Option<String>,
+    /// bearer token file for --server / the kubeconfig
+    #[argh(option)]
+    pub token_file: Option<String>,
+    /// cluster CA bundle (PEM)
+    #[argh(option)]
+    pub ca_file: Option<String>,
+    /// client certificate (PEM)
+    #[argh(option)]
+    pub client_cert: Option<String>,
+    /// client key (PEM)
+    #[argh(option)]
+    pub client_key: Option<String>,
+    /// list from the KubeEdge MetaServer at this URL (a live dry run)
+    #[argh(option)]
+    pub metaserver: Option<String>,
+    /// auto (default), endpointslices or endpoints
+    #[argh(option)]
+    pub endpoints_api: Option<String>,
 }
 
 impl RulesCmd {
@@ -64,7 +88,25 @@ impl RulesCmd {
         o.set("layout", self.layout.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
         o.set("node-name", self.node_name.clone());
+        o.set("kubeconfig", self.kubeconfig.clone());
+        o.set("server", self.server.clone());
+        o.set("token-file", self.token_file.clone());
+        o.set("ca-file", self.ca_file.clone());
+        o.set("client-cert", self.client_cert.clone());
+        o.set("client-key", self.client_key.clone());
+        if self.metaserver.is_some() {
+            o.set("source", Some("metaserver"));
+        }
+        o.set("metaserver", self.metaserver.clone());
+        o.set("endpoints-api", self.endpoints_api.clone());
         o
+    }
+
+    /// Whether a flag asks for a live list from the cluster.
+    pub fn live(&self) -> bool {
+        [&self.kubeconfig, &self.server, &self.token_file, &self.ca_file, &self.client_cert, &self.metaserver]
+            .iter()
+            .any(|f| f.is_some())
     }
 }
 

@@ -18,6 +18,8 @@ pub mod config;
 pub mod filter;
 pub mod kube;
 pub mod model;
+pub mod notify;
+pub mod ops;
 pub mod proxy;
 pub mod rules;
 pub mod source;

@@ -23,7 +23,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _ = simple_logger::SimpleLogger::new().with_level(level).init();
+    // ureq logs the wire unredacted (Authorization headers included) at trace: never go past debug.
+    let quiet = level.min(log::LevelFilter::Debug);
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .with_module_level("ureq", quiet)
+        .with_module_level("ureq_proto", quiet)
+        .with_module_level("rustls", quiet)
+        .init();
     let result = match cli.command {
         None => {
             eprintln!("edgeproxy: no command given; see edgeproxy --help");
@@ -47,9 +54,8 @@ fn main() -> ExitCode {
 /// `edgeproxy rules`: decode the files, run the state machine once, print.
 fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
     let config = Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
-    if cmd.from.is_empty() {
-        return Err("rules: give at least one --from FILE".into());
-    }
+    // Files, the cluster (a live dry run), or both.
+    let live = cmd.live() || cmd.from.is_empty();
     let mut state = State::new(StateConfig::from(&config));
     let kube_proxy = match cmd.kube_proxy.as_str() {
         "present" => true,
@@ -66,6 +72,17 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
     let mut bad = 0usize;
     for path in &cmd.from {
         bad += load_file(&mut state, path)?;
+    }
+    if live {
+        let listed = edgeproxy::kube::reflector::list_all(&config.source).map_err(|e| format!("rules: {e}"))?;
+        eprintln!("listed {} objects from {}", listed.objects.len(), listed.origin);
+        for e in &listed.errors {
+            eprintln!("{}: {e} (skipped)", listed.origin);
+        }
+        bad += listed.errors.len();
+        for o in listed.objects {
+            state.apply(Change::Upsert(o));
+        }
     }
     let plan = state.plan();
     if cmd.explain {
@@ -136,7 +153,9 @@ fn run(cmd: &RunCmd) -> Result<ExitCode, String> {
             *field = parse_duration(v).map_err(|m| format!("{flag}: {m}"))?;
         }
     }
-    edgeproxy::agent::run(config).map_err(|e| e.to_string())?;
+    // Read (and unset, so that iptables children do not inherit them) systemd's variables first.
+    let notifier = edgeproxy::notify::Notifier::from_env().map_err(|e| e.to_string())?;
+    edgeproxy::agent::run(config, notifier).map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,8 +1,8 @@
 //! `edgeproxy run --source file:` as a real process in namespaces the test creates, both
 //! backends: the hybrid proxy end to end (kube-proxy inserted after start, guard puts our jumps
-//! first again, proxied traffic goes through our proxy to the endpoints, filtered traffic falls
-//! through to the KUBE-SERVICES DNAT, from the node and from a pod), file changes followed with
-//! one restore each, SIGTERM leaving nat and filter as before, SIGKILL then start leaving no duplicates.
+//! first again, proxied traffic reaches an endpoint through the proxy, filtered traffic falls through to the
+//! KUBE-SERVICES DNAT, from the node and from a pod), file changes followed with one restore
+//! each, SIGTERM leaving nat and filter as before, SIGKILL then start leaving no duplicates.
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -185,13 +185,15 @@ fn hybrid_proxy_end_to_end_with_kube_proxy_inserted_after_start() {
         svc.ok(&["ip", "route", "add", "default", "via", "10.0.2.1"]);
         node.ok(&["ip", "route", "add", "default", "via", "10.0.2.2"]);
         node.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        // The agent runs the real proxy on 169.254.96.16:15001; web-frontend's three endpoints
-        // (fixture: 192.0.2.65, 192.0.2.129, 198.51.100.80, port 8080) live in `svc`, reached
-        // through the node's default route.
-        for ip in ["192.0.2.65/32", "192.0.2.129/32", "198.51.100.80/32"] {
-            svc.ok(&["ip", "addr", "add", ip, "dev", "lo"]);
-        }
-        for addr in ["192.0.2.65:8080", "192.0.2.129:8080", "198.51.100.80:8080"] {
+        // The proxied service's three endpoints (web-frontend in the fixtures) live behind the
+        // node's uplink and say "edgeproxy": only the proxy dials them. kube-proxy's DNAT target
+        // says "kube-proxy".
+        for (ip, addr) in [
+            ("192.0.2.65", "192.0.2.65:8080"),
+            ("192.0.2.129", "192.0.2.129:8080"),
+            ("198.51.100.80", "198.51.100.80:8080"),
+        ] {
+            svc.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
             serve(&svc, addr, "edgeproxy\n");
         }
         serve(&svc, "10.0.2.2:8080", "kube-proxy\n");

@@ -29,8 +29,13 @@ NODE=$P-node POD=$P-pod BE1=$P-be1 BE2=$P-be2 CLOUD=$P-cloud
 WORK=$(mktemp -d)
 AGENT_PID=
 cleanup() {
+  local status=$?
   set +e
-  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
+  if [ "$status" != 0 ] && [ -s "$WORK/agent.log" ]; then
+    echo "demo failed (exit $status); the agent's log:"; sed 's/^/  agent| /' "$WORK/agent.log"
+  fi
+  disown -a 2>/dev/null
+  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null
   for ns in $NODE $POD $BE1 $BE2 $CLOUD; do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
@@ -52,15 +57,30 @@ for peer in $POD $BE1 $BE2 $CLOUD; do
   i=$((i + 1))
 done
 inns "$NODE" sysctl -qw net.ipv4.ip_forward=1
+# The node's uplink is the "cloud" link, as on a real edge node: local processes need a route for
+# ClusterIPs to be sent at all (the nat OUTPUT hook sees packets only after a route was found).
+inns "$NODE" ip route add default via 10.244.3.10
 # Backends: an HTTP answer and a UDP echo that both say who they are.
+for who in backend-1 backend-2 cloud; do
+  cat > "$WORK/http-$who" <<EOF
+#!/bin/sh
+# Read the request head, then answer.
+while read -r line; do [ "\$(printf '%s' "\$line" | tr -d '\r')" = "" ] && break; done
+printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello from $who\n'
+EOF
+  cat > "$WORK/udp-$who" <<EOF
+#!/bin/sh
+read -r q
+printf '$who answers: %s\n' "\$q"
+EOF
+  chmod +x "$WORK/http-$who" "$WORK/udp-$who"
+done
 for b in 1 2; do
   ns=$BE1; [ $b = 2 ] && ns=$BE2
-  inns "$ns" socat TCP-LISTEN:8080,fork,reuseaddr \
-    SYSTEM:"printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello from backend-$b (pod 10.244.$b.10)\n'" &
-  inns "$ns" socat UDP-RECVFROM:5353,fork SYSTEM:"printf 'backend-$b answers: '; cat" &
+  ip netns exec "$ns" socat TCP-LISTEN:8080,fork,reuseaddr EXEC:"$WORK/http-backend-$b" &
+  ip netns exec "$ns" socat UDP-RECVFROM:5353,fork EXEC:"$WORK/udp-backend-$b" &
 done
-inns "$CLOUD" socat TCP-LISTEN:8080,fork,reuseaddr \
-  SYSTEM:"printf 'HTTP/1.0 200 OK\r\n\r\nhello from the cloud backend, reached through the kube-proxy chain\n'" &
+ip netns exec "$CLOUD" socat TCP-LISTEN:8080,fork,reuseaddr EXEC:"$WORK/http-cloud" &
 
 say "a kube-proxy-like KUBE-SERVICES chain in the node (for the filtered service), installed first"
 inns "$NODE" iptables -t nat -N KUBE-SERVICES
@@ -91,13 +111,13 @@ cat > "$WORK/cluster.json" <<'JSON'
                 {"addresses": ["10.244.2.10"], "conditions": {"ready": true}}]}
 ]}
 JSON
-inns "$NODE" iptables-save -t nat > "$WORK/before.txt"
+inns "$NODE" iptables-save -t nat > "$WORK/before.txt" 2>/dev/null
 
 say "what edgeproxy will do with this cluster (a dry run, touches nothing)"
 run "$BIN" rules --from "$WORK/cluster.json" --kube-proxy present --explain
 
 say "start the agent in the node: edgeproxy run --source file:cluster.json"
-inns "$NODE" "$BIN" run --source "file:$WORK/cluster.json" --node-name demo-node \
+ip netns exec "$NODE" "$BIN" --log-level "${LOG_LEVEL:-info}" run --source "file:$WORK/cluster.json" --node-name demo-node \
   --metrics-address 127.0.0.1:10551 2> "$WORK/agent.log" &
 AGENT_PID=$!
 for _ in $(seq 1 100); do
@@ -110,12 +130,12 @@ fi
 sed 's/^/  agent| /' "$WORK/agent.log"
 
 say "the rules it installed (its jumps come first, ahead of KUBE-SERVICES)"
-inns "$NODE" iptables -t nat -S PREROUTING
-inns "$NODE" iptables -t nat -S OUTPUT
-inns "$NODE" iptables -t nat -S KUBE-PORTALS-CONTAINER
+inns "$NODE" iptables -t nat -S PREROUTING 2>/dev/null
+inns "$NODE" iptables -t nat -S OUTPUT 2>/dev/null
+inns "$NODE" iptables -t nat -S KUBE-PORTALS-CONTAINER 2>/dev/null
 
 say "TCP from a local process on the node (OUTPUT path): round robin over two backends"
-for _ in 1 2 3 4; do inns "$NODE" curl -s --max-time 3 http://10.96.0.80/; done
+for _ in 1 2 3 4; do inns "$NODE" curl -sS --max-time 3 http://10.96.0.80/; done
 say "TCP from a pod (PREROUTING path)"
 for _ in 1 2; do inns "$POD" curl -s --max-time 3 http://10.96.0.80/; done
 say "UDP from the pod to demo/echo (53/UDP)"
@@ -126,11 +146,11 @@ say "a service without endpoints is refused at once"
 inns "$POD" curl -sS --max-time 3 http://10.96.0.99/ 2>&1 | sed 's/^/  /' || true
 
 say "metrics (excerpt)"
-inns "$NODE" curl -s http://127.0.0.1:10551/metrics | grep -E '^edgeproxy_(connections_total|rule_syncs_total|udp_flows)' | head -8 || true
+inns "$NODE" curl -s http://127.0.0.1:10551/metrics | grep -E '^edgeproxy_(connections_total\{service="demo/web|rule_syncs_total\{result="ok"|udp_flow_events_total|bytes_total\{service="demo/web)' || true
 
 say "stop the agent (SIGTERM): it removes everything it installed"
 kill "$AGENT_PID"; wait "$AGENT_PID" || true; AGENT_PID=
-inns "$NODE" iptables-save -t nat > "$WORK/after.txt"
+inns "$NODE" iptables-save -t nat > "$WORK/after.txt" 2>/dev/null
 if diff <(grep -v '^#' "$WORK/before.txt") <(grep -v '^#' "$WORK/after.txt"); then
   echo "nat table after exit == nat table before start"
 else

@@ -1,3 +1,5 @@
 //! Helpers shared by the integration tests. Each test file includes this with `mod support;`.
 #![allow(dead_code)]
+pub mod apiserver;
 pub mod netns;
+pub mod notify_listener;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build the tests for aarch64-unknown-linux-musl and run them under qemu-aarch64-static (the
+# runner in .cargo/config.toml). Only the test targets that need no root run here: user-mode
+# qemu cannot create network namespaces, and nothing registers binfmt_misc for aarch64, so a
+# test that starts the aarch64 edgeproxy binary as a child cannot run either.
+#
+#   cross/test-aarch64.sh [extra cargo test arguments]
+#
+# Test targets run (by name): the library's unit tests (--lib), the binary's (--bins), and the
+# integration tests listed in NOROOT_TESTS below. Left out: netns_smoke (root, namespaces),
+# packaging (starts the binary itself; runs natively in CI).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+target=aarch64-unknown-linux-musl
+read -r -a NOROOT_TESTS <<<"${EDGEPROXY_AARCH64_TESTS:-notify ops}"
+
+command -v qemu-aarch64-static >/dev/null || { echo "test-aarch64.sh: qemu-aarch64-static missing (cross/setup-test-deps.sh)" >&2; exit 1; }
+command -v aarch64-linux-gnu-gcc >/dev/null || { echo "test-aarch64.sh: aarch64-linux-gnu-gcc missing (cross/setup-test-deps.sh)" >&2; exit 1; }
+rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+
+args=(--locked --target "$target" --lib --bins)
+for t in "${NOROOT_TESTS[@]}"; do
+	args+=(--test "$t")
+done
+echo "== cargo test ${args[*]} $*" >&2
+cargo test "${args[@]}" "$@"

@@ -1,0 +1,207 @@
+//! Benchmark: list and hold N Services and N EndpointSlices (default 10,000 each) from the test
+//! API server over HTTPS, then print the time to the first complete state, peak RSS (VmHWM) and
+//! the RSS held after the list (VmRSS).
+//!
+//! `cargo run --release --example bench_source [-- N]`
+//!
+//! The server runs in a child process (this binary with `--serve`), so the figures are the
+//! agent side only: two reflector threads, the channel, and a `state::State` holding everything.
+//! Objects are generated from real captured items (with managedFields, as a real API server sends
+//! them), pages of 500.
+
+#[path = "../tests/support/apiserver.rs"]
+mod apiserver;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use apiserver::{fixture, ApiServer, Cluster, Reply, Request};
+use edgeproxy::config::Config;
+use edgeproxy::kube::reflector;
+use edgeproxy::source::{Sink, SourceEvent};
+use edgeproxy::state::{State, StateConfig};
+use serde_json::Value;
+
+/// Counts live heap bytes, so the report can tell data from allocator slack.
+struct Counting;
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> String {
+    format!("{} kB", LIVE.load(Ordering::Relaxed) / 1024)
+}
+
+fn template(file: &str, name: &str) -> Value {
+    let list: Value = serde_json::from_slice(&fixture(file)).unwrap();
+    list["items"].as_array().unwrap().iter().find(|i| i["metadata"]["name"] == name).unwrap().clone()
+}
+
+fn service(t: &Value, i: usize) -> Value {
+    let mut o = t.clone();
+    o["metadata"]["name"] = format!("svc-{i}").into();
+    o["metadata"]["namespace"] = format!("ns-{}", i % 50).into();
+    o["metadata"]["uid"] = format!("00000000-0000-0000-0000-{i:012}").into();
+    let ip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
+    o["spec"]["clusterIP"] = ip.clone().into();
+    o["spec"]["clusterIPs"] = serde_json::json!([ip]);
+    o
+}
+
+fn slice(t: &Value, i: usize) -> Value {
+    let mut o = t.clone();
+    o["metadata"]["name"] = format!("svc-{i}-x7k2p").into();
+    o["metadata"]["namespace"] = format!("ns-{}", i % 50).into();
+    o["metadata"]["labels"]["kubernetes.io/service-name"] = format!("svc-{i}").into();
+    o["metadata"]["uid"] = format!("10000000-0000-0000-0000-{i:012}").into();
+    if let Some(eps) = o["endpoints"].as_array_mut() {
+        for (j, e) in eps.iter_mut().enumerate() {
+            e["addresses"] = serde_json::json!([format!("10.244.{}.{}", (i * 3 + j) / 256 % 256, (i * 3 + j) % 256)]);
+        }
+    }
+    o
+}
+
+fn page(req: &Request, n: usize, kind: &str, make: &dyn Fn(usize) -> Value) -> Reply {
+    let limit: usize = req.param("limit").and_then(|l| l.parse().ok()).unwrap_or(n).max(1);
+    let start: usize = req.param("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let end = (start + limit).min(n);
+    let mut meta = serde_json::json!({"resourceVersion": "1000"});
+    if end < n {
+        meta["continue"] = end.to_string().into();
+    }
+    let items: Vec<Value> = (start..end).map(make).collect();
+    Reply::json(
+        200,
+        serde_json::json!({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": items}).to_string(),
+    )
+}
+
+fn serve(n: usize) {
+    let server = ApiServer::start_with(Cluster::fixtures(), true);
+    let st = template("list-services-raw.json", "web-frontend");
+    let et = template("list-endpointslices-raw.json", "web-frontend-r42sq");
+    server.route(move |req| {
+        if req.is_watch() {
+            let kind = if req.path.contains("endpointslices") { "EndpointSlice" } else { "Service" };
+            let mut r = Reply::json(
+                200,
+                format!("{{\"type\":\"BOOKMARK\",\"object\":{{\"kind\":\"{kind}\",\"metadata\":{{\"resourceVersion\":\"1000\"}}}}}}\n"),
+            );
+            r.end = apiserver::End::Hold(Duration::from_secs(600));
+            return Some(r);
+        }
+        match req.path.as_str() {
+            "/api/v1/services" => Some(page(req, n, "ServiceList", &|i| service(&st, i))),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(page(req, n, "EndpointSliceList", &|i| slice(&et, i))),
+            _ => None,
+        }
+    });
+    println!("{} {}", server.url, server.dir.display());
+    // Serve until the parent closes our stdin.
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+fn proc_status(field: &str) -> String {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines().find(|l| l.starts_with(field)).map(|l| l[field.len()..].trim().to_string()).unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve") {
+        serve(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000));
+        return;
+    }
+    let n: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--serve", &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut parts = line.split_whitespace();
+    let (url, dir) = (parts.next().unwrap().to_string(), std::path::PathBuf::from(parts.next().unwrap()));
+    println!("server {url}: {n} services + {n} EndpointSlices, pages of 500");
+    println!("before: VmRSS {}, VmHWM {}", proc_status("VmRSS:"), proc_status("VmHWM:"));
+
+    let config = Config::defaults();
+    let mut cfg = config.source.clone();
+    cfg.server = Some(url);
+    cfg.ca_file = Some(dir.join("ca.crt"));
+    cfg.token_file = Some(dir.join("token"));
+    let (tx, rx) = mpsc::channel::<SourceEvent>();
+    let tx = std::sync::Mutex::new(tx);
+    let sink: Sink = Arc::new(move |ev| {
+        let _ = tx.lock().unwrap().send(ev);
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut state = State::new(StateConfig::from(&config));
+    let t0 = Instant::now();
+    let handles = reflector::spawn(&cfg, sink, stop.clone()).unwrap();
+    let mut synced = 0;
+    while synced < 2 {
+        match rx.recv_timeout(Duration::from_secs(120)).expect("no event in 120 s") {
+            SourceEvent::Change(c) => {
+                state.apply(c);
+            }
+            SourceEvent::Synced(_) => synced += 1,
+            SourceEvent::Error { message, .. } => eprintln!("error: {message}"),
+            _ => {}
+        }
+    }
+    let took = t0.elapsed();
+    let snap = state.snapshot();
+    let services = snap.services.len();
+    let slices = snap.endpoints.len();
+    assert_eq!((services, slices), (n, n), "incomplete state");
+    println!("first complete state: {took:.2?} ({services} services, {slices} EndpointSlices held)");
+    std::thread::sleep(Duration::from_secs(1));
+    println!(
+        "after the list: VmRSS {} (held), VmHWM {} (peak); live heap {}",
+        proc_status("VmRSS:"),
+        proc_status("VmHWM:"),
+        live()
+    );
+    // The plan (rules + proxy table) is the next consumer; report its cost too.
+    let t1 = Instant::now();
+    let plan = state.plan();
+    println!(
+        "plan: {:.2?}, {} services proxied; VmRSS {}, VmHWM {}",
+        t1.elapsed(),
+        plan.proxied().count(),
+        proc_status("VmRSS:"),
+        proc_status("VmHWM:")
+    );
+    drop(plan);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    println!("reflectors stopped (their key sets and buffers freed): live heap {} (the state alone)", live());
+    drop(child.stdin.take());
+    let _ = child.wait();
+}

@@ -1,0 +1,520 @@
+//! Reading kubeconfig files: the current context's cluster and user, as connection settings.
+//!
+//! Owns: YAML parsing (yaml-rust2), `$KUBECONFIG`-style merging of several files (first file to
+//! define a name or the current context wins, as kubectl does), resolving relative paths against
+//! the file that names them, and decoding the `-data` fields. It never opens a connection and never
+//! logs: warnings (such as `insecure-skip-tls-verify`) are returned for the caller to print, and
+//! secrets come back wrapped in [`Secret`], which never prints its contents.
+//!
+//! Supported user shapes: `token`, `tokenFile`, `client-certificate[-data]` + `client-key[-data]`,
+//! and no credentials at all (MetaServer). `exec`, `auth-provider` and `username`/`password` users
+//! fail with a clear "not supported" error.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::kube::client::Secret;
+
+/// A kubeconfig problem, naming the file and the entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeconfigError {
+    /// The file (or list of files) read.
+    pub file: String,
+    pub message: String,
+}
+
+impl fmt::Display for KubeconfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "kubeconfig {}: {}", self.file, self.message)
+    }
+}
+
+impl std::error::Error for KubeconfigError {}
+
+/// PEM bytes, or the file they are in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PemSource {
+    Data(Vec<u8>),
+    File(PathBuf),
+}
+
+/// What the current context says about how to reach the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeconfigSettings {
+    /// `kubeconfig FILE, context NAME`: for log lines and errors.
+    pub origin: String,
+    pub server: String,
+    pub ca: Option<PemSource>,
+    /// `insecure-skip-tls-verify: true`, written in the file.
+    pub insecure: bool,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    pub client_cert: Option<PemSource>,
+    /// The key itself is a secret; a path is not.
+    pub client_key: Option<KeySource>,
+    /// Things the caller should log at warn level (never containing secrets).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    Data(Secret),
+    File(PathBuf),
+}
+
+static EMPTY: Yaml = Yaml::Null;
+
+/// One named entry and the directory of the file it came from (relative paths resolve there).
+struct Entry<'a> {
+    name: &'a str,
+    body: &'a Yaml,
+    dir: PathBuf,
+}
+
+/// Read and merge kubeconfig files (`$KUBECONFIG` may list several, `:`-separated), then resolve
+/// the current context. Missing files in a list are skipped, as kubectl does; a list with no
+/// readable file is an error.
+pub fn load(paths: &[PathBuf]) -> Result<KubeconfigSettings, KubeconfigError> {
+    let label = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let mut docs: Vec<(PathBuf, Yaml)> = Vec::new();
+    for p in paths {
+        let text = match std::fs::read_to_string(p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && paths.len() > 1 => continue,
+            Err(e) => {
+                return Err(KubeconfigError { file: p.display().to_string(), message: format!("cannot read: {e}") })
+            }
+        };
+        let doc = parse_one(&text).map_err(|message| KubeconfigError { file: p.display().to_string(), message })?;
+        let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+        docs.push((dir, doc));
+    }
+    if docs.is_empty() {
+        return Err(KubeconfigError { file: label, message: "none of these files exists".into() });
+    }
+    resolve(&docs).map_err(|message| KubeconfigError { file: label, message })
+}
+
+/// Parse kubeconfig text (for tests and for callers that already hold the text); relative paths
+/// resolve against `dir`.
+pub fn from_str(text: &str, dir: &Path) -> Result<KubeconfigSettings, String> {
+    let doc = parse_one(text)?;
+    resolve(&[(dir.to_path_buf(), doc)])
+}
+
+fn parse_one(text: &str) -> Result<Yaml, String> {
+    let mut docs = YamlLoader::load_from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    match docs.len() {
+        0 => Ok(Yaml::Hash(Default::default())),
+        1 => {
+            let d = docs.remove(0);
+            match d {
+                Yaml::Hash(_) => Ok(d),
+                Yaml::Null => Ok(Yaml::Hash(Default::default())),
+                _ => Err("the top level is not a mapping".into()),
+            }
+        }
+        n => Err(format!("holds {n} YAML documents; expected one")),
+    }
+}
+
+/// The named entries of a top-level list (`clusters`, `users`, `contexts`), first name wins.
+fn entries<'a>(docs: &'a [(PathBuf, Yaml)], list: &str, inner: &str) -> Result<Vec<Entry<'a>>, String> {
+    let mut out: Vec<Entry<'a>> = Vec::new();
+    for (dir, doc) in docs {
+        let v = &doc[list];
+        if v.is_badvalue() || v.is_null() {
+            continue;
+        }
+        let items = v.as_vec().ok_or_else(|| format!("{list}: not a list"))?;
+        for (i, item) in items.iter().enumerate() {
+            let name = item["name"].as_str().ok_or_else(|| format!("{list}[{i}].name: missing or not a string"))?;
+            if out.iter().any(|e| e.name == name) {
+                continue;
+            }
+            let body = &item[inner];
+            let body = match body {
+                // `- name: edgemesh` with no `user:` at all is an entry with nothing set.
+                Yaml::BadValue | Yaml::Null => &EMPTY,
+                Yaml::Hash(_) => body,
+                _ => return Err(format!("{list}[{i}] ({name}): `{inner}` is not a mapping")),
+            };
+            out.push(Entry { name, body, dir: dir.clone() });
+        }
+    }
+    Ok(out)
+}
+
+fn string(body: &Yaml, field: &str, what: &str) -> Result<Option<String>, String> {
+    match &body[field] {
+        Yaml::BadValue | Yaml::Null => Ok(None),
+        Yaml::String(s) if s.is_empty() => Ok(None),
+        Yaml::String(s) => Ok(Some(s.clone())),
+        // YAML turns bare numbers and booleans into non-strings; names like `1234` are valid.
+        Yaml::Integer(i) => Ok(Some(i.to_string())),
+        _ => Err(format!("{what}.{field}: not a string")),
+    }
+}
+
+fn path_in(dir: &Path, p: String) -> PathBuf {
+    let p = PathBuf::from(p);
+    if p.is_absolute() {
+        p
+    } else {
+        dir.join(p)
+    }
+}
+
+fn b64(what: &str, field: &str, data: &str) -> Result<Vec<u8>, String> {
+    // kubeconfigs sometimes wrap long base64 lines; whitespace is not part of the data.
+    let clean: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(clean.as_bytes())
+        .map_err(|e| format!("{what}.{field}: not valid base64: {e}"))
+}
+
+fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
+    let clusters = entries(docs, "clusters", "cluster")?;
+    let users = entries(docs, "users", "user")?;
+    let contexts = entries(docs, "contexts", "context")?;
+    let current =
+        docs.iter().find_map(|(_, d)| d["current-context"].as_str().filter(|s| !s.is_empty())).map(str::to_string);
+    let ctx_name = match current {
+        Some(c) => c,
+        None if contexts.len() == 1 => contexts[0].name.to_string(),
+        None => return Err("no current-context is set (and there is not exactly one context to fall back to)".into()),
+    };
+    let ctx = contexts
+        .iter()
+        .find(|e| e.name == ctx_name)
+        .ok_or_else(|| format!("current-context {ctx_name:?} is not among the contexts"))?;
+    let cwhat = format!("context {ctx_name:?}");
+    let cluster_name = string(ctx.body, "cluster", &cwhat)?.ok_or_else(|| format!("{cwhat} names no cluster"))?;
+    let cluster = clusters
+        .iter()
+        .find(|e| e.name == cluster_name)
+        .ok_or_else(|| format!("{cwhat}: cluster {cluster_name:?} is not among the clusters"))?;
+    let user_name = string(ctx.body, "user", &cwhat)?;
+    let user = match &user_name {
+        None => None,
+        Some(u) => Some(
+            users.iter().find(|e| e.name == *u).ok_or_else(|| format!("{cwhat}: user {u:?} is not among the users"))?,
+        ),
+    };
+
+    let mut warnings = Vec::new();
+    let what = format!("cluster {cluster_name:?}");
+    let c = cluster.body;
+    let server = string(c, "server", &what)?.ok_or_else(|| format!("{what} has no server"))?;
+    if !(server.starts_with("https://") || server.starts_with("http://")) {
+        return Err(format!("{what}.server: {server:?} is not an http:// or https:// URL"));
+    }
+    let insecure = match &c["insecure-skip-tls-verify"] {
+        Yaml::BadValue | Yaml::Null => false,
+        Yaml::Boolean(b) => *b,
+        _ => return Err(format!("{what}.insecure-skip-tls-verify: not true or false")),
+    };
+    let ca = match (string(c, "certificate-authority-data", &what)?, string(c, "certificate-authority", &what)?) {
+        (Some(d), _) => Some(PemSource::Data(b64(&what, "certificate-authority-data", &d)?)),
+        (None, Some(p)) => Some(PemSource::File(path_in(&cluster.dir, p))),
+        (None, None) => None,
+    };
+    if insecure {
+        warnings.push(format!(
+            "{what} sets insecure-skip-tls-verify: the API server's certificate is NOT verified; \
+             anyone on the path can impersonate it"
+        ));
+        if ca.is_some() {
+            warnings.push(format!("{what}: certificate-authority is ignored because insecure-skip-tls-verify is set"));
+        }
+    }
+    for unsupported in ["tls-server-name", "proxy-url"] {
+        if string(c, unsupported, &what).ok().flatten().is_some() {
+            warnings.push(format!("{what}.{unsupported} is not supported and is ignored"));
+        }
+    }
+
+    let mut settings = KubeconfigSettings {
+        origin: String::new(),
+        server,
+        ca,
+        insecure,
+        token: None,
+        token_file: None,
+        client_cert: None,
+        client_key: None,
+        warnings,
+    };
+    if let (Some(user), Some(user_name)) = (user, &user_name) {
+        let what = format!("user {user_name:?}");
+        let u = user.body;
+        if !u["exec"].is_badvalue() && !u["exec"].is_null() {
+            let cmd = u["exec"]["command"].as_str().unwrap_or("?");
+            return Err(format!(
+                "{what} uses an exec credential plugin ({cmd}), which edgeproxy does not support; \
+                 give it a token, tokenFile or client certificate instead"
+            ));
+        }
+        if !u["auth-provider"].is_badvalue() && !u["auth-provider"].is_null() {
+            let name = u["auth-provider"]["name"].as_str().unwrap_or("?");
+            return Err(format!(
+                "{what} uses the auth-provider plugin {name:?}, which edgeproxy does not support; \
+                 give it a token, tokenFile or client certificate instead"
+            ));
+        }
+        if string(u, "username", &what)?.is_some() || string(u, "password", &what)?.is_some() {
+            return Err(format!("{what}: basic authentication (username/password) is not supported"));
+        }
+        settings.token = string(u, "token", &what)?.map(|t| Secret::new(t.into_bytes()));
+        settings.token_file = string(u, "tokenFile", &what)?.map(|p| path_in(&user.dir, p));
+        settings.client_cert =
+            match (string(u, "client-certificate-data", &what)?, string(u, "client-certificate", &what)?) {
+                (Some(d), _) => Some(PemSource::Data(b64(&what, "client-certificate-data", &d)?)),
+                (None, Some(p)) => Some(PemSource::File(path_in(&user.dir, p))),
+                (None, None) => None,
+            };
+        settings.client_key = match (string(u, "client-key-data", &what)?, string(u, "client-key", &what)?) {
+            (Some(d), _) => Some(KeySource::Data(Secret::new(b64(&what, "client-key-data", &d)?))),
+            (None, Some(p)) => Some(KeySource::File(path_in(&user.dir, p))),
+            (None, None) => None,
+        };
+        if settings.client_cert.is_some() != settings.client_key.is_some() {
+            return Err(format!("{what}: client-certificate and client-key go together"));
+        }
+    }
+    settings.origin = format!("context {ctx_name:?}");
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64e(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn kubeadm_admin_conf() {
+        // The shape `kubeadm init` writes to /etc/kubernetes/admin.conf.
+        let text = format!(
+            "apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: {}
+    server: https://192.168.56.10:6443
+  name: kubernetes
+contexts:
+- context:
+    cluster: kubernetes
+    user: kubernetes-admin
+  name: kubernetes-admin@kubernetes
+current-context: kubernetes-admin@kubernetes
+kind: Config
+preferences: {{}}
+users:
+- name: kubernetes-admin
+  user:
+    client-certificate-data: {}
+    client-key-data: {}
+",
+            b64e("-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n"),
+            b64e("-----BEGIN CERTIFICATE-----\nCRT\n-----END CERTIFICATE-----\n"),
+            b64e("-----BEGIN RSA PRIVATE KEY-----\nKEY\n-----END RSA PRIVATE KEY-----\n"),
+        );
+        let s = from_str(&text, Path::new("/etc/kubernetes")).unwrap();
+        assert_eq!(s.server, "https://192.168.56.10:6443");
+        assert_eq!(
+            s.ca,
+            Some(PemSource::Data(b"-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".to_vec()))
+        );
+        assert!(
+            matches!(&s.client_cert, Some(PemSource::Data(d)) if d.starts_with(b"-----BEGIN CERTIFICATE-----\nCRT"))
+        );
+        let Some(KeySource::Data(key)) = &s.client_key else { panic!("{:?}", s.client_key) };
+        assert!(key.expose().starts_with(b"-----BEGIN RSA PRIVATE KEY-----"));
+        assert!(!s.insecure);
+        assert!(s.warnings.is_empty());
+        // The key never shows in Debug output.
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("RSA PRIVATE KEY") && !dbg.contains(&b64e("-----BEGIN RSA")), "{dbg}");
+    }
+
+    #[test]
+    fn k3s_yaml() {
+        // /etc/rancher/k3s/k3s.yaml: everything named `default`, EC keys, loopback server.
+        let text = format!(
+            "apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: {}
+    server: https://127.0.0.1:6443
+  name: default
+contexts:
+- context:
+    cluster: default
+    user: default
+  name: default
+current-context: default
+kind: Config
+preferences: {{}}
+users:
+- name: default
+  user:
+    client-certificate-data: {}
+    client-key-data: {}
+",
+            b64e("ca"),
+            b64e("crt"),
+            b64e("-----BEGIN EC PRIVATE KEY-----\nk\n-----END EC PRIVATE KEY-----\n")
+        );
+        let s = from_str(&text, Path::new("/etc/rancher/k3s")).unwrap();
+        assert_eq!(s.server, "https://127.0.0.1:6443");
+        assert_eq!(s.ca, Some(PemSource::Data(b"ca".to_vec())));
+        assert_eq!(s.origin, "context \"default\"");
+    }
+
+    #[test]
+    fn token_file_user_with_relative_paths() {
+        let text = "apiVersion: v1
+kind: Config
+clusters:
+- name: edge
+  cluster:
+    server: https://10.0.0.1:6443
+    certificate-authority: pki/ca.crt
+users:
+- name: agent
+  user:
+    tokenFile: /var/run/secrets/tokens/edgeproxy
+- name: other
+  user:
+    token: abc.def.ghi
+contexts:
+- name: edge
+  context: {cluster: edge, user: agent, namespace: kube-system}
+current-context: edge
+";
+        let s = from_str(text, Path::new("/etc/edgeproxy")).unwrap();
+        assert_eq!(s.ca, Some(PemSource::File("/etc/edgeproxy/pki/ca.crt".into())));
+        assert_eq!(s.token_file, Some(PathBuf::from("/var/run/secrets/tokens/edgeproxy")));
+        assert_eq!(s.token, None);
+    }
+
+    #[test]
+    fn inline_token_is_redacted() {
+        let text = "clusters: [{name: c, cluster: {server: 'https://h:6443', certificate-authority: /ca}}]
+users: [{name: u, user: {token: sekret-token-value}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+";
+        let s = from_str(text, Path::new("/")).unwrap();
+        assert_eq!(s.token.as_ref().unwrap().expose(), b"sekret-token-value");
+        assert!(!format!("{s:?}").contains("sekret"));
+    }
+
+    #[test]
+    fn metaserver_kubeconfig_as_edgemesh_writes_it() {
+        // EdgeMesh's agent writes this when it talks to edgecore's MetaServer.
+        let text = "apiVersion: v1
+clusters:
+- cluster:
+    server: http://127.0.0.1:10550
+  name: kubeedge-cluster
+contexts:
+- context:
+    cluster: kubeedge-cluster
+    user: edgemesh
+  name: kubeedge-context
+current-context: kubeedge-context
+kind: Config
+users:
+- name: edgemesh
+";
+        // With and without the empty `user: {}` that client-go writes for an empty AuthInfo.
+        for text in [text.to_string(), text.replace("- name: edgemesh\n", "- name: edgemesh\n  user: {}\n")] {
+            let s = from_str(&text, Path::new("/")).unwrap();
+            assert_eq!(s.server, "http://127.0.0.1:10550");
+            assert_eq!((s.ca, s.token, s.token_file, s.client_cert, s.insecure), (None, None, None, None, false));
+        }
+        let e = from_str(&text.replace("- name: edgemesh\n", "- name: edgemesh\n  user: [1]\n"), Path::new("/"))
+            .unwrap_err();
+        assert!(e.contains("users[0] (edgemesh): `user` is not a mapping"), "{e}");
+    }
+
+    #[test]
+    fn exec_plugin_is_not_supported() {
+        let text = "clusters: [{name: eks, cluster: {server: 'https://x.eks.amazonaws.com', certificate-authority-data: Y2E=}}]
+contexts: [{name: eks, context: {cluster: eks, user: aws}}]
+current-context: eks
+users:
+- name: aws
+  user:
+    exec:
+      apiVersion: client.authentication.k8s.io/v1beta1
+      command: aws
+      args: [eks, get-token, --cluster-name, prod]
+";
+        let e = from_str(text, Path::new("/")).unwrap_err();
+        assert!(e.contains("user \"aws\" uses an exec credential plugin (aws)"), "{e}");
+        assert!(e.contains("does not support"), "{e}");
+        let gcp = text.replace(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: aws\n      args: [eks, get-token, --cluster-name, prod]\n",
+            "    auth-provider:\n      name: gcp\n",
+        );
+        let e = from_str(&gcp, Path::new("/")).unwrap_err();
+        assert!(e.contains("auth-provider plugin \"gcp\""), "{e}");
+    }
+
+    #[test]
+    fn insecure_only_when_written_and_warned() {
+        let base = "clusters: [{name: c, cluster: {server: 'https://h:6443'INSECURE}}]
+contexts: [{name: x, context: {cluster: c}}]
+current-context: x
+";
+        let s = from_str(&base.replace("INSECURE", ""), Path::new("/")).unwrap();
+        assert!(!s.insecure && s.warnings.is_empty());
+        let s = from_str(&base.replace("INSECURE", ", insecure-skip-tls-verify: true"), Path::new("/")).unwrap();
+        assert!(s.insecure);
+        assert!(s.warnings[0].contains("NOT verified"), "{:?}", s.warnings);
+        let e = from_str(&base.replace("INSECURE", ", insecure-skip-tls-verify: 'yes please'"), Path::new("/"))
+            .unwrap_err();
+        assert!(e.contains("insecure-skip-tls-verify: not true or false"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        let e = from_str("current-context: nope\ncontexts: []\n", Path::new("/")).unwrap_err();
+        assert!(e.contains("current-context \"nope\" is not among the contexts"), "{e}");
+        let e = from_str(
+            "clusters: [{name: c, cluster: {server: 'https://h', certificate-authority-data: '%%%'}}]\ncontexts: [{name: x, context: {cluster: c}}]\n",
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert!(e.contains("cluster \"c\".certificate-authority-data: not valid base64"), "{e}");
+        let e = from_str("clusters: [\n", Path::new("/")).unwrap_err();
+        assert!(e.starts_with("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn merged_files_first_wins() {
+        let dir = std::env::temp_dir().join(format!("ep-kc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a");
+        let b = dir.join("b");
+        std::fs::write(&a, "current-context: two\nclusters: [{name: c, cluster: {server: 'http://first'}}]\n").unwrap();
+        std::fs::write(
+            &b,
+            "current-context: one\nclusters: [{name: c, cluster: {server: 'http://second'}}]\ncontexts: [{name: two, context: {cluster: c}}]\n",
+        )
+        .unwrap();
+        let s = load(&[a.clone(), dir.join("missing"), b.clone()]).unwrap();
+        assert_eq!(s.server, "http://first");
+        let e = load(&[dir.join("missing")]).unwrap_err();
+        assert!(e.to_string().contains("cannot read"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,1181 @@
+//! The list/watch reflector: one per resource (Services; EndpointSlices or core/v1 Endpoints),
+//! each on its own thread, turning the API server into [`SourceEvent`]s.
+//!
+//! Two halves:
+//! - [`Machine`], a pure state machine (no I/O, no clock; randomness from a seeded generator it
+//!   owns). It is fed [`Input`]s (a list page, a watch line, a failure) and answers with the next
+//!   [`Action`] (list a page, watch from a resourceVersion, sleep) while emitting events.
+//! - A thin blocking driver ([`spawn`]) that performs the actions with [`Client`].
+//!
+//! Guarantees ("last known good"): nothing but a real `DELETED` event, or a *complete* list that
+//! lacks an object, ever removes one. Failed or partial lists, broken or silent watches, garbage
+//! lines, bad objects and oversized objects change nothing; they are reported as
+//! [`SourceEvent::Error`] (and logged at warn level by the driver) and the reflector recovers by
+//! itself: relist on `410 Gone`/`Expired`, exponential backoff with jitter otherwise, resuming the
+//! watch from the last resourceVersion (bookmarks advance it).
+//!
+//! It never touches the state machine or the rules: it only calls the [`Sink`].
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{EndpointsApi, SourceConfig};
+use crate::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
+use crate::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
+use crate::model::{Kind, Object, ObjectKey};
+use crate::source::{Sink, SourceEvent};
+use crate::state::Change;
+
+// ---- options -----------------------------------------------------------------------------------
+
+/// Tunables of the reflectors. [`Default`] is what `edgeproxy run` uses.
+#[derive(Clone, Debug)]
+pub struct ReflectorOptions {
+    pub client: ClientOptions,
+    /// `limit` of each list request.
+    pub page_limit: u32,
+    /// A watch line (one event) longer than this is skipped, never buffered whole.
+    pub max_line_bytes: usize,
+    /// A list page body larger than this fails the list (and is retried with backoff).
+    pub max_page_bytes: usize,
+    /// A watch event or list page that is still incomplete this long after its first byte means
+    /// the server is stalling (trickling bytes just fast enough to beat the idle timeout): the
+    /// connection is dropped and the request retried.
+    pub stall_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_cap: Duration,
+    /// `timeoutSeconds` of each watch is drawn from this range (client-go uses 300-600 s).
+    pub watch_timeout_secs: (u32, u32),
+    /// The process environment for connection resolution (tests replace it).
+    pub env: Env,
+    /// Seed for jitter and watch timeouts; `None` = from the clock.
+    pub seed: Option<u64>,
+}
+
+impl Default for ReflectorOptions {
+    fn default() -> Self {
+        ReflectorOptions {
+            client: ClientOptions::default(),
+            page_limit: 500,
+            max_line_bytes: 16 << 20,
+            max_page_bytes: 128 << 20,
+            stall_timeout: Duration::from_secs(300),
+            backoff_initial: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+            watch_timeout_secs: (300, 600),
+            env: Env::from_process(),
+            seed: None,
+        }
+    }
+}
+
+/// The source cannot start at all (bad settings). Runtime failures are never errors: they
+/// become [`SourceEvent::Error`]s and retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceError {
+    pub message: String,
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+impl From<ClientError> for SourceError {
+    fn from(e: ClientError) -> Self {
+        SourceError { message: e.message }
+    }
+}
+
+// ---- the pure machine --------------------------------------------------------------------------
+
+/// What the driver should do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// GET one list page (`continue_token` None = from the start).
+    List { continue_token: Option<String> },
+    /// Open a watch from this resourceVersion.
+    Watch { resource_version: String, timeout_seconds: u32 },
+    /// Wait, then feed [`Input::Woke`].
+    Sleep(Duration),
+}
+
+/// How a watch stream ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The server closed it cleanly (`timeoutSeconds` reached, or it just closed).
+    Closed,
+    /// Nothing arrived within the idle timeout.
+    Idle,
+    /// The connection broke or stalled (message says how; includes "ended mid-line").
+    Broken(String),
+}
+
+/// What happened, fed to [`Machine::step`] (outside a watch) or [`Machine::on_watch`] (inside).
+#[derive(Debug)]
+pub enum Input {
+    /// A list page was read and decoded completely.
+    Page {
+        objects: Vec<Object>,
+        errors: Vec<ObjectError>,
+        resource_version: Option<String>,
+        continue_token: Option<String>,
+    },
+    /// A list page could not be had. `expired`: HTTP 410 (`continue` token or RV too old).
+    ListFailed { expired: bool, message: String },
+    /// The watch request was answered with something other than 200, or failed to connect.
+    WatchRefused { status: Option<u16>, expired: bool, message: String },
+    /// A watch stream ended.
+    WatchEnded(WatchEnd),
+    /// A sleep is over.
+    Woke,
+}
+
+/// An input from inside an open watch stream.
+#[derive(Debug)]
+pub enum WatchInput {
+    Line(Result<WatchLine, LineError>),
+    /// A line longer than the limit was skipped (its length).
+    Oversized(usize),
+}
+
+struct Listing {
+    objects: Vec<Object>,
+    /// Keys of list items that failed to decode: present in the API, so not deleted.
+    bad: BTreeSet<ObjectKey>,
+    /// Some bad item had no readable name: delete nothing on this list.
+    unnamed_bad: bool,
+}
+
+/// The reflector state machine for one resource.
+pub struct Machine {
+    kind: Kind,
+    poll: Option<Duration>,
+    backoff_initial: Duration,
+    backoff_cap: Duration,
+    watch_timeout_secs: (u32, u32),
+    rng: u64,
+    /// Last resourceVersion seen (list, event or bookmark).
+    rv: Option<String>,
+    /// Keys currently delivered downstream.
+    held: BTreeSet<ObjectKey>,
+    synced: bool,
+    listing: Option<Listing>,
+    /// Consecutive failures without progress (drives the backoff).
+    failures: u32,
+    /// Consecutive expirations (410) without progress.
+    expirations: u32,
+    /// Whether the current watch delivered anything.
+    watch_progress: bool,
+    /// What to do after a sleep.
+    after_sleep: Option<Action>,
+}
+
+impl Machine {
+    /// `poll`: `Some(interval)` for poll mode (full lists, no watch).
+    pub fn new(kind: Kind, poll: Option<Duration>, opts: &ReflectorOptions, seed: u64) -> Machine {
+        Machine {
+            kind,
+            poll,
+            backoff_initial: opts.backoff_initial,
+            backoff_cap: opts.backoff_cap,
+            watch_timeout_secs: opts.watch_timeout_secs,
+            rng: seed | 1,
+            rv: None,
+            held: BTreeSet::new(),
+            synced: false,
+            listing: None,
+            failures: 0,
+            expirations: 0,
+            watch_progress: false,
+            after_sleep: None,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn resource_version(&self) -> Option<&str> {
+        self.rv.as_deref()
+    }
+
+    /// The keys currently delivered downstream.
+    pub fn held(&self) -> &BTreeSet<ObjectKey> {
+        &self.held
+    }
+
+    pub fn is_polling(&self) -> bool {
+        self.poll.is_some()
+    }
+
+    /// The first action.
+    pub fn start(&mut self) -> Action {
+        self.begin_list()
+    }
+
+    fn begin_list(&mut self) -> Action {
+        self.listing = Some(Listing { objects: Vec::new(), bad: BTreeSet::new(), unnamed_bad: false });
+        Action::List { continue_token: None }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: plenty for jitter.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// The delay for the current failure count: exponential, capped, jittered into [d/2, d].
+    pub fn backoff(&mut self) -> Duration {
+        let exp = self.failures.saturating_sub(1).min(20);
+        let d = self.backoff_initial.saturating_mul(1 << exp).min(self.backoff_cap);
+        let frac = (self.random() % 1000) as u32;
+        d / 2 + d / 2 * frac / 1000
+    }
+
+    fn sleep_then(&mut self, then: Action) -> Action {
+        self.after_sleep = Some(then);
+        let d = self.backoff();
+        Action::Sleep(d)
+    }
+
+    fn watch_action(&mut self) -> Action {
+        let (lo, hi) = self.watch_timeout_secs;
+        let span = u64::from(hi.saturating_sub(lo)) + 1;
+        let timeout_seconds = lo + (self.random() % span) as u32;
+        self.watch_progress = false;
+        match &self.rv {
+            Some(rv) => Action::Watch { resource_version: rv.clone(), timeout_seconds },
+            // Cannot happen: a watch only follows a list that produced an RV.
+            None => self.begin_list(),
+        }
+    }
+
+    fn error(&self, emit: &mut dyn FnMut(SourceEvent), message: String) {
+        emit(SourceEvent::Error { kind: Some(self.kind), message });
+    }
+
+    /// Relist after an expiry: at once the first time, with backoff when they repeat (a 410 storm).
+    fn relist(&mut self) -> Action {
+        self.expirations += 1;
+        let a = self.begin_list();
+        if self.expirations > 1 {
+            self.failures += 1;
+            self.sleep_then(a)
+        } else {
+            a
+        }
+    }
+
+    /// Feed an input that arrives outside an open watch stream.
+    pub fn step(&mut self, input: Input, emit: &mut dyn FnMut(SourceEvent)) -> Action {
+        match input {
+            Input::Woke => match self.after_sleep.take() {
+                Some(a) => a,
+                None => self.begin_list(),
+            },
+            Input::Page { objects, errors, resource_version, continue_token } => {
+                let listing = self.listing.get_or_insert_with(|| Listing {
+                    objects: Vec::new(),
+                    bad: BTreeSet::new(),
+                    unnamed_bad: false,
+                });
+                listing.objects.extend(objects);
+                for e in &errors {
+                    match e.object.split_once('/') {
+                        Some((ns, name)) if !name.contains('/') => {
+                            listing.bad.insert(ObjectKey::new(ns, name));
+                        }
+                        _ => listing.unnamed_bad = true,
+                    }
+                }
+                for e in errors {
+                    self.error(emit, format!("list: skipped object: {e}"));
+                }
+                if let Some(token) = continue_token {
+                    return Action::List { continue_token: Some(token) };
+                }
+                self.finish_list(resource_version, emit)
+            }
+            Input::ListFailed { expired, message } => {
+                self.error(emit, format!("list failed: {message}"));
+                if expired {
+                    // A continue token (or RV) that is too old: the pages so far are unusable.
+                    return self.relist();
+                }
+                self.failures += 1;
+                // Retry from the start: a page failure may be a server that changed its mind.
+                let a = self.begin_list();
+                self.sleep_then(a)
+            }
+            Input::WatchRefused { status, expired, message } => {
+                if expired {
+                    self.error(emit, format!("watch: resourceVersion expired ({message}); relisting"));
+                    return self.relist();
+                }
+                if matches!(status, Some(400 | 404 | 405 | 501)) && self.poll.is_none() {
+                    // The server cannot watch (old or limited MetaServer): poll instead.
+                    let interval = Duration::from_secs(30);
+                    self.error(
+                        emit,
+                        format!(
+                            "watch not supported ({message}); polling with full lists every {}s",
+                            interval.as_secs()
+                        ),
+                    );
+                    self.poll = Some(interval);
+                    self.after_sleep = Some(Action::List { continue_token: None });
+                    self.listing = None;
+                    return Action::Sleep(interval);
+                }
+                self.failures += 1;
+                self.error(emit, format!("watch failed: {message}"));
+                let a = self.watch_action();
+                self.sleep_then(a)
+            }
+            Input::WatchEnded(end) => {
+                match &end {
+                    WatchEnd::Closed => {}
+                    WatchEnd::Idle => self.error(emit, "watch: silent past the idle timeout; reconnecting".into()),
+                    WatchEnd::Broken(m) => self.error(emit, format!("watch broke: {m}")),
+                }
+                emit(SourceEvent::WatchRestarted(self.kind));
+                let progressed = self.watch_progress_was_made(&end);
+                let a = self.watch_action();
+                if progressed {
+                    a
+                } else {
+                    // Ended without delivering anything: do not hammer the server.
+                    self.failures += 1;
+                    self.sleep_then(a)
+                }
+            }
+        }
+    }
+
+    fn watch_progress_was_made(&self, end: &WatchEnd) -> bool {
+        // An idle end is by definition without recent progress, but is not the server failing.
+        self.watch_progress || *end == WatchEnd::Idle
+    }
+
+    fn finish_list(&mut self, resource_version: Option<String>, emit: &mut dyn FnMut(SourceEvent)) -> Action {
+        let Listing { objects, bad, unnamed_bad } = self.listing.take().expect("listing in progress");
+        let mut keys: BTreeSet<ObjectKey> = objects.iter().map(|o| o.key().clone()).collect();
+        if bad.is_empty() && !unnamed_bad {
+            self.held = keys;
+            emit(SourceEvent::Change(Change::Replace(self.kind, objects)));
+        } else {
+            // Some items failed to decode: they exist, so their last good version must stay.
+            // Upsert what decoded; delete only what the list really lacks.
+            keys.extend(bad);
+            for o in objects {
+                self.held.insert(o.key().clone());
+                emit(SourceEvent::Change(Change::Upsert(o)));
+            }
+            if unnamed_bad {
+                self.error(emit, "list had an unreadable item; nothing is deleted on this list".into());
+            } else {
+                let gone: Vec<ObjectKey> = self.held.difference(&keys).cloned().collect();
+                for k in gone {
+                    self.held.remove(&k);
+                    emit(SourceEvent::Change(Change::Delete(self.kind, k)));
+                }
+            }
+        }
+        if self.synced {
+            emit(SourceEvent::Relisted(self.kind));
+        } else {
+            self.synced = true;
+            emit(SourceEvent::Synced(self.kind));
+        }
+        self.failures = 0;
+        self.rv = resource_version.or_else(|| self.rv.take());
+        if let Some(interval) = self.poll {
+            self.after_sleep = Some(Action::List { continue_token: None });
+            self.listing = None;
+            return Action::Sleep(interval);
+        }
+        if self.rv.is_none() {
+            let interval = Duration::from_secs(30);
+            self.error(
+                emit,
+                format!(
+                    "list carried no resourceVersion, so it cannot be watched; polling every {}s",
+                    interval.as_secs()
+                ),
+            );
+            self.poll = Some(interval);
+            self.after_sleep = Some(Action::List { continue_token: None });
+            return Action::Sleep(interval);
+        }
+        self.watch_action()
+    }
+
+    /// Feed an input from inside an open watch. `None`: keep reading. `Some(action)`: drop the
+    /// stream and do that instead.
+    pub fn on_watch(&mut self, input: WatchInput, emit: &mut dyn FnMut(SourceEvent)) -> Option<Action> {
+        match input {
+            WatchInput::Oversized(n) => {
+                self.error(emit, format!("watch: skipped an event of {n} bytes (over the line limit); the object keeps its last good version"));
+                None
+            }
+            WatchInput::Line(Err(LineError::Garbage(m))) => {
+                self.error(emit, format!("watch: skipped an unusable line: {m}"));
+                None
+            }
+            WatchInput::Line(Err(LineError::Object(e))) => {
+                self.error(
+                    emit,
+                    format!("watch: skipped an event with a bad object (its last good version stays): {e}"),
+                );
+                None
+            }
+            WatchInput::Line(Ok(WatchLine { event, resource_version })) => {
+                match event {
+                    WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                        if o.kind() != self.kind {
+                            self.error(emit, format!("watch: skipped a {} in a {} watch", o.kind(), self.kind));
+                            return None;
+                        }
+                        self.held.insert(o.key().clone());
+                        emit(SourceEvent::Change(Change::Upsert(o)));
+                    }
+                    WatchEvent::Deleted(_, key) => {
+                        self.held.remove(&key);
+                        emit(SourceEvent::Change(Change::Delete(self.kind, key)));
+                    }
+                    WatchEvent::Bookmark => {}
+                    WatchEvent::Error(status) => {
+                        if status.is_expired() {
+                            self.error(emit, format!("watch: {} ({}); relisting", status.message, status.reason));
+                            return Some(self.relist());
+                        }
+                        self.failures += 1;
+                        self.error(
+                            emit,
+                            format!("watch: ERROR event {} {}: {}", status.code, status.reason, status.message),
+                        );
+                        emit(SourceEvent::WatchRestarted(self.kind));
+                        let a = self.watch_action();
+                        return Some(self.sleep_then(a));
+                    }
+                }
+                if let Some(rv) = resource_version.filter(|rv| !rv.is_empty()) {
+                    self.rv = Some(rv);
+                }
+                self.watch_progress = true;
+                self.failures = 0;
+                self.expirations = 0;
+                None
+            }
+        }
+    }
+}
+
+// ---- the blocking driver -----------------------------------------------------------------------
+
+/// API path of a resource's collection.
+pub fn collection_path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => "/api/v1/services",
+        Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+        Kind::Endpoints => "/api/v1/endpoints",
+    }
+}
+
+fn seed(opts: &ReflectorOptions, salt: u64) -> u64 {
+    let base = opts.seed.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+    });
+    base ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Resolve settings, build the client, log the settings' warnings.
+pub fn connect(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<Client, SourceError> {
+    let settings = client::resolve(cfg, &opts.env)?;
+    for w in &settings.warnings {
+        log::warn!("{w}");
+    }
+    let c = Client::new(&settings, &opts.client)?;
+    log::info!("API source: {} ({})", c.server(), c.origin());
+    Ok(c)
+}
+
+/// Start the reflectors with default options. See [`spawn_with`].
+pub fn spawn(cfg: &SourceConfig, sink: Sink, stop: Arc<AtomicBool>) -> Result<Vec<JoinHandle<()>>, SourceError> {
+    spawn_with(cfg, ReflectorOptions::default(), sink, stop)
+}
+
+/// Start one thread per resource (Services, and EndpointSlices or Endpoints), plus a small
+/// thread that interrupts requests in flight once `stop` is set. Fails only on unusable settings.
+pub fn spawn_with(
+    cfg: &SourceConfig,
+    opts: ReflectorOptions,
+    sink: Sink,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<JoinHandle<()>>, SourceError> {
+    let client = connect(cfg, &opts)?;
+    let poll = (!cfg.watch).then_some(cfg.poll_interval);
+    let opts = Arc::new(opts);
+    let mut handles = Vec::new();
+    let spawn_one = |name: &str, endpoints: Option<EndpointsApi>, salt: u64| {
+        let (client, opts, sink, stop) = (client.clone(), opts.clone(), sink.clone(), stop.clone());
+        std::thread::Builder::new().name(name.into()).spawn(move || {
+            let kind = match endpoints {
+                None => Kind::Service,
+                Some(api) => match endpoints_kind(&client, api, &opts, &sink, &stop, salt) {
+                    Some(k) => k,
+                    None => return,
+                },
+            };
+            let mut machine = Machine::new(kind, poll, &opts, seed(&opts, salt));
+            drive(&mut machine, &client, &opts, &sink, &stop);
+        })
+    };
+    let spawn_err = |e: std::io::Error| SourceError { message: format!("cannot start a reflector thread: {e}") };
+    handles.push(spawn_one("watch-services", None, 1).map_err(spawn_err)?);
+    handles.push(spawn_one("watch-endpoints", Some(cfg.endpoints_api), 2).map_err(spawn_err)?);
+    let (c, s) = (client.clone(), stop.clone());
+    handles.push(
+        std::thread::Builder::new()
+            .name("watch-stop".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                c.shutdown();
+            })
+            .map_err(spawn_err)?,
+    );
+    Ok(handles)
+}
+
+/// Sleep up to `d`, waking early when `stop` is set. Returns whether to go on.
+fn nap(d: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            return true;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(100)));
+    }
+    false
+}
+
+/// Which endpoint kind to reflect: as configured, or (auto) EndpointSlices unless the server
+/// answers 404 for discovery.k8s.io/v1. `None` when stopped before deciding.
+fn endpoints_kind(
+    client: &Client,
+    api: EndpointsApi,
+    opts: &ReflectorOptions,
+    sink: &Sink,
+    stop: &AtomicBool,
+    salt: u64,
+) -> Option<Kind> {
+    match api {
+        EndpointsApi::EndpointSlices => return Some(Kind::EndpointSlice),
+        EndpointsApi::Endpoints => return Some(Kind::Endpoints),
+        EndpointsApi::Auto => {}
+    }
+    let mut m = Machine::new(Kind::EndpointSlice, None, opts, seed(opts, salt));
+    loop {
+        match probe_discovery(client) {
+            Ok(k) => {
+                log::info!("endpoints from {}", collection_path(k));
+                return Some(k);
+            }
+            Err(message) => {
+                log::warn!("{message}");
+                sink(SourceEvent::Error { kind: None, message });
+                m.failures += 1;
+                let d = m.backoff();
+                if !nap(d, stop) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// `GET /apis/discovery.k8s.io/v1`: 200 -> EndpointSlices, 404 -> core/v1 Endpoints.
+pub fn probe_discovery(client: &Client) -> Result<Kind, String> {
+    let r = client.get("/apis/discovery.k8s.io/v1").map_err(|e| format!("discovery probe: {e}"))?;
+    match r.status {
+        200 => Ok(Kind::EndpointSlice),
+        404 => Ok(Kind::Endpoints),
+        s => {
+            let st = r.status_body();
+            Err(format!("discovery probe: HTTP {s}: {}", st.message))
+        }
+    }
+}
+
+fn emit_to(sink: &Sink) -> impl FnMut(SourceEvent) + '_ {
+    move |ev: SourceEvent| {
+        if let SourceEvent::Error { kind, message } = &ev {
+            match kind {
+                Some(k) => log::warn!("{k}: {message}"),
+                None => log::warn!("{message}"),
+            }
+        }
+        sink(ev)
+    }
+}
+
+/// Run a machine until `stop`.
+pub fn drive(machine: &mut Machine, client: &Client, opts: &ReflectorOptions, sink: &Sink, stop: &AtomicBool) {
+    let mut emit = emit_to(sink);
+    let mut action = machine.start();
+    while !stop.load(Ordering::Relaxed) {
+        action = match action {
+            Action::List { continue_token } => {
+                let input = list_page(client, machine.kind(), continue_token.as_deref(), opts, stop);
+                machine.step(input, &mut emit)
+            }
+            Action::Watch { resource_version, timeout_seconds } => {
+                watch(machine, client, &resource_version, timeout_seconds, opts, stop, &mut emit)
+            }
+            Action::Sleep(d) => {
+                if !nap(d, stop) {
+                    return;
+                }
+                machine.step(Input::Woke, &mut emit)
+            }
+        };
+    }
+}
+
+fn status_message(status: u16, st: &crate::kube::objects::Status) -> String {
+    let hint = match status {
+        401 => " (unauthorized: check the token or client certificate)",
+        403 => " (forbidden: the identity lacks list/watch permission)",
+        _ => "",
+    };
+    let msg = if st.message.is_empty() { String::new() } else { format!(": {}", st.message) };
+    format!("HTTP {status}{hint}{msg}")
+}
+
+/// Read a whole body with a size limit and a stall deadline.
+fn read_body(
+    mut r: client::Response,
+    limit: usize,
+    stall: Duration,
+    stop: &AtomicBool,
+) -> Result<Vec<u8>, ClientError> {
+    let server = r.server().to_string();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).map_err(|e| client::describe_io(&server, e))?;
+        if n == 0 {
+            return Ok(out);
+        }
+        if out.len() + n > limit {
+            return Err(ClientError::new(ErrorKind::Body, format!("the body is larger than the {limit}-byte limit")));
+        }
+        out.extend_from_slice(&buf[..n]);
+        if started.elapsed() > stall {
+            return Err(ClientError::new(ErrorKind::Timeout, format!("the body stalled: incomplete after {stall:?}")));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(ClientError::new(ErrorKind::Transport, "stopping"));
+        }
+    }
+}
+
+fn list_page(client: &Client, kind: Kind, cont: Option<&str>, opts: &ReflectorOptions, stop: &AtomicBool) -> Input {
+    let mut path = format!("{}?limit={}", collection_path(kind), opts.page_limit);
+    if let Some(c) = cont {
+        path.push_str("&continue=");
+        path.push_str(&encode(c));
+    }
+    let failed = |expired: bool, message: String| Input::ListFailed { expired, message };
+    let resp = match client.get(&path) {
+        Ok(r) => r,
+        Err(e) => return failed(false, e.message),
+    };
+    if resp.status != 200 {
+        let status = resp.status;
+        let st = resp.status_body();
+        return failed(status == 410 || st.is_expired(), status_message(status, &st));
+    }
+    let body = match read_body(resp, opts.max_page_bytes, opts.stall_timeout, stop) {
+        Ok(b) => b,
+        Err(e) => return failed(false, format!("reading the list page: {}", e.message)),
+    };
+    let d = decode_document(&body, Some(kind));
+    drop(body);
+    if let Some(e) = d.document_error {
+        return failed(false, format!("the list page is unusable: {e}"));
+    }
+    Input::Page {
+        objects: d.objects,
+        errors: d.errors,
+        resource_version: d.resource_version,
+        continue_token: d.continue_token,
+    }
+}
+
+/// Percent-encode a query value (continue tokens are base64url, but be safe).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Splits a byte stream into lines, never holding more than `max` bytes of one line: a longer
+/// line is skipped and reported with its length.
+pub struct LineSplitter {
+    max: usize,
+    pending: Vec<u8>,
+    /// `Some(n)`: inside an oversized line, `n` bytes so far.
+    skipping: Option<usize>,
+}
+
+/// One item out of a [`LineSplitter`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Line(&'a [u8]),
+    Oversized(usize),
+}
+
+impl LineSplitter {
+    pub fn new(max: usize) -> LineSplitter {
+        LineSplitter { max, pending: Vec::new(), skipping: None }
+    }
+
+    /// Whether a line has started but not ended.
+    pub fn mid_line(&self) -> bool {
+        !self.pending.is_empty() || self.skipping.is_some()
+    }
+
+    /// Feed bytes; `f` is called for each complete line (without the newline; empty lines are
+    /// dropped) and for each skipped oversized line. Stops early when `f` returns false.
+    pub fn feed(&mut self, mut chunk: &[u8], f: &mut dyn FnMut(Piece<'_>) -> bool) -> bool {
+        while !chunk.is_empty() {
+            let nl = chunk.iter().position(|&b| b == b'\n');
+            let (part, rest, ends) = match nl {
+                Some(i) => (&chunk[..i], &chunk[i + 1..], true),
+                None => (chunk, &[][..], false),
+            };
+            chunk = rest;
+            if let Some(n) = &mut self.skipping {
+                *n += part.len() + usize::from(ends);
+                if ends {
+                    let n = *n;
+                    self.skipping = None;
+                    if !f(Piece::Oversized(n)) {
+                        return false;
+                    }
+                }
+                continue;
+            }
+            if self.pending.len() + part.len() > self.max {
+                self.skipping = Some(self.pending.len() + part.len() + usize::from(ends));
+                self.pending = Vec::new(); // release the memory now
+                if ends {
+                    let n = self.skipping.take().unwrap_or(0);
+                    if !f(Piece::Oversized(n)) {
+                        return false;
+                    }
+                }
+                continue;
+            }
+            if !ends {
+                self.pending.extend_from_slice(part);
+                continue;
+            }
+            let go_on = if self.pending.is_empty() {
+                part.is_empty() || f(Piece::Line(part))
+            } else {
+                self.pending.extend_from_slice(part);
+                let line = std::mem::take(&mut self.pending);
+                let r = f(Piece::Line(&line));
+                if line.capacity() <= 1 << 20 {
+                    self.pending = line;
+                    self.pending.clear();
+                }
+                r
+            };
+            if !go_on {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn watch(
+    machine: &mut Machine,
+    client: &Client,
+    rv: &str,
+    timeout_seconds: u32,
+    opts: &ReflectorOptions,
+    stop: &AtomicBool,
+    emit: &mut dyn FnMut(SourceEvent),
+) -> Action {
+    let path = format!(
+        "{}?watch=true&allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={timeout_seconds}",
+        collection_path(machine.kind()),
+        encode(rv)
+    );
+    let mut resp = match client.get(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            return machine.step(Input::WatchRefused { status: None, expired: false, message: e.message }, emit);
+        }
+    };
+    if resp.status != 200 {
+        let status = resp.status;
+        let st = resp.status_body();
+        let expired = status == 410 || st.is_expired();
+        return machine
+            .step(Input::WatchRefused { status: Some(status), expired, message: status_message(status, &st) }, emit);
+    }
+    let server = resp.server().to_string();
+    let kind = machine.kind();
+    let mut splitter = LineSplitter::new(opts.max_line_bytes);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line_started: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Action::Sleep(Duration::ZERO);
+        }
+        let n = match resp.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let e = client::describe_io(&server, e);
+                let end = match e.kind {
+                    ErrorKind::Timeout if !splitter.mid_line() => WatchEnd::Idle,
+                    ErrorKind::Timeout => WatchEnd::Broken(format!("idle in the middle of an event: {}", e.message)),
+                    _ => WatchEnd::Broken(e.message),
+                };
+                return machine.step(Input::WatchEnded(end), emit);
+            }
+        };
+        if n == 0 {
+            let end = match splitter.mid_line() {
+                true => WatchEnd::Broken("the stream ended in the middle of an event".into()),
+                false => WatchEnd::Closed,
+            };
+            return machine.step(Input::WatchEnded(end), emit);
+        }
+        let mut next: Option<Action> = None;
+        splitter.feed(&buf[..n], &mut |piece| {
+            let input = match piece {
+                Piece::Line(l) => WatchInput::Line(decode_watch_line(l, kind)),
+                Piece::Oversized(n) => WatchInput::Oversized(n),
+            };
+            next = machine.on_watch(input, emit);
+            next.is_none()
+        });
+        if let Some(a) = next {
+            return a;
+        }
+        if splitter.mid_line() {
+            let started = *line_started.get_or_insert_with(Instant::now);
+            if started.elapsed() > opts.stall_timeout {
+                let m = format!("an event is still incomplete after {:?}: the server is stalling", opts.stall_timeout);
+                return machine.step(Input::WatchEnded(WatchEnd::Broken(m)), emit);
+            }
+        } else {
+            line_started = None;
+        }
+    }
+}
+
+// ---- one-shot list -----------------------------------------------------------------------------
+
+/// What a one-shot list found.
+#[derive(Debug, Default)]
+pub struct Listed {
+    /// Where it came from (server and how it was chosen).
+    pub origin: String,
+    pub objects: Vec<Object>,
+    /// Objects that could not be used, one message each.
+    pub errors: Vec<String>,
+}
+
+/// List Services and endpoints (EndpointSlices, or Endpoints per `endpoints_api` / discovery)
+/// once, completely. For `edgeproxy rules` (a live dry run).
+pub fn list_all(cfg: &SourceConfig) -> Result<Listed, SourceError> {
+    list_all_with(cfg, &ReflectorOptions::default())
+}
+
+pub fn list_all_with(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<Listed, SourceError> {
+    let client = connect(cfg, opts)?;
+    let ep_kind = match cfg.endpoints_api {
+        EndpointsApi::EndpointSlices => Kind::EndpointSlice,
+        EndpointsApi::Endpoints => Kind::Endpoints,
+        EndpointsApi::Auto => probe_discovery(&client).map_err(|message| SourceError { message })?,
+    };
+    let mut out = Listed { origin: format!("{} ({})", client.server(), client.origin()), ..Listed::default() };
+    let stop = AtomicBool::new(false);
+    for kind in [Kind::Service, ep_kind] {
+        let mut attempts = 0;
+        let mut cont: Option<String> = None;
+        let mut objects = Vec::new();
+        let mut errors = Vec::new();
+        loop {
+            match list_page(&client, kind, cont.as_deref(), opts, &stop) {
+                Input::Page { objects: o, errors: e, continue_token, .. } => {
+                    objects.extend(o);
+                    errors.extend(e.into_iter().map(|e| e.to_string()));
+                    match continue_token {
+                        Some(t) => cont = Some(t),
+                        None => break,
+                    }
+                }
+                Input::ListFailed { expired: true, message } if attempts < 3 => {
+                    log::warn!("{kind}: {message}; listing again from the start");
+                    attempts += 1;
+                    (cont, objects, errors) = (None, Vec::new(), Vec::new());
+                }
+                Input::ListFailed { message, .. } => {
+                    return Err(SourceError { message: format!("listing {}: {message}", collection_path(kind)) })
+                }
+                other => unreachable!("list_page returns pages or failures, not {other:?}"),
+            }
+        }
+        out.objects.extend(objects);
+        out.errors.extend(errors);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::objects::Status;
+    use crate::model::{EndpointSet, EndpointSource, Service, ServiceType};
+
+    fn svc(name: &str) -> Object {
+        Object::Service(Service {
+            key: ObjectKey::new("ns", name),
+            service_type: ServiceType::ClusterIP,
+            headless: false,
+            cluster_ips: vec![],
+            ports: vec![],
+            affinity_timeout: None,
+            internal_local: false,
+            labels: vec![],
+        })
+    }
+
+    fn opts() -> ReflectorOptions {
+        ReflectorOptions { env: Env::default(), ..ReflectorOptions::default() }
+    }
+
+    fn machine() -> Machine {
+        Machine::new(Kind::Service, None, &opts(), 42)
+    }
+
+    fn page(objects: Vec<Object>, rv: &str, cont: Option<&str>) -> Input {
+        Input::Page { objects, errors: vec![], resource_version: Some(rv.into()), continue_token: cont.map(Into::into) }
+    }
+
+    fn line(event: WatchEvent, rv: &str) -> WatchInput {
+        WatchInput::Line(Ok(WatchLine { event, resource_version: Some(rv.into()) }))
+    }
+
+    #[test]
+    fn pages_then_replace_then_watch() {
+        let mut m = machine();
+        let mut ev = Vec::new();
+        let mut e = |x| ev.push(x);
+        assert_eq!(m.start(), Action::List { continue_token: None });
+        assert_eq!(
+            m.step(page(vec![svc("a")], "5", Some("t1")), &mut e),
+            Action::List { continue_token: Some("t1".into()) }
+        );
+        let a = m.step(page(vec![svc("b")], "5", None), &mut e);
+        let Action::Watch { resource_version, timeout_seconds } = a else { panic!("{a:?}") };
+        assert_eq!(resource_version, "5");
+        assert!((300..=600).contains(&timeout_seconds));
+        assert_eq!(
+            ev,
+            vec![
+                SourceEvent::Change(Change::Replace(Kind::Service, vec![svc("a"), svc("b")])),
+                SourceEvent::Synced(Kind::Service),
+            ]
+        );
+    }
+
+    #[test]
+    fn expired_continue_restarts_the_list_and_storms_back_off() {
+        let mut m = machine();
+        let mut ev = Vec::new();
+        let mut e = |x| ev.push(x);
+        m.start();
+        m.step(page(vec![svc("a")], "5", Some("t1")), &mut e);
+        let a = m.step(Input::ListFailed { expired: true, message: "410".into() }, &mut e);
+        assert_eq!(a, Action::List { continue_token: None });
+        let a = m.step(Input::ListFailed { expired: true, message: "410".into() }, &mut e);
+        assert!(matches!(a, Action::Sleep(_)), "{a:?}");
+        assert_eq!(m.step(Input::Woke, &mut e), Action::List { continue_token: None });
+        m.step(page(vec![svc("b")], "9", None), &mut e);
+        // Nothing was emitted before the complete list, and only "b" came from it.
+        let changes: Vec<_> = ev.iter().filter(|x| matches!(x, SourceEvent::Change(_))).collect();
+        assert_eq!(changes, vec![&SourceEvent::Change(Change::Replace(Kind::Service, vec![svc("b")]))]);
+    }
+
+    #[test]
+    fn watch_events_bookmarks_and_expiry() {
+        let mut m = machine();
+        let mut ev = Vec::new();
+        let mut e = |x| ev.push(x);
+        m.start();
+        m.step(page(vec![svc("a")], "5", None), &mut e);
+        assert_eq!(m.on_watch(line(WatchEvent::Added(svc("b")), "6"), &mut e), None);
+        assert_eq!(m.on_watch(line(WatchEvent::Bookmark, "8"), &mut e), None);
+        assert_eq!(m.resource_version(), Some("8"));
+        assert_eq!(m.on_watch(line(WatchEvent::Deleted(Kind::Service, ObjectKey::new("ns", "a")), "9"), &mut e), None);
+        assert_eq!(m.held().iter().map(|k| k.to_string()).collect::<Vec<_>>(), vec!["ns/b"]);
+        // Garbage and oversized lines change nothing.
+        assert_eq!(m.on_watch(WatchInput::Line(Err(LineError::Garbage("x".into()))), &mut e), None);
+        assert_eq!(m.on_watch(WatchInput::Oversized(20 << 20), &mut e), None);
+        assert_eq!(m.resource_version(), Some("9"));
+        // A clean end resumes from the last RV at once.
+        let a = m.step(Input::WatchEnded(WatchEnd::Closed), &mut e);
+        assert!(matches!(&a, Action::Watch { resource_version, .. } if resource_version == "9"), "{a:?}");
+        // ERROR Expired -> relist.
+        let st = Status { code: 410, reason: "Expired".into(), message: "too old resource version: 9 (12)".into() };
+        let a = m
+            .on_watch(WatchInput::Line(Ok(WatchLine { event: WatchEvent::Error(st), resource_version: None })), &mut e);
+        assert_eq!(a, Some(Action::List { continue_token: None }));
+        m.step(page(vec![svc("b")], "12", None), &mut e);
+        assert!(ev.contains(&SourceEvent::Relisted(Kind::Service)));
+        assert!(ev.contains(&SourceEvent::WatchRestarted(Kind::Service)));
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_with_jitter_up_to_the_cap() {
+        let mut m = machine();
+        let mut e = |_| {};
+        m.start();
+        m.step(page(vec![], "5", None), &mut e);
+        let mut last = Duration::ZERO;
+        for i in 1..=12 {
+            let a = m.step(Input::WatchRefused { status: Some(500), expired: false, message: "boom".into() }, &mut e);
+            let Action::Sleep(d) = a else { panic!("{a:?}") };
+            let full = Duration::from_millis(500).saturating_mul(1 << (i - 1)).min(Duration::from_secs(30));
+            assert!(d >= full / 2 && d <= full, "attempt {i}: {d:?} not in [{:?}, {full:?}]", full / 2);
+            last = d;
+            let a = m.step(Input::Woke, &mut e);
+            assert!(matches!(&a, Action::Watch { resource_version, .. } if resource_version == "5"), "{a:?}");
+        }
+        assert!(last >= Duration::from_secs(15));
+        // Progress resets the backoff.
+        m.on_watch(line(WatchEvent::Bookmark, "6"), &mut e);
+        let Action::Sleep(d) =
+            m.step(Input::WatchRefused { status: None, expired: false, message: "x".into() }, &mut e)
+        else {
+            panic!()
+        };
+        assert!(d <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_list_with_a_bad_item_keeps_its_last_good_version() {
+        let mut m = machine();
+        let ev = std::cell::RefCell::new(Vec::new());
+        let mut e = |x| ev.borrow_mut().push(x);
+        m.start();
+        m.step(page(vec![svc("a"), svc("b"), svc("c")], "5", None), &mut e);
+        ev.borrow_mut().clear();
+        m.step(Input::WatchEnded(WatchEnd::Broken("x".into())), &mut e);
+        m.step(Input::Woke, &mut e);
+        m.step(Input::ListFailed { expired: true, message: "410".into() }, &mut e);
+        let bad = ObjectError {
+            kind: Some(Kind::Service),
+            object: "ns/b".into(),
+            field: "spec.ports[0].port".into(),
+            message: "x".into(),
+        };
+        m.step(
+            Input::Page {
+                objects: vec![svc("a")],
+                errors: vec![bad],
+                resource_version: Some("7".into()),
+                continue_token: None,
+            },
+            &mut e,
+        );
+        let changes: Vec<_> = ev
+            .borrow()
+            .iter()
+            .filter_map(|x| if let SourceEvent::Change(c) = x { Some(c.clone()) } else { None })
+            .collect();
+        assert_eq!(changes, vec![Change::Upsert(svc("a")), Change::Delete(Kind::Service, ObjectKey::new("ns", "c"))]);
+    }
+
+    #[test]
+    fn unsupported_watch_falls_back_to_polling() {
+        let mut m = Machine::new(Kind::Endpoints, None, &opts(), 1);
+        let mut e = |_| {};
+        m.start();
+        m.step(page(vec![], "5", None), &mut e);
+        let a = m.step(Input::WatchRefused { status: Some(405), expired: false, message: "HTTP 405".into() }, &mut e);
+        assert_eq!(a, Action::Sleep(Duration::from_secs(30)));
+        assert!(m.is_polling());
+        assert_eq!(m.step(Input::Woke, &mut e), Action::List { continue_token: None });
+        assert_eq!(m.step(page(vec![], "6", None), &mut e), Action::Sleep(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn poll_mode_lists_on_an_interval() {
+        let mut m = Machine::new(Kind::EndpointSlice, Some(Duration::from_secs(7)), &opts(), 1);
+        let mut ev = Vec::new();
+        let mut e = |x| ev.push(x);
+        m.start();
+        let set = Object::Endpoints(EndpointSet {
+            source: EndpointSource::Slice,
+            key: ObjectKey::new("ns", "s-1"),
+            service: ObjectKey::new("ns", "s"),
+            groups: vec![],
+        });
+        assert_eq!(m.step(page(vec![set.clone()], "5", None), &mut e), Action::Sleep(Duration::from_secs(7)));
+        assert_eq!(m.step(Input::Woke, &mut e), Action::List { continue_token: None });
+        assert_eq!(m.step(page(vec![set.clone()], "6", None), &mut e), Action::Sleep(Duration::from_secs(7)));
+        assert_eq!(ev.iter().filter(|x| matches!(x, SourceEvent::Relisted(_))).count(), 1);
+    }
+
+    #[test]
+    fn splitter_handles_any_chunking_and_skips_long_lines() {
+        let input = b"{\"a\":1}\n\n{\"b\":2}\nxxxxxxxxxxxxxxxxxxxx\n{\"c\":3}\n";
+        for chunk in 1..input.len() {
+            let mut s = LineSplitter::new(10);
+            let mut got: Vec<String> = Vec::new();
+            for c in input.chunks(chunk) {
+                s.feed(c, &mut |p| {
+                    got.push(match p {
+                        Piece::Line(l) => String::from_utf8(l.to_vec()).unwrap(),
+                        Piece::Oversized(n) => format!("<{n}>"),
+                    });
+                    true
+                });
+            }
+            assert_eq!(got, vec!["{\"a\":1}", "{\"b\":2}", "<21>", "{\"c\":3}"], "chunk size {chunk}");
+            assert!(!s.mid_line());
+        }
+    }
+}
