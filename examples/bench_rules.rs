@@ -207,7 +207,7 @@ fn main() {
         "flip sync ms",
         "1 same ms",
         "guard ms",
-        "canary ms",
+        "canary us",
         "EdgeMesh way s (est)",
         "speed-up"
     );
@@ -228,7 +228,7 @@ fn main() {
                 ms(r.flip_sync),
                 ms(r.nochange),
                 ms(r.guard),
-                ms(r.guard_canary),
+                format!("{:.0}", r.guard_canary.as_secs_f64() * 1e6),
                 em.as_secs_f64(),
                 em.as_secs_f64() / r.full.as_secs_f64()
             );
