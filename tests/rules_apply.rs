@@ -26,17 +26,8 @@ fn fixture_state() -> State {
     st
 }
 
-/// `iptables-save -t <table>` without comments and counters: comparable across time.
 fn dump(ns: &Netns, b: &Binaries, table: &str) -> String {
-    let out = ns.ok(&[b.save, "-t", table]);
-    out.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.rfind(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    ns.save_dump(b.save, table)
 }
 
 fn chain(ns: &Netns, b: &Binaries, chain: &str) -> Vec<String> {

@@ -50,15 +50,7 @@ fn seed(ns: &Netns, b: &Binaries, text: &str) {
 }
 
 fn dump(ns: &Netns, b: &Binaries, table: &str) -> String {
-    ns.ok(&[b.save, "-t", table])
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.rfind(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    ns.save_dump(b.save, table)
 }
 
 fn edgeproxy(ns: &Netns, b: &Binaries, args: &[&str]) -> (Option<i32>, String) {
