@@ -236,6 +236,10 @@ pub fn emergency_cleanup() {
     for n in names {
         delete_ns(&n);
     }
+    // The work directory (see `tempdir` in bench.rs); exit() skips its drop guard.
+    if std::env::var_os("BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("epbench-{}", std::process::id())));
+    }
 }
 
 /// Delete `epbench-<pid>-*` namespaces left by earlier runs whose process is gone.
