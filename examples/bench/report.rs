@@ -153,7 +153,14 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
     if paths.contains(&Path::Haproxy) {
         let ha = Path::Haproxy.name();
         for f in FIGURES {
-            let (Some(a), Some(b)) = (med(f.key, ep), med(f.key, ha)) else {
+            // Compare the per-round ratios to kernel DNAT (each proxy against the same round's
+            // kernel figure, so load drift between rounds cancels); proxy-only figures (CPU)
+            // have no kernel value and compare their medians directly.
+            let pair = match (med_ratio_of(r, f.key, ep), med_ratio_of(r, f.key, ha)) {
+                (Some(a), Some(b)) => Some((a, b)),
+                _ => med(f.key, ep).zip(med(f.key, ha)),
+            };
+            let Some((a, b)) = pair else {
                 continue;
             };
             let better = if f.higher_is_better { a > b } else { a < b };
@@ -177,6 +184,10 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
         }
     }
     t
+}
+
+fn med_ratio_of(r: &Results, key: &str, path: &str) -> Option<f64> {
+    spread(&r.ratios(key, path)).map(|s| s.1)
 }
 
 /// The stdout table.
