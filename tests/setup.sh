@@ -19,10 +19,6 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Packaged daemons that did start before (on a machine set up by hand) would only get in the way.
-for svc in haproxy prometheus; do
-  pkill -x "$svc" 2>/dev/null || true
-done
 
 if command -v rustup >/dev/null 2>&1; then
   for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
