@@ -14,9 +14,11 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
@@ -134,6 +136,7 @@ async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc
             log::warn!("UDP port {port}: {e}; closing it");
             return;
         }
+        let mut drained = false;
         for _ in 0..BATCH {
             let more = BUF.with(|b| {
                 let mut buf = b.borrow_mut();
@@ -150,11 +153,16 @@ async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc
                 }
             });
             if !more {
+                drained = true;
                 break;
             }
         }
         while flow_tasks.try_join_next().is_some() {}
-        tokio::task::yield_now().await;
+        // A full batch means more may be queued: let the other tasks run before reading on. An
+        // emptied socket needs no yield; waiting for readiness gives the others their turn.
+        if !drained {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -255,11 +263,23 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>,
     let _active = ActiveFlow(shared.clone());
     let idle = shared.cfg.udp_idle_timeout;
     let stats = &shared.stats;
+    // One timer per flow, moved only when it fires: traffic just updates `flow.last`, so a busy
+    // flow costs no timer operation per datagram.
+    let expiry = tokio::time::sleep_until((shared.epoch + Duration::from_millis(flow.last()) + idle).into());
+    tokio::pin!(expiry);
     loop {
-        let deadline = shared.epoch + Duration::from_millis(flow.last()) + idle;
-        match tokio::time::timeout_at(deadline.into(), flow.upstream.readable()).await {
-            Err(_) => {
-                if shared.now_ms() >= flow.last() + idle.as_millis() as u64 {
+        let mut readable = std::pin::pin!(flow.upstream.readable());
+        let ready = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = readable.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            expiry.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        match ready {
+            None => {
+                let last = flow.last();
+                if shared.now_ms() >= last + idle.as_millis() as u64 {
                     let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
                     if map.get(&client).is_some_and(|(f, _)| Arc::ptr_eq(f, &flow)) {
                         map.remove(&client);
@@ -267,12 +287,13 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>,
                     stats.udp_flows_expired.inc();
                     return;
                 }
+                expiry.as_mut().reset((shared.epoch + Duration::from_millis(last) + idle).into());
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 log::debug!("{client} <- {}: {e}", flow.backend);
                 return;
             }
-            Ok(Ok(())) => {
+            Some(Ok(())) => {
                 for _ in 0..BATCH {
                     let more = BUF.with(|b| {
                         let mut buf = b.borrow_mut();
