@@ -28,15 +28,19 @@ use serde_json::Value;
 /// Counts live heap bytes, so the report can tell data from allocator slack.
 struct Counting;
 static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Live allocations: each costs allocator bookkeeping on top of its bytes.
+static BLOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
         LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        BLOCKS.fetch_add(1, Ordering::Relaxed);
         unsafe { std::alloc::System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        BLOCKS.fetch_sub(1, Ordering::Relaxed);
         unsafe { std::alloc::System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
@@ -50,7 +54,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 fn live() -> String {
-    format!("{} kB", LIVE.load(Ordering::Relaxed) / 1024)
+    format!("{} kB in {} blocks", LIVE.load(Ordering::Relaxed) / 1024, BLOCKS.load(Ordering::Relaxed))
 }
 
 fn template(file: &str, name: &str) -> Value {
@@ -189,12 +193,16 @@ fn main() {
     // The plan (rules + proxy table) is the next consumer; report its cost too.
     let t1 = Instant::now();
     let plan = state.plan();
+    let took = t1.elapsed();
+    let rule_bytes: usize =
+        [&plan.rules.v4, &plan.rules.v6].iter().flat_map(|t| t.rules.iter()).map(|r| r.capacity()).sum();
     println!(
-        "plan: {:.2?}, {} services proxied; VmRSS {}, VmHWM {}",
-        t1.elapsed(),
+        "plan: {took:.2?}, {} services proxied; VmRSS {}, VmHWM {}; live heap {} (rule text {} kB)",
         plan.proxied().count(),
         proc_status("VmRSS:"),
-        proc_status("VmHWM:")
+        proc_status("VmHWM:"),
+        live(),
+        rule_bytes / 1024,
     );
     drop(plan);
     stop.store(true, Ordering::Relaxed);

@@ -4,6 +4,11 @@
 //! Pure: no I/O, no clock, no randomness. Sources feed it [`Change`]s; `plan` derives everything
 //! else. Only explicit deletes and replacements remove objects: a failed list or a broken watch
 //! simply sends nothing, so the held state (and with it the installed rules) stays as it was.
+//!
+//! Memory: it holds the whole cluster for hours, so on insert it interns the strings that recur
+//! across objects (namespaces, node names, zones, port names) in a map it owns, and points an
+//! endpoint set's service key at the Service's own name when that Service is held. Interning
+//! changes no value, only which allocation holds it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -60,7 +65,9 @@ pub enum Change {
 /// Per service port, what the plan decided (for `--explain` and logs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortReport {
-    pub name: String,
+    /// `namespace/name[:portName]` (see [`port_comment`]); the same allocation as the proxy
+    /// table entry's name.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
     pub backends: usize,
@@ -90,6 +97,73 @@ impl Plan {
 
 type UdpKey = (ObjectKey, u16);
 
+/// Shared copies of strings that recur across objects. Deterministic (a `BTreeSet`), and pruned
+/// of strings nothing else holds any more once it has doubled since the last pruning, so it
+/// never holds more than about twice what is in use.
+#[derive(Default)]
+struct Interner {
+    set: BTreeSet<Arc<str>>,
+    prune_at: usize,
+}
+
+impl Interner {
+    /// Point `s` at the shared copy of its text (making it the shared copy if there is none).
+    fn share(&mut self, s: &mut Arc<str>) {
+        match self.set.get(&**s) {
+            Some(shared) => {
+                if !Arc::ptr_eq(shared, s) {
+                    *s = shared.clone();
+                }
+            }
+            None => {
+                self.set.insert(s.clone());
+            }
+        }
+    }
+
+    fn share_opt(&mut self, s: &mut Option<Arc<str>>) {
+        if let Some(s) = s {
+            self.share(s);
+        }
+    }
+
+    fn prune(&mut self) {
+        if self.set.len() > self.prune_at {
+            self.set.retain(|s| Arc::strong_count(s) > 1);
+            self.prune_at = (self.set.len() * 2).max(64);
+        }
+    }
+
+    fn service(&mut self, svc: &mut Service) {
+        self.share(&mut svc.key.namespace);
+        for p in &mut svc.ports {
+            self.share(&mut p.name);
+        }
+    }
+
+    /// `services`: the held Services, whose names the set's service key may share.
+    fn endpoints(&mut self, set: &mut EndpointSet, services: &BTreeMap<ObjectKey, Service>) {
+        self.share(&mut set.key.namespace);
+        if set.service.namespace == set.key.namespace {
+            set.service.namespace = set.key.namespace.clone();
+        } else {
+            self.share(&mut set.service.namespace);
+        }
+        if let Some((held, _)) = services.get_key_value(&set.service) {
+            set.service.name = held.name.clone();
+        }
+        for g in &mut set.groups {
+            for p in &mut g.ports {
+                self.share(&mut p.name);
+            }
+            for e in &mut g.endpoints {
+                self.share_opt(&mut e.node_name);
+                self.share_opt(&mut e.zone);
+            }
+        }
+    }
+}
+
 pub struct State {
     cfg: StateConfig,
     snapshot: Snapshot,
@@ -98,6 +172,7 @@ pub struct State {
     udp_ports: BTreeMap<UdpKey, u16>,
     /// Ports the proxy reported it cannot bind.
     unusable_udp: BTreeSet<u16>,
+    strings: Interner,
 }
 
 impl State {
@@ -108,6 +183,7 @@ impl State {
             kube_proxy: false,
             udp_ports: BTreeMap::new(),
             unusable_udp: BTreeSet::new(),
+            strings: Interner::default(),
         }
     }
 
@@ -125,20 +201,28 @@ impl State {
 
     /// Apply one change; returns whether anything the plan depends on changed.
     pub fn apply(&mut self, change: Change) -> bool {
+        let changed = self.apply_inner(change);
+        self.strings.prune();
+        changed
+    }
+
+    fn apply_inner(&mut self, change: Change) -> bool {
         match change {
-            Change::Upsert(Object::Service(s)) => match self.snapshot.services.get(&s.key) {
+            Change::Upsert(Object::Service(mut s)) => match self.snapshot.services.get(&s.key) {
                 Some(old) if *old == s => false,
                 _ => {
+                    self.strings.service(&mut s);
                     self.snapshot.services.insert(s.key.clone(), s);
                     true
                 }
             },
-            Change::Upsert(Object::Endpoints(e)) => {
+            Change::Upsert(Object::Endpoints(mut e)) => {
                 let k = (e.source, e.key.clone());
                 match self.snapshot.endpoints.get(&k) {
                     Some(old) if *old == e => false,
                     _ => {
-                        self.snapshot.endpoints.insert(k, e);
+                        self.strings.endpoints(&mut e, &self.snapshot.services);
+                        self.snapshot.endpoints.insert((e.source, e.key.clone()), e);
                         true
                     }
                 }
@@ -146,35 +230,34 @@ impl State {
             Change::Delete(Kind::Service, key) => self.snapshot.services.remove(&key).is_some(),
             Change::Delete(kind, key) => self.snapshot.endpoints.remove(&(source_of(kind), key)).is_some(),
             Change::Replace(Kind::Service, objects) => {
-                let new: BTreeMap<ObjectKey, Service> = objects
-                    .into_iter()
-                    .filter_map(|o| match o {
-                        Object::Service(s) => Some((s.key.clone(), s)),
-                        Object::Endpoints(_) => None,
-                    })
-                    .collect();
+                let mut new: BTreeMap<ObjectKey, Service> = BTreeMap::new();
+                for o in objects {
+                    if let Object::Service(mut s) = o {
+                        self.strings.service(&mut s);
+                        new.insert(s.key.clone(), s);
+                    }
+                }
                 let changed = new != self.snapshot.services;
                 self.snapshot.services = new;
                 changed
             }
             Change::Replace(kind, objects) => {
                 let source = source_of(kind);
-                let mut new: BTreeMap<(EndpointSource, ObjectKey), EndpointSet> = self
-                    .snapshot
-                    .endpoints
-                    .iter()
-                    .filter(|((s, _), _)| *s != source)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let (old, mut others): (EndpointMap, EndpointMap) =
+                    std::mem::take(&mut self.snapshot.endpoints).into_iter().partition(|((s, _), _)| *s == source);
+                let mut new = EndpointMap::new();
                 for o in objects {
-                    if let Object::Endpoints(e) = o {
+                    if let Object::Endpoints(mut e) = o {
                         if e.source == source {
+                            self.strings.endpoints(&mut e, &self.snapshot.services);
                             new.insert((e.source, e.key.clone()), e);
                         }
                     }
                 }
-                let changed = new != self.snapshot.endpoints;
-                self.snapshot.endpoints = new;
+                let changed = new != old;
+                drop(old);
+                others.append(&mut new);
+                self.snapshot.endpoints = others;
                 changed
             }
             Change::KubeProxy(present) => std::mem::replace(&mut self.kube_proxy, present) != present,
@@ -218,6 +301,7 @@ impl State {
             let mut ports = Vec::with_capacity(svc.ports.len());
             for (pi, sp) in svc.ports.iter().enumerate() {
                 let backends = resolve(svc, sp, sets, cfg);
+                let name: Arc<str> = port_comment(&svc.key, sp).into();
                 let note = match sp.protocol {
                     Protocol::Sctp => Some("SCTP is not proxied"),
                     _ if backends.is_empty() => Some("no usable endpoint: connections are refused"),
@@ -227,7 +311,7 @@ impl State {
                     wanted_udp.push((svc.key.clone(), sp.port));
                 }
                 ports.push(PortReport {
-                    name: port_comment(&svc.key, sp),
+                    name,
                     protocol: sp.protocol,
                     port: sp.port,
                     backends: backends.len(),
@@ -271,10 +355,10 @@ impl State {
                     }
                 },
             };
-            let name = port_comment(&svc.key, sp);
+            let name = &reports[idx].ports[pi].name;
             let target = if backends.is_empty() { Target::Reject } else { Target::Proxy(proxy_port) };
             let entry = Arc::new(ServiceEntry {
-                name: name.as_str().into(),
+                name: name.clone(),
                 protocol: sp.protocol,
                 backends,
                 affinity: svc.affinity_timeout.map(|t| Duration::from_secs(t.into())),
@@ -282,7 +366,7 @@ impl State {
             });
             for ip in &svc.cluster_ips {
                 planned.push(PlannedPort {
-                    comment: name.clone(),
+                    comment: name.to_string(),
                     cluster_ip: *ip,
                     protocol: sp.protocol,
                     port: sp.port,
@@ -307,6 +391,8 @@ impl State {
         Plan { reports, rules, table }
     }
 }
+
+type EndpointMap = BTreeMap<(EndpointSource, ObjectKey), EndpointSet>;
 
 fn source_of(kind: Kind) -> EndpointSource {
     match kind {
@@ -334,7 +420,7 @@ fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
     let mut ips: Vec<IpAddr> = chosen_sets(sets)
         .flat_map(|s| s.groups.iter())
         .flat_map(|g| g.endpoints.iter())
-        .filter_map(|e| e.addresses.first().copied())
+        .map(|e| e.address)
         .collect();
     ips.sort();
     ips.dedup();
@@ -357,14 +443,11 @@ fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateCo
     let node = cfg.node_name.as_deref();
     for set in chosen_sets(sets) {
         for group in &set.groups {
-            let Some(port) = group.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol) else {
+            let Some(port) = group.ports.iter().find(|p| *p.name == *sp.name && p.protocol == sp.protocol) else {
                 continue;
             };
             for ep in &group.endpoints {
-                // The first address is the endpoint's; the others are informational.
-                let Some(ip) = ep.addresses.first() else {
-                    continue;
-                };
+                let ip = &ep.address;
                 if *ip == cfg.listen.ip_for(ip.is_ipv6()) || ip.is_unspecified() {
                     continue; // would loop back into the proxy
                 }
@@ -444,5 +527,45 @@ mod tests {
         assert_eq!(st.plan().rules, first);
         assert!(st.apply(Change::UdpPortUnavailable(15002)));
         assert_eq!(st.plan().table.udp.keys().copied().collect::<Vec<_>>(), vec![15003]);
+    }
+
+    #[test]
+    fn recurring_strings_are_shared_and_unused_ones_pruned() {
+        let slices = r#"{"kind":"EndpointSliceList","items":[
+          {"metadata":{"name":"web-1","namespace":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4",
+           "endpoints":[{"addresses":["192.0.2.1"],"nodeName":"n1","zone":"z"},{"addresses":["192.0.2.2"],"nodeName":"n1","zone":"z"}],
+           "ports":[{"name":"http","port":8080}]},
+          {"metadata":{"name":"web-2","namespace":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4",
+           "endpoints":[{"addresses":["192.0.2.3"],"nodeName":"n1","zone":"z"}],"ports":[{"name":"http","port":8080}]}]}"#;
+        let mut st = state(SVCS, slices);
+        let snap = st.snapshot();
+        let web = snap.services.get_key_value(&ObjectKey::new("a", "web")).unwrap();
+        let sets: Vec<&EndpointSet> = snap.endpoints.values().collect();
+        let eps: Vec<&crate::model::Endpoint> = sets.iter().flat_map(|s| s.groups[0].endpoints.iter()).collect();
+        for e in &eps[1..] {
+            assert!(Arc::ptr_eq(eps[0].node_name.as_ref().unwrap(), e.node_name.as_ref().unwrap()));
+            assert!(Arc::ptr_eq(eps[0].zone.as_ref().unwrap(), e.zone.as_ref().unwrap()));
+        }
+        for set in &sets {
+            assert!(Arc::ptr_eq(&set.key.namespace, &web.0.namespace), "namespace shared with the Service");
+            assert!(Arc::ptr_eq(&set.service.name, &web.1.key.name), "service name shared with the Service");
+            assert!(Arc::ptr_eq(&set.groups[0].ports[0].name, &web.1.ports[0].name), "port name shared");
+        }
+        assert_eq!(st.plan().table.tcp[&"10.96.0.20:80".parse().unwrap()].backends.len(), 3);
+
+        // Everything gone: strings nothing holds any more do not stay forever.
+        for (kind, n) in [(Kind::Service, 0), (Kind::EndpointSlice, 0)] {
+            st.apply(Change::Replace(kind, Vec::with_capacity(n)));
+        }
+        for i in 0..200 {
+            let doc = SVCS.replace("\"namespace\":\"a\"", &format!("\"namespace\":\"ns-{i}\""));
+            let d = decode_document(doc.as_bytes(), Some(Kind::Service));
+            st.apply(Change::Replace(Kind::Service, d.objects));
+        }
+        assert_eq!(st.snapshot().services.len(), 2);
+        let held = st.strings.set.len();
+        assert!(held <= 2 * 3 + 64, "interner holds {held} strings for 3 in use");
+        assert!(st.strings.set.iter().any(|s| &**s == "ns-199"));
+        assert!(!st.strings.set.iter().any(|s| &**s == "ns-0"), "a namespace no object uses was kept");
     }
 }

@@ -11,14 +11,15 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service,
-    ServicePort, ServiceType, TargetPort,
+    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey, Protocol,
+    Service, ServicePort, ServiceType, TargetPort,
 };
 
 /// One object that could not be used, and why.
@@ -366,6 +367,8 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
     }
     let list_kind = top.kind.as_deref().and_then(kind_of);
     out.objects.reserve(top.items.len());
+    // A list comes sorted by namespace: consecutive items share one namespace string.
+    let mut ns = Namespaces::default();
     for (i, raw) in top.items.iter().enumerate() {
         // kubectl's `List` mixes kinds and every item says its own.
         let kind = match list_kind {
@@ -376,7 +379,7 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
                 .and_then(|k| kind_of(&k))
                 .or(expect),
         };
-        push(&mut out, decode_item(raw, kind, &format!("items[{i}]")));
+        push(&mut out, decode_item_with(raw, kind, &format!("items[{i}]"), &mut ns));
     }
     out
 }
@@ -397,8 +400,33 @@ fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
     )
 }
 
+/// The last namespace seen while decoding one document, so that a run of items in the same
+/// namespace shares one string. Local to a document: no global state.
+#[derive(Default)]
+struct Namespaces {
+    last: Option<Arc<str>>,
+}
+
+impl Namespaces {
+    fn get(&mut self, ns: &str) -> Arc<str> {
+        match &self.last {
+            Some(l) if **l == *ns => l.clone(),
+            _ => self.last.insert(Arc::from(ns)).clone(),
+        }
+    }
+}
+
 /// Decode one object of a known (or guessed) kind.
 pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
+    decode_item_with(raw, kind, position, &mut Namespaces::default())
+}
+
+fn decode_item_with(
+    raw: &RawValue,
+    kind: Option<Kind>,
+    position: &str,
+    ns: &mut Namespaces,
+) -> Result<Object, ObjectError> {
     let kind = match kind {
         Some(k) => k,
         None => {
@@ -427,14 +455,17 @@ pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result
     let result = match kind {
         Kind::Service => typed::<RawService>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
-            .and_then(service)
+            .and_then(|r| service(r, ns))
             .map(Object::Service),
         Kind::EndpointSlice => {
-            typed::<RawSlice>(raw).and_then(|r| check_kind(&r.kind).map(|()| r)).and_then(slice).map(Object::Endpoints)
+            typed::<RawSlice>(raw)
+            .and_then(|r| check_kind(&r.kind).map(|()| r))
+            .and_then(|r| slice(r, ns))
+            .map(Object::Endpoints)
         }
         Kind::Endpoints => typed::<RawEndpoints>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
-            .and_then(endpoints)
+            .and_then(|r| endpoints(r, ns))
             .map(Object::Endpoints),
     };
     result.map_err(|(field, message)| fail(field, message))
@@ -464,14 +495,14 @@ fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> FieldResult<T> {
     })
 }
 
-fn key_of(meta: &RawMeta) -> FieldResult<ObjectKey> {
+fn key_of(meta: &RawMeta, ns: &mut Namespaces) -> FieldResult<ObjectKey> {
     if meta.name.is_empty() {
         return Err(("metadata.name".into(), "missing".into()));
     }
     if meta.namespace.is_empty() {
         return Err(("metadata.namespace".into(), "missing".into()));
     }
-    Ok(ObjectKey::new(&meta.namespace, &meta.name))
+    Ok(ObjectKey { namespace: ns.get(&meta.namespace), name: meta.name.as_str().into() })
 }
 
 fn port_number(v: i64, field: impl FnOnce() -> String) -> FieldResult<u16> {
@@ -492,13 +523,14 @@ fn ip(v: &str, field: impl FnOnce() -> String) -> FieldResult<IpAddr> {
     v.parse().map_err(|_| (field(), format!("{v:?} is not an IP address")))
 }
 
-fn labels(meta: &mut RawMeta) -> Vec<(Box<str>, Box<str>)> {
-    // BTreeMap iteration is sorted, which `Service::label` relies on.
-    meta.labels.take().unwrap_or_default().into_iter().map(|(k, v)| (k.into(), v.into())).collect()
+fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
+    Labels::new(meta.labels.take().unwrap_or_default())
+        .map_err(|e| ("metadata.labels".into(), format!("label {:?} contains a NUL character", e.key)))
 }
 
-fn service(mut raw: RawService) -> FieldResult<Service> {
-    let key = key_of(&raw.metadata)?;
+fn service(mut raw: RawService, ns: &mut Namespaces) -> FieldResult<Service> {
+    let key = key_of(&raw.metadata, ns)?;
+    let labels = labels(&mut raw.metadata)?;
     let spec = raw.spec;
     let service_type = match spec.service_type.as_deref() {
         None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
@@ -544,7 +576,7 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
             None | Some(0) => None,
             Some(n) => Some(port_number(n, || at("nodePort"))?),
         };
-        let name: Box<str> = p.name.unwrap_or_default().into();
+        let name: Arc<str> = p.name.unwrap_or_default().into();
         if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == proto) {
             return Err((format!("spec.ports[{i}]"), format!("duplicate port {port}/{proto} (also spec.ports[{j}])")));
         }
@@ -556,6 +588,9 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
         }
         ports.push(ServicePort { name, protocol: proto, port, target_port, node_port });
     }
+    // Held for hours: no spare capacity.
+    cluster_ips.shrink_to_fit();
+    ports.shrink_to_fit();
     let affinity_timeout = match spec.session_affinity.as_deref() {
         None | Some("") | Some("None") => None,
         Some("ClientIP") => {
@@ -586,7 +621,7 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
         ports,
         affinity_timeout,
         internal_local,
-        labels: labels(&mut raw.metadata),
+        labels,
     })
 }
 
@@ -600,11 +635,12 @@ fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str) -> FieldResult<Vec<En
         let protocol = protocol(p.protocol.as_deref(), || at("protocol"))?;
         ports.push(EndpointPort { name: p.name.unwrap_or_default().into(), protocol, port });
     }
+    ports.shrink_to_fit();
     Ok(ports)
 }
 
-fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
-    let key = key_of(&raw.metadata)?;
+fn slice(mut raw: RawSlice, ns: &mut Namespaces) -> FieldResult<EndpointSet> {
+    let key = key_of(&raw.metadata, ns)?;
     let service_name = raw
         .metadata
         .labels
@@ -612,8 +648,8 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
         .and_then(|l| l.get("kubernetes.io/service-name"))
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?
-        .clone();
-    let service = ObjectKey::new(&key.namespace, &service_name);
+        .as_str();
+    let service = ObjectKey { namespace: key.namespace.clone(), name: service_name.into() };
     let v6 = match raw.address_type.as_deref() {
         Some("IPv4") => false,
         Some("IPv6") => true,
@@ -626,17 +662,22 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
     let ports = endpoint_ports(raw.ports.take(), "ports")?;
     let mut endpoints = Vec::new();
     for (i, e) in raw.endpoints.take().unwrap_or_default().into_iter().enumerate() {
-        let mut addresses = Vec::with_capacity(e.addresses.len());
+        // Every address must be valid, but only the first is the endpoint's (the others are
+        // informational, and Kubernetes tells consumers to ignore them).
+        let mut first = None;
         for (j, a) in e.addresses.iter().enumerate() {
             let addr = ip(a, || format!("endpoints[{i}].addresses[{j}]"))?;
             if addr.is_ipv6() != v6 {
                 return Err((format!("endpoints[{i}].addresses[{j}]"), format!("{a} does not match addressType")));
             }
-            addresses.push(addr);
+            first = first.or(Some(addr));
         }
+        let Some(address) = first else {
+            continue; // an endpoint without an address cannot be used
+        };
         let ready = e.conditions.ready.unwrap_or(true);
         endpoints.push(Endpoint {
-            addresses,
+            address,
             ready,
             serving: e.conditions.serving.unwrap_or(ready),
             terminating: e.conditions.terminating.unwrap_or(false),
@@ -644,11 +685,12 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
             zone: e.zone.filter(|s| !s.is_empty()).map(Into::into),
         });
     }
+    endpoints.shrink_to_fit();
     Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
 }
 
-fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
-    let key = key_of(&raw.metadata)?;
+fn endpoints(raw: RawEndpoints, ns: &mut Namespaces) -> FieldResult<EndpointSet> {
+    let key = key_of(&raw.metadata, ns)?;
     let mut groups = Vec::new();
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
         let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"))?;
@@ -659,7 +701,7 @@ fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
             for (j, a) in list.unwrap_or_default().into_iter().enumerate() {
                 let addr = ip(&a.ip, || format!("subsets[{i}].{field}[{j}].ip"))?;
                 endpoints.push(Endpoint {
-                    addresses: vec![addr],
+                    address: addr,
                     ready,
                     serving: ready,
                     terminating: false,
@@ -668,8 +710,10 @@ fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
                 });
             }
         }
+        endpoints.shrink_to_fit();
         groups.push(EndpointGroup { ports, endpoints });
     }
+    groups.shrink_to_fit();
     Ok(EndpointSet { source: EndpointSource::Endpoints, service: key.clone(), key, groups })
 }
 
@@ -719,7 +763,7 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
             let meta = serde_json::from_str::<MetaOnly>(object.get())
                 .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
                 .metadata;
-            let key = key_of(&meta).map_err(|(field, message)| {
+            let key = key_of(&meta, &mut Namespaces::default()).map_err(|(field, message)| {
                 LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
             })?;
             WatchEvent::Deleted(kind, key)
@@ -785,5 +829,43 @@ mod tests {
         let WatchEvent::Error(s) = decode_watch_line(e, Kind::Service).unwrap().event else { panic!() };
         assert!(s.is_expired());
         assert!(matches!(decode_watch_line(b"{\"type\":", Kind::Service), Err(LineError::Garbage(_))));
+    }
+
+    #[test]
+    fn endpoint_keeps_its_first_address_and_validates_the_rest() {
+        let doc = r#"{"metadata":{"name":"s-1","namespace":"n","labels":{"kubernetes.io/service-name":"s"}},
+            "addressType":"IPv4","endpoints":[{"addresses":["192.0.2.1","192.0.2.2"],"nodeName":"node-1","zone":"z"},
+            {"addresses":[]},{"addresses":["192.0.2.3"]}],"ports":[{"name":"http","port":80}]}"#;
+        let d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        let Object::Endpoints(set) = &d.objects[0] else { panic!() };
+        let eps = &set.groups[0].endpoints;
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["192.0.2.1", "192.0.2.3"], "the address-less endpoint is not kept");
+        assert_eq!((eps[0].node_name.as_deref(), eps[0].zone.as_deref()), (Some("node-1"), Some("z")));
+        assert_eq!(set.service, ObjectKey::new("n", "s"));
+        assert!(Arc::ptr_eq(&set.key.namespace, &set.service.namespace));
+        let bad = doc.replace(r#""192.0.2.2""#, r#""fd00::2""#);
+        let d = decode_document(bad.as_bytes(), Some(Kind::EndpointSlice));
+        assert_eq!(d.errors[0].to_string(), "EndpointSlice n/s-1: endpoints[0].addresses[1]: fd00::2 does not match addressType");
+    }
+
+    #[test]
+    fn label_with_nul_is_refused_by_name() {
+        let doc = r#"{"metadata":{"name":"a","namespace":"n","labels":{"ok":"1","bad":"x\u0000y"}},"spec":{"clusterIP":"10.0.0.1"}}"#;
+        let d = decode_document(doc.as_bytes(), Some(Kind::Service));
+        assert_eq!(d.errors[0].to_string(), r#"Service n/a: metadata.labels: label "bad" contains a NUL character"#);
+    }
+
+    #[test]
+    fn a_list_shares_namespace_strings_between_consecutive_items() {
+        let doc = r#"{"kind":"ServiceList","items":[
+            {"metadata":{"name":"a","namespace":"n"},"spec":{"clusterIP":"10.0.0.1"}},
+            {"metadata":{"name":"b","namespace":"n"},"spec":{"clusterIP":"10.0.0.2"}},
+            {"metadata":{"name":"c","namespace":"m"},"spec":{"clusterIP":"10.0.0.3"}}]}"#;
+        let d = decode_document(doc.as_bytes(), None);
+        let ns: Vec<&Arc<str>> = d.objects.iter().map(|o| &o.key().namespace).collect();
+        assert!(Arc::ptr_eq(ns[0], ns[1]));
+        assert_eq!((&**ns[0], &**ns[2]), ("n", "m"));
     }
 }

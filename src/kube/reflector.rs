@@ -977,7 +977,7 @@ mod tests {
             ports: vec![],
             affinity_timeout: None,
             internal_local: false,
-            labels: vec![],
+            labels: Default::default(),
         })
     }
 
