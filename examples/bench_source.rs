@@ -132,6 +132,38 @@ fn proc_status(field: &str) -> String {
     s.lines().find(|l| l.starts_with(field)).map(|l| l[field.len()..].trim().to_string()).unwrap_or_default()
 }
 
+/// RSS by kind of mapping: the binary's own pages, brk heap, anonymous maps (malloc's groups,
+/// large blocks, thread stacks), to tell heap slack from code.
+fn rss_breakdown() -> String {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut file, mut heap, mut anon, mut anon_maps) = (0u64, 0u64, 0u64, 0u32);
+    let mut current = "";
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let name = line.split_whitespace().nth(5).unwrap_or("");
+            current = if name == "[heap]" {
+                "heap"
+            } else if name.starts_with('/') {
+                "file"
+            } else {
+                "anon"
+            };
+            if current == "anon" {
+                anon_maps += 1;
+            }
+        } else if let Some(kb) = line.strip_prefix("Rss:") {
+            let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            match current {
+                "heap" => heap += kb,
+                "file" => file += kb,
+                _ => anon += kb,
+            }
+        }
+    }
+    format!("binary {file} kB, brk heap {heap} kB, anonymous {anon} kB in {anon_maps} maps")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve") {
@@ -190,6 +222,7 @@ fn main() {
         proc_status("VmHWM:"),
         live()
     );
+    println!("  RSS by mapping: {}", rss_breakdown());
     // The plan (rules + proxy table) is the next consumer; report its cost too.
     let t1 = Instant::now();
     let plan = state.plan();

@@ -8,7 +8,7 @@
 //! Accepted shapes: a single object, a typed list (`ServiceList`, `EndpointSliceList`,
 //! `EndpointsList`), kubectl's `List`, and watch events (one JSON object per line).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -368,7 +368,7 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
     let list_kind = top.kind.as_deref().and_then(kind_of);
     out.objects.reserve(top.items.len());
     // A list comes sorted by namespace: consecutive items share one namespace string.
-    let mut ns = Namespaces::default();
+    let mut ns = Strings::default();
     for (i, raw) in top.items.iter().enumerate() {
         // kubectl's `List` mixes kinds and every item says its own.
         let kind = match list_kind {
@@ -400,32 +400,39 @@ fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
     )
 }
 
-/// The last namespace seen while decoding one document, so that a run of items in the same
-/// namespace shares one string. Local to a document: no global state.
+/// The strings that recur across the items of one document (namespaces, port names, node
+/// names, zones), each allocated once per document instead of once per use. Local to one
+/// document: no global state (`state::State` shares them across documents).
 #[derive(Default)]
-struct Namespaces {
-    last: Option<Arc<str>>,
+struct Strings {
+    set: BTreeSet<Arc<str>>,
 }
 
-impl Namespaces {
-    fn get(&mut self, ns: &str) -> Arc<str> {
-        match &self.last {
-            Some(l) if **l == *ns => l.clone(),
-            _ => self.last.insert(Arc::from(ns)).clone(),
+impl Strings {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return a.clone();
         }
+        let a: Arc<str> = s.into();
+        self.set.insert(a.clone());
+        a
+    }
+
+    fn get_opt(&mut self, s: Option<String>) -> Option<Arc<str>> {
+        s.filter(|s| !s.is_empty()).map(|s| self.get(&s))
     }
 }
 
 /// Decode one object of a known (or guessed) kind.
 pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
-    decode_item_with(raw, kind, position, &mut Namespaces::default())
+    decode_item_with(raw, kind, position, &mut Strings::default())
 }
 
 fn decode_item_with(
     raw: &RawValue,
     kind: Option<Kind>,
     position: &str,
-    ns: &mut Namespaces,
+    ns: &mut Strings,
 ) -> Result<Object, ObjectError> {
     let kind = match kind {
         Some(k) => k,
@@ -495,7 +502,7 @@ fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> FieldResult<T> {
     })
 }
 
-fn key_of(meta: &RawMeta, ns: &mut Namespaces) -> FieldResult<ObjectKey> {
+fn key_of(meta: &RawMeta, ns: &mut Strings) -> FieldResult<ObjectKey> {
     if meta.name.is_empty() {
         return Err(("metadata.name".into(), "missing".into()));
     }
@@ -528,7 +535,7 @@ fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
         .map_err(|e| ("metadata.labels".into(), format!("label {:?} contains a NUL character", e.key)))
 }
 
-fn service(mut raw: RawService, ns: &mut Namespaces) -> FieldResult<Service> {
+fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
     let key = key_of(&raw.metadata, ns)?;
     let labels = labels(&mut raw.metadata)?;
     let spec = raw.spec;
@@ -576,7 +583,7 @@ fn service(mut raw: RawService, ns: &mut Namespaces) -> FieldResult<Service> {
             None | Some(0) => None,
             Some(n) => Some(port_number(n, || at("nodePort"))?),
         };
-        let name: Arc<str> = p.name.unwrap_or_default().into();
+        let name = ns.get(p.name.as_deref().unwrap_or_default());
         if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == proto) {
             return Err((format!("spec.ports[{i}]"), format!("duplicate port {port}/{proto} (also spec.ports[{j}])")));
         }
@@ -625,7 +632,7 @@ fn service(mut raw: RawService, ns: &mut Namespaces) -> FieldResult<Service> {
     })
 }
 
-fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str) -> FieldResult<Vec<EndpointPort>> {
+fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Strings) -> FieldResult<Vec<EndpointPort>> {
     let mut ports = Vec::new();
     for (i, p) in raw.unwrap_or_default().into_iter().enumerate() {
         let at = |f: &str| format!("{prefix}[{i}].{f}");
@@ -633,13 +640,13 @@ fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str) -> FieldResult<Vec<En
         let Some(n) = p.port else { continue };
         let port = port_number(n, || at("port"))?;
         let protocol = protocol(p.protocol.as_deref(), || at("protocol"))?;
-        ports.push(EndpointPort { name: p.name.unwrap_or_default().into(), protocol, port });
+        ports.push(EndpointPort { name: ns.get(p.name.as_deref().unwrap_or_default()), protocol, port });
     }
     ports.shrink_to_fit();
     Ok(ports)
 }
 
-fn slice(mut raw: RawSlice, ns: &mut Namespaces) -> FieldResult<EndpointSet> {
+fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
     let key = key_of(&raw.metadata, ns)?;
     let service_name = raw
         .metadata
@@ -659,7 +666,7 @@ fn slice(mut raw: RawSlice, ns: &mut Namespaces) -> FieldResult<EndpointSet> {
         }
         other => return Err(("addressType".into(), format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
     };
-    let ports = endpoint_ports(raw.ports.take(), "ports")?;
+    let ports = endpoint_ports(raw.ports.take(), "ports", ns)?;
     let mut endpoints = Vec::new();
     for (i, e) in raw.endpoints.take().unwrap_or_default().into_iter().enumerate() {
         // Every address must be valid, but only the first is the endpoint's (the others are
@@ -681,19 +688,19 @@ fn slice(mut raw: RawSlice, ns: &mut Namespaces) -> FieldResult<EndpointSet> {
             ready,
             serving: e.conditions.serving.unwrap_or(ready),
             terminating: e.conditions.terminating.unwrap_or(false),
-            node_name: e.node_name.filter(|s| !s.is_empty()).map(Into::into),
-            zone: e.zone.filter(|s| !s.is_empty()).map(Into::into),
+            node_name: ns.get_opt(e.node_name),
+            zone: ns.get_opt(e.zone),
         });
     }
     endpoints.shrink_to_fit();
     Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
 }
 
-fn endpoints(raw: RawEndpoints, ns: &mut Namespaces) -> FieldResult<EndpointSet> {
+fn endpoints(raw: RawEndpoints, ns: &mut Strings) -> FieldResult<EndpointSet> {
     let key = key_of(&raw.metadata, ns)?;
     let mut groups = Vec::new();
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
-        let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"))?;
+        let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"), ns)?;
         let mut endpoints = Vec::new();
         for (field, list, ready) in
             [("addresses", s.addresses, true), ("notReadyAddresses", s.not_ready_addresses, false)]
@@ -705,7 +712,7 @@ fn endpoints(raw: RawEndpoints, ns: &mut Namespaces) -> FieldResult<EndpointSet>
                     ready,
                     serving: ready,
                     terminating: false,
-                    node_name: a.node_name.filter(|s| !s.is_empty()).map(Into::into),
+                    node_name: ns.get_opt(a.node_name),
                     zone: None,
                 });
             }
@@ -763,7 +770,7 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
             let meta = serde_json::from_str::<MetaOnly>(object.get())
                 .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
                 .metadata;
-            let key = key_of(&meta, &mut Namespaces::default()).map_err(|(field, message)| {
+            let key = key_of(&meta, &mut Strings::default()).map_err(|(field, message)| {
                 LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
             })?;
             WatchEvent::Deleted(kind, key)
@@ -835,7 +842,7 @@ mod tests {
     fn endpoint_keeps_its_first_address_and_validates_the_rest() {
         let doc = r#"{"metadata":{"name":"s-1","namespace":"n","labels":{"kubernetes.io/service-name":"s"}},
             "addressType":"IPv4","endpoints":[{"addresses":["192.0.2.1","192.0.2.2"],"nodeName":"node-1","zone":"z"},
-            {"addresses":[]},{"addresses":["192.0.2.3"]}],"ports":[{"name":"http","port":80}]}"#;
+            {"addresses":[]},{"addresses":["192.0.2.3"],"nodeName":"node-1","zone":"z"}],"ports":[{"name":"http","port":80}]}"#;
         let d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         let Object::Endpoints(set) = &d.objects[0] else { panic!() };
@@ -843,6 +850,8 @@ mod tests {
         let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(addrs, ["192.0.2.1", "192.0.2.3"], "the address-less endpoint is not kept");
         assert_eq!((eps[0].node_name.as_deref(), eps[0].zone.as_deref()), (Some("node-1"), Some("z")));
+        assert!(Arc::ptr_eq(eps[0].node_name.as_ref().unwrap(), eps[1].node_name.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(eps[0].zone.as_ref().unwrap(), eps[1].zone.as_ref().unwrap()));
         assert_eq!(set.service, ObjectKey::new("n", "s"));
         assert!(Arc::ptr_eq(&set.key.namespace, &set.service.namespace));
         let bad = doc.replace(r#""192.0.2.2""#, r#""fd00::2""#);
@@ -858,14 +867,21 @@ mod tests {
     }
 
     #[test]
-    fn a_list_shares_namespace_strings_between_consecutive_items() {
+    fn a_list_shares_recurring_strings_between_items() {
         let doc = r#"{"kind":"ServiceList","items":[
             {"metadata":{"name":"a","namespace":"n"},"spec":{"clusterIP":"10.0.0.1"}},
             {"metadata":{"name":"b","namespace":"n"},"spec":{"clusterIP":"10.0.0.2"}},
-            {"metadata":{"name":"c","namespace":"m"},"spec":{"clusterIP":"10.0.0.3"}}]}"#;
+            {"metadata":{"name":"c","namespace":"m"},"spec":{"clusterIP":"10.0.0.3"}},
+            {"metadata":{"name":"d","namespace":"n"},"spec":{"clusterIP":"10.0.0.4","ports":[{"name":"http","port":80}]}},
+            {"metadata":{"name":"e","namespace":"m"},"spec":{"clusterIP":"10.0.0.5","ports":[{"name":"http","port":80}]}}]}"#;
         let d = decode_document(doc.as_bytes(), None);
         let ns: Vec<&Arc<str>> = d.objects.iter().map(|o| &o.key().namespace).collect();
-        assert!(Arc::ptr_eq(ns[0], ns[1]));
+        assert!(Arc::ptr_eq(ns[0], ns[1]) && Arc::ptr_eq(ns[0], ns[3]) && Arc::ptr_eq(ns[2], ns[4]));
         assert_eq!((&**ns[0], &**ns[2]), ("n", "m"));
+        let port = |i: usize| match &d.objects[i] {
+            Object::Service(s) => s.ports[0].name.clone(),
+            _ => unreachable!(),
+        };
+        assert!(Arc::ptr_eq(&port(3), &port(4)));
     }
 }
