@@ -22,7 +22,7 @@ use apiserver::{fixture, ApiServer, Cluster, Reply, Request};
 use edgeproxy::config::Config;
 use edgeproxy::kube::reflector;
 use edgeproxy::source::{Sink, SourceEvent};
-use edgeproxy::state::{State, StateConfig};
+use edgeproxy::state::{Plan, State, StateConfig};
 use serde_json::Value;
 
 /// Counts live heap bytes, so the report can tell data from allocator slack.
@@ -237,7 +237,19 @@ fn main() {
         live(),
         rule_bytes / 1024,
     );
-    drop(plan);
+    // What each part of the plan holds (live heap freed by dropping it).
+    let mut parts = Vec::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    let Plan { reports, rules, table } = plan;
+    drop(reports);
+    parts.push(format!("reports {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
+    let before = LIVE.load(Ordering::Relaxed);
+    drop(table);
+    parts.push(format!("proxy table {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
+    let before = LIVE.load(Ordering::Relaxed);
+    drop(rules);
+    parts.push(format!("rules {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
+    println!("  the plan holds: {}; after dropping it VmRSS {}", parts.join(", "), proc_status("VmRSS:"));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.join();

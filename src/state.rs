@@ -230,13 +230,19 @@ impl State {
             Change::Delete(Kind::Service, key) => self.snapshot.services.remove(&key).is_some(),
             Change::Delete(kind, key) => self.snapshot.endpoints.remove(&(source_of(kind), key)).is_some(),
             Change::Replace(Kind::Service, objects) => {
-                let mut new: BTreeMap<ObjectKey, Service> = BTreeMap::new();
-                for o in objects {
-                    if let Object::Service(mut s) = o {
-                        self.strings.service(&mut s);
-                        new.insert(s.key.clone(), s);
-                    }
-                }
+                // `collect` sorts and then fills every B-tree node; inserting one by one would
+                // leave sorted input in half-empty nodes.
+                let strings = &mut self.strings;
+                let new: BTreeMap<ObjectKey, Service> = objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Service(mut s) => {
+                            strings.service(&mut s);
+                            Some((s.key.clone(), s))
+                        }
+                        Object::Endpoints(_) => None,
+                    })
+                    .collect();
                 let changed = new != self.snapshot.services;
                 self.snapshot.services = new;
                 changed
@@ -245,17 +251,20 @@ impl State {
                 let source = source_of(kind);
                 let (old, mut others): (EndpointMap, EndpointMap) =
                     std::mem::take(&mut self.snapshot.endpoints).into_iter().partition(|((s, _), _)| *s == source);
-                let mut new = EndpointMap::new();
-                for o in objects {
-                    if let Object::Endpoints(mut e) = o {
-                        if e.source == source {
-                            self.strings.endpoints(&mut e, &self.snapshot.services);
-                            new.insert((e.source, e.key.clone()), e);
+                let (strings, services) = (&mut self.strings, &self.snapshot.services);
+                let mut new: EndpointMap = objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Endpoints(mut e) if e.source == source => {
+                            strings.endpoints(&mut e, services);
+                            Some(((e.source, e.key.clone()), e))
                         }
-                    }
-                }
+                        _ => None,
+                    })
+                    .collect();
                 let changed = new != old;
                 drop(old);
+                // `append` rebuilds from both sorted sequences into full nodes.
                 others.append(&mut new);
                 self.snapshot.endpoints = others;
                 changed
@@ -381,13 +390,19 @@ impl State {
             }
         }
 
-        let rules = render::render(&RenderInput {
+        let mut rules = render::render(&RenderInput {
             layout: cfg.layout,
             listen: &cfg.listen,
             service_cidrs: &cfg.service_cidrs,
             ports: &planned,
             ignored: &ignored,
         });
+        drop((planned, ignored));
+        // The rule set is kept (by the agent and the applier) until the next change: no spare
+        // capacity in its lines. A no-op for lines that are already exact.
+        for line in rules.v4.rules.iter_mut().chain(rules.v6.rules.iter_mut()) {
+            line.shrink_to_fit();
+        }
         Plan { reports, rules, table }
     }
 }
