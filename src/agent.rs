@@ -182,7 +182,8 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     state.apply(Change::KubeProxy(kube_proxy));
     log::info!("kube-proxy {}", if kube_proxy { "present: filtered services fall through to it" } else { "absent" });
     let mut synced = false;
-    let mut sent: Option<RuleSet> = None;
+    // The last rule set handed to the applier: the same allocation the applier holds.
+    let mut sent: Option<Arc<RuleSet>> = None;
     let mut installed = false;
     let mut ready_logged = false;
     let mut dirty = false;
@@ -266,10 +267,11 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
             dirty = false;
             let plan = state.plan();
             let proxied = plan.proxied().count();
-            if sent.as_ref() != Some(&plan.rules) {
+            if sent.as_deref() != Some(&plan.rules) {
                 log::info!("plan: {proxied} of {} services proxied", plan.reports.len());
-                sent = Some(plan.rules.clone());
-                handle.send(plan.rules);
+                let rules = Arc::new(plan.rules);
+                sent = Some(rules.clone());
+                handle.send(rules);
             }
             if **table_tx.borrow() != plan.table {
                 table_tx.send_replace(Arc::new(plan.table));
