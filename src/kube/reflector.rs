@@ -854,7 +854,8 @@ fn watch(
     let server = resp.server().to_string();
     let kind = machine.kind();
     let mut splitter = LineSplitter::new(opts.max_line_bytes);
-    let mut buf = vec![0u8; 64 * 1024];
+    // Held for the whole life of a watch: one TLS record's worth is enough per read.
+    let mut buf = vec![0u8; 16 * 1024];
     let mut line_started: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
