@@ -139,8 +139,11 @@ impl Labels {
     pub fn new<K: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Labels, NulInLabel> {
         let mut pairs: Vec<(K, V)> = pairs.into_iter().collect();
         // Stable: of equal keys the last stays last, and only the last of a run is kept.
-        pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
-        let mut text = String::new();
+        if !pairs.is_sorted_by(|a, b| a.0.as_ref() <= b.0.as_ref()) {
+            pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        }
+        let len: usize = pairs.iter().map(|(k, v)| k.as_ref().len() + v.as_ref().len() + 2).sum();
+        let mut text = String::with_capacity(len.saturating_sub(1));
         for (i, (k, v)) in pairs.iter().enumerate() {
             let (k, v) = (k.as_ref(), v.as_ref());
             if pairs.get(i + 1).is_some_and(|n| n.0.as_ref() == k) {
@@ -315,7 +318,10 @@ mod tests {
     fn labels_sorted_last_value_wins_empty_values_kept() {
         let l = Labels::new([("z", "1"), ("b", ""), ("app", "web"), ("b", "2")]).unwrap();
         assert_eq!(l.iter().collect::<Vec<_>>(), vec![("app", "web"), ("b", "2"), ("z", "1")]);
-        assert_eq!((l.get("b"), l.get("z"), l.get("a"), l.get("zz"), l.get("")), (Some("2"), Some("1"), None, None, None));
+        assert_eq!(
+            (l.get("b"), l.get("z"), l.get("a"), l.get("zz"), l.get("")),
+            (Some("2"), Some("1"), None, None, None)
+        );
         let e = Labels::new([("k", ""), ("x", "y")]).unwrap();
         assert_eq!((e.get("k"), e.len()), (Some(""), 2));
         let none = Labels::new(Vec::<(&str, &str)>::new()).unwrap();

@@ -319,13 +319,7 @@ impl State {
                 if sp.protocol == Protocol::Udp {
                     wanted_udp.push((svc.key.clone(), sp.port));
                 }
-                ports.push(PortReport {
-                    name,
-                    protocol: sp.protocol,
-                    port: sp.port,
-                    backends: backends.len(),
-                    note,
-                });
+                ports.push(PortReport { name, protocol: sp.protocol, port: sp.port, backends: backends.len(), note });
                 resolved.push((idx, pi, backends));
             }
             reports.push(ServiceReport { key: svc.key.clone(), verdict, ports });
@@ -432,11 +426,8 @@ fn chosen_sets<'a>(sets: &'a [&'a EndpointSet]) -> impl Iterator<Item = &'a Endp
 }
 
 fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = chosen_sets(sets)
-        .flat_map(|s| s.groups.iter())
-        .flat_map(|g| g.endpoints.iter())
-        .map(|e| e.address)
-        .collect();
+    let mut ips: Vec<IpAddr> =
+        chosen_sets(sets).flat_map(|s| s.groups.iter()).flat_map(|g| g.endpoints.iter()).map(|e| e.address).collect();
     ips.sort();
     ips.dedup();
     ips

@@ -77,4 +77,3 @@ pub fn serve(n: usize) {
     // Serve until the parent closes our stdin.
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
-

@@ -8,6 +8,7 @@
 //! Accepted shapes: a single object, a typed list (`ServiceList`, `EndpointSliceList`,
 //! `EndpointsList`), kubectl's `List`, and watch events (one JSON object per line).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -97,14 +98,72 @@ pub struct WatchLine {
 }
 
 // ---- raw shapes: only the fields we read -------------------------------------------------------
+//
+// Strings that are read once per item borrow from the input (`Text`): a copy is made only for
+// what is kept, or when the JSON string has escapes.
+
+/// A JSON string, borrowed from the input unless it has escapes. (serde's own `Cow` support
+/// borrows only for a field that is exactly `Cow<str>`, not inside `Option`, `Vec` or maps.)
+#[derive(Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Text<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawMeta {
-    name: String,
-    namespace: String,
+struct RawMeta<'a> {
+    #[serde(borrow)]
+    name: Text<'a>,
+    #[serde(borrow)]
+    namespace: Text<'a>,
     resource_version: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
+    #[serde(borrow)]
+    labels: Option<BTreeMap<Text<'a>, Text<'a>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -124,11 +183,11 @@ enum IntOrString {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawServicePort {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    protocol: Option<String>,
+struct RawServicePort<'a> {
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    protocol: Option<Text<'a>>,
     port: i64,
     #[serde(default)]
     target_port: Option<IntOrString>,
@@ -152,27 +211,28 @@ struct RawAffinityConfig {
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawServiceSpec {
+struct RawServiceSpec<'a> {
     #[serde(rename = "type")]
     service_type: Option<String>,
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
     #[serde(rename = "clusterIPs")]
     cluster_ips: Option<Vec<String>>,
-    ports: Option<Vec<RawServicePort>>,
+    #[serde(borrow)]
+    ports: Option<Vec<RawServicePort<'a>>>,
     session_affinity: Option<String>,
     session_affinity_config: Option<RawAffinityConfig>,
     internal_traffic_policy: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct RawService {
+struct RawService<'a> {
     #[serde(default)]
     kind: Option<String>,
-    #[serde(default)]
-    metadata: RawMeta,
-    #[serde(default)]
-    spec: RawServiceSpec,
+    #[serde(default, borrow)]
+    metadata: RawMeta<'a>,
+    #[serde(default, borrow)]
+    spec: RawServiceSpec<'a>,
 }
 
 #[derive(Deserialize, Default)]
@@ -185,66 +245,70 @@ struct RawConditions {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawSliceEndpoint {
-    #[serde(default)]
-    addresses: Vec<String>,
+struct RawSliceEndpoint<'a> {
+    #[serde(default, borrow)]
+    addresses: Vec<Text<'a>>,
     #[serde(default)]
     conditions: RawConditions,
-    #[serde(default)]
-    node_name: Option<String>,
-    #[serde(default)]
-    zone: Option<String>,
+    #[serde(default, borrow)]
+    node_name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    zone: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
-struct RawPort {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    protocol: Option<String>,
+struct RawPort<'a> {
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    protocol: Option<Text<'a>>,
     #[serde(default)]
     port: Option<i64>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawSlice {
+struct RawSlice<'a> {
     #[serde(default)]
     kind: Option<String>,
-    #[serde(default)]
-    metadata: RawMeta,
+    #[serde(default, borrow)]
+    metadata: RawMeta<'a>,
     #[serde(default)]
     address_type: Option<String>,
-    #[serde(default)]
-    endpoints: Option<Vec<RawSliceEndpoint>>,
-    #[serde(default)]
-    ports: Option<Vec<RawPort>>,
+    #[serde(default, borrow)]
+    endpoints: Option<Vec<RawSliceEndpoint<'a>>>,
+    #[serde(default, borrow)]
+    ports: Option<Vec<RawPort<'a>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawAddress {
-    ip: String,
-    #[serde(default)]
-    node_name: Option<String>,
+struct RawAddress<'a> {
+    #[serde(borrow)]
+    ip: Text<'a>,
+    #[serde(default, borrow)]
+    node_name: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawSubset {
-    addresses: Option<Vec<RawAddress>>,
-    not_ready_addresses: Option<Vec<RawAddress>>,
-    ports: Option<Vec<RawPort>>,
+struct RawSubset<'a> {
+    #[serde(borrow)]
+    addresses: Option<Vec<RawAddress<'a>>>,
+    #[serde(borrow)]
+    not_ready_addresses: Option<Vec<RawAddress<'a>>>,
+    #[serde(borrow)]
+    ports: Option<Vec<RawPort<'a>>>,
 }
 
 #[derive(Deserialize)]
-struct RawEndpoints {
+struct RawEndpoints<'a> {
     #[serde(default)]
     kind: Option<String>,
-    #[serde(default)]
-    metadata: RawMeta,
-    #[serde(default)]
-    subsets: Option<Vec<RawSubset>>,
+    #[serde(default, borrow)]
+    metadata: RawMeta<'a>,
+    #[serde(default, borrow)]
+    subsets: Option<Vec<RawSubset<'a>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -255,8 +319,9 @@ struct KindOnly {
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct MetaOnly {
-    metadata: RawMeta,
+struct MetaOnly<'a> {
+    #[serde(borrow)]
+    metadata: RawMeta<'a>,
 }
 
 // ---- documents ---------------------------------------------------------------------------------
@@ -418,7 +483,7 @@ impl Strings {
         a
     }
 
-    fn get_opt(&mut self, s: Option<String>) -> Option<Arc<str>> {
+    fn get_opt(&mut self, s: Option<Text<'_>>) -> Option<Arc<str>> {
         s.filter(|s| !s.is_empty()).map(|s| self.get(&s))
     }
 }
@@ -464,12 +529,10 @@ fn decode_item_with(
             .and_then(|r| check_kind(&r.kind).map(|()| r))
             .and_then(|r| service(r, ns))
             .map(Object::Service),
-        Kind::EndpointSlice => {
-            typed::<RawSlice>(raw)
+        Kind::EndpointSlice => typed::<RawSlice>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
             .and_then(|r| slice(r, ns))
-            .map(Object::Endpoints)
-        }
+            .map(Object::Endpoints),
         Kind::Endpoints => typed::<RawEndpoints>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
             .and_then(|r| endpoints(r, ns))
@@ -509,7 +572,7 @@ fn key_of(meta: &RawMeta, ns: &mut Strings) -> FieldResult<ObjectKey> {
     if meta.namespace.is_empty() {
         return Err(("metadata.namespace".into(), "missing".into()));
     }
-    Ok(ObjectKey { namespace: ns.get(&meta.namespace), name: meta.name.as_str().into() })
+    Ok(ObjectKey { namespace: ns.get(&meta.namespace), name: (*meta.name).into() })
 }
 
 fn port_number(v: i64, field: impl FnOnce() -> String) -> FieldResult<u16> {
@@ -547,12 +610,12 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
         Some(t) => return Err(("spec.type".into(), format!("unknown service type {t:?}"))),
     };
     let mut headless = false;
-    let mut cluster_ips = Vec::new();
     let (field, list): (&str, Vec<String>) = match (spec.cluster_ips, spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips),
         (_, Some(ip)) => ("spec.clusterIP", vec![ip]),
         _ => ("spec.clusterIP", Vec::new()),
     };
+    let mut cluster_ips = Vec::with_capacity(list.len());
     for (i, s) in list.iter().enumerate() {
         match s.as_str() {
             "None" => headless = true,
@@ -567,8 +630,9 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
     if cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4() || cluster_ips.len() > 2 {
         return Err((field.into(), "at most one cluster IP per family".into()));
     }
-    let mut ports: Vec<ServicePort> = Vec::new();
-    for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+    let raw_ports = spec.ports.unwrap_or_default();
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(raw_ports.len());
+    for (i, p) in raw_ports.into_iter().enumerate() {
         let at = |f: &str| format!("spec.ports[{i}].{f}");
         let port = port_number(p.port, || at("port"))?;
         let proto = protocol(p.protocol.as_deref(), || at("protocol"))?;
@@ -620,21 +684,13 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
             return Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)")))
         }
     };
-    Ok(Service {
-        key,
-        service_type,
-        headless,
-        cluster_ips,
-        ports,
-        affinity_timeout,
-        internal_local,
-        labels,
-    })
+    Ok(Service { key, service_type, headless, cluster_ips, ports, affinity_timeout, internal_local, labels })
 }
 
 fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Strings) -> FieldResult<Vec<EndpointPort>> {
-    let mut ports = Vec::new();
-    for (i, p) in raw.unwrap_or_default().into_iter().enumerate() {
+    let raw = raw.unwrap_or_default();
+    let mut ports = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("{prefix}[{i}].{f}");
         // A port without a number is "unrestricted"; kube-proxy skips those, so do we.
         let Some(n) = p.port else { continue };
@@ -654,9 +710,8 @@ fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
         .as_ref()
         .and_then(|l| l.get("kubernetes.io/service-name"))
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?
-        .as_str();
-    let service = ObjectKey { namespace: key.namespace.clone(), name: service_name.into() };
+        .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?;
+    let service = ObjectKey { namespace: key.namespace.clone(), name: (**service_name).into() };
     let v6 = match raw.address_type.as_deref() {
         Some("IPv4") => false,
         Some("IPv6") => true,
@@ -667,8 +722,9 @@ fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
         other => return Err(("addressType".into(), format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
     };
     let ports = endpoint_ports(raw.ports.take(), "ports", ns)?;
-    let mut endpoints = Vec::new();
-    for (i, e) in raw.endpoints.take().unwrap_or_default().into_iter().enumerate() {
+    let raw_endpoints = raw.endpoints.take().unwrap_or_default();
+    let mut endpoints = Vec::with_capacity(raw_endpoints.len());
+    for (i, e) in raw_endpoints.into_iter().enumerate() {
         // Every address must be valid, but only the first is the endpoint's (the others are
         // informational, and Kubernetes tells consumers to ignore them).
         let mut first = None;
@@ -856,7 +912,10 @@ mod tests {
         assert!(Arc::ptr_eq(&set.key.namespace, &set.service.namespace));
         let bad = doc.replace(r#""192.0.2.2""#, r#""fd00::2""#);
         let d = decode_document(bad.as_bytes(), Some(Kind::EndpointSlice));
-        assert_eq!(d.errors[0].to_string(), "EndpointSlice n/s-1: endpoints[0].addresses[1]: fd00::2 does not match addressType");
+        assert_eq!(
+            d.errors[0].to_string(),
+            "EndpointSlice n/s-1: endpoints[0].addresses[1]: fd00::2 does not match addressType"
+        );
     }
 
     #[test]
@@ -883,5 +942,15 @@ mod tests {
             _ => unreachable!(),
         };
         assert!(Arc::ptr_eq(&port(3), &port(4)));
+    }
+
+    #[test]
+    fn text_borrows_unless_escaped_also_inside_containers() {
+        let m: BTreeMap<Text, Option<Text>> = serde_json::from_str(r#"{"plain":"v","esc\u0041":"x\ny"}"#).unwrap();
+        let (k1, v1) = m.iter().find(|(k, _)| &***k == "plain").unwrap();
+        assert!(matches!((&k1.0, &v1.as_ref().unwrap().0), (Cow::Borrowed(_), Cow::Borrowed("v"))));
+        let (k2, v2) = m.iter().find(|(k, _)| &***k == "escA").unwrap();
+        assert!(matches!((&k2.0, &v2.as_ref().unwrap().0), (Cow::Owned(_), Cow::Owned(_))));
+        assert_eq!(&**v2.as_ref().unwrap(), "x\ny");
     }
 }
