@@ -1,9 +1,12 @@
 //! Rule sync benchmark (not a test): run as root, `cargo run --release --example bench_rules`.
 //!
 //! In throwaway network namespaces, for both backends: full-sync time for 1,000 / 5,000 / 10,000
-//! service ports (portals layout: two DNAT rules per port), the time from one endpoint change
-//! (a service losing its last endpoint) to rules in the kernel, and the same work done
-//! EdgeMesh's way (one `iptables -C` then `-A` process per rule). The per-process part is
+//! service ports (portals layout: two DNAT rules per port), the time from one endpoint change to
+//! rules in the kernel (plan + sync) for a change that flips a rule (a service loses its last
+//! endpoint: one reject DNAT in EDGEPROXY-NO-ENDPOINTS) and for one that flips nothing (a
+//! service gains a second endpoint), the cost of one guard check with everything in place (when
+//! the kernel's canary changed, so the guard lists; and when it did not), and
+//! the same work done EdgeMesh's way (one `iptables -C` then `-A` process per rule). The per-process part is
 //! measured on 1,000 rules and extrapolated linearly (a lower bound: each call copies the whole
 //! table, so the real cost grows with the table).
 
@@ -62,11 +65,28 @@ fn split(line: &str) -> Vec<String> {
 struct Row {
     backend: &'static str,
     ports: usize,
+    rules: usize,
     full: Duration,
     noop: Duration,
     plan: Duration,
     change: Duration,
+    flip_sync: Duration,
+    nochange: Duration,
+    guard: Duration,
+    guard_canary: Duration,
     edgemesh_per_rule: Duration,
+}
+
+/// A second ready endpoint for service `s{i}` (same slice name: an update).
+fn two_endpoints(i: usize) -> Change {
+    let doc = format!(
+        r#"{{"kind":"EndpointSlice","apiVersion":"discovery.k8s.io/v1","metadata":{{"name":"s{i}-x","namespace":"bench","labels":{{"kubernetes.io/service-name":"s{i}"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["192.0.{}.{}"],"conditions":{{"ready":true}}}},{{"addresses":["198.51.100.7"],"conditions":{{"ready":true}}}}],"ports":[{{"name":"http","port":8080,"protocol":"TCP"}}]}}"#,
+        (i / 250) % 250,
+        i % 250 + 1
+    );
+    let d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
+    assert!(d.errors.is_empty() && d.document_error.is_none());
+    Change::Upsert(d.objects.into_iter().next().expect("one slice"))
 }
 
 fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -100,12 +120,39 @@ fn bench(b: Binaries, n: usize, edgemesh_sample: usize) -> Row {
         let changed = st.plan().rules;
         let plan = t.elapsed();
         let t = Instant::now();
-        a.apply(&changed).expect("change");
-        let change = t.elapsed();
+        let r = a.apply(&changed).expect("change");
+        let flip_sync = t.elapsed();
+        let change = plan + flip_sync;
+        assert_eq!((r.restores, r.chains.as_slice()), (1, &["EDGEPROXY-NO-ENDPOINTS"][..]));
+        // One endpoint change that changes no rule: another service gains an endpoint.
+        let t = Instant::now();
+        st.apply(two_endpoints(n / 3));
+        let same = st.plan().rules;
+        let r = a.apply(&same).expect("no-rule change");
+        let nochange = t.elapsed();
+        assert_eq!(r.restores, 0);
+        // Guard checks, everything in place. The first follows our restore, so the canary has
+        // changed and it lists; the next ones find the canary unchanged (median of 3).
+        let mut g: Vec<Duration> = (0..4)
+            .map(|_| {
+                let t = Instant::now();
+                let r = a.guard().expect("guard");
+                assert!(r.repaired.is_empty() && r.restores == 0, "{:?}", r.repaired);
+                t.elapsed()
+            })
+            .collect();
+        let guard = g.remove(0);
+        g.sort();
+        let guard_canary = g[1];
         a.cleanup().unwrap();
         // EdgeMesh's way: -C then -A, one process each, per rule, onto an empty chain.
-        let sample: Vec<&String> =
-            rules.v4.rules.iter().filter(|r| r.starts_with("-A KUBE-PORTALS-HOST")).take(edgemesh_sample).collect();
+        let sample: Vec<&String> = rules
+            .v4
+            .rules
+            .iter()
+            .filter(|r| r.starts_with("-A KUBE-PORTALS-HOST") && r.contains(" -j DNAT "))
+            .take(edgemesh_sample)
+            .collect();
         Command::new(b.cmd).args(["-t", "nat", "-N", "KUBE-PORTALS-HOST"]).status().unwrap();
         let t = Instant::now();
         for r in &sample {
@@ -117,7 +164,20 @@ fn bench(b: Binaries, n: usize, edgemesh_sample: usize) -> Row {
             }
         }
         let edgemesh_per_rule = t.elapsed() / sample.len().max(1) as u32;
-        Row { backend: b.name, ports: n, full, noop, plan, change, edgemesh_per_rule }
+        Row {
+            backend: b.name,
+            ports: n,
+            rules: rules.v4.rules.len(),
+            full,
+            noop,
+            plan,
+            change,
+            flip_sync,
+            nochange,
+            guard,
+            guard_canary,
+            edgemesh_per_rule,
+        }
     });
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     row
@@ -134,32 +194,41 @@ fn main() {
     let sizes = if sizes.is_empty() { vec![1_000, 5_000, 10_000] } else { sizes };
     let sample = 1_000;
     println!("edgeproxy rule sync (portals layout: 2 rules per service port, IPv4); EdgeMesh way measured on {sample} rules, extrapolated");
+    println!("1 flip ms / 1 same ms: an endpoint change to rules in the kernel (plan + sync), one that flips a rule / one that does not; flip sync ms: the sync part of 1 flip");
     println!(
-        "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>16} {:>20} {:>9}",
+        "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20} {:>9}",
         "backend",
         "ports",
         "rules",
         "full sync ms",
         "no-op ms",
         "plan ms",
-        "1 change sync ms",
+        "1 flip ms",
+        "flip sync ms",
+        "1 same ms",
+        "guard ms",
+        "canary us",
         "EdgeMesh way s (est)",
         "speed-up"
     );
     for b in [NFT, LEGACY] {
         for &n in &sizes {
             let r = bench(b, n, sample);
-            let rules = 2 * r.ports;
-            let em = r.edgemesh_per_rule * rules as u32;
+            // EdgeMesh's way: one -C/-A pair per DNAT, two per service port.
+            let em = r.edgemesh_per_rule * (2 * r.ports) as u32;
             println!(
-                "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>16} {:>20.1} {:>8.0}x",
+                "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20.1} {:>8.0}x",
                 r.backend,
                 r.ports,
-                rules,
+                r.rules,
                 ms(r.full),
                 ms(r.noop),
                 ms(r.plan),
                 ms(r.change),
+                ms(r.flip_sync),
+                ms(r.nochange),
+                ms(r.guard),
+                format!("{:.0}", r.guard_canary.as_secs_f64() * 1e6),
                 em.as_secs_f64(),
                 em.as_secs_f64() / r.full.as_secs_f64()
             );

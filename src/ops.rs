@@ -26,21 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 // ----------------------------------------------------------------------------------------------
 // Metric values
 
-/// A monotonically increasing integer.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// A monotonically increasing integer: the same atomic the proxy counts with.
+pub use crate::proxy::stats::Counter;
 
 /// A value that goes up and down (an `f64` kept as bits in an atomic).
 #[derive(Debug, Default)]

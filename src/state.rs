@@ -19,7 +19,7 @@ use crate::config::{Config, ListenConfig};
 use crate::filter::{self, FilterConfig, Verdict};
 use crate::model::{EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, Snapshot};
 use crate::proxy::table::{Backend, LbPolicy, ProxyTable, ServiceEntry};
-use crate::rules::render::{self, Ignored, Layout, PlannedPort, RenderInput, Target};
+use crate::rules::render::{self, Ignored, Layout, PlannedPort, RenderInput};
 use crate::rules::RuleSet;
 
 /// The parts of [`Config`] the state machine needs.
@@ -359,7 +359,7 @@ impl State {
                 },
             };
             let name = &reports[idx].ports[pi].name;
-            let target = if backends.is_empty() { Target::Reject } else { Target::Proxy(proxy_port) };
+            let has_endpoints = !backends.is_empty();
             let entry = Arc::new(ServiceEntry {
                 name: name.clone(),
                 protocol: sp.protocol,
@@ -373,7 +373,8 @@ impl State {
                     cluster_ip: *ip,
                     protocol: sp.protocol,
                     port: sp.port,
-                    target,
+                    proxy_port,
+                    has_endpoints,
                 });
                 if sp.protocol == Protocol::Tcp {
                     table.tcp.insert(SocketAddr::new(*ip, sp.port), entry.clone());
@@ -510,8 +511,16 @@ mod tests {
         let plan = st.plan();
         let web = &plan.table.tcp[&"10.96.0.20:80".parse().unwrap()];
         assert_eq!(web.backends, vec![Backend { addr: "192.0.2.1:8080".parse().unwrap(), local: false }]);
-        let dns = plan.rules.v4.rules.iter().find(|r| r.contains("a/dns:dns")).unwrap();
-        assert!(dns.contains("has no endpoints") && dns.ends_with(":15000"), "{dns}");
+        // No endpoints: a reject DNAT in the small chain, ahead of the DNAT to its UDP port.
+        let dns: Vec<&String> = plan.rules.v4.rules.iter().filter(|r| r.contains("a/dns:dns")).collect();
+        assert_eq!(dns.len(), 3, "{dns:?}");
+        assert!(dns[..2].iter().all(|r| r.starts_with("-A KUBE-PORTALS-") && r.ends_with(":15002")), "{dns:?}");
+        assert!(
+            dns[2].starts_with("-A EDGEPROXY-NO-ENDPOINTS ")
+                && dns[2].contains("has no endpoints")
+                && dns[2].ends_with(":15000"),
+            "{dns:?}"
+        );
         assert_eq!(plan.table.udp.keys().copied().collect::<Vec<_>>(), vec![15002]);
     }
 

@@ -56,17 +56,8 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// `iptables-save -t <table>` without comments and counters.
 fn dump(ns: &Netns, b: &Backend, table: &str) -> String {
-    ns.ok(&[b.save, "-t", table])
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.rfind(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    ns.save_dump(b.save, table)
 }
 
 fn chain(ns: &Netns, b: &Backend, chain: &str) -> Vec<String> {

@@ -151,10 +151,24 @@ fn endpoint_resolution_handles_the_fixture_edge_cases() {
     assert_eq!(inv, vec!["192.0.2.68:8080".parse().unwrap(), "198.51.100.83:8080".parse().unwrap()]);
     // node-cache: internalTrafficPolicy Local and no endpoint on edge-node-2 -> refused by rule.
     assert!(backends(&plan, "10.96.180.48:8080").is_empty());
-    let nc = plan.rules.v4.rules.iter().find(|r| r.contains("edge-apps/node-cache:http")).unwrap();
-    assert!(nc.contains("has no endpoints") && nc.ends_with("169.254.96.16:15000"), "{nc}");
+    // The reject DNAT is in the small chain (matched first); the portals chains keep the DNAT to
+    // the listener, so they do not change when endpoints come and go.
+    let nc: Vec<&String> = plan.rules.v4.rules.iter().filter(|r| r.contains("edge-apps/node-cache:http")).collect();
+    assert_eq!(nc.len(), 3, "{nc:?}");
+    assert!(nc[..2].iter().all(|r| r.starts_with("-A KUBE-PORTALS-") && r.ends_with("169.254.96.16:15001")), "{nc:?}");
+    assert!(
+        nc[2].starts_with("-A EDGEPROXY-NO-ENDPOINTS ")
+            && nc[2].contains("has no endpoints")
+            && nc[2].ends_with("169.254.96.16:15000"),
+        "{nc:?}"
+    );
     // reports: zero endpoints -> refused by rule.
-    assert!(plan.rules.v4.rules.iter().any(|r| r.contains("edge-apps/reports:http has no endpoints")));
+    assert!(plan
+        .rules
+        .v4
+        .rules
+        .iter()
+        .any(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS ") && r.contains("edge-apps/reports:http has no endpoints")));
     // local-dns: UDP and TCP on the same port number, each its own target.
     assert!(plan.rules.v4.rules.iter().any(|r| r.contains("\"edge-apps/local-dns:dns\" -m udp --dport 53")));
     assert_eq!(backends(&plan, "10.96.160.193:53").len(), 2);
@@ -176,22 +190,45 @@ fn portals_layout_has_the_seed_shape() {
     let cfg = config("FilterIfLabelExists", "portals", None);
     let plan = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     let t = &plan.rules.v4;
-    assert_eq!(t.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"]);
+    assert_eq!(t.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGEPROXY-NO-ENDPOINTS"]);
     assert_eq!(t.jumps.len(), 2);
     assert_eq!((t.jumps[0].from, t.jumps[0].target), ("PREROUTING", "KUBE-PORTALS-CONTAINER"));
     assert_eq!((t.jumps[1].from, t.jumps[1].target), ("OUTPUT", "KUBE-PORTALS-HOST"));
     assert!(t.jumps.iter().all(|j| j.spec.contains(PORTALS_COMMENT)));
-    // Every proxied service port, on every cluster IP, in both chains; nothing for ignored ones.
+    // Every proxied service port, on every cluster IP, in both chains, each chain first jumping
+    // to the reject DNATs of the ports without endpoints; nothing for ignored ones.
     let proxied: Vec<&ObjectKey> = plan.proxied().collect();
-    let ports: usize = plan.reports.iter().filter(|r| r.verdict.is_proxied()).map(|r| r.ports.len()).sum();
-    assert_eq!(t.rules.len(), 2 * ports);
-    assert!(t.rules.iter().all(|r| r.contains(" -j DNAT --to-destination 169.254.96.16:")));
+    let proxied_ports = || plan.reports.iter().filter(|r| r.verdict.is_proxied()).flat_map(|r| &r.ports);
+    let ports = proxied_ports().count();
+    let without = proxied_ports().filter(|p| p.backends == 0).count();
+    assert!(without >= 1, "the fixture has ports without endpoints");
+    let jump = "-m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS";
+    for chain in ["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"] {
+        let rules: Vec<&String> = t.rules.iter().filter(|r| r.starts_with(&format!("-A {chain} "))).collect();
+        assert_eq!(rules.len(), 1 + ports, "{chain}");
+        assert_eq!(*rules[0], format!("-A {chain} {jump}"));
+        // Whatever its endpoints, every port goes to the proxy here: never to the reject port.
+        assert!(
+            rules[1..].iter().all(|r| r.contains(" -j DNAT --to-destination 169.254.96.16:")
+                && !r.ends_with(":15000")
+                && !r.contains("has no endpoints")),
+            "{chain}"
+        );
+    }
+    let rejects: Vec<&String> = t.rules.iter().filter(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS ")).collect();
+    assert_eq!(rejects.len(), without);
+    assert!(rejects
+        .iter()
+        .all(|r| r.contains(" has no endpoints\" ") && r.ends_with(" -j DNAT --to-destination 169.254.96.16:15000")));
+    assert_eq!(t.rules.len(), 2 * (1 + ports) + without);
     assert!(!t.rules.iter().any(|r| r.contains("monitoring/alertmanager-main")));
     assert!(proxied.iter().any(|k| k.to_string() == "monitoring/grafana"));
     let grafana = "-A KUBE-PORTALS-HOST -d 10.96.171.49/32 -p tcp -m comment --comment \"monitoring/grafana:http\" -m tcp --dport 3000 -j DNAT --to-destination 169.254.96.16:15001";
     assert!(t.rules.iter().any(|r| r == grafana), "missing {grafana}");
     let text = t.restore_text();
-    assert!(text.starts_with("*nat\n:KUBE-PORTALS-CONTAINER - [0:0]\n:KUBE-PORTALS-HOST - [0:0]\n"));
+    assert!(text.starts_with(
+        "*nat\n:KUBE-PORTALS-CONTAINER - [0:0]\n:KUBE-PORTALS-HOST - [0:0]\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\n"
+    ));
     assert!(text.ends_with("COMMIT\n"));
     assert!(plan.rules.v6.is_empty());
 }
@@ -201,7 +238,7 @@ fn root_chain_layout_returns_ignored_services_before_the_proxy_jump() {
     let cfg = config("FilterIfLabelExists", "root-chain", None);
     let plan = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     let t = &plan.rules.v4;
-    assert_eq!(t.chains, vec!["EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP"]);
+    assert_eq!(t.chains, vec!["EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP", "EDGEPROXY-NO-ENDPOINTS"]);
     assert!(t.jumps.iter().all(|j| j.target == "EDGE-MESH" && j.spec.contains("edgemesh root chain")));
     let first_jump = t.rules.iter().position(|r| r.contains("-j EDGE-MESH-TCP")).unwrap();
     let last_return = t.rules.iter().rposition(|r| r.ends_with("-j RETURN")).unwrap();
@@ -221,6 +258,20 @@ fn root_chain_layout_returns_ignored_services_before_the_proxy_jump() {
     assert!(t.rules.contains(
         &"-A EDGE-MESH -d 10.96.0.0/12 -p udp -m comment --comment \"udp service proxy\" -j EDGE-MESH-UDP".to_string()
     ));
+    // The reject DNATs sit in the small chain, jumped to first from the per-protocol chains.
+    for chain in ["EDGE-MESH-TCP", "EDGE-MESH-UDP"] {
+        let first = t.rules.iter().find(|r| r.starts_with(&format!("-A {chain} "))).unwrap();
+        assert_eq!(
+            *first,
+            format!("-A {chain} -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS")
+        );
+    }
+    assert!(t
+        .rules
+        .iter()
+        .filter(|r| r.contains("has no endpoints"))
+        .all(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS ")));
+    assert!(t.rules.iter().any(|r| r.contains("edge-apps/reports:http has no endpoints")));
     // Stable: rendering twice gives the same bytes.
     let again = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], true).plan();
     assert_eq!(again.rules, plan.rules);

@@ -133,6 +133,7 @@ say "the rules it installed (its jumps come first, ahead of KUBE-SERVICES)"
 inns "$NODE" iptables -t nat -S PREROUTING 2>/dev/null
 inns "$NODE" iptables -t nat -S OUTPUT 2>/dev/null
 inns "$NODE" iptables -t nat -S KUBE-PORTALS-CONTAINER 2>/dev/null
+inns "$NODE" iptables -t nat -S EDGEPROXY-NO-ENDPOINTS 2>/dev/null
 
 say "TCP from a local process on the node (OUTPUT path): round robin over two backends"
 for _ in 1 2 3 4; do inns "$NODE" curl -sS --max-time 3 http://10.96.0.80/; done

@@ -9,7 +9,7 @@ use edgeproxy::config::Config;
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::apply::{Applier, ApplyError, Binaries, LEGACY, NFT};
-use edgeproxy::rules::RuleSet;
+use edgeproxy::rules::{RuleSet, TableRules};
 use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};
 
@@ -26,17 +26,8 @@ fn fixture_state() -> State {
     st
 }
 
-/// `iptables-save -t <table>` without comments and counters: comparable across time.
 fn dump(ns: &Netns, b: &Binaries, table: &str) -> String {
-    let out = ns.ok(&[b.save, "-t", table]);
-    out.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.rfind(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    ns.save_dump(b.save, table)
 }
 
 fn chain(ns: &Netns, b: &Binaries, chain: &str) -> Vec<String> {
@@ -47,11 +38,37 @@ fn backends() -> [(Binaries, &'static str); 2] {
     [(NFT, "nft"), (LEGACY, "leg")]
 }
 
+/// What the kernel holds in each of `want`'s chains equals what `want` puts there. Runs on a
+/// thread inside the namespace (processes it starts inherit the namespace).
+fn assert_kernel_holds(b: &Binaries, want: &TableRules, what: &str) {
+    for chain in &want.chains {
+        let out = std::process::Command::new(b.cmd).args(["-t", "nat", "-S", chain]).output().unwrap();
+        assert!(out.status.success(), "{what}: {chain}: {}", String::from_utf8_lossy(&out.stderr));
+        let got: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A ")).map(str::to_string).collect();
+        let expected: Vec<String> =
+            want.rules.iter().filter(|r| r.starts_with(&format!("-A {chain} "))).cloned().collect();
+        assert_eq!(got, expected, "{}: {what}: chain {chain}", b.name);
+    }
+}
+
+/// Packet counter of the one `-A` line of `iptables-save -c -t nat` that contains `needle`.
+fn packets(b: &Binaries, needle: &str) -> u64 {
+    let out = std::process::Command::new(b.save).args(["-c", "-t", "nat"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle) && l.contains("] -A ")).collect();
+    assert_eq!(lines.len(), 1, "{needle}: {lines:?}");
+    lines[0][1..lines[0].find(':').unwrap()].parse().unwrap()
+}
+
 #[test]
 fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
     require_root();
     for (b, tag) in backends() {
         let ns = Netns::new(&format!("ap{tag}"));
+        // Local traffic to the service range gets a route; the proxy address is on lo with no
+        // listener, so a DNATed connection is refused at once (and counted by the rule).
+        ns.sh("ip route add local 10.96.0.0/12 dev lo && ip addr add 169.254.96.16/32 dev lo");
         let name = ns.name.clone();
         let result = ns
             .thread(move || {
@@ -60,20 +77,25 @@ fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
                 let plan = st.plan();
                 let r = a.apply(&plan.rules).expect("first apply");
                 assert_eq!((r.restores, a.restores()), (1, 1), "{}: one restore for the install", b.name);
+                assert!(r.full, "the first sync is a full rewrite");
+                assert_eq!(r.chains, plan.rules.v4.chains);
+                assert_kernel_holds(&b, &plan.rules.v4, "install");
                 // The same set again: no process at all.
-                a.apply(&plan.rules).unwrap();
-                assert_eq!(a.restores(), 1, "unchanged set must not restore");
+                let r = a.apply(&plan.rules).unwrap();
+                assert_eq!((a.restores(), r.restores, r.chains.len()), (1, 0, 0), "unchanged set must not restore");
                 // Guard with everything in place: never churns.
                 for _ in 0..3 {
                     let g = a.guard().unwrap();
                     assert!(g.repaired.is_empty(), "{:?}", g.repaired);
                 }
                 assert_eq!(a.restores(), 1, "guard restored although everything was in place");
-                // Remove a service: one restore.
-                st.apply(Change::Delete(Kind::Service, ObjectKey::new("edge-apps", "web-frontend")));
-                a.apply(&st.plan().rules).unwrap();
-                assert_eq!(a.restores(), 2);
-                // Remove the endpoints of a service (it now rejects): one restore.
+                // A connection to web-frontend through the host chain: its rule counts a packet.
+                let web = "\"edge-apps/web-frontend:http\" -m tcp --dport 80";
+                let _ = std::process::Command::new("curl").args(["-s", "-m", "2", "http://10.96.85.103/"]).output();
+                let web_host = format!("-A KUBE-PORTALS-HOST -d 10.96.85.103/32 -p tcp -m comment --comment {web}");
+                assert_eq!(packets(&b, &web_host), 1, "{}: the connection did not pass the host chain", b.name);
+                // Remove the endpoints of a service (it now rejects): one restore, and only the small
+                // chain is written; the portals chains (and their counters) stay as they were.
                 let slices: Vec<_> = st
                     .snapshot()
                     .endpoints
@@ -84,12 +106,31 @@ fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
                 for k in slices {
                     st.apply(Change::Delete(Kind::EndpointSlice, k));
                 }
-                a.apply(&st.plan().rules).unwrap();
-                assert_eq!(a.restores(), 3);
+                let flipped = st.plan().rules;
+                let r = a.apply(&flipped).unwrap();
+                assert_eq!((a.restores(), r.restores, r.full), (2, 1, false));
+                assert_eq!(r.chains, vec!["EDGEPROXY-NO-ENDPOINTS"], "{}: an endpoint flip rewrote more", b.name);
+                assert_kernel_holds(&b, &flipped.v4, "inventory lost its endpoints");
+                assert!(flipped.v4.rules.iter().any(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS ")
+                    && r.contains("edge-apps/inventory:http has no endpoints")));
+                assert_eq!(packets(&b, &web_host), 1, "{}: the host chain was rewritten (counter reset)", b.name);
+                // Remove a service: one restore, both portals chains (it had endpoints).
+                st.apply(Change::Delete(Kind::Service, ObjectKey::new("edge-apps", "web-frontend")));
+                let removed = st.plan().rules;
+                let r = a.apply(&removed).unwrap();
+                assert_eq!((a.restores(), r.restores), (3, 1));
+                assert_eq!(r.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"]);
+                assert_kernel_holds(&b, &removed.v4, "web-frontend removed");
                 // Back as before: one restore.
                 let mut full = fixture_state();
-                a.apply(&full.plan().rules).unwrap();
-                assert_eq!(a.restores(), 4);
+                let r = a.apply(&full.plan().rules).unwrap();
+                assert_eq!((a.restores(), r.restores), (4, 1));
+                assert_eq!(r.chains, full.plan().rules.v4.chains, "service and endpoints back: all three chains");
+                assert_kernel_holds(&b, &full.plan().rules.v4, "back as before");
+                // The periodic resync rewrites everything even though nothing changed.
+                let r = a.reapply(&full.plan().rules).unwrap();
+                assert_eq!((a.restores(), r.restores, r.full), (5, 1, true));
+                assert_kernel_holds(&b, &full.plan().rules.v4, "resync");
                 (a.restores(), st.plan().rules, full.plan().rules)
             })
             .join();
@@ -100,7 +141,7 @@ fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
             full.v4.rules.iter().filter(|r| r.starts_with("-A KUBE-PORTALS-HOST")).cloned().collect::<Vec<_>>()
         );
         assert!(host.iter().any(|r| r.contains("edge-apps/web-frontend:http") && r.contains("10.96.85.103/32")));
-        assert!(host
+        assert!(chain(&ns, &b, "EDGEPROXY-NO-ENDPOINTS")
             .iter()
             .any(|r| r.contains("edge-apps/reports") && r.contains("has no endpoints") && r.ends_with(":15000")));
         assert_eq!(chain(&ns, &b, "PREROUTING")[0], format!("-A PREROUTING {}", full.v4.jumps[0].spec));
@@ -156,9 +197,222 @@ fn guard_puts_jumps_first_again_and_recreates_chains() {
         assert!(chain(&ns, &b, "PREROUTING")[1].ends_with("-j KUBE-SERVICES"));
         step("jump deleted", &format!("{ipt} -t nat -D OUTPUT 1"));
         step("chain flushed", &format!("{ipt} -t nat -F KUBE-PORTALS-HOST"));
+        let found = step("no-endpoints chain flushed", &format!("{ipt} -t nat -F EDGEPROXY-NO-ENDPOINTS"));
+        assert!(found.iter().any(|f| f.contains("EDGEPROXY-NO-ENDPOINTS")), "{found:?}");
+        assert!(chain(&ns, &b, "EDGEPROXY-NO-ENDPOINTS").iter().any(|r| r.contains("has no endpoints")));
+        let found = step(
+            "a reject rule edited",
+            &format!("{ipt} -t nat -R EDGEPROXY-NO-ENDPOINTS 1 -p tcp -j DNAT --to-destination 192.0.2.99:80"),
+        );
+        assert!(found.iter().any(|f| f.contains("EDGEPROXY-NO-ENDPOINTS was flushed or edited")), "{found:?}");
+        assert!(!chain(&ns, &b, "EDGEPROXY-NO-ENDPOINTS").iter().any(|r| r.contains("192.0.2.99")));
         step("everything flushed and deleted (fw4 flush)", &format!("{ipt} -t nat -F && {ipt} -t nat -X"));
         drop(tx);
         worker.join().expect("guard thread");
+    }
+}
+
+/// With chains too big to list every guard period (here: a limit of 0 rules), nft's guard checks
+/// only the jumps, and a flushed big chain comes back with the resync; legacy's guard reads the
+/// whole table in one `iptables-legacy-save` anyway and repairs it at once.
+#[test]
+fn big_chain_contents_on_nft_are_left_to_the_resync() {
+    require_root();
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("rs{tag}"));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(u64, Vec<String>, u64)>();
+        let worker = ns.thread(move || {
+            let mut a = Applier::with_binaries(b).expect("backend");
+            a.content_check_max_rules = 0;
+            let rules = fixture_state().plan().rules;
+            a.apply(&rules).unwrap();
+            done_tx.send((0, Vec::new(), 0)).unwrap();
+            rx.recv().unwrap();
+            let before = a.restores();
+            let g = a.guard().unwrap();
+            let guarded = a.restores() - before;
+            let r = a.reapply(&rules).unwrap();
+            assert_eq!(r.restores, 1);
+            done_tx.send((guarded, g.repaired, a.restores() - before)).unwrap();
+        });
+        done_rx.recv_timeout(Duration::from_secs(30)).expect("installed");
+        let full = chain(&ns, &b, "KUBE-PORTALS-HOST");
+        ns.ok(&[b.cmd, "-t", "nat", "-F", "KUBE-PORTALS-HOST"]);
+        tx.send(()).unwrap();
+        let (guarded, repaired, total) = done_rx.recv_timeout(Duration::from_secs(30)).expect("guard answered");
+        worker.join().expect("worker");
+        if b.name == "legacy" {
+            assert_eq!(guarded, 1, "legacy: the guard repairs a flushed chain");
+            assert!(repaired.iter().any(|f| f.contains("KUBE-PORTALS-HOST was flushed or edited")), "{repaired:?}");
+        } else {
+            assert_eq!((guarded, repaired.len()), (0, 0), "nft: the guard must not list big chains: {repaired:?}");
+        }
+        assert_eq!(total, guarded + 1, "{}: the resync is one more restore", b.name);
+        assert_eq!(chain(&ns, &b, "KUBE-PORTALS-HOST"), full, "{}: the resync put the chain back", b.name);
+    }
+}
+
+/// Root-chain layout: an endpoint flip writes only the small chain; the last UDP service going
+/// away deletes EDGE-MESH-UDP in the same (minimal) restore, and coming back recreates it.
+#[test]
+fn root_chain_minimal_syncs_create_and_delete_chains() {
+    require_root();
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("rc{tag}"));
+        ns.thread(move || {
+            let mut cfg = Config::defaults();
+            cfg.layout = edgeproxy::rules::render::Layout::RootChain;
+            let load = || {
+                let mut st = State::new(StateConfig::from(&cfg));
+                for (file, kind) in [("services.json", Kind::Service), ("endpointslices.json", Kind::EndpointSlice)] {
+                    let d = decode_document(&std::fs::read(format!("{FIXTURES}/{file}")).unwrap(), Some(kind));
+                    st.apply(Change::Replace(kind, d.objects));
+                }
+                st
+            };
+            let mut st = load();
+            let mut a = Applier::with_binaries(b).unwrap();
+            let all = st.plan().rules;
+            assert!(all.v4.chains.contains(&"EDGE-MESH-UDP"));
+            a.apply(&all).unwrap();
+            assert_kernel_holds(&b, &all.v4, "root-chain install");
+            // inventory loses its endpoints.
+            let slices: Vec<_> = st
+                .snapshot()
+                .endpoints
+                .values()
+                .filter(|e| &*e.service.name == "inventory")
+                .map(|e| e.key.clone())
+                .collect();
+            for k in slices {
+                st.apply(Change::Delete(Kind::EndpointSlice, k));
+            }
+            let flipped = st.plan().rules;
+            let r = a.apply(&flipped).unwrap();
+            assert_eq!((r.restores, r.chains.as_slice()), (1, &["EDGEPROXY-NO-ENDPOINTS"][..]), "{}", b.name);
+            assert_kernel_holds(&b, &flipped.v4, "root-chain flip");
+            // Every service with a UDP port goes.
+            let udp: Vec<ObjectKey> = st
+                .snapshot()
+                .services
+                .values()
+                .filter(|s| s.ports.iter().any(|p| p.protocol == edgeproxy::model::Protocol::Udp))
+                .map(|s| s.key.clone())
+                .collect();
+            assert!(!udp.is_empty());
+            for k in &udp {
+                st.apply(Change::Delete(Kind::Service, k.clone()));
+            }
+            let no_udp = st.plan().rules;
+            assert!(!no_udp.v4.chains.contains(&"EDGE-MESH-UDP"));
+            let r = a.apply(&no_udp).unwrap();
+            assert_eq!(r.restores, 1);
+            assert!(!r.full && r.chains.contains(&"EDGE-MESH") && !r.chains.contains(&"EDGE-MESH-UDP"), "{r:?}");
+            assert_kernel_holds(&b, &no_udp.v4, "UDP services gone");
+            let out = std::process::Command::new(b.cmd).args(["-t", "nat", "-S", "EDGE-MESH-UDP"]).output().unwrap();
+            assert!(!out.status.success(), "{}: EDGE-MESH-UDP still exists", b.name);
+            // Back: the chain is created again, in one restore.
+            let r = a.apply(&flipped).unwrap();
+            assert_eq!(r.restores, 1);
+            assert!(!r.full && r.chains.contains(&"EDGE-MESH-UDP"), "{r:?}");
+            assert_kernel_holds(&b, &flipped.v4, "UDP services back");
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("{}: root-chain thread panicked", b.name));
+    }
+}
+
+/// What one guard check reads with everything in place: nothing (no process) while the kernel's
+/// canary (nft: ruleset generation; legacy: the nat table's summary) is unchanged since the last
+/// check; when anything changed (even a rule not ours), nft lists PREROUTING, OUTPUT and the
+/// small chains, legacy runs one `iptables-legacy-save`.
+#[test]
+fn guard_reads_little_when_nothing_changed() {
+    require_root();
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("gr{tag}"));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<(u32, u32, usize)>>();
+        let worker = ns.thread(move || {
+            let mut a = Applier::with_binaries(b).expect("backend");
+            let rules = fixture_state().plan().rules;
+            a.apply(&rules).unwrap();
+            let mut g = || {
+                let r = a.guard().unwrap();
+                (r.reads, r.restores, r.repaired.len())
+            };
+            let before = vec![g(), g(), g()];
+            done_tx.send(before).unwrap();
+            rx.recv().unwrap();
+            done_tx.send(vec![g(), g()]).unwrap();
+            rules
+        });
+        let first = done_rx.recv_timeout(Duration::from_secs(30)).expect("guards ran");
+        // Somebody else's rule, elsewhere in the nat table.
+        ns.ok(&[b.cmd, "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE"]);
+        tx.send(()).unwrap();
+        let second = done_rx.recv_timeout(Duration::from_secs(30)).expect("guards ran");
+        let rules = worker.join().expect("worker");
+        // legacy: one save; nft: PREROUTING, OUTPUT and (the fixture's are small) all our chains.
+        let reads = if b.name == "legacy" { 1 } else { 2 + rules.v4.chains.len() as u32 };
+        assert_eq!(
+            first,
+            vec![(reads, 0, 0), (0, 0, 0), (0, 0, 0)],
+            "{}: a check after the install, then none",
+            b.name
+        );
+        assert_eq!(second, vec![(reads, 0, 0), (0, 0, 0)], "{}: a foreign change costs one check, no repair", b.name);
+    }
+}
+
+/// Both families: the IPv6 set follows an endpoint flip with one small-chain restore, and the
+/// guard's content comparison (ip6tables listings vs rendered rules) never churns.
+#[test]
+fn ipv6_flip_and_guard() {
+    require_root();
+    const DUAL: &str = r#"{"kind":"List","items":[
+      {"kind":"Service","metadata":{"name":"dual","namespace":"v6"},"spec":{"clusterIP":"10.96.7.7","clusterIPs":["10.96.7.7","fd00:10:96::7"],
+       "ports":[{"name":"http","port":80},{"name":"dns","protocol":"UDP","port":53}]}},
+      {"kind":"EndpointSlice","metadata":{"name":"dual-v6","namespace":"v6","labels":{"kubernetes.io/service-name":"dual"}},"addressType":"IPv6",
+       "endpoints":[{"addresses":["fd00:200::1"]}],"ports":[{"name":"http","port":8080},{"name":"dns","protocol":"UDP","port":53}]}]}"#;
+    for (b, tag) in backends() {
+        let ns = Netns::new(&format!("v6{tag}"));
+        ns.thread(move || {
+            let mut st = State::new(StateConfig::from(&Config::defaults()));
+            for obj in decode_document(DUAL.as_bytes(), None).objects {
+                st.apply(Change::Upsert(obj));
+            }
+            let mut a = Applier::with_binaries(b).unwrap();
+            let rules = st.plan().rules;
+            assert!(!rules.v6.is_empty() && !rules.v6.rules.iter().any(|r| r.contains("has no endpoints")));
+            a.apply(&rules).unwrap();
+            for _ in 0..2 {
+                let g = a.guard().unwrap();
+                assert!(g.repaired.is_empty() && g.restores == 0, "{}: {:?}", b.name, g.repaired);
+            }
+            st.apply(Change::Delete(Kind::EndpointSlice, ObjectKey::new("v6", "dual-v6")));
+            let flipped = st.plan().rules;
+            let r = a.apply(&flipped).unwrap();
+            // The service's backends serve both of its cluster IPs: one small-chain restore per family.
+            let small = ["EDGEPROXY-NO-ENDPOINTS", "EDGEPROXY-NO-ENDPOINTS"];
+            assert_eq!((r.restores, r.chains.as_slice()), (2, &small[..]), "{}", b.name);
+            let out = std::process::Command::new(b.cmd6).args(["-t", "nat", "-S", "EDGEPROXY-NO-ENDPOINTS"]).output();
+            let listed = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+            let want: Vec<&String> =
+                flipped.v6.rules.iter().filter(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS ")).collect();
+            assert_eq!(want.len(), 2, "{want:?}");
+            for w in want {
+                assert!(listed.lines().any(|l| l == w), "{}: {w} not in\n{listed}", b.name);
+            }
+            for _ in 0..2 {
+                let g = a.guard().unwrap();
+                assert!(g.repaired.is_empty() && g.restores == 0, "{}: {:?}", b.name, g.repaired);
+            }
+            a.cleanup().unwrap();
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("{}: IPv6 thread panicked", b.name));
     }
 }
 
@@ -179,17 +433,25 @@ fn restore_failing_halfway_keeps_previous_rules_and_names_the_line() {
             ns.thread(move || Applier::with_binaries(b).unwrap().apply(&g).map(|_| ()).unwrap()).join().unwrap();
             before_bad = dump(&ns, &b, "nat");
         }
-        let err = ns
+        let g = good.clone();
+        let (err, mut a) = ns
             .thread(move || {
                 let mut a = Applier::with_binaries(b).unwrap();
-                a.apply(&good).unwrap(); // same as in the kernel
-                a.apply(&bad).map(|_| ()).unwrap_err()
+                a.apply(&g).unwrap(); // same as in the kernel
+                (a.apply(&bad).map(|_| ()).unwrap_err(), a)
             })
             .join()
             .unwrap();
+        assert_eq!(dump(&ns, &b, "nat"), before_bad, "{}: the failed restore changed the table", b.name);
+        // After a failure the next sync is a full rewrite, even of the set the kernel holds.
+        let after = ns.thread(move || a.apply(&good).unwrap()).join().unwrap();
+        assert!(after.full && after.restores == 1, "{}: {after:?}", b.name);
+        assert_eq!(after.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGEPROXY-NO-ENDPOINTS"]);
         match &err {
             ApplyError::Restore { line: Some(n), context, .. } => {
-                // Input: *nat, 2 chain lines, then the rules.
+                // A minimal restore: *nat, the 2 changed chains (shop is gone from both portals
+                // chains; the small chain is unchanged), then their rules in order (the rules of
+                // the small chain come last in the set, after `mid`).
                 assert_eq!(*n, mid + 4, "{}: {err}", b.name);
                 assert!(context.contains("> ") && context.contains("NO-SUCH-CHAIN"), "{context}");
             }

@@ -50,15 +50,7 @@ fn seed(ns: &Netns, b: &Binaries, text: &str) {
 }
 
 fn dump(ns: &Netns, b: &Binaries, table: &str) -> String {
-    ns.ok(&[b.save, "-t", table])
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.rfind(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    ns.save_dump(b.save, table)
 }
 
 fn edgeproxy(ns: &Netns, b: &Binaries, args: &[&str]) -> (Option<i32>, String) {
@@ -85,8 +77,11 @@ fn check_codes_and_cleanup_edgemesh() {
 
         seed(&ns, &b, EDGEMESH);
         let (code, out) = edgeproxy(&ns, &b, &["check"]);
-        // EdgeMesh v1.12+'s portal jumps look exactly like ours; its other chains are leftovers.
-        assert_eq!(code, Some(exit::LEFTOVERS.into()), "{out}");
+        // EdgeMesh v1.12+'s portal jumps look exactly like ours, but it has no
+        // EDGEPROXY-NO-ENDPOINTS chain: that is EdgeMesh, not us. Its other chains are listed.
+        assert_eq!(code, Some(exit::NOT_INSTALLED.into()), "{out}");
+        assert!(out.contains("IPv4: chain EDGEPROXY-NO-ENDPOINTS missing"), "{out}");
+        assert!(out.contains("IPv4: jump OUTPUT -> KUBE-PORTALS-HOST is first"), "{out}");
         assert!(out.contains("EdgeMesh chain EDGEMESH-PORTALS-HOST") && out.contains("KUBE-NODEPORT-HOST"), "{out}");
         assert!(out.contains("chain EDGE-MESH of the other layout"), "{out}");
 
@@ -104,6 +99,12 @@ fn check_codes_and_cleanup_edgemesh() {
         .unwrap();
         let (code, out) = edgeproxy(&ns, &b, &["check"]);
         assert_eq!(code, Some(exit::OK.into()), "{out}");
+        // Installed and first, with an EdgeMesh chain left over: 5.
+        ns.ok(&[b.cmd, "-t", "nat", "-N", "EDGEMESH-PORTALS-HOST"]);
+        let (code, out) = edgeproxy(&ns, &b, &["check"]);
+        assert_eq!(code, Some(exit::LEFTOVERS.into()), "{out}");
+        assert!(out.contains("leftover: IPv4: EdgeMesh chain EDGEMESH-PORTALS-HOST"), "{out}");
+        ns.ok(&[b.cmd, "-t", "nat", "-X", "EDGEMESH-PORTALS-HOST"]);
         ns.ok(&[b.cmd, "-t", "nat", "-I", "OUTPUT", "1", "-j", "KUBE-SERVICES"]);
         let (code, out) = edgeproxy(&ns, &b, &["check"]);
         assert_eq!(code, Some(exit::NOT_FIRST.into()), "{out}");

@@ -3,8 +3,11 @@
 //!
 //! It receives rule sets over a channel and keeps only the newest (a burst becomes one restore:
 //! the first change goes out at once, later ones wait until `min_sync_period` has passed since
-//! the last sync). Every `guard_period` it runs the hybrid-order guard, every `resync_period` a
-//! full re-apply; a failed sync is retried with exponential backoff. Outcomes go to a callback,
+//! the last sync); a sync writes only the chains that changed. Every `guard_period` it runs the
+//! hybrid-order guard (the jumps always, chain contents where that is cheap: see
+//! [`Applier::guard`]), every `resync_period` a full rewrite, which also puts right any edit to
+//! a chain the guard does not read; a failed sync is retried with exponential backoff, as a full
+//! rewrite. Outcomes go to a callback,
 //! never to the caller's state: the agent turns them into log lines, metrics and readiness.
 //! On shutdown it removes every rule and chain edgeproxy owns, reports, and ends.
 //!
@@ -26,9 +29,10 @@ use crate::config::Config;
 pub struct ApplierConfig {
     /// Minimum time between two syncs (bursts are coalesced).
     pub min_sync_period: Duration,
-    /// How often the guard checks our jumps and chains.
+    /// How often the guard checks our jumps (and the chains it can read cheaply).
     pub guard_period: Duration,
-    /// How often everything is rewritten even when nothing changed.
+    /// How often everything is rewritten even when nothing changed (catches edits inside chains
+    /// too big for the guard to read every period).
     pub resync_period: Duration,
     /// First retry delay after a failure; doubles up to `backoff_max`.
     pub backoff_start: Duration,

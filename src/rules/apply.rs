@@ -7,15 +7,19 @@
 //! touches a chain it does not own (the `--edgemesh` cleanup excepted, which removes only
 //! EdgeMesh's chain names), and never decides *what* the rules are (that is `render`).
 //!
-//! Every change is one `iptables-restore --noflush` transaction per family: our chains are
-//! declared (`:CHAIN - [0:0]` creates or flushes), refilled, and the jumps are fixed in the same
-//! input (`-D` of misplaced copies by spec, then `-I <from> 1`). A failed restore leaves the
-//! kernel as it was (the input is one transaction); the error names the failing input line.
+//! Every change is one `iptables-restore --noflush` transaction per family. It remembers the
+//! content of each chain it last put in the kernel; a sync declares (`:CHAIN - [0:0]` creates or
+//! flushes) and refills only the chains whose content changed, and reads nothing. A full
+//! rewrite (every chain, with the jumps read and fixed in the same input: `-D` of misplaced
+//! copies by spec, then `-I <from> 1`) happens on the first sync, after a failure, on a guard
+//! repair and on the periodic resync. A failed restore leaves the kernel as it was (the input is
+//! one transaction); the error names the failing input line.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::ops::Range;
 use std::process::{Command, Output, Stdio};
 
 use super::{Family, Jump, RuleSet, TableRules, OWN_CHAINS};
@@ -231,6 +235,11 @@ fn list_chain(bins: &Binaries, family: Family, chain: &str) -> Result<Option<Vec
         if stderr.contains("No chain") || stderr.contains("does not exist") || stderr.contains("doesn't exist") {
             return Ok(None);
         }
+        // iptables-nft 1.8.9 says a chain of ours is "incompatible" right after `-F`/`-X` of the
+        // whole table removed it; ours are rewritten whole anyway, so treat it as missing.
+        if stderr.contains("incompatible") && OWN_CHAINS.contains(&chain) {
+            return Ok(None);
+        }
         return Err(ApplyError::Read { binary: bin.into(), stderr });
     }
     Ok(Some(
@@ -245,8 +254,6 @@ struct JumpFix {
     lines: Vec<String>,
     /// Human-readable findings, for the log.
     found: Vec<String>,
-    /// A wanted jump is absent (so our chains may be gone too: rewrite them).
-    missing: bool,
     /// kube-proxy's jump into KUBE-SERVICES is in PREROUTING or OUTPUT.
     kube_proxy: bool,
 }
@@ -260,11 +267,17 @@ fn jump_target(line: &str) -> Option<&str> {
 /// Compare the built-in chains' listings with the wanted jumps: each must be rule 1 of its
 /// chain, once; any other jump into one of our chains (a duplicate, the other layout's) goes.
 fn jump_fix(bins: &Binaries, family: Family, wanted: &[Jump]) -> Result<JumpFix, ApplyError> {
+    let pre = list_chain(bins, family, "PREROUTING")?.unwrap_or_default();
+    let out = list_chain(bins, family, "OUTPUT")?.unwrap_or_default();
+    Ok(jump_fix_from(&pre, &out, wanted))
+}
+
+/// [`jump_fix`] on listings already read (`-A` lines of PREROUTING and OUTPUT).
+fn jump_fix_from(pre: &[String], out: &[String], wanted: &[Jump]) -> JumpFix {
     let mut fix = JumpFix::default();
     let mut deletes = Vec::new();
     let mut inserts = Vec::new();
-    for from in ["PREROUTING", "OUTPUT"] {
-        let listed = list_chain(bins, family, from)?.unwrap_or_default();
+    for (from, listed) in [("PREROUTING", pre), ("OUTPUT", out)] {
         fix.kube_proxy |= listed.iter().any(|l| jump_target(l) == Some("KUBE-SERVICES"));
         let want = wanted.iter().find(|j| j.from == from);
         let want_line = want.map(|j| format!("-A {from} {}", j.spec));
@@ -285,7 +298,6 @@ fn jump_fix(bins: &Binaries, family: Family, wanted: &[Jump]) -> Result<JumpFix,
             if !first_ok {
                 match listed.iter().position(|l| l == w) {
                     None => {
-                        fix.missing = true;
                         fix.found.push(format!("{from}: jump to {} was missing", j.target));
                     }
                     Some(_) => fix.found.push(format!(
@@ -300,7 +312,7 @@ fn jump_fix(bins: &Binaries, family: Family, wanted: &[Jump]) -> Result<JumpFix,
     }
     fix.lines = deletes;
     fix.lines.extend(inserts);
-    Ok(fix)
+    fix
 }
 
 /// What one `apply` or `guard` did.
@@ -312,24 +324,40 @@ pub struct SyncReport {
     pub rules: usize,
     /// Repairs made (jumps moved back, chains recreated), for the log.
     pub repaired: Vec<String>,
-    /// kube-proxy's jump seen in PREROUTING/OUTPUT (IPv4).
+    /// kube-proxy's jump seen in PREROUTING/OUTPUT (IPv4), as last read (a minimal sync reads
+    /// nothing and reports the last guard's or full sync's finding).
     pub kube_proxy: bool,
+    /// The chains the restores rewrote (flushed and refilled), both families.
+    pub chains: Vec<&'static str>,
+    /// Listing processes run (`iptables -S`, `iptables-save`), both families.
+    pub reads: u32,
+    /// Some restore rewrote every chain of its family and fixed the jumps (start, after a
+    /// failure, a guard repair, the periodic resync).
+    pub full: bool,
 }
 
-/// The last set applied to one family, as the kernel should now hold it.
-#[derive(Clone, Debug)]
-struct Applied {
-    rules: TableRules,
-    text: String,
-}
+/// Chains with at most this many rules are listed and compared in full by the guard on the nft
+/// backend (a listing costs about 30 us per rule of the chain there); see [`Applier::guard`].
+pub const CONTENT_CHECK_MAX_RULES: usize = 256;
 
 /// Puts a [`RuleSet`] into the kernel and keeps it there. Blocking; use from one thread.
 pub struct Applier {
     bins: Binaries,
-    last: [Option<Applied>; 2],
+    /// Per family, the set the kernel holds since our last successful restore.
+    last: [Option<TableRules>; 2],
+    /// Per family: the next sync rewrites everything (a restore or read failed since).
+    full_next: [bool; 2],
+    /// kube-proxy's jump, as last read.
+    kube_proxy: bool,
+    /// The kernel's change marker when the guard last found everything in place (`None` after
+    /// any restore of ours, or when it cannot be read).
+    canary: [Option<Canary>; 2],
     restores: u64,
     /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
     pub wait_secs: u32,
+    /// nft backend: the guard compares the content of chains up to this many rules every guard
+    /// period (default [`CONTENT_CHECK_MAX_RULES`]); bigger ones are put right by the resync.
+    pub content_check_max_rules: usize,
 }
 
 fn idx(f: Family) -> usize {
@@ -367,7 +395,16 @@ impl Applier {
             }
             Ok(_) => {}
         }
-        Ok(Applier { bins, last: [None, None], restores: 0, wait_secs: LOCK_WAIT_SECS })
+        Ok(Applier {
+            bins,
+            last: [None, None],
+            full_next: [false, false],
+            kube_proxy: false,
+            canary: [None, None],
+            restores: 0,
+            wait_secs: LOCK_WAIT_SECS,
+            content_check_max_rules: CONTENT_CHECK_MAX_RULES,
+        })
     }
 
     pub fn binaries(&self) -> Binaries {
@@ -385,6 +422,7 @@ impl Applier {
     }
 
     fn restore(&mut self, family: Family, text: &str) -> Result<(), ApplyError> {
+        self.canary[idx(family)] = None;
         let bin = self.bins.restore_bin(family);
         let wait = format!("--wait={}", self.wait_secs);
         self.restores += 1;
@@ -400,24 +438,31 @@ impl Applier {
         Err(err)
     }
 
-    /// Make the kernel hold `set`: one restore per family that changed (none when nothing did),
-    /// with the jumps put (back) at position 1 in the same transaction. IPv6 is only touched
-    /// when it has rules or had them.
+    /// Make the kernel hold `set`: one restore per family that changed (none when nothing did).
+    ///
+    /// A minimal sync (the usual case) writes only the chains whose content changed since the
+    /// last successful restore (`:CHAIN - [0:0]` flushes just that chain under `--noflush`, as
+    /// kube-proxy's MinimizeIPTablesRestore does) and reads nothing from the kernel: the guard
+    /// watches the jumps. A full rewrite (every chain, plus the jumps read and put back at
+    /// position 1 in the same transaction) happens on the first sync, after any failure, and in
+    /// [`Applier::reapply`]. IPv6 is only touched when it has rules or had them.
     pub fn apply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
             self.sync_family(family, set.family(family), false, &mut report)?;
         }
+        report.kube_proxy = self.kube_proxy;
         Ok(report)
     }
 
-    /// Like [`Applier::apply`] but rewrites every family even when the text is unchanged (the
-    /// periodic full resync, which also repairs edits to the insides of our chains).
+    /// Like [`Applier::apply`] but a full rewrite of every family even when nothing changed
+    /// (the periodic resync, which also repairs edits to the insides of our chains).
     pub fn reapply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
             self.sync_family(family, set.family(family), true, &mut report)?;
         }
+        report.kube_proxy = self.kube_proxy;
         Ok(report)
     }
 
@@ -431,32 +476,44 @@ impl Applier {
         let i = idx(family);
         if want.is_empty() {
             if self.last[i].is_some() {
-                self.remove_family(family)?;
+                self.remove_family(family).inspect_err(|_| self.full_next[i] = true)?;
                 report.restores += 1;
                 self.last[i] = None;
             }
+            self.full_next[i] = false;
             return Ok(());
         }
-        let fix = jump_fix(&self.bins, family, &want.jumps)?;
-        if family == Family::V4 {
-            report.kube_proxy = fix.kube_proxy;
-        }
-        let text = want.restore_text();
-        let same = !force && self.last[i].as_ref().is_some_and(|a| a.text == text);
-        if same && fix.lines.is_empty() {
+        let minimal = !force && !self.full_next[i];
+        if let Some(last) = self.last[i].as_ref().filter(|l| minimal && l.jumps == want.jumps) {
+            let (changed, stale) = changed_chains(last, want);
             report.rules += want.rules.len();
+            if changed.is_empty() && stale.is_empty() {
+                return Ok(());
+            }
+            let input = restore_input(want, &changed, &[], &stale);
+            self.restore(family, &input).inspect_err(|_| self.full_next[i] = true)?;
+            report.restores += 1;
+            let last = self.last[i].take().expect("checked above");
+            self.last[i] = Some(carry_over(last, want, &changed));
+            report.chains.extend(changed);
             return Ok(());
+        }
+        self.full_sync(family, want, report).inspect_err(|_| self.full_next[i] = true)
+    }
+
+    /// Rewrite every chain of `want`, fix the jumps, delete chains `want` no longer has.
+    fn full_sync(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
+        let i = idx(family);
+        let fix = jump_fix(&self.bins, family, &want.jumps)?;
+        report.reads += 2;
+        if family == Family::V4 {
+            self.kube_proxy = fix.kube_proxy;
         }
         let stale: Vec<&'static str> = match &self.last[i] {
-            Some(a) => a.rules.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
+            Some(last) => last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
             None => Vec::new(),
         };
-        let input = if same && !fix.missing && stale.is_empty() {
-            jumps_only(&fix.lines)
-        } else {
-            full_input(want, &fix.lines, &stale)
-        };
-        self.restore(family, &input)?;
+        self.restore(family, &restore_input(want, &want.chains, &fix.lines, &stale))?;
         if self.last[i].is_some() {
             for f in &fix.found {
                 log::warn!("rules guard ({}): {f}", family_name(family));
@@ -465,72 +522,104 @@ impl Applier {
         }
         report.restores += 1;
         report.rules += want.rules.len();
-        self.last[i] = Some(Applied { rules: want.clone(), text });
+        report.chains.extend(want.chains.iter().copied());
+        report.full = true;
+        self.last[i] = Some(want.clone());
+        self.full_next[i] = false;
         Ok(())
     }
 
-    /// The hybrid-order guard: our jumps first in PREROUTING and OUTPUT, once, and our chains
-    /// present (their first rule where they have rules). Repairs what it finds in one restore
-    /// per family; runs no restore when everything is in place.
+    /// The hybrid-order guard, run every guard period: our jumps first in PREROUTING and OUTPUT,
+    /// once, and our chains present with the content we put there, as far as that is cheap.
+    ///
+    /// First a canary, read in microseconds without starting a process: on nft the ruleset
+    /// generation (`NFT_MSG_GETGEN`, bumped by every nftables transaction in the namespace), on
+    /// legacy the kernel's summary of the nat table (`IPT_SO_GET_INFO`: entry count, size,
+    /// built-in chain offsets). Unchanged since the last check that found everything in place:
+    /// nothing else is read. Otherwise:
+    ///
+    /// - legacy: one `iptables-legacy-save -t nat`. Any legacy listing copies the whole table
+    ///   out of the kernel, so this costs about what `-S PREROUTING` alone does, and it holds
+    ///   every chain: all of them are compared in full. (An edit that keeps every size and
+    ///   offset, say a rule replaced by one of the same length, waits for the resync.)
+    /// - nft: `-S PREROUTING` and `-S OUTPUT` (cheap: nft fetches only the listed chain), and
+    ///   every chain of ours with at most [`Applier::content_check_max_rules`] rules listed and
+    ///   compared in full (always `EDGEPROXY-NO-ENDPOINTS`, which changes most, while it is
+    ///   small). Listing even one rule of a 10,000-rule chain costs ~0.3 s on nft, so the big
+    ///   chains are left to the periodic resync ([`Applier::reapply`]). A big chain cannot be
+    ///   deleted while our jumps lead to it, so only a flush or an edit of one goes unseen
+    ///   until then.
+    ///
+    /// Anything out of place is put right by a full rewrite of that family (one restore); no
+    /// restore runs when everything is in place.
     pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
-            let Some(applied) = self.last[idx(family)].clone() else {
+            let i = idx(family);
+            let Some(want) = self.last[i].take() else {
                 continue;
             };
-            let want = &applied.rules;
-            let mut fix = jump_fix(&self.bins, family, &want.jumps)?;
-            if family == Family::V4 {
-                report.kube_proxy = fix.kube_proxy;
-            }
-            let mut chains_bad = false;
-            for chain in &want.chains {
-                let first = want.rules.iter().find(|r| r.starts_with(&format!("-A {chain} ")));
-                let listed = match first {
-                    // `-S CHAIN 1` lists only rule 1 (cheap) and fails when the chain is gone.
-                    Some(_) => self.first_rule(family, chain)?,
-                    None => list_chain(&self.bins, family, chain)?.map(|v| v.into_iter().next()),
-                };
-                match (listed, first) {
-                    (None, _) => {
-                        chains_bad = true;
-                        fix.found.push(format!("chain {chain} was deleted"));
-                    }
-                    (Some(got), Some(f)) if got.as_deref() != Some(f.as_str()) => {
-                        chains_bad = true;
-                        fix.found.push(format!("chain {chain} was flushed or edited"));
-                    }
-                    _ => {}
-                }
-            }
-            if fix.lines.is_empty() && !chains_bad {
-                report.rules += want.rules.len();
-                continue;
-            }
-            let input =
-                if chains_bad || fix.missing { full_input(want, &fix.lines, &[]) } else { jumps_only(&fix.lines) };
-            self.restore(family, &input)?;
-            for f in &fix.found {
-                log::warn!("rules guard ({}): {f}; repaired", family_name(family));
-            }
-            report.restores += 1;
-            report.rules += want.rules.len();
-            report.repaired.extend(fix.found);
+            let result = self.guard_family(family, &want, &mut report);
+            self.last[i] = Some(want);
+            result.inspect_err(|_| self.full_next[i] = true)?;
         }
+        report.kube_proxy = self.kube_proxy;
         Ok(report)
     }
 
-    fn first_rule(&self, family: Family, chain: &str) -> Result<Option<Option<String>>, ApplyError> {
-        let bin = self.bins.cmd_bin(family);
-        let out = run(bin, &["-t", "nat", "-S", chain, "1"], None)?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            if stderr.contains("No chain") || stderr.contains("does not exist") || stderr.contains("incompatible") {
-                return Ok(None);
-            }
-            return Err(ApplyError::Read { binary: bin.into(), stderr });
+    fn guard_family(&mut self, family: Family, want: &TableRules, report: &mut SyncReport) -> Result<(), ApplyError> {
+        let mut found = Vec::new();
+        let legacy = self.bins.name == LEGACY.name;
+        let canary =
+            if legacy { xt_info(family, "nat").map(Canary::Legacy) } else { nft_generation().map(Canary::Nft) };
+        if canary.is_some() && canary == self.canary[idx(family)] {
+            report.rules += want.rules.len();
+            return Ok(());
         }
-        Ok(Some(String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("-A ")).map(str::to_string)))
+        let fix = if legacy {
+            let save = save_table(&self.bins, family, "nat")?;
+            report.reads += 1;
+            let listing = Listing::parse(&save);
+            for chain in &want.chains {
+                compare_chain(chain, listing.chain(chain), want, &mut found);
+            }
+            jump_fix_from(
+                listing.chain("PREROUTING").unwrap_or(&[]),
+                listing.chain("OUTPUT").unwrap_or(&[]),
+                &want.jumps,
+            )
+        } else {
+            let fix = jump_fix(&self.bins, family, &want.jumps)?;
+            report.reads += 2;
+            for chain in &want.chains {
+                if rules_of(want, chain).count() <= self.content_check_max_rules {
+                    let listed = list_chain(&self.bins, family, chain)?;
+                    report.reads += 1;
+                    compare_chain(chain, listed.as_deref(), want, &mut found);
+                }
+            }
+            fix
+        };
+        if family == Family::V4 {
+            self.kube_proxy = fix.kube_proxy;
+        }
+        if fix.lines.is_empty() && found.is_empty() {
+            // Read before the listing: a change after it shows up as a different summary.
+            self.canary[idx(family)] = canary;
+            report.rules += want.rules.len();
+            return Ok(());
+        }
+        found.extend(fix.found);
+        self.restore(family, &restore_input(want, &want.chains, &fix.lines, &[]))?;
+        for f in &found {
+            log::warn!("rules guard ({}): {f}; repaired", family_name(family));
+        }
+        report.restores += 1;
+        report.rules += want.rules.len();
+        report.chains.extend(want.chains.iter().copied());
+        report.full = true;
+        report.repaired.extend(found);
+        Ok(())
     }
 
     /// Is kube-proxy's jump into `KUBE-SERVICES` in PREROUTING or OUTPUT (IPv4)?
@@ -550,10 +639,11 @@ impl Applier {
     pub fn cleanup(&mut self) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport::default();
         for family in [Family::V4, Family::V6] {
+            self.last[idx(family)] = None;
+            self.full_next[idx(family)] = false;
             if self.remove_family(family)? {
                 report.restores += 1;
             }
-            self.last[idx(family)] = None;
         }
         Ok(report)
     }
@@ -656,27 +746,208 @@ fn family_name(f: Family) -> &'static str {
     }
 }
 
-fn jumps_only(lines: &[String]) -> String {
-    let mut s = String::from("*nat\n");
-    for l in lines {
-        s.push_str(l);
-        s.push('\n');
-    }
-    s.push_str("COMMIT\n");
-    s
+/// What the guard reads first to learn whether anything changed since its last check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Canary {
+    Legacy(XtInfo),
+    /// The nftables ruleset generation of this network namespace.
+    Nft(u32),
 }
 
-/// Our chains declared (created or flushed) and refilled, stale chains flushed, jump fixes,
-/// then the stale chains deleted, all in one transaction.
-fn full_input(want: &TableRules, jump_lines: &[String], stale: &[&str]) -> String {
-    let mut s = String::with_capacity(64 + want.rules.iter().map(|r| r.len() + 1).sum::<usize>());
+/// The nftables ruleset generation (`NFT_MSG_GETGEN` over netfilter netlink, as `nft` and
+/// iptables-nft read it). Every committed transaction in the namespace bumps it, ours and
+/// anybody else's; listings do not. `None` when it cannot be read.
+fn nft_generation() -> Option<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NFTA_GEN_ID: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    // SAFETY: plain socket(2); the descriptor is owned (and closed) by `fd` below.
+    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // nlmsghdr (16 bytes) + nfgenmsg (4 bytes: family AF_UNSPEC, version 0, res_id 0).
+    let mut req = [0u8; 20];
+    req[0..4].copy_from_slice(&20u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: `req` is valid for reads of its length; the kernel is the default destination.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent != req.len() as isize {
+        return None;
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let msg = buf.get(..usize::try_from(n).ok()?)?;
+    let u16_at = |b: &[u8], i: usize| Some(u16::from_ne_bytes(b.get(i..i + 2)?.try_into().ok()?));
+    let len = u32::from_ne_bytes(msg.get(0..4)?.try_into().ok()?) as usize;
+    let kind = u16_at(msg, 4)?;
+    if kind == NLMSG_ERROR || kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+        return None;
+    }
+    // Attributes after the 16-byte header and the 4-byte nfgenmsg, each 4-byte aligned.
+    let msg = msg.get(..len)?;
+    let mut at = 20;
+    while at + 4 <= msg.len() {
+        let alen = usize::from(u16_at(msg, at)?);
+        let atype = u16_at(msg, at + 2)? & 0x3fff;
+        if alen < 4 {
+            return None;
+        }
+        if atype == NFTA_GEN_ID && alen >= 8 {
+            return Some(u32::from_be_bytes(msg.get(at + 4..at + 8)?.try_into().ok()?));
+        }
+        at += (alen + 3) & !3;
+    }
+    None
+}
+
+/// The x_tables (iptables-legacy) kernel's summary of one table, `struct ipt_getinfo` (the same
+/// layout as `ip6t_getinfo`). Every rule or chain added, removed or moved changes the entry
+/// count, the size or a built-in chain's offset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct XtInfo {
+    name: [u8; 32],
+    valid_hooks: u32,
+    hook_entry: [u32; 5],
+    underflow: [u32; 5],
+    num_entries: u32,
+    size: u32,
+}
+
+/// `getsockopt(IPT_SO_GET_INFO)` (or IPv6's) on a raw socket, as libiptc does first; no copy of
+/// the rules. `None` when it cannot be read (no module, no permission): callers then list.
+fn xt_info(family: Family, table: &str) -> Option<XtInfo> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    /// `IPT_SO_GET_INFO` and `IP6T_SO_GET_INFO` (`IPT_BASE_CTL`, linux/netfilter_ipv4/ip_tables.h).
+    const SO_GET_INFO: libc::c_int = 64;
+    let (domain, level) = match family {
+        Family::V4 => (libc::AF_INET, libc::SOL_IP),
+        Family::V6 => (libc::AF_INET6, libc::SOL_IPV6),
+    };
+    let mut info =
+        XtInfo { name: [0; 32], valid_hooks: 0, hook_entry: [0; 5], underflow: [0; 5], num_entries: 0, size: 0 };
+    let name = table.as_bytes();
+    if name.len() >= info.name.len() {
+        return None;
+    }
+    info.name[..name.len()].copy_from_slice(name);
+    // SAFETY: plain socket(2); the descriptor is owned (and closed) by `fd` below.
+    let raw = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut len = std::mem::size_of::<XtInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a repr(C) `ipt_getinfo` of `len` bytes, valid for writes.
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), level, SO_GET_INFO, (&mut info as *mut XtInfo).cast(), &mut len) };
+    (rc == 0 && len as usize == std::mem::size_of::<XtInfo>()).then_some(info)
+}
+
+/// The chain a `-A CHAIN ...` line appends to.
+fn chain_of(rule: &str) -> Option<&str> {
+    let rest = rule.strip_prefix("-A ")?;
+    // A byte search: this runs for every rule on every sync.
+    let name = rest.split(' ').next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// The rules of `t` that go into `chain`, in order.
+fn rules_of<'a>(t: &'a TableRules, chain: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    t.rules.iter().filter(move |r| chain_of(r) == Some(chain))
+}
+
+/// The chains of `want` whose content differs from `last` or that `last` did not have, and the
+/// chains of `last` that `want` no longer has.
+fn changed_chains(last: &TableRules, want: &TableRules) -> (Vec<&'static str>, Vec<&'static str>) {
+    let stale = last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect();
+    // The usual case (rendered sets): compare slices, no allocation per rule.
+    if let (Some(old), Some(new)) = (chain_ranges(last), chain_ranges(want)) {
+        let changed = new
+            .iter()
+            .filter(|(c, r)| match old.iter().find(|(o, _)| o == c) {
+                Some((_, or)) => last.rules[or.clone()] != want.rules[r.clone()],
+                None => true,
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        return (changed, stale);
+    }
+    fn group(t: &TableRules) -> BTreeMap<&str, Vec<&str>> {
+        let mut m: BTreeMap<&str, Vec<&str>> = t.chains.iter().map(|c| (*c, Vec::new())).collect();
+        for r in &t.rules {
+            if let Some(c) = chain_of(r) {
+                m.entry(c).or_default().push(r);
+            }
+        }
+        m
+    }
+    let (old, new) = (group(last), group(want));
+    let changed = want.chains.iter().copied().filter(|c| old.get(c) != new.get(c)).collect();
+    (changed, stale)
+}
+
+/// Where each chain's rules sit in `t.rules` (empty range: no rules), when every chain's rules
+/// are contiguous, as `render` makes them; `None` otherwise.
+fn chain_ranges(t: &TableRules) -> Option<Vec<(&'static str, Range<usize>)>> {
+    let mut out: Vec<(&'static str, Range<usize>)> = t.chains.iter().map(|c| (*c, 0..0)).collect();
+    let mut i = 0;
+    while i < t.rules.len() {
+        let chain = chain_of(&t.rules[i])?;
+        let start = i;
+        while i < t.rules.len() && chain_of(&t.rules[i]) == Some(chain) {
+            i += 1;
+        }
+        let slot = out.iter_mut().find(|(c, _)| *c == chain)?;
+        if !slot.1.is_empty() {
+            return None; // a second run of the same chain
+        }
+        slot.1 = start..i;
+    }
+    Some(out)
+}
+
+/// `want` as an owned set, reusing `last`'s strings for the chains not in `changed` (they are
+/// equal): after an endpoint flip only the small chain is copied.
+fn carry_over(mut last: TableRules, want: &TableRules, changed: &[&'static str]) -> TableRules {
+    let (Some(old), Some(new)) = (chain_ranges(&last), chain_ranges(want)) else {
+        return want.clone();
+    };
+    let mut rules = Vec::with_capacity(want.rules.len());
+    for (chain, range) in new {
+        match old.iter().find(|(c, _)| *c == chain).filter(|_| !changed.contains(&chain)) {
+            Some((_, or)) => rules.extend(last.rules[or.clone()].iter_mut().map(std::mem::take)),
+            None => rules.extend_from_slice(&want.rules[range]),
+        }
+    }
+    TableRules { chains: want.chains.clone(), rules, jumps: want.jumps.clone() }
+}
+
+/// One restore transaction: `chains` declared (created, or flushed) and refilled with their
+/// rules from `want`, `stale` chains flushed, the jump fixes, then the `stale` chains deleted.
+/// With `chains` = all of `want.chains` this is the full rewrite.
+fn restore_input(want: &TableRules, chains: &[&'static str], jump_lines: &[String], stale: &[&str]) -> String {
+    let written = |r: &&String| chain_of(r).is_some_and(|c| chains.contains(&c));
+    let mut s = String::with_capacity(64 + want.rules.iter().filter(written).map(|r| r.len() + 1).sum::<usize>());
     s.push_str("*nat\n");
-    for c in want.chains.iter().chain(stale) {
+    // Declared in the set's order, whatever the order of `chains`.
+    for c in want.chains.iter().filter(|c| chains.contains(c)).chain(stale) {
         s.push(':');
         s.push_str(c);
         s.push_str(" - [0:0]\n");
     }
-    for r in &want.rules {
+    for r in want.rules.iter().filter(written) {
         s.push_str(r);
         s.push('\n');
     }
@@ -691,6 +962,43 @@ fn full_input(want: &TableRules, jump_lines: &[String], stale: &[&str]) -> Strin
     }
     s.push_str("COMMIT\n");
     s
+}
+
+/// One table as `iptables-save` printed it: declared chains and their `-A` lines.
+struct Listing<'a> {
+    chains: BTreeMap<&'a str, Vec<String>>,
+}
+
+impl<'a> Listing<'a> {
+    fn parse(save: &'a str) -> Listing<'a> {
+        let mut chains: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for line in save.lines() {
+            if let Some(name) = line.strip_prefix(':').and_then(|l| l.split_whitespace().next()) {
+                chains.entry(name).or_default();
+            } else if let Some(name) = chain_of(line) {
+                chains.entry(name).or_default().push(line.to_string());
+            }
+        }
+        Listing { chains }
+    }
+
+    /// The chain's rules; `None` when the chain does not exist.
+    fn chain(&self, name: &str) -> Option<&[String]> {
+        self.chains.get(name).map(Vec::as_slice)
+    }
+}
+
+/// Compare one chain's listing (`None`: it does not exist) with what `want` puts in it.
+fn compare_chain(chain: &str, listed: Option<&[String]>, want: &TableRules, found: &mut Vec<String>) {
+    match listed {
+        None => found.push(format!("chain {chain} was deleted")),
+        Some(got) if !got.iter().eq(rules_of(want, chain)) => found.push(format!(
+            "chain {chain} was flushed or edited ({} rules, {} expected)",
+            got.len(),
+            rules_of(want, chain).count()
+        )),
+        Some(_) => {}
+    }
 }
 
 /// The user chains of an `iptables-save` table text that `pick` selects.
@@ -1000,5 +1308,100 @@ mod tests {
         let kp2 =
             "-A KUBE-PORTALS-HOST -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 192.0.2.11:40000\n";
         assert!(userspace_owned(kp2, &[ip]));
+    }
+}
+
+#[cfg(test)]
+mod minimal_tests {
+    use super::*;
+
+    fn set(container: &[&str], no_endpoints: &[&str]) -> TableRules {
+        let mut rules: Vec<String> = container.iter().map(|r| format!("-A KUBE-PORTALS-CONTAINER {r}")).collect();
+        rules.extend(no_endpoints.iter().map(|r| format!("-A EDGEPROXY-NO-ENDPOINTS {r}")));
+        TableRules { chains: vec!["KUBE-PORTALS-CONTAINER", "EDGEPROXY-NO-ENDPOINTS"], rules, jumps: Vec::new() }
+    }
+
+    #[test]
+    fn only_changed_chains_are_written() {
+        let last = set(&["-j A", "-j B"], &[]);
+        let want = set(&["-j A", "-j B"], &["-j R"]);
+        let (changed, stale) = changed_chains(&last, &want);
+        assert_eq!((changed.as_slice(), stale.as_slice()), (&["EDGEPROXY-NO-ENDPOINTS"][..], &[][..]));
+        assert_eq!(
+            restore_input(&want, &changed, &[], &stale),
+            "*nat\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\n-A EDGEPROXY-NO-ENDPOINTS -j R\nCOMMIT\n"
+        );
+        // Emptying a chain still writes it (the flush is the change).
+        let (changed, _) = changed_chains(&want, &last);
+        assert_eq!(changed, vec!["EDGEPROXY-NO-ENDPOINTS"]);
+        assert_eq!(restore_input(&last, &changed, &[], &[]), "*nat\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\nCOMMIT\n");
+        // Order within a chain matters.
+        let (changed, _) = changed_chains(&last, &set(&["-j B", "-j A"], &[]));
+        assert_eq!(changed, vec!["KUBE-PORTALS-CONTAINER"]);
+        assert_eq!(changed_chains(&last, &last.clone()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn ranges_and_carry_over() {
+        let last = set(&["-j A", "-j B"], &[]);
+        let want = set(&["-j A", "-j B"], &["-j R"]);
+        assert_eq!(
+            chain_ranges(&want).unwrap(),
+            vec![("KUBE-PORTALS-CONTAINER", 0..2), ("EDGEPROXY-NO-ENDPOINTS", 2..3)]
+        );
+        assert_eq!(chain_ranges(&last).unwrap()[1], ("EDGEPROXY-NO-ENDPOINTS", 0..0));
+        assert_eq!(carry_over(last.clone(), &want, &["EDGEPROXY-NO-ENDPOINTS"]), want);
+        assert_eq!(carry_over(want.clone(), &last, &["EDGEPROXY-NO-ENDPOINTS"]), last);
+        // Not contiguous (not what render makes): found all the same, by grouping.
+        let mut split = want.clone();
+        split.rules.push("-A KUBE-PORTALS-CONTAINER -j C".into());
+        assert!(chain_ranges(&split).is_none());
+        assert_eq!(changed_chains(&want, &split).0, vec!["KUBE-PORTALS-CONTAINER"]);
+        assert_eq!(carry_over(want.clone(), &split, &["KUBE-PORTALS-CONTAINER"]), split);
+        // A rule of an undeclared chain.
+        let mut odd = want.clone();
+        odd.rules.push("-A ELSEWHERE -j C".into());
+        assert!(chain_ranges(&odd).is_none());
+    }
+
+    #[test]
+    fn a_chain_gone_from_the_set_is_flushed_then_deleted() {
+        let mut last = set(&["-j A"], &[]);
+        last.chains.push("EDGE-MESH-UDP");
+        last.rules.push("-A EDGE-MESH-UDP -j U".into());
+        let want = set(&["-j A"], &[]);
+        let (changed, stale) = changed_chains(&last, &want);
+        assert_eq!((changed.len(), stale.as_slice()), (0, &["EDGE-MESH-UDP"][..]));
+        assert_eq!(
+            restore_input(&want, &changed, &["-I OUTPUT 1 -j X".into()], &stale),
+            "*nat\n:EDGE-MESH-UDP - [0:0]\n-I OUTPUT 1 -j X\n-X EDGE-MESH-UDP\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn listing_and_compare() {
+        let save = "# Generated\n*nat\n:PREROUTING ACCEPT [0:0]\n:EDGEPROXY-NO-ENDPOINTS - [0:0]\n:KUBE-PORTALS-CONTAINER - [0:0]\n\
+            -A PREROUTING -j KUBE-PORTALS-CONTAINER\n-A KUBE-PORTALS-CONTAINER -j A\n-A KUBE-PORTALS-CONTAINER -j B\nCOMMIT\n";
+        let l = Listing::parse(save);
+        assert_eq!(l.chain("PREROUTING").unwrap(), ["-A PREROUTING -j KUBE-PORTALS-CONTAINER"]);
+        assert_eq!(l.chain("EDGEPROXY-NO-ENDPOINTS").unwrap().len(), 0);
+        assert!(l.chain("EDGE-MESH").is_none());
+        let mut found = Vec::new();
+        let want = set(&["-j A", "-j B"], &[]);
+        compare_chain("KUBE-PORTALS-CONTAINER", l.chain("KUBE-PORTALS-CONTAINER"), &want, &mut found);
+        compare_chain("EDGEPROXY-NO-ENDPOINTS", l.chain("EDGEPROXY-NO-ENDPOINTS"), &want, &mut found);
+        assert!(found.is_empty(), "{found:?}");
+        let want = set(&["-j A"], &["-j R"]);
+        compare_chain("KUBE-PORTALS-CONTAINER", l.chain("KUBE-PORTALS-CONTAINER"), &want, &mut found);
+        compare_chain("EDGEPROXY-NO-ENDPOINTS", l.chain("EDGEPROXY-NO-ENDPOINTS"), &want, &mut found);
+        compare_chain("EDGE-MESH", l.chain("EDGE-MESH"), &want, &mut found);
+        assert_eq!(
+            found,
+            vec![
+                "chain KUBE-PORTALS-CONTAINER was flushed or edited (2 rules, 1 expected)",
+                "chain EDGEPROXY-NO-ENDPOINTS was flushed or edited (0 rules, 1 expected)",
+                "chain EDGE-MESH was deleted",
+            ]
+        );
     }
 }

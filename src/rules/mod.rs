@@ -9,8 +9,14 @@ use std::fmt::Write as _;
 
 /// Every chain edgeproxy may own, in any layout. Cleanup removes exactly these (and the jumps to
 /// them); nothing else in the nat table is ever touched.
-pub const OWN_CHAINS: &[&str] =
-    &["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP"];
+pub const OWN_CHAINS: &[&str] = &[
+    "KUBE-PORTALS-CONTAINER",
+    "KUBE-PORTALS-HOST",
+    "EDGE-MESH",
+    "EDGE-MESH-TCP",
+    "EDGE-MESH-UDP",
+    render::NO_ENDPOINTS_CHAIN,
+];
 
 /// IP family of a table (`iptables` vs `ip6tables`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,9 +9,19 @@
 //!   the DNATs.
 //!
 //! Every DNAT points at the proxy's address: the one TCP listener for TCP (the proxy reads the
-//! original destination back with SO_ORIGINAL_DST), the service port's own UDP socket for UDP,
-//! and for a service port with no usable endpoint the reject port, where nothing listens, so
-//! the kernel refuses the connection at once.
+//! original destination back with SO_ORIGINAL_DST), the service port's own UDP socket for UDP.
+//! A service port with no usable endpoint additionally gets a DNAT to the reject port, where
+//! nothing listens, so the kernel refuses the connection at once. Those reject DNATs live in a
+//! small chain of our own, `EDGEPROXY-NO-ENDPOINTS`, jumped to from the first rule of every
+//! chain that holds DNATs (`KUBE-PORTALS-CONTAINER`/`-HOST`; `EDGE-MESH-TCP`/`-UDP`), so it is
+//! matched first. The big chains then depend only on services and ports, never on endpoints:
+//! a service port losing or regaining its last endpoint changes only the small chain, and
+//! `apply` rewrites only chains whose content changed.
+//!
+//! In the root-chain layout the jump sits at the top of `EDGE-MESH-TCP` and `EDGE-MESH-UDP`
+//! rather than once in `EDGE-MESH`: that way the reject DNATs see exactly the packets the
+//! proxy DNATs see (service CIDR, right protocol, ignored services already returned), and
+//! `EDGE-MESH` keeps EdgeMesh v1.9's exact shape (RETURNs, then one jump per protocol).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -39,16 +49,12 @@ impl Layout {
 pub const PORTALS_COMMENT: &str = "handle ClusterIPs; NOTE: this must be before the NodePort rules";
 pub const ROOT_COMMENT: &str = "edgemesh root chain";
 
-/// Where one proxied service port on one cluster IP goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// The proxy's port: the TCP listener, or this service port's UDP socket.
-    Proxy(u16),
-    /// No usable endpoint: the reject port.
-    Reject,
-}
+/// Our chain of "no endpoints" DNATs to the reject port (both layouts).
+pub const NO_ENDPOINTS_CHAIN: &str = "EDGEPROXY-NO-ENDPOINTS";
+/// Comment of the jump into [`NO_ENDPOINTS_CHAIN`].
+pub const NO_ENDPOINTS_COMMENT: &str = "service ports without endpoints";
 
-/// One DNAT: a proxied service port on one of its cluster IPs.
+/// One proxied service port on one of its cluster IPs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedPort {
     /// `namespace/name[:portName]`.
@@ -56,7 +62,11 @@ pub struct PlannedPort {
     pub cluster_ip: IpAddr,
     pub protocol: Protocol,
     pub port: u16,
-    pub target: Target,
+    /// The proxy's port: the TCP listener, or this service port's UDP socket.
+    pub proxy_port: u16,
+    /// `false`: no usable endpoint, so a DNAT to the reject port in [`NO_ENDPOINTS_CHAIN`]
+    /// comes first.
+    pub has_endpoints: bool,
 }
 
 /// An ignored service and the addresses its RETURN rules match (root-chain layout only).
@@ -94,13 +104,11 @@ fn host_prefix(ip: &IpAddr) -> String {
 }
 
 /// One DNAT rule in EdgeMesh's argument order (`iptablesCommonPortalArgs` as iptables-save
-/// prints it).
-fn dnat_rule(out: &mut String, chain: &str, p: &PlannedPort, listen: &ListenConfig) {
+/// prints it): to the proxy, or (`reject`) to the reject port.
+fn dnat_rule(chain: &str, p: &PlannedPort, listen: &ListenConfig, reject: bool) -> String {
+    let mut out = String::with_capacity(192);
     let proto = p.protocol.as_str();
-    let (port, comment_suffix) = match p.target {
-        Target::Proxy(port) => (port, ""),
-        Target::Reject => (listen.reject_port, " has no endpoints"),
-    };
+    let (port, comment_suffix) = if reject { (listen.reject_port, " has no endpoints") } else { (p.proxy_port, "") };
     let to = match p.cluster_ip {
         IpAddr::V4(_) => format!("{}:{port}", listen.ip),
         IpAddr::V6(_) => format!("[{}]:{port}", listen.ipv6),
@@ -112,6 +120,17 @@ fn dnat_rule(out: &mut String, chain: &str, p: &PlannedPort, listen: &ListenConf
         p.comment,
         p.port,
     );
+    out
+}
+
+/// The first rule of a chain holding DNATs: into [`NO_ENDPOINTS_CHAIN`].
+fn no_endpoints_jump(chain: &str) -> String {
+    format!("-A {chain} -m comment --comment \"{NO_ENDPOINTS_COMMENT}\" -j {NO_ENDPOINTS_CHAIN}")
+}
+
+/// The reject DNATs of the ports without endpoints, in port order.
+fn no_endpoints_rules<'a>(ports: &'a [&PlannedPort], listen: &'a ListenConfig) -> impl Iterator<Item = String> + 'a {
+    ports.iter().filter(|p| !p.has_endpoints).map(move |p| dnat_rule(NO_ENDPOINTS_CHAIN, p, listen, true))
 }
 
 fn render_family(input: &RenderInput<'_>, family: Family) -> TableRules {
@@ -127,17 +146,15 @@ fn portals(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -> T
     if family == Family::V6 && ports.is_empty() {
         return TableRules::default();
     }
-    let mut rules = Vec::with_capacity(ports.len() * 2);
+    let mut rules = Vec::with_capacity(ports.len() * 2 + 2);
     for chain in ["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"] {
-        for p in ports {
-            let mut line = String::with_capacity(192);
-            dnat_rule(&mut line, chain, p, input.listen);
-            rules.push(line);
-        }
+        rules.push(no_endpoints_jump(chain));
+        rules.extend(ports.iter().map(|p| dnat_rule(chain, p, input.listen, false)));
     }
+    rules.extend(no_endpoints_rules(ports, input.listen));
     let spec = |target: &str| format!("-m comment --comment \"{PORTALS_COMMENT}\" -j {target}");
     TableRules {
-        chains: vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"],
+        chains: vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", NO_ENDPOINTS_CHAIN],
         rules,
         jumps: vec![
             Jump { from: "PREROUTING", target: "KUBE-PORTALS-CONTAINER", spec: spec("KUBE-PORTALS-CONTAINER") },
@@ -181,6 +198,7 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
     if has_udp {
         chains.push("EDGE-MESH-UDP");
     }
+    chains.push(NO_ENDPOINTS_CHAIN);
     for d in &cidrs {
         rules.push(format!("-A EDGE-MESH {d}-p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP"));
         if has_udp {
@@ -189,12 +207,13 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
     }
     // Grouped by chain, as iptables-save would list them.
     for (chain, proto) in [("EDGE-MESH-TCP", Protocol::Tcp), ("EDGE-MESH-UDP", Protocol::Udp)] {
-        for p in ports.iter().filter(|p| p.protocol == proto) {
-            let mut line = String::with_capacity(192);
-            dnat_rule(&mut line, chain, p, input.listen);
-            rules.push(line);
+        if proto == Protocol::Udp && !has_udp {
+            continue;
         }
+        rules.push(no_endpoints_jump(chain));
+        rules.extend(ports.iter().filter(|p| p.protocol == proto).map(|p| dnat_rule(chain, p, input.listen, false)));
     }
+    rules.extend(no_endpoints_rules(ports, input.listen));
     let spec = format!("-m comment --comment \"{ROOT_COMMENT}\" -j EDGE-MESH");
     TableRules {
         chains,
@@ -211,55 +230,109 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn port(comment: &str, ip: &str, protocol: Protocol, port: u16, target: Target) -> PlannedPort {
-        PlannedPort { comment: comment.into(), cluster_ip: ip.parse().unwrap(), protocol, port, target }
+    fn port(
+        comment: &str,
+        ip: &str,
+        protocol: Protocol,
+        port: u16,
+        proxy_port: u16,
+        has_endpoints: bool,
+    ) -> PlannedPort {
+        PlannedPort {
+            comment: comment.into(),
+            cluster_ip: ip.parse().unwrap(),
+            protocol,
+            port,
+            proxy_port,
+            has_endpoints,
+        }
+    }
+
+    fn render_with(layout: Layout, ports: &[PlannedPort], ignored: &[Ignored]) -> RuleSet {
+        let cfg = Config::defaults();
+        render(&RenderInput { layout, listen: &cfg.listen, service_cidrs: &cfg.service_cidrs, ports, ignored })
     }
 
     #[test]
     fn portals_dnat_has_edgemesh_shape() {
-        let cfg = Config::defaults();
-        let ports = [port("default/nginx:http", "10.96.100.10", Protocol::Tcp, 80, Target::Proxy(15001))];
-        let rs = render(&RenderInput {
-            layout: Layout::Portals,
-            listen: &cfg.listen,
-            service_cidrs: &cfg.service_cidrs,
-            ports: &ports,
-            ignored: &[],
-        });
+        let ports = [port("default/nginx:http", "10.96.100.10", Protocol::Tcp, 80, 15001, true)];
+        let rs = render_with(Layout::Portals, &ports, &[]);
         assert_eq!(
-            rs.v4.rules[0],
-            "-A KUBE-PORTALS-CONTAINER -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001"
+            rs.v4.rules,
+            vec![
+                "-A KUBE-PORTALS-CONTAINER -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
+                "-A KUBE-PORTALS-CONTAINER -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
+                "-A KUBE-PORTALS-HOST -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
+                "-A KUBE-PORTALS-HOST -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
+            ]
         );
-        assert_eq!(rs.v4.rules.len(), 2);
+        assert_eq!(rs.v4.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", NO_ENDPOINTS_CHAIN]);
         assert!(rs.v6.is_empty());
         assert_eq!(
             rs.v4.jumps[0].spec,
             format!("-m comment --comment \"{PORTALS_COMMENT}\" -j KUBE-PORTALS-CONTAINER")
         );
+        for c in &rs.v4.chains {
+            assert!(crate::rules::OWN_CHAINS.contains(c), "{c} not in OWN_CHAINS");
+        }
     }
 
     #[test]
-    fn reject_and_v6() {
-        let cfg = Config::defaults();
-        let ports = [port("a/b", "fd00::10", Protocol::Udp, 53, Target::Reject)];
-        let rs = render(&RenderInput {
-            layout: Layout::Portals,
-            listen: &cfg.listen,
-            service_cidrs: &cfg.service_cidrs,
-            ports: &ports,
-            ignored: &[],
-        });
-        assert!(rs.v4.rules.is_empty());
+    fn no_endpoints_goes_to_its_own_chain_and_v6() {
+        let ports = [
+            port("a/b", "fd00::10", Protocol::Udp, 53, 15002, false),
+            port("a/c", "fd00::11", Protocol::Tcp, 80, 15001, true),
+        ];
+        let rs = render_with(Layout::Portals, &ports, &[]);
+        // The IPv4 table is there (empty chains and the jumps into the small one) without ports.
+        assert_eq!(rs.v4.rules.len(), 2);
+        assert!(rs.v4.rules.iter().all(|r| r.ends_with("-j EDGEPROXY-NO-ENDPOINTS")), "{:?}", rs.v4.rules);
         assert_eq!(
-            rs.v6.rules[1],
-            "-A KUBE-PORTALS-HOST -d fd00::10/128 -p udp -m comment --comment \"a/b has no endpoints\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15000"
+            rs.v6.rules,
+            vec![
+                "-A KUBE-PORTALS-CONTAINER -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
+                "-A KUBE-PORTALS-CONTAINER -d fd00::10/128 -p udp -m comment --comment \"a/b\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15002",
+                "-A KUBE-PORTALS-CONTAINER -d fd00::11/128 -p tcp -m comment --comment \"a/c\" -m tcp --dport 80 -j DNAT --to-destination [fd00:e16e::16]:15001",
+                "-A KUBE-PORTALS-HOST -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
+                "-A KUBE-PORTALS-HOST -d fd00::10/128 -p udp -m comment --comment \"a/b\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15002",
+                "-A KUBE-PORTALS-HOST -d fd00::11/128 -p tcp -m comment --comment \"a/c\" -m tcp --dport 80 -j DNAT --to-destination [fd00:e16e::16]:15001",
+                "-A EDGEPROXY-NO-ENDPOINTS -d fd00::10/128 -p udp -m comment --comment \"a/b has no endpoints\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15000",
+            ]
         );
     }
 
     #[test]
+    fn an_endpoint_flip_changes_only_the_no_endpoints_chain() {
+        let chain_of = |r: &str| r.split_whitespace().nth(1).unwrap().to_string();
+        for layout in [Layout::Portals, Layout::RootChain] {
+            let mut ports = vec![
+                port("a/tcp", "10.96.0.10", Protocol::Tcp, 80, 15001, true),
+                port("a/udp", "10.96.0.11", Protocol::Udp, 53, 15002, true),
+            ];
+            let before = render_with(layout, &ports, &[]).v4;
+            ports[1].has_endpoints = false;
+            let after = render_with(layout, &ports, &[]).v4;
+            assert_eq!(before.chains, after.chains, "{layout:?}");
+            assert_eq!(before.jumps, after.jumps, "{layout:?}");
+            let only = |t: &TableRules, no: bool| -> Vec<String> {
+                t.rules.iter().filter(|r| (chain_of(r) == NO_ENDPOINTS_CHAIN) == no).cloned().collect()
+            };
+            assert_eq!(only(&before, false), only(&after, false), "{layout:?}: a big chain changed");
+            assert!(only(&before, true).is_empty());
+            assert_eq!(
+                only(&after, true),
+                vec!["-A EDGEPROXY-NO-ENDPOINTS -d 10.96.0.11/32 -p udp -m comment --comment \"a/udp has no endpoints\" -m udp --dport 53 -j DNAT --to-destination 169.254.96.16:15000"],
+                "{layout:?}"
+            );
+        }
+    }
+
+    #[test]
     fn root_chain_returns_come_first_and_sorted() {
-        let cfg = Config::defaults();
-        let ports = [port("x/y", "10.96.0.20", Protocol::Tcp, 80, Target::Proxy(15001))];
+        let ports = [
+            port("x/y", "10.96.0.20", Protocol::Tcp, 80, 15001, true),
+            port("x/z", "10.96.0.21", Protocol::Tcp, 81, 15001, false),
+        ];
         let ignored = [
             Ignored { key: ObjectKey::new("m", "z"), ips: vec!["10.96.0.9".parse().unwrap()] },
             Ignored {
@@ -267,13 +340,7 @@ mod tests {
                 ips: vec!["10.96.0.3".parse().unwrap(), "10.96.0.2".parse().unwrap()],
             },
         ];
-        let rs = render(&RenderInput {
-            layout: Layout::RootChain,
-            listen: &cfg.listen,
-            service_cidrs: &cfg.service_cidrs,
-            ports: &ports,
-            ignored: &ignored,
-        });
+        let rs = render_with(Layout::RootChain, &ports, &ignored);
         assert_eq!(
             rs.v4.rules,
             vec![
@@ -281,9 +348,12 @@ mod tests {
                 "-A EDGE-MESH -d 10.96.0.3/32 -m comment --comment \"ignore a/b service\" -j RETURN",
                 "-A EDGE-MESH -d 10.96.0.9/32 -m comment --comment \"ignore m/z service\" -j RETURN",
                 "-A EDGE-MESH -d 10.96.0.0/12 -p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP",
+                "-A EDGE-MESH-TCP -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
                 "-A EDGE-MESH-TCP -d 10.96.0.20/32 -p tcp -m comment --comment \"x/y\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
+                "-A EDGE-MESH-TCP -d 10.96.0.21/32 -p tcp -m comment --comment \"x/z\" -m tcp --dport 81 -j DNAT --to-destination 169.254.96.16:15001",
+                "-A EDGEPROXY-NO-ENDPOINTS -d 10.96.0.21/32 -p tcp -m comment --comment \"x/z has no endpoints\" -m tcp --dport 81 -j DNAT --to-destination 169.254.96.16:15000",
             ]
         );
-        assert_eq!(rs.v4.chains, vec!["EDGE-MESH", "EDGE-MESH-TCP"]);
+        assert_eq!(rs.v4.chains, vec!["EDGE-MESH", "EDGE-MESH-TCP", NO_ENDPOINTS_CHAIN]);
     }
 }

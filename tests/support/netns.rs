@@ -68,6 +68,20 @@ impl Netns {
         self.ok(&["sh", "-c", script])
     }
 
+    /// `<save> -t <table>` (e.g. `iptables-nft-save`) without comments and counters, so that two
+    /// dumps taken at different times compare equal when the rules are the same.
+    pub fn save_dump(&self, save: &str, table: &str) -> String {
+        self.ok(&[save, "-t", table])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.rfind(" [") {
+                Some(i) if l.starts_with(':') => l[..i].to_string(),
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Start a long-running process inside the namespace; it is killed when the namespace drops.
     /// Returns its index for [`Netns::child`].
     pub fn spawn(&mut self, mut cmd: Command) -> usize {
