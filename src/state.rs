@@ -56,6 +56,9 @@ pub enum Change {
     /// A complete list of one kind (a relist, a poll, a file reload): objects of that kind not in
     /// it are removed, the others replaced.
     Replace(Kind, Vec<Object>),
+    /// A list of one kind that could not be decoded whole: objects of that kind whose keys are
+    /// not here are removed, the others stay as they are (what did decode arrives as upserts).
+    Retain(Kind, Vec<ObjectKey>),
     /// Whether kube-proxy's chains exist on this node (feeds `defaultIgnores: auto`).
     KubeProxy(bool),
     /// The proxy could not bind this UDP port; allocate another.
@@ -268,6 +271,22 @@ impl State {
                 others.append(&mut new);
                 self.snapshot.endpoints = others;
                 changed
+            }
+            Change::Retain(kind, mut keys) => {
+                keys.sort();
+                let keep = |k: &ObjectKey| keys.binary_search(k).is_ok();
+                match kind {
+                    Kind::Service => {
+                        let before = self.snapshot.services.len();
+                        self.snapshot.services.retain(|k, _| keep(k));
+                        self.snapshot.services.len() != before
+                    }
+                    kind => {
+                        let (source, before) = (source_of(kind), self.snapshot.endpoints.len());
+                        self.snapshot.endpoints.retain(|(s, k), _| *s != source || keep(k));
+                        self.snapshot.endpoints.len() != before
+                    }
+                }
             }
             Change::KubeProxy(present) => std::mem::replace(&mut self.kube_proxy, present) != present,
             Change::UdpPortUnavailable(port) => {
@@ -582,5 +601,19 @@ mod tests {
         assert!(held <= 2 * 3 + 64, "interner holds {held} strings for 3 in use");
         assert!(st.strings.set.iter().any(|s| &**s == "ns-199"));
         assert!(!st.strings.set.iter().any(|s| &**s == "ns-0"), "a namespace no object uses was kept");
+    }
+
+    #[test]
+    fn retain_removes_only_unlisted_objects_of_its_kind() {
+        let mut st = state(SVCS, SLICES);
+        let web = ObjectKey::new("a", "web");
+        // A slice list that kept only an unknown key: web-1 goes, services stay.
+        assert!(st.apply(Change::Retain(Kind::EndpointSlice, vec![ObjectKey::new("a", "other")])));
+        assert!(st.snapshot().endpoints.is_empty());
+        assert_eq!(st.snapshot().services.len(), 2);
+        assert!(!st.apply(Change::Retain(Kind::Endpoints, vec![])), "no core/v1 Endpoints held: no change");
+        assert!(!st.apply(Change::Retain(Kind::Service, vec![ObjectKey::new("a", "dns"), web.clone()])));
+        assert!(st.apply(Change::Retain(Kind::Service, vec![web.clone()])));
+        assert_eq!(st.snapshot().services.keys().collect::<Vec<_>>(), vec![&web]);
     }
 }
