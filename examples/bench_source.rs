@@ -184,7 +184,7 @@ fn main() {
     for h in handles {
         let _ = h.join();
     }
-    println!("reflectors stopped (their key sets and buffers freed): live heap {} (the state alone)", live());
+    println!("reflectors stopped (their buffers freed): live heap {} (the state alone)", live());
     drop(child.stdin.take());
     let _ = child.wait();
 }
