@@ -265,7 +265,10 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         }
         if dirty && synced {
             dirty = false;
-            let plan = state.plan();
+            // Entries that did not change stay the very ones the proxy is using.
+            let current = table_tx.borrow().clone();
+            let plan = state.plan_reusing(&current);
+            drop(current);
             let proxied = plan.proxied().count();
             if sent.as_deref() != Some(&plan.rules) {
                 log::info!("plan: {proxied} of {} services proxied", plan.reports.len());

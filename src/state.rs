@@ -300,6 +300,14 @@ impl State {
     /// Derive verdicts, rules and the proxy table. `&mut` only for the UDP port allocation,
     /// which must be stable across plans.
     pub fn plan(&mut self) -> Plan {
+        self.plan_reusing(&ProxyTable::default())
+    }
+
+    /// [`State::plan`], with every proxy table entry that equals the one `previous` has for
+    /// the same address (or UDP proxy port) taken from `previous` (the same `Arc`), so the table
+    /// in use and the new one share what did not change: a re-plan costs memory for what
+    /// changed only, and comparing the two tables is cheap.
+    pub fn plan_reusing(&mut self, previous: &ProxyTable) -> Plan {
         let mut by_service: HashMap<&ObjectKey, Vec<&EndpointSet>> = HashMap::new();
         for set in self.snapshot.endpoints.values() {
             by_service.entry(&set.service).or_default().push(set);
@@ -377,15 +385,28 @@ impl State {
                     }
                 },
             };
-            let name = &reports[idx].ports[pi].name;
             let has_endpoints = !backends.is_empty();
-            let entry = Arc::new(ServiceEntry {
-                name: name.clone(),
+            let entry = ServiceEntry {
+                name: reports[idx].ports[pi].name.clone(),
                 protocol: sp.protocol,
                 backends,
                 affinity: svc.affinity_timeout.map(|t| Duration::from_secs(t.into())),
                 policy: cfg.lb_policy,
-            });
+            };
+            let old = match sp.protocol {
+                Protocol::Tcp => {
+                    svc.cluster_ips.first().and_then(|ip| previous.tcp.get(&SocketAddr::new(*ip, sp.port)))
+                }
+                _ => previous.udp.get(&proxy_port),
+            };
+            let entry = match old {
+                Some(old) if **old == entry => {
+                    reports[idx].ports[pi].name = old.name.clone();
+                    old.clone()
+                }
+                _ => Arc::new(entry),
+            };
+            let name = &entry.name;
             for ip in &svc.cluster_ips {
                 planned.push(PlannedPort {
                     comment: name.to_string(),
@@ -615,5 +636,27 @@ mod tests {
         assert!(!st.apply(Change::Retain(Kind::Service, vec![ObjectKey::new("a", "dns"), web.clone()])));
         assert!(st.apply(Change::Retain(Kind::Service, vec![web.clone()])));
         assert_eq!(st.snapshot().services.keys().collect::<Vec<_>>(), vec![&web]);
+    }
+
+    #[test]
+    fn a_replan_shares_unchanged_entries_with_the_previous_table() {
+        let mut st = state(SVCS, SLICES);
+        let first = st.plan().table;
+        let again = st.plan_reusing(&first);
+        let (web, dns) = ("10.96.0.20:80".parse().unwrap(), 15002);
+        assert!(Arc::ptr_eq(&first.tcp[&web], &again.table.tcp[&web]));
+        assert!(Arc::ptr_eq(&first.udp[&dns], &again.table.udp[&dns]));
+        assert!(Arc::ptr_eq(&again.reports[1].ports[0].name, &first.tcp[&web].name), "report shares the name");
+        assert_eq!(again.table, first);
+        // web's endpoints change: its entry is new, dns's is still shared.
+        let slices = SLICES.replace("192.0.2.1", "192.0.2.9");
+        let d = decode_document(slices.as_bytes(), Some(Kind::EndpointSlice));
+        assert!(st.apply(Change::Replace(Kind::EndpointSlice, d.objects)));
+        let changed = st.plan_reusing(&first).table;
+        assert!(!Arc::ptr_eq(&first.tcp[&web], &changed.tcp[&web]));
+        assert_eq!(changed.tcp[&web].backends[0].addr, "192.0.2.9:8080".parse().unwrap());
+        assert!(Arc::ptr_eq(&first.udp[&dns], &changed.udp[&dns]));
+        // Equal to a plan from scratch.
+        assert_eq!(changed, st.plan().table);
     }
 }
