@@ -247,13 +247,47 @@ struct RawConditions {
 #[serde(rename_all = "camelCase")]
 struct RawSliceEndpoint<'a> {
     #[serde(default, borrow)]
-    addresses: Vec<Text<'a>>,
+    addresses: Addresses<'a>,
     #[serde(default)]
     conditions: RawConditions,
     #[serde(default, borrow)]
     node_name: Option<Text<'a>>,
     #[serde(default, borrow)]
     zone: Option<Text<'a>>,
+}
+
+/// An endpoint's `addresses`: almost always exactly one, so the first is kept inline and only
+/// further ones (informational, but still validated) take an allocation.
+#[derive(Default)]
+struct Addresses<'a> {
+    first: Option<Text<'a>>,
+    rest: Vec<Text<'a>>,
+}
+
+impl<'a> Addresses<'a> {
+    fn iter(&self) -> impl Iterator<Item = &Text<'a>> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Addresses<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Addresses<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of addresses")
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Addresses<'a>, S::Error> {
+                let mut out = Addresses { first: seq.next_element()?, rest: Vec::new() };
+                while let Some(a) = seq.next_element()? {
+                    out.rest.push(a);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -444,7 +478,7 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
                 .and_then(|k| kind_of(&k))
                 .or(expect),
         };
-        push(&mut out, decode_item_with(raw, kind, &format!("items[{i}]"), &mut ns));
+        push(&mut out, decode_item_with(raw, kind, &|| format!("items[{i}]"), &mut ns));
     }
     out
 }
@@ -490,13 +524,13 @@ impl Strings {
 
 /// Decode one object of a known (or guessed) kind.
 pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
-    decode_item_with(raw, kind, position, &mut Strings::default())
+    decode_item_with(raw, kind, &|| position.to_string(), &mut Strings::default())
 }
 
 fn decode_item_with(
     raw: &RawValue,
     kind: Option<Kind>,
-    position: &str,
+    position: &dyn Fn() -> String,
     ns: &mut Strings,
 ) -> Result<Object, ObjectError> {
     let kind = match kind {
@@ -505,7 +539,7 @@ fn decode_item_with(
             let own = serde_json::from_str::<KindOnly>(raw.get()).ok().and_then(|k| k.kind);
             return Err(ObjectError {
                 kind: None,
-                object: name_of(raw).unwrap_or_else(|| position.to_string()),
+                object: name_of(raw).unwrap_or_else(position),
                 field: "kind".into(),
                 message: match own {
                     Some(k) => format!("kind {k:?} is not a Service, EndpointSlice or Endpoints"),
@@ -516,7 +550,7 @@ fn decode_item_with(
     };
     let fail = |field: String, message: String| ObjectError {
         kind: Some(kind),
-        object: name_of(raw).unwrap_or_else(|| position.to_string()),
+        object: name_of(raw).unwrap_or_else(position),
         field,
         message,
     };
@@ -952,5 +986,21 @@ mod tests {
         let (k2, v2) = m.iter().find(|(k, _)| &***k == "escA").unwrap();
         assert!(matches!((&k2.0, &v2.as_ref().unwrap().0), (Cow::Owned(_), Cow::Owned(_))));
         assert_eq!(&**v2.as_ref().unwrap(), "x\ny");
+    }
+
+    #[test]
+    fn every_address_is_validated_with_its_path_but_only_the_first_kept() {
+        let doc = r#"{"metadata":{"name":"s-1","namespace":"n","labels":{"kubernetes.io/service-name":"s"}},
+            "addressType":"IPv4","endpoints":[{"addresses":["192.0.2.1","192.0.2.2",7]}]}"#;
+        let d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
+        assert_eq!(d.errors.len(), 1);
+        assert!(
+            d.errors[0].to_string().starts_with("EndpointSlice n/s-1: endpoints[0].addresses[2]: invalid type"),
+            "{}",
+            d.errors[0]
+        );
+        let null = doc.replace(r#"["192.0.2.1","192.0.2.2",7]"#, "null");
+        let d = decode_document(null.as_bytes(), Some(Kind::EndpointSlice));
+        assert!(d.errors[0].to_string().contains("endpoints[0].addresses: invalid type: null"), "{}", d.errors[0]);
     }
 }
