@@ -11,32 +11,36 @@
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
+#[path = "common/cluster.rs"]
+mod cluster;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use apiserver::{fixture, ApiServer, Cluster, Reply, Request};
 use edgeproxy::config::Config;
 use edgeproxy::kube::reflector;
 use edgeproxy::source::{Sink, SourceEvent};
-use edgeproxy::state::{State, StateConfig};
-use serde_json::Value;
+use edgeproxy::state::{Plan, State, StateConfig};
 
 /// Counts live heap bytes, so the report can tell data from allocator slack.
 struct Counting;
 static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Live allocations: each costs allocator bookkeeping on top of its bytes.
+static BLOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
         LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        BLOCKS.fetch_add(1, Ordering::Relaxed);
         unsafe { std::alloc::System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        BLOCKS.fetch_sub(1, Ordering::Relaxed);
         unsafe { std::alloc::System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
@@ -50,77 +54,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 fn live() -> String {
-    format!("{} kB", LIVE.load(Ordering::Relaxed) / 1024)
-}
-
-fn template(file: &str, name: &str) -> Value {
-    let list: Value = serde_json::from_slice(&fixture(file)).unwrap();
-    list["items"].as_array().unwrap().iter().find(|i| i["metadata"]["name"] == name).unwrap().clone()
-}
-
-fn service(t: &Value, i: usize) -> Value {
-    let mut o = t.clone();
-    o["metadata"]["name"] = format!("svc-{i}").into();
-    o["metadata"]["namespace"] = format!("ns-{}", i % 50).into();
-    o["metadata"]["uid"] = format!("00000000-0000-0000-0000-{i:012}").into();
-    let ip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
-    o["spec"]["clusterIP"] = ip.clone().into();
-    o["spec"]["clusterIPs"] = serde_json::json!([ip]);
-    o
-}
-
-fn slice(t: &Value, i: usize) -> Value {
-    let mut o = t.clone();
-    o["metadata"]["name"] = format!("svc-{i}-x7k2p").into();
-    o["metadata"]["namespace"] = format!("ns-{}", i % 50).into();
-    o["metadata"]["labels"]["kubernetes.io/service-name"] = format!("svc-{i}").into();
-    o["metadata"]["uid"] = format!("10000000-0000-0000-0000-{i:012}").into();
-    if let Some(eps) = o["endpoints"].as_array_mut() {
-        for (j, e) in eps.iter_mut().enumerate() {
-            e["addresses"] = serde_json::json!([format!("10.244.{}.{}", (i * 3 + j) / 256 % 256, (i * 3 + j) % 256)]);
-        }
-    }
-    o
-}
-
-fn page(req: &Request, n: usize, kind: &str, make: &dyn Fn(usize) -> Value) -> Reply {
-    let limit: usize = req.param("limit").and_then(|l| l.parse().ok()).unwrap_or(n).max(1);
-    let start: usize = req.param("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-    let end = (start + limit).min(n);
-    let mut meta = serde_json::json!({"resourceVersion": "1000"});
-    if end < n {
-        meta["continue"] = end.to_string().into();
-    }
-    let items: Vec<Value> = (start..end).map(make).collect();
-    Reply::json(
-        200,
-        serde_json::json!({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": items}).to_string(),
-    )
-}
-
-fn serve(n: usize) {
-    let server = ApiServer::start_with(Cluster::fixtures(), true);
-    let st = template("list-services-raw.json", "web-frontend");
-    let et = template("list-endpointslices-raw.json", "web-frontend-r42sq");
-    server.route(move |req| {
-        if req.is_watch() {
-            let kind = if req.path.contains("endpointslices") { "EndpointSlice" } else { "Service" };
-            let mut r = Reply::json(
-                200,
-                format!("{{\"type\":\"BOOKMARK\",\"object\":{{\"kind\":\"{kind}\",\"metadata\":{{\"resourceVersion\":\"1000\"}}}}}}\n"),
-            );
-            r.end = apiserver::End::Hold(Duration::from_secs(600));
-            return Some(r);
-        }
-        match req.path.as_str() {
-            "/api/v1/services" => Some(page(req, n, "ServiceList", &|i| service(&st, i))),
-            "/apis/discovery.k8s.io/v1/endpointslices" => Some(page(req, n, "EndpointSliceList", &|i| slice(&et, i))),
-            _ => None,
-        }
-    });
-    println!("{} {}", server.url, server.dir.display());
-    // Serve until the parent closes our stdin.
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    format!("{} kB in {} blocks", LIVE.load(Ordering::Relaxed) / 1024, BLOCKS.load(Ordering::Relaxed))
 }
 
 fn proc_status(field: &str) -> String {
@@ -128,10 +62,42 @@ fn proc_status(field: &str) -> String {
     s.lines().find(|l| l.starts_with(field)).map(|l| l[field.len()..].trim().to_string()).unwrap_or_default()
 }
 
+/// RSS by kind of mapping: the binary's own pages, brk heap, anonymous maps (malloc's groups,
+/// large blocks, thread stacks), to tell heap slack from code.
+fn rss_breakdown() -> String {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut file, mut heap, mut anon, mut anon_maps) = (0u64, 0u64, 0u64, 0u32);
+    let mut current = "";
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let name = line.split_whitespace().nth(5).unwrap_or("");
+            current = if name == "[heap]" {
+                "heap"
+            } else if name.starts_with('/') {
+                "file"
+            } else {
+                "anon"
+            };
+            if current == "anon" {
+                anon_maps += 1;
+            }
+        } else if let Some(kb) = line.strip_prefix("Rss:") {
+            let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            match current {
+                "heap" => heap += kb,
+                "file" => file += kb,
+                _ => anon += kb,
+            }
+        }
+    }
+    format!("binary {file} kB, brk heap {heap} kB, anonymous {anon} kB in {anon_maps} maps")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve") {
-        serve(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000));
+        cluster::serve(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(10_000));
         return;
     }
     let n: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
@@ -186,22 +152,52 @@ fn main() {
         proc_status("VmHWM:"),
         live()
     );
+    println!("  RSS by mapping: {}", rss_breakdown());
     // The plan (rules + proxy table) is the next consumer; report its cost too.
     let t1 = Instant::now();
     let plan = state.plan();
+    let took = t1.elapsed();
+    let rule_bytes: usize =
+        [&plan.rules.v4, &plan.rules.v6].iter().flat_map(|t| t.rules.iter()).map(|r| r.capacity()).sum();
     println!(
-        "plan: {:.2?}, {} services proxied; VmRSS {}, VmHWM {}",
-        t1.elapsed(),
+        "plan: {took:.2?}, {} services proxied; VmRSS {}, VmHWM {}; live heap {} (rule text {} kB)",
         plan.proxied().count(),
         proc_status("VmRSS:"),
-        proc_status("VmHWM:")
+        proc_status("VmHWM:"),
+        live(),
+        rule_bytes / 1024,
     );
-    drop(plan);
+    // The agent re-plans on every change while the previous plan is still in use; entries that
+    // did not change are shared with it.
+    let (t2, before) = (Instant::now(), LIVE.load(Ordering::Relaxed));
+    let replan = state.plan_reusing(&plan.table);
+    println!(
+        "re-plan with nothing changed: {:.2?}; while both exist, +{} kB live heap (rules {} kB of it); VmRSS {}",
+        t2.elapsed(),
+        (LIVE.load(Ordering::Relaxed) - before) / 1024,
+        [&replan.rules.v4, &replan.rules.v6].iter().flat_map(|t| t.rules.iter()).map(|r| r.capacity()).sum::<usize>()
+            / 1024,
+        proc_status("VmRSS:"),
+    );
+    drop(replan);
+    // What each part of the plan holds (live heap freed by dropping it).
+    let mut parts = Vec::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    let Plan { reports, rules, table } = plan;
+    drop(reports);
+    parts.push(format!("reports {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
+    let before = LIVE.load(Ordering::Relaxed);
+    drop(table);
+    parts.push(format!("proxy table {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
+    let before = LIVE.load(Ordering::Relaxed);
+    drop(rules);
+    parts.push(format!("rules {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
+    println!("  the plan holds: {}; after dropping it VmRSS {}", parts.join(", "), proc_status("VmRSS:"));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.join();
     }
-    println!("reflectors stopped (their key sets and buffers freed): live heap {} (the state alone)", live());
+    println!("reflectors stopped (their buffers freed): live heap {} (the state alone)", live());
     drop(child.stdin.take());
     let _ = child.wait();
 }

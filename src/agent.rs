@@ -182,7 +182,8 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     state.apply(Change::KubeProxy(kube_proxy));
     log::info!("kube-proxy {}", if kube_proxy { "present: filtered services fall through to it" } else { "absent" });
     let mut synced = false;
-    let mut sent: Option<RuleSet> = None;
+    // The last rule set handed to the applier: the same allocation the applier holds.
+    let mut sent: Option<Arc<RuleSet>> = None;
     let mut installed = false;
     let mut ready_logged = false;
     let mut dirty = false;
@@ -264,12 +265,16 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         }
         if dirty && synced {
             dirty = false;
-            let plan = state.plan();
+            // Entries that did not change stay the very ones the proxy is using.
+            let current = table_tx.borrow().clone();
+            let plan = state.plan_reusing(&current);
+            drop(current);
             let proxied = plan.proxied().count();
-            if sent.as_ref() != Some(&plan.rules) {
+            if sent.as_deref() != Some(&plan.rules) {
                 log::info!("plan: {proxied} of {} services proxied", plan.reports.len());
-                sent = Some(plan.rules.clone());
-                handle.send(plan.rules);
+                let rules = Arc::new(plan.rules);
+                sent = Some(rules.clone());
+                handle.send(rules);
             }
             if **table_tx.borrow() != plan.table {
                 table_tx.send_replace(Arc::new(plan.table));

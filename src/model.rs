@@ -4,18 +4,25 @@
 //! API server's JSON (lenient with fields we do not use, strict with those we do) lives in
 //! `kube::objects`; everything downstream (filter, state, render, proxy) works on these types only.
 //!
-//! Strings are `Box<str>` rather than `String`: an edge agent holds thousands of these for hours,
-//! and the spare capacity of a `String` is memory nobody uses.
+//! An edge agent holds tens of thousands of these for hours, so they are built to be small:
+//! strings are `Box<str>` (no spare capacity) or, where the same text recurs across objects
+//! (namespaces, names held in several maps, node names, zones, port names), `Arc<str>` so that
+//! `state::State` can intern them and every holder shares one allocation. Cloning an
+//! [`ObjectKey`] never allocates. Nothing here interns by itself: this module has no global state.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// `namespace/name` of a Service (or of the object an endpoint set belongs to).
+///
+/// Both parts are shared strings: a key is held by the object, by the map it sits in, by the
+/// reflector's set of delivered keys and by plan reports, all pointing at the same bytes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub namespace: Box<str>,
-    pub name: Box<str>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
@@ -76,8 +83,8 @@ pub enum TargetPort {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
-    /// May be empty for a single-port service.
-    pub name: Box<str>,
+    /// May be empty for a single-port service. Shared: few distinct names per cluster.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
     pub target_port: TargetPort,
@@ -105,13 +112,86 @@ pub struct Service {
     pub affinity_timeout: Option<u32>,
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
-    /// Sorted by key.
-    pub labels: Vec<(Box<str>, Box<str>)>,
+    pub labels: Labels,
 }
 
 impl Service {
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels.binary_search_by(|(k, _)| (**k).cmp(key)).ok().map(|i| &*self.labels[i].1)
+        self.labels.get(key)
+    }
+}
+
+/// A Service's labels, sorted by key, in one allocation: `key NUL value NUL key NUL value`.
+///
+/// Kubernetes label keys and values never contain NUL (the decoder rejects one that does), so
+/// the separator cannot be confused with text.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<str>);
+
+/// A label key or value contains a NUL character.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NulInLabel {
+    pub key: String,
+}
+
+impl Labels {
+    /// From `(key, value)` pairs in any order; when a key repeats, the last value counts.
+    pub fn new<K: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Labels, NulInLabel> {
+        let mut pairs: Vec<(K, V)> = pairs.into_iter().collect();
+        // Stable: of equal keys the last stays last, and only the last of a run is kept.
+        if !pairs.is_sorted_by(|a, b| a.0.as_ref() <= b.0.as_ref()) {
+            pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        }
+        let len: usize = pairs.iter().map(|(k, v)| k.as_ref().len() + v.as_ref().len() + 2).sum();
+        let mut text = String::with_capacity(len.saturating_sub(1));
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            if pairs.get(i + 1).is_some_and(|n| n.0.as_ref() == k) {
+                continue;
+            }
+            if k.contains('\0') || v.contains('\0') {
+                return Err(NulInLabel { key: k.to_string() });
+            }
+            if !text.is_empty() {
+                text.push('\0');
+            }
+            text.push_str(k);
+            text.push('\0');
+            text.push_str(v);
+        }
+        Ok(Labels(text.into_boxed_str()))
+    }
+
+    /// The value of `key`, if the label exists (its value may be empty).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        for (k, v) in self.iter() {
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => return Some(v),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+
+    /// `(key, value)` pairs in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let mut parts = (!self.0.is_empty()).then(|| self.0.split('\0')).into_iter().flatten();
+        std::iter::from_fn(move || Some((parts.next()?, parts.next().unwrap_or(""))))
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -124,19 +204,24 @@ pub enum EndpointSource {
     Endpoints,
 }
 
+/// One endpoint. Kubernetes lets consumers use only the first of an endpoint's addresses, so
+/// only that one is kept (an endpoint without any address is not kept at all).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addresses: Vec<IpAddr>,
+    pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<Box<str>>,
-    pub zone: Option<Box<str>>,
+    /// Shared: few distinct node names per cluster.
+    pub node_name: Option<Arc<str>>,
+    /// Shared: few distinct zones per cluster.
+    pub zone: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointPort {
-    pub name: Box<str>,
+    /// Shared: few distinct names per cluster.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -154,7 +239,8 @@ pub struct EndpointSet {
     pub source: EndpointSource,
     /// The object's own namespace/name (a slice's generated name, or the Endpoints' name).
     pub key: ObjectKey,
-    /// The Service it belongs to (`kubernetes.io/service-name`, or the Endpoints' own name).
+    /// The Service it belongs to (`kubernetes.io/service-name`, or the Endpoints' own name);
+    /// always in the set's own namespace.
     pub service: ObjectKey,
     pub groups: Vec<EndpointGroup>,
 }
@@ -210,6 +296,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Insert (or replace) one object. Strings are stored as they come: interning is
+    /// `state::State`'s job.
     pub fn insert(&mut self, object: Object) {
         match object {
             Object::Service(s) => {
@@ -219,5 +307,32 @@ impl Snapshot {
                 self.endpoints.insert((e.source, e.key.clone()), e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_sorted_last_value_wins_empty_values_kept() {
+        let l = Labels::new([("z", "1"), ("b", ""), ("app", "web"), ("b", "2")]).unwrap();
+        assert_eq!(l.iter().collect::<Vec<_>>(), vec![("app", "web"), ("b", "2"), ("z", "1")]);
+        assert_eq!(
+            (l.get("b"), l.get("z"), l.get("a"), l.get("zz"), l.get("")),
+            (Some("2"), Some("1"), None, None, None)
+        );
+        let e = Labels::new([("k", ""), ("x", "y")]).unwrap();
+        assert_eq!((e.get("k"), e.len()), (Some(""), 2));
+        let none = Labels::new(Vec::<(&str, &str)>::new()).unwrap();
+        assert!(none.is_empty() && none.get("k").is_none() && none.iter().next().is_none());
+        assert_eq!(none, Labels::default());
+        assert_eq!(format!("{l:?}"), r#"{"app": "web", "b": "2", "z": "1"}"#);
+    }
+
+    #[test]
+    fn labels_refuse_nul() {
+        assert_eq!(Labels::new([("a\0b", "1")]), Err(NulInLabel { key: "a\0b".into() }));
+        assert_eq!(Labels::new([("k", "v\0")]), Err(NulInLabel { key: "k".into() }));
     }
 }

@@ -4,6 +4,11 @@
 //! Pure: no I/O, no clock, no randomness. Sources feed it [`Change`]s; `plan` derives everything
 //! else. Only explicit deletes and replacements remove objects: a failed list or a broken watch
 //! simply sends nothing, so the held state (and with it the installed rules) stays as it was.
+//!
+//! Memory: it holds the whole cluster for hours, so on insert it interns the strings that recur
+//! across objects (namespaces, node names, zones, port names) in a map it owns, and points an
+//! endpoint set's service key at the Service's own name when that Service is held. Interning
+//! changes no value, only which allocation holds it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +56,9 @@ pub enum Change {
     /// A complete list of one kind (a relist, a poll, a file reload): objects of that kind not in
     /// it are removed, the others replaced.
     Replace(Kind, Vec<Object>),
+    /// A list of one kind that could not be decoded whole: objects of that kind whose keys are
+    /// not here are removed, the others stay as they are (what did decode arrives as upserts).
+    Retain(Kind, Vec<ObjectKey>),
     /// Whether kube-proxy's chains exist on this node (feeds `defaultIgnores: auto`).
     KubeProxy(bool),
     /// The proxy could not bind this UDP port; allocate another.
@@ -60,7 +68,9 @@ pub enum Change {
 /// Per service port, what the plan decided (for `--explain` and logs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortReport {
-    pub name: String,
+    /// `namespace/name[:portName]` (see [`port_comment`]); the same allocation as the proxy
+    /// table entry's name.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
     pub backends: usize,
@@ -90,6 +100,73 @@ impl Plan {
 
 type UdpKey = (ObjectKey, u16);
 
+/// Shared copies of strings that recur across objects. Deterministic (a `BTreeSet`), and pruned
+/// of strings nothing else holds any more once it has doubled since the last pruning, so it
+/// never holds more than about twice what is in use.
+#[derive(Default)]
+struct Interner {
+    set: BTreeSet<Arc<str>>,
+    prune_at: usize,
+}
+
+impl Interner {
+    /// Point `s` at the shared copy of its text (making it the shared copy if there is none).
+    fn share(&mut self, s: &mut Arc<str>) {
+        match self.set.get(&**s) {
+            Some(shared) => {
+                if !Arc::ptr_eq(shared, s) {
+                    *s = shared.clone();
+                }
+            }
+            None => {
+                self.set.insert(s.clone());
+            }
+        }
+    }
+
+    fn share_opt(&mut self, s: &mut Option<Arc<str>>) {
+        if let Some(s) = s {
+            self.share(s);
+        }
+    }
+
+    fn prune(&mut self) {
+        if self.set.len() > self.prune_at {
+            self.set.retain(|s| Arc::strong_count(s) > 1);
+            self.prune_at = (self.set.len() * 2).max(64);
+        }
+    }
+
+    fn service(&mut self, svc: &mut Service) {
+        self.share(&mut svc.key.namespace);
+        for p in &mut svc.ports {
+            self.share(&mut p.name);
+        }
+    }
+
+    /// `services`: the held Services, whose names the set's service key may share.
+    fn endpoints(&mut self, set: &mut EndpointSet, services: &BTreeMap<ObjectKey, Service>) {
+        self.share(&mut set.key.namespace);
+        if set.service.namespace == set.key.namespace {
+            set.service.namespace = set.key.namespace.clone();
+        } else {
+            self.share(&mut set.service.namespace);
+        }
+        if let Some((held, _)) = services.get_key_value(&set.service) {
+            set.service.name = held.name.clone();
+        }
+        for g in &mut set.groups {
+            for p in &mut g.ports {
+                self.share(&mut p.name);
+            }
+            for e in &mut g.endpoints {
+                self.share_opt(&mut e.node_name);
+                self.share_opt(&mut e.zone);
+            }
+        }
+    }
+}
+
 pub struct State {
     cfg: StateConfig,
     snapshot: Snapshot,
@@ -98,6 +175,7 @@ pub struct State {
     udp_ports: BTreeMap<UdpKey, u16>,
     /// Ports the proxy reported it cannot bind.
     unusable_udp: BTreeSet<u16>,
+    strings: Interner,
 }
 
 impl State {
@@ -108,6 +186,7 @@ impl State {
             kube_proxy: false,
             udp_ports: BTreeMap::new(),
             unusable_udp: BTreeSet::new(),
+            strings: Interner::default(),
         }
     }
 
@@ -125,20 +204,28 @@ impl State {
 
     /// Apply one change; returns whether anything the plan depends on changed.
     pub fn apply(&mut self, change: Change) -> bool {
+        let changed = self.apply_inner(change);
+        self.strings.prune();
+        changed
+    }
+
+    fn apply_inner(&mut self, change: Change) -> bool {
         match change {
-            Change::Upsert(Object::Service(s)) => match self.snapshot.services.get(&s.key) {
+            Change::Upsert(Object::Service(mut s)) => match self.snapshot.services.get(&s.key) {
                 Some(old) if *old == s => false,
                 _ => {
+                    self.strings.service(&mut s);
                     self.snapshot.services.insert(s.key.clone(), s);
                     true
                 }
             },
-            Change::Upsert(Object::Endpoints(e)) => {
+            Change::Upsert(Object::Endpoints(mut e)) => {
                 let k = (e.source, e.key.clone());
                 match self.snapshot.endpoints.get(&k) {
                     Some(old) if *old == e => false,
                     _ => {
-                        self.snapshot.endpoints.insert(k, e);
+                        self.strings.endpoints(&mut e, &self.snapshot.services);
+                        self.snapshot.endpoints.insert((e.source, e.key.clone()), e);
                         true
                     }
                 }
@@ -146,10 +233,16 @@ impl State {
             Change::Delete(Kind::Service, key) => self.snapshot.services.remove(&key).is_some(),
             Change::Delete(kind, key) => self.snapshot.endpoints.remove(&(source_of(kind), key)).is_some(),
             Change::Replace(Kind::Service, objects) => {
+                // `collect` sorts and then fills every B-tree node; inserting one by one would
+                // leave sorted input in half-empty nodes.
+                let strings = &mut self.strings;
                 let new: BTreeMap<ObjectKey, Service> = objects
                     .into_iter()
                     .filter_map(|o| match o {
-                        Object::Service(s) => Some((s.key.clone(), s)),
+                        Object::Service(mut s) => {
+                            strings.service(&mut s);
+                            Some((s.key.clone(), s))
+                        }
                         Object::Endpoints(_) => None,
                     })
                     .collect();
@@ -159,23 +252,41 @@ impl State {
             }
             Change::Replace(kind, objects) => {
                 let source = source_of(kind);
-                let mut new: BTreeMap<(EndpointSource, ObjectKey), EndpointSet> = self
-                    .snapshot
-                    .endpoints
-                    .iter()
-                    .filter(|((s, _), _)| *s != source)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                for o in objects {
-                    if let Object::Endpoints(e) = o {
-                        if e.source == source {
-                            new.insert((e.source, e.key.clone()), e);
+                let (old, mut others): (EndpointMap, EndpointMap) =
+                    std::mem::take(&mut self.snapshot.endpoints).into_iter().partition(|((s, _), _)| *s == source);
+                let (strings, services) = (&mut self.strings, &self.snapshot.services);
+                let mut new: EndpointMap = objects
+                    .into_iter()
+                    .filter_map(|o| match o {
+                        Object::Endpoints(mut e) if e.source == source => {
+                            strings.endpoints(&mut e, services);
+                            Some(((e.source, e.key.clone()), e))
                         }
+                        _ => None,
+                    })
+                    .collect();
+                let changed = new != old;
+                drop(old);
+                // `append` rebuilds from both sorted sequences into full nodes.
+                others.append(&mut new);
+                self.snapshot.endpoints = others;
+                changed
+            }
+            Change::Retain(kind, mut keys) => {
+                keys.sort();
+                let keep = |k: &ObjectKey| keys.binary_search(k).is_ok();
+                match kind {
+                    Kind::Service => {
+                        let before = self.snapshot.services.len();
+                        self.snapshot.services.retain(|k, _| keep(k));
+                        self.snapshot.services.len() != before
+                    }
+                    kind => {
+                        let (source, before) = (source_of(kind), self.snapshot.endpoints.len());
+                        self.snapshot.endpoints.retain(|(s, k), _| *s != source || keep(k));
+                        self.snapshot.endpoints.len() != before
                     }
                 }
-                let changed = new != self.snapshot.endpoints;
-                self.snapshot.endpoints = new;
-                changed
             }
             Change::KubeProxy(present) => std::mem::replace(&mut self.kube_proxy, present) != present,
             Change::UdpPortUnavailable(port) => {
@@ -189,6 +300,14 @@ impl State {
     /// Derive verdicts, rules and the proxy table. `&mut` only for the UDP port allocation,
     /// which must be stable across plans.
     pub fn plan(&mut self) -> Plan {
+        self.plan_reusing(&ProxyTable::default())
+    }
+
+    /// [`State::plan`], with every proxy table entry that equals the one `previous` has for
+    /// the same address (or UDP proxy port) taken from `previous` (the same `Arc`), so the table
+    /// in use and the new one share what did not change: a re-plan costs memory for what
+    /// changed only, and comparing the two tables is cheap.
+    pub fn plan_reusing(&mut self, previous: &ProxyTable) -> Plan {
         let mut by_service: HashMap<&ObjectKey, Vec<&EndpointSet>> = HashMap::new();
         for set in self.snapshot.endpoints.values() {
             by_service.entry(&set.service).or_default().push(set);
@@ -218,6 +337,7 @@ impl State {
             let mut ports = Vec::with_capacity(svc.ports.len());
             for (pi, sp) in svc.ports.iter().enumerate() {
                 let backends = resolve(svc, sp, sets, cfg);
+                let name: Arc<str> = port_comment(&svc.key, sp).into();
                 let note = match sp.protocol {
                     Protocol::Sctp => Some("SCTP is not proxied"),
                     _ if backends.is_empty() => Some("no usable endpoint: connections are refused"),
@@ -226,13 +346,7 @@ impl State {
                 if sp.protocol == Protocol::Udp {
                     wanted_udp.push((svc.key.clone(), sp.port));
                 }
-                ports.push(PortReport {
-                    name: port_comment(&svc.key, sp),
-                    protocol: sp.protocol,
-                    port: sp.port,
-                    backends: backends.len(),
-                    note,
-                });
+                ports.push(PortReport { name, protocol: sp.protocol, port: sp.port, backends: backends.len(), note });
                 resolved.push((idx, pi, backends));
             }
             reports.push(ServiceReport { key: svc.key.clone(), verdict, ports });
@@ -271,18 +385,31 @@ impl State {
                     }
                 },
             };
-            let name = port_comment(&svc.key, sp);
             let has_endpoints = !backends.is_empty();
-            let entry = Arc::new(ServiceEntry {
-                name: name.as_str().into(),
+            let entry = ServiceEntry {
+                name: reports[idx].ports[pi].name.clone(),
                 protocol: sp.protocol,
                 backends,
                 affinity: svc.affinity_timeout.map(|t| Duration::from_secs(t.into())),
                 policy: cfg.lb_policy,
-            });
+            };
+            let old = match sp.protocol {
+                Protocol::Tcp => {
+                    svc.cluster_ips.first().and_then(|ip| previous.tcp.get(&SocketAddr::new(*ip, sp.port)))
+                }
+                _ => previous.udp.get(&proxy_port),
+            };
+            let entry = match old {
+                Some(old) if **old == entry => {
+                    reports[idx].ports[pi].name = old.name.clone();
+                    old.clone()
+                }
+                _ => Arc::new(entry),
+            };
+            let name = &entry.name;
             for ip in &svc.cluster_ips {
                 planned.push(PlannedPort {
-                    comment: name.clone(),
+                    comment: name.to_string(),
                     cluster_ip: *ip,
                     protocol: sp.protocol,
                     port: sp.port,
@@ -298,16 +425,24 @@ impl State {
             }
         }
 
-        let rules = render::render(&RenderInput {
+        let mut rules = render::render(&RenderInput {
             layout: cfg.layout,
             listen: &cfg.listen,
             service_cidrs: &cfg.service_cidrs,
             ports: &planned,
             ignored: &ignored,
         });
+        drop((planned, ignored));
+        // The rule set is kept (by the agent and the applier) until the next change: no spare
+        // capacity in its lines. A no-op for lines that are already exact.
+        for line in rules.v4.rules.iter_mut().chain(rules.v6.rules.iter_mut()) {
+            line.shrink_to_fit();
+        }
         Plan { reports, rules, table }
     }
 }
+
+type EndpointMap = BTreeMap<(EndpointSource, ObjectKey), EndpointSet>;
 
 fn source_of(kind: Kind) -> EndpointSource {
     match kind {
@@ -332,11 +467,8 @@ fn chosen_sets<'a>(sets: &'a [&'a EndpointSet]) -> impl Iterator<Item = &'a Endp
 }
 
 fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = chosen_sets(sets)
-        .flat_map(|s| s.groups.iter())
-        .flat_map(|g| g.endpoints.iter())
-        .filter_map(|e| e.addresses.first().copied())
-        .collect();
+    let mut ips: Vec<IpAddr> =
+        chosen_sets(sets).flat_map(|s| s.groups.iter()).flat_map(|g| g.endpoints.iter()).map(|e| e.address).collect();
     ips.sort();
     ips.dedup();
     ips
@@ -358,14 +490,11 @@ fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateCo
     let node = cfg.node_name.as_deref();
     for set in chosen_sets(sets) {
         for group in &set.groups {
-            let Some(port) = group.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol) else {
+            let Some(port) = group.ports.iter().find(|p| *p.name == *sp.name && p.protocol == sp.protocol) else {
                 continue;
             };
             for ep in &group.endpoints {
-                // The first address is the endpoint's; the others are informational.
-                let Some(ip) = ep.addresses.first() else {
-                    continue;
-                };
+                let ip = &ep.address;
                 if *ip == cfg.listen.ip_for(ip.is_ipv6()) || ip.is_unspecified() {
                     continue; // would loop back into the proxy
                 }
@@ -453,5 +582,81 @@ mod tests {
         assert_eq!(st.plan().rules, first);
         assert!(st.apply(Change::UdpPortUnavailable(15002)));
         assert_eq!(st.plan().table.udp.keys().copied().collect::<Vec<_>>(), vec![15003]);
+    }
+
+    #[test]
+    fn recurring_strings_are_shared_and_unused_ones_pruned() {
+        let slices = r#"{"kind":"EndpointSliceList","items":[
+          {"metadata":{"name":"web-1","namespace":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4",
+           "endpoints":[{"addresses":["192.0.2.1"],"nodeName":"n1","zone":"z"},{"addresses":["192.0.2.2"],"nodeName":"n1","zone":"z"}],
+           "ports":[{"name":"http","port":8080}]},
+          {"metadata":{"name":"web-2","namespace":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4",
+           "endpoints":[{"addresses":["192.0.2.3"],"nodeName":"n1","zone":"z"}],"ports":[{"name":"http","port":8080}]}]}"#;
+        let mut st = state(SVCS, slices);
+        let snap = st.snapshot();
+        let web = snap.services.get_key_value(&ObjectKey::new("a", "web")).unwrap();
+        let sets: Vec<&EndpointSet> = snap.endpoints.values().collect();
+        let eps: Vec<&crate::model::Endpoint> = sets.iter().flat_map(|s| s.groups[0].endpoints.iter()).collect();
+        for e in &eps[1..] {
+            assert!(Arc::ptr_eq(eps[0].node_name.as_ref().unwrap(), e.node_name.as_ref().unwrap()));
+            assert!(Arc::ptr_eq(eps[0].zone.as_ref().unwrap(), e.zone.as_ref().unwrap()));
+        }
+        for set in &sets {
+            assert!(Arc::ptr_eq(&set.key.namespace, &web.0.namespace), "namespace shared with the Service");
+            assert!(Arc::ptr_eq(&set.service.name, &web.1.key.name), "service name shared with the Service");
+            assert!(Arc::ptr_eq(&set.groups[0].ports[0].name, &web.1.ports[0].name), "port name shared");
+        }
+        assert_eq!(st.plan().table.tcp[&"10.96.0.20:80".parse().unwrap()].backends.len(), 3);
+
+        // Everything gone: strings nothing holds any more do not stay forever.
+        for (kind, n) in [(Kind::Service, 0), (Kind::EndpointSlice, 0)] {
+            st.apply(Change::Replace(kind, Vec::with_capacity(n)));
+        }
+        for i in 0..200 {
+            let doc = SVCS.replace("\"namespace\":\"a\"", &format!("\"namespace\":\"ns-{i}\""));
+            let d = decode_document(doc.as_bytes(), Some(Kind::Service));
+            st.apply(Change::Replace(Kind::Service, d.objects));
+        }
+        assert_eq!(st.snapshot().services.len(), 2);
+        let held = st.strings.set.len();
+        assert!(held <= 2 * 3 + 64, "interner holds {held} strings for 3 in use");
+        assert!(st.strings.set.iter().any(|s| &**s == "ns-199"));
+        assert!(!st.strings.set.iter().any(|s| &**s == "ns-0"), "a namespace no object uses was kept");
+    }
+
+    #[test]
+    fn retain_removes_only_unlisted_objects_of_its_kind() {
+        let mut st = state(SVCS, SLICES);
+        let web = ObjectKey::new("a", "web");
+        // A slice list that kept only an unknown key: web-1 goes, services stay.
+        assert!(st.apply(Change::Retain(Kind::EndpointSlice, vec![ObjectKey::new("a", "other")])));
+        assert!(st.snapshot().endpoints.is_empty());
+        assert_eq!(st.snapshot().services.len(), 2);
+        assert!(!st.apply(Change::Retain(Kind::Endpoints, vec![])), "no core/v1 Endpoints held: no change");
+        assert!(!st.apply(Change::Retain(Kind::Service, vec![ObjectKey::new("a", "dns"), web.clone()])));
+        assert!(st.apply(Change::Retain(Kind::Service, vec![web.clone()])));
+        assert_eq!(st.snapshot().services.keys().collect::<Vec<_>>(), vec![&web]);
+    }
+
+    #[test]
+    fn a_replan_shares_unchanged_entries_with_the_previous_table() {
+        let mut st = state(SVCS, SLICES);
+        let first = st.plan().table;
+        let again = st.plan_reusing(&first);
+        let (web, dns) = ("10.96.0.20:80".parse().unwrap(), 15002);
+        assert!(Arc::ptr_eq(&first.tcp[&web], &again.table.tcp[&web]));
+        assert!(Arc::ptr_eq(&first.udp[&dns], &again.table.udp[&dns]));
+        assert!(Arc::ptr_eq(&again.reports[1].ports[0].name, &first.tcp[&web].name), "report shares the name");
+        assert_eq!(again.table, first);
+        // web's endpoints change: its entry is new, dns's is still shared.
+        let slices = SLICES.replace("192.0.2.1", "192.0.2.9");
+        let d = decode_document(slices.as_bytes(), Some(Kind::EndpointSlice));
+        assert!(st.apply(Change::Replace(Kind::EndpointSlice, d.objects)));
+        let changed = st.plan_reusing(&first).table;
+        assert!(!Arc::ptr_eq(&first.tcp[&web], &changed.tcp[&web]));
+        assert_eq!(changed.tcp[&web].backends[0].addr, "192.0.2.9:8080".parse().unwrap());
+        assert!(Arc::ptr_eq(&first.udp[&dns], &changed.udp[&dns]));
+        // Equal to a plan from scratch.
+        assert_eq!(changed, st.plan().table);
     }
 }

@@ -142,6 +142,7 @@ fn replay(events: &[SourceEvent], fin: &Held) -> Held {
                     held.insert((o.kind(), o.key().clone()), o.clone());
                 }
             }
+            Change::Retain(k, keys) => held.retain(|(kind, key), _| kind != k || keys.contains(key)),
             other => panic!("unexpected change {other:?}"),
         }
         for k in held.keys() {

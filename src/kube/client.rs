@@ -370,6 +370,10 @@ fn pem_certs(what: &str, pem: &[u8]) -> Result<Vec<Certificate<'static>>, Client
     Ok(out)
 }
 
+/// Per connection and layer (TCP, TLS): what ureq reads into and writes from.
+const INPUT_BUFFER: usize = 32 * 1024;
+const OUTPUT_BUFFER: usize = 16 * 1024;
+
 impl Client {
     pub fn new(settings: &Settings, opts: &ClientOptions) -> Result<Client, ClientError> {
         install_crypto_provider();
@@ -380,7 +384,14 @@ impl Client {
             .timeout_per_read(Some(opts.idle_timeout))
             .timeout_per_write(Some(opts.idle_timeout))
             .user_agent(concat!("edgeproxy/", env!("CARGO_PKG_VERSION")))
-            .max_redirects(0);
+            .max_redirects(0)
+            // ureq's default is 128 KiB each way, zero-filled, on both the TCP and the TLS layer
+            // of every connection: 512 KiB of RSS per open watch. A response header (the only
+            // thing that must fit whole) is under 1 KiB from an API server, a request (path,
+            // continue token, bearer token) a few KiB, a TLS record at most 16 KiB.
+            .input_buffer_size(INPUT_BUFFER)
+            .output_buffer_size(OUTPUT_BUFFER)
+            .max_response_header_size(INPUT_BUFFER);
         if https || settings.client_cert.is_some() {
             // Always explicit roots: ureq panics on its default (bundled) roots when they are not
             // compiled in, and a public root store is the wrong trust anchor for a cluster anyway.

@@ -8,17 +8,19 @@
 //! Accepted shapes: a single object, a typed list (`ServiceList`, `EndpointSliceList`,
 //! `EndpointsList`), kubectl's `List`, and watch events (one JSON object per line).
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service,
-    ServicePort, ServiceType, TargetPort,
+    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey, Protocol,
+    Service, ServicePort, ServiceType, TargetPort,
 };
 
 /// One object that could not be used, and why.
@@ -96,14 +98,72 @@ pub struct WatchLine {
 }
 
 // ---- raw shapes: only the fields we read -------------------------------------------------------
+//
+// Strings that are read once per item borrow from the input (`Text`): a copy is made only for
+// what is kept, or when the JSON string has escapes.
+
+/// A JSON string, borrowed from the input unless it has escapes. (serde's own `Cow` support
+/// borrows only for a field that is exactly `Cow<str>`, not inside `Option`, `Vec` or maps.)
+#[derive(Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Text<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawMeta {
-    name: String,
-    namespace: String,
+struct RawMeta<'a> {
+    #[serde(borrow)]
+    name: Text<'a>,
+    #[serde(borrow)]
+    namespace: Text<'a>,
     resource_version: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
+    #[serde(borrow)]
+    labels: Option<BTreeMap<Text<'a>, Text<'a>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -123,11 +183,11 @@ enum IntOrString {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawServicePort {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    protocol: Option<String>,
+struct RawServicePort<'a> {
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    protocol: Option<Text<'a>>,
     port: i64,
     #[serde(default)]
     target_port: Option<IntOrString>,
@@ -151,27 +211,28 @@ struct RawAffinityConfig {
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawServiceSpec {
+struct RawServiceSpec<'a> {
     #[serde(rename = "type")]
     service_type: Option<String>,
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
     #[serde(rename = "clusterIPs")]
     cluster_ips: Option<Vec<String>>,
-    ports: Option<Vec<RawServicePort>>,
+    #[serde(borrow)]
+    ports: Option<Vec<RawServicePort<'a>>>,
     session_affinity: Option<String>,
     session_affinity_config: Option<RawAffinityConfig>,
     internal_traffic_policy: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct RawService {
+struct RawService<'a> {
     #[serde(default)]
     kind: Option<String>,
-    #[serde(default)]
-    metadata: RawMeta,
-    #[serde(default)]
-    spec: RawServiceSpec,
+    #[serde(default, borrow)]
+    metadata: RawMeta<'a>,
+    #[serde(default, borrow)]
+    spec: RawServiceSpec<'a>,
 }
 
 #[derive(Deserialize, Default)]
@@ -184,66 +245,104 @@ struct RawConditions {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawSliceEndpoint {
-    #[serde(default)]
-    addresses: Vec<String>,
+struct RawSliceEndpoint<'a> {
+    #[serde(default, borrow)]
+    addresses: Addresses<'a>,
     #[serde(default)]
     conditions: RawConditions,
-    #[serde(default)]
-    node_name: Option<String>,
-    #[serde(default)]
-    zone: Option<String>,
+    #[serde(default, borrow)]
+    node_name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    zone: Option<Text<'a>>,
+}
+
+/// An endpoint's `addresses`: almost always exactly one, so the first is kept inline and only
+/// further ones (informational, but still validated) take an allocation.
+#[derive(Default)]
+struct Addresses<'a> {
+    first: Option<Text<'a>>,
+    rest: Vec<Text<'a>>,
+}
+
+impl<'a> Addresses<'a> {
+    fn iter(&self) -> impl Iterator<Item = &Text<'a>> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Addresses<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Addresses<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of addresses")
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Addresses<'a>, S::Error> {
+                let mut out = Addresses { first: seq.next_element()?, rest: Vec::new() };
+                while let Some(a) = seq.next_element()? {
+                    out.rest.push(a);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
-struct RawPort {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    protocol: Option<String>,
+struct RawPort<'a> {
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    protocol: Option<Text<'a>>,
     #[serde(default)]
     port: Option<i64>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawSlice {
+struct RawSlice<'a> {
     #[serde(default)]
     kind: Option<String>,
-    #[serde(default)]
-    metadata: RawMeta,
+    #[serde(default, borrow)]
+    metadata: RawMeta<'a>,
     #[serde(default)]
     address_type: Option<String>,
-    #[serde(default)]
-    endpoints: Option<Vec<RawSliceEndpoint>>,
-    #[serde(default)]
-    ports: Option<Vec<RawPort>>,
+    #[serde(default, borrow)]
+    endpoints: Option<Vec<RawSliceEndpoint<'a>>>,
+    #[serde(default, borrow)]
+    ports: Option<Vec<RawPort<'a>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawAddress {
-    ip: String,
-    #[serde(default)]
-    node_name: Option<String>,
+struct RawAddress<'a> {
+    #[serde(borrow)]
+    ip: Text<'a>,
+    #[serde(default, borrow)]
+    node_name: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "camelCase")]
-struct RawSubset {
-    addresses: Option<Vec<RawAddress>>,
-    not_ready_addresses: Option<Vec<RawAddress>>,
-    ports: Option<Vec<RawPort>>,
+struct RawSubset<'a> {
+    #[serde(borrow)]
+    addresses: Option<Vec<RawAddress<'a>>>,
+    #[serde(borrow)]
+    not_ready_addresses: Option<Vec<RawAddress<'a>>>,
+    #[serde(borrow)]
+    ports: Option<Vec<RawPort<'a>>>,
 }
 
 #[derive(Deserialize)]
-struct RawEndpoints {
+struct RawEndpoints<'a> {
     #[serde(default)]
     kind: Option<String>,
-    #[serde(default)]
-    metadata: RawMeta,
-    #[serde(default)]
-    subsets: Option<Vec<RawSubset>>,
+    #[serde(default, borrow)]
+    metadata: RawMeta<'a>,
+    #[serde(default, borrow)]
+    subsets: Option<Vec<RawSubset<'a>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -254,8 +353,9 @@ struct KindOnly {
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct MetaOnly {
-    metadata: RawMeta,
+struct MetaOnly<'a> {
+    #[serde(borrow)]
+    metadata: RawMeta<'a>,
 }
 
 // ---- documents ---------------------------------------------------------------------------------
@@ -366,6 +466,8 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
     }
     let list_kind = top.kind.as_deref().and_then(kind_of);
     out.objects.reserve(top.items.len());
+    // A list comes sorted by namespace: consecutive items share one namespace string.
+    let mut ns = Strings::default();
     for (i, raw) in top.items.iter().enumerate() {
         // kubectl's `List` mixes kinds and every item says its own.
         let kind = match list_kind {
@@ -376,7 +478,7 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
                 .and_then(|k| kind_of(&k))
                 .or(expect),
         };
-        push(&mut out, decode_item(raw, kind, &format!("items[{i}]")));
+        push(&mut out, decode_item_with(raw, kind, &|| format!("items[{i}]"), &mut ns));
     }
     out
 }
@@ -397,15 +499,47 @@ fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
     )
 }
 
+/// The strings that recur across the items of one document (namespaces, port names, node
+/// names, zones), each allocated once per document instead of once per use. Local to one
+/// document: no global state (`state::State` shares them across documents).
+#[derive(Default)]
+struct Strings {
+    set: BTreeSet<Arc<str>>,
+}
+
+impl Strings {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.set.insert(a.clone());
+        a
+    }
+
+    fn get_opt(&mut self, s: Option<Text<'_>>) -> Option<Arc<str>> {
+        s.filter(|s| !s.is_empty()).map(|s| self.get(&s))
+    }
+}
+
 /// Decode one object of a known (or guessed) kind.
 pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
+    decode_item_with(raw, kind, &|| position.to_string(), &mut Strings::default())
+}
+
+fn decode_item_with(
+    raw: &RawValue,
+    kind: Option<Kind>,
+    position: &dyn Fn() -> String,
+    ns: &mut Strings,
+) -> Result<Object, ObjectError> {
     let kind = match kind {
         Some(k) => k,
         None => {
             let own = serde_json::from_str::<KindOnly>(raw.get()).ok().and_then(|k| k.kind);
             return Err(ObjectError {
                 kind: None,
-                object: name_of(raw).unwrap_or_else(|| position.to_string()),
+                object: name_of(raw).unwrap_or_else(position),
                 field: "kind".into(),
                 message: match own {
                     Some(k) => format!("kind {k:?} is not a Service, EndpointSlice or Endpoints"),
@@ -416,7 +550,7 @@ pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result
     };
     let fail = |field: String, message: String| ObjectError {
         kind: Some(kind),
-        object: name_of(raw).unwrap_or_else(|| position.to_string()),
+        object: name_of(raw).unwrap_or_else(position),
         field,
         message,
     };
@@ -427,14 +561,15 @@ pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result
     let result = match kind {
         Kind::Service => typed::<RawService>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
-            .and_then(service)
+            .and_then(|r| service(r, ns))
             .map(Object::Service),
-        Kind::EndpointSlice => {
-            typed::<RawSlice>(raw).and_then(|r| check_kind(&r.kind).map(|()| r)).and_then(slice).map(Object::Endpoints)
-        }
+        Kind::EndpointSlice => typed::<RawSlice>(raw)
+            .and_then(|r| check_kind(&r.kind).map(|()| r))
+            .and_then(|r| slice(r, ns))
+            .map(Object::Endpoints),
         Kind::Endpoints => typed::<RawEndpoints>(raw)
             .and_then(|r| check_kind(&r.kind).map(|()| r))
-            .and_then(endpoints)
+            .and_then(|r| endpoints(r, ns))
             .map(Object::Endpoints),
     };
     result.map_err(|(field, message)| fail(field, message))
@@ -464,14 +599,14 @@ fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> FieldResult<T> {
     })
 }
 
-fn key_of(meta: &RawMeta) -> FieldResult<ObjectKey> {
+fn key_of(meta: &RawMeta, ns: &mut Strings) -> FieldResult<ObjectKey> {
     if meta.name.is_empty() {
         return Err(("metadata.name".into(), "missing".into()));
     }
     if meta.namespace.is_empty() {
         return Err(("metadata.namespace".into(), "missing".into()));
     }
-    Ok(ObjectKey::new(&meta.namespace, &meta.name))
+    Ok(ObjectKey { namespace: ns.get(&meta.namespace), name: (*meta.name).into() })
 }
 
 fn port_number(v: i64, field: impl FnOnce() -> String) -> FieldResult<u16> {
@@ -492,13 +627,14 @@ fn ip(v: &str, field: impl FnOnce() -> String) -> FieldResult<IpAddr> {
     v.parse().map_err(|_| (field(), format!("{v:?} is not an IP address")))
 }
 
-fn labels(meta: &mut RawMeta) -> Vec<(Box<str>, Box<str>)> {
-    // BTreeMap iteration is sorted, which `Service::label` relies on.
-    meta.labels.take().unwrap_or_default().into_iter().map(|(k, v)| (k.into(), v.into())).collect()
+fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
+    Labels::new(meta.labels.take().unwrap_or_default())
+        .map_err(|e| ("metadata.labels".into(), format!("label {:?} contains a NUL character", e.key)))
 }
 
-fn service(mut raw: RawService) -> FieldResult<Service> {
-    let key = key_of(&raw.metadata)?;
+fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
+    let key = key_of(&raw.metadata, ns)?;
+    let labels = labels(&mut raw.metadata)?;
     let spec = raw.spec;
     let service_type = match spec.service_type.as_deref() {
         None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
@@ -508,12 +644,12 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
         Some(t) => return Err(("spec.type".into(), format!("unknown service type {t:?}"))),
     };
     let mut headless = false;
-    let mut cluster_ips = Vec::new();
     let (field, list): (&str, Vec<String>) = match (spec.cluster_ips, spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips),
         (_, Some(ip)) => ("spec.clusterIP", vec![ip]),
         _ => ("spec.clusterIP", Vec::new()),
     };
+    let mut cluster_ips = Vec::with_capacity(list.len());
     for (i, s) in list.iter().enumerate() {
         match s.as_str() {
             "None" => headless = true,
@@ -528,8 +664,9 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
     if cluster_ips.len() == 2 && cluster_ips[0].is_ipv4() == cluster_ips[1].is_ipv4() || cluster_ips.len() > 2 {
         return Err((field.into(), "at most one cluster IP per family".into()));
     }
-    let mut ports: Vec<ServicePort> = Vec::new();
-    for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+    let raw_ports = spec.ports.unwrap_or_default();
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(raw_ports.len());
+    for (i, p) in raw_ports.into_iter().enumerate() {
         let at = |f: &str| format!("spec.ports[{i}].{f}");
         let port = port_number(p.port, || at("port"))?;
         let proto = protocol(p.protocol.as_deref(), || at("protocol"))?;
@@ -544,7 +681,7 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
             None | Some(0) => None,
             Some(n) => Some(port_number(n, || at("nodePort"))?),
         };
-        let name: Box<str> = p.name.unwrap_or_default().into();
+        let name = ns.get(p.name.as_deref().unwrap_or_default());
         if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == proto) {
             return Err((format!("spec.ports[{i}]"), format!("duplicate port {port}/{proto} (also spec.ports[{j}])")));
         }
@@ -556,6 +693,9 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
         }
         ports.push(ServicePort { name, protocol: proto, port, target_port, node_port });
     }
+    // Held for hours: no spare capacity.
+    cluster_ips.shrink_to_fit();
+    ports.shrink_to_fit();
     let affinity_timeout = match spec.session_affinity.as_deref() {
         None | Some("") | Some("None") => None,
         Some("ClientIP") => {
@@ -578,42 +718,34 @@ fn service(mut raw: RawService) -> FieldResult<Service> {
             return Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)")))
         }
     };
-    Ok(Service {
-        key,
-        service_type,
-        headless,
-        cluster_ips,
-        ports,
-        affinity_timeout,
-        internal_local,
-        labels: labels(&mut raw.metadata),
-    })
+    Ok(Service { key, service_type, headless, cluster_ips, ports, affinity_timeout, internal_local, labels })
 }
 
-fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str) -> FieldResult<Vec<EndpointPort>> {
-    let mut ports = Vec::new();
-    for (i, p) in raw.unwrap_or_default().into_iter().enumerate() {
+fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Strings) -> FieldResult<Vec<EndpointPort>> {
+    let raw = raw.unwrap_or_default();
+    let mut ports = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("{prefix}[{i}].{f}");
         // A port without a number is "unrestricted"; kube-proxy skips those, so do we.
         let Some(n) = p.port else { continue };
         let port = port_number(n, || at("port"))?;
         let protocol = protocol(p.protocol.as_deref(), || at("protocol"))?;
-        ports.push(EndpointPort { name: p.name.unwrap_or_default().into(), protocol, port });
+        ports.push(EndpointPort { name: ns.get(p.name.as_deref().unwrap_or_default()), protocol, port });
     }
+    ports.shrink_to_fit();
     Ok(ports)
 }
 
-fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
-    let key = key_of(&raw.metadata)?;
+fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
+    let key = key_of(&raw.metadata, ns)?;
     let service_name = raw
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get("kubernetes.io/service-name"))
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?
-        .clone();
-    let service = ObjectKey::new(&key.namespace, &service_name);
+        .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?;
+    let service = ObjectKey { namespace: key.namespace.clone(), name: (**service_name).into() };
     let v6 = match raw.address_type.as_deref() {
         Some("IPv4") => false,
         Some("IPv6") => true,
@@ -623,35 +755,42 @@ fn slice(mut raw: RawSlice) -> FieldResult<EndpointSet> {
         }
         other => return Err(("addressType".into(), format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
     };
-    let ports = endpoint_ports(raw.ports.take(), "ports")?;
-    let mut endpoints = Vec::new();
-    for (i, e) in raw.endpoints.take().unwrap_or_default().into_iter().enumerate() {
-        let mut addresses = Vec::with_capacity(e.addresses.len());
+    let ports = endpoint_ports(raw.ports.take(), "ports", ns)?;
+    let raw_endpoints = raw.endpoints.take().unwrap_or_default();
+    let mut endpoints = Vec::with_capacity(raw_endpoints.len());
+    for (i, e) in raw_endpoints.into_iter().enumerate() {
+        // Every address must be valid, but only the first is the endpoint's (the others are
+        // informational, and Kubernetes tells consumers to ignore them).
+        let mut first = None;
         for (j, a) in e.addresses.iter().enumerate() {
             let addr = ip(a, || format!("endpoints[{i}].addresses[{j}]"))?;
             if addr.is_ipv6() != v6 {
                 return Err((format!("endpoints[{i}].addresses[{j}]"), format!("{a} does not match addressType")));
             }
-            addresses.push(addr);
+            first = first.or(Some(addr));
         }
+        let Some(address) = first else {
+            continue; // an endpoint without an address cannot be used
+        };
         let ready = e.conditions.ready.unwrap_or(true);
         endpoints.push(Endpoint {
-            addresses,
+            address,
             ready,
             serving: e.conditions.serving.unwrap_or(ready),
             terminating: e.conditions.terminating.unwrap_or(false),
-            node_name: e.node_name.filter(|s| !s.is_empty()).map(Into::into),
-            zone: e.zone.filter(|s| !s.is_empty()).map(Into::into),
+            node_name: ns.get_opt(e.node_name),
+            zone: ns.get_opt(e.zone),
         });
     }
+    endpoints.shrink_to_fit();
     Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
 }
 
-fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
-    let key = key_of(&raw.metadata)?;
+fn endpoints(raw: RawEndpoints, ns: &mut Strings) -> FieldResult<EndpointSet> {
+    let key = key_of(&raw.metadata, ns)?;
     let mut groups = Vec::new();
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
-        let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"))?;
+        let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"), ns)?;
         let mut endpoints = Vec::new();
         for (field, list, ready) in
             [("addresses", s.addresses, true), ("notReadyAddresses", s.not_ready_addresses, false)]
@@ -659,17 +798,19 @@ fn endpoints(raw: RawEndpoints) -> FieldResult<EndpointSet> {
             for (j, a) in list.unwrap_or_default().into_iter().enumerate() {
                 let addr = ip(&a.ip, || format!("subsets[{i}].{field}[{j}].ip"))?;
                 endpoints.push(Endpoint {
-                    addresses: vec![addr],
+                    address: addr,
                     ready,
                     serving: ready,
                     terminating: false,
-                    node_name: a.node_name.filter(|s| !s.is_empty()).map(Into::into),
+                    node_name: ns.get_opt(a.node_name),
                     zone: None,
                 });
             }
         }
+        endpoints.shrink_to_fit();
         groups.push(EndpointGroup { ports, endpoints });
     }
+    groups.shrink_to_fit();
     Ok(EndpointSet { source: EndpointSource::Endpoints, service: key.clone(), key, groups })
 }
 
@@ -719,7 +860,7 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
             let meta = serde_json::from_str::<MetaOnly>(object.get())
                 .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
                 .metadata;
-            let key = key_of(&meta).map_err(|(field, message)| {
+            let key = key_of(&meta, &mut Strings::default()).map_err(|(field, message)| {
                 LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
             })?;
             WatchEvent::Deleted(kind, key)
@@ -785,5 +926,81 @@ mod tests {
         let WatchEvent::Error(s) = decode_watch_line(e, Kind::Service).unwrap().event else { panic!() };
         assert!(s.is_expired());
         assert!(matches!(decode_watch_line(b"{\"type\":", Kind::Service), Err(LineError::Garbage(_))));
+    }
+
+    #[test]
+    fn endpoint_keeps_its_first_address_and_validates_the_rest() {
+        let doc = r#"{"metadata":{"name":"s-1","namespace":"n","labels":{"kubernetes.io/service-name":"s"}},
+            "addressType":"IPv4","endpoints":[{"addresses":["192.0.2.1","192.0.2.2"],"nodeName":"node-1","zone":"z"},
+            {"addresses":[]},{"addresses":["192.0.2.3"],"nodeName":"node-1","zone":"z"}],"ports":[{"name":"http","port":80}]}"#;
+        let d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        let Object::Endpoints(set) = &d.objects[0] else { panic!() };
+        let eps = &set.groups[0].endpoints;
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["192.0.2.1", "192.0.2.3"], "the address-less endpoint is not kept");
+        assert_eq!((eps[0].node_name.as_deref(), eps[0].zone.as_deref()), (Some("node-1"), Some("z")));
+        assert!(Arc::ptr_eq(eps[0].node_name.as_ref().unwrap(), eps[1].node_name.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(eps[0].zone.as_ref().unwrap(), eps[1].zone.as_ref().unwrap()));
+        assert_eq!(set.service, ObjectKey::new("n", "s"));
+        assert!(Arc::ptr_eq(&set.key.namespace, &set.service.namespace));
+        let bad = doc.replace(r#""192.0.2.2""#, r#""fd00::2""#);
+        let d = decode_document(bad.as_bytes(), Some(Kind::EndpointSlice));
+        assert_eq!(
+            d.errors[0].to_string(),
+            "EndpointSlice n/s-1: endpoints[0].addresses[1]: fd00::2 does not match addressType"
+        );
+    }
+
+    #[test]
+    fn label_with_nul_is_refused_by_name() {
+        let doc = r#"{"metadata":{"name":"a","namespace":"n","labels":{"ok":"1","bad":"x\u0000y"}},"spec":{"clusterIP":"10.0.0.1"}}"#;
+        let d = decode_document(doc.as_bytes(), Some(Kind::Service));
+        assert_eq!(d.errors[0].to_string(), r#"Service n/a: metadata.labels: label "bad" contains a NUL character"#);
+    }
+
+    #[test]
+    fn a_list_shares_recurring_strings_between_items() {
+        let doc = r#"{"kind":"ServiceList","items":[
+            {"metadata":{"name":"a","namespace":"n"},"spec":{"clusterIP":"10.0.0.1"}},
+            {"metadata":{"name":"b","namespace":"n"},"spec":{"clusterIP":"10.0.0.2"}},
+            {"metadata":{"name":"c","namespace":"m"},"spec":{"clusterIP":"10.0.0.3"}},
+            {"metadata":{"name":"d","namespace":"n"},"spec":{"clusterIP":"10.0.0.4","ports":[{"name":"http","port":80}]}},
+            {"metadata":{"name":"e","namespace":"m"},"spec":{"clusterIP":"10.0.0.5","ports":[{"name":"http","port":80}]}}]}"#;
+        let d = decode_document(doc.as_bytes(), None);
+        let ns: Vec<&Arc<str>> = d.objects.iter().map(|o| &o.key().namespace).collect();
+        assert!(Arc::ptr_eq(ns[0], ns[1]) && Arc::ptr_eq(ns[0], ns[3]) && Arc::ptr_eq(ns[2], ns[4]));
+        assert_eq!((&**ns[0], &**ns[2]), ("n", "m"));
+        let port = |i: usize| match &d.objects[i] {
+            Object::Service(s) => s.ports[0].name.clone(),
+            _ => unreachable!(),
+        };
+        assert!(Arc::ptr_eq(&port(3), &port(4)));
+    }
+
+    #[test]
+    fn text_borrows_unless_escaped_also_inside_containers() {
+        let m: BTreeMap<Text, Option<Text>> = serde_json::from_str(r#"{"plain":"v","esc\u0041":"x\ny"}"#).unwrap();
+        let (k1, v1) = m.iter().find(|(k, _)| &***k == "plain").unwrap();
+        assert!(matches!((&k1.0, &v1.as_ref().unwrap().0), (Cow::Borrowed(_), Cow::Borrowed("v"))));
+        let (k2, v2) = m.iter().find(|(k, _)| &***k == "escA").unwrap();
+        assert!(matches!((&k2.0, &v2.as_ref().unwrap().0), (Cow::Owned(_), Cow::Owned(_))));
+        assert_eq!(&**v2.as_ref().unwrap(), "x\ny");
+    }
+
+    #[test]
+    fn every_address_is_validated_with_its_path_but_only_the_first_kept() {
+        let doc = r#"{"metadata":{"name":"s-1","namespace":"n","labels":{"kubernetes.io/service-name":"s"}},
+            "addressType":"IPv4","endpoints":[{"addresses":["192.0.2.1","192.0.2.2",7]}]}"#;
+        let d = decode_document(doc.as_bytes(), Some(Kind::EndpointSlice));
+        assert_eq!(d.errors.len(), 1);
+        assert!(
+            d.errors[0].to_string().starts_with("EndpointSlice n/s-1: endpoints[0].addresses[2]: invalid type"),
+            "{}",
+            d.errors[0]
+        );
+        let null = doc.replace(r#"["192.0.2.1","192.0.2.2",7]"#, "null");
+        let d = decode_document(null.as_bytes(), Some(Kind::EndpointSlice));
+        assert!(d.errors[0].to_string().contains("endpoints[0].addresses: invalid type: null"), "{}", d.errors[0]);
     }
 }

@@ -14,6 +14,10 @@
 //! itself: relist on `410 Gone`/`Expired`, exponential backoff with jitter otherwise, resuming the
 //! watch from the last resourceVersion (bookmarks advance it).
 //!
+//! A complete list becomes one `Change::Replace`; a list with items that failed to decode
+//! becomes upserts of the rest plus one `Change::Retain` naming every listed key, so the state
+//! drops only what the list really lacks. The reflector holds no copy of the keys it delivered.
+//!
 //! It never touches the state machine or the rules: it only calls the [`Sink`].
 
 use std::collections::BTreeSet;
@@ -164,8 +168,6 @@ pub struct Machine {
     rng: u64,
     /// Last resourceVersion seen (list, event or bookmark).
     rv: Option<String>,
-    /// Keys currently delivered downstream.
-    held: BTreeSet<ObjectKey>,
     synced: bool,
     listing: Option<Listing>,
     /// Consecutive failures without progress (drives the backoff).
@@ -189,7 +191,6 @@ impl Machine {
             watch_timeout_secs: opts.watch_timeout_secs,
             rng: seed | 1,
             rv: None,
-            held: BTreeSet::new(),
             synced: false,
             listing: None,
             failures: 0,
@@ -205,11 +206,6 @@ impl Machine {
 
     pub fn resource_version(&self) -> Option<&str> {
         self.rv.as_deref()
-    }
-
-    /// The keys currently delivered downstream.
-    pub fn held(&self) -> &BTreeSet<ObjectKey> {
-        &self.held
     }
 
     pub fn is_polling(&self) -> bool {
@@ -371,26 +367,21 @@ impl Machine {
 
     fn finish_list(&mut self, resource_version: Option<String>, emit: &mut dyn FnMut(SourceEvent)) -> Action {
         let Listing { objects, bad, unnamed_bad } = self.listing.take().expect("listing in progress");
-        let mut keys: BTreeSet<ObjectKey> = objects.iter().map(|o| o.key().clone()).collect();
         if bad.is_empty() && !unnamed_bad {
-            self.held = keys;
             emit(SourceEvent::Change(Change::Replace(self.kind, objects)));
         } else {
             // Some items failed to decode: they exist, so their last good version must stay.
-            // Upsert what decoded; delete only what the list really lacks.
+            // Upsert what decoded; then only what the list really lacks goes (the state knows
+            // what it holds, so the reflector keeps no copy of the keys).
+            let mut keys: Vec<ObjectKey> = objects.iter().map(|o| o.key().clone()).collect();
             keys.extend(bad);
             for o in objects {
-                self.held.insert(o.key().clone());
                 emit(SourceEvent::Change(Change::Upsert(o)));
             }
             if unnamed_bad {
                 self.error(emit, "list had an unreadable item; nothing is deleted on this list".into());
             } else {
-                let gone: Vec<ObjectKey> = self.held.difference(&keys).cloned().collect();
-                for k in gone {
-                    self.held.remove(&k);
-                    emit(SourceEvent::Change(Change::Delete(self.kind, k)));
-                }
+                emit(SourceEvent::Change(Change::Retain(self.kind, keys)));
             }
         }
         if self.synced {
@@ -448,11 +439,9 @@ impl Machine {
                             self.error(emit, format!("watch: skipped a {} in a {} watch", o.kind(), self.kind));
                             return None;
                         }
-                        self.held.insert(o.key().clone());
                         emit(SourceEvent::Change(Change::Upsert(o)));
                     }
                     WatchEvent::Deleted(_, key) => {
-                        self.held.remove(&key);
                         emit(SourceEvent::Change(Change::Delete(self.kind, key)));
                     }
                     WatchEvent::Bookmark => {}
@@ -854,7 +843,8 @@ fn watch(
     let server = resp.server().to_string();
     let kind = machine.kind();
     let mut splitter = LineSplitter::new(opts.max_line_bytes);
-    let mut buf = vec![0u8; 64 * 1024];
+    // Held for the whole life of a watch: one TLS record's worth is enough per read.
+    let mut buf = vec![0u8; 16 * 1024];
     let mut line_started: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -977,7 +967,7 @@ mod tests {
             ports: vec![],
             affinity_timeout: None,
             internal_local: false,
-            labels: vec![],
+            labels: Default::default(),
         })
     }
 
@@ -1041,15 +1031,27 @@ mod tests {
     #[test]
     fn watch_events_bookmarks_and_expiry() {
         let mut m = machine();
-        let mut ev = Vec::new();
-        let mut e = |x| ev.push(x);
+        let ev = std::cell::RefCell::new(Vec::new());
+        let mut e = |x| ev.borrow_mut().push(x);
         m.start();
         m.step(page(vec![svc("a")], "5", None), &mut e);
         assert_eq!(m.on_watch(line(WatchEvent::Added(svc("b")), "6"), &mut e), None);
         assert_eq!(m.on_watch(line(WatchEvent::Bookmark, "8"), &mut e), None);
         assert_eq!(m.resource_version(), Some("8"));
         assert_eq!(m.on_watch(line(WatchEvent::Deleted(Kind::Service, ObjectKey::new("ns", "a")), "9"), &mut e), None);
-        assert_eq!(m.held().iter().map(|k| k.to_string()).collect::<Vec<_>>(), vec!["ns/b"]);
+        let changes: Vec<Change> = ev
+            .borrow()
+            .iter()
+            .filter_map(|x| if let SourceEvent::Change(c) = x { Some(c.clone()) } else { None })
+            .collect();
+        assert_eq!(
+            changes,
+            vec![
+                Change::Replace(Kind::Service, vec![svc("a")]),
+                Change::Upsert(svc("b")),
+                Change::Delete(Kind::Service, ObjectKey::new("ns", "a"))
+            ]
+        );
         // Garbage and oversized lines change nothing.
         assert_eq!(m.on_watch(WatchInput::Line(Err(LineError::Garbage("x".into()))), &mut e), None);
         assert_eq!(m.on_watch(WatchInput::Oversized(20 << 20), &mut e), None);
@@ -1063,8 +1065,8 @@ mod tests {
             .on_watch(WatchInput::Line(Ok(WatchLine { event: WatchEvent::Error(st), resource_version: None })), &mut e);
         assert_eq!(a, Some(Action::List { continue_token: None }));
         m.step(page(vec![svc("b")], "12", None), &mut e);
-        assert!(ev.contains(&SourceEvent::Relisted(Kind::Service)));
-        assert!(ev.contains(&SourceEvent::WatchRestarted(Kind::Service)));
+        assert!(ev.borrow().contains(&SourceEvent::Relisted(Kind::Service)));
+        assert!(ev.borrow().contains(&SourceEvent::WatchRestarted(Kind::Service)));
     }
 
     #[test]
@@ -1125,7 +1127,15 @@ mod tests {
             .iter()
             .filter_map(|x| if let SourceEvent::Change(c) = x { Some(c.clone()) } else { None })
             .collect();
-        assert_eq!(changes, vec![Change::Upsert(svc("a")), Change::Delete(Kind::Service, ObjectKey::new("ns", "c"))]);
+        // "b" failed to decode but exists: it stays; "c" is gone from the list: it goes.
+        let keep = vec![ObjectKey::new("ns", "a"), ObjectKey::new("ns", "b")];
+        assert_eq!(changes, vec![Change::Upsert(svc("a")), Change::Retain(Kind::Service, keep.clone())]);
+        let mut st = crate::state::State::new(crate::state::StateConfig::from(&crate::config::Config::defaults()));
+        st.apply(Change::Replace(Kind::Service, vec![svc("a"), svc("b"), svc("c")]));
+        for c in changes {
+            st.apply(c);
+        }
+        assert_eq!(st.snapshot().services.keys().cloned().collect::<Vec<_>>(), keep);
     }
 
     #[test]

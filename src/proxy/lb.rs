@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::table::{LbPolicy, ServiceEntry};
@@ -25,7 +26,7 @@ struct ServiceState {
 /// The load-balancing state of every service port.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    services: HashMap<Box<str>, ServiceState>,
+    services: HashMap<Arc<str>, ServiceState>,
 }
 
 impl Balancer {
@@ -51,7 +52,7 @@ impl Balancer {
         if n == 0 {
             return None;
         }
-        let state = match self.services.get_mut(&entry.name) {
+        let state = match self.services.get_mut(&*entry.name) {
             Some(s) => s,
             None => self.services.entry(entry.name.clone()).or_default(),
         };

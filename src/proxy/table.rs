@@ -28,8 +28,8 @@ pub enum LbPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
     /// `namespace/name[:portName]`, the same text as the rule comment; also the key for
-    /// load-balancing state that must survive a table swap.
-    pub name: Box<str>,
+    /// load-balancing state that must survive a table swap. Shared with the plan's report.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     /// Usable backends in a stable order: ready ones, or serving-but-terminating ones when none
     /// is ready; node-local only under `internalTrafficPolicy: Local`. Empty means "refuse".

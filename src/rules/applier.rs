@@ -12,8 +12,11 @@
 //! On shutdown it removes every rule and chain edgeproxy owns, reports, and ends.
 //!
 //! It never decides what the rules are, and it never blocks the proxy loop (it is a plain thread).
+//! Rule sets arrive as `Arc`s: the caller keeps the same allocation to compare the next plan
+//! with, so the desired set exists once, not once per holder.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -64,7 +67,7 @@ pub enum Event {
 }
 
 enum Msg {
-    Desired(Box<RuleSet>),
+    Desired(Arc<RuleSet>),
     Shutdown,
 }
 
@@ -75,9 +78,10 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Hand over a new desired set (it replaces any not yet applied).
-    pub fn send(&self, set: RuleSet) {
-        let _ = self.tx.send(Msg::Desired(Box::new(set)));
+    /// Hand over a new desired set (it replaces any not yet applied). Keep a clone of the `Arc`
+    /// to compare with: it costs nothing.
+    pub fn send(&self, set: Arc<RuleSet>) {
+        let _ = self.tx.send(Msg::Desired(set));
     }
 
     /// Ask the thread to remove our rules and stop, and wait for it.
@@ -101,8 +105,8 @@ pub fn spawn(applier: Applier, cfg: ApplierConfig, report: impl Fn(Event) + Send
 
 fn run(mut applier: Applier, cfg: ApplierConfig, rx: mpsc::Receiver<Msg>, report: impl Fn(Event)) {
     let start = Instant::now();
-    let mut pending: Option<Box<RuleSet>> = None;
-    let mut current: Option<Box<RuleSet>> = None;
+    let mut pending: Option<Arc<RuleSet>> = None;
+    let mut current: Option<Arc<RuleSet>> = None;
     let mut last_sync: Option<Instant> = None;
     let mut next_guard = start + cfg.guard_period;
     let mut next_resync = start + cfg.resync_period;
