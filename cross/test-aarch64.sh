@@ -7,14 +7,15 @@
 #   cross/test-aarch64.sh [extra cargo test arguments]
 #
 # Test targets run (by name): the library's unit tests (--lib), the binary's (--bins), and the
-# integration tests listed in NOROOT_TESTS below. Left out: netns_smoke (root, namespaces),
+# integration tests listed in NOROOT_TESTS below (the fixture golden tests, the reflector against
+# the in-process HTTPS API server, notify, ops). Left out: the namespace tests (root),
 # packaging (starts the binary itself; runs natively in CI).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 target=aarch64-unknown-linux-musl
-read -r -a NOROOT_TESTS <<<"${EDGEPROXY_AARCH64_TESTS:-notify ops}"
+read -r -a NOROOT_TESTS <<<"${EDGEPROXY_AARCH64_TESTS:-notify ops core_fixtures source_reflector}"
 
 command -v qemu-aarch64-static >/dev/null || { echo "test-aarch64.sh: qemu-aarch64-static missing (cross/setup-test-deps.sh)" >&2; exit 1; }
 command -v aarch64-linux-gnu-gcc >/dev/null || { echo "test-aarch64.sh: aarch64-linux-gnu-gcc missing (cross/setup-test-deps.sh)" >&2; exit 1; }
