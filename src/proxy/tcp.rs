@@ -25,7 +25,10 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::io::Interest;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -153,7 +156,15 @@ async fn serve(client: TcpStream, peer: SocketAddr, entry: Arc<ServiceEntry>, sh
     svc.tcp_active.inc();
     let _active = Active(&stats.tcp_active, &svc.tcp_active);
     let mut relay = Relay { up: Pipe::default(), down: Pipe::default(), size: shared.cfg.tcp_buffer, svc: &svc, stats };
-    if let Err(e) = poll_fn(|cx| relay.poll(cx, &client, &upstream)).await {
+    let (mut client, mut upstream) = (client, upstream);
+    let result = {
+        // Read halves read through tokio's `poll_read`, which knows that a short read drained
+        // the socket: no extra read that only returns EAGAIN per message.
+        let (mut client_r, _) = client.split();
+        let (mut upstream_r, _) = upstream.split();
+        poll_fn(|cx| relay.poll(cx, &mut client_r, &mut upstream_r)).await
+    };
+    if let Err(e) = result {
         log::debug!("{peer} ({}): relay ended: {e}", entry.name);
         reset(&client);
         reset(&upstream);
@@ -208,14 +219,29 @@ struct Relay<'a> {
 
 impl Relay<'_> {
     /// Ready(Ok) once both directions have ended cleanly; Ready(Err) at the first error.
-    fn poll(&mut self, cx: &mut Context<'_>, client: &TcpStream, upstream: &TcpStream) -> Poll<io::Result<()>> {
-        let up =
-            self.up.poll(cx, client, upstream, self.size, [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend]);
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut ReadHalf<'_>,
+        upstream: &mut ReadHalf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let up = self.up.poll(
+            cx,
+            client,
+            upstream.as_ref(),
+            self.size,
+            [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend],
+        );
         if let Poll::Ready(Err(e)) = up {
             return Poll::Ready(Err(e));
         }
-        let down =
-            self.down.poll(cx, upstream, client, self.size, [&self.svc.bytes_to_client, &self.stats.bytes_to_client]);
+        let down = self.down.poll(
+            cx,
+            upstream,
+            client.as_ref(),
+            self.size,
+            [&self.svc.bytes_to_client, &self.stats.bytes_to_client],
+        );
         if let Poll::Ready(Err(e)) = down {
             return Poll::Ready(Err(e));
         }
@@ -248,7 +274,7 @@ impl Pipe {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
+        from_half: &mut ReadHalf<'_>,
         to: &TcpStream,
         size: usize,
         counters: [&Counter; 2],
@@ -296,9 +322,9 @@ impl Pipe {
                     _ => return Poll::Ready(Ok(())),
                 }
             }
-            ready!(from.poll_read_ready(cx))?;
             // Nothing is pending here: hand back whichever of buffer and pipe this read won't use.
             if self.bulk {
+                ready!(from_half.as_ref().poll_read_ready(cx))?;
                 pool_put(self.buf.take());
                 if self.kpipe.is_none() {
                     self.kpipe = pipe_take();
@@ -308,7 +334,10 @@ impl Pipe {
             }
             if let Some(p) = &self.kpipe {
                 let pipe_w = p.w.as_raw_fd();
-                match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe_w, SPLICE_MAX)) {
+                match from_half
+                    .as_ref()
+                    .try_io(Interest::READABLE, || splice(from_half.as_ref().as_raw_fd(), pipe_w, SPLICE_MAX))
+                {
                     Ok(0) => self.eof = true,
                     Ok(n) => {
                         self.in_pipe = n;
@@ -321,16 +350,24 @@ impl Pipe {
                 continue;
             }
             let buf = self.buf.get_or_insert_with(|| pool_take(size));
-            match from.try_read(buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => {
-                    self.start = 0;
-                    self.end = n;
-                    self.bulk = n == buf.len();
+            let mut rb = ReadBuf::new(buf);
+            match Pin::new(&mut *from_half).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.eof = true;
+                    } else {
+                        self.start = 0;
+                        self.end = n;
+                        self.bulk = n == buf.len();
+                    }
                 }
                 // Nothing to read: this direction is idle, so it holds no buffer.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pool_put(self.buf.take()),
-                Err(e) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    pool_put(self.buf.take());
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
