@@ -17,7 +17,7 @@ bin=${1:-$target_dir/dist/edgeproxy-$t}
 fixtures=${EDGEPROXY_FIXTURES:-$root/../shared/fixtures/monitoring-cluster}
 
 fail() { echo "smoke-armv7: FAIL: $*" >&2; exit 1; }
-command -v qemu-arm-static >/dev/null || fail "qemu-arm-static missing (cross/setup-test-deps.sh)"
+command -v qemu-arm-static >/dev/null || fail "qemu-arm-static missing (tests/setup.sh)"
 for f in services.json endpointslices.json; do
 	[ -f "$fixtures/$f" ] || fail "no $f in $fixtures (set EDGEPROXY_FIXTURES)"
 done

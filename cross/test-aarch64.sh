@@ -17,8 +17,8 @@ cd "$root"
 target=aarch64-unknown-linux-musl
 read -r -a NOROOT_TESTS <<<"${EDGEPROXY_AARCH64_TESTS:-notify ops core_fixtures source_reflector}"
 
-command -v qemu-aarch64-static >/dev/null || { echo "test-aarch64.sh: qemu-aarch64-static missing (cross/setup-test-deps.sh)" >&2; exit 1; }
-command -v aarch64-linux-gnu-gcc >/dev/null || { echo "test-aarch64.sh: aarch64-linux-gnu-gcc missing (cross/setup-test-deps.sh)" >&2; exit 1; }
+command -v qemu-aarch64-static >/dev/null || { echo "test-aarch64.sh: qemu-aarch64-static missing (tests/setup.sh)" >&2; exit 1; }
+command -v aarch64-linux-gnu-gcc >/dev/null || { echo "test-aarch64.sh: aarch64-linux-gnu-gcc missing (tests/setup.sh)" >&2; exit 1; }
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 
 args=(--locked --target "$target" --lib --bins)

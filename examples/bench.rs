@@ -391,8 +391,8 @@ fn spawn_edgeproxy(
 
 fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
     // Started through a symlink named `bench-haproxy`, so the process name is not `haproxy`:
-    // tests/setup.sh runs `pkill -x haproxy` (to stop the packaged daemon) and would otherwise
-    // kill the benchmark's HAProxy whenever someone runs the test setup.
+    // an admin's `pkill haproxy` or `systemctl stop haproxy` for the packaged daemon must not
+    // end the benchmark's HAProxy mid-run.
     let dir = cfg.parent().ok_or("config without a directory")?;
     let link = dir.join("bench-haproxy");
     if !link.exists() {

@@ -1,6 +1,6 @@
 //! The ops endpoint over real loopback TCP: routes, readiness, bounded and timed-out requests,
 //! and `promtool check metrics` on a populated `/metrics` (promtool comes from Debian's
-//! `prometheus` package; cross/setup-test-deps.sh installs it. Without it this test fails).
+//! `prometheus` package; tests/setup.sh installs it. Without it this test fails).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -110,7 +110,7 @@ fn metrics_pass_promtool_check() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("promtool is needed for this test ({e}); install Debian's `prometheus` package (cross/setup-test-deps.sh)")
+            panic!("promtool is needed for this test ({e}); install Debian's `prometheus` package (tests/setup.sh)")
         });
     let mut child = promtool;
     child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();

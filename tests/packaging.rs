@@ -3,7 +3,7 @@
 //! (`systemd-analyze verify` and `security`), its tmpfiles entry and sample config.
 //!
 //! Needs shellcheck, GNU tar, gzip and systemd-analyze / systemd-tmpfiles (Debian's systemd);
-//! cross/setup-test-deps.sh installs them. A missing tool fails the test, never skips it.
+//! tests/setup.sh installs them. A missing tool fails the test, never skips it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -41,7 +41,7 @@ impl Drop for TempDir {
 }
 
 fn output(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? see cross/setup-test-deps.sh)"))
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? see tests/setup.sh)"))
 }
 
 /// Run; panic with its output unless it succeeds; return stdout.
@@ -212,7 +212,9 @@ fn shell_scripts_are_shellcheck_clean() {
         "cross/build.sh",
         "cross/test-aarch64.sh",
         "cross/smoke-armv7.sh",
-        "cross/setup-test-deps.sh",
+        "tests/setup.sh",
+        "tests/run-all.sh",
+        "tests/demo.sh",
     ];
     for s in scripts {
         let path = repo().join(s);

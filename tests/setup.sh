@@ -5,7 +5,10 @@ set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in iptables iproute2 iputils-ping socat curl procps psmisc util-linux \
+# iptables/iproute2/socat/curl/ping: namespace tests, the demo; qemu + cross gcc + python3-venv (zig
+# for armv7) + file: cross/; shellcheck, systemd (systemd-analyze), prometheus (promtool), tar,
+# gzip: the packaging and ops tests; haproxy, iperf3: the benchmark.
+for pkg in iptables iproute2 iputils-ping socat curl procps psmisc util-linux file tar gzip \
            qemu-user-static gcc gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf \
            haproxy iperf3 shellcheck prometheus systemd python3-venv; do
   have "$pkg" || need+=("$pkg")

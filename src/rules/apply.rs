@@ -173,6 +173,15 @@ fn has_kube_proxy_chain(save: &str) -> bool {
     save.lines().any(|l| l.starts_with(":KUBE-SERVICES ") || l.starts_with(":KUBE-PROXY-CANARY "))
 }
 
+/// kube-proxy serves ClusterIPs on this node: its `KUBE-SERVICES` chain is jumped to from
+/// PREROUTING or OUTPUT (a chain left behind without its jumps serves nothing). The one
+/// definition used by the agent, `rules --kube-proxy auto` and `check`.
+fn has_kube_proxy_jump(save: &str) -> bool {
+    save.lines().any(|l| {
+        (l.starts_with("-A PREROUTING ") || l.starts_with("-A OUTPUT ")) && jump_target(l) == Some("KUBE-SERVICES")
+    })
+}
+
 fn rule_count(save: &str) -> usize {
     save.lines().filter(|l| l.starts_with("-A ")).count()
 }
@@ -221,9 +230,10 @@ pub fn detect(backend: Backend) -> Binaries {
     }
 }
 
-/// Is kube-proxy's `KUBE-SERVICES` chain in the nat table? `None` when the table cannot be read.
+/// Does kube-proxy serve ClusterIPs here (its jump into `KUBE-SERVICES`)? `None` when the nat
+/// table cannot be read.
 pub fn kube_proxy_present(backend: Backend) -> Option<bool> {
-    save_nat(detect(backend).save).map(|s| has_kube_proxy_chain(&s))
+    save_nat(detect(backend).save).map(|s| has_kube_proxy_jump(&s))
 }
 
 /// One listed chain: `iptables -t nat -S <chain>` without the `-P`/`-N` line, as `-A` lines.
@@ -1193,7 +1203,7 @@ pub fn check(bins: Binaries, expected: &RuleSet) -> CheckReport {
             leftovers.push(format!("{name}: EdgeMesh chain {c}"));
         }
     };
-    r.kube_proxy = has_kube_proxy_chain(&v4);
+    r.kube_proxy = has_kube_proxy_jump(&v4);
     judge(&v4, &expected.v4, Family::V4, &mut r);
     if let Ok(v6) = save_table(&bins, Family::V6, "nat") {
         if OWN_CHAINS.iter().any(|c| v6.lines().any(|l| l.starts_with(&format!(":{c} ")))) {
@@ -1267,6 +1277,15 @@ pub fn remove_address(device: &str, ip: IpAddr) -> Result<(), ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kube_proxy_is_its_jump_not_a_leftover_chain() {
+        let leftover = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\nCOMMIT\n";
+        assert!(!has_kube_proxy_jump(leftover));
+        let serving = "*nat\n:KUBE-SERVICES - [0:0]\n-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\nCOMMIT\n";
+        assert!(has_kube_proxy_jump(serving));
+        assert!(!has_kube_proxy_jump("-A KUBE-SERVICES -d 10.96.0.1/32 -j KUBE-SVC-X\n"));
+    }
 
     #[test]
     fn blame_finds_reported_line_and_commit_fallback() {
