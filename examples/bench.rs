@@ -59,11 +59,28 @@ struct Args {
     /// a config file for the edgeproxy under test (for tuning experiments; default none)
     #[argh(option)]
     edgeproxy_config: Option<PathBuf>,
+    /// comma-separated figure groups to measure, for profiling (throughput, latency, rate,
+    /// conns, udp; default all, plus the resource figures)
+    #[argh(option)]
+    figures: Option<String>,
+    /// TCP congestion control for every namespace of the benchmark (default: the machine's
+    /// default, which new namespaces inherit; one of net.ipv4.tcp_allowed_congestion_control)
+    #[argh(option)]
+    congestion_control: Option<String>,
+    /// seconds per measurement window, for profiling (default 4 for iperf3 and 1.5 for the
+    /// others, or 1 and 0.3 with --quick)
+    #[argh(option)]
+    window: Option<f64>,
 }
+
+/// The figure groups `--figures` selects from.
+const FIGURE_GROUPS: [&str; 5] = ["throughput", "latency", "rate", "conns", "udp"];
 
 /// How long each measurement window lasts.
 struct Windows {
     rounds: usize,
+    /// Figure groups to measure (FIGURE_GROUPS); the resource figures only when all are.
+    groups: Vec<&'static str>,
     throughput: u32,
     rr: Duration,
     conns: Duration,
@@ -113,8 +130,22 @@ fn run(args: &Args) -> Res<()> {
     if !paths.contains(&Path::Kernel) {
         return Err("--paths must include kernel-dnat: every figure is a ratio to it".into());
     }
-    let w = if args.quick {
+    let groups: Vec<&'static str> = match &args.figures {
+        None => FIGURE_GROUPS.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|g| {
+                FIGURE_GROUPS
+                    .iter()
+                    .copied()
+                    .find(|k| *k == g.trim())
+                    .ok_or_else(|| format!("--figures: unknown group {g:?} ({})", FIGURE_GROUPS.join(", ")))
+            })
+            .collect::<Res<_>>()?,
+    };
+    let mut w = if args.quick {
         Windows {
+            groups: groups.clone(),
             rounds: args.rounds.unwrap_or(2),
             throughput: 1,
             rr: Duration::from_millis(300),
@@ -123,6 +154,7 @@ fn run(args: &Args) -> Res<()> {
         }
     } else {
         Windows {
+            groups: groups.clone(),
             rounds: args.rounds.unwrap_or(5),
             throughput: 4,
             rr: Duration::from_millis(1500),
@@ -130,12 +162,23 @@ fn run(args: &Args) -> Res<()> {
             udp: Duration::from_millis(1500),
         }
     };
+    if let Some(secs) = args.window {
+        if !(secs > 0.0 && secs <= 600.0) {
+            return Err(format!("--window {secs}: must be within (0, 600] seconds"));
+        }
+        w.throughput = secs.ceil() as u32;
+        (w.rr, w.conns, w.udp) =
+            (Duration::from_secs_f64(secs), Duration::from_secs_f64(secs), Duration::from_secs_f64(secs));
+    }
+    let all_figures = w.groups.len() == FIGURE_GROUPS.len();
     let started = Instant::now();
     let binary = if paths.contains(&Path::Edgeproxy) { Some(edgeproxy_binary(args)?) } else { None };
     let mut facts = machine_facts(binary.as_ref());
     let work = tempdir()?;
 
-    let topo = Topology::build()?;
+    let topo = Topology::build(args.congestion_control.as_deref())?;
+    let cc = topo.node.ok(&["sysctl", "-n", "net.ipv4.tcp_congestion_control"])?;
+    facts.push(("tcp congestion control".into(), cc.trim().to_string()));
     paths::kernel_rules(&topo.node)?;
     topo.node.ok(&["ip", "addr", "add", &format!("{}/32", paths::HAPROXY_IP), "dev", "lo"])?;
     start_backend(&topo.backend)?;
@@ -183,7 +226,7 @@ fn run(args: &Args) -> Res<()> {
         }
     }
 
-    for (p, proc) in &procs {
+    for (p, proc) in procs.iter().filter(|_| all_figures) {
         eprintln!("{}: {IDLE_CONNS} idle connections", p.name());
         let addr = p.echo();
         let pid = proc.pid();
@@ -197,7 +240,7 @@ fn run(args: &Args) -> Res<()> {
             Err(e) => results.errors.push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
         }
     }
-    for (p, _) in &procs {
+    for (p, _) in procs.iter().filter(|_| all_figures) {
         eprintln!("{}: {GENERATED_SERVICES} services", p.name());
         match rss_with_services(*p, binary.as_ref(), args.edgeproxy_config.as_deref(), &work.0) {
             Ok(kib) => {
@@ -250,38 +293,46 @@ const UDP_FLOWS: usize = 8;
 
 /// All figures of one path in one round.
 fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows, r: &mut Results) -> Res<()> {
-    // Throughput (iperf3) and the proxy's CPU time around it.
-    let cpu0 = pid.map(cpu_seconds).transpose()?;
-    let one = iperf(&topo.client, p, 1, w.throughput)?;
-    let eight = iperf(&topo.client, p, 8, w.throughput)?;
-    if let (Some(pid), Some(c0)) = (pid, cpu0) {
-        let used = cpu_seconds(pid)? - c0;
-        let gb = (one.1 + eight.1) / 1e9;
-        r.push("cpu_per_gb", p, round, used / gb);
+    let on = |g: &str| w.groups.contains(&g);
+    if on("throughput") {
+        // Throughput (iperf3) and the proxy's CPU time around it.
+        let cpu0 = pid.map(cpu_seconds).transpose()?;
+        let one = iperf(&topo.client, p, 1, w.throughput)?;
+        let eight = iperf(&topo.client, p, 8, w.throughput)?;
+        if let (Some(pid), Some(c0)) = (pid, cpu0) {
+            let used = cpu_seconds(pid)? - c0;
+            let gb = (one.1 + eight.1) / 1e9;
+            r.push("cpu_per_gb", p, round, used / gb);
+        }
+        r.push("tcp_1_stream", p, round, one.0 / 1e9);
+        r.push("tcp_8_streams", p, round, eight.0 / 1e9);
     }
-    r.push("tcp_1_stream", p, round, one.0 / 1e9);
-    r.push("tcp_8_streams", p, round, eight.0 / 1e9);
-
     let (addr, dur) = (p.echo(), w.rr);
-    let s = in_ns(&topo.client, move || load::pingpong(addr, 1, dur))?;
-    r.push("rr_1b_p50", p, round, s.quantile_us(0.5));
-    r.push("rr_1b_p99", p, round, s.quantile_us(0.99));
-    r.push("rr_1b_p999", p, round, s.quantile_us(0.999));
-    let s = in_ns(&topo.client, move || load::pingpong(addr, 4096, dur))?;
-    r.push("rr_4k_p50", p, round, s.quantile_us(0.5));
-    r.push("rr_4k_p99", p, round, s.quantile_us(0.99));
-    r.push("rr_4k_p999", p, round, s.quantile_us(0.999));
-    let cpu0 = pid.map(cpu_seconds).transpose()?;
-    let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
-    r.push("rr_16_conns", p, round, s.rate());
-    if let (Some(pid), Some(c0)) = (pid, cpu0) {
-        r.push("cpu_per_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / s.ns.len() as f64);
+    if on("latency") {
+        let s = in_ns(&topo.client, move || load::pingpong(addr, 1, dur))?;
+        r.push("rr_1b_p50", p, round, s.quantile_us(0.5));
+        r.push("rr_1b_p99", p, round, s.quantile_us(0.99));
+        r.push("rr_1b_p999", p, round, s.quantile_us(0.999));
+        let s = in_ns(&topo.client, move || load::pingpong(addr, 4096, dur))?;
+        r.push("rr_4k_p50", p, round, s.quantile_us(0.5));
+        r.push("rr_4k_p99", p, round, s.quantile_us(0.99));
+        r.push("rr_4k_p999", p, round, s.quantile_us(0.999));
     }
-    let dur = w.conns;
-    let s = in_ns(&topo.client, move || load::new_conns(addr, NEW_CONN_THREADS, dur))?;
-    r.push("new_conns", p, round, s.rate());
-    r.push("new_conn_p99", p, round, s.quantile_us(0.99));
-    if p.has_udp() {
+    if on("rate") {
+        let cpu0 = pid.map(cpu_seconds).transpose()?;
+        let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
+        r.push("rr_16_conns", p, round, s.rate());
+        if let (Some(pid), Some(c0)) = (pid, cpu0) {
+            r.push("cpu_per_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / s.ns.len() as f64);
+        }
+    }
+    if on("conns") {
+        let dur = w.conns;
+        let s = in_ns(&topo.client, move || load::new_conns(addr, NEW_CONN_THREADS, dur))?;
+        r.push("new_conns", p, round, s.rate());
+        r.push("new_conn_p99", p, round, s.quantile_us(0.99));
+    }
+    if on("udp") && p.has_udp() {
         let dur = w.udp;
         let (s, _lost) = in_ns(&topo.client, move || load::udp_rr(addr, UDP_FLOWS, dur))?;
         r.push("udp_rr", p, round, s.rate());

@@ -163,7 +163,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn build() -> Res<Topology> {
+    pub fn build(congestion_control: Option<&str>) -> Res<Topology> {
         let client = Ns::new("client")?;
         let node = Ns::new("node")?;
         let backend = Ns::new("backend")?;
@@ -177,6 +177,15 @@ impl Topology {
         for ns in [&client, &node] {
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        // The congestion control of every TCP socket in the benchmark (default: what new
+        // namespaces inherit from the machine). Pacing ones (bbr) cost a timer per burst.
+        if let Some(cc) = congestion_control {
+            for ns in [&client, &node, &backend] {
+                ns.sysctl("net.ipv4.tcp_congestion_control", cc).map_err(|e| {
+                    format!("{e} (a namespace may only pick one of net.ipv4.tcp_allowed_congestion_control)")
+                })?;
+            }
         }
         Ok(Topology { client, node, backend })
     }
