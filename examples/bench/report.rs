@@ -108,6 +108,9 @@ pub struct Target {
     pub value: Option<f64>,
     pub bound: String,
     pub pass: Option<bool>,
+    /// How the rounds spread (a ratio's range, or in how many rounds edgeproxy won), so a
+    /// verdict inside the noise reads as such.
+    pub rounds: String,
 }
 
 pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
@@ -118,12 +121,13 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
     let mut ratio_target = |name: &str, key: &str, min: Option<f64>, max: Option<f64>| {
         let v = med_ratio(key);
         let pass = v.map(|v| min.is_none_or(|m| v >= m) && max.is_none_or(|m| v <= m));
+        let rounds = spread(&r.ratios(key, ep)).map(|(lo, _, hi)| format!("{lo:.2}-{hi:.2}")).unwrap_or_default();
         let bound = match (min, max) {
             (Some(m), _) => format!(">= {m}x kernel DNAT"),
             (_, Some(m)) => format!("<= {m}x kernel DNAT"),
             _ => String::new(),
         };
-        t.push(Target { name: name.into(), value: v, bound, pass });
+        t.push(Target { name: name.into(), value: v, bound, pass, rounds });
     };
     if !paths.contains(&Path::Edgeproxy) || !paths.contains(&Path::Kernel) {
         return Vec::new();
@@ -140,6 +144,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
         value: cpu,
         bound: "<= 0.25 CPU-s/GB".into(),
         pass: cpu.map(|c| c <= 0.25),
+        rounds: spread(&r.values("cpu_per_gb", ep)).map(|(lo, _, hi)| format!("{lo:.2}-{hi:.2}")).unwrap_or_default(),
     });
     for (key, bound_mib) in [("rss_1000_services", 8.0), ("rss_5000_conns", 40.0)] {
         let v = r.resources.get(key).and_then(|m| m.get(ep)).map(|kib| kib / 1024.0);
@@ -148,6 +153,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             value: v,
             bound: format!("< {bound_mib} MiB"),
             pass: v.map(|v| v < bound_mib),
+            rounds: "one measurement".into(),
         });
     }
     if paths.contains(&Path::Haproxy) {
@@ -163,12 +169,18 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             let Some((a, b)) = pair else {
                 continue;
             };
-            let better = if f.higher_is_better { a > b } else { a < b };
+            let better = |a: f64, b: f64| if f.higher_is_better { a > b } else { a < b };
+            // Both proxies run in every round: count the rounds edgeproxy won outright.
+            let (e, h) = (r.values(f.key, ep), r.values(f.key, ha));
+            let pairs: Vec<(f64, f64)> =
+                e.iter().zip(h.iter()).map(|(a, b)| (*a, *b)).filter(|(a, b)| a.is_finite() && b.is_finite()).collect();
+            let won = pairs.iter().filter(|(a, b)| better(*a, *b)).count();
             t.push(Target {
                 name: format!("better than HAProxy: {}", f.label),
                 value: Some(a / b),
                 bound: format!("{} HAProxy (value = edgeproxy / HAProxy)", if f.higher_is_better { ">" } else { "<" }),
-                pass: Some(better),
+                pass: Some(better(a, b)),
+                rounds: format!("won {won} of {} rounds", pairs.len()),
             });
         }
         for (key, _) in RESOURCES {
@@ -179,6 +191,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
                     value: Some(a / b),
                     bound: "< HAProxy (value = edgeproxy / HAProxy)".into(),
                     pass: Some(a < b),
+                    rounds: "one measurement".into(),
                 });
             }
         }
@@ -241,7 +254,7 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
                 None => "n/a ",
             };
             let v = t.value.map(num).unwrap_or_else(|| "n/a".into());
-            s.push_str(&format!("  {mark}  {:<48} {:>8}   target {}\n", t.name, v, t.bound));
+            s.push_str(&format!("  {mark}  {:<56} {:>8}   target {:<48} {}\n", t.name, v, t.bound, t.rounds));
         }
     }
     if !r.errors.is_empty() {
@@ -285,7 +298,7 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: V
     }
     let targets: Vec<Value> = targets(r, paths)
         .into_iter()
-        .map(|t| json!({"name": t.name, "value": t.value, "target": t.bound, "pass": t.pass}))
+        .map(|t| json!({"name": t.name, "value": t.value, "target": t.bound, "pass": t.pass, "rounds": t.rounds}))
         .collect();
     let machine: serde_json::Map<String, Value> =
         facts.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
@@ -304,11 +317,12 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: V
 pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String {
     let get = |k: &str| facts.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str()).unwrap_or("");
     let mut s = format!(
-        "Measured {} on {} (kernel {}), commit {}, load average {} before / {} after; \
-         median of {} rounds, ratio to kernel DNAT in parentheses (median of per-round ratios).\n\n",
+        "Measured {} on {} (kernel {}, TCP congestion control {}), commit {}, load average {} before / {} \
+         after; median of {} rounds, ratio to kernel DNAT in parentheses (median of per-round ratios).\n\n",
         get("date"),
         get("cpu"),
         get("kernel"),
+        get("tcp congestion control"),
         get("commit"),
         get("load before"),
         get("load after"),
@@ -352,7 +366,7 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
     }
     let t = targets(r, paths);
     if !t.is_empty() {
-        s.push_str("\n| target (edgeproxy) | measured | bound | |\n|---|---:|---|---|\n");
+        s.push_str("\n| target (edgeproxy) | measured | bound | | rounds |\n|---|---:|---|---|---|\n");
         for t in &t {
             let mark = match t.pass {
                 Some(true) => "PASS",
@@ -360,7 +374,7 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
                 None => "n/a",
             };
             let v = t.value.map(num).unwrap_or_else(|| "n/a".into());
-            s.push_str(&format!("| {} | {v} | {} | {mark} |\n", t.name, t.bound));
+            s.push_str(&format!("| {} | {v} | {} | {mark} | {} |\n", t.name, t.bound, t.rounds));
         }
     }
     s
