@@ -525,7 +525,7 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
         "counter",
         "UDP flows created, expired, and refused at the flow cap.",
         &mut [
-            ("created", stats.udp_flows_created.get()),
+            ("created", stats.total.udp_flows_created.get()),
             ("expired", stats.udp_flows_expired.get()),
             ("dropped_at_cap", stats.udp_flows_dropped_at_cap.get()),
         ]

@@ -56,7 +56,7 @@ fn populated() -> Arc<Ops> {
     let dns = ops.proxy.service("kube-system/\"odd\"\\name\n:dns");
     dns.tcp_no_endpoints.inc();
     ops.proxy.tcp_refused_not_service.inc();
-    ops.proxy.udp_flows_created.add(4);
+    ops.proxy.total.udp_flows_created.add(4);
     m.rule_sync(true, Duration::from_millis(7), SystemTime::now());
     m.rule_sync(false, Duration::from_millis(1300), SystemTime::now());
     m.guard_repairs.inc();

@@ -38,5 +38,5 @@ fn accept_pauses_on_emfile_and_recovers() {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let id = greeting(&mut s).unwrap();
     assert!(["b1", "b2", "b3"].contains(&id.as_str()), "{id}");
-    assert_eq!(t.stats.tcp_ok.get(), 1);
+    assert_eq!(t.stats.total.tcp_ok.get(), 1);
 }

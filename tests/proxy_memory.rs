@@ -42,12 +42,12 @@ fn idle_connections_cost_little_memory() {
     // Warm up: the first connections create per-service state and the buffer pool. (The hold
     // backend never closes, so these stay open, half-closed once dropped: part of the baseline.)
     let warm: Vec<TcpStream> = open(&t, 64);
-    wait_for(|| t.stats.tcp_active.get() == 64, "warm-up connections relayed");
+    wait_for(|| t.stats.total.tcp_active.get() == 64, "warm-up connections relayed");
     std::thread::sleep(Duration::from_millis(50));
 
     let (heap0, rss0) = (LIVE.load(Ordering::Relaxed), rss_kib());
     let conns = open(&t, N);
-    wait_for(|| t.stats.tcp_active.get() == (N + 64) as u64, "all connections relayed");
+    wait_for(|| t.stats.total.tcp_active.get() == (N + 64) as u64, "all connections relayed");
     std::thread::sleep(Duration::from_millis(50));
     let (heap1, rss1) = (LIVE.load(Ordering::Relaxed), rss_kib());
     let heap_per = (heap1 - heap0) / N as isize;

@@ -30,8 +30,8 @@ fn echo_and_half_close_on_both_paths() {
         s.read_to_string(&mut rest).unwrap();
         assert_eq!(rest, format!(" world{id} bye\n"), "via {}", ns.name);
     }
-    assert_eq!(t.stats.tcp_ok.get(), 2);
-    wait_for(|| t.stats.tcp_active.get() == 0, "both relays end when both sides have closed");
+    assert_eq!(t.stats.total.tcp_ok.get(), 2);
+    wait_for(|| t.stats.total.tcp_active.get() == 0, "both relays end when both sides have closed");
 }
 
 /// Deterministic data and an order-sensitive checksum over it.
@@ -91,8 +91,8 @@ fn hundred_megabytes_keep_their_checksum() {
     eprintln!("100 MiB echoed through the proxy (PREROUTING path) in {secs:.2} s");
     assert_eq!(sum, sent, "checksum of the echoed stream");
     assert_eq!(rest, format!("{id} bye\n"));
-    assert_eq!(t.stats.bytes_to_backend.get(), TOTAL as u64);
-    assert_eq!(t.stats.bytes_to_client.get(), (TOTAL + id.len() * 2 + 6) as u64);
+    assert_eq!(t.stats.total.bytes_to_backend.get(), TOTAL as u64);
+    assert_eq!(t.stats.total.bytes_to_client.get(), (TOTAL + id.len() * 2 + 6) as u64);
 }
 
 #[test]
@@ -130,8 +130,8 @@ fn a_silent_backend_times_out_and_the_next_serves_while_others_proceed() {
     assert!(a_took >= Duration::from_millis(300), "first connection took only {a_took:?}");
     assert!(a_took < Duration::from_millis(1000), "first connection took {a_took:?}");
     assert!(b_done < a_took, "the second connection did not wait for the first");
-    assert_eq!(t.stats.dial_failures.get(), 1);
-    assert_eq!(t.stats.tcp_ok.get(), 2);
+    assert_eq!(t.stats.total.dial_failures.get(), 1);
+    assert_eq!(t.stats.total.tcp_ok.get(), 2);
 }
 
 #[test]
@@ -221,7 +221,7 @@ fn the_proxy_port_itself_is_not_an_open_relay() {
         assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "via {}", ns.name);
     }
     assert_eq!(t.stats.tcp_refused_not_service.get(), 2);
-    assert_eq!(t.stats.tcp_ok.get(), 0);
+    assert_eq!(t.stats.total.tcp_ok.get(), 0);
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn udp_request_response_volume_expiry_and_cap() {
     // Flows expire after the idle timeout (500 ms here) and take their sockets with them.
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
     let expired = stats.udp_flows_expired.get();
-    assert_eq!(expired, stats.udp_flows_created.get());
+    assert_eq!(expired, stats.total.udp_flows_created.get());
     let clients: Vec<UdpSocket> = (0..4).map(|_| client(&t.pod, DNS)).collect();
     let before = fds();
     for c in &clients {

@@ -23,12 +23,16 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if command -v rustup >/dev/null 2>&1; then
-  for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
-    rustup target list --installed | grep -qx "$t" || rustup target add "$t"
-  done
-  for c in rustfmt clippy; do
-    rustup component list --installed | grep -q "^$c" || rustup component add "$c"
-  done
+# Rust itself comes from rustup (the README says so); without it the musl targets and the lint
+# components cannot be added, so say so here rather than fail later in a build.
+if ! command -v rustup >/dev/null 2>&1; then
+  echo "setup: rustup not found on PATH; install Rust with rustup (https://rustup.rs), then rerun" >&2
+  exit 1
 fi
+for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+  rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+done
+for c in rustfmt clippy; do
+  rustup component list --installed | grep -q "^$c" || rustup component add "$c"
+done
 echo "setup: ok"

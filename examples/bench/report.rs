@@ -67,6 +67,11 @@ impl Results {
         vals[round] = v;
     }
 
+    /// A resource figure in MiB.
+    fn resource_mib(&self, key: &str, path: &str) -> Option<f64> {
+        self.resources.get(key).and_then(|m| m.get(path)).map(|kib| kib / 1024.0)
+    }
+
     fn values(&self, key: &str, path: &str) -> Vec<f64> {
         self.rounds.get(key).and_then(|m| m.get(path)).cloned().unwrap_or_default()
     }
@@ -147,7 +152,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
         rounds: spread(&r.values("cpu_per_gb", ep)).map(|(lo, _, hi)| format!("{lo:.2}-{hi:.2}")).unwrap_or_default(),
     });
     for (key, bound_mib) in [("rss_1000_services", 8.0), ("rss_5000_conns", 40.0)] {
-        let v = r.resources.get(key).and_then(|m| m.get(ep)).map(|kib| kib / 1024.0);
+        let v = r.resource_mib(key, ep);
         t.push(Target {
             name: format!("{key} (MiB)"),
             value: v,
@@ -184,7 +189,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             });
         }
         for (key, _) in RESOURCES {
-            let get = |p: &str| r.resources.get(key).and_then(|m| m.get(p)).copied();
+            let get = |p: &str| r.resource_mib(key, p);
             if let (Some(a), Some(b)) = (get(ep), get(ha)) {
                 t.push(Target {
                     name: format!("better than HAProxy: {key}"),
@@ -234,12 +239,7 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
     for (key, label) in RESOURCES {
         s.push_str(&format!("{:<34} {:<9}", label, "MiB"));
         for p in paths {
-            let cell = r
-                .resources
-                .get(key)
-                .and_then(|m| m.get(p.name()))
-                .map(|kib| format!("{:.2}", kib / 1024.0))
-                .unwrap_or_else(|| "n/a".into());
+            let cell = r.resource_mib(key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.2}"));
             s.push_str(&format!(" {cell:<w$}"));
         }
         s.push('\n');
@@ -354,12 +354,7 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
     for (key, label) in RESOURCES {
         s.push_str(&format!("| {label} | MiB |"));
         for p in paths {
-            let cell = r
-                .resources
-                .get(key)
-                .and_then(|m| m.get(p.name()))
-                .map(|kib| format!("{:.1}", kib / 1024.0))
-                .unwrap_or_else(|| "n/a".into());
+            let cell = r.resource_mib(key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.1}"));
             s.push_str(&format!(" {cell} |"));
         }
         s.push('\n');

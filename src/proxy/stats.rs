@@ -80,17 +80,10 @@ pub struct ProxyStats {
     /// Refused: the chosen backend is the proxy's own address (a loop).
     pub tcp_refused_loop: Counter,
     /// Sums over all services, so the totals survive a service's removal.
-    pub tcp_ok: Counter,
-    pub tcp_no_endpoints: Counter,
-    pub tcp_dial_failed: Counter,
-    pub dial_failures: Counter,
-    pub tcp_active: Counter,
-    pub bytes_to_backend: Counter,
-    pub bytes_to_client: Counter,
+    pub total: ServiceCounters,
     /// Times accepting paused because the process or system ran out of file descriptors.
     pub accept_fd_exhausted: Counter,
     pub udp_flows_active: Counter,
-    pub udp_flows_created: Counter,
     pub udp_flows_expired: Counter,
     /// Datagrams that would have opened a flow beyond the cap.
     pub udp_flows_dropped_at_cap: Counter,
@@ -132,11 +125,6 @@ impl ProxyStats {
     /// Count one finished connection setup, per service and in total.
     pub(crate) fn outcome(&self, svc: &ServiceCounters, o: Outcome) {
         svc.outcome(o).inc();
-        match o {
-            Outcome::Ok => &self.tcp_ok,
-            Outcome::NoEndpoints => &self.tcp_no_endpoints,
-            Outcome::DialFailed => &self.tcp_dial_failed,
-        }
-        .inc();
+        self.total.outcome(o).inc();
     }
 }

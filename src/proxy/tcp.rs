@@ -170,9 +170,9 @@ async fn serve(client: TcpStream, peer: SocketAddr, entry: Arc<ServiceEntry>, sh
     stats.outcome(&svc, Outcome::Ok);
     // The client's socket has TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
-    stats.tcp_active.inc();
+    stats.total.tcp_active.inc();
     svc.tcp_active.inc();
-    let _active = Active(&stats.tcp_active, &svc.tcp_active);
+    let _active = Active(&stats.total.tcp_active, &svc.tcp_active);
     let mut relay = Relay { up: Pipe::default(), down: Pipe::default(), size: shared.cfg.tcp_buffer, svc: &svc, stats };
     let (mut client, mut upstream) = (client, upstream);
     let result = {
@@ -214,7 +214,7 @@ async fn dial(
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
         };
-        stats.dial_failures.inc();
+        stats.total.dial_failures.inc();
         svc.dial_failures.inc();
         log::debug!("{peer} ({}): dial {addr}: {err}", entry.name);
     }
@@ -248,7 +248,7 @@ impl Relay<'_> {
             client,
             upstream.as_ref(),
             self.size,
-            [&self.svc.bytes_to_backend, &self.stats.bytes_to_backend],
+            [&self.svc.bytes_to_backend, &self.stats.total.bytes_to_backend],
         );
         if let Poll::Ready(Err(e)) = up {
             return Poll::Ready(Err(e));
@@ -258,7 +258,7 @@ impl Relay<'_> {
             upstream,
             client.as_ref(),
             self.size,
-            [&self.svc.bytes_to_client, &self.stats.bytes_to_client],
+            [&self.svc.bytes_to_client, &self.stats.total.bytes_to_client],
         );
         if let Poll::Ready(Err(e)) = down {
             return Poll::Ready(Err(e));

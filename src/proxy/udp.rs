@@ -214,7 +214,7 @@ fn on_datagram(
             let svc = stats.service(&entry.name);
             let flow = Arc::new(Flow { upstream, backend, last: now.into(), svc });
             stats.udp_flows_active.inc();
-            stats.udp_flows_created.inc();
+            stats.total.udp_flows_created.inc();
             flow.svc.udp_flows_created.inc();
             let handle = flow_tasks.spawn(run_flow(flow.clone(), client, sock.clone(), flows.clone(), shared.clone()));
             map.insert(client, (flow.clone(), handle));
@@ -228,7 +228,7 @@ fn on_datagram(
     match SockRef::from(&flow.upstream).send(data) {
         Ok(n) => {
             flow.svc.bytes_to_backend.add(n as u64);
-            stats.bytes_to_backend.add(n as u64);
+            stats.total.bytes_to_backend.add(n as u64);
         }
         Err(e) => {
             log::debug!("{client} -> {}: {e}", flow.backend);
@@ -303,7 +303,7 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>,
                                 match SockRef::from(&*listener).send_to(&buf[..n], &client.into()) {
                                     Ok(n) => {
                                         flow.svc.bytes_to_client.add(n as u64);
-                                        stats.bytes_to_client.add(n as u64);
+                                        stats.total.bytes_to_client.add(n as u64);
                                     }
                                     Err(_) => stats.udp_datagrams_dropped.inc(),
                                 }
