@@ -40,12 +40,31 @@ mkdir -p "$out"
 
 log() { printf '== %s\n' "$*" >&2; }
 
-apt_need() { # apt_need COMMAND PACKAGE
+apt_need() { # apt_need COMMAND PACKAGE...
 	command -v "$1" >/dev/null 2>&1 && return 0
-	log "installing $2 (for $1)"
-	if [ "$(id -u)" -ne 0 ]; then echo "build.sh: $1 missing; apt-get install $2 (needs root)" >&2; exit 1; fi
-	DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >/dev/null 2>&1 ||
-		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "$2" >/dev/null; }
+	local cmd=$1; shift
+	apt_install "$cmd" "$@"
+}
+
+apt_install() { # apt_install WHAT PACKAGE...
+	local what=$1; shift
+	log "installing $* (for $what)"
+	if [ "$(id -u)" -ne 0 ]; then echo "build.sh: $what missing; apt-get install $* (needs root)" >&2; exit 1; fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1 ||
+		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null; }
+}
+
+cc_works() { # cc_works CC PACKAGE...: CC compiles a one-line C file with the headers ring includes
+	local cc=$1; shift
+	local dir
+	dir=$(mktemp -d)
+	printf '#include <stdint.h>\n#include <string.h>\nint f(void){return (int)strlen("");}\n' >"$dir/t.c"
+	if ! "$cc" -c "$dir/t.c" -o "$dir/t.o" >"$dir/err" 2>&1; then
+		apt_install "$cc (its C headers)" "$@"
+		"$cc" -c "$dir/t.c" -o "$dir/t.o" >"$dir/err" 2>&1 ||
+			{ echo "build.sh: $cc cannot compile a one-line C file even after installing $*:" >&2; cat "$dir/err" >&2; rm -rf "$dir"; exit 1; }
+	fi
+	rm -rf "$dir"
 }
 
 rust_target() { # stable rust-std for a target rustup serves
@@ -62,7 +81,7 @@ zig_env() { # nightly + rust-src + a venv with ziglang and cargo-zigbuild; puts 
 		log "python venv with ziglang and cargo-zigbuild in $venv"
 		apt_need python3 python3
 		mkdir -p "$cache"
-		python3 -m venv "$venv"
+		python3 -m venv "$venv" 2>/dev/null || { apt_install "python3 -m venv" python3-venv; python3 -m venv "$venv"; }
 		"$venv/bin/pip" install --quiet --disable-pip-version-check ziglang cargo-zigbuild
 	fi
 	export PATH="$venv/bin:$PATH"
@@ -72,12 +91,14 @@ build_one() {
 	local t=$1
 	case "$t" in
 	x86_64-unknown-linux-musl)
-		apt_need gcc gcc
+		apt_need gcc gcc libc6-dev
+		cc_works gcc gcc libc6-dev
 		rust_target "$t"
 		cargo build --release --locked --target "$t"
 		;;
 	aarch64-unknown-linux-musl)
-		apt_need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+		apt_need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+		cc_works aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 		rust_target "$t"
 		cargo build --release --locked --target "$t"
 		;;
