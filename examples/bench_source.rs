@@ -13,6 +13,8 @@
 mod apiserver;
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -270,6 +270,24 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
             let plan = state.plan_reusing(&current);
             drop(current);
             let proxied = plan.proxied().count();
+            let loops = plan.refused_loops();
+            if loops as f64 != ops.metrics.endpoints_refused_loop.get() {
+                if loops > 0 {
+                    let names: Vec<&str> = plan
+                        .reports
+                        .iter()
+                        .flat_map(|r| &r.ports)
+                        .filter(|p| p.loops > 0)
+                        .map(|p| &*p.name)
+                        .take(5)
+                        .collect();
+                    log::warn!(
+                        "{loops} endpoints refused: they are ClusterIP:ports this node proxies (a loop); in {}",
+                        names.join(", ")
+                    );
+                }
+                ops.metrics.endpoints_refused_loop.set(loops as f64);
+            }
             if sent.as_deref() != Some(&plan.rules) {
                 log::info!("plan: {proxied} of {} services proxied", plan.reports.len());
                 let rules = Arc::new(plan.rules);

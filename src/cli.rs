@@ -203,6 +203,9 @@ impl RunCmd {
         o.set("load-balancer", self.load_balancer.clone());
         o.set("iptables-backend", self.iptables_backend.clone());
         o.set("metrics-address", self.metrics_address.clone());
+        o.set("min-sync-period", self.min_sync_period.clone());
+        o.set("guard-period", self.guard_period.clone());
+        o.set("resync-period", self.resync_period.clone());
         o
     }
 }

@@ -299,6 +299,14 @@ impl Config {
         if tcp_port == 0 {
             return Err(err("listen.tcpPort", "must not be 0".into()));
         }
+        if reject_port == 0 {
+            return Err(err("listen.rejectPort", "must not be 0 (accepted range 1..=65535)".into()));
+        }
+        if udp_ports.0 == 0 {
+            return Err(err("listen.udpPorts", "must not include port 0".into()));
+        }
+        check_listen_ip(IpAddr::V4(ip), &service_cidrs).map_err(|m| err("listen.ip", m))?;
+        check_listen_ip(IpAddr::V6(ipv6), &service_cidrs).map_err(|m| err("listen.ipv6", m))?;
         if reject_port == tcp_port || (udp_ports.0..=udp_ports.1).contains(&reject_port) {
             return Err(err("listen.rejectPort", "must differ from the TCP port and lie outside udpPorts".into()));
         }
@@ -356,7 +364,7 @@ impl Config {
             client_key: s.client_key.map(PathBuf::from),
             meta_server,
             watch: s.watch.unwrap_or(true),
-            poll_interval: dur_or(s.poll_interval.as_deref(), Duration::from_secs(30))
+            poll_interval: dur_in(s.poll_interval.as_deref(), Duration::from_secs(30), SECOND, HOUR)
                 .map_err(|m| err("source.pollInterval", m))?,
             endpoints_api,
         };
@@ -400,19 +408,19 @@ impl Config {
             listen,
             source,
             lb_policy,
-            dial_timeout: dur_or(tcp.dial_timeout.as_deref(), Duration::from_secs(2))
+            dial_timeout: dur_in(tcp.dial_timeout.as_deref(), Duration::from_secs(2), 10 * MILLI, 60 * SECOND)
                 .map_err(|m| err("tcp.dialTimeout", m))?,
-            dial_attempts: tcp.dial_attempts.unwrap_or(3).max(1),
+            dial_attempts: num_in(tcp.dial_attempts, 3, 1, 10).map_err(|m| err("tcp.dialAttempts", m))?,
             tcp_buffer,
-            udp_idle_timeout: dur_or(udp.idle_timeout.as_deref(), Duration::from_secs(30))
+            udp_idle_timeout: dur_in(udp.idle_timeout.as_deref(), Duration::from_secs(30), 100 * MILLI, HOUR)
                 .map_err(|m| err("udp.idleTimeout", m))?,
-            udp_max_flows: udp.max_flows.unwrap_or(4096).max(1),
+            udp_max_flows: num_in(udp.max_flows, 4096, 1, 1 << 20).map_err(|m| err("udp.maxFlows", m))?,
             backend,
-            min_sync_period: dur_or(ipt.min_sync_period.as_deref(), Duration::from_millis(200))
+            min_sync_period: dur_in(ipt.min_sync_period.as_deref(), Duration::from_millis(200), 10 * MILLI, 5 * MINUTE)
                 .map_err(|m| err("iptables.minSyncPeriod", m))?,
-            guard_period: dur_or(ipt.guard_period.as_deref(), Duration::from_secs(2))
+            guard_period: dur_in(ipt.guard_period.as_deref(), Duration::from_secs(2), 100 * MILLI, HOUR)
                 .map_err(|m| err("iptables.guardPeriod", m))?,
-            resync_period: dur_or(ipt.resync_period.as_deref(), Duration::from_secs(60))
+            resync_period: dur_in(ipt.resync_period.as_deref(), Duration::from_secs(60), 5 * SECOND, 24 * HOUR)
                 .map_err(|m| err("iptables.resyncPeriod", m))?,
             metrics_address,
         })
@@ -538,6 +546,18 @@ fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<&'static st
             f.metrics_address = Some(s);
             "metricsAddress"
         }
+        "min-sync-period" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).min_sync_period = Some(s);
+            "iptables.minSyncPeriod"
+        }
+        "guard-period" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).guard_period = Some(s);
+            "iptables.guardPeriod"
+        }
+        "resync-period" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).resync_period = Some(s);
+            "iptables.resyncPeriod"
+        }
         other => return Err(format!("edgeproxy does not know the flag --{other}")),
     })
 }
@@ -549,9 +569,64 @@ fn parse_or<T: std::str::FromStr>(v: Option<&str>, default: T) -> Result<T, Stri
     }
 }
 
-fn dur_or(v: Option<&str>, default: Duration) -> Result<Duration, String> {
-    v.map_or(Ok(default), parse_duration)
+/// A duration setting: `default` when absent, else parsed and held to `min..=max` (a zero guard or
+/// resync period would run iptables-save back to back; a zero timeout would refuse everything).
+fn dur_in(v: Option<&str>, default: Duration, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = v.map_or(Ok(default), parse_duration)?;
+    if d < min || d > max {
+        return Err(format!("{} is outside the accepted range {}..={}", show_dur(d), show_dur(min), show_dur(max)));
+    }
+    Ok(d)
 }
+
+fn show_dur(d: Duration) -> String {
+    match d.as_millis() {
+        ms if ms % 1000 != 0 || ms == 0 => format!("{ms}ms"),
+        ms => format!("{}s", ms / 1000),
+    }
+}
+
+/// A whole-number setting held to `min..=max` (no silent clamping).
+fn num_in<T: PartialOrd + fmt::Display + Copy>(v: Option<T>, default: T, min: T, max: T) -> Result<T, String> {
+    let n = v.unwrap_or(default);
+    if n < min || n > max {
+        return Err(format!("{n} is outside the accepted range {min}..={max}"));
+    }
+    Ok(n)
+}
+
+/// Where the proxy may listen: an address of this node that no ClusterIP, client or peer uses.
+fn check_listen_ip(ip: IpAddr, service_cidrs: &[(IpAddr, u8)]) -> Result<(), String> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err(format!(
+            "{ip} cannot be the proxy's address (unspecified, loopback, multicast or broadcast); \
+             use a link-local or private address of the node, default 169.254.96.16 / fd00:e16e::16"
+        ));
+    }
+    if let Some((net, len)) = service_cidrs.iter().find(|(net, len)| cidr_contains(*net, *len, ip)) {
+        return Err(format!("{ip} lies inside serviceCIDRs {net}/{len}: the proxy's address cannot be a ClusterIP"));
+    }
+    Ok(())
+}
+
+fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+const MILLI: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
 
 /// `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -667,5 +742,53 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    /// Settings that parse but make no sense are refused with the field and the accepted range
+    /// (a zero guard period would run iptables-save back to back; maxFlows 0 used to become 1).
+    #[test]
+    fn absurd_values_are_refused_with_field_and_range() {
+        for (json, path, msg) in [
+            (
+                r#"{"iptables":{"guardPeriod":"0s"}}"#,
+                "iptables.guardPeriod",
+                "0ms is outside the accepted range 100ms..=3600s",
+            ),
+            (r#"{"iptables":{"resyncPeriod":"0"}}"#, "iptables.resyncPeriod", "outside the accepted range 5s..=86400s"),
+            (
+                r#"{"iptables":{"minSyncPeriod":"0ms"}}"#,
+                "iptables.minSyncPeriod",
+                "outside the accepted range 10ms..=300s",
+            ),
+            (r#"{"tcp":{"dialTimeout":"0s"}}"#, "tcp.dialTimeout", "outside the accepted range 10ms..=60s"),
+            (r#"{"tcp":{"dialAttempts":0}}"#, "tcp.dialAttempts", "0 is outside the accepted range 1..=10"),
+            (r#"{"udp":{"idleTimeout":"10ms"}}"#, "udp.idleTimeout", "10ms is outside"),
+            (r#"{"udp":{"maxFlows":0}}"#, "udp.maxFlows", "0 is outside the accepted range 1..=1048576"),
+            (r#"{"source":{"pollInterval":"0"}}"#, "source.pollInterval", "outside the accepted range 1s..=3600s"),
+            (r#"{"listen":{"rejectPort":0}}"#, "listen.rejectPort", "must not be 0"),
+            (r#"{"listen":{"ip":"0.0.0.0"}}"#, "listen.ip", "cannot be the proxy's address"),
+            (r#"{"listen":{"ip":"127.0.0.1"}}"#, "listen.ip", "cannot be the proxy's address"),
+            (r#"{"listen":{"ip":"10.96.0.10"}}"#, "listen.ip", "lies inside serviceCIDRs 10.96.0.0/12"),
+            (r#"{"listen":{"ipv6":"::"}}"#, "listen.ipv6", "cannot be the proxy's address"),
+        ] {
+            let e = from_json(json).expect_err(json);
+            assert_eq!(e.path, path, "{json}: {e}");
+            assert!(e.message.contains(msg), "{json}: {e}");
+        }
+        // The edges of each range are accepted.
+        let c = from_json(r#"{"iptables":{"guardPeriod":"100ms","resyncPeriod":"5s"},"udp":{"maxFlows":1}}"#).unwrap();
+        assert_eq!(
+            (c.guard_period, c.resync_period, c.udp_max_flows),
+            (Duration::from_millis(100), Duration::from_secs(5), 1)
+        );
+    }
+
+    #[test]
+    fn timing_flags_take_the_checked_path_and_name_the_flag() {
+        let mut o = Overrides::default();
+        o.set("guard-period", Some("0s"));
+        let e = Config::build(FileConfig::default(), "test", &o).unwrap_err();
+        assert_eq!(e.origin, "--guard-period", "{e}");
+        assert!(e.message.contains("outside the accepted range"), "{e}");
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
-use edgeproxy::config::{parse_duration, Backend, Config, Overrides, DEFAULT_PATH};
+use edgeproxy::config::{Backend, Config, Overrides, DEFAULT_PATH};
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::rules::{apply, Family};
 use edgeproxy::state::{Change, State, StateConfig};
@@ -89,7 +89,13 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
         for r in &plan.reports {
             println!("{}: {}", r.key, r.verdict);
             for p in &r.ports {
-                let note = p.note.map(|n| format!(" ({n})")).unwrap_or_default();
+                let mut note = p.note.map(|n| format!(" ({n})")).unwrap_or_default();
+                if p.loops > 0 {
+                    note.push_str(&format!(
+                        " ({} endpoint(s) refused: a ClusterIP:port this node proxies, a loop)",
+                        p.loops
+                    ));
+                }
                 println!("    {} {}/{}: {} endpoint(s){note}", p.name, p.port, p.protocol, p.backends);
             }
         }
@@ -143,16 +149,7 @@ fn config_path(given: Option<&Path>) -> Option<std::path::PathBuf> {
 /// `edgeproxy run`: the agent, until SIGTERM/SIGINT.
 fn run(cmd: &RunCmd) -> Result<ExitCode, String> {
     let path = config_path(cmd.config.as_deref());
-    let mut config = Config::load(path.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
-    for (flag, value, field) in [
-        ("--min-sync-period", &cmd.min_sync_period, &mut config.min_sync_period),
-        ("--guard-period", &cmd.guard_period, &mut config.guard_period),
-        ("--resync-period", &cmd.resync_period, &mut config.resync_period),
-    ] {
-        if let Some(v) = value {
-            *field = parse_duration(v).map_err(|m| format!("{flag}: {m}"))?;
-        }
-    }
+    let config = Config::load(path.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
     // Read (and unset, so that iptables children do not inherit them) systemd's variables first.
     let notifier = edgeproxy::notify::Notifier::from_env().map_err(|e| e.to_string())?;
     edgeproxy::agent::run(config, notifier).map_err(|e| e.to_string())?;

@@ -379,6 +379,8 @@ pub struct Metrics {
     last_sync: Arc<Gauge>,
     rules_installed: Arc<Gauge>,
     source_synced: Arc<Gauge>,
+    /// Endpoints left out of the current plan because they would loop back into the proxy.
+    pub endpoints_refused_loop: Arc<Gauge>,
 }
 
 impl Default for Metrics {
@@ -426,6 +428,11 @@ impl Metrics {
             source_synced: r.gauge(
                 "edgeproxy_source_synced",
                 "1 when the source has delivered a complete view of Services and endpoints.",
+            ),
+            endpoints_refused_loop: r.gauge(
+                "edgeproxy_endpoints_refused_loop",
+                "Endpoints left out of the current plan because they are the proxy's own address or a \
+                 ClusterIP:port this node proxies (they would loop back into the proxy).",
             ),
             registry: r,
         }

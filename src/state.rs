@@ -10,7 +10,7 @@
 //! endpoint set's service key at the Service's own name when that Service is held. Interning
 //! changes no value, only which allocation holds it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,8 @@ pub struct PortReport {
     pub protocol: Protocol,
     pub port: u16,
     pub backends: usize,
+    /// Endpoints refused because they are a ClusterIP:port this node proxies (a loop).
+    pub loops: usize,
     pub note: Option<&'static str>,
 }
 
@@ -93,6 +95,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Endpoints left out because they would loop back into the proxy, over every service port.
+    pub fn refused_loops(&self) -> usize {
+        self.reports.iter().flat_map(|r| &r.ports).map(|p| p.loops).sum()
+    }
+
     pub fn proxied(&self) -> impl Iterator<Item = &ObjectKey> {
         self.reports.iter().filter(|r| r.verdict.is_proxied()).map(|r| &r.key)
     }
@@ -319,6 +326,18 @@ impl State {
         let mut table = ProxyTable::default();
         let mut wanted_udp: Vec<UdpKey> = Vec::new();
         let mut resolved: Vec<(usize, usize, Vec<Backend>)> = Vec::new();
+        // Every ClusterIP:port this node proxies: a backend there would send the proxy's own
+        // upstream connection back into the proxy (an endpoint that is a ClusterIP, or two
+        // services pointing at each other), so such backends are refused.
+        let proxied: HashSet<(IpAddr, u16, Protocol)> = self
+            .snapshot
+            .services
+            .values()
+            .filter(|svc| filter::verdict(svc, &cfg.filter, self.kube_proxy).is_proxied())
+            .flat_map(|svc| {
+                svc.cluster_ips.iter().flat_map(move |ip| svc.ports.iter().map(move |sp| (*ip, sp.port, sp.protocol)))
+            })
+            .collect();
 
         for svc in self.snapshot.services.values() {
             let verdict = filter::verdict(svc, &cfg.filter, self.kube_proxy);
@@ -336,17 +355,27 @@ impl State {
             let idx = reports.len();
             let mut ports = Vec::with_capacity(svc.ports.len());
             for (pi, sp) in svc.ports.iter().enumerate() {
-                let backends = resolve(svc, sp, sets, cfg);
+                let (backends, loops) = resolve(svc, sp, sets, cfg, &proxied);
                 let name: Arc<str> = port_comment(&svc.key, sp).into();
                 let note = match sp.protocol {
                     Protocol::Sctp => Some("SCTP is not proxied"),
+                    _ if backends.is_empty() && loops > 0 => {
+                        Some("every usable endpoint is a ClusterIP this node proxies (a loop): connections are refused")
+                    }
                     _ if backends.is_empty() => Some("no usable endpoint: connections are refused"),
                     _ => None,
                 };
                 if sp.protocol == Protocol::Udp {
                     wanted_udp.push((svc.key.clone(), sp.port));
                 }
-                ports.push(PortReport { name, protocol: sp.protocol, port: sp.port, backends: backends.len(), note });
+                ports.push(PortReport {
+                    name,
+                    protocol: sp.protocol,
+                    port: sp.port,
+                    backends: backends.len(),
+                    loops,
+                    note,
+                });
                 resolved.push((idx, pi, backends));
             }
             reports.push(ServiceReport { key: svc.key.clone(), verdict, ports });
@@ -478,8 +507,16 @@ fn endpoint_ips(sets: &[&EndpointSet]) -> Vec<IpAddr> {
 ///
 /// Kubernetes semantics: ready endpoints; when none is ready, serving-and-terminating ones; under
 /// `internalTrafficPolicy: Local` (and a known node name) only endpoints on this node. The same
-/// address in two slices (a mirrored and a hand-made one) counts once.
-fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateConfig) -> Vec<Backend> {
+/// address in two slices (a mirrored and a hand-made one) counts once. An endpoint that is the
+/// proxy's own address, or a ClusterIP:port in `proxied`, would loop back into the proxy: it is
+/// left out and counted (the second value).
+fn resolve(
+    svc: &Service,
+    sp: &ServicePort,
+    sets: &[&EndpointSet],
+    cfg: &StateConfig,
+    proxied: &HashSet<(IpAddr, u16, Protocol)>,
+) -> (Vec<Backend>, usize) {
     #[derive(Clone, Copy)]
     struct Candidate {
         ready: bool,
@@ -487,6 +524,7 @@ fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateCo
         local: bool,
     }
     let mut found: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
+    let mut loops: BTreeSet<SocketAddr> = BTreeSet::new();
     let node = cfg.node_name.as_deref();
     for set in chosen_sets(sets) {
         for group in &set.groups {
@@ -495,7 +533,11 @@ fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateCo
             };
             for ep in &group.endpoints {
                 let ip = &ep.address;
-                if *ip == cfg.listen.ip_for(ip.is_ipv6()) || ip.is_unspecified() {
+                if *ip == cfg.listen.ip_for(ip.is_ipv6())
+                    || ip.is_unspecified()
+                    || proxied.contains(&(*ip, port.port, sp.protocol))
+                {
+                    loops.insert(SocketAddr::new(*ip, port.port));
                     continue; // would loop back into the proxy
                 }
                 let local = node.is_some() && ep.node_name.as_deref() == node;
@@ -514,11 +556,12 @@ fn resolve(svc: &Service, sp: &ServicePort, sets: &[&EndpointSet], cfg: &StateCo
     let local_only = svc.internal_local && node.is_some();
     let eligible = |c: &Candidate| !local_only || c.local;
     let any_ready = found.values().any(|c| c.ready && eligible(c));
-    found
+    let backends = found
         .into_iter()
         .filter(|(_, c)| eligible(c) && if any_ready { c.ready } else { c.fallback })
         .map(|(addr, c)| Backend { addr, local: c.local })
-        .collect()
+        .collect();
+    (backends, loops.len())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use support::netns::{require_root, veth, Netns};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/monitoring-cluster");
+use support::fixtures::read as fixture;
 const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 /// edge-apps/web-frontend port http: proxied (no filter label).
 const PROXIED: &str = "10.96.85.103:80";
@@ -35,7 +35,7 @@ const BACKENDS: [Backend; 2] = [
 fn write_source(path: &Path, drop: &[&str]) {
     let mut items = Vec::new();
     for f in ["services.json", "endpointslices.json"] {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{f}")).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&fixture(f)).unwrap();
         for item in v["items"].as_array().unwrap() {
             let name = item["metadata"]["name"].as_str().unwrap_or("");
             let svc = item["metadata"]["labels"]["kubernetes.io/service-name"].as_str().unwrap_or(name);
@@ -160,6 +160,7 @@ fn fetch(ns: &Netns, addr: &'static str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn hybrid_proxy_end_to_end_with_kube_proxy_inserted_after_start() {
     require_root();
     for b in &BACKENDS {
@@ -236,6 +237,7 @@ fn hybrid_proxy_end_to_end_with_kube_proxy_inserted_after_start() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn file_changes_one_restore_each_sigterm_restores_table_sigkill_no_duplicates() {
     require_root();
     for b in &BACKENDS {

@@ -182,3 +182,105 @@ fn bad_flag_value_is_a_config_error_naming_the_flag() {
     assert_eq!(code, 1);
     assert!(err.contains("--service-filter-mode: unknown value \"FilterAll\"; accepted values: FilterIfLabelExists, FilterIfLabelDoesNotExists"), "{err}");
 }
+
+/// A Service with any name, namespace or port name (JSON-escaped here; hostile once decoded).
+fn svc_named(ns: &str, name: &str, port_name: &str, ip: &str) -> String {
+    let j = |s: &str| serde_json::to_string(s).unwrap();
+    format!(
+        r#"{{"metadata":{{"name":{},"namespace":{}}},"spec":{{"clusterIP":"{ip}","ports":[{{"name":{},"port":80}}]}}}}"#,
+        j(name),
+        j(ns),
+        j(port_name)
+    )
+}
+
+/// Every line of `rules` output stays in the nat table and in our chains.
+fn only_our_nat_rules(out: &str) {
+    const OURS: &[&str] = &["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGEPROXY-NO-ENDPOINTS", "EDGE-MESH"];
+    for line in out.lines() {
+        let ok = line == "*nat"
+            || line == "COMMIT"
+            || line.starts_with('#')
+            || line.starts_with(':') && OURS.iter().any(|c| line[1..].starts_with(c))
+            || line.starts_with("-A ") && OURS.iter().any(|c| line[3..].starts_with(c))
+            || line.starts_with("-I PREROUTING ") && line.contains("-j KUBE-PORTALS-CONTAINER")
+            || line.starts_with("-I OUTPUT ") && line.contains("-j KUBE-PORTALS-HOST");
+        assert!(ok, "a line outside our nat chains: {line:?}\n{out}");
+    }
+}
+
+/// The probes of the injection report: a quote, a backslash, a whole second table in a name, a
+/// namespace and a port name. Each such object is refused by name at decode time with the field
+/// that failed; the healthy services still render, and nothing reaches another table.
+#[test]
+fn names_that_would_inject_rules_are_refused_and_the_rest_render() {
+    let inject = "x\" -j RETURN\nCOMMIT\n*filter\n-A INPUT -m comment --comment ADV-INJECTED -j ACCEPT\nCOMMIT\n*nat\n";
+    let hostile = [
+        (svc_named("t", "q\"uote", "http", "10.96.0.10"), "metadata.name"),
+        (svc_named("t", "back\\slash", "http", "10.96.0.11"), "metadata.name"),
+        (svc_named("t", inject, "http", "10.96.0.12"), "metadata.name"),
+        (svc_named(inject, "web", "http", "10.96.0.13"), "metadata.namespace"),
+        (svc_named("t", "web2", inject, "10.96.0.14"), "spec.ports[0].name"),
+        (svc_named("t", "Upper", "http", "10.96.0.15"), "metadata.name"),
+        (svc_named("t", &"x".repeat(64), "http", "10.96.0.16"), "at most 63"),
+    ];
+    let mut items = vec![good()];
+    items.extend(hostile.iter().map(|(s, _)| s.clone()));
+    items.push(svc("good2", "10.96.0.3", r#"{"port":81}"#));
+    let (code, out, err) = rules(&[("in.json", &list(&items))], &[]);
+    assert_eq!(code, 3, "stderr: {err}");
+    let msgs: Vec<&str> = err.lines().filter(|l| !l.starts_with("note:")).collect();
+    assert_eq!(msgs.len(), hostile.len(), "one message per hostile object:\n{err}");
+    for (m, (_, field)) in msgs.iter().zip(&hostile) {
+        assert!(m.contains(": Service ") && m.contains(field), "{m:?} lacks {field:?}");
+        assert!(!m.contains('\n') && !m.contains("x\" -j RETURN"), "message not escaped: {m:?}");
+    }
+    assert!(out.contains("\"t/good:http has no endpoints\""), "good missing:\n{out}");
+    assert!(out.contains("\"t/good2 has no endpoints\""), "good2 missing:\n{out}");
+    assert!(!out.contains("ADV-INJECTED") && !out.contains("*filter"), "{out}");
+    only_our_nat_rules(&out);
+}
+
+/// Endpoints that would send the proxy back into itself: a ClusterIP:port this node proxies (two
+/// services pointing at each other), refused in the plan and named by --explain; special
+/// addresses (loopback, link-local, unspecified) refused at decode time.
+#[test]
+fn endpoints_that_loop_or_are_special_are_refused() {
+    let slice = |name: &str, svc: &str, addr: &str, port: u16| {
+        format!(
+            r#"{{"metadata":{{"name":"{name}","namespace":"t","labels":{{"kubernetes.io/service-name":"{svc}"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["{addr}"]}}],"ports":[{{"port":{port}}}]}}"#
+        )
+    };
+    let slices = format!(
+        r#"{{"kind":"EndpointSliceList","items":[{},{},{},{}]}}"#,
+        slice("a-1", "a", "10.96.0.3", 81),
+        slice("b-1", "b", "10.96.0.2", 80),
+        slice("c-1", "c", "192.0.2.7", 82),
+        slice("lo-1", "c", "127.0.0.1", 82),
+    );
+    let svcs = list(&[
+        svc("a", "10.96.0.2", r#"{"port":80}"#),
+        svc("b", "10.96.0.3", r#"{"port":81}"#),
+        svc("c", "10.96.0.4", r#"{"port":82}"#),
+        svc("d", "169.254.1.1", r#"{"port":83}"#),
+    ]);
+    let (code, out, err) = rules(&[("s.json", &svcs), ("e.json", &slices)], &["--explain"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("EndpointSlice t/lo-1: endpoints[0].addresses[0]: 127.0.0.1 is a loopback address"), "{err}");
+    assert!(err.contains("Service t/d: spec.clusterIP[0]: 169.254.1.1 is a link-local address"), "{err}");
+    assert!(out.contains("t/a 80/TCP: 0 endpoint(s) (every usable endpoint is a ClusterIP this node proxies"), "{out}");
+    assert!(out.contains("t/b 81/TCP: 0 endpoint(s)"), "{out}");
+    assert!(out.contains("(1 endpoint(s) refused: a ClusterIP:port this node proxies, a loop)"), "{out}");
+    assert!(out.contains("t/c 82/TCP: 1 endpoint(s)\n"), "{out}");
+}
+
+/// An object over the API server's own 3 MiB request limit is refused by size, from any source;
+/// the others render.
+#[test]
+fn an_oversized_object_is_refused_by_size() {
+    let big = format!(
+        r#"{{"metadata":{{"name":"big","namespace":"t","annotations":{{"blob":"{}"}}}},"spec":{{"clusterIP":"10.96.0.9","ports":[{{"port":80}}]}}}}"#,
+        "x".repeat(4 << 20)
+    );
+    one_bad(big, "Service t/big: the object is 4194");
+}

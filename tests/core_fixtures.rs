@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use edgeproxy::config::{Config, Overrides};
 use edgeproxy::kube::objects::decode_document;
@@ -13,14 +12,8 @@ use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::render::PORTALS_COMMENT;
 use edgeproxy::state::{Change, Plan, State, StateConfig};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/monitoring-cluster").join(name)
-}
-
-fn read(name: &str) -> Vec<u8> {
-    std::fs::read(fixture(name))
-        .unwrap_or_else(|e| panic!("fixture {name}: {e} (CI puts ../shared beside the checkout)"))
-}
+mod support;
+use support::fixtures::read;
 
 fn config(mode: &str, layout: &str, node: Option<&str>) -> Config {
     let mut o = Overrides::default();

@@ -12,11 +12,7 @@ use edgeproxy::model::Kind;
 use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};
 
-fn fixture(name: &str) -> Vec<u8> {
-    let p =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/monitoring-cluster").join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+use support::fixtures::read as fixture;
 
 /// A dual-stack service, so the ip6tables side is exercised too.
 const DUAL_STACK: &str = r#"{"kind":"List","items":[
@@ -45,6 +41,7 @@ fn restore_test(ns: &Netns, bin: &str, text: &str) {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn every_rendered_rule_set_passes_iptables_restore_test_on_both_backends() {
     require_root();
     let ns = Netns::new("rst");

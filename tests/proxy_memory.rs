@@ -36,6 +36,7 @@ fn rss_kib() -> isize {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn idle_connections_cost_little_memory() {
     const N: usize = 1000;
     let t = Topo::new(test_config());

@@ -13,6 +13,7 @@ use edgeproxy::state::Change;
 use proxy_support::*;
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn echo_and_half_close_on_both_paths() {
     let t = Topo::new(test_config());
     for ns in [&t.node, &t.pod] {
@@ -58,6 +59,7 @@ impl Sum {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn hundred_megabytes_keep_their_checksum() {
     const TOTAL: usize = 100 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
@@ -96,6 +98,7 @@ fn hundred_megabytes_keep_their_checksum() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn a_backend_reset_resets_the_client() {
     let t = Topo::new(test_config());
     for ns in [&t.node, &t.pod] {
@@ -108,6 +111,7 @@ fn a_backend_reset_resets_the_client() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn a_silent_backend_times_out_and_the_next_serves_while_others_proceed() {
     let t = Topo::new(test_config());
     // Round robin starts at 10.20.1.3, which drops SYNs: this connection waits one dial timeout.
@@ -135,6 +139,7 @@ fn a_silent_backend_times_out_and_the_next_serves_while_others_proceed() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn no_endpoints_is_refused_at_once_on_both_paths() {
     let t = Topo::new(test_config());
     for ns in [&t.node, &t.pod] {
@@ -159,6 +164,7 @@ fn no_endpoints_is_refused_at_once_on_both_paths() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn endpoints_change_during_traffic() {
     let mut t = Topo::new(test_config());
     let (mut open, _) = connect(&t.pod, CHANGE).unwrap();
@@ -191,6 +197,7 @@ fn endpoints_change_during_traffic() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn round_robin_spreads_and_client_ip_affinity_sticks() {
     let t = Topo::new(test_config());
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -212,6 +219,7 @@ fn round_robin_spreads_and_client_ip_affinity_sticks() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn the_proxy_port_itself_is_not_an_open_relay() {
     let t = Topo::new(test_config());
     for ns in [&t.node, &t.pod] {
@@ -225,6 +233,7 @@ fn the_proxy_port_itself_is_not_an_open_relay() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn a_filtered_service_goes_through_kube_proxy_not_us() {
     let t = Topo::new(test_config());
     for ns in [&t.node, &t.pod] {

@@ -35,6 +35,7 @@ fn fds() -> usize {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn udp_request_response_volume_expiry_and_cap() {
     let mut t = Topo::new(test_config());
     let stats = t.stats.clone();

@@ -13,12 +13,12 @@ use edgeproxy::rules::{RuleSet, TableRules};
 use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/monitoring-cluster");
+use support::fixtures::read as fixture;
 
 fn fixture_state() -> State {
     let mut st = State::new(StateConfig::from(&Config::defaults()));
     for (file, kind) in [("services.json", Kind::Service), ("endpointslices.json", Kind::EndpointSlice)] {
-        let bytes = std::fs::read(format!("{FIXTURES}/{file}")).expect("fixture");
+        let bytes = fixture(file);
         let d = decode_document(&bytes, Some(kind));
         assert!(d.document_error.is_none());
         st.apply(Change::Replace(kind, d.objects));
@@ -62,6 +62,7 @@ fn packets(b: &Binaries, needle: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
     require_root();
     for (b, tag) in backends() {
@@ -150,6 +151,7 @@ fn install_then_changes_each_in_one_restore_and_guard_never_churns() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn guard_puts_jumps_first_again_and_recreates_chains() {
     require_root();
     for (b, tag) in backends() {
@@ -216,6 +218,7 @@ fn guard_puts_jumps_first_again_and_recreates_chains() {
 /// only the jumps, and a flushed big chain comes back with the resync; legacy's guard reads the
 /// whole table in one `iptables-legacy-save` anyway and repairs it at once.
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn big_chain_contents_on_nft_are_left_to_the_resync() {
     require_root();
     for (b, tag) in backends() {
@@ -256,6 +259,7 @@ fn big_chain_contents_on_nft_are_left_to_the_resync() {
 /// Root-chain layout: an endpoint flip writes only the small chain; the last UDP service going
 /// away deletes EDGE-MESH-UDP in the same (minimal) restore, and coming back recreates it.
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn root_chain_minimal_syncs_create_and_delete_chains() {
     require_root();
     for (b, tag) in backends() {
@@ -266,7 +270,7 @@ fn root_chain_minimal_syncs_create_and_delete_chains() {
             let load = || {
                 let mut st = State::new(StateConfig::from(&cfg));
                 for (file, kind) in [("services.json", Kind::Service), ("endpointslices.json", Kind::EndpointSlice)] {
-                    let d = decode_document(&std::fs::read(format!("{FIXTURES}/{file}")).unwrap(), Some(kind));
+                    let d = decode_document(&fixture(file), Some(kind));
                     st.apply(Change::Replace(kind, d.objects));
                 }
                 st
@@ -328,6 +332,7 @@ fn root_chain_minimal_syncs_create_and_delete_chains() {
 /// check; when anything changed (even a rule not ours), nft lists PREROUTING, OUTPUT and the
 /// small chains, legacy runs one `iptables-legacy-save`.
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn guard_reads_little_when_nothing_changed() {
     require_root();
     for (b, tag) in backends() {
@@ -369,6 +374,7 @@ fn guard_reads_little_when_nothing_changed() {
 /// Both families: the IPv6 set follows an endpoint flip with one small-chain restore, and the
 /// guard's content comparison (ip6tables listings vs rendered rules) never churns.
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn ipv6_flip_and_guard() {
     require_root();
     const DUAL: &str = r#"{"kind":"List","items":[
@@ -417,6 +423,7 @@ fn ipv6_flip_and_guard() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn restore_failing_halfway_keeps_previous_rules_and_names_the_line() {
     require_root();
     for (b, tag) in backends() {
@@ -464,6 +471,7 @@ fn restore_failing_halfway_keeps_previous_rules_and_names_the_line() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn sync_waits_for_the_xtables_lock_and_succeeds() {
     require_root();
     for (b, tag) in backends() {
@@ -492,6 +500,7 @@ fn sync_waits_for_the_xtables_lock_and_succeeds() {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn cleanup_leaves_the_table_as_before_and_layout_switch_removes_the_old() {
     require_root();
     for (b, tag) in backends() {
@@ -510,7 +519,7 @@ fn cleanup_leaves_the_table_as_before_and_layout_switch_removes_the_old() {
             cfg.layout = edgeproxy::rules::render::Layout::RootChain;
             let mut st = State::new(StateConfig::from(&cfg));
             for (file, kind) in [("services.json", Kind::Service), ("endpointslices.json", Kind::EndpointSlice)] {
-                let d = decode_document(&std::fs::read(format!("{FIXTURES}/{file}")).unwrap(), Some(kind));
+                let d = decode_document(&fixture(file), Some(kind));
                 st.apply(Change::Replace(kind, d.objects));
             }
             let mut a2 = Applier::with_binaries(b).unwrap();

@@ -63,6 +63,7 @@ fn edgeproxy(ns: &Netns, b: &Binaries, args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn check_codes_and_cleanup_edgemesh() {
     require_root();
     for (b, tag) in [(NFT, "nft"), (LEGACY, "leg")] {

@@ -81,7 +81,7 @@ pub fn load(paths: &[PathBuf]) -> Result<KubeconfigSettings, KubeconfigError> {
     let label = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
     let mut docs: Vec<(PathBuf, Yaml)> = Vec::new();
     for p in paths {
-        let text = match std::fs::read_to_string(p) {
+        let text = match read_bounded(p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && paths.len() > 1 => continue,
             Err(e) => {
@@ -105,7 +105,69 @@ pub fn from_str(text: &str, dir: &Path) -> Result<KubeconfigSettings, String> {
     resolve(&[(dir.to_path_buf(), doc)])
 }
 
+/// A file's text, reading at most one byte past [`MAX_KUBECONFIG_BYTES`] (so a huge file, or a
+/// link to a device, is refused by size, not read whole).
+fn read_bounded(p: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(p)?.take(MAX_KUBECONFIG_BYTES as u64 + 1).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The largest kubeconfig we read (real ones, certificates embedded, are a few KiB).
+pub const MAX_KUBECONFIG_BYTES: usize = 1 << 20;
+/// Most YAML nodes and deepest nesting a kubeconfig may have.
+const MAX_NODES: usize = 20_000;
+const MAX_DEPTH: usize = 32;
+
+/// Refuses what no kubeconfig needs and what makes YAML a bomb, before building any tree: aliases
+/// (`*name`: "billion laughs" expands a few hundred bytes into gigabytes, since the loader copies
+/// each aliased node), more than [`MAX_NODES`] nodes, nesting deeper than [`MAX_DEPTH`].
+fn refuse_bombs(text: &str) -> Result<(), String> {
+    use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+    use yaml_rust2::scanner::Marker;
+    #[derive(Default)]
+    struct Scan {
+        nodes: usize,
+        depth: usize,
+        problem: Option<String>,
+    }
+    impl MarkedEventReceiver for Scan {
+        fn on_event(&mut self, ev: Event, mark: Marker) {
+            if self.problem.is_some() {
+                return;
+            }
+            let at = || format!("line {} column {}", mark.line(), mark.col() + 1);
+            match ev {
+                Event::Alias(_) => {
+                    self.problem = Some(format!("YAML alias at {}: aliases are not accepted in a kubeconfig", at()));
+                }
+                Event::SequenceStart(..) | Event::MappingStart(..) => {
+                    self.depth += 1;
+                    self.nodes += 1;
+                    if self.depth > MAX_DEPTH {
+                        self.problem = Some(format!("nested deeper than {MAX_DEPTH} levels at {}", at()));
+                    }
+                }
+                Event::SequenceEnd | Event::MappingEnd => self.depth = self.depth.saturating_sub(1),
+                Event::Scalar(..) => self.nodes += 1,
+                _ => {}
+            }
+            if self.problem.is_none() && self.nodes > MAX_NODES {
+                self.problem = Some(format!("more than {MAX_NODES} YAML nodes (at {})", at()));
+            }
+        }
+    }
+    if text.len() > MAX_KUBECONFIG_BYTES {
+        return Err(format!("is {} bytes; a kubeconfig may have at most {MAX_KUBECONFIG_BYTES}", text.len()));
+    }
+    let mut scan = Scan::default();
+    Parser::new_from_str(text).load(&mut scan, true).map_err(|e| format!("not valid YAML: {e}"))?;
+    scan.problem.map_or(Ok(()), Err)
+}
+
 fn parse_one(text: &str) -> Result<Yaml, String> {
+    refuse_bombs(text)?;
     let mut docs = YamlLoader::load_from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     match docs.len() {
         0 => Ok(Yaml::Hash(Default::default())),
@@ -516,5 +578,26 @@ current-context: x
         let e = load(&[dir.join("missing")]).unwrap_err();
         assert!(e.to_string().contains("cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn yaml_bombs_are_refused_before_any_tree_is_built() {
+        // "Billion laughs": nine levels of ten aliases each; the loader would copy 10^9 nodes.
+        let mut bomb =
+            String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        for (i, c) in "bcdefghi".chars().enumerate() {
+            let prev = (b'a' + i as u8) as char;
+            bomb.push_str(&format!("{c}: &{c} [{}]\n", vec![format!("*{prev}"); 9].join(",")));
+        }
+        let t = std::time::Instant::now();
+        let err = from_str(&bomb, Path::new("/")).unwrap_err();
+        assert!(err.contains("alias") && err.contains("line 2"), "{err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "took {:?}", t.elapsed());
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        assert!(from_str(&deep, Path::new("/")).unwrap_err().contains("deeper than 32"));
+        let wide = format!("x: [{}]", vec!["1"; 30_000].join(","));
+        assert!(from_str(&wide, Path::new("/")).unwrap_err().contains("more than 20000 YAML nodes"));
+        let big = format!("x: \"{}\"", "a".repeat(MAX_KUBECONFIG_BYTES));
+        assert!(from_str(&big, Path::new("/")).unwrap_err().contains("at most 1048576"));
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod kubeconfig;
+pub mod names;
 pub mod objects;
 pub mod reflector;

@@ -9,7 +9,7 @@
 //! `EndpointsList`), kubectl's `List`, and watch events (one JSON object per line).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,10 +18,15 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::names;
 use crate::model::{
     Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey, Protocol,
     Service, ServicePort, ServiceType, TargetPort,
 };
+
+/// The largest object decoded, from any source: the API server refuses requests over 3 MiB, so
+/// no stored object is larger (etcd's default limit is 1.5 MiB).
+pub const MAX_OBJECT_BYTES: usize = 3 << 20;
 
 /// One object that could not be used, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -554,6 +559,13 @@ fn decode_item_with(
         field,
         message,
     };
+    if raw.get().len() > MAX_OBJECT_BYTES {
+        let size = raw.get().len();
+        return Err(fail(
+            String::new(),
+            format!("the object is {size} bytes; at most {MAX_OBJECT_BYTES} (the API server's own request limit)"),
+        ));
+    }
     let check_kind = |own: &Option<String>| match own {
         Some(own) if kind_of(own) != Some(kind) => Err(("kind".to_string(), format!("expected {kind}, found {own:?}"))),
         _ => Ok(()),
@@ -576,9 +588,13 @@ fn decode_item_with(
 }
 
 /// `namespace/name` of an object, if its metadata can be read at all.
+/// Escaped when it holds anything but `[a-z0-9.-]`, so a hostile name cannot forge log lines.
 fn name_of(raw: &RawValue) -> Option<String> {
     let m = serde_json::from_str::<MetaOnly>(raw.get()).ok()?.metadata;
-    (!m.name.is_empty()).then(|| format!("{}/{}", m.namespace, m.name))
+    let full = format!("{}/{}", m.namespace, m.name);
+    let plain =
+        full.len() <= 320 && full.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-./".contains(&b));
+    (!m.name.is_empty()).then(|| if plain { full } else { names::shown(&full) })
 }
 
 type FieldResult<T> = Result<T, (String, String)>;
@@ -599,14 +615,32 @@ fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> FieldResult<T> {
     })
 }
 
-fn key_of(meta: &RawMeta, ns: &mut Strings) -> FieldResult<ObjectKey> {
+/// The object's key; `name_rule` is Kubernetes' rule for this kind's names.
+fn key_of(meta: &RawMeta, ns: &mut Strings, name_rule: fn(&str) -> Option<String>) -> FieldResult<ObjectKey> {
     if meta.name.is_empty() {
         return Err(("metadata.name".into(), "missing".into()));
     }
     if meta.namespace.is_empty() {
         return Err(("metadata.namespace".into(), "missing".into()));
     }
+    if let Some(why) = names::dns1123_label(&meta.namespace) {
+        return Err(("metadata.namespace".into(), why));
+    }
+    if let Some(why) = name_rule(&meta.name) {
+        return Err(("metadata.name".into(), why));
+    }
     Ok(ObjectKey { namespace: ns.get(&meta.namespace), name: (*meta.name).into() })
+}
+
+/// A port name: empty, or a DNS-1123 label (Kubernetes' rule for service and endpoint ports).
+fn port_name(name: Option<&str>, field: impl FnOnce() -> String) -> FieldResult<&str> {
+    match name.unwrap_or_default() {
+        "" => Ok(""),
+        n => match names::dns1123_label(n) {
+            None => Ok(n),
+            Some(why) => Err((field(), why)),
+        },
+    }
 }
 
 fn port_number(v: i64, field: impl FnOnce() -> String) -> FieldResult<u16> {
@@ -623,8 +657,15 @@ fn protocol(v: Option<&str>, field: impl FnOnce() -> String) -> FieldResult<Prot
     }
 }
 
+/// A cluster IP or endpoint address: an IP, and none that Kubernetes refuses as special.
 fn ip(v: &str, field: impl FnOnce() -> String) -> FieldResult<IpAddr> {
-    v.parse().map_err(|_| (field(), format!("{v:?} is not an IP address")))
+    let Ok(addr) = v.parse::<IpAddr>() else {
+        return Err((field(), format!("{} is not an IP address", names::shown(v))));
+    };
+    match names::special_ip(&addr) {
+        None => Ok(addr),
+        Some(why) => Err((field(), format!("{addr} is {why}, which cannot be a cluster IP or endpoint"))),
+    }
 }
 
 fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
@@ -633,7 +674,7 @@ fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
 }
 
 fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
-    let key = key_of(&raw.metadata, ns)?;
+    let key = key_of(&raw.metadata, ns, names::dns1123_label)?;
     let labels = labels(&mut raw.metadata)?;
     let spec = raw.spec;
     let service_type = match spec.service_type.as_deref() {
@@ -666,6 +707,9 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
     }
     let raw_ports = spec.ports.unwrap_or_default();
     let mut ports: Vec<ServicePort> = Vec::with_capacity(raw_ports.len());
+    // Duplicates are found in linear time (a Service may carry very many ports).
+    let mut seen_port: HashMap<(u16, Protocol), usize> = HashMap::with_capacity(raw_ports.len());
+    let mut seen_name: HashMap<Arc<str>, usize> = HashMap::with_capacity(raw_ports.len());
     for (i, p) in raw_ports.into_iter().enumerate() {
         let at = |f: &str| format!("spec.ports[{i}].{f}");
         let port = port_number(p.port, || at("port"))?;
@@ -675,17 +719,20 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
             Some(IntOrString::Int(0)) => TargetPort::Number(port),
             Some(IntOrString::Int(n)) => TargetPort::Number(port_number(n, || at("targetPort"))?),
             Some(IntOrString::Str(s)) if s.is_empty() => TargetPort::Number(port),
-            Some(IntOrString::Str(s)) => TargetPort::Name(s.into()),
+            Some(IntOrString::Str(s)) => match names::iana_svc_name(&s) {
+                None => TargetPort::Name(s.into()),
+                Some(why) => return Err((at("targetPort"), why)),
+            },
         };
         let node_port = match p.node_port {
             None | Some(0) => None,
             Some(n) => Some(port_number(n, || at("nodePort"))?),
         };
-        let name = ns.get(p.name.as_deref().unwrap_or_default());
-        if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == proto) {
+        let name = ns.get(port_name(p.name.as_deref(), || at("name"))?);
+        if let Some(j) = seen_port.insert((port, proto), i) {
             return Err((format!("spec.ports[{i}]"), format!("duplicate port {port}/{proto} (also spec.ports[{j}])")));
         }
-        if let Some(j) = ports.iter().position(|q| q.name == name) {
+        if let Some(j) = seen_name.insert(name.clone(), i) {
             return Err((
                 format!("spec.ports[{i}].name"),
                 format!("duplicate port name {name:?} (also spec.ports[{j}])"),
@@ -730,14 +777,15 @@ fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Strings) -> 
         let Some(n) = p.port else { continue };
         let port = port_number(n, || at("port"))?;
         let protocol = protocol(p.protocol.as_deref(), || at("protocol"))?;
-        ports.push(EndpointPort { name: ns.get(p.name.as_deref().unwrap_or_default()), protocol, port });
+        let name = port_name(p.name.as_deref(), || at("name"))?;
+        ports.push(EndpointPort { name: ns.get(name), protocol, port });
     }
     ports.shrink_to_fit();
     Ok(ports)
 }
 
 fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
-    let key = key_of(&raw.metadata, ns)?;
+    let key = key_of(&raw.metadata, ns, names::dns1123_subdomain)?;
     let service_name = raw
         .metadata
         .labels
@@ -745,6 +793,9 @@ fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
         .and_then(|l| l.get("kubernetes.io/service-name"))
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ("metadata.labels".to_string(), "no kubernetes.io/service-name label".to_string()))?;
+    if let Some(why) = names::dns1123_label(service_name) {
+        return Err(("metadata.labels[kubernetes.io/service-name]".into(), why));
+    }
     let service = ObjectKey { namespace: key.namespace.clone(), name: (**service_name).into() };
     let v6 = match raw.address_type.as_deref() {
         Some("IPv4") => false,
@@ -787,7 +838,7 @@ fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
 }
 
 fn endpoints(raw: RawEndpoints, ns: &mut Strings) -> FieldResult<EndpointSet> {
-    let key = key_of(&raw.metadata, ns)?;
+    let key = key_of(&raw.metadata, ns, names::dns1123_subdomain)?;
     let mut groups = Vec::new();
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
         let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"), ns)?;
@@ -860,7 +911,8 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
             let meta = serde_json::from_str::<MetaOnly>(object.get())
                 .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
                 .metadata;
-            let key = key_of(&meta, &mut Strings::default()).map_err(|(field, message)| {
+            let rule = if kind == Kind::Service { names::dns1123_label } else { names::dns1123_subdomain };
+            let key = key_of(&meta, &mut Strings::default(), rule).map_err(|(field, message)| {
                 LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
             })?;
             WatchEvent::Deleted(kind, key)

@@ -23,6 +23,7 @@
 //! proxy DNATs see (service CIDR, right protocol, ignored services already returned), and
 //! `EDGE-MESH` keeps EdgeMesh v1.9's exact shape (RETURNs, then one jump per protocol).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -103,6 +104,23 @@ fn host_prefix(ip: &IpAddr) -> String {
     }
 }
 
+/// The longest comment text we write from object names; iptables keeps at most 255 bytes, and the
+/// suffixes we add (" has no endpoints", "ignore ... service") fit in what is left.
+const MAX_COMMENT_NAME: usize = 200;
+
+/// Text from objects as it may stand inside a quoted iptables comment. Decoding already refuses
+/// names that Kubernetes would refuse, so this changes nothing for valid input; it is the
+/// renderer's own guarantee, whatever the source: every character outside `[A-Za-z0-9._:/-]`
+/// becomes `_` (no quote can end the comment, no backslash escape it, no newline start a rule
+/// or a table), and the text is cut to [`MAX_COMMENT_NAME`] bytes.
+pub fn comment_text(s: &str) -> Cow<'_, str> {
+    let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-');
+    if s.len() <= MAX_COMMENT_NAME && s.chars().all(safe) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.chars().map(|c| if safe(c) { c } else { '_' }).take(MAX_COMMENT_NAME).collect())
+}
+
 /// One DNAT rule in EdgeMesh's argument order (`iptablesCommonPortalArgs` as iptables-save
 /// prints it): to the proxy, or (`reject`) to the reject port.
 fn dnat_rule(chain: &str, p: &PlannedPort, listen: &ListenConfig, reject: bool) -> String {
@@ -117,7 +135,7 @@ fn dnat_rule(chain: &str, p: &PlannedPort, listen: &ListenConfig, reject: bool) 
         out,
         "-A {chain} -d {} -p {proto} -m comment --comment \"{}{comment_suffix}\" -m {proto} --dport {} -j DNAT --to-destination {to}",
         host_prefix(&p.cluster_ip),
-        p.comment,
+        comment_text(&p.comment),
         p.port,
     );
     out
@@ -180,8 +198,9 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
     let mut rules = Vec::with_capacity(returns.len() + ports.len() + 2);
     for (ip, key) in &returns {
         rules.push(format!(
-            "-A EDGE-MESH -d {} -m comment --comment \"ignore {key} service\" -j RETURN",
-            host_prefix(ip)
+            "-A EDGE-MESH -d {} -m comment --comment \"ignore {} service\" -j RETURN",
+            host_prefix(ip),
+            comment_text(&key.to_string()),
         ));
     }
     let cidrs: Vec<String> = input
@@ -251,6 +270,91 @@ mod tests {
     fn render_with(layout: Layout, ports: &[PlannedPort], ignored: &[Ignored]) -> RuleSet {
         let cfg = Config::defaults();
         render(&RenderInput { layout, listen: &cfg.listen, service_cidrs: &cfg.service_cidrs, ports, ignored })
+    }
+
+    /// Property: whatever text reaches the renderer as a name, every rendered line has exactly
+    /// the structure of the line rendered for a harmless name (same chain, matches and target),
+    /// and the quoted comment holds only safe characters, so nothing can end it, escape it,
+    /// start another rule or name another table. Seeded, so a failure reproduces.
+    #[test]
+    fn no_name_can_leave_its_comment() {
+        const PIECES: &[&str] = &[
+            "\"",
+            "\\",
+            "\n",
+            "\r",
+            "\t",
+            " ",
+            "'",
+            "-A INPUT -j ACCEPT",
+            "COMMIT",
+            "*filter",
+            "#",
+            "\0",
+            "-j",
+            "ä",
+            "\u{202e}",
+            "x",
+            "web",
+            "/",
+            ":",
+            "$(id)",
+            "`",
+            ";",
+            "--comment",
+            "\\\"",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let structure = |line: &str| -> (String, String) {
+            let open = line.find("--comment \"").map(|i| i + "--comment \"".len());
+            match open {
+                None => (line.to_string(), String::new()),
+                Some(o) => {
+                    let close = o + line[o..].find('"').expect("comment closes");
+                    (format!("{}\"{}", &line[..o], &line[close..]), line[o..close].to_string())
+                }
+            }
+        };
+        for round in 0..2000 {
+            let len = (next() % 12) as usize;
+            let name: String = (0..len).map(|_| PIECES[(next() % PIECES.len() as u64) as usize]).collect();
+            for layout in [Layout::Portals, Layout::RootChain] {
+                let ports = |c: &str| {
+                    vec![
+                        port(c, "10.96.0.20", Protocol::Tcp, 80, 15001, false),
+                        port(c, "fd00::1", Protocol::Udp, 53, 15002, true),
+                    ]
+                };
+                let ignored = |n: &str| {
+                    vec![Ignored {
+                        key: ObjectKey { namespace: "ns".into(), name: n.into() },
+                        ips: vec!["10.96.0.9".parse().unwrap()],
+                    }]
+                };
+                let hostile = render_with(layout, &ports(&name), &ignored(&name));
+                let benign = render_with(layout, &ports("x"), &ignored("x"));
+                for (h, b) in [(&hostile.v4, &benign.v4), (&hostile.v6, &benign.v6)] {
+                    assert_eq!(h.rules.len(), b.rules.len(), "round {round}: {name:?}");
+                    for (hl, bl) in h.rules.iter().zip(&b.rules) {
+                        assert!(!hl.contains(['\n', '\r', '\0']), "round {round}: line break in {hl:?}");
+                        let (hs, text) = structure(hl);
+                        let (bs, _) = structure(bl);
+                        assert_eq!(hs, bs, "round {round}: {name:?} changed the rule's structure");
+                        assert!(
+                            text.chars().all(|c| c.is_ascii_alphanumeric() || " ._:/-".contains(c)),
+                            "round {round}: unsafe comment {text:?}"
+                        );
+                        assert!(text.len() <= 255, "round {round}: comment of {} bytes", text.len());
+                    }
+                }
+            }
+        }
     }
 
     #[test]

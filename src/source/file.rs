@@ -8,7 +8,7 @@
 //! and it is tried again on the next poll. Objects that fail to decode are logged and skipped,
 //! the rest still count. It never touches the state or the kernel itself.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -63,7 +63,7 @@ pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, s
     if *seen == Some(stamp) {
         return;
     }
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_bounded(path) {
         Ok(b) => b,
         Err(e) => {
             let message = format!("{}: cannot read: {e}; keeping the last good state", path.display());
@@ -103,6 +103,20 @@ pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, s
         }
     }
     *synced = true;
+}
+
+/// The largest file the file source reads (a list of 10,000 Services and their slices is ~30 MB).
+pub const MAX_FILE_BYTES: u64 = 128 << 20;
+
+/// The file's bytes, refusing by size rather than reading a runaway file whole.
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!("larger than {MAX_FILE_BYTES} bytes")));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

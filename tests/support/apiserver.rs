@@ -6,7 +6,7 @@
 //! carry the token or present the client certificate, or it gets a 401 `Status`.
 //!
 //! Responses come from a [`Cluster`] that replays the real captures in
-//! `/work/shared/fixtures/monitoring-cluster`: lists (paginated by `limit`/`continue`), the watch
+//! `../shared/fixtures/monitoring-cluster` (see `fixtures`): lists (paginated by `limit`/`continue`), the watch
 //! streams from the list RV (filtered by resourceVersion when a client resumes), and the lists
 //! taken after the watch for relists. [`Faults`] inject trouble; [`ApiServer::route`] overrides
 //! any request with a scripted [`Reply`].
@@ -24,11 +24,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 
-pub const FIXTURES: &str = "/work/shared/fixtures/monitoring-cluster";
-
-pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(FIXTURES).join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
-}
+pub use super::fixtures::read as fixture;
 
 /// One parsed request.
 #[derive(Clone, Debug)]
