@@ -16,12 +16,12 @@
 
 use crate::proxy::stats::ProxyStats;
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 // ----------------------------------------------------------------------------------------------
 // Metric values
@@ -610,6 +610,10 @@ impl Ops {
 pub const MAX_REQUEST: usize = 8 * 1024;
 /// Time a client has to send its request head, and to take the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once; one more is closed at once (and counted at debug level). Each
+/// lives at most 2 x [`IO_TIMEOUT`], so slow clients cannot hold up a health probe: every
+/// connection is its own task, none waits for another.
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// A running endpoint. Dropping it (or [`Server::shutdown`]) stops the thread.
 #[derive(Debug)]
@@ -632,24 +636,46 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        listener.set_nonblocking(true)?;
+        // Its own thread and single-threaded runtime: a slow scrape never touches the proxy loop.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
         let thread = std::thread::Builder::new().name("ops-http".into()).spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                match conn {
-                    Ok(stream) => {
-                        if let Err(e) = handle(stream, &ops) {
-                            log::debug!("ops endpoint: {e}");
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return log::error!("ops endpoint: {e}"),
+                };
+                let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                loop {
+                    let conn = listener.accept().await;
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match conn {
+                        Ok((stream, peer)) => {
+                            if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                                log::debug!("ops endpoint: {MAX_CONNECTIONS} connections open; closed {peer}");
+                                continue;
+                            }
+                            active.fetch_add(1, Ordering::Relaxed);
+                            let (ops, active) = (ops.clone(), active.clone());
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(2 * IO_TIMEOUT, handle(stream, &ops)).await {
+                                    Ok(Err(e)) => log::debug!("ops endpoint: {peer}: {e}"),
+                                    Err(_) => log::debug!("ops endpoint: {peer}: too slow to take the answer"),
+                                    Ok(Ok(())) => {}
+                                }
+                                active.fetch_sub(1, Ordering::Relaxed);
+                            });
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            log::warn!("ops endpoint: accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        log::warn!("ops endpoint: accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
                 }
-            }
+            })
         })?;
         Ok(Server { addr, stop, thread: Some(thread) })
     }
@@ -738,8 +764,9 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Read one request head with a size and a time bound.
-fn read_head(stream: &mut TcpStream) -> Result<String, (u16, &'static str)> {
-    let deadline = Instant::now() + IO_TIMEOUT;
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Result<String, (u16, &'static str)> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -755,26 +782,19 @@ fn read_head(stream: &mut TcpStream) -> Result<String, (u16, &'static str)> {
         if buf.len() >= MAX_REQUEST {
             return Err((431, "request head too large"));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err((408, "request head not received in time"));
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err((400, "connection closed before the request head ended")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err((408, "request head not received in time"))
-            }
-            Err(_) => return Err((400, "read error")),
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return Err((408, "request head not received in time")),
+            Ok(Ok(0)) => return Err((400, "connection closed before the request head ended")),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => return Err((400, "read error")),
         }
     }
 }
 
-fn handle(mut stream: TcpStream, ops: &Ops) -> io::Result<()> {
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let (status, ctype, body, head_only) = match read_head(&mut stream) {
+async fn handle(mut stream: tokio::net::TcpStream, ops: &Ops) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (status, ctype, body, head_only) = match read_head(&mut stream).await {
         Ok(head) => match parse_head(&head) {
             Ok(req) => {
                 let (s, c, b) = route(&req, ops);
@@ -792,8 +812,8 @@ fn handle(mut stream: TcpStream, ops: &Ops) -> io::Result<()> {
     if !head_only {
         resp.push_str(&body);
     }
-    stream.write_all(resp.as_bytes())?;
-    let _ = stream.shutdown(Shutdown::Write);
+    stream.write_all(resp.as_bytes()).await?;
+    let _ = stream.shutdown().await;
     Ok(())
 }
 

@@ -183,6 +183,33 @@ fn oversized_request_gets_431() {
     assert!(out.starts_with("HTTP/1.1 431 "), "{out:?}");
 }
 
+/// The probe of the exhaustion report: 200 clients that send half a request and hang held
+/// /healthz up for 34 s when connections were served one at a time. Now each is its own task.
+#[test]
+fn healthz_answers_within_a_second_while_200_slow_clients_hang() {
+    let server = start(Ops::new());
+    let addr = server.local_addr();
+    let slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x").unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let (status, _, body) = get(addr, "/healthz");
+    let waited = started.elapsed();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    assert!(waited < Duration::from_secs(1), "/healthz took {waited:?} behind 200 slow clients");
+    // The slow ones are answered 408 once their time is up, not left open.
+    for mut s in slow.into_iter().take(3) {
+        let mut out = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out:?}");
+    }
+}
+
 #[test]
 fn silent_client_times_out_and_the_next_is_served_after_it() {
     let server = start(Ops::new());

@@ -96,11 +96,35 @@ fn bind(shared: &Shared, port: u16) -> io::Result<Vec<UdpSocket>> {
     Ok(out)
 }
 
+/// Receive buffer of a service socket: a burst of small datagrams (a resolver's retries from a
+/// whole node) must queue, not drop. The kernel default (~208 KiB) holds ~256 small datagrams.
+pub(super) const UDP_RCVBUF: usize = 4 << 20;
+
+/// Ask for [`UDP_RCVBUF`]: with SO_RCVBUFFORCE when we have CAP_NET_ADMIN (as the agent does),
+/// else SO_RCVBUF, which the kernel caps at net.core.rmem_max.
+fn grow_receive_buffer(s: &Socket) {
+    let want = UDP_RCVBUF as libc::c_int;
+    // SAFETY: setsockopt on a descriptor `s` owns, with a pointer to a c_int that outlives the call.
+    let forced = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&want as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = s.set_recv_buffer_size(UDP_RCVBUF);
+    }
+}
+
 fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    grow_receive_buffer(&s);
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
@@ -319,6 +343,27 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>,
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Service sockets get a large receive buffer: all of it as root (CAP_NET_ADMIN, the agent's
+    /// case), at least the kernel's cap otherwise.
+    #[test]
+    fn service_sockets_get_a_large_receive_buffer() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        let s = rt.block_on(async { udp_socket("127.0.0.1:0".parse().unwrap()).unwrap() });
+        let got = SockRef::from(&s).recv_buffer_size().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(got >= UDP_RCVBUF, "root: {got} bytes");
+        } else {
+            let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+            assert!(got >= UDP_RCVBUF.min(cap), "{got} bytes, rmem_max {cap}");
         }
     }
 }
