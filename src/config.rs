@@ -106,6 +106,7 @@ pub struct TcpFile {
     pub dial_timeout: Option<String>,
     pub dial_attempts: Option<u32>,
     pub buffer_size: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +114,7 @@ pub struct TcpFile {
 pub struct UdpFile {
     pub idle_timeout: Option<String>,
     pub max_flows: Option<usize>,
+    pub max_flows_per_source: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +200,10 @@ pub struct Config {
     pub tcp_buffer: usize,
     pub udp_idle_timeout: Duration,
     pub udp_max_flows: usize,
+    /// Open TCP connections per client address (`tcp.maxConnectionsPerSource`).
+    pub tcp_max_per_source: usize,
+    /// UDP flows per client address (`udp.maxFlowsPerSource`).
+    pub udp_max_flows_per_source: usize,
     pub backend: Backend,
     pub min_sync_period: Duration,
     pub guard_period: Duration,
@@ -415,6 +421,10 @@ impl Config {
             udp_idle_timeout: dur_in(udp.idle_timeout.as_deref(), Duration::from_secs(30), 100 * MILLI, HOUR)
                 .map_err(|m| err("udp.idleTimeout", m))?,
             udp_max_flows: num_in(udp.max_flows, 4096, 1, 1 << 20).map_err(|m| err("udp.maxFlows", m))?,
+            tcp_max_per_source: num_in(tcp.max_connections_per_source, 2048, 1, 1 << 20)
+                .map_err(|m| err("tcp.maxConnectionsPerSource", m))?,
+            udp_max_flows_per_source: num_in(udp.max_flows_per_source, 1024, 1, 1 << 20)
+                .map_err(|m| err("udp.maxFlowsPerSource", m))?,
             backend,
             min_sync_period: dur_in(ipt.min_sync_period.as_deref(), Duration::from_millis(200), 10 * MILLI, 5 * MINUTE)
                 .map_err(|m| err("iptables.minSyncPeriod", m))?,

@@ -21,6 +21,7 @@ pub mod model;
 pub mod notify;
 pub mod ops;
 pub mod proxy;
+pub mod ratelog;
 pub mod rules;
 pub mod source;
 pub mod state;

@@ -495,8 +495,13 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
     family(
         "edgeproxy_connections_refused_total",
         "counter",
-        "TCP connections refused before any service lookup: not a proxied service port, or a loop.",
-        &mut [("not_a_service", stats.tcp_refused_not_service.get()), ("loop", stats.tcp_refused_loop.get())]
+        "TCP connections refused by the proxy itself: not a proxied service port, a loop, the client address's connection cap, or the descriptor reserve.",
+        &mut [
+            ("not_a_service", stats.tcp_refused_not_service.get()),
+            ("loop", stats.tcp_refused_loop.get()),
+            ("per_source", stats.tcp_refused_per_source.get()),
+            ("fd_budget", stats.tcp_refused_fd_budget.get()),
+        ]
             .into_iter()
             .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), v)),
     );
@@ -530,10 +535,12 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
     family(
         "edgeproxy_udp_flow_events_total",
         "counter",
-        "UDP flows created, expired, and refused at the flow cap.",
+        "UDP flows created, expired, evicted to make room at the cap, and refused (per client address cap; no descriptor left).",
         &mut [
             ("created", stats.total.udp_flows_created.get()),
             ("expired", stats.udp_flows_expired.get()),
+            ("evicted", stats.udp_flows_evicted.get()),
+            ("dropped_per_source", stats.udp_flows_dropped_per_source.get()),
             ("dropped_at_cap", stats.udp_flows_dropped_at_cap.get()),
         ]
         .into_iter()

@@ -95,19 +95,31 @@ fn udp_request_response_volume_expiry_and_cap() {
     wait_for(|| fds() == before, "expired flows close their sockets");
     drop(clients);
 
-    // The cap (8 flows here): the ninth and tenth clients are dropped and counted.
-    let clients: Vec<UdpSocket> = (0..10).map(|_| client(&t.node, DNS)).collect();
+    // Per client address at most 6 flows (test_config): the node's seventh is dropped, counted.
+    let clients: Vec<UdpSocket> = (0..7).map(|_| client(&t.node, DNS)).collect();
     for c in &clients {
         c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     }
     let answered = clients.iter().filter(|c| ask(c, b"capped").is_some()).count();
-    assert_eq!(answered, 8);
-    assert_eq!(stats.udp_flows_dropped_at_cap.get(), 2);
-    assert_eq!(stats.udp_flows_active.get(), 8);
-    // Existing flows keep working at the cap; after they expire, new ones open again.
-    assert!(ask(&clients[0], b"still here").is_some());
+    assert_eq!(answered, 6);
+    assert_eq!(stats.udp_flows_dropped_per_source.get(), 1);
+    // The global cap (8 flows): the pod's first two fit; its third makes the least recently
+    // active flow (the node's first) give way, so one address cannot lock out the others.
+    let pod_clients: Vec<UdpSocket> = (0..3).map(|_| client(&t.pod, DNS)).collect();
+    for c in &pod_clients {
+        assert!(ask(c, b"room").is_some(), "a new client is served at the cap");
+    }
+    assert_eq!(stats.udp_flows_evicted.get(), 1);
+    assert_eq!(stats.udp_flows_dropped_at_cap.get(), 0);
+    wait_for(|| stats.udp_flows_active.get() == 8, "the evicted flow ends");
+    // Recent flows are kept at the cap: asking again opens no new flow.
+    let created = stats.total.udp_flows_created.get();
+    assert!(ask(&pod_clients[0], b"still here").is_some());
+    assert!(ask(&clients[5], b"still here").is_some());
+    assert_eq!(stats.total.udp_flows_created.get(), created, "a recent flow was replaced");
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
-    assert!(ask(&clients[9], b"room again").is_some());
+    assert!(ask(&clients[6], b"room again").is_some());
+    drop((clients, pod_clients));
 
     // The backends change: a flow whose backend left is replaced on the client's next datagram.
     let s = client(&t.pod, DNS);

@@ -14,6 +14,7 @@
 //! Layout: `tcp` (listener, dial, relay), `udp` (port sockets, flows), `lb` (pure load
 //! balancing), `stats` (counters), `limits` (RLIMIT_NOFILE), `table` (what `state` builds).
 
+pub mod admission;
 pub mod lb;
 pub mod limits;
 pub mod stats;
@@ -63,6 +64,10 @@ pub struct ProxyConfig {
     /// At most this many UDP flows at once (all ports); datagrams that would open more are
     /// dropped and counted.
     pub udp_max_flows: usize,
+    /// Open TCP connections per client address; more are reset at once (see `admission`).
+    pub tcp_max_per_source: usize,
+    /// UDP flows per client address; datagrams that would open more are dropped and counted.
+    pub udp_max_flows_per_source: usize,
 }
 
 impl From<&Config> for ProxyConfig {
@@ -76,6 +81,8 @@ impl From<&Config> for ProxyConfig {
             tcp_buffer: c.tcp_buffer,
             udp_idle_timeout: c.udp_idle_timeout,
             udp_max_flows: c.udp_max_flows.max(1),
+            tcp_max_per_source: c.tcp_max_per_source.max(1),
+            udp_max_flows_per_source: c.udp_max_flows_per_source.max(1),
         }
     }
 }
@@ -114,6 +121,12 @@ pub(crate) struct Shared {
     lb: Mutex<(Balancer, XorShift)>,
     /// Time base for the compact per-flow timestamps.
     pub epoch: Instant,
+    /// Open TCP connections per client address and in total.
+    pub tcp_admission: Mutex<admission::TcpAdmission>,
+    /// Descriptors proxied connections and flows may use (soft limit minus the reserve).
+    pub fd_budget: u64,
+    /// Every UDP flow of every port.
+    udp_flows: udp::FlowMap,
 }
 
 impl Shared {
@@ -123,9 +136,35 @@ impl Shared {
         lb.pick(entry, client, tried, Instant::now(), &mut || rng.next_u64())
     }
 
+    /// Admit a TCP connection from `src`; the guard releases it when dropped.
+    pub fn admit_tcp(self: &Arc<Self>, src: IpAddr) -> Result<TcpAdmitted, admission::Refusal> {
+        let udp_flows = self.stats.udp_flows_active.get();
+        let mut a = self.tcp_admission.lock().unwrap_or_else(|p| p.into_inner());
+        a.admit(src, self.fd_budget, udp_flows)?;
+        Ok(TcpAdmitted { shared: self.clone(), src })
+    }
+
+    /// Descriptors still free for flows under the budget.
+    pub fn fds_free(&self) -> u64 {
+        let tcp = self.tcp_admission.lock().unwrap_or_else(|p| p.into_inner()).open();
+        self.fd_budget.saturating_sub(tcp * 2 + self.stats.udp_flows_active.get())
+    }
+
     /// Milliseconds since `epoch`.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// An admitted TCP connection; releases its place when dropped (however the task ends).
+pub(crate) struct TcpAdmitted {
+    shared: Arc<Shared>,
+    src: IpAddr,
+}
+
+impl Drop for TcpAdmitted {
+    fn drop(&mut self) {
+        self.shared.tcp_admission.lock().unwrap_or_else(|p| p.into_inner()).release(self.src);
     }
 }
 
@@ -142,13 +181,21 @@ pub async fn run(
     stats: Arc<ProxyStats>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    match limits::raise_nofile() {
+    let soft = match limits::raise_nofile() {
         Ok(l) if l.before < l.soft => {
-            log::info!("open-file limit raised from {} to {} (hard limit {})", l.before, l.soft, l.hard)
+            log::info!("open-file limit raised from {} to {} (hard limit {})", l.before, l.soft, l.hard);
+            l.soft
         }
-        Ok(l) => log::info!("open-file limit {} (hard limit {})", l.soft, l.hard),
-        Err(e) => log::warn!("cannot raise the open-file limit, carrying on: {e}"),
-    }
+        Ok(l) => {
+            log::info!("open-file limit {} (hard limit {})", l.soft, l.hard);
+            l.soft
+        }
+        Err(e) => {
+            log::warn!("cannot raise the open-file limit, carrying on: {e}");
+            1024
+        }
+    };
+    let fd_budget = admission::fd_budget(soft);
     let seed = std::process::id() as u64
         ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
             .map(|d| d.as_nanos() as u64)
@@ -158,15 +205,21 @@ pub async fn run(
         stats,
         lb: Mutex::new((Balancer::new(), XorShift::new(seed))),
         epoch: Instant::now(),
+        tcp_admission: Mutex::new(admission::TcpAdmission::new(cfg.tcp_max_per_source)),
+        fd_budget,
+        udp_flows: Mutex::default(),
     });
 
     let listeners = tcp::bind(&cfg)?;
     let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     log::info!(
-        "proxy listening on {} (TCP); UDP idle timeout {:?}, at most {} flows; dial timeout {:?} x {} attempts",
+        "proxy listening on {} (TCP); per client address at most {} connections and {} UDP flows; UDP idle timeout {:?}, at most {} flows; {} descriptors for connections and flows; dial timeout {:?} x {} attempts",
         addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        cfg.tcp_max_per_source,
+        cfg.udp_max_flows_per_source,
         cfg.udp_idle_timeout,
         cfg.udp_max_flows,
+        fd_budget,
         cfg.dial_timeout,
         cfg.dial_attempts
     );

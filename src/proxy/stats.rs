@@ -79,6 +79,10 @@ pub struct ProxyStats {
     pub tcp_refused_not_service: Counter,
     /// Refused: the chosen backend is the proxy's own address (a loop).
     pub tcp_refused_loop: Counter,
+    /// Refused: the client address had `tcp.maxConnectionsPerSource` connections open.
+    pub tcp_refused_per_source: Counter,
+    /// Refused: connections and flows would use the descriptors kept in reserve.
+    pub tcp_refused_fd_budget: Counter,
     /// Sums over all services, so the totals survive a service's removal.
     pub total: ServiceCounters,
     /// Times accepting paused because the process or system ran out of file descriptors.
@@ -87,6 +91,10 @@ pub struct ProxyStats {
     pub udp_flows_expired: Counter,
     /// Datagrams that would have opened a flow beyond the cap.
     pub udp_flows_dropped_at_cap: Counter,
+    /// Datagrams that would have opened a flow beyond `udp.maxFlowsPerSource`.
+    pub udp_flows_dropped_per_source: Counter,
+    /// Flows ended early to make room at the cap (the least recently active one each time).
+    pub udp_flows_evicted: Counter,
     /// Datagrams dropped for any other reason (no backend, send buffer full, socket error).
     pub udp_datagrams_dropped: Counter,
     services: Mutex<HashMap<Box<str>, Arc<ServiceCounters>>>,

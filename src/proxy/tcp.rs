@@ -34,10 +34,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::admission::Refusal;
 use super::limits::is_fd_exhaustion;
 use super::stats::{Counter, Outcome, ServiceCounters};
 use super::table::{ProxyTable, ServiceEntry};
-use super::{ProxyConfig, Shared};
+use super::{ProxyConfig, Shared, TcpAdmitted};
+use crate::ratelog::{summary, Every};
 
 /// How long accepting pauses when the process or system is out of file descriptors.
 const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
@@ -120,12 +122,16 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
     let stats = &shared.stats;
     let mut conns = JoinSet::new();
     let v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut refusal_log = Every::new(std::time::Duration::from_secs(10));
+    let mut exhausted_log = Every::new(std::time::Duration::from_secs(10));
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) if is_fd_exhaustion(&e) => {
                 stats.accept_fd_exhausted.inc();
-                log::warn!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}");
+                if let Some(more) = exhausted_log.due(std::time::Instant::now()) {
+                    log::warn!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}{}", summary(more));
+                }
                 tokio::time::sleep(FD_EXHAUSTED_PAUSE).await;
                 continue;
             }
@@ -155,7 +161,26 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
             reset(&client);
             continue;
         };
-        conns.spawn(serve(client, peer, entry, shared.clone()));
+        let admitted = match shared.admit_tcp(peer.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                let (counter, why) = match refusal {
+                    Refusal::PerSource => {
+                        (&stats.tcp_refused_per_source, "its address has tcp.maxConnectionsPerSource open")
+                    }
+                    Refusal::FdBudget => {
+                        (&stats.tcp_refused_fd_budget, "connections and flows use every descriptor but the reserve")
+                    }
+                };
+                counter.inc();
+                if let Some(more) = refusal_log.due(std::time::Instant::now()) {
+                    log::warn!("{peer} -> {orig} ({}): refused, {why}{}", entry.name, summary(more));
+                }
+                reset(&client);
+                continue;
+            }
+        };
+        conns.spawn(serve(client, peer, entry, shared.clone(), admitted));
     }
 }
 
@@ -169,7 +194,13 @@ impl Drop for Active<'_> {
     }
 }
 
-async fn serve(client: TcpStream, peer: SocketAddr, entry: Arc<ServiceEntry>, shared: Arc<Shared>) {
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    entry: Arc<ServiceEntry>,
+    shared: Arc<Shared>,
+    _admitted: TcpAdmitted,
+) {
     let stats = &shared.stats;
     let svc = stats.service(&entry.name);
     let upstream = match dial(&entry, peer, &shared, &svc).await {

@@ -13,7 +13,7 @@
 //! ports of the table it is given and reports the ones it cannot bind.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,9 +26,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
+use super::admission::{new_flow, FlowTable, NewFlow, Refusal};
 use super::stats::ServiceCounters;
 use super::table::ProxyTable;
 use super::{ProxyEvent, Shared};
+use crate::ratelog::{summary, Every};
 
 /// Larger than any UDP payload (65 507 bytes over IPv4, 65 527 over IPv6 without jumbograms).
 const MAX_DATAGRAM: usize = 65_536;
@@ -130,7 +132,7 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// A socket connected to a backend for a client, plus its bookkeeping.
-struct Flow {
+pub(super) struct Flow {
     upstream: UdpSocket,
     backend: SocketAddr,
     /// Last datagram either way, in ms since `Shared::epoch`.
@@ -148,13 +150,34 @@ impl Flow {
     }
 }
 
-type Flows = Arc<Mutex<HashMap<SocketAddr, (Arc<Flow>, AbortHandle)>>>;
+/// Every flow of every port (`Shared::udp_flows`): one table, so the global cap can make the least
+/// recently active flow anywhere give way, and the per-address counts cover all ports.
+pub(super) type FlowMap = Mutex<FlowTable<(Arc<Flow>, AbortHandle)>>;
+
+/// Removes a socket's flows from the shared table however its task ends (a closed port aborts
+/// it; its flow tasks are aborted with its `JoinSet`).
+struct PortFlows {
+    shared: Arc<Shared>,
+    port: u16,
+    v6: bool,
+}
+
+impl Drop for PortFlows {
+    fn drop(&mut self) {
+        let mut table = self.shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, handle) in table.remove_where(|p, c| p == self.port && c.is_ipv6() == self.v6) {
+            handle.abort();
+        }
+    }
+}
 
 /// Serve one listening socket: route client datagrams into flows (creating them as needed).
 /// Aborting this task drops the socket and every flow of it.
 async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
-    let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
+    let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    let _flows = PortFlows { shared: shared.clone(), port, v6 };
     let mut flow_tasks: JoinSet<()> = JoinSet::new();
+    let mut per_source_log = Every::new(Duration::from_secs(10));
     loop {
         if let Err(e) = sock.readable().await {
             log::warn!("UDP port {port}: {e}; closing it");
@@ -166,7 +189,8 @@ async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc
                 let mut buf = b.borrow_mut();
                 match sock.try_recv_from(&mut buf) {
                     Ok((n, client)) => {
-                        on_datagram(&buf[..n], client, port, &sock, &tables, &flows, &mut flow_tasks, &shared);
+                        let ctx = PortCtx { port, sock: &sock, tables: &tables, shared: &shared };
+                        on_datagram(&buf[..n], client, &ctx, &mut flow_tasks, &mut per_source_log);
                         true
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
@@ -190,17 +214,22 @@ async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every datagram of one service socket needs.
+struct PortCtx<'a> {
+    port: u16,
+    sock: &'a Arc<UdpSocket>,
+    tables: &'a watch::Receiver<Arc<ProxyTable>>,
+    shared: &'a Arc<Shared>,
+}
+
 fn on_datagram(
     data: &[u8],
     client: SocketAddr,
-    port: u16,
-    sock: &Arc<UdpSocket>,
-    tables: &watch::Receiver<Arc<ProxyTable>>,
-    flows: &Flows,
+    ctx: &PortCtx<'_>,
     flow_tasks: &mut JoinSet<()>,
-    shared: &Arc<Shared>,
+    per_source_log: &mut Every,
 ) {
+    let PortCtx { port, sock, tables, shared } = *ctx;
     let stats = &shared.stats;
     let now = shared.now_ms();
     let entry = tables.borrow().udp.get(&port).cloned();
@@ -208,20 +237,45 @@ fn on_datagram(
         stats.udp_datagrams_dropped.inc();
         return;
     };
-    let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+    let fds_free = shared.fds_free();
+    let mut map = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
     // The flow's backend left the service: end the flow, this datagram opens a new one.
-    if let Some((flow, handle)) = map.get(&client) {
+    if let Some((flow, handle)) = map.get(port, client) {
         if !entry.backends.iter().any(|b| b.addr == flow.backend) {
             handle.abort();
-            map.remove(&client);
+            map.remove(port, client);
         }
     }
-    let flow = match map.get(&client) {
+    let flow = match map.get(port, client) {
         Some((flow, _)) => flow.clone(),
         None => {
-            if stats.udp_flows_active.get() >= shared.cfg.udp_max_flows as u64 {
-                stats.udp_flows_dropped_at_cap.inc();
-                return;
+            let cfg = &shared.cfg;
+            match new_flow(&map, client.ip(), cfg.udp_max_flows_per_source, cfg.udp_max_flows, fds_free, |(f, _)| {
+                f.last()
+            }) {
+                NewFlow::Open => {}
+                NewFlow::OpenEvicting((p, c)) => {
+                    if let Some((_, handle)) = map.remove(p, c) {
+                        handle.abort();
+                    }
+                    stats.udp_flows_evicted.inc();
+                }
+                NewFlow::Refuse(Refusal::PerSource) => {
+                    stats.udp_flows_dropped_per_source.inc();
+                    if let Some(more) = per_source_log.due(std::time::Instant::now()) {
+                        let n = cfg.udp_max_flows_per_source;
+                        log::warn!(
+                            "{client} ({}): dropped, its address has {n} UDP flows (udp.maxFlowsPerSource){}",
+                            entry.name,
+                            summary(more)
+                        );
+                    }
+                    return;
+                }
+                NewFlow::Refuse(Refusal::FdBudget) => {
+                    stats.udp_flows_dropped_at_cap.inc();
+                    return;
+                }
             }
             let Some(backend) = shared.pick(&entry, client.ip(), &[]) else {
                 stats.udp_datagrams_dropped.inc();
@@ -240,8 +294,8 @@ fn on_datagram(
             stats.udp_flows_active.inc();
             stats.total.udp_flows_created.inc();
             flow.svc.udp_flows_created.inc();
-            let handle = flow_tasks.spawn(run_flow(flow.clone(), client, sock.clone(), flows.clone(), shared.clone()));
-            map.insert(client, (flow.clone(), handle));
+            let handle = flow_tasks.spawn(run_flow(flow.clone(), client, port, sock.clone(), shared.clone()));
+            map.insert(port, client, (flow.clone(), handle));
             flow
         }
     };
@@ -268,6 +322,8 @@ fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let s = Socket::new(Domain::for_address(backend), Type::DGRAM.nonblocking().cloexec(), None)?;
+    // Replies to a burst queue here until the loop relays them.
+    grow_receive_buffer(&s);
     s.bind(&any.into())?;
     s.connect(&backend.into())?;
     UdpSocket::from_std(s.into())
@@ -283,7 +339,7 @@ impl Drop for ActiveFlow {
 }
 
 /// Relay the backend's replies to the client until the flow is idle for the timeout.
-async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>, flows: Flows, shared: Arc<Shared>) {
+async fn run_flow(flow: Arc<Flow>, client: SocketAddr, port: u16, listener: Arc<UdpSocket>, shared: Arc<Shared>) {
     let _active = ActiveFlow(shared.clone());
     let idle = shared.cfg.udp_idle_timeout;
     let stats = &shared.stats;
@@ -304,10 +360,8 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, listener: Arc<UdpSocket>,
             None => {
                 let last = flow.last();
                 if shared.now_ms() >= last + idle.as_millis() as u64 {
-                    let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&client).is_some_and(|(f, _)| Arc::ptr_eq(f, &flow)) {
-                        map.remove(&client);
-                    }
+                    let mut map = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
+                    map.remove_if(port, client, |(f, _)| Arc::ptr_eq(f, &flow));
                     stats.udp_flows_expired.inc();
                     return;
                 }

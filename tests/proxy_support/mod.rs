@@ -120,6 +120,7 @@ pub fn test_config() -> ProxyConfig {
     cfg.dial_attempts = 3;
     cfg.udp_idle_timeout = Duration::from_millis(500);
     cfg.udp_max_flows = 8;
+    cfg.udp_max_flows_per_source = 6;
     cfg
 }
 
