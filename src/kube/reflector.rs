@@ -20,7 +20,7 @@
 //!
 //! It never touches the state machine or the rules: it only calls the [`Sink`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,6 +31,7 @@ use crate::config::{EndpointsApi, SourceConfig};
 use crate::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
 use crate::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
 use crate::model::{Kind, Object, ObjectKey};
+use crate::ratelog::{summary, Every};
 use crate::source::{Sink, SourceEvent};
 use crate::state::Change;
 
@@ -612,12 +613,23 @@ pub fn probe_discovery(client: &Client) -> Result<Kind, String> {
     }
 }
 
+/// Forwards events to the sink and logs errors, each kind of message at most once per 10 s
+/// (a stream of garbage lines or bad objects must not flood the log; every event still reaches
+/// the sink and its counters). "Kind of message": its first 40 characters, digits left out.
 fn emit_to(sink: &Sink) -> impl FnMut(SourceEvent) + '_ {
+    let mut limits: HashMap<String, Every> = HashMap::new();
     move |ev: SourceEvent| {
         if let SourceEvent::Error { kind, message } = &ev {
-            match kind {
-                Some(k) => log::warn!("{k}: {message}"),
-                None => log::warn!("{message}"),
+            let shape: String = message.chars().filter(|c| !c.is_ascii_digit()).take(40).collect();
+            if limits.len() >= 64 && !limits.contains_key(&shape) {
+                limits.clear();
+            }
+            let every = limits.entry(shape).or_insert_with(|| Every::new(Duration::from_secs(10)));
+            if let Some(more) = every.due(Instant::now()) {
+                match kind {
+                    Some(k) => log::warn!("{k}: {message}{}", summary(more)),
+                    None => log::warn!("{message}{}", summary(more)),
+                }
             }
         }
         sink(ev)

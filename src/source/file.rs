@@ -63,6 +63,9 @@ pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, s
     if *seen == Some(stamp) {
         return;
     }
+    // Recorded as seen before reading: a file that cannot be used is reported once, and again
+    // only when it changes (not at every poll).
+    *seen = Some(stamp);
     let bytes = match read_bounded(path) {
         Ok(b) => b,
         Err(e) => {
@@ -77,12 +80,11 @@ pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, s
         let message = format!("{}: {e}; keeping the last good state", path.display());
         log::error!("{message}");
         sink(SourceEvent::Error { kind: None, message });
-        return; // not recorded as seen: the next poll tries again
+        return;
     }
     for e in &decoded.errors {
         log::warn!("{}: {e} (skipped)", path.display());
     }
-    *seen = Some(stamp);
     let kinds = [Kind::Service, Kind::EndpointSlice, Kind::Endpoints];
     let mut by_kind: [Vec<Object>; 3] = Default::default();
     for o in decoded.objects {
@@ -149,6 +151,16 @@ mod tests {
         poll_once(&path, &mut seen, &mut synced, &sink);
         let got = std::mem::take(&mut *events.lock().unwrap());
         assert!(got.iter().all(|e| matches!(e, SourceEvent::Error { .. })) && !got.is_empty(), "{got:?}");
+
+        // Still broken, unchanged: reported once, not at every poll.
+        for _ in 0..5 {
+            poll_once(&path, &mut seen, &mut synced, &sink);
+        }
+        assert!(events.lock().unwrap().is_empty(), "{:?}", events.lock().unwrap());
+        // Changed (still broken): reported again.
+        std::fs::write(&path, r#"{"kind":"List","items":[{"kind":"Servi"#).unwrap();
+        poll_once(&path, &mut seen, &mut synced, &sink);
+        assert_eq!(std::mem::take(&mut *events.lock().unwrap()).len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
