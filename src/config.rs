@@ -75,6 +75,9 @@ pub struct ListenFile {
     pub tcp_port: Option<u16>,
     /// `first-last`: one UDP socket per UDP service port is allocated from here.
     pub udp_ports: Option<String>,
+    /// Firewall mark on the proxy's upstream sockets; the chain the node's own traffic enters
+    /// lets marked packets pass first, so the proxy can never dial itself. 0 turns it off.
+    pub mark: Option<u32>,
     /// A port nothing listens on: DNAT target for service ports without endpoints, so the
     /// kernel refuses them at once.
     pub reject_port: Option<u16>,
@@ -174,7 +177,14 @@ pub struct ListenConfig {
     pub tcp_port: u16,
     pub udp_ports: (u16, u16),
     pub reject_port: u16,
+    /// SO_MARK of upstream sockets, matched by the first rule of our OUTPUT-side chain (0: off).
+    pub mark: u32,
 }
+
+/// The default [`ListenConfig::mark`]: bit 20. Chosen clear of kube-proxy (0x4000, 0x8000),
+/// Cilium (0x0F00), OpenWrt's mwan3 (0x3F00), Istio (1337) and Tailscale (0x40000, 0x80000);
+/// Calico may use any bit of 0xffff0000, so on Calico nodes pick a bit outside its mask.
+pub const DEFAULT_MARK: u32 = 0x0010_0000;
 
 impl ListenConfig {
     pub fn ip_for(&self, v6: bool) -> IpAddr {
@@ -230,6 +240,11 @@ impl Overrides {
 }
 
 impl Config {
+    /// Parse config text (what `load` reads from a file); `origin` names it in errors.
+    pub fn from_text(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::build(parse_file(text, origin)?, origin, overrides)
+    }
+
     /// Read `path` (if given) and apply `overrides`.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = match path {
@@ -326,6 +341,7 @@ impl Config {
             tcp_port,
             udp_ports,
             reject_port,
+            mark: l.mark.unwrap_or(DEFAULT_MARK),
         };
 
         let s = f.source.take().unwrap_or_default();
@@ -437,14 +453,26 @@ impl Config {
     }
 }
 
+/// The largest config file read (real ones are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    use std::io::Read;
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        origin: origin.clone(),
-        path: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
+    let fail = |message: String| ConfigError { origin: origin.clone(), path: String::new(), message };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(format!("larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KiB")));
+    }
+    parse_file(&text, &origin)
+}
+
+fn parse_file(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    let origin = origin.to_string();
+    let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

@@ -716,13 +716,13 @@ impl Drop for Server {
 
 /// A parsed request line.
 #[derive(Debug, PartialEq, Eq)]
-struct Request<'a> {
-    method: &'a str,
-    path: &'a str,
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
 }
 
 /// Parse the head (up to and without the blank line). `Err` carries status and reason.
-fn parse_head(head: &str) -> Result<Request<'_>, (u16, &'static str)> {
+pub fn parse_head(head: &str) -> Result<Request<'_>, (u16, &'static str)> {
     let line = head.lines().next().unwrap_or("");
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())

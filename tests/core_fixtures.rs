@@ -196,8 +196,13 @@ fn portals_layout_has_the_seed_shape() {
     let without = proxied_ports().filter(|p| p.backends == 0).count();
     assert!(without >= 1, "the fixture has ports without endpoints");
     let jump = "-m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS";
+    // The chain the node's own traffic enters first lets the proxy's marked upstream packets pass.
+    let own = "-A KUBE-PORTALS-HOST -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN";
     for chain in ["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"] {
-        let rules: Vec<&String> = t.rules.iter().filter(|r| r.starts_with(&format!("-A {chain} "))).collect();
+        let mut rules: Vec<&String> = t.rules.iter().filter(|r| r.starts_with(&format!("-A {chain} "))).collect();
+        if chain == "KUBE-PORTALS-HOST" {
+            assert_eq!(*rules.remove(0), own);
+        }
         assert_eq!(rules.len(), 1 + ports, "{chain}");
         assert_eq!(*rules[0], format!("-A {chain} {jump}"));
         // Whatever its endpoints, every port goes to the proxy here: never to the reject port.
@@ -213,7 +218,7 @@ fn portals_layout_has_the_seed_shape() {
     assert!(rejects
         .iter()
         .all(|r| r.contains(" has no endpoints\" ") && r.ends_with(" -j DNAT --to-destination 169.254.96.16:15000")));
-    assert_eq!(t.rules.len(), 2 * (1 + ports) + without);
+    assert_eq!(t.rules.len(), 1 + 2 * (1 + ports) + without);
     assert!(!t.rules.iter().any(|r| r.contains("monitoring/alertmanager-main")));
     assert!(proxied.iter().any(|k| k.to_string() == "monitoring/grafana"));
     let grafana = "-A KUBE-PORTALS-HOST -d 10.96.171.49/32 -p tcp -m comment --comment \"monitoring/grafana:http\" -m tcp --dport 3000 -j DNAT --to-destination 169.254.96.16:15001";

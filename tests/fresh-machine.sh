@@ -58,11 +58,20 @@ cleanup() {
 trap cleanup EXIT
 say "unpacking the base into $root"
 tar -C "$root" -xzf "$base"
-# apt inside the root: the host's sources and settings (mirror, snapshot validity), DNS.
+# What a new machine of this kind brings from its image, not from the project: DNS, apt's
+# sources and settings (mirror, snapshot validity), pip's settings and the local trust anchors
+# (registries may be reached through a TLS-inspecting egress whose CA the image trusts).
 cp /etc/resolv.conf "$root/etc/resolv.conf"
-cp -a /etc/apt/sources.list.d/. "$root/etc/apt/sources.list.d/" 2>/dev/null || true
-[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$root/etc/apt/sources.list"
+if [ -d /etc/apt/sources.list.d ] && ls /etc/apt/sources.list.d/*.sources >/dev/null 2>&1; then
+	rm -f "$root/etc/apt/sources.list"
+	cp -a /etc/apt/sources.list.d/*.sources "$root/etc/apt/sources.list.d/"
+fi
 for f in /etc/apt/apt.conf.d/99*; do [ -f "$f" ] && cp "$f" "$root/etc/apt/apt.conf.d/"; done
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+	cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+	chroot "$root" update-ca-certificates >/dev/null
+fi
 mkdir -p "$root/opt/rustup" "$root/opt/cargo/bin" "$root/work" "$root/layer/upper" "$root/layer/work"
 cp -a "$cargo_bin/." "$root/opt/cargo/bin/"
 git clone -q "$repo" "$root/work/main"

@@ -284,3 +284,27 @@ fn a_client_address_is_held_to_its_connection_cap() {
     let _ = who(&t.pod, WEB);
     assert_eq!(t.stats.tcp_refused_per_source.get(), 1);
 }
+
+/// The second loop guard: even a table whose backend is the service's own ClusterIP:port (which
+/// `state` never builds; published here directly) cannot make the proxy dial itself, because
+/// its upstream sockets carry the mark and the chain the node's own traffic enters lets marked
+/// packets pass. One client connection stays one connection: the dial goes out unproxied and
+/// fails, the client is reset. (The probe: one connection fanned out into ~10,000.)
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn a_table_that_points_at_itself_cannot_make_the_proxy_dial_itself() {
+    use edgeproxy::proxy::table::Backend;
+    let t = Topo::new(test_config());
+    let web: std::net::SocketAddr = WEB.parse().unwrap();
+    let mut table = t.table();
+    let mut entry = (**table.tcp.get(&web).expect("web in the table")).clone();
+    entry.backends = vec![Backend { addr: web, local: false }];
+    table.tcp.insert(web, std::sync::Arc::new(entry));
+    t.publish(table);
+    let accepted = t.stats.tcp_accepted.get();
+    let result = connect(&t.pod, WEB).and_then(|(mut s, _)| greeting(&mut s));
+    assert!(result.is_err(), "nothing can answer: {result:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(t.stats.tcp_accepted.get(), accepted + 1, "the proxy accepted its own upstream connection");
+    assert_eq!(t.stats.total.tcp_dial_failed.get(), 1);
+}

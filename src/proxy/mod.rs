@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     pub tcp_max_per_source: usize,
     /// UDP flows per client address; datagrams that would open more are dropped and counted.
     pub udp_max_flows_per_source: usize,
+    /// SO_MARK of every upstream socket (0: none); the rules let marked packets pass our
+    /// chains, so the proxy cannot dial itself whatever its table says.
+    pub mark: u32,
 }
 
 impl From<&Config> for ProxyConfig {
@@ -83,6 +86,7 @@ impl From<&Config> for ProxyConfig {
             udp_max_flows: c.udp_max_flows.max(1),
             tcp_max_per_source: c.tcp_max_per_source.max(1),
             udp_max_flows_per_source: c.udp_max_flows_per_source.max(1),
+            mark: c.listen.mark,
         }
     }
 }
@@ -153,6 +157,21 @@ impl Shared {
     /// Milliseconds since `epoch`.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Put the proxy's mark on an upstream socket. Needs CAP_NET_ADMIN (the agent has it); without
+/// it the socket goes unmarked (said once): `state` already keeps loops out of the table, the
+/// mark is the second guard.
+pub(crate) fn mark_upstream(sock: socket2::SockRef<'_>, mark: u32) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if mark == 0 {
+        return;
+    }
+    if let Err(e) = sock.set_mark(mark) {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("cannot mark upstream sockets with {mark:#x} ({e}); the loop guard relies on the table alone");
+        }
     }
 }
 

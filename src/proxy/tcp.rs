@@ -102,6 +102,16 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// Dial `addr` from a socket carrying the proxy's mark (set before the SYN leaves).
+async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    super::mark_upstream(SockRef::from(&sock), mark);
+    sock.connect(addr).await
+}
+
 /// Close with an RST instead of a FIN.
 fn reset(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
@@ -254,7 +264,7 @@ async fn dial(
             log::warn!("{}: backend {addr} is the proxy itself; refused", entry.name);
             continue;
         }
-        let err = match tokio::time::timeout(shared.cfg.dial_timeout, TcpStream::connect(addr)).await {
+        let err = match tokio::time::timeout(shared.cfg.dial_timeout, connect_marked(addr, shared.cfg.mark)).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),

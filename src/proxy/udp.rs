@@ -281,7 +281,7 @@ fn on_datagram(
                 stats.udp_datagrams_dropped.inc();
                 return;
             };
-            let upstream = match connect(backend) {
+            let upstream = match connect(backend, cfg.mark) {
                 Ok(u) => u,
                 Err(e) => {
                     log::debug!("{client} ({}): UDP socket to {backend}: {e}", entry.name);
@@ -315,8 +315,9 @@ fn on_datagram(
     }
 }
 
-/// An unbound socket of the backend's family, connected to it (no packet is sent).
-fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
+/// An unbound socket of the backend's family, carrying the proxy's mark, connected to it (no
+/// packet is sent).
+fn connect(backend: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let any: SocketAddr = match backend.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -324,6 +325,7 @@ fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(backend), Type::DGRAM.nonblocking().cloexec(), None)?;
     // Replies to a burst queue here until the loop relays them.
     grow_receive_buffer(&s);
+    super::mark_upstream(SockRef::from(&s), mark);
     s.bind(&any.into())?;
     s.connect(&backend.into())?;
     UdpSocket::from_std(s.into())

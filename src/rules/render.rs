@@ -141,6 +141,20 @@ fn dnat_rule(chain: &str, p: &PlannedPort, listen: &ListenConfig, reject: bool) 
     out
 }
 
+/// Comment of the rule that lets the proxy's own (marked) upstream packets pass.
+pub const OWN_TRAFFIC_COMMENT: &str = "proxy upstream connections pass";
+
+/// The first rule of the chain the node's own traffic enters (`-j` from OUTPUT): packets of the
+/// proxy's upstream sockets carry `mark` and leave our chains untouched, so whatever the table
+/// says, the proxy never dials itself. None when the mark is off.
+fn own_traffic_rule(chain: &str, mark: u32) -> Option<String> {
+    (mark != 0).then(|| {
+        format!(
+            "-A {chain} -m mark --mark {mark:#x}/{mark:#x} -m comment --comment \"{OWN_TRAFFIC_COMMENT}\" -j RETURN"
+        )
+    })
+}
+
 /// The first rule of a chain holding DNATs: into [`NO_ENDPOINTS_CHAIN`].
 fn no_endpoints_jump(chain: &str) -> String {
     format!("-A {chain} -m comment --comment \"{NO_ENDPOINTS_COMMENT}\" -j {NO_ENDPOINTS_CHAIN}")
@@ -166,6 +180,9 @@ fn portals(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -> T
     }
     let mut rules = Vec::with_capacity(ports.len() * 2 + 2);
     for chain in ["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"] {
+        if chain == "KUBE-PORTALS-HOST" {
+            rules.extend(own_traffic_rule(chain, input.listen.mark));
+        }
         rules.push(no_endpoints_jump(chain));
         rules.extend(ports.iter().map(|p| dnat_rule(chain, p, input.listen, false)));
     }
@@ -195,7 +212,9 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
     returns.sort_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
     returns.dedup();
 
-    let mut rules = Vec::with_capacity(returns.len() + ports.len() + 2);
+    let mut rules = Vec::with_capacity(returns.len() + ports.len() + 3);
+    // Both PREROUTING and OUTPUT enter EDGE-MESH; only local sockets carry the mark.
+    rules.extend(own_traffic_rule("EDGE-MESH", input.listen.mark));
     for (ip, key) in &returns {
         rules.push(format!(
             "-A EDGE-MESH -d {} -m comment --comment \"ignore {} service\" -j RETURN",
@@ -366,6 +385,7 @@ mod tests {
             vec![
                 "-A KUBE-PORTALS-CONTAINER -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
                 "-A KUBE-PORTALS-CONTAINER -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
+                "-A KUBE-PORTALS-HOST -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN",
                 "-A KUBE-PORTALS-HOST -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
                 "-A KUBE-PORTALS-HOST -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
             ]
@@ -381,6 +401,24 @@ mod tests {
         }
     }
 
+    /// `listen.mark: 0` turns the own-traffic rule off in both layouts.
+    #[test]
+    fn mark_zero_renders_no_mark_rule() {
+        let mut cfg = Config::defaults();
+        cfg.listen.mark = 0;
+        let ports = [port("a/b", "10.96.0.10", Protocol::Tcp, 80, 15001, true)];
+        for layout in [Layout::Portals, Layout::RootChain] {
+            let rs = render(&RenderInput {
+                layout,
+                listen: &cfg.listen,
+                service_cidrs: &cfg.service_cidrs,
+                ports: &ports,
+                ignored: &[],
+            });
+            assert!(!rs.v4.rules.iter().any(|r| r.contains("-m mark")), "{layout:?}");
+        }
+    }
+
     #[test]
     fn no_endpoints_goes_to_its_own_chain_and_v6() {
         let ports = [
@@ -388,15 +426,20 @@ mod tests {
             port("a/c", "fd00::11", Protocol::Tcp, 80, 15001, true),
         ];
         let rs = render_with(Layout::Portals, &ports, &[]);
-        // The IPv4 table is there (empty chains and the jumps into the small one) without ports.
-        assert_eq!(rs.v4.rules.len(), 2);
-        assert!(rs.v4.rules.iter().all(|r| r.ends_with("-j EDGEPROXY-NO-ENDPOINTS")), "{:?}", rs.v4.rules);
+        // The IPv4 table is there (the jumps into the small one, the own-traffic rule) without ports.
+        assert_eq!(rs.v4.rules.len(), 3);
+        assert!(
+            rs.v4.rules.iter().all(|r| r.ends_with("-j EDGEPROXY-NO-ENDPOINTS") || r.contains("-m mark")),
+            "{:?}",
+            rs.v4.rules
+        );
         assert_eq!(
             rs.v6.rules,
             vec![
                 "-A KUBE-PORTALS-CONTAINER -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
                 "-A KUBE-PORTALS-CONTAINER -d fd00::10/128 -p udp -m comment --comment \"a/b\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15002",
                 "-A KUBE-PORTALS-CONTAINER -d fd00::11/128 -p tcp -m comment --comment \"a/c\" -m tcp --dport 80 -j DNAT --to-destination [fd00:e16e::16]:15001",
+                "-A KUBE-PORTALS-HOST -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN",
                 "-A KUBE-PORTALS-HOST -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
                 "-A KUBE-PORTALS-HOST -d fd00::10/128 -p udp -m comment --comment \"a/b\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15002",
                 "-A KUBE-PORTALS-HOST -d fd00::11/128 -p tcp -m comment --comment \"a/c\" -m tcp --dport 80 -j DNAT --to-destination [fd00:e16e::16]:15001",
@@ -448,6 +491,7 @@ mod tests {
         assert_eq!(
             rs.v4.rules,
             vec![
+                "-A EDGE-MESH -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN",
                 "-A EDGE-MESH -d 10.96.0.2/32 -m comment --comment \"ignore a/b service\" -j RETURN",
                 "-A EDGE-MESH -d 10.96.0.3/32 -m comment --comment \"ignore a/b service\" -j RETURN",
                 "-A EDGE-MESH -d 10.96.0.9/32 -m comment --comment \"ignore m/z service\" -j RETURN",

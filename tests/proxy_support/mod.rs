@@ -200,6 +200,17 @@ impl Topo {
         self.tables.send_replace(Arc::new(plan.table));
     }
 
+    /// Hand the proxy a table of the test's own making, bypassing `state` (and its checks): the
+    /// rules stay as the last `apply` left them.
+    pub fn publish(&self, table: ProxyTable) {
+        self.tables.send_replace(Arc::new(table));
+    }
+
+    /// The table the proxy is using now.
+    pub fn table(&self) -> ProxyTable {
+        (**self.tables.borrow()).clone()
+    }
+
     /// Run `f` on a thread inside `ns` and wait for it.
     pub fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
         ns.thread(f).join().expect("client thread panicked")
