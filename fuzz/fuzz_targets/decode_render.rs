@@ -8,13 +8,20 @@ use edgeproxy::model::Kind;
 use edgeproxy::state::{Change, State, StateConfig};
 use libfuzzer_sys::fuzz_target;
 
-const OURS: &[&str] =
-    &["KUBE-PORTALS-CONTAINER ", "KUBE-PORTALS-HOST ", "EDGEPROXY-NO-ENDPOINTS ", "EDGE-MESH ", "EDGE-MESH-TCP ", "EDGE-MESH-UDP "];
+const OURS: &[&str] = &[
+    "KUBE-PORTALS-CONTAINER ",
+    "KUBE-PORTALS-HOST ",
+    "EDGEPROXY-NO-ENDPOINTS ",
+    "EDGE-MESH ",
+    "EDGE-MESH-TCP ",
+    "EDGE-MESH-UDP ",
+];
 
 fuzz_target!(|data: &[u8]| {
     let decoded = decode_document(data, None);
     let mut state = State::new(StateConfig::from(&Config::defaults()));
-    let mut by_kind: Vec<(Kind, Vec<_>)> = vec![(Kind::Service, vec![]), (Kind::EndpointSlice, vec![]), (Kind::Endpoints, vec![])];
+    let mut by_kind: Vec<(Kind, Vec<_>)> =
+        vec![(Kind::Service, vec![]), (Kind::EndpointSlice, vec![]), (Kind::Endpoints, vec![])];
     for o in decoded.objects {
         let k = o.kind();
         by_kind.iter_mut().find(|(kind, _)| *kind == k).expect("three kinds").1.push(o);

@@ -32,8 +32,12 @@ pub const MAX_OBJECT_BYTES: usize = 3 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectError {
     pub kind: Option<Kind>,
-    /// `namespace/name`, or `items[i]` when even the name could not be read.
+    /// `namespace/name` for messages (escaped when not a plain name), or `items[i]` when even
+    /// the name could not be read.
     pub object: String,
+    /// The object's key as its metadata says (whatever its validity), when that could be read:
+    /// the reflector keeps the last good version of exactly this key.
+    pub key: Option<ObjectKey>,
     /// JSON path of the offending field (`spec.ports[1].port`), empty for the whole object.
     pub field: String,
     pub message: String,
@@ -545,6 +549,7 @@ fn decode_item_with(
             return Err(ObjectError {
                 kind: None,
                 object: name_of(raw).unwrap_or_else(position),
+                key: key_as_given(raw),
                 field: "kind".into(),
                 message: match own {
                     Some(k) => format!("kind {k:?} is not a Service, EndpointSlice or Endpoints"),
@@ -556,6 +561,7 @@ fn decode_item_with(
     let fail = |field: String, message: String| ObjectError {
         kind: Some(kind),
         object: name_of(raw).unwrap_or_else(position),
+        key: key_as_given(raw),
         field,
         message,
     };
@@ -588,6 +594,12 @@ fn decode_item_with(
 }
 
 /// `namespace/name` of an object, if its metadata can be read at all.
+/// The key as the metadata gives it, unvalidated (for bookkeeping, never for rules).
+fn key_as_given(raw: &RawValue) -> Option<ObjectKey> {
+    let m = serde_json::from_str::<MetaOnly>(raw.get()).ok()?.metadata;
+    (!m.name.is_empty()).then(|| ObjectKey::new(&m.namespace, &m.name))
+}
+
 /// Escaped when it holds anything but `[a-z0-9.-]`, so a hostile name cannot forge log lines.
 fn name_of(raw: &RawValue) -> Option<String> {
     let m = serde_json::from_str::<MetaOnly>(raw.get()).ok()?.metadata;
@@ -913,7 +925,13 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
                 .metadata;
             let rule = if kind == Kind::Service { names::dns1123_label } else { names::dns1123_subdomain };
             let key = key_of(&meta, &mut Strings::default(), rule).map_err(|(field, message)| {
-                LineError::Object(ObjectError { kind: Some(kind), object: "DELETED object".into(), field, message })
+                LineError::Object(ObjectError {
+                    kind: Some(kind),
+                    object: "DELETED object".into(),
+                    key: None,
+                    field,
+                    message,
+                })
             })?;
             WatchEvent::Deleted(kind, key)
         }

@@ -290,11 +290,11 @@ impl Machine {
                 });
                 listing.objects.extend(objects);
                 for e in &errors {
-                    match e.object.split_once('/') {
-                        Some((ns, name)) if !name.contains('/') => {
-                            listing.bad.insert(ObjectKey::new(ns, name));
+                    match &e.key {
+                        Some(key) => {
+                            listing.bad.insert(key.clone());
                         }
-                        _ => listing.unnamed_bad = true,
+                        None => listing.unnamed_bad = true,
                     }
                 }
                 for e in errors {
@@ -1122,6 +1122,7 @@ mod tests {
         let bad = ObjectError {
             kind: Some(Kind::Service),
             object: "ns/b".into(),
+            key: Some(ObjectKey::new("ns", "b")),
             field: "spec.ports[0].port".into(),
             message: "x".into(),
         };

@@ -1,0 +1,408 @@
+//! A seeded simulation of the source and the state, in the style of sozu's UDP simulation: a
+//! model API server (objects, resourceVersions, an event history that gets compacted) answers
+//! the real reflector machine's actions (list pages, watches) with real JSON, through the real
+//! decoders, while the cluster changes at random: creates, updates, deletes, objects that fail
+//! validation (hostile names and port names, special addresses), garbage lines, bookmarks,
+//! dropped and expired watches, failed and expired list pages. Every change the source emits is
+//! applied to the real `State`, and checked against the model:
+//!
+//! - at every step, the state never drops an object that still exists in the cluster (the last
+//!   good version of an object whose new version fails validation stays);
+//! - at every step, every object in the state is a valid version the cluster really had;
+//! - once the cluster is quiet and the watch has caught up, the state holds exactly the
+//!   current valid version of every object, a previous valid version of every object whose
+//!   current version is invalid (or nothing, if it never had one the source could see), and
+//!   nothing that was deleted.
+//!
+//! Deterministic per seed (`SIM_SEED=n` replays one; `SIM_SEEDS=n` runs more seeds); no clock,
+//! no network, no root.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use edgeproxy::config::Config;
+use edgeproxy::kube::objects::{decode_document, decode_watch_line};
+use edgeproxy::kube::reflector::{Action, Input, Machine, ReflectorOptions, WatchEnd, WatchInput};
+use edgeproxy::model::Kind;
+use edgeproxy::source::SourceEvent;
+use edgeproxy::state::{Change, State, StateConfig};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// One version of a Service in the model: its port identifies the version (ports are unique
+/// per resourceVersion), `valid` says whether edgeproxy must accept it.
+#[derive(Clone, Debug)]
+struct Version {
+    name: String,
+    port: u16,
+    ip: &'static str,
+    port_name: &'static str,
+    valid: bool,
+}
+
+impl Version {
+    /// The object as the API server would send it, at resourceVersion `rv`.
+    fn json(&self, rv: u64) -> String {
+        let j = |s: &str| serde_json::to_string(s).unwrap();
+        format!(
+            r#"{{"kind":"Service","apiVersion":"v1","metadata":{{"name":{},"namespace":"sim","resourceVersion":"{rv}"}},"spec":{{"clusterIP":"{}","ports":[{{"name":{},"port":{}}}]}}}}"#,
+            j(&self.name),
+            self.ip,
+            j(self.port_name),
+            self.port
+        )
+    }
+}
+
+/// Names: mostly valid, a few hostile (never valid, whatever the rest says).
+const NAMES: &[&str] = &["web", "api", "db", "cache", "mqtt", "dns", "q\"uote", "back\\slash", "Upper", "a/b"];
+
+fn name_ok(name: &str) -> bool {
+    name.chars().all(|c| c.is_ascii_lowercase())
+}
+
+fn version(rng: &mut Rng, name: &str, port: u16) -> Version {
+    // An otherwise valid object is made invalid one time in eight, in a way decode must refuse.
+    let (ip, port_name, spoiled) = match rng.below(8) {
+        0 => ("127.0.0.1", "http", true),
+        1 => ("10.96.0.300", "http", true),
+        2 => ("10.96.1.1", "x\" -j RETURN\nCOMMIT\n*filter", true),
+        _ => ("10.96.1.1", "http", false),
+    };
+    Version { name: name.to_string(), port, ip, port_name, valid: name_ok(name) && !spoiled }
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Upsert {
+        added: bool,
+        v: Version,
+    },
+    /// The object as it was, sent with the deletion's resourceVersion.
+    Deleted {
+        v: Version,
+    },
+}
+
+/// The model API server (Services of one namespace).
+struct Cluster {
+    rv: u64,
+    /// name -> (resourceVersion of its last change, version).
+    objects: BTreeMap<String, (u64, Version)>,
+    /// (rv, event), oldest first; events at or below `compacted` are gone.
+    history: Vec<(u64, Event)>,
+    compacted: u64,
+    /// Every valid version each name has ever had (ports are unique, so a port names a version).
+    ever_valid: BTreeMap<String, BTreeSet<u16>>,
+    /// A list in progress: its resourceVersion and snapshot.
+    listing: Option<(u64, Vec<(u64, Version)>)>,
+}
+
+impl Cluster {
+    fn mutate(&mut self, rng: &mut Rng) {
+        let name = NAMES[rng.below(NAMES.len() as u64) as usize].to_string();
+        self.rv += 1;
+        let rv = self.rv;
+        let exists = self.objects.contains_key(&name);
+        if exists && rng.chance(30) {
+            let (_, old) = self.objects.remove(&name).unwrap();
+            self.history.push((rv, Event::Deleted { v: old }));
+            return;
+        }
+        assert!(rv < 60_000, "ports encode the resourceVersion");
+        let port = 1 + rv as u16;
+        let v = version(rng, &name, port);
+        if v.valid {
+            self.ever_valid.entry(name.clone()).or_default().insert(port);
+        }
+        self.objects.insert(name, (rv, v.clone()));
+        self.history.push((rv, Event::Upsert { added: !exists, v }));
+    }
+
+    fn list_document(items: &[(u64, Version)], rv: u64, cont: Option<&str>) -> String {
+        let items: Vec<String> = items.iter().map(|(rv, v)| v.json(*rv)).collect();
+        let cont = cont.map(|c| format!(r#","continue":"{c}""#)).unwrap_or_default();
+        format!(
+            r#"{{"kind":"ServiceList","apiVersion":"v1","metadata":{{"resourceVersion":"{rv}"{cont}}},"items":[{}]}}"#,
+            items.join(",")
+        )
+    }
+
+    fn event_line(ev: &Event, rv: u64) -> String {
+        match ev {
+            Event::Upsert { added, v } => {
+                format!(r#"{{"type":"{}","object":{}}}"#, if *added { "ADDED" } else { "MODIFIED" }, v.json(rv))
+            }
+            Event::Deleted { v } => format!(r#"{{"type":"DELETED","object":{}}}"#, v.json(rv)),
+        }
+    }
+}
+
+/// The checks the state must pass at every step.
+struct Observer {
+    /// What the state held after the previous step: name -> port (the version).
+    held: BTreeMap<String, u16>,
+}
+
+impl Observer {
+    fn after(&mut self, state: &State, cluster: &Cluster, seed: u64, step: usize) {
+        let now: BTreeMap<String, u16> = state
+            .snapshot()
+            .services
+            .iter()
+            .map(|(k, s)| (k.name.to_string(), s.ports.first().map_or(0, |p| p.port)))
+            .collect();
+        for (name, port) in &self.held {
+            if !now.contains_key(name) {
+                // Allowed only if the cluster deleted the name after the version held was written
+                // (ports are resourceVersion + 1 here, see `Cluster::mutate`).
+                let written = u64::from(*port) - 1;
+                let deleted = cluster
+                    .history
+                    .iter()
+                    .any(|(rv, ev)| *rv > written && matches!(ev, Event::Deleted { v } if v.name == *name));
+                assert!(deleted, "seed {seed} step {step}: the state dropped {name}, which the cluster still has");
+            }
+        }
+        for (name, port) in &now {
+            assert!(name_ok(name), "seed {seed} step {step}: an invalid name reached the state: {name:?}");
+            assert!(
+                cluster.ever_valid.get(name).is_some_and(|h| h.contains(port)),
+                "seed {seed} step {step}: {name} with port {port} is no valid version the cluster had"
+            );
+        }
+        self.held = now;
+    }
+}
+
+fn trace(e: &SourceEvent) {
+    if std::env::var("SIM_TRACE").is_ok() {
+        let text = match e {
+            SourceEvent::Change(Change::Upsert(o)) => format!("upsert {}", o.key()),
+            SourceEvent::Change(Change::Delete(_, k)) => format!("delete {k}"),
+            SourceEvent::Change(Change::Replace(_, v)) => {
+                format!("replace {:?}", v.iter().map(|o| o.key().to_string()).collect::<Vec<_>>())
+            }
+            SourceEvent::Change(Change::Retain(_, v)) => {
+                format!("retain {:?}", v.iter().map(|k| k.to_string()).collect::<Vec<_>>())
+            }
+            other => format!("{other:?}"),
+        };
+        eprintln!("  -> {}", text.chars().take(200).collect::<String>());
+    }
+}
+
+fn simulate(seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut cluster = Cluster {
+        rv: 100,
+        objects: BTreeMap::new(),
+        history: Vec::new(),
+        compacted: 100,
+        ever_valid: BTreeMap::new(),
+        listing: None,
+    };
+    for _ in 0..6 {
+        cluster.mutate(&mut rng);
+    }
+    let opts = ReflectorOptions { seed: Some(seed), ..ReflectorOptions::default() };
+    let mut machine = Machine::new(Kind::Service, None, &opts, seed);
+    let mut state = State::new(StateConfig::from(&Config::defaults()));
+    let mut observer = Observer { held: BTreeMap::new() };
+    let mut events: Vec<SourceEvent> = Vec::new();
+    let mut action = machine.start();
+    let mut quiet = false;
+    let mut caught_up_at = None;
+    let steps = 400;
+
+    for step in 0..steps * 4 {
+        if step == steps {
+            quiet = true; // no more changes: the source must converge
+        }
+        action = match action {
+            Action::Sleep(_) => machine.step(Input::Woke, &mut |e| events.push(e)),
+            Action::List { continue_token } => {
+                if !quiet && rng.chance(5) {
+                    machine
+                        .step(Input::ListFailed { expired: false, message: "HTTP 500".into() }, &mut |e| events.push(e))
+                } else {
+                    let offset: usize = match continue_token.as_deref() {
+                        None => {
+                            cluster.listing = Some((cluster.rv, cluster.objects.values().cloned().collect()));
+                            0
+                        }
+                        Some(t) => t.parse().unwrap(),
+                    };
+                    let (rv, items) = cluster.listing.clone().expect("a list in progress");
+                    if offset > 0 && !quiet && rng.chance(10) {
+                        // The continue token expired between pages: 410.
+                        machine.step(Input::ListFailed { expired: true, message: "HTTP 410".into() }, &mut |e| {
+                            events.push(e)
+                        })
+                    } else {
+                        let page: Vec<(u64, Version)> = items.iter().skip(offset).take(3).cloned().collect();
+                        let next = offset + page.len();
+                        let cont = (next < items.len()).then(|| next.to_string());
+                        let doc = Cluster::list_document(&page, rv, cont.as_deref());
+                        let d = decode_document(doc.as_bytes(), Some(Kind::Service));
+                        assert!(d.document_error.is_none(), "{:?}", d.document_error);
+                        let input = Input::Page {
+                            objects: d.objects,
+                            errors: d.errors,
+                            resource_version: d.resource_version.clone(),
+                            continue_token: d.continue_token.clone(),
+                        };
+                        machine.step(input, &mut |e| events.push(e))
+                    }
+                }
+            }
+            Action::Watch { resource_version, .. } => {
+                let from: u64 = resource_version.parse().unwrap();
+                if from < cluster.compacted {
+                    machine.step(
+                        Input::WatchRefused { status: Some(410), expired: true, message: "too old".into() },
+                        &mut |e| events.push(e),
+                    )
+                } else {
+                    // Inside the watch: changes happen, events flow, the stream ends somehow.
+                    let mut cursor = from;
+                    let mut next_action = None;
+                    for _ in 0..50 {
+                        if !quiet && rng.chance(35) {
+                            cluster.mutate(&mut rng);
+                        }
+                        if !quiet && rng.chance(3) {
+                            // The server compacts its history; a watch still open gets 410.
+                            cluster.compacted = cluster.rv;
+                            let line = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Expired","code":410,"message":"too old resource version"}}"#;
+                            next_action = machine
+                                .on_watch(WatchInput::Line(decode_watch_line(line, Kind::Service)), &mut |e| {
+                                    events.push(e)
+                                });
+                            break;
+                        }
+                        let pending = cluster.history.iter().any(|(rv, _)| *rv > cursor);
+                        let line: Option<Vec<u8>> = if !quiet && rng.chance(4) {
+                            Some(b"{not json at all".to_vec())
+                        } else if rng.chance(5) {
+                            // A bookmark claims only what was delivered: everything, if nothing is
+                            // pending, up to the newest resourceVersion.
+                            if !pending {
+                                cursor = cursor.max(cluster.rv);
+                            }
+                            let bm = format!(
+                                r#"{{"type":"BOOKMARK","object":{{"kind":"Service","metadata":{{"resourceVersion":"{cursor}"}}}}}}"#
+                            );
+                            Some(bm.into_bytes())
+                        } else {
+                            cluster.history.iter().find(|(rv, _)| *rv > cursor).map(|(rv, ev)| {
+                                cursor = *rv;
+                                Cluster::event_line(ev, *rv).into_bytes()
+                            })
+                        };
+                        if let Some(line) = line {
+                            let a = machine
+                                .on_watch(WatchInput::Line(decode_watch_line(&line, Kind::Service)), &mut |e| {
+                                    events.push(e)
+                                });
+                            if std::env::var("SIM_TRACE").is_ok() {
+                                eprintln!(
+                                    "line {}",
+                                    String::from_utf8_lossy(&line).chars().take(150).collect::<String>()
+                                );
+                            }
+                            for e in events.drain(..) {
+                                trace(&e);
+                                if let SourceEvent::Change(c) = e {
+                                    state.apply(c);
+                                }
+                            }
+                            observer.after(&state, &cluster, seed, step);
+                            if a.is_some() {
+                                next_action = a;
+                                break;
+                            }
+                        }
+                        if quiet && cursor >= cluster.history.last().map_or(0, |h| h.0) {
+                            caught_up_at.get_or_insert(step);
+                        }
+                        if !quiet && rng.chance(6) {
+                            break; // the stream ends
+                        }
+                    }
+                    match next_action {
+                        Some(a) => a,
+                        None => {
+                            let end = match rng.below(3) {
+                                0 => WatchEnd::Closed,
+                                1 => WatchEnd::Broken("connection reset".into()),
+                                _ => WatchEnd::Idle,
+                            };
+                            machine.step(Input::WatchEnded(end), &mut |e| events.push(e))
+                        }
+                    }
+                }
+            }
+        };
+        for e in events.drain(..) {
+            trace(&e);
+            if let SourceEvent::Change(c) = e {
+                state.apply(c);
+            }
+        }
+        observer.after(&state, &cluster, seed, step);
+        if caught_up_at.is_some() {
+            break;
+        }
+    }
+    assert!(caught_up_at.is_some(), "seed {seed}: the source never caught up once the cluster was quiet");
+
+    // Converged: the current valid version of each object, else an earlier valid one (or none).
+    let held: BTreeMap<String, u16> = state
+        .snapshot()
+        .services
+        .iter()
+        .map(|(k, s)| (k.name.to_string(), s.ports.first().map_or(0, |p| p.port)))
+        .collect();
+    for (name, (_, v)) in &cluster.objects {
+        match (v.valid, held.get(name)) {
+            (true, Some(p)) => assert_eq!(*p, v.port, "seed {seed}: {name} is not at its current version"),
+            (true, None) => panic!("seed {seed}: {name} exists with a valid version but is missing"),
+            // The last good version stays (possibly of an earlier incarnation of the name, which
+            // a relist cannot tell apart from this one).
+            (false, Some(p)) => assert!(
+                cluster.ever_valid.get(name).is_some_and(|h| h.contains(p)),
+                "seed {seed}: {name} holds port {p}, no valid version of it"
+            ),
+            (false, None) => {}
+        }
+    }
+    let gone: BTreeSet<&String> = held.keys().filter(|n| !cluster.objects.contains_key(*n)).collect();
+    assert!(gone.is_empty(), "seed {seed}: deleted objects still held: {gone:?}");
+}
+
+#[test]
+fn source_and_state_against_a_model_cluster() {
+    if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        simulate(seed);
+        return;
+    }
+    let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    for seed in 1..=seeds {
+        simulate(seed);
+    }
+}
