@@ -29,7 +29,10 @@ keep=false
 shared=$(cd "$repo/../shared" 2>/dev/null && pwd) || { echo "fresh-machine: no ../shared beside $repo" >&2; exit 2; }
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
-[ -d "$rustup_home/toolchains" ] && [ -x "$cargo_bin/rustup" ] || { echo "fresh-machine: no rustup toolchains in $rustup_home" >&2; exit 2; }
+if [ ! -d "$rustup_home/toolchains" ] || [ ! -x "$cargo_bin/rustup" ]; then
+	echo "fresh-machine: no rustup toolchains in $rustup_home" >&2
+	exit 2
+fi
 command -v debootstrap >/dev/null || { echo "fresh-machine: debootstrap missing (tests/setup.sh installs it)" >&2; exit 1; }
 
 cache=${EDGEPROXY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeproxy}/fresh-machine
@@ -52,6 +55,7 @@ if [ ! -s "$base" ]; then
 fi
 
 root=$(mktemp -d "$cache/root.XXXXXX")
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
 	if $keep; then echo "fresh-machine: kept $root" >&2; else rm -rf "$root"; fi
 }
@@ -98,8 +102,12 @@ chmod 755 "$root/run-inside.sh"
 
 say "running .ci/run inside the root (a private mount namespace; the host's network)"
 rc=0
+# The inner script runs in the new namespace; its variables are its own (hence single quotes).
+# shellcheck disable=SC2016
 unshare --mount --propagation private --fork bash -euo pipefail -c '
 	r=$1 rustup_home=$2
+	# The root must be a mount point: `ip netns exec` remounts / as a slave.
+	mount --bind "$r" "$r"
 	mount -t proc proc "$r/proc"
 	mount -t sysfs sysfs "$r/sys"
 	mount --rbind /dev "$r/dev"
