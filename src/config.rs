@@ -49,7 +49,9 @@ pub struct FileConfig {
     pub default_ignores: Option<String>,
     /// `portals` | `root-chain`.
     pub layout: Option<String>,
-    /// Service CIDRs, used by the `root-chain` layout's catch rule.
+    /// Service CIDRs, used by the `root-chain` layout's catch rule. Spelled `serviceCIDRs`, as
+    /// the README, the messages and Kubernetes (`--service-cluster-ip-range`'s docs) write it.
+    #[serde(rename = "serviceCIDRs")]
     pub service_cidrs: Option<Vec<String>>,
     /// This node's name (`NODE_NAME` in EdgeMesh), for `internalTrafficPolicy: Local`.
     pub node_name: Option<String>,
