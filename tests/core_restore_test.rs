@@ -1,5 +1,6 @@
 //! `iptables-restore --test` accepts every rendered rule set, for both the nft and the legacy
-//! backend, inside a network namespace this test creates (nothing is committed either way).
+//! backend, inside a network namespace this test creates (nothing is committed either way),
+//! also with hostile objects among the real ones.
 
 mod support;
 
@@ -22,6 +23,14 @@ const DUAL_STACK: &str = r#"{"kind":"List","items":[
   {"kind":"Service","metadata":{"name":"ignored","namespace":"v6","labels":{"noproxy":"edgemesh"}},"spec":{"clusterIP":"fd00:10:96::8","clusterIPs":["fd00:10:96::8"],"ports":[{"port":80}]}},
   {"kind":"EndpointSlice","metadata":{"name":"dual-v6","namespace":"v6","labels":{"kubernetes.io/service-name":"dual"}},"addressType":"IPv6",
    "endpoints":[{"addresses":["fd00:200::1"]}],"ports":[{"name":"http","port":8080},{"name":"dns","protocol":"UDP","port":53}]}]}"#;
+
+/// Hostile documents from the fuzz seeds: injection names, quotes and backslashes, loops,
+/// special addresses.
+const HOSTILE: &[&str] = &["injection.json", "quote-backslash.json", "loops.json", "special-ips.json"];
+
+fn seed_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode_render")
+}
 
 fn restore_test(ns: &Netns, bin: &str, text: &str) {
     let mut child = ns
@@ -71,6 +80,17 @@ fn every_rendered_rule_set_passes_iptables_restore_test_on_both_backends() {
                     for obj in d.objects {
                         st.apply(Change::Upsert(obj));
                     }
+                    // The probes of the injection report beside them: refused, and what remains
+                    // restores (one bad name never blocks the others).
+                    let mut refused = 0;
+                    for doc in HOSTILE {
+                        let d = decode_document(&std::fs::read(seed_dir().join(doc)).unwrap(), None);
+                        refused += d.errors.len();
+                        for obj in d.objects {
+                            st.apply(Change::Upsert(obj));
+                        }
+                    }
+                    assert!(refused >= 9, "the hostile seeds must hold refused objects ({refused})");
                     let plan = st.plan();
                     assert!(!plan.rules.v6.is_empty(), "the dual-stack service renders an ip6tables set");
                     for backend in ["nft", "legacy"] {

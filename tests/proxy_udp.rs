@@ -156,6 +156,24 @@ fn udp_request_response_volume_expiry_and_cap() {
     assert_eq!(ask(&s2, b"moved").as_deref(), Some(&b"b3:moved"[..]));
     drop(squatter);
 
+    // A burst: 1,000 datagrams sent back to back before reading any answer (the probe got 256
+    // answers with default buffers). The client's and backends' buffers are large here, so what
+    // is measured is the proxy's own service and flow sockets.
+    let burst = client(&t.pod, DNS);
+    force_rcvbuf(&burst, 8 << 20);
+    burst.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    for i in 0..1000u32 {
+        burst.send(format!("burst {i:04} {}", "x".repeat(64)).as_bytes()).unwrap();
+    }
+    let mut answers = 0;
+    let mut buf = vec![0u8; 2048];
+    while burst.recv(&mut buf).is_ok() {
+        answers += 1;
+    }
+    eprintln!("UDP burst: {answers} answers to 1000 datagrams");
+    assert_eq!(answers, 1000, "datagrams of a burst were dropped");
+    drop(burst);
+
     let total = stats.services().into_iter().find(|(n, _)| &**n == "t/dns:p").expect("per-service counters").1;
     assert!(total.udp_flows_created.get() >= 15);
 }

@@ -293,10 +293,27 @@ fn serve_tcp_hold(ns: &Netns, addr: &str) {
     });
 }
 
+/// Give a test socket a large receive buffer (as root, past net.core.rmem_max), so a burst test
+/// measures the proxy's buffers, not the test's own.
+pub fn force_rcvbuf(s: &impl std::os::fd::AsRawFd, bytes: i32) {
+    // SAFETY: setsockopt on a descriptor the caller owns, with a pointer to a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
+}
+
 fn serve_udp_echo(ns: &Netns, addr: &str, id: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
     let prefix = format!("{id}:").into_bytes();
     let s = ns.thread(move || UdpSocket::bind(addr)).join().unwrap().expect("bind udp");
+    force_rcvbuf(&s, 8 << 20);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65_536];
         let mut out = Vec::with_capacity(65_600);
