@@ -112,6 +112,8 @@ pub struct TcpFile {
     pub dial_attempts: Option<u32>,
     pub buffer_size: Option<usize>,
     pub max_connections_per_source: Option<usize>,
+    /// Absent: connections are never closed for being idle.
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +216,8 @@ pub struct Config {
     pub udp_max_flows: usize,
     /// Open TCP connections per client address (`tcp.maxConnectionsPerSource`).
     pub tcp_max_per_source: usize,
+    /// `tcp.idleTimeout`: `None` (the default) never closes an idle connection.
+    pub tcp_idle_timeout: Option<Duration>,
     /// UDP flows per client address (`udp.maxFlowsPerSource`).
     pub udp_max_flows_per_source: usize,
     pub backend: Backend,
@@ -441,6 +445,12 @@ impl Config {
             udp_max_flows: num_in(udp.max_flows, 4096, 1, 1 << 20).map_err(|m| err("udp.maxFlows", m))?,
             tcp_max_per_source: num_in(tcp.max_connections_per_source, 2048, 1, 1 << 20)
                 .map_err(|m| err("tcp.maxConnectionsPerSource", m))?,
+            tcp_idle_timeout: match tcp.idle_timeout.as_deref() {
+                None => None,
+                Some(v) => {
+                    Some(dur_in(Some(v), SECOND, 100 * MILLI, 7 * 24 * HOUR).map_err(|m| err("tcp.idleTimeout", m))?)
+                }
+            },
             udp_max_flows_per_source: num_in(udp.max_flows_per_source, 1024, 1, 1 << 20)
                 .map_err(|m| err("udp.maxFlowsPerSource", m))?,
             backend,

@@ -506,6 +506,12 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
             .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), v)),
     );
     family(
+        "edgeproxy_connections_idle_closed_total",
+        "counter",
+        "TCP connections closed after tcp.idleTimeout without a byte either way (off unless set).",
+        &mut std::iter::once((String::new(), stats.tcp_idle_closed.get())),
+    );
+    family(
         "edgeproxy_bytes_total",
         "counter",
         "Bytes relayed by service port and direction (to_backend, to_client), TCP and UDP.",

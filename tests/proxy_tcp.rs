@@ -307,4 +307,56 @@ fn a_table_that_points_at_itself_cannot_make_the_proxy_dial_itself() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(t.stats.tcp_accepted.get(), accepted + 1, "the proxy accepted its own upstream connection");
     assert_eq!(t.stats.total.tcp_dial_failed.get(), 1);
+
+    // UDP likewise (the probe: one datagram filled the flow table): the service's backend is its
+    // own ClusterIP:port; the flow's marked datagram leaves our chains alone, so one datagram
+    // makes one flow.
+    let dns: std::net::SocketAddr = DNS.parse().unwrap();
+    let mut table = t.table();
+    let port = *table.udp.iter().find(|(_, e)| e.name.starts_with("t/dns")).expect("dns in the table").0;
+    let mut entry = (**table.udp.get(&port).unwrap()).clone();
+    entry.backends = vec![Backend { addr: dns, local: false }];
+    table.udp.insert(port, std::sync::Arc::new(entry));
+    t.publish(table);
+    std::thread::sleep(Duration::from_millis(200));
+    let created = t.stats.total.udp_flows_created.get();
+    Topo::in_ns(&t.pod, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"who", dns).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(t.stats.total.udp_flows_created.get(), created + 1, "one datagram, one flow");
+}
+
+/// `tcp.idleTimeout` (off by default): a connection with no byte either way for the timeout is
+/// closed with a FIN both ways (between one and two timeouts after its last byte); one that keeps
+/// talking is not.
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn idle_connections_close_at_the_idle_timeout_busy_ones_do_not() {
+    let mut cfg = test_config();
+    cfg.tcp_idle_timeout = Some(Duration::from_millis(300));
+    let t = Topo::new(cfg);
+    // Idle: the hold backend greets once, then neither side says anything.
+    let (mut idle, _) = connect(&t.pod, HOLD).unwrap();
+    let mut b = [0u8; 2];
+    idle.read_exact(&mut b).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let n = idle.read_to_end(&mut rest).expect("an orderly close, not a reset");
+    let waited = started.elapsed();
+    assert_eq!(n, 0);
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_millis(900), "closed after {waited:?}");
+    assert_eq!(t.stats.tcp_idle_closed.get(), 1);
+    // Busy: a byte every 100 ms for 1.2 s (four timeouts) keeps the connection.
+    let (mut busy, _) = connect(&t.pod, WEB).unwrap();
+    let _ = greeting(&mut busy).unwrap();
+    for i in 0..12u8 {
+        busy.write_all(&[b'a' + i]).unwrap();
+        let mut echo = [0u8; 1];
+        busy.read_exact(&mut echo).unwrap();
+        assert_eq!(echo[0], b'a' + i);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(t.stats.tcp_idle_closed.get(), 1, "the busy connection was closed");
 }

@@ -71,6 +71,9 @@ pub struct ProxyConfig {
     /// SO_MARK of every upstream socket (0: none); the rules let marked packets pass our
     /// chains, so the proxy cannot dial itself whatever its table says.
     pub mark: u32,
+    /// Close a TCP connection after this long without a byte either way (`None`, the default:
+    /// never, like kube-proxy's kernel path; keepalive still finds dead peers).
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 impl From<&Config> for ProxyConfig {
@@ -87,6 +90,7 @@ impl From<&Config> for ProxyConfig {
             tcp_max_per_source: c.tcp_max_per_source.max(1),
             udp_max_flows_per_source: c.udp_max_flows_per_source.max(1),
             mark: c.listen.mark,
+            tcp_idle_timeout: c.tcp_idle_timeout,
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct ProxyStats {
     pub tcp_refused_per_source: Counter,
     /// Refused: connections and flows would use the descriptors kept in reserve.
     pub tcp_refused_fd_budget: Counter,
+    /// Connections closed after `tcp.idleTimeout` without a byte either way.
+    pub tcp_idle_closed: Counter,
     /// Sums over all services, so the totals survive a service's removal.
     pub total: ServiceCounters,
     /// Times accepting paused because the process or system ran out of file descriptors.

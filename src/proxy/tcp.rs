@@ -235,7 +235,40 @@ async fn serve(
         // the socket: no extra read that only returns EAGAIN per message.
         let (mut client_r, _) = client.split();
         let (mut upstream_r, _) = upstream.split();
-        poll_fn(|cx| relay.poll(cx, &mut client_r, &mut upstream_r)).await
+        match shared.cfg.tcp_idle_timeout {
+            None => poll_fn(|cx| relay.poll(cx, &mut client_r, &mut upstream_r)).await,
+            Some(idle) => {
+                // One timer, looked at only when it fires: traffic since it was set pushes it on
+                // by another `idle` (so an idle connection ends between one and two timeouts
+                // after its last byte), and no byte costs a clock read or a timer reset.
+                let timer = tokio::time::sleep(idle);
+                tokio::pin!(timer);
+                let mut seen = 0;
+                poll_fn(|cx| {
+                    if let Poll::Ready(r) = relay.poll(cx, &mut client_r, &mut upstream_r) {
+                        return Poll::Ready(r.map(|()| false));
+                    }
+                    while std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                        if relay.moved() == seen {
+                            return Poll::Ready(Ok(true));
+                        }
+                        seen = relay.moved();
+                        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
+                    Poll::Pending
+                })
+                .await
+                .map(|idle_ended| {
+                    if idle_ended {
+                        stats.tcp_idle_closed.inc();
+                        log::debug!("{peer} ({}): idle for {idle:?}; closed", entry.name);
+                        // A FIN both ways: the peers see an orderly close.
+                        let _ = SockRef::from(&client).shutdown(Shutdown::Both);
+                        let _ = SockRef::from(&upstream).shutdown(Shutdown::Both);
+                    }
+                })
+            }
+        }
     };
     if let Err(e) = result {
         log::debug!("{peer} ({}): relay ended: {e}", entry.name);
@@ -291,6 +324,11 @@ struct Relay<'a> {
 }
 
 impl Relay<'_> {
+    /// Bytes moved either way so far.
+    fn moved(&self) -> u64 {
+        self.up.moved + self.down.moved
+    }
+
     /// Ready(Ok) once both directions have ended cleanly; Ready(Err) at the first error.
     fn poll(
         &mut self,
@@ -341,6 +379,8 @@ struct Pipe {
     bulk: bool,
     eof: bool,
     done: bool,
+    /// Bytes written on so far (the idle timeout watches it).
+    moved: u64,
 }
 
 impl Pipe {
@@ -364,6 +404,7 @@ impl Pipe {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => {
                         self.in_pipe -= n;
+                        self.moved += n as u64;
                         counters.iter().for_each(|c| c.add(n as u64));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -378,6 +419,7 @@ impl Pipe {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => {
                         self.start += n;
+                        self.moved += n as u64;
                         counters.iter().for_each(|c| c.add(n as u64));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
