@@ -147,6 +147,10 @@ pub struct RunCmd {
     /// interval between full lists in poll mode (default 30s)
     #[argh(option)]
     pub poll_interval: Option<String>,
+    /// endpoints API: auto (default: EndpointSlices if the server lists them, else core/v1
+    /// Endpoints), endpointslices or endpoints
+    #[argh(option)]
+    pub endpoints_api: Option<String>,
     /// rule layout: portals (default) or root-chain
     #[argh(option)]
     pub layout: Option<String>,
@@ -195,6 +199,7 @@ impl RunCmd {
         o.set("metaserver", self.metaserver.clone());
         o.set("watch", self.watch.clone());
         o.set("poll-interval", self.poll_interval.clone());
+        o.set("endpoints-api", self.endpoints_api.clone());
         o.set("layout", self.layout.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
         o.set("node-name", self.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()));

@@ -449,6 +449,7 @@ config edgeproxy 'main'
 	option metaserver 'http://127.0.0.1:10550'
 	option watch 'off'
 	option poll_interval '45s'
+	option endpoints_api 'endpoints'
 	option layout 'root-chain'
 	option service_filter_mode 'FilterIfLabelDoesNotExists'
 	option node_name 'edge node 1'
@@ -490,6 +491,8 @@ config edgeproxy 'main'
         "false",
         "--poll-interval",
         "45s",
+        "--endpoints-api",
+        "endpoints",
         "--layout",
         "root-chain",
         "--service-filter-mode",

@@ -15,7 +15,7 @@ use edgeproxy::kube::reflector::{self, ReflectorOptions};
 use edgeproxy::model::{Kind, Object, ObjectKey};
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::state::Change;
-use support::apiserver::{fixture, ApiServer, Cluster, Reply};
+use support::apiserver::{fixture, ApiServer, Cluster, Personality, Reply};
 
 type Held = BTreeMap<(Kind, ObjectKey), Object>;
 
@@ -387,17 +387,63 @@ fn metaserver_over_plain_http() {
     run.stop();
 }
 
+/// KubeEdge's MetaServer answers 500 for every non-resource path (no API discovery) and sends no
+/// bookmarks; older releases call the slice list `EndpointslicList`. The default settings
+/// (`endpointsApi: auto`) become ready against both, on EndpointSlices.
 #[test]
-fn no_discovery_v1_means_core_endpoints() {
-    let s = ApiServer::start();
-    s.route(|r| (r.path == "/apis/discovery.k8s.io/v1").then(|| Reply::status(404, "NotFound", "not found")));
-    let run = Run::start(&cfg_for(&s), opts());
-    let mut want: Held = oracle().into_iter().filter(|((k, _), _)| *k == Kind::Service).collect();
-    for o in decode_document(&fixture("list-endpoints-raw.json"), Some(Kind::Endpoints)).objects {
-        want.insert((Kind::Endpoints, o.key().clone()), o);
+fn metaserver_personality_with_the_default_settings_converges_on_endpointslices() {
+    for old_kinds in [false, true] {
+        let mut cluster = Cluster::fixtures();
+        cluster.personality = Personality::MetaServer { old_kinds };
+        let s = ApiServer::start_with(cluster, false);
+        let mut cfg = Config::defaults().source;
+        assert_eq!(cfg.endpoints_api, edgeproxy::config::EndpointsApi::Auto);
+        cfg.kind = SourceKind::MetaServer;
+        cfg.meta_server = s.url.clone();
+        let run = Run::start(&cfg, opts());
+        let ev = run.converge(&oracle(), Duration::from_secs(10));
+        assert!(ev.contains(&SourceEvent::Synced(Kind::EndpointSlice)), "old kinds {old_kinds}");
+        assert!(s.requests().iter().all(|r| r.path != "/apis/discovery.k8s.io/v1"), "no discovery request");
+        assert!(s.requests().iter().all(|r| r.path != "/api/v1/endpoints"), "no fallback to core/v1 Endpoints");
+        run.stop();
     }
-    run.converge(&want, Duration::from_secs(10));
-    assert!(s.requests().iter().all(|r| r.path != "/apis/discovery.k8s.io/v1/endpointslices"));
+}
+
+/// A server that cannot list EndpointSlices (404: no discovery.k8s.io/v1; 500: a MetaServer
+/// without them) is read through core/v1 Endpoints.
+#[test]
+fn no_endpointslices_means_core_endpoints() {
+    for status in [404, 500] {
+        let s = ApiServer::start();
+        s.route(move |r| {
+            (r.path == "/apis/discovery.k8s.io/v1/endpointslices").then(|| Reply::status(status, "NotFound", "no"))
+        });
+        let run = Run::start(&cfg_for(&s), opts());
+        let mut want: Held = oracle().into_iter().filter(|((k, _), _)| *k == Kind::Service).collect();
+        for o in decode_document(&fixture("list-endpoints-raw.json"), Some(Kind::Endpoints)).objects {
+            want.insert((Kind::Endpoints, o.key().clone()), o);
+        }
+        run.converge(&want, Duration::from_secs(10));
+        run.stop();
+    }
+}
+
+/// Answers that say nothing about which API the server serves (401, 503) are retried, never
+/// taken as "no EndpointSlices".
+#[test]
+fn an_unavailable_server_is_retried_not_taken_for_an_old_one() {
+    let s = ApiServer::start();
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(2));
+    let f = failures.clone();
+    s.route(move |r| {
+        let probe = r.path == "/apis/discovery.k8s.io/v1/endpointslices" && r.param("limit") == Some("1");
+        (probe && f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok())
+            .then(|| Reply::status(503, "ServiceUnavailable", "starting"))
+    });
+    let run = Run::start(&cfg_for(&s), opts());
+    run.converge(&oracle(), Duration::from_secs(15));
+    assert_eq!(failures.load(Ordering::SeqCst), 0);
+    assert!(s.requests().iter().all(|r| r.path != "/api/v1/endpoints"));
     run.stop();
 }
 

@@ -373,7 +373,8 @@ struct MetaOnly<'a> {
 pub fn kind_of(name: &str) -> Option<Kind> {
     match name.strip_suffix("List").unwrap_or(name) {
         "Service" => Some(Kind::Service),
-        "EndpointSlice" => Some(Kind::EndpointSlice),
+        // `EndpointslicList`: what older KubeEdge MetaServers call an EndpointSlice list.
+        "EndpointSlice" | "Endpointslic" => Some(Kind::EndpointSlice),
         "Endpoints" => Some(Kind::Endpoints),
         _ => None,
     }

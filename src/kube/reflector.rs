@@ -565,8 +565,8 @@ fn nap(d: Duration, stop: &AtomicBool) -> bool {
     false
 }
 
-/// Which endpoint kind to reflect: as configured, or (auto) EndpointSlices unless the server
-/// answers 404 for discovery.k8s.io/v1. `None` when stopped before deciding.
+/// Which endpoint kind to reflect: as configured, or (auto) what [`probe_endpoints_api`] finds.
+/// `None` when stopped before deciding.
 fn endpoints_kind(
     client: &Client,
     api: EndpointsApi,
@@ -582,7 +582,7 @@ fn endpoints_kind(
     }
     let mut m = Machine::new(Kind::EndpointSlice, None, opts, seed(opts, salt));
     loop {
-        match probe_discovery(client) {
+        match probe_endpoints_api(client) {
             Ok(k) => {
                 log::info!("endpoints from {}", collection_path(k));
                 return Some(k);
@@ -600,15 +600,40 @@ fn endpoints_kind(
     }
 }
 
-/// `GET /apis/discovery.k8s.io/v1`: 200 -> EndpointSlices, 404 -> core/v1 Endpoints.
-pub fn probe_discovery(client: &Client) -> Result<Kind, String> {
-    let r = client.get("/apis/discovery.k8s.io/v1").map_err(|e| format!("discovery probe: {e}"))?;
+/// Which endpoints API the server serves, asked the way every server answers: a one-item list
+/// of EndpointSlices (`?limit=1`), not API discovery, which KubeEdge's MetaServer does not serve
+/// (it answers 500 for every path that is not a resource request).
+///
+/// - 200 with an EndpointSlice list (KubeEdge's older `EndpointslicList` counts) -> EndpointSlices;
+/// - 200 with anything else, 404 (no discovery.k8s.io/v1), 400/405/500/501 (a server that cannot
+///   list them) -> core/v1 Endpoints;
+/// - 401/403, 429, 502-504 and transport errors -> `Err`, retried with back-off: those say
+///   nothing about what the server serves.
+pub fn probe_endpoints_api(client: &Client) -> Result<Kind, String> {
+    let path = "/apis/discovery.k8s.io/v1/endpointslices?limit=1";
+    let r = client.get(path).map_err(|e| format!("endpoints API probe: {e}"))?;
+    let fallback = |why: String| {
+        log::info!("endpoints API probe: {why}; using core/v1 Endpoints");
+        Ok(Kind::Endpoints)
+    };
     match r.status {
-        200 => Ok(Kind::EndpointSlice),
-        404 => Ok(Kind::Endpoints),
+        200 => {
+            let body = r.read_limited(4 << 20).map_err(|e| format!("endpoints API probe: {e}"))?;
+            let kind = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
+            match kind.as_deref().and_then(crate::kube::objects::kind_of) {
+                Some(Kind::EndpointSlice) => Ok(Kind::EndpointSlice),
+                _ => fallback(format!("{path} answered a list of kind {kind:?}")),
+            }
+        }
+        s @ (400 | 404 | 405 | 500 | 501) => {
+            let st = r.status_body();
+            fallback(format!("{path}: HTTP {s} {}", st.message))
+        }
         s => {
             let st = r.status_body();
-            Err(format!("discovery probe: HTTP {s}: {}", st.message))
+            Err(format!("endpoints API probe: HTTP {s}: {}", st.message))
         }
     }
 }
@@ -928,7 +953,7 @@ pub fn list_all_with(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<List
     let ep_kind = match cfg.endpoints_api {
         EndpointsApi::EndpointSlices => Kind::EndpointSlice,
         EndpointsApi::Endpoints => Kind::Endpoints,
-        EndpointsApi::Auto => probe_discovery(&client).map_err(|message| SourceError { message })?,
+        EndpointsApi::Auto => probe_endpoints_api(&client).map_err(|message| SourceError { message })?,
     };
     let mut out = Listed { origin: format!("{} ({})", client.server(), client.origin()), ..Listed::default() };
     let stop = AtomicBool::new(false);

@@ -105,6 +105,20 @@ pub struct Cluster {
     /// Per resource path: list before, list after, watch lines.
     resources: Vec<Resource>,
     pub faults: Faults,
+    pub personality: Personality,
+}
+
+/// Which server the test server plays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Personality {
+    /// kube-apiserver: discovery, bookmarks, 404 for unknown paths.
+    #[default]
+    ApiServer,
+    /// KubeEdge's MetaServer (`edge/pkg/metamanager/metaserver`), as the edge-proxy issue
+    /// describes it: every path that is not a resource request answers 500 except /version,
+    /// /healthz, /livez and /readyz (so no API discovery); watches carry no bookmarks;
+    /// `old_kinds`: older releases call an EndpointSlice list `EndpointslicList`.
+    MetaServer { old_kinds: bool },
 }
 
 struct Resource {
@@ -160,6 +174,7 @@ impl Cluster {
         Cluster {
             resources: vec![svc, eps, ep],
             faults: Faults { hold: Duration::from_millis(300), ..Faults::default() },
+            personality: Personality::ApiServer,
         }
     }
 
@@ -170,16 +185,24 @@ impl Cluster {
         }
     }
 
-    fn list_kind(path: &str) -> &'static str {
+    fn list_kind(&self, path: &str) -> &'static str {
         match path {
             "/api/v1/services" => "ServiceList",
             "/api/v1/endpoints" => "EndpointsList",
+            _ if self.personality == (Personality::MetaServer { old_kinds: true }) => "EndpointslicList",
             _ => "EndpointSliceList",
         }
     }
 
     /// Answer a request for a known resource path; `None` = 404.
     pub fn answer(&mut self, req: &Request) -> Option<Reply> {
+        if let Personality::MetaServer { .. } = self.personality {
+            let known = self.resources.iter().any(|r| r.path == req.path);
+            let special = ["/version", "/healthz", "/livez", "/readyz"].contains(&req.path.as_str());
+            if !known && !special {
+                return Some(Reply::status(500, "InternalError", &format!("no resource for {}", req.path)));
+            }
+        }
         if req.path == "/apis/discovery.k8s.io/v1" {
             return Some(Reply::json(
                 200,
@@ -212,7 +235,7 @@ impl Cluster {
             meta["continue"] = Value::String(format!("offset-{end}"));
             meta["remainingItemCount"] = Value::from(items.len() - end);
         }
-        let body = serde_json::json!({"kind": Self::list_kind(r.path), "apiVersion": "v1", "metadata": meta,
+        let body = serde_json::json!({"kind": self.list_kind(r.path), "apiVersion": "v1", "metadata": meta,
             "items": items.get(start..end).unwrap_or(&[])});
         Some(Reply::json(200, body.to_string()))
     }
@@ -240,7 +263,11 @@ impl Cluster {
                 "{{\"type\":\"BOOKMARK\",\"object\":{{\"kind\":\"{kind}\",\"apiVersion\":\"v1\",\"metadata\":{{\"resourceVersion\":\"{}\"}}}}}}\n",
                 from.max(final_rv)
             );
-            let mut reply = Reply::json(200, bookmark);
+            let body = match self.personality {
+                Personality::ApiServer => bookmark,
+                Personality::MetaServer { .. } => String::new(), // no bookmarks there
+            };
+            let mut reply = Reply::json(200, body);
             reply.end = End::Hold(faults.hold);
             return reply;
         }
