@@ -319,20 +319,48 @@ fn a_trickling_server_is_dropped_and_the_watch_resumed() {
     run.stop();
 }
 
+/// A watch that stays silent past its timeoutSeconds (plus the margin) is a server that failed to
+/// close it, or a dead connection: dropped, resumed, counted.
 #[test]
 fn idle_watch_is_dropped_and_resumed() {
     let s = ApiServer::start();
     s.cluster().faults.hold = Duration::from_secs(5);
     let mut o = opts();
-    o.client.idle_timeout = Duration::from_millis(700);
+    o.client.idle_timeout = Duration::from_millis(300);
+    o.watch_timeout_secs = (1, 1);
+    o.watch_close_margin = Duration::from_millis(400);
     let run = Run::start(&cfg_for(&s), o);
     run.converge(&oracle(), Duration::from_secs(10));
     let start = Instant::now();
-    while !run.errors().iter().any(|m| m.contains("idle timeout")) {
+    while !run.errors().iter().any(|m| m.contains("silent past its timeout")) {
         assert!(start.elapsed() < Duration::from_secs(5), "{:?}", run.errors());
         std::thread::sleep(Duration::from_millis(50));
     }
     run.converge(&oracle(), Duration::from_secs(1));
+    run.stop();
+}
+
+/// A quiet resource: the server sends nothing (after a bookmark) until it closes the watch at its
+/// timeoutSeconds. That is the normal life of a watch: no error, no restart counted, even with an
+/// idle timeout shorter than the silence (it was one WARN and one restart every 90 s).
+#[test]
+fn a_quiet_watch_lasts_its_timeout_without_errors_or_restarts() {
+    let s = ApiServer::start();
+    s.cluster().faults.hold = Duration::from_millis(1200); // silent, then closed
+    let mut o = opts();
+    o.client.idle_timeout = Duration::from_millis(300);
+    o.watch_timeout_secs = (1, 1);
+    o.watch_close_margin = Duration::from_millis(800);
+    let run = Run::start(&cfg_for(&s), o);
+    run.converge(&oracle(), Duration::from_secs(10));
+    let errors_before = run.errors().len();
+    std::thread::sleep(Duration::from_secs(4));
+    let ev = run.events();
+    assert_eq!(count(&ev, |e| matches!(e, SourceEvent::WatchRestarted(_))), 0, "{:?}", run.errors());
+    assert_eq!(run.errors().len(), errors_before, "{:?}", run.errors());
+    let watches = s.requests().iter().filter(|r| r.is_watch()).count();
+    assert!(watches >= 4, "the watches went on ({watches})");
+    assert!(s.requests().iter().filter(|r| r.is_watch()).all(|r| r.param("allowWatchBookmarks") == Some("true")));
     run.stop();
 }
 

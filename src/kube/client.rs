@@ -451,8 +451,17 @@ impl Client {
     /// `GET {server}{path_and_query}`. Any status is a response; only transport failures and
     /// unusable settings are errors.
     pub fn get(&self, path_and_query: &str) -> Result<Response, ClientError> {
+        self.get_with(path_and_query, None)
+    }
+
+    /// [`Client::get`] whose reads may stay silent up to `read_timeout` (a watch: the server
+    /// sends nothing on a quiet resource until `timeoutSeconds`), instead of the idle timeout.
+    pub fn get_with(&self, path_and_query: &str, read_timeout: Option<Duration>) -> Result<Response, ClientError> {
         let url = format!("{}{}", self.base, path_and_query);
         let mut req = self.agent.get(&url).header("Accept", "application/json");
+        if let Some(t) = read_timeout {
+            req = req.config().timeout_per_read(Some(t)).build();
+        }
         match &*self.auth {
             AuthState::None => {}
             AuthState::Token(t) => req = req.header("Authorization", bearer(t)?),

@@ -55,6 +55,9 @@ pub struct ReflectorOptions {
     pub backoff_cap: Duration,
     /// `timeoutSeconds` of each watch is drawn from this range (client-go uses 300-600 s).
     pub watch_timeout_secs: (u32, u32),
+    /// How long past its `timeoutSeconds` a watch may stay silent before it counts as dead (the
+    /// server closes it at `timeoutSeconds`; a quiet resource sends nothing until then).
+    pub watch_close_margin: Duration,
     /// The process environment for connection resolution (tests replace it).
     pub env: Env,
     /// Seed for jitter and watch timeouts; `None` = from the clock.
@@ -72,6 +75,7 @@ impl Default for ReflectorOptions {
             backoff_initial: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
             watch_timeout_secs: (300, 600),
+            watch_close_margin: Duration::from_secs(30),
             env: Env::from_process(),
             seed: None,
         }
@@ -343,11 +347,17 @@ impl Machine {
             }
             Input::WatchEnded(end) => {
                 match &end {
-                    WatchEnd::Closed => {}
-                    WatchEnd::Idle => self.error(emit, "watch: silent past the idle timeout; reconnecting".into()),
-                    WatchEnd::Broken(m) => self.error(emit, format!("watch broke: {m}")),
+                    // The server ends every watch at its timeoutSeconds: normal, not a restart.
+                    WatchEnd::Closed => log::debug!("{}: watch closed by the server; watching on", self.kind),
+                    WatchEnd::Idle => {
+                        self.error(emit, "watch: silent past its timeout; reconnecting".into());
+                        emit(SourceEvent::WatchRestarted(self.kind));
+                    }
+                    WatchEnd::Broken(m) => {
+                        self.error(emit, format!("watch broke: {m}"));
+                        emit(SourceEvent::WatchRestarted(self.kind));
+                    }
                 }
-                emit(SourceEvent::WatchRestarted(self.kind));
                 let progressed = self.watch_progress_was_made(&end);
                 let a = self.watch_action();
                 if progressed {
@@ -864,7 +874,12 @@ fn watch(
         collection_path(machine.kind()),
         encode(rv)
     );
-    let mut resp = match client.get(&path) {
+    // A quiet resource sends nothing until `timeoutSeconds`, and the server then closes the
+    // stream (a normal end): reads may be silent that long, plus a margin, before the stream
+    // counts as dead. A longer silence is a server that failed to close (or a dead connection).
+    let silence =
+        opts.client.idle_timeout.max(Duration::from_secs(u64::from(timeout_seconds)) + opts.watch_close_margin);
+    let mut resp = match client.get_with(&path, Some(silence)) {
         Ok(r) => r,
         Err(e) => {
             return machine.step(Input::WatchRefused { status: None, expired: false, message: e.message }, emit);
