@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{Sink, SourceEvent};
 use crate::kube::objects::decode_document;
-use crate::model::{Kind, Object};
+use crate::model::{Kind, Object, ObjectKey};
 use crate::state::Change;
 
 /// Start polling `path` every `interval`; stops when `stop` is set.
@@ -24,10 +24,9 @@ pub fn spawn(path: PathBuf, interval: Duration, sink: Sink, stop: Arc<AtomicBool
     std::thread::Builder::new()
         .name("source-file".into())
         .spawn(move || {
-            let mut seen: Option<(Option<SystemTime>, u64)> = None;
-            let mut synced = false;
+            let mut watched = Watched::default();
             while !stop.load(Ordering::Relaxed) {
-                poll_once(&path, &mut seen, &mut synced, &sink);
+                poll_once(&path, &mut watched, &sink);
                 sleep_until_stop(interval, &stop);
             }
         })
@@ -44,22 +43,34 @@ fn sleep_until_stop(total: Duration, stop: &AtomicBool) {
     }
 }
 
-/// Read the file if it changed since `seen`; send its contents. Public for tests.
-pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, synced: &mut bool, sink: &Sink) {
+/// What the poller remembers about the file between polls.
+#[derive(Debug, Default)]
+pub struct Watched {
+    /// Modification time and size of the version last read (`None`: none, or it went away).
+    seen: Option<(Option<SystemTime>, u64)>,
+    /// A complete file has been delivered (readiness: sent once, with the first good read).
+    synced: bool,
+    /// The file's absence has been reported (once per disappearance, not at every poll).
+    missing_reported: bool,
+}
+
+/// Read the file if it changed since it was last seen; send its contents. Public for tests.
+pub fn poll_once(path: &PathBuf, w: &mut Watched, sink: &Sink) {
     let stamp = match std::fs::metadata(path) {
         Ok(m) => (m.modified().ok(), m.len()),
         Err(e) => {
-            if seen.is_some() || !*synced {
+            if !w.missing_reported {
                 let message = format!("{}: cannot read: {e}; keeping the last good state", path.display());
                 log::error!("{message}");
                 sink(SourceEvent::Error { kind: None, message });
+                w.missing_reported = true;
             }
-            // Report once per disappearance, not every second.
-            *seen = None;
-            *synced = true;
+            w.seen = None;
             return;
         }
     };
+    w.missing_reported = false;
+    let seen = &mut w.seen;
     if *seen == Some(stamp) {
         return;
     }
@@ -83,9 +94,17 @@ pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, s
         return;
     }
     for e in &decoded.errors {
-        log::warn!("{}: {e} (skipped)", path.display());
+        log::warn!("{}: {e} (skipped; its last good version stays)", path.display());
     }
     let kinds = [Kind::Service, Kind::EndpointSlice, Kind::Endpoints];
+    // Objects that failed to decode are still in the file: their last good version must stay,
+    // as with the API source. Their keys, per kind (an error without a kind counts for each);
+    // an error without a readable name means nothing may be deleted on this read.
+    let unnamed = decoded.errors.iter().any(|e| e.key.is_none());
+    let bad_keys = |kind: Kind| -> Vec<ObjectKey> {
+        decoded.errors.iter().filter(|e| e.kind.is_none_or(|k| k == kind)).filter_map(|e| e.key.clone()).collect()
+    };
+    let bad: [Vec<ObjectKey>; 3] = [bad_keys(kinds[0]), bad_keys(kinds[1]), bad_keys(kinds[2])];
     let mut by_kind: [Vec<Object>; 3] = Default::default();
     for o in decoded.objects {
         let i = kinds.iter().position(|k| *k == o.kind()).expect("every object has one of the three kinds");
@@ -98,13 +117,24 @@ pub fn poll_once(path: &PathBuf, seen: &mut Option<(Option<SystemTime>, u64)>, s
         by_kind[1].len(),
         by_kind[2].len()
     );
-    for (kind, objects) in kinds.into_iter().zip(by_kind) {
-        sink(SourceEvent::Change(Change::Replace(kind, objects)));
-        if !*synced {
+    for ((kind, objects), bad) in kinds.into_iter().zip(by_kind).zip(bad) {
+        if !unnamed && bad.is_empty() {
+            sink(SourceEvent::Change(Change::Replace(kind, objects)));
+        } else {
+            let mut keep: Vec<ObjectKey> = objects.iter().map(|o| o.key().clone()).collect();
+            keep.extend(bad);
+            for o in objects {
+                sink(SourceEvent::Change(Change::Upsert(o)));
+            }
+            if !unnamed {
+                sink(SourceEvent::Change(Change::Retain(kind, keep)));
+            }
+        }
+        if !w.synced {
             sink(SourceEvent::Synced(kind));
         }
     }
-    *synced = true;
+    w.synced = true;
 }
 
 /// The largest file the file source reads (a list of 10,000 Services and their slices is ~30 MB).
@@ -134,33 +164,101 @@ mod tests {
         let events: Arc<Mutex<Vec<SourceEvent>>> = Arc::default();
         let ev = events.clone();
         let sink: Sink = Arc::new(move |e| ev.lock().unwrap().push(e));
-        let (mut seen, mut synced) = (None, false);
+        let mut w = Watched::default();
 
         std::fs::write(&path, r#"{"kind":"List","items":[{"kind":"Service","apiVersion":"v1","metadata":{"name":"a","namespace":"n"},"spec":{"clusterIP":"10.96.0.5","ports":[{"port":80}]}}]}"#).unwrap();
-        poll_once(&path, &mut seen, &mut synced, &sink);
+        poll_once(&path, &mut w, &sink);
         let got = std::mem::take(&mut *events.lock().unwrap());
         assert!(matches!(&got[0], SourceEvent::Change(Change::Replace(Kind::Service, v)) if v.len() == 1), "{got:?}");
         assert!(got.contains(&SourceEvent::Synced(Kind::Service)));
 
         // Unchanged: nothing sent.
-        poll_once(&path, &mut seen, &mut synced, &sink);
+        poll_once(&path, &mut w, &sink);
         assert!(events.lock().unwrap().is_empty());
 
         // Cut short: an error, no change.
         std::fs::write(&path, r#"{"kind":"List","items":[{"kind":"Serv"#).unwrap();
-        poll_once(&path, &mut seen, &mut synced, &sink);
+        poll_once(&path, &mut w, &sink);
         let got = std::mem::take(&mut *events.lock().unwrap());
         assert!(got.iter().all(|e| matches!(e, SourceEvent::Error { .. })) && !got.is_empty(), "{got:?}");
 
         // Still broken, unchanged: reported once, not at every poll.
         for _ in 0..5 {
-            poll_once(&path, &mut seen, &mut synced, &sink);
+            poll_once(&path, &mut w, &sink);
         }
         assert!(events.lock().unwrap().is_empty(), "{:?}", events.lock().unwrap());
         // Changed (still broken): reported again.
         std::fs::write(&path, r#"{"kind":"List","items":[{"kind":"Servi"#).unwrap();
-        poll_once(&path, &mut seen, &mut synced, &sink);
+        poll_once(&path, &mut w, &sink);
         assert_eq!(std::mem::take(&mut *events.lock().unwrap()).len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn collect() -> (Sink, Arc<Mutex<Vec<SourceEvent>>>) {
+        let events: Arc<Mutex<Vec<SourceEvent>>> = Arc::default();
+        let ev = events.clone();
+        (Arc::new(move |e| ev.lock().unwrap().push(e)), events)
+    }
+
+    /// Missing at start: reported once (not every poll), and ready as soon as it appears.
+    #[test]
+    fn a_file_missing_at_start_is_ready_once_it_appears() {
+        let dir = std::env::temp_dir().join(format!("ep-file-late-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("late.json");
+        let (sink, events) = collect();
+        let mut w = Watched::default();
+        for _ in 0..5 {
+            poll_once(&path, &mut w, &sink);
+        }
+        let got = std::mem::take(&mut *events.lock().unwrap());
+        assert_eq!(got.len(), 1, "reported once: {got:?}");
+        assert!(matches!(&got[0], SourceEvent::Error { message, .. } if message.contains("cannot read")));
+        std::fs::write(&path, r#"{"kind":"ServiceList","items":[]}"#).unwrap();
+        poll_once(&path, &mut w, &sink);
+        let got = std::mem::take(&mut *events.lock().unwrap());
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Endpoints] {
+            assert!(got.contains(&SourceEvent::Synced(kind)), "{kind}: {got:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An object that turns invalid keeps its last good version (as with the API source): the
+    /// read sends upserts and a Retain that includes its key, never a Replace without it.
+    #[test]
+    fn an_object_that_turns_invalid_keeps_its_last_good_version() {
+        let dir = std::env::temp_dir().join(format!("ep-file-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("objs.json");
+        let svc = |name: &str, ip: &str| {
+            format!(
+                r#"{{"kind":"Service","apiVersion":"v1","metadata":{{"name":"{name}","namespace":"n"}},"spec":{{"clusterIP":"{ip}","ports":[{{"port":80}}]}}}}"#
+            )
+        };
+        let (sink, events) = collect();
+        let mut w = Watched::default();
+        std::fs::write(
+            &path,
+            format!(r#"{{"kind":"List","items":[{},{}]}}"#, svc("a", "10.96.0.5"), svc("b", "10.96.0.6")),
+        )
+        .unwrap();
+        poll_once(&path, &mut w, &sink);
+        events.lock().unwrap().clear();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(
+            &path,
+            format!(r#"{{"kind":"List","items":[{},{}]}}"#, svc("a", "10.96.0.5"), svc("b", "127.0.0.1")),
+        )
+        .unwrap();
+        poll_once(&path, &mut w, &sink);
+        let got = std::mem::take(&mut *events.lock().unwrap());
+        assert!(!got.iter().any(|e| matches!(e, SourceEvent::Change(Change::Replace(Kind::Service, _)))), "{got:?}");
+        let retained = got.iter().find_map(|e| match e {
+            SourceEvent::Change(Change::Retain(Kind::Service, keys)) => Some(keys.clone()),
+            _ => None,
+        });
+        let keys = retained.expect("a Retain for services");
+        assert!(keys.contains(&ObjectKey::new("n", "a")) && keys.contains(&ObjectKey::new("n", "b")), "{keys:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
