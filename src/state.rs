@@ -363,6 +363,13 @@ impl State {
                         Some("every usable endpoint is a ClusterIP this node proxies (a loop): connections are refused")
                     }
                     _ if backends.is_empty() => Some("no usable endpoint: connections are refused"),
+                    _ if svc
+                        .cluster_ips
+                        .iter()
+                        .any(|ip| !backends.iter().any(|b| b.addr.is_ipv6() == ip.is_ipv6())) =>
+                    {
+                        Some("no usable endpoint of one ClusterIP's family: connections to that ClusterIP are refused")
+                    }
                     _ => None,
                 };
                 if sp.protocol == Protocol::Udp {
@@ -414,7 +421,10 @@ impl State {
                     }
                 },
             };
-            let has_endpoints = !backends.is_empty();
+            // Each ClusterIP is served by endpoints of its own family only (as kube-proxy does);
+            // a family without any is refused at once, like a service without endpoints.
+            let has_family = |ip: &IpAddr| backends.iter().any(|b| b.addr.is_ipv6() == ip.is_ipv6());
+            let families: Vec<bool> = svc.cluster_ips.iter().map(has_family).collect();
             let entry = ServiceEntry {
                 name: reports[idx].ports[pi].name.clone(),
                 protocol: sp.protocol,
@@ -436,7 +446,7 @@ impl State {
                 _ => Arc::new(entry),
             };
             let name = &entry.name;
-            for ip in &svc.cluster_ips {
+            for (ip, has_endpoints) in svc.cluster_ips.iter().zip(families) {
                 planned.push(PlannedPort {
                     comment: name.to_string(),
                     cluster_ip: *ip,
@@ -701,5 +711,48 @@ mod tests {
         assert!(Arc::ptr_eq(&first.udp[&dns], &changed.udp[&dns]));
         // Equal to a plan from scratch.
         assert_eq!(changed, st.plan().table);
+    }
+
+    /// PreferDualStack with endpoints of both families: each ClusterIP is served (no reject
+    /// rule); with IPv4 endpoints only, the IPv6 ClusterIP is refused at once; an IPv4-only
+    /// service whose only slice is IPv6 is refused at once (it was accepted, then reset).
+    #[test]
+    fn each_cluster_ip_is_served_by_its_own_family_only() {
+        let svcs = r#"{"kind":"ServiceList","items":[
+          {"metadata":{"name":"dual","namespace":"f"},"spec":{"ipFamilyPolicy":"PreferDualStack","clusterIP":"10.96.0.30","clusterIPs":["10.96.0.30","fd00:10:96::30"],"ports":[{"name":"http","port":80}]}},
+          {"metadata":{"name":"half","namespace":"f"},"spec":{"ipFamilyPolicy":"PreferDualStack","clusterIP":"10.96.0.31","clusterIPs":["10.96.0.31","fd00:10:96::31"],"ports":[{"name":"http","port":80}]}},
+          {"metadata":{"name":"v4svc","namespace":"f"},"spec":{"clusterIP":"10.96.0.32","ports":[{"name":"http","port":80}]}}]}"#;
+        let slice = |name: &str, svc: &str, family: &str, addr: &str| {
+            format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"f","labels":{{"kubernetes.io/service-name":"{svc}"}}}},"addressType":"{family}","endpoints":[{{"addresses":["{addr}"]}}],"ports":[{{"name":"http","port":8080}}]}}"#
+            )
+        };
+        let slices = format!(
+            r#"{{"kind":"EndpointSliceList","items":[{},{},{},{}]}}"#,
+            slice("dual-4", "dual", "IPv4", "10.244.0.5"),
+            slice("dual-6", "dual", "IPv6", "fd00:244::5"),
+            slice("half-4", "half", "IPv4", "10.244.0.6"),
+            slice("v4svc-6", "v4svc", "IPv6", "fd00:244::7"),
+        );
+        let mut st = state(svcs, &slices);
+        let plan = st.plan();
+        let rejects: Vec<&String> = plan
+            .rules
+            .v4
+            .rules
+            .iter()
+            .chain(&plan.rules.v6.rules)
+            .filter(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS "))
+            .collect();
+        let rejected = |ip: &str| rejects.iter().any(|r| r.contains(&format!("-d {ip}/")));
+        assert!(!rejected("10.96.0.30") && !rejected("fd00:10:96::30"), "{rejects:?}");
+        assert!(!rejected("10.96.0.31") && rejected("fd00:10:96::31"), "{rejects:?}");
+        assert!(rejected("10.96.0.32"), "{rejects:?}");
+        let note = |name: &str| {
+            plan.reports.iter().find(|r| &*r.key.name == name).and_then(|r| r.ports[0].note).unwrap_or_default()
+        };
+        assert!(note("half").contains("one ClusterIP's family"), "{}", note("half"));
+        assert!(note("v4svc").contains("one ClusterIP's family"), "{}", note("v4svc"));
+        assert_eq!(note("dual"), "");
     }
 }

@@ -112,10 +112,10 @@ fn udp_request_response_volume_expiry_and_cap() {
     assert_eq!(stats.udp_flows_evicted.get(), 1);
     assert_eq!(stats.udp_flows_dropped_at_cap.get(), 0);
     wait_for(|| stats.udp_flows_active.get() == 8, "the evicted flow ends");
-    // Recent flows are kept at the cap: asking again opens no new flow.
+    // The flow just made is kept at the cap: asking again opens no new flow. (Older ones may
+    // expire meanwhile, 500 ms here; which one gives way is `admission`'s unit test.)
     let created = stats.total.udp_flows_created.get();
-    assert!(ask(&pod_clients[0], b"still here").is_some());
-    assert!(ask(&clients[5], b"still here").is_some());
+    assert!(ask(&pod_clients[2], b"still here").is_some());
     assert_eq!(stats.total.udp_flows_created.get(), created, "a recent flow was replaced");
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
     assert!(ask(&clients[6], b"room again").is_some());

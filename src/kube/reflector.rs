@@ -1108,9 +1108,11 @@ mod tests {
         assert_eq!(m.on_watch(WatchInput::Line(Err(LineError::Garbage("x".into()))), &mut e), None);
         assert_eq!(m.on_watch(WatchInput::Oversized(20 << 20), &mut e), None);
         assert_eq!(m.resource_version(), Some("9"));
-        // A clean end resumes from the last RV at once.
+        // A clean end (the server's timeoutSeconds) resumes from the last RV at once, and is no
+        // restart: the normal life of a watch.
         let a = m.step(Input::WatchEnded(WatchEnd::Closed), &mut e);
         assert!(matches!(&a, Action::Watch { resource_version, .. } if resource_version == "9"), "{a:?}");
+        assert!(!ev.borrow().contains(&SourceEvent::WatchRestarted(Kind::Service)));
         // ERROR Expired -> relist.
         let st = Status { code: 410, reason: "Expired".into(), message: "too old resource version: 9 (12)".into() };
         let a = m
@@ -1118,6 +1120,8 @@ mod tests {
         assert_eq!(a, Some(Action::List { continue_token: None }));
         m.step(page(vec![svc("b")], "12", None), &mut e);
         assert!(ev.borrow().contains(&SourceEvent::Relisted(Kind::Service)));
+        // A broken stream is a restart.
+        m.step(Input::WatchEnded(WatchEnd::Broken("reset".into())), &mut e);
         assert!(ev.borrow().contains(&SourceEvent::WatchRestarted(Kind::Service)));
     }
 

@@ -59,13 +59,23 @@ impl Balancer {
         if let Some(timeout) = entry.affinity {
             if let Some((addr, seen)) = state.affinity.get_mut(&client) {
                 let fresh = now.saturating_duration_since(*seen) < timeout;
-                if fresh && !tried.contains(addr) && entry.backends.iter().any(|b| b.addr == *addr) {
+                if fresh
+                    && !tried.contains(addr)
+                    && addr.is_ipv6() == client.is_ipv6()
+                    && entry.backends.iter().any(|b| b.addr == *addr)
+                {
                     *seen = now;
                     return Some(*addr);
                 }
             }
         }
-        let usable = |i: usize| !tried.contains(&entry.backends[i].addr);
+        // Only backends of the client's family: a client reached an IPv4 ClusterIP over IPv4 (and
+        // an IPv6 one over IPv6), and kube-proxy serves each ClusterIP from its own family only.
+        let same_family = |a: &SocketAddr| a.is_ipv6() == client.is_ipv6();
+        let usable = |i: usize| {
+            let a = &entry.backends[i].addr;
+            same_family(a) && !tried.contains(a)
+        };
         let start = match entry.policy {
             LbPolicy::RoundRobin => state.next % n,
             LbPolicy::Random => (random() % n as u64) as usize,
@@ -146,6 +156,26 @@ mod tests {
 
     fn no_random() -> impl FnMut() -> u64 {
         || panic!("round robin must not draw random numbers")
+    }
+
+    /// A dual-stack entry: IPv4 clients get IPv4 backends and IPv6 clients IPv6 ones, never the
+    /// other family; a family without backends has none to give.
+    #[test]
+    fn clients_get_backends_of_their_own_family() {
+        let mut lb = Balancer::new();
+        let e = entry(
+            "a/dual",
+            &["10.0.0.1:80", "[fd00::1]:80", "10.0.0.2:80", "[fd00::2]:80"],
+            None,
+            LbPolicy::RoundRobin,
+        );
+        let now = Instant::now();
+        for _ in 0..8 {
+            assert!(lb.pick(&e, ip("10.10.0.2"), &[], now, &mut no_random()).unwrap().is_ipv4());
+            assert!(lb.pick(&e, ip("fd00:10::2"), &[], now, &mut no_random()).unwrap().is_ipv6());
+        }
+        let v6_only = entry("a/v6", &["[fd00::1]:80"], Some(10), LbPolicy::RoundRobin);
+        assert_eq!(lb.pick(&v6_only, ip("10.10.0.2"), &[], now, &mut no_random()), None);
     }
 
     #[test]
