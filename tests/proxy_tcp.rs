@@ -346,7 +346,8 @@ fn idle_connections_close_at_the_idle_timeout_busy_ones_do_not() {
     let n = idle.read_to_end(&mut rest).expect("an orderly close, not a reset");
     let waited = started.elapsed();
     assert_eq!(n, 0);
-    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_millis(900), "closed after {waited:?}");
+    // Nominally 300-600 ms; the upper bound leaves room for a loaded machine.
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "closed after {waited:?}");
     assert_eq!(t.stats.tcp_idle_closed.get(), 1);
     // Busy: a byte every 100 ms for 1.2 s (four timeouts) keeps the connection.
     let (mut busy, _) = connect(&t.pod, WEB).unwrap();

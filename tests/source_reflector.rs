@@ -350,7 +350,7 @@ fn a_quiet_watch_lasts_its_timeout_without_errors_or_restarts() {
     let mut o = opts();
     o.client.idle_timeout = Duration::from_millis(300);
     o.watch_timeout_secs = (1, 1);
-    o.watch_close_margin = Duration::from_millis(800);
+    o.watch_close_margin = Duration::from_secs(2); // the client waits 3 s, the server closes at 1.2 s
     let run = Run::start(&cfg_for(&s), o);
     run.converge(&oracle(), Duration::from_secs(10));
     let errors_before = run.errors().len();
@@ -359,7 +359,7 @@ fn a_quiet_watch_lasts_its_timeout_without_errors_or_restarts() {
     assert_eq!(count(&ev, |e| matches!(e, SourceEvent::WatchRestarted(_))), 0, "{:?}", run.errors());
     assert_eq!(run.errors().len(), errors_before, "{:?}", run.errors());
     let watches = s.requests().iter().filter(|r| r.is_watch()).count();
-    assert!(watches >= 4, "the watches went on ({watches})");
+    assert!(watches >= 3, "the watches went on ({watches})");
     assert!(s.requests().iter().filter(|r| r.is_watch()).all(|r| r.param("allowWatchBookmarks") == Some("true")));
     run.stop();
 }
