@@ -29,6 +29,7 @@ log() { printf '== fuzz: %s\n' "$*" >&2; }
 rustup toolchain list | grep -q '^nightly' || { log "rustup toolchain install nightly"; rustup toolchain install nightly --profile minimal; }
 command -v cargo-fuzz >/dev/null 2>&1 || { log "cargo install cargo-fuzz"; cargo install --locked cargo-fuzz; }
 [ -d "$fixtures" ] || { echo "fuzz: no fixtures at $fixtures (set EDGEPROXY_FIXTURES)" >&2; exit 2; }
+command -v c++ >/dev/null 2>&1 || { echo "fuzz: no C++ compiler for libFuzzer; apt-get install g++ (tests/setup.sh does)" >&2; exit 1; }
 
 seed() { # seed TARGET DIR: the committed seeds and the captures that fit the target
 	local t=$1 dir=$2 f i=0

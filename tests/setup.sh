@@ -17,6 +17,7 @@ packages=(
 	iptables iproute2 iputils-ping socat curl procps psmisc util-linux # namespace tests, demo
 	file tar gzip                                                     # cross/, packaging tests
 	gcc libc6-dev                                                     # ring's C code (x86_64 musl)
+	g++                                                               # libFuzzer (fuzz/run.sh)
 	gcc-aarch64-linux-gnu libc6-dev-arm64-cross                       # ring's C code, aarch64 linker
 	qemu-user-static                                                  # aarch64/armv7 under emulation
 	python3 python3-venv                                              # zig + cargo-zigbuild (armv7)
@@ -68,6 +69,8 @@ works() { "$@" >"$work/out" 2>&1; }
 # The headers ring includes (<string.h> pulls in bits/libc-header-start.h).
 printf '#include <stdint.h>\n#include <string.h>\nint main(void){return (int)strlen("");}\n' >"$work/t.c"
 works gcc -c "$work/t.c" -o "$work/t.o" || fail gcc "gcc libc6-dev" "cannot compile a one-line C file: $(head -c 300 "$work/out")"
+printf '#include <vector>\nint main(){std::vector<int> v{1};return v[0]-1;}\n' >"$work/t.cc"
+works c++ -c "$work/t.cc" -o "$work/tcc.o" || fail c++ g++ "cannot compile a one-line C++ file: $(head -c 300 "$work/out")"
 works aarch64-linux-gnu-gcc -static "$work/t.c" -o "$work/t-aarch64" ||
 	fail aarch64-linux-gnu-gcc "gcc-aarch64-linux-gnu libc6-dev-arm64-cross" "cannot compile and link a one-line C file: $(head -c 300 "$work/out")"
 works qemu-aarch64-static "$work/t-aarch64" || fail qemu-aarch64-static qemu-user-static "cannot run a static aarch64 binary"
