@@ -44,6 +44,9 @@ pub struct RulesCmd {
     /// rule layout: portals (default) or root-chain
     #[argh(option)]
     pub layout: Option<String>,
+    /// the EdgeMesh generation whose filter and layout defaults to take: v1.17 (default) or v1.9
+    #[argh(option)]
+    pub edgemesh: Option<String>,
     /// service filter mode: FilterIfLabelExists (default) or FilterIfLabelDoesNotExists
     #[argh(option)]
     pub service_filter_mode: Option<String>,
@@ -86,6 +89,7 @@ impl RulesCmd {
     pub fn overrides(&self) -> Overrides {
         let mut o = Overrides::default();
         o.set("layout", self.layout.clone());
+        o.set("edgemesh", self.edgemesh.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
         o.set("node-name", self.node_name.clone());
         o.set("kubeconfig", self.kubeconfig.clone());
@@ -154,6 +158,9 @@ pub struct RunCmd {
     /// rule layout: portals (default) or root-chain
     #[argh(option)]
     pub layout: Option<String>,
+    /// the EdgeMesh generation whose filter and layout defaults to take: v1.17 (default) or v1.9
+    #[argh(option)]
+    pub edgemesh: Option<String>,
     /// service filter mode: FilterIfLabelExists (default) or FilterIfLabelDoesNotExists
     #[argh(option)]
     pub service_filter_mode: Option<String>,
@@ -201,6 +208,7 @@ impl RunCmd {
         o.set("poll-interval", self.poll_interval.clone());
         o.set("endpoints-api", self.endpoints_api.clone());
         o.set("layout", self.layout.clone());
+        o.set("edgemesh", self.edgemesh.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
         o.set("node-name", self.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok()));
         o.set("listen-ip", self.listen_ip.clone());

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::filter::{DefaultIgnores, FilterConfig, FilterMode};
+use crate::filter::{DefaultIgnores, FilterConfig, FilterMode, Profile};
 use crate::proxy::table::LbPolicy;
 use crate::rules::render::Layout;
 
@@ -41,9 +41,14 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct FileConfig {
-    /// `FilterIfLabelExists` | `FilterIfLabelDoesNotExists` (EdgeMesh's key and values).
+    /// `v1.17` (default) | `v1.9`: the EdgeMesh generation whose filter and layout defaults
+    /// to take; every setting below still overrides its part.
+    pub edgemesh: Option<String>,
+    /// `FilterIfLabelExists` | `FilterIfLabelDoesNotExists` (EdgeMesh's key and values) | `None`
+    /// (the label means nothing, as in EdgeMesh v1.9). Default from `edgemesh`.
     pub service_filter_mode: Option<String>,
-    /// Honour the old opt-out label `noproxy=edgemesh` (default true).
+    /// Honour the old opt-out label `noproxy=edgemesh` (default from `edgemesh`: v1.17 no,
+    /// v1.9 yes).
     pub no_proxy_label: Option<bool>,
     /// `auto` | `on` | `off`: ignore default/kubernetes and kube-system kube-dns services.
     pub default_ignores: Option<String>,
@@ -202,6 +207,8 @@ impl ListenConfig {
 /// The validated runtime configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// The EdgeMesh generation the defaults came from.
+    pub profile: Profile,
     pub filter: FilterConfig,
     pub layout: Layout,
     pub service_cidrs: Vec<(IpAddr, u8)>,
@@ -287,12 +294,20 @@ impl Config {
             ConfigError { origin, path, message }
         };
 
+        let profile = match f.edgemesh.as_deref() {
+            None => Profile::V1_17,
+            Some(s) => Profile::parse(s)
+                .ok_or_else(|| err("edgemesh", format!("unknown value {s:?}; accepted values: v1.17, v1.9")))?,
+        };
+        let (profile_mode, profile_no_proxy) = profile.filter_defaults();
         let mode = match f.service_filter_mode.as_deref() {
-            None => FilterMode::FilterIfLabelExists,
+            None => profile_mode,
             Some(s) => FilterMode::parse(s).ok_or_else(|| {
                 err(
                     "serviceFilterMode",
-                    format!("unknown value {s:?}; accepted values: FilterIfLabelExists, FilterIfLabelDoesNotExists"),
+                    format!(
+                        "unknown value {s:?}; accepted values: FilterIfLabelExists, FilterIfLabelDoesNotExists, None"
+                    ),
                 )
             })?,
         };
@@ -301,8 +316,10 @@ impl Config {
             Some(s) => DefaultIgnores::parse(s)
                 .ok_or_else(|| err("defaultIgnores", format!("unknown value {s:?}; accepted values: auto, on, off")))?,
         };
-        let filter = FilterConfig { mode, no_proxy_label: f.no_proxy_label.unwrap_or(true), default_ignores };
+        let no_proxy_label = f.no_proxy_label.unwrap_or(profile_no_proxy);
+        let filter = FilterConfig { mode, no_proxy_label, default_ignores };
         let layout = match f.layout.as_deref() {
+            None if profile == Profile::V1_9 => Layout::RootChain,
             None => Layout::Portals,
             Some(s) => Layout::parse(s)
                 .ok_or_else(|| err("layout", format!("unknown value {s:?}; accepted values: portals, root-chain")))?,
@@ -429,6 +446,7 @@ impl Config {
             ),
         };
         Ok(Config {
+            profile,
             filter,
             layout,
             service_cidrs,
@@ -508,6 +526,10 @@ fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<&'static st
     let source = || SourceFile::default();
     let s = v.to_string();
     Ok(match flag {
+        "edgemesh" => {
+            f.edgemesh = Some(s);
+            "edgemesh"
+        }
         "service-filter-mode" => {
             f.service_filter_mode = Some(s);
             "serviceFilterMode"
@@ -739,8 +761,10 @@ mod tests {
     #[test]
     fn defaults_are_edgemesh_like() {
         let c = Config::defaults();
+        // The newest EdgeMesh generation (v1.17): noproxy=edgemesh is gone since v1.10.
+        assert_eq!(c.profile, Profile::V1_17);
         assert_eq!(c.filter.mode, FilterMode::FilterIfLabelExists);
-        assert!(c.filter.no_proxy_label);
+        assert!(!c.filter.no_proxy_label);
         assert_eq!(c.filter.default_ignores, DefaultIgnores::Auto);
         assert_eq!(c.layout, Layout::Portals);
         assert_eq!(c.listen.ip, Ipv4Addr::new(169, 254, 96, 16));
@@ -840,5 +864,28 @@ mod tests {
         let e = Config::build(FileConfig::default(), "test", &o).unwrap_err();
         assert_eq!(e.origin, "--guard-period", "{e}");
         assert!(e.message.contains("outside the accepted range"), "{e}");
+    }
+
+    /// A profile sets the defaults of its generation; each setting still overrides its part.
+    #[test]
+    fn a_profile_sets_defaults_and_each_setting_overrides_them() {
+        let c = from_json(r#"{"edgemesh":"v1.9"}"#).unwrap();
+        assert_eq!(
+            (c.profile, c.layout, c.filter.mode, c.filter.no_proxy_label),
+            (Profile::V1_9, Layout::RootChain, FilterMode::None, true)
+        );
+        let c = from_json(
+            r#"{"edgemesh":"v1.9","layout":"portals","noProxyLabel":false,"serviceFilterMode":"FilterIfLabelExists"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.layout, c.filter.mode, c.filter.no_proxy_label),
+            (Layout::Portals, FilterMode::FilterIfLabelExists, false)
+        );
+        let c = from_json(r#"{"edgemesh":"v1.17","noProxyLabel":true}"#).unwrap();
+        assert!(c.filter.no_proxy_label);
+        let e = from_json(r#"{"edgemesh":"v1.11"}"#).unwrap_err();
+        assert_eq!(e.path, "edgemesh");
+        assert!(e.message.contains("accepted values: v1.17, v1.9"), "{e}");
     }
 }

@@ -20,6 +20,8 @@ pub enum FilterMode {
     FilterIfLabelExists,
     /// Proxy only services that carry the label.
     FilterIfLabelDoesNotExists,
+    /// The label means nothing (EdgeMesh v1.9 did not know it).
+    None,
 }
 
 impl FilterMode {
@@ -27,8 +29,48 @@ impl FilterMode {
         match s {
             "FilterIfLabelExists" => Some(FilterMode::FilterIfLabelExists),
             "FilterIfLabelDoesNotExists" => Some(FilterMode::FilterIfLabelDoesNotExists),
+            "None" => Some(FilterMode::None),
             _ => None,
         }
+    }
+}
+
+/// An EdgeMesh generation that a setting of `edgemesh` reproduces: it chooses the defaults of
+/// the filter and the layout, every one still overridable on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// EdgeMesh v1.13-v1.17 (the newest; the default): `portals`, `serviceFilterMode`
+    /// honoured, `noproxy=edgemesh` not (v1.10 removed it).
+    V1_17,
+    /// EdgeMesh v1.8/v1.9: `root-chain`, `noproxy=edgemesh` honoured, the `service-proxy-name`
+    /// label unknown.
+    V1_9,
+}
+
+impl Profile {
+    pub fn parse(s: &str) -> Option<Profile> {
+        match s {
+            "v1.17" | "1.17" => Some(Profile::V1_17),
+            "v1.9" | "1.9" => Some(Profile::V1_9),
+            _ => None,
+        }
+    }
+
+    /// (serviceFilterMode, noProxyLabel) of this generation.
+    pub fn filter_defaults(self) -> (FilterMode, bool) {
+        match self {
+            Profile::V1_17 => (FilterMode::FilterIfLabelExists, false),
+            Profile::V1_9 => (FilterMode::None, true),
+        }
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Profile::V1_17 => "v1.17",
+            Profile::V1_9 => "v1.9",
+        })
     }
 }
 
@@ -61,11 +103,8 @@ pub struct FilterConfig {
 
 impl Default for FilterConfig {
     fn default() -> Self {
-        FilterConfig {
-            mode: FilterMode::FilterIfLabelExists,
-            no_proxy_label: true,
-            default_ignores: DefaultIgnores::Auto,
-        }
+        let (mode, no_proxy_label) = Profile::V1_17.filter_defaults();
+        FilterConfig { mode, no_proxy_label, default_ignores: DefaultIgnores::Auto }
     }
 }
 
@@ -128,7 +167,7 @@ impl fmt::Display for Verdict {
 pub fn is_default_ignore(svc: &Service) -> bool {
     let k = &svc.key;
     (&*k.namespace == "default" && &*k.name == "kubernetes")
-        || (&*k.namespace == "kube-system" && svc.label("k8s-app") == Some("kube-dns"))
+        || (&*k.namespace == "kube-system" && (svc.label("k8s-app") == Some("kube-dns") || &*k.name == "coredns"))
 }
 
 /// The verdict for one service.

@@ -86,6 +86,11 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
     }
     let plan = state.plan();
     if cmd.explain {
+        let f = &config.filter;
+        println!(
+            "settings: edgemesh {} profile; layout {:?}, serviceFilterMode {:?}, noProxyLabel {}, defaultIgnores {:?}",
+            config.profile, config.layout, f.mode, f.no_proxy_label, f.default_ignores
+        );
         for r in &plan.reports {
             println!("{}: {}", r.key, r.verdict);
             for p in &r.ports {

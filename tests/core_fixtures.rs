@@ -15,8 +15,11 @@ use edgeproxy::state::{Change, Plan, State, StateConfig};
 mod support;
 use support::fixtures::read;
 
+/// The settings the README's "edgeproxy's own verdicts" tables describe: every ignore rule at once,
+/// `noproxy=edgemesh` included (the v1.17 profile, today's default, leaves that one off).
 fn config(mode: &str, layout: &str, node: Option<&str>) -> Config {
     let mut o = Overrides::default();
+    o.set("no-proxy-label", Some("true"));
     o.set("service-filter-mode", Some(mode));
     o.set("layout", Some(layout));
     o.set("node-name", node);
@@ -298,4 +301,77 @@ fn watch_events_replayed_over_the_list_reach_the_after_watch_state() {
     let after =
         state_from(&cfg, &["list-services-after-watch-raw.json", "list-endpointslices-after-watch-raw.json"], false);
     assert_eq!(st.snapshot(), after.snapshot());
+}
+
+/// The README's "Expected service-filter verdicts" table, one column per EdgeMesh generation:
+/// service -> (at RV 512, after the watch) for the column `col` (0: FilterIfLabelExists, the v1.13+
+/// default; 1: FilterIfLabelDoesNotExists; 2: old (v1.9)). Rows may name several services, and a
+/// bold "(... after ...)" gives the verdict after the watch.
+fn generation_table(col: usize) -> BTreeMap<String, (bool, bool)> {
+    let text = String::from_utf8(read("README.md")).unwrap();
+    let section =
+        text.split("## Expected service-filter verdicts").nth(1).expect("the section").split("\n## ").next().unwrap();
+    let mut out = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with("| ") && l.contains('/') && !l.contains("---")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(cells.len(), 6, "row {line}");
+        let cell = cells[3 + col];
+        let verdict = |w: &str| match w {
+            "proxy" => true,
+            "ignore" => false,
+            other => panic!("unexpected verdict {other:?} in {line}"),
+        };
+        let before = verdict(cell.split_whitespace().next().unwrap());
+        let after = match cell.split_once("(**") {
+            Some((_, rest)) => verdict(rest.split_whitespace().next().unwrap()),
+            None => before,
+        };
+        for name in cells[0].split(", ") {
+            let name = name.split_whitespace().next().unwrap();
+            let full = if name.contains('/') { name.to_string() } else { format!("edge-apps/{name}") };
+            out.insert(full, (before, after));
+        }
+    }
+    out
+}
+
+/// Each compatibility profile reproduces its EdgeMesh generation on the capture, where the
+/// generation's behaviour is defined by the README's table: v1.17 = the FilterIfLabelExists
+/// column (and with FilterIfLabelDoesNotExists, that column), v1.9 = the "old (v1.9)" column.
+/// Deliberate improvement kept in both: `defaultIgnores: auto` (kubernetes and kube-dns are left
+/// to kube-proxy when it is there, proxied when not). So v1.17 is compared without kube-proxy
+/// (EdgeMesh v1.10+ ignores nothing by default), v1.9 with it (v1.9 always left them to it).
+#[test]
+fn profiles_reproduce_their_edgemesh_generation() {
+    let snapshots = [
+        (["list-services-raw.json", "list-endpointslices-raw.json"], false),
+        (["list-services-after-watch-raw.json", "list-endpointslices-after-watch-raw.json"], true),
+    ];
+    let cases: [(&str, Option<&str>, usize, bool); 3] =
+        [("v1.17", None, 0, false), ("v1.17", Some("FilterIfLabelDoesNotExists"), 1, false), ("v1.9", None, 2, true)];
+    for (profile, mode, col, kube_proxy) in cases {
+        let want_table = generation_table(col);
+        for (files, after) in &snapshots {
+            let mut o = Overrides::default();
+            o.set("edgemesh", Some(profile));
+            o.set("service-filter-mode", mode);
+            let cfg = Config::load(None, &o).unwrap();
+            let plan = state_from(&cfg, files, kube_proxy).plan();
+            let got: BTreeMap<String, bool> =
+                plan.reports.iter().map(|r| (r.key.to_string(), r.verdict.is_proxied())).collect();
+            let want: BTreeMap<String, bool> = want_table
+                .iter()
+                .filter(|(k, _)| got.contains_key(*k))
+                .map(|(k, (before, after_watch))| (k.clone(), if *after { *after_watch } else { *before }))
+                .collect();
+            assert_eq!(got.len(), want.len(), "{profile} {mode:?}: every service of the capture is in the table");
+            assert_eq!(got, want, "{profile} {mode:?} after the watch: {after}");
+            let proxied = got.values().filter(|p| **p).count();
+            eprintln!(
+                "profile {profile} {mode:?} kube-proxy {kube_proxy} {}: {proxied} of {} proxied",
+                if *after { "after the watch" } else { "at RV 512" },
+                got.len()
+            );
+        }
+    }
 }

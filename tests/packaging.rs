@@ -451,6 +451,7 @@ config edgeproxy 'main'
 	option poll_interval '45s'
 	option endpoints_api 'endpoints'
 	option layout 'root-chain'
+	option edgemesh 'v1.9'
 	option service_filter_mode 'FilterIfLabelDoesNotExists'
 	option node_name 'edge node 1'
 	option listen_ip '169.254.96.17'
@@ -495,6 +496,8 @@ config edgeproxy 'main'
         "endpoints",
         "--layout",
         "root-chain",
+        "--edgemesh",
+        "v1.9",
         "--service-filter-mode",
         "FilterIfLabelDoesNotExists",
         "--node-name",

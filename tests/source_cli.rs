@@ -25,8 +25,9 @@ fn rules_lists_the_cluster_and_explains() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("listed ") && stderr.contains(&s.url), "{stderr}");
-    // The fixture README: at RV 512, FilterIfLabelExists without kube-proxy proxies 16 of 26.
-    assert!(stdout.contains("16 of 26 services proxied"), "{stdout}");
+    // The fixture README: at RV 512, EdgeMesh's FilterIfLabelExists (the default v1.17 profile)
+    // without kube-proxy proxies 17 of 26.
+    assert!(stdout.contains("17 of 26 services proxied"), "{stdout}");
     assert!(!stderr.contains("test-token"), "a secret reached the output: {stderr}");
 }
 
