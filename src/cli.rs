@@ -33,7 +33,12 @@ pub enum Command {
 
 /// Print the nat rules edgeproxy would install (a dry run; touches nothing).
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "rules")]
+#[argh(
+    subcommand,
+    name = "rules",
+    error_code(1, "an error that stops it: a config, flag or source it cannot use"),
+    error_code(3, "some objects could not be used (each named on stderr); the others' rules are printed")
+)]
 pub struct RulesCmd {
     /// JSON file(s) with Services and EndpointSlices or Endpoints (objects, lists, kubectl List)
     #[argh(option)]

@@ -74,6 +74,13 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
         bad += load_file(&mut state, path)?;
     }
     if live {
+        if !cmd.live() {
+            eprintln!(
+                "note: no --from and no source flag: listing from the cluster the settings name \
+                 ($KUBECONFIG or ~/.kube/config, in-cluster, else the MetaServer at {})",
+                config.source.meta_server
+            );
+        }
         let listed = edgeproxy::kube::reflector::list_all(&config.source).map_err(|e| format!("rules: {e}"))?;
         eprintln!("listed {} objects from {}", listed.objects.len(), listed.origin);
         for e in &listed.errors {

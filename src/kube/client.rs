@@ -517,6 +517,9 @@ impl Response {
         if s.code == 0 {
             s.code = code;
         }
+        if s.message.is_empty() {
+            s.message = plain_message(&bytes);
+        }
         s
     }
 
@@ -529,6 +532,21 @@ impl Read for Response {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.body.read(buf)
     }
+}
+
+/// A message from a body that is not a `Status` (a proxy's page, a TLS port answering plain
+/// HTTP): its text, printable characters only, cut to 200; with a hint when the port speaks TLS.
+fn plain_message(bytes: &[u8]) -> String {
+    let text: String =
+        String::from_utf8_lossy(bytes).chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.to_ascii_lowercase().contains("https server") {
+        return format!("{text} (the port speaks TLS: use an https:// URL)");
+    }
+    if text.is_empty() {
+        return "(no message in the response body)".into();
+    }
+    text
 }
 
 /// Turn an I/O error from reading a body into a [`ClientError`].
@@ -576,6 +594,16 @@ fn tls_error(server: &str, e: &rustls::Error) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_bodies_make_a_message() {
+        // What Go's HTTPS server answers to plain HTTP (kube-apiserver on its TLS port).
+        let m = plain_message(b"Client sent an HTTP request to an HTTPS server.\n");
+        assert_eq!(m, "Client sent an HTTP request to an HTTPS server. (the port speaks TLS: use an https:// URL)");
+        assert_eq!(plain_message(b""), "(no message in the response body)");
+        assert_eq!(plain_message(b"a\x1b[31mb\nc"), "a [31mb c");
+        assert_eq!(plain_message(&[b'x'; 500]).len(), 200);
+    }
     use crate::config::Config;
 
     fn tmpdir(tag: &str) -> PathBuf {

@@ -301,19 +301,23 @@ fn jump_fix_from(pre: &[String], out: &[String], wanted: &[Jump]) -> JumpFix {
             if !keep {
                 let spec = &line[3 + from.len() + 1..];
                 deletes.push(format!("-D {from} {spec}"));
-                fix.found.push(format!("{from}: removed `{line}` (rule {})", i + 1));
+                // Our own jump found lower down is moved back, not removed: said below.
+                if want_line.as_deref() != Some(line.as_str()) {
+                    fix.found.push(format!("{from}: removed `{line}` (rule {})", i + 1));
+                }
             }
         }
         if let (Some(j), Some(w)) = (want, &want_line) {
             if !first_ok {
                 match listed.iter().position(|l| l == w) {
                     None => {
-                        fix.found.push(format!("{from}: jump to {} was missing", j.target));
+                        fix.found.push(format!("{from}: jump to {} was missing; inserted as rule 1", j.target));
                     }
-                    Some(_) => fix.found.push(format!(
-                        "{from}: `{}` was ahead of our jump to {}",
+                    Some(pos) => fix.found.push(format!(
+                        "{from}: `{}` was ahead of our jump to {}; moved it back from rule {} to rule 1",
                         listed.first().map(String::as_str).unwrap_or("?"),
-                        j.target
+                        j.target,
+                        pos + 1
                     )),
                 }
                 inserts.push(format!("-I {from} 1 {}", j.spec));
@@ -525,8 +529,9 @@ impl Applier {
         };
         self.restore(family, &restore_input(want, &want.chains, &fix.lines, &stale))?;
         if self.last[i].is_some() {
+            // Logged once, by whoever reads the report (the agent: "rules repaired: ...").
             for f in &fix.found {
-                log::warn!("rules guard ({}): {f}", family_name(family));
+                log::debug!("rules guard ({}): {f}", family_name(family));
             }
             report.repaired.extend(fix.found.iter().cloned());
         }
@@ -622,7 +627,7 @@ impl Applier {
         found.extend(fix.found);
         self.restore(family, &restore_input(want, &want.chains, &fix.lines, &[]))?;
         for f in &found {
-            log::warn!("rules guard ({}): {f}; repaired", family_name(family));
+            log::debug!("rules guard ({}): {f}; repaired", family_name(family));
         }
         report.restores += 1;
         report.rules += want.rules.len();
@@ -1277,6 +1282,35 @@ pub fn remove_address(device: &str, ip: IpAddr) -> Result<(), ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A jump pushed down by kube-proxy is reported once, as moved back, not as removed.
+    #[test]
+    fn a_pushed_down_jump_is_reported_as_moved_back() {
+        let spec = "-m comment --comment \"x\" -j KUBE-PORTALS-CONTAINER".to_string();
+        let wanted = [Jump { from: "PREROUTING", target: "KUBE-PORTALS-CONTAINER", spec: spec.clone() }];
+        let pre = vec!["-A PREROUTING -j KUBE-SERVICES".to_string(), format!("-A PREROUTING {spec}")];
+        let fix = jump_fix_from(&pre, &[], &wanted);
+        assert_eq!(fix.found.len(), 1, "{:?}", fix.found);
+        assert!(
+            fix.found[0].contains("was ahead of our jump")
+                && fix.found[0].contains("moved it back from rule 2 to rule 1"),
+            "{:?}",
+            fix.found
+        );
+        assert!(!fix.found[0].contains("removed"));
+        assert_eq!(fix.lines, vec![format!("-D PREROUTING {spec}"), format!("-I PREROUTING 1 {spec}")]);
+        // A stale duplicate of ours is removed, and said so.
+        let pre = vec![
+            format!("-A PREROUTING {spec}"),
+            "-A PREROUTING -j OTHER".to_string(),
+            "-A PREROUTING -j KUBE-PORTALS-CONTAINER".to_string(),
+        ];
+        let fix = jump_fix_from(&pre, &[], &wanted);
+        assert_eq!(
+            fix.found,
+            vec!["PREROUTING: removed `-A PREROUTING -j KUBE-PORTALS-CONTAINER` (rule 3)".to_string()]
+        );
+    }
 
     #[test]
     fn kube_proxy_is_its_jump_not_a_leftover_chain() {
