@@ -502,3 +502,49 @@ fn list_all_is_the_live_dry_run() {
     assert_eq!(slices, want);
     assert!(listed.origin.contains("--server"), "{}", listed.origin);
 }
+
+/// Every source setting becomes ready, against the API server and against the MetaServer (both
+/// generations of its kinds): endpointsApi auto, endpointslices and endpoints, watch and poll.
+#[test]
+fn every_source_setting_becomes_ready_against_both_servers() {
+    use edgeproxy::config::EndpointsApi;
+    let personalities = [
+        Personality::ApiServer,
+        Personality::MetaServer { old_kinds: false },
+        Personality::MetaServer { old_kinds: true },
+    ];
+    for personality in personalities {
+        for api in [EndpointsApi::Auto, EndpointsApi::EndpointSlices, EndpointsApi::Endpoints] {
+            for watch in [true, false] {
+                let mut cluster = Cluster::fixtures();
+                cluster.personality = personality;
+                cluster.advance();
+                let https = personality == Personality::ApiServer;
+                let s = ApiServer::start_with(cluster, https);
+                let mut cfg = if https { cfg_for(&s) } else { Config::defaults().source };
+                if !https {
+                    cfg.kind = SourceKind::MetaServer;
+                    cfg.meta_server = s.url.clone();
+                }
+                cfg.endpoints_api = api;
+                cfg.watch = watch;
+                cfg.poll_interval = Duration::from_millis(200);
+                let mut want: Held = oracle();
+                let endpoints_kind = if api == EndpointsApi::Endpoints { Kind::Endpoints } else { Kind::EndpointSlice };
+                if endpoints_kind == Kind::Endpoints {
+                    want.retain(|(k, _), _| *k == Kind::Service);
+                    for o in decode_document(&fixture("list-endpoints-raw.json"), Some(Kind::Endpoints)).objects {
+                        want.insert((Kind::Endpoints, o.key().clone()), o);
+                    }
+                }
+                let what = format!("{personality:?}, {api:?}, watch {watch}");
+                let run = Run::start(&cfg, opts());
+                let ev = run.converge(&want, Duration::from_secs(10));
+                for kind in [Kind::Service, endpoints_kind] {
+                    assert!(ev.contains(&SourceEvent::Synced(kind)), "{what}: {kind} never synced");
+                }
+                run.stop();
+            }
+        }
+    }
+}
