@@ -548,3 +548,28 @@ fn every_source_setting_becomes_ready_against_both_servers() {
         }
     }
 }
+
+/// Under `endpointsApi: auto` each relist asks again: a server that did not serve EndpointSlices
+/// (404) and now does is followed at the next relist, and what core/v1 Endpoints delivered is
+/// dropped, so no stale Endpoints object stays beside the slices.
+#[test]
+fn the_endpoints_api_is_asked_again_at_each_relist() {
+    let s = ApiServer::start();
+    let slices_served = Arc::new(AtomicBool::new(false));
+    let served = slices_served.clone();
+    s.route(move |r| {
+        (r.path == "/apis/discovery.k8s.io/v1/endpointslices" && !served.load(Ordering::SeqCst))
+            .then(|| Reply::status(404, "NotFound", "not found"))
+    });
+    let run = Run::start(&cfg_for(&s), opts());
+    let mut with_endpoints: Held = oracle().into_iter().filter(|((k, _), _)| *k == Kind::Service).collect();
+    for o in decode_document(&fixture("list-endpoints-raw.json"), Some(Kind::Endpoints)).objects {
+        with_endpoints.insert((Kind::Endpoints, o.key().clone()), o);
+    }
+    run.converge(&with_endpoints, Duration::from_secs(10));
+    // The server starts serving EndpointSlices; its next watches expire, so the reflectors relist.
+    slices_served.store(true, Ordering::SeqCst);
+    s.cluster().faults.expired_watches = 4;
+    run.converge(&oracle(), Duration::from_secs(15));
+    run.stop();
+}

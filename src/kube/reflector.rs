@@ -533,15 +533,30 @@ pub fn spawn_with(
     let spawn_one = |name: &str, endpoints: Option<EndpointsApi>, salt: u64| {
         let (client, opts, sink, stop) = (client.clone(), opts.clone(), sink.clone(), stop.clone());
         std::thread::Builder::new().name(name.into()).spawn(move || {
-            let kind = match endpoints {
-                None => Kind::Service,
-                Some(api) => match endpoints_kind(&client, api, &opts, &sink, &stop, salt) {
-                    Some(k) => k,
-                    None => return,
-                },
+            let Some(api) = endpoints else {
+                let mut machine = Machine::new(Kind::Service, poll, &opts, seed(&opts, salt));
+                drive(&mut machine, &client, &opts, &sink, &stop);
+                return;
             };
-            let mut machine = Machine::new(kind, poll, &opts, seed(&opts, salt));
-            drive(&mut machine, &client, &opts, &sink, &stop);
+            let Some(mut kind) = endpoints_kind(&client, api, &opts, &sink, &stop, salt) else { return };
+            loop {
+                let mut machine = Machine::new(kind, poll, &opts, seed(&opts, salt));
+                // Under `auto`, each relist asks again which API the server serves (a MetaServer
+                // or an upgraded server may start serving EndpointSlices, an old one stop).
+                let recheck = || match probe_endpoints_api(&client) {
+                    Ok(k) if k != kind => Some(k),
+                    _ => None,
+                };
+                let switch = match api {
+                    EndpointsApi::Auto => drive_with(&mut machine, &client, &opts, &sink, &stop, Some(&recheck)),
+                    _ => drive_with(&mut machine, &client, &opts, &sink, &stop, None),
+                };
+                let Some(next) = switch else { return };
+                log::info!("the server now serves {}; switching from {}", collection_path(next), collection_path(kind));
+                // What the old API delivered goes; the new one lists from scratch.
+                sink(SourceEvent::Change(Change::Replace(kind, Vec::new())));
+                kind = next;
+            }
         })
     };
     let spawn_err = |e: std::io::Error| SourceError { message: format!("cannot start a reflector thread: {e}") };
@@ -673,10 +688,30 @@ fn emit_to(sink: &Sink) -> impl FnMut(SourceEvent) + '_ {
 
 /// Run a machine until `stop`.
 pub fn drive(machine: &mut Machine, client: &Client, opts: &ReflectorOptions, sink: &Sink, stop: &AtomicBool) {
+    drive_with(machine, client, opts, sink, stop, None);
+}
+
+/// [`drive`], asking `recheck` before every relist (a list from the start once a first list is
+/// complete): `Some(kind)` stops driving, so that the caller reflects that kind instead.
+fn drive_with(
+    machine: &mut Machine,
+    client: &Client,
+    opts: &ReflectorOptions,
+    sink: &Sink,
+    stop: &AtomicBool,
+    recheck: Option<&dyn Fn() -> Option<Kind>>,
+) -> Option<Kind> {
     let mut emit = emit_to(sink);
     let mut action = machine.start();
     while !stop.load(Ordering::Relaxed) {
         action = match action {
+            Action::List { continue_token: None } if machine.resource_version().is_some() => {
+                if let Some(next) = recheck.and_then(|f| f()) {
+                    return Some(next);
+                }
+                let input = list_page(client, machine.kind(), None, opts, stop);
+                machine.step(input, &mut emit)
+            }
             Action::List { continue_token } => {
                 let input = list_page(client, machine.kind(), continue_token.as_deref(), opts, stop);
                 machine.step(input, &mut emit)
@@ -686,12 +721,13 @@ pub fn drive(machine: &mut Machine, client: &Client, opts: &ReflectorOptions, si
             }
             Action::Sleep(d) => {
                 if !nap(d, stop) {
-                    return;
+                    return None;
                 }
                 machine.step(Input::Woke, &mut emit)
             }
         };
     }
+    None
 }
 
 fn status_message(status: u16, st: &crate::kube::objects::Status) -> String {
