@@ -152,6 +152,11 @@ impl Cluster {
     }
 }
 
+/// What the state holds: name -> port (the version).
+fn held_versions(state: &State) -> BTreeMap<String, u16> {
+    state.snapshot().services.iter().map(|(k, s)| (k.name.to_string(), s.ports.first().map_or(0, |p| p.port))).collect()
+}
+
 /// The checks the state must pass at every step.
 struct Observer {
     /// What the state held after the previous step: name -> port (the version).
@@ -160,12 +165,7 @@ struct Observer {
 
 impl Observer {
     fn after(&mut self, state: &State, cluster: &Cluster, seed: u64, step: usize) {
-        let now: BTreeMap<String, u16> = state
-            .snapshot()
-            .services
-            .iter()
-            .map(|(k, s)| (k.name.to_string(), s.ports.first().map_or(0, |p| p.port)))
-            .collect();
+        let now = held_versions(state);
         for (name, port) in &self.held {
             if !now.contains_key(name) {
                 // Allowed only if the cluster deleted the name after the version held was written
@@ -204,6 +204,23 @@ fn trace(e: &SourceEvent) {
         };
         eprintln!("  -> {}", text.chars().take(200).collect::<String>());
     }
+}
+
+/// Apply what the source emitted to the state, then check the state against the model.
+fn deliver(
+    events: &mut Vec<SourceEvent>,
+    state: &mut State,
+    observer: &mut Observer,
+    cluster: &Cluster,
+    (seed, step): (u64, usize),
+) {
+    for e in events.drain(..) {
+        trace(&e);
+        if let SourceEvent::Change(c) = e {
+            state.apply(c);
+        }
+    }
+    observer.after(state, cluster, seed, step);
 }
 
 fn simulate(seed: u64) {
@@ -325,13 +342,7 @@ fn simulate(seed: u64) {
                                     String::from_utf8_lossy(&line).chars().take(150).collect::<String>()
                                 );
                             }
-                            for e in events.drain(..) {
-                                trace(&e);
-                                if let SourceEvent::Change(c) = e {
-                                    state.apply(c);
-                                }
-                            }
-                            observer.after(&state, &cluster, seed, step);
+                            deliver(&mut events, &mut state, &mut observer, &cluster, (seed, step));
                             if a.is_some() {
                                 next_action = a;
                                 break;
@@ -358,13 +369,7 @@ fn simulate(seed: u64) {
                 }
             }
         };
-        for e in events.drain(..) {
-            trace(&e);
-            if let SourceEvent::Change(c) = e {
-                state.apply(c);
-            }
-        }
-        observer.after(&state, &cluster, seed, step);
+        deliver(&mut events, &mut state, &mut observer, &cluster, (seed, step));
         if caught_up_at.is_some() {
             break;
         }
@@ -372,12 +377,7 @@ fn simulate(seed: u64) {
     assert!(caught_up_at.is_some(), "seed {seed}: the source never caught up once the cluster was quiet");
 
     // Converged: the current valid version of each object, else an earlier valid one (or none).
-    let held: BTreeMap<String, u16> = state
-        .snapshot()
-        .services
-        .iter()
-        .map(|(k, s)| (k.name.to_string(), s.ports.first().map_or(0, |p| p.port)))
-        .collect();
+    let held = held_versions(&state);
     for (name, (_, v)) in &cluster.objects {
         match (v.valid, held.get(name)) {
             (true, Some(p)) => assert_eq!(*p, v.port, "seed {seed}: {name} is not at its current version"),
