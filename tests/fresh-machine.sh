@@ -4,7 +4,10 @@
 # ../shared beside it; then runs plain `cargo test` there as an unprivileged user (the tests that
 # need nothing must pass, the rest are reported as ignored, not failed).
 #
-#   sudo tests/fresh-machine.sh [--keep]
+#   sudo tests/fresh-machine.sh [--keep] [--user-only]
+#
+# --keep leaves the root in place; --user-only runs tests/setup.sh and then only the unprivileged
+# `cargo test` (a quick check of that part, without the whole CI).
 #
 # The root holds less than a new machine of this project's kind does: Debian's minbase plus
 # ca-certificates, git, gcc and python3 (the kind promises those), and the host's rustup
@@ -24,7 +27,14 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 keep=false
-[ "${1:-}" = --keep ] && keep=true
+user_only=false
+for a in "$@"; do
+	case "$a" in
+	--keep) keep=true ;;
+	--user-only) user_only=true ;;
+	*) echo "fresh-machine: unknown argument $a" >&2; exit 2 ;;
+	esac
+done
 [ "$(id -u)" -eq 0 ] || { echo "fresh-machine: run as root (debootstrap, mounts)" >&2; exit 2; }
 shared=$(cd "$repo/../shared" 2>/dev/null && pwd) || { echo "fresh-machine: no ../shared beside $repo" >&2; exit 2; }
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
@@ -62,6 +72,7 @@ cleanup() {
 trap cleanup EXIT
 say "unpacking the base into $root"
 tar -C "$root" -xzf "$base"
+chmod 755 "$root" # it becomes /, which every user must enter (mktemp and the tarball say 700)
 # What a new machine of this kind brings from its image, not from the project: DNS, apt's
 # sources and settings (mirror, snapshot validity), pip's settings and the local trust anchors
 # (registries may be reached through a TLS-inspecting egress whose CA the image trusts).
@@ -90,8 +101,13 @@ cat >"$root/run-inside.sh" <<'INSIDE'
 set -euo pipefail
 export RUSTUP_HOME=/opt/rustup PATH=/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 cd /work/main
-echo "### inside: .ci/run as root"
-HOME=/root CARGO_HOME=/root/.cargo CI=true bash .ci/run </dev/null
+if [ "${USER_ONLY:-false}" = true ]; then
+	echo "### inside: tests/setup.sh as root (--user-only)"
+	HOME=/root CARGO_HOME=/root/.cargo tests/setup.sh </dev/null
+else
+	echo "### inside: .ci/run as root"
+	HOME=/root CARGO_HOME=/root/.cargo CI=true bash .ci/run </dev/null
+fi
 echo "### inside: cargo test as an unprivileged user (only the tests that need nothing)"
 su newcomer -s /bin/bash -c 'export RUSTUP_HOME=/opt/rustup CARGO_HOME=$HOME/.cargo PATH=/opt/cargo/bin:/usr/bin:/bin; cd /work/main && cargo test --locked 2>&1' | tee /tmp/newcomer.log | grep -E '^test result|^error|FAILED|panicked' || true
 grep -q '^test result: FAILED' /tmp/newcomer.log && { echo "### inside: cargo test as a user FAILED"; exit 1; }
@@ -115,7 +131,7 @@ unshare --mount --propagation private --fork bash -euo pipefail -c '
 	mkdir -p "$r/lib/modules" && [ -d /lib/modules ] && mount --bind -o ro /lib/modules "$r/lib/modules"
 	mount -t overlay overlay -o "lowerdir=$rustup_home,upperdir=$r/layer/upper,workdir=$r/layer/work" "$r/opt/rustup"
 	chmod 755 "$r/opt/rustup"
-	exec chroot "$r" /run-inside.sh
-' fresh "$root" "$rustup_home" || rc=$?
+	exec chroot "$r" env USER_ONLY="$3" /run-inside.sh
+' fresh "$root" "$rustup_home" "$user_only" || rc=$?
 say "finished with exit code $rc"
 exit "$rc"
