@@ -43,7 +43,9 @@ grep -q -- '-j DNAT' <<<"$arm_out" || fail "no DNAT rule in the rendered rules"
 
 # The same rules as the host build: rendering must not depend on the architecture.
 host=$target_dir/debug/edgeproxy
-[ -x "$host" ] || cargo build --locked --bin edgeproxy >&2
+# Always through cargo (a no-op when current): a binary left in a shared target directory by an
+# earlier commit would compare against stale rules.
+cargo build --locked --bin edgeproxy >&2
 host_out=$("$host" rules "${from[@]}" --kube-proxy absent) || fail "host rules exited $?"
 if [ "$arm_out" != "$host_out" ]; then
 	diff <(echo "$host_out") <(echo "$arm_out") >&2 || true
