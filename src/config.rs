@@ -463,12 +463,13 @@ impl Config {
             udp_max_flows: num_in(udp.max_flows, 4096, 1, 1 << 20).map_err(|m| err("udp.maxFlows", m))?,
             tcp_max_per_source: num_in(tcp.max_connections_per_source, 2048, 1, 1 << 20)
                 .map_err(|m| err("tcp.maxConnectionsPerSource", m))?,
-            tcp_idle_timeout: match tcp.idle_timeout.as_deref() {
-                None => None,
-                Some(v) => {
-                    Some(dur_in(Some(v), SECOND, 100 * MILLI, 7 * 24 * HOUR).map_err(|m| err("tcp.idleTimeout", m))?)
-                }
-            },
+            // Absent: off. Present: held to its range like every other duration.
+            tcp_idle_timeout: tcp
+                .idle_timeout
+                .as_deref()
+                .map(|v| dur_in(Some(v), Duration::ZERO, 100 * MILLI, 7 * 24 * HOUR))
+                .transpose()
+                .map_err(|m| err("tcp.idleTimeout", m))?,
             udp_max_flows_per_source: num_in(udp.max_flows_per_source, 1024, 1, 1 << 20)
                 .map_err(|m| err("udp.maxFlowsPerSource", m))?,
             backend,
@@ -487,16 +488,12 @@ impl Config {
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    use std::io::Read;
     let origin = path.display().to_string();
-    let fail = |message: String| ConfigError { origin: origin.clone(), path: String::new(), message };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
-        .map_err(|e| fail(format!("cannot read: {e}")))?;
-    if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(fail(format!("larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KiB")));
-    }
+    let text = crate::capped::read_text(path, MAX_CONFIG_BYTES).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        path: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
     parse_file(&text, &origin)
 }
 

@@ -13,6 +13,7 @@
 //! ARCHITECTURE.md for the map and the invariants.
 
 pub mod agent;
+pub mod capped;
 pub mod cli;
 pub mod config;
 pub mod filter;

@@ -329,18 +329,21 @@ impl State {
         // Every ClusterIP:port this node proxies: a backend there would send the proxy's own
         // upstream connection back into the proxy (an endpoint that is a ClusterIP, or two
         // services pointing at each other), so such backends are refused.
+        // Each service's verdict, decided once (in snapshot order).
+        let verdicts: Vec<Verdict> =
+            self.snapshot.services.values().map(|svc| filter::verdict(svc, &cfg.filter, self.kube_proxy)).collect();
         let proxied: HashSet<(IpAddr, u16, Protocol)> = self
             .snapshot
             .services
             .values()
-            .filter(|svc| filter::verdict(svc, &cfg.filter, self.kube_proxy).is_proxied())
-            .flat_map(|svc| {
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_proxied())
+            .flat_map(|(svc, _)| {
                 svc.cluster_ips.iter().flat_map(move |ip| svc.ports.iter().map(move |sp| (*ip, sp.port, sp.protocol)))
             })
             .collect();
 
-        for svc in self.snapshot.services.values() {
-            let verdict = filter::verdict(svc, &cfg.filter, self.kube_proxy);
+        for (svc, &verdict) in self.snapshot.services.values().zip(&verdicts) {
             let sets = by_service.get(&svc.key).map(Vec::as_slice).unwrap_or(&[]);
             if !verdict.is_proxied() {
                 if cfg.layout == Layout::RootChain {

@@ -558,9 +558,16 @@ fn the_endpoints_api_is_asked_again_at_each_relist() {
     let s = ApiServer::start();
     let slices_served = Arc::new(AtomicBool::new(false));
     let served = slices_served.clone();
+    let expired = Arc::new(AtomicBool::new(false));
     s.route(move |r| {
-        (r.path == "/apis/discovery.k8s.io/v1/endpointslices" && !served.load(Ordering::SeqCst))
-            .then(|| Reply::status(404, "NotFound", "not found"))
+        let now_served = served.load(Ordering::SeqCst);
+        if r.path == "/apis/discovery.k8s.io/v1/endpointslices" && !now_served {
+            return Some(Reply::status(404, "NotFound", "not found"));
+        }
+        // Once slices are served, the next core/v1 Endpoints watch expires, so that reflector
+        // relists (and asks again).
+        (r.path == "/api/v1/endpoints" && r.is_watch() && now_served && !expired.swap(true, Ordering::SeqCst))
+            .then(|| Reply::status(410, "Expired", "too old resource version"))
     });
     let run = Run::start(&cfg_for(&s), opts());
     let mut with_endpoints: Held = oracle().into_iter().filter(|((k, _), _)| *k == Kind::Service).collect();
@@ -568,9 +575,8 @@ fn the_endpoints_api_is_asked_again_at_each_relist() {
         with_endpoints.insert((Kind::Endpoints, o.key().clone()), o);
     }
     run.converge(&with_endpoints, Duration::from_secs(10));
-    // The server starts serving EndpointSlices; its next watches expire, so the reflectors relist.
+    // The server starts serving EndpointSlices; the Endpoints watch then expires (see the route).
     slices_served.store(true, Ordering::SeqCst);
-    s.cluster().faults.expired_watches = 4;
     run.converge(&oracle(), Duration::from_secs(15));
     run.stop();
 }

@@ -81,7 +81,7 @@ pub fn load(paths: &[PathBuf]) -> Result<KubeconfigSettings, KubeconfigError> {
     let label = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
     let mut docs: Vec<(PathBuf, Yaml)> = Vec::new();
     for p in paths {
-        let text = match read_bounded(p) {
+        let text = match crate::capped::read_text(p, MAX_KUBECONFIG_BYTES as u64) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && paths.len() > 1 => continue,
             Err(e) => {
@@ -103,15 +103,6 @@ pub fn load(paths: &[PathBuf]) -> Result<KubeconfigSettings, KubeconfigError> {
 pub fn from_str(text: &str, dir: &Path) -> Result<KubeconfigSettings, String> {
     let doc = parse_one(text)?;
     resolve(&[(dir.to_path_buf(), doc)])
-}
-
-/// A file's text, reading at most one byte past [`MAX_KUBECONFIG_BYTES`] (so a huge file, or a
-/// link to a device, is refused by size, not read whole).
-fn read_bounded(p: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(p)?.take(MAX_KUBECONFIG_BYTES as u64 + 1).read_to_string(&mut text)?;
-    Ok(text)
 }
 
 /// The largest kubeconfig we read (real ones, certificates embedded, are a few KiB).

@@ -369,6 +369,11 @@ struct MetaOnly<'a> {
 
 // ---- documents ---------------------------------------------------------------------------------
 
+/// The top-level `kind` of a document, as written (`None` when it is not JSON or has none).
+pub fn document_kind(doc: &[u8]) -> Option<String> {
+    serde_json::from_slice::<KindOnly>(doc).ok().and_then(|k| k.kind)
+}
+
 /// Map a kind name (`Service`, `ServiceList`, `EndpointSlice`, ...) to the item kind.
 pub fn kind_of(name: &str) -> Option<Kind> {
     match name.strip_suffix("List").unwrap_or(name) {
@@ -547,10 +552,11 @@ fn decode_item_with(
         Some(k) => k,
         None => {
             let own = serde_json::from_str::<KindOnly>(raw.get()).ok().and_then(|k| k.kind);
+            let key = key_as_given(raw);
             return Err(ObjectError {
                 kind: None,
-                object: name_of(raw).unwrap_or_else(position),
-                key: key_as_given(raw),
+                object: key.as_ref().map_or_else(position, shown_key),
+                key,
                 field: "kind".into(),
                 message: match own {
                     Some(k) => format!("kind {k:?} is not a Service, EndpointSlice or Endpoints"),
@@ -559,12 +565,9 @@ fn decode_item_with(
             });
         }
     };
-    let fail = |field: String, message: String| ObjectError {
-        kind: Some(kind),
-        object: name_of(raw).unwrap_or_else(position),
-        key: key_as_given(raw),
-        field,
-        message,
+    let fail = |field: String, message: String| {
+        let key = key_as_given(raw);
+        ObjectError { kind: Some(kind), object: key.as_ref().map_or_else(position, shown_key), key, field, message }
     };
     if raw.get().len() > MAX_OBJECT_BYTES {
         let size = raw.get().len();
@@ -601,13 +604,17 @@ fn key_as_given(raw: &RawValue) -> Option<ObjectKey> {
     (!m.name.is_empty()).then(|| ObjectKey::new(&m.namespace, &m.name))
 }
 
-/// Escaped when it holds anything but `[a-z0-9.-]`, so a hostile name cannot forge log lines.
-fn name_of(raw: &RawValue) -> Option<String> {
-    let m = serde_json::from_str::<MetaOnly>(raw.get()).ok()?.metadata;
-    let full = format!("{}/{}", m.namespace, m.name);
+/// `namespace/name` for messages: escaped when it holds anything but `[a-z0-9.-/]`, so a hostile
+/// name cannot forge log lines.
+fn shown_key(key: &ObjectKey) -> String {
+    let full = key.to_string();
     let plain =
         full.len() <= 320 && full.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-./".contains(&b));
-    (!m.name.is_empty()).then(|| if plain { full } else { names::shown(&full) })
+    if plain {
+        full
+    } else {
+        names::shown(&full)
+    }
 }
 
 type FieldResult<T> = Result<T, (String, String)>;

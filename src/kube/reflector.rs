@@ -644,9 +644,7 @@ pub fn probe_endpoints_api(client: &Client) -> Result<Kind, String> {
     match r.status {
         200 => {
             let body = r.read_limited(4 << 20).map_err(|e| format!("endpoints API probe: {e}"))?;
-            let kind = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string));
+            let kind = crate::kube::objects::document_kind(&body);
             match kind.as_deref().and_then(crate::kube::objects::kind_of) {
                 Some(Kind::EndpointSlice) => Ok(Kind::EndpointSlice),
                 _ => fallback(format!("{path} answered a list of kind {kind:?}")),

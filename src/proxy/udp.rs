@@ -237,7 +237,6 @@ fn on_datagram(
         stats.udp_datagrams_dropped.inc();
         return;
     };
-    let fds_free = shared.fds_free();
     let mut map = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
     // The flow's backend left the service: end the flow, this datagram opens a new one.
     if let Some((flow, handle)) = map.get(port, client) {
@@ -250,6 +249,9 @@ fn on_datagram(
         Some((flow, _)) => flow.clone(),
         None => {
             let cfg = &shared.cfg;
+            // Only a new flow needs the descriptor count (no path holds `tcp_admission` while
+            // taking `udp_flows`, so taking it here cannot deadlock).
+            let fds_free = shared.fds_free();
             match new_flow(&map, client.ip(), cfg.udp_max_flows_per_source, cfg.udp_max_flows, fds_free, |(f, _)| {
                 f.last()
             }) {

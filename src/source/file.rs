@@ -8,7 +8,7 @@
 //! and it is tried again on the next poll. Objects that fail to decode are logged and skipped,
 //! the rest still count. It never touches the state or the kernel itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -77,7 +77,7 @@ pub fn poll_once(path: &PathBuf, w: &mut Watched, sink: &Sink) {
     // Recorded as seen before reading: a file that cannot be used is reported once, and again
     // only when it changes (not at every poll).
     *seen = Some(stamp);
-    let bytes = match read_bounded(path) {
+    let bytes = match crate::capped::read(path, MAX_FILE_BYTES) {
         Ok(b) => b,
         Err(e) => {
             let message = format!("{}: cannot read: {e}; keeping the last good state", path.display());
@@ -139,17 +139,6 @@ pub fn poll_once(path: &PathBuf, w: &mut Watched, sink: &Sink) {
 
 /// The largest file the file source reads (a list of 10,000 Services and their slices is ~30 MB).
 pub const MAX_FILE_BYTES: u64 = 128 << 20;
-
-/// The file's bytes, refusing by size rather than reading a runaway file whole.
-fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(std::io::Error::other(format!("larger than {MAX_FILE_BYTES} bytes")));
-    }
-    Ok(bytes)
-}
 
 #[cfg(test)]
 mod tests {
