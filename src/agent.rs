@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, SourceKind};
+use crate::config::Config;
 use crate::kube::reflector;
 use crate::model::Kind;
 use crate::notify::Notifier;
@@ -31,6 +31,7 @@ use crate::proxy::{self, ProxyConfig, ProxyEvent};
 use crate::rules::applier::{self, ApplierConfig};
 use crate::rules::apply::{self, Applier, ApplyError};
 use crate::rules::RuleSet;
+use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
 use crate::state::{Change, State, StateConfig};
 
@@ -123,7 +124,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         }
         None => None,
     };
-    let mut rules = Applier::new(config.backend).map_err(AgentError::Rules)?;
+    let mut rules = Applier::new(config.iptables).map_err(AgentError::Rules)?;
     log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
     rules.startup_cleanup().map_err(AgentError::Rules)?;
     let kube_proxy = rules.kube_proxy_jump_present().map_err(AgentError::Rules)?;

@@ -24,17 +24,6 @@ pub enum FilterMode {
     None,
 }
 
-impl FilterMode {
-    pub fn parse(s: &str) -> Option<FilterMode> {
-        match s {
-            "FilterIfLabelExists" => Some(FilterMode::FilterIfLabelExists),
-            "FilterIfLabelDoesNotExists" => Some(FilterMode::FilterIfLabelDoesNotExists),
-            "None" => Some(FilterMode::None),
-            _ => None,
-        }
-    }
-}
-
 /// An EdgeMesh generation that a setting of `edgemesh` reproduces: it chooses the defaults of
 /// the filter and the layout, every one still overridable on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,14 +37,6 @@ pub enum Profile {
 }
 
 impl Profile {
-    pub fn parse(s: &str) -> Option<Profile> {
-        match s {
-            "v1.17" | "1.17" => Some(Profile::V1_17),
-            "v1.9" | "1.9" => Some(Profile::V1_9),
-            _ => None,
-        }
-    }
-
     /// (serviceFilterMode, noProxyLabel) of this generation.
     pub fn filter_defaults(self) -> (FilterMode, bool) {
         match self {
@@ -81,17 +62,6 @@ pub enum DefaultIgnores {
     Auto,
     On,
     Off,
-}
-
-impl DefaultIgnores {
-    pub fn parse(s: &str) -> Option<DefaultIgnores> {
-        match s {
-            "auto" => Some(DefaultIgnores::Auto),
-            "on" => Some(DefaultIgnores::On),
-            "off" => Some(DefaultIgnores::Off),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

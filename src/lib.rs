@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod filter;
 pub mod kube;
+pub mod listen;
 pub mod model;
 pub mod notify;
 pub mod ops;

@@ -1,14 +1,62 @@
 //! The `edgeproxy` binary: parse arguments, set up logging, dispatch. Everything else is in the
 //! library.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use edgeproxy::agent::AgentError;
 use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
-use edgeproxy::config::{Backend, Config, Overrides, DEFAULT_PATH};
+use edgeproxy::config::{self, Config, ConfigError, Overrides};
 use edgeproxy::kube::objects::decode_document;
-use edgeproxy::rules::{apply, Family};
+use edgeproxy::kube::reflector::SourceError;
+use edgeproxy::notify::NotifyError;
+use edgeproxy::rules::apply::{self, ApplyError};
+use edgeproxy::rules::{Family, Flavour};
 use edgeproxy::state::{Change, State, StateConfig};
+
+/// Why a command failed: each command's own errors, folded here so that `main` prints one line
+/// and picks the exit code in one place.
+#[derive(Debug)]
+enum MainError {
+    Config(ConfigError),
+    Rules(ApplyError),
+    Source(SourceError),
+    Notify(NotifyError),
+    Agent(AgentError),
+    /// A file given on the command line could not be read.
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A flag value the command does not accept.
+    Usage(String),
+}
+
+impl fmt::Display for MainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MainError::Config(e) => e.fmt(f),
+            MainError::Rules(e) => e.fmt(f),
+            MainError::Source(e) => write!(f, "source: {e}"),
+            MainError::Notify(e) => e.fmt(f),
+            MainError::Agent(e) => e.fmt(f),
+            MainError::Read { path, error } => write!(f, "{}: cannot read: {error}", path.display()),
+            MainError::Usage(m) => f.write_str(m),
+        }
+    }
+}
+
+macro_rules! from_errors {
+    ($($variant:ident($t:ty)),*) => {$(
+        impl From<$t> for MainError {
+            fn from(e: $t) -> Self {
+                MainError::$variant(e)
+            }
+        }
+    )*};
+}
+from_errors!(Config(ConfigError), Rules(ApplyError), Source(SourceError), Notify(NotifyError), Agent(AgentError));
 
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
@@ -52,21 +100,21 @@ fn main() -> ExitCode {
 }
 
 /// `edgeproxy rules`: decode the files, run the state machine once, print.
-fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
-    let config = Config::load(cmd.config.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
+    let config = Config::load(config::file_path(cmd.config.as_deref()).as_deref(), &cmd.overrides())?;
     // Files, the cluster (a live dry run), or both.
     let live = cmd.live() || cmd.from.is_empty();
     let mut state = State::new(StateConfig::from(&config));
     let kube_proxy = match cmd.kube_proxy.as_str() {
         "present" => true,
         "absent" => false,
-        "auto" => apply::kube_proxy_present(Backend::Auto).unwrap_or_else(|| {
+        "auto" => apply::kube_proxy_present(Flavour::Auto).unwrap_or_else(|| {
             eprintln!(
                 "note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)"
             );
             false
         }),
-        other => return Err(format!("--kube-proxy: {other:?} is not one of auto, present, absent")),
+        other => return Err(MainError::Usage(format!("--kube-proxy: {other:?} is not one of auto, present, absent"))),
     };
     state.apply(Change::KubeProxy(kube_proxy));
     let mut bad = 0usize;
@@ -81,7 +129,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
                 config.source.meta_server
             );
         }
-        let listed = edgeproxy::kube::reflector::list_all(&config.source).map_err(|e| format!("rules: {e}"))?;
+        let listed = edgeproxy::kube::reflector::list_all(&config.source)?;
         eprintln!("listed {} objects from {}", listed.objects.len(), listed.origin);
         for e in &listed.errors {
             eprintln!("{}: {e} (skipped)", listed.origin);
@@ -136,8 +184,8 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, String> {
 }
 
 /// Decode one file into the state; returns the number of bad objects (each already reported).
-fn load_file(state: &mut State, path: &Path) -> Result<usize, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+fn load_file(state: &mut State, path: &Path) -> Result<usize, MainError> {
+    let bytes = std::fs::read(path).map_err(|error| MainError::Read { path: path.to_path_buf(), error })?;
     let decoded = decode_document(&bytes, None);
     let mut bad = decoded.errors.len();
     for e in &decoded.errors {
@@ -153,34 +201,29 @@ fn load_file(state: &mut State, path: &Path) -> Result<usize, String> {
     Ok(bad)
 }
 
-/// The given config path, else the default one when it exists.
-fn config_path(given: Option<&Path>) -> Option<std::path::PathBuf> {
-    given.map(Path::to_path_buf).or_else(|| Path::new(DEFAULT_PATH).exists().then(|| DEFAULT_PATH.into()))
-}
-
 /// `edgeproxy run`: the agent, until SIGTERM/SIGINT.
-fn run(cmd: &RunCmd) -> Result<ExitCode, String> {
-    let path = config_path(cmd.config.as_deref());
-    let config = Config::load(path.as_deref(), &cmd.overrides()).map_err(|e| e.to_string())?;
+fn run(cmd: &RunCmd) -> Result<ExitCode, MainError> {
+    let path = config::file_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &cmd.overrides())?;
     // Read (and unset, so that iptables children do not inherit them) systemd's variables first.
-    let notifier = edgeproxy::notify::Notifier::from_env().map_err(|e| e.to_string())?;
-    edgeproxy::agent::run(config, notifier).map_err(|e| e.to_string())?;
+    let notifier = edgeproxy::notify::Notifier::from_env()?;
+    edgeproxy::agent::run(config, notifier)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn backend_overrides(backend: &Option<String>) -> Overrides {
+fn backend_overrides(backend: Option<&String>) -> Overrides {
     let mut o = Overrides::default();
-    o.set("iptables-backend", backend.clone());
+    o.set("iptables-backend", backend.cloned());
     o
 }
 
 /// `edgeproxy check`: exit codes in `rules::apply::exit`.
-fn check(cmd: &CheckCmd) -> Result<ExitCode, String> {
-    let path = config_path(cmd.config.as_deref());
-    let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
+fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
+    let path = config::file_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
     // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
     let expected = State::new(StateConfig::from(&config)).plan().rules;
-    let report = apply::check(apply::detect(config.backend), &expected);
+    let report = apply::check(apply::detect(config.iptables), &expected);
     for line in &report.lines {
         println!("{line}");
     }
@@ -188,14 +231,14 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, String> {
 }
 
 /// `edgeproxy cleanup [--edgemesh]`.
-fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, String> {
-    let path = config_path(cmd.config.as_deref());
-    let config = Config::load(path.as_deref(), &backend_overrides(&cmd.iptables_backend)).map_err(|e| e.to_string())?;
-    let mut applier = apply::Applier::new(config.backend).map_err(|e| e.to_string())?;
+fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, MainError> {
+    let path = config::file_path(cmd.config.as_deref());
+    let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
+    let mut applier = apply::Applier::new(config.iptables)?;
     if cmd.edgemesh {
         // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
         let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];
-        let notes = applier.cleanup_edgemesh(&ips).map_err(|e| e.to_string())?;
+        let notes = applier.cleanup_edgemesh(&ips)?;
         if notes.is_empty() {
             println!("nothing to remove");
         }
@@ -203,16 +246,20 @@ fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, String> {
             println!("{n}");
         }
     } else {
-        let r = applier.cleanup().map_err(|e| e.to_string())?;
+        let r = applier.cleanup()?;
         println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `edgeproxy check-config`: validate and exit (for ExecStartPre).
-fn check_config(cmd: &CheckConfigCmd) -> Result<ExitCode, String> {
-    let path = cmd.config.clone().unwrap_or_else(|| DEFAULT_PATH.into());
-    Config::load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
-    println!("{}: ok", path.display());
+fn check_config(cmd: &CheckConfigCmd) -> Result<ExitCode, MainError> {
+    match config::file_path(cmd.config.as_deref()) {
+        Some(path) => {
+            Config::load(Some(&path), &Overrides::default())?;
+            println!("{}: ok", path.display());
+        }
+        None => println!("no config file at {}: the built-in defaults apply", config::defaults::PATH),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,8 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ListenConfig};
 use crate::filter::{self, FilterConfig, Verdict};
+use crate::listen::ListenConfig;
 use crate::model::{EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, Snapshot};
 use crate::proxy::table::{Backend, LbPolicy, ProxyTable, ServiceEntry};
 use crate::rules::render::{self, Ignored, Layout, PlannedPort, RenderInput};
@@ -31,19 +31,6 @@ pub struct StateConfig {
     pub service_cidrs: Vec<(IpAddr, u8)>,
     pub node_name: Option<String>,
     pub lb_policy: LbPolicy,
-}
-
-impl From<&Config> for StateConfig {
-    fn from(c: &Config) -> Self {
-        StateConfig {
-            filter: c.filter,
-            layout: c.layout,
-            listen: c.listen.clone(),
-            service_cidrs: c.service_cidrs.clone(),
-            node_name: c.node_name.clone(),
-            lb_policy: c.lb_policy,
-        }
-    }
 }
 
 /// An input to the state machine.
@@ -580,6 +567,7 @@ fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::kube::objects::decode_document;
 
     fn state(json_svcs: &str, json_slices: &str) -> State {

@@ -189,7 +189,12 @@ fn load() -> Vec<Module> {
         .map(|file| {
             let text = std::fs::read_to_string(&file).expect("read source");
             let rel = file.strip_prefix(&src).expect("under src").to_path_buf();
-            Module { name: module_name(&rel), code: without_tests(&strip(&text)), lines: text.lines().count(), file: rel }
+            Module {
+                name: module_name(&rel),
+                code: without_tests(&strip(&text)),
+                lines: text.lines().count(),
+                file: rel,
+            }
         })
         .collect()
 }
@@ -374,7 +379,14 @@ fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
             }
         }
     }
-    let mut t = T { graph, index: BTreeMap::new(), low: BTreeMap::new(), stack: Vec::new(), on: BTreeSet::new(), out: Vec::new() };
+    let mut t = T {
+        graph,
+        index: BTreeMap::new(),
+        low: BTreeMap::new(),
+        stack: Vec::new(),
+        on: BTreeSet::new(),
+        out: Vec::new(),
+    };
     for v in graph.keys() {
         if !t.index.contains_key(v.as_str()) {
             visit(&mut t, v);
@@ -464,7 +476,14 @@ fn the_scanner_sees_grouped_relative_and_inline_paths() {
     got.sort();
     assert_eq!(
         got,
-        ["config::Backend", "model::Kind::Service", "proxy", "proxy::table::Upstream", "rules::RuleSet", "rules::render::Layout"]
+        [
+            "config::Backend",
+            "model::Kind::Service",
+            "proxy",
+            "proxy::table::Upstream",
+            "rules::RuleSet",
+            "rules::render::Layout"
+        ]
     );
     let graph: BTreeMap<String, BTreeSet<String>> = [
         ("a".to_string(), ["b".to_string()].into()),

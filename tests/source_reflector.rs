@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgeproxy::config::{Config, SourceConfig, SourceKind};
+use edgeproxy::config::Config;
 use edgeproxy::kube::client::{ClientOptions, Env};
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::kube::reflector::{self, ReflectorOptions};
 use edgeproxy::model::{Kind, Object, ObjectKey};
 use edgeproxy::source::{Sink, SourceEvent};
+use edgeproxy::source::{SourceConfig, SourceKind};
 use edgeproxy::state::Change;
 use support::apiserver::{fixture, ApiServer, Cluster, Personality, Reply};
 
@@ -426,7 +427,7 @@ fn metaserver_personality_with_the_default_settings_converges_on_endpointslices(
         cluster.personality = Personality::MetaServer { old_kinds };
         let s = ApiServer::start_with(cluster, false);
         let mut cfg = Config::defaults().source;
-        assert_eq!(cfg.endpoints_api, edgeproxy::config::EndpointsApi::Auto);
+        assert_eq!(cfg.endpoints_api, edgeproxy::source::EndpointsApi::Auto);
         cfg.kind = SourceKind::MetaServer;
         cfg.meta_server = s.url.clone();
         let run = Run::start(&cfg, opts());
@@ -508,7 +509,7 @@ fn list_all_is_the_live_dry_run() {
 /// generations of its kinds): endpointsApi auto, endpointslices and endpoints, watch and poll.
 #[test]
 fn every_source_setting_becomes_ready_against_both_servers() {
-    use edgeproxy::config::EndpointsApi;
+    use edgeproxy::source::EndpointsApi;
     let personalities = [
         Personality::ApiServer,
         Personality::MetaServer { old_kinds: false },

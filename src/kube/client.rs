@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig, TlsProvider};
 
-use crate::config::{SourceConfig, SourceKind};
 use crate::kube::kubeconfig::{self, KeySource, PemSource};
+use crate::source::{SourceConfig, SourceKind};
 
 /// Bytes that must never be printed: tokens, private keys.
 #[derive(Clone, PartialEq, Eq)]

@@ -27,11 +27,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::{EndpointsApi, SourceConfig};
 use crate::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
 use crate::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
 use crate::model::{Kind, Object, ObjectKey};
 use crate::ratelog::{summary, Every};
+use crate::source::{EndpointsApi, SourceConfig};
 use crate::source::{Sink, SourceEvent};
 use crate::state::Change;
 

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::Config;
 use lb::{Balancer, XorShift};
 use stats::ProxyStats;
 use table::{ProxyTable, ServiceEntry};
@@ -74,25 +73,6 @@ pub struct ProxyConfig {
     /// Close a TCP connection after this long without a byte either way (`None`, the default:
     /// never, like kube-proxy's kernel path; keepalive still finds dead peers).
     pub tcp_idle_timeout: Option<Duration>,
-}
-
-impl From<&Config> for ProxyConfig {
-    fn from(c: &Config) -> Self {
-        ProxyConfig {
-            listen_v4: c.listen.ip,
-            listen_v6: Some(c.listen.ipv6),
-            tcp_port: c.listen.tcp_port,
-            dial_timeout: c.dial_timeout,
-            dial_attempts: c.dial_attempts.max(1),
-            tcp_buffer: c.tcp_buffer,
-            udp_idle_timeout: c.udp_idle_timeout,
-            udp_max_flows: c.udp_max_flows.max(1),
-            tcp_max_per_source: c.tcp_max_per_source.max(1),
-            udp_max_flows_per_source: c.udp_max_flows_per_source.max(1),
-            mark: c.listen.mark,
-            tcp_idle_timeout: c.tcp_idle_timeout,
-        }
-    }
 }
 
 impl ProxyConfig {

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use super::apply::{Applier, ApplyError};
 use super::RuleSet;
-use crate::config::Config;
 
 /// Timers of the applier thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,17 +38,9 @@ pub struct ApplierConfig {
     pub backoff_max: Duration,
 }
 
-impl From<&Config> for ApplierConfig {
-    fn from(c: &Config) -> Self {
-        ApplierConfig {
-            min_sync_period: c.min_sync_period,
-            guard_period: c.guard_period,
-            resync_period: c.resync_period,
-            backoff_start: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
-        }
-    }
-}
+/// The first retry delay after a failed sync; it doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_START: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// What the applier thread reports.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,8 +22,8 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::process::{Command, Output, Stdio};
 
+use super::Flavour;
 use super::{Family, Jump, RuleSet, TableRules, OWN_CHAINS};
-use crate::config::Backend;
 
 /// The binaries of one iptables backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,11 +190,11 @@ fn rule_count(save: &str) -> usize {
 /// chains (`KUBE-IPTABLES-HINT`, `KUBE-KUBELET-CANARY`; nft's mangle table first, then legacy),
 /// then the one holding kube-proxy's chains, then the one with more rules; nft by default.
 /// Legacy is only read with plain `-t nat`, which never creates a table that was not there.
-pub fn detect(backend: Backend) -> Binaries {
-    match backend {
-        Backend::Nft => NFT,
-        Backend::Legacy => LEGACY,
-        Backend::Auto => {
+pub fn detect(flavour: Flavour) -> Binaries {
+    match flavour {
+        Flavour::Nft => NFT,
+        Flavour::Legacy => LEGACY,
+        Flavour::Auto => {
             let mangle = |bin: &str| {
                 Command::new(bin)
                     .args(["-t", "mangle"])
@@ -232,8 +232,8 @@ pub fn detect(backend: Backend) -> Binaries {
 
 /// Does kube-proxy serve ClusterIPs here (its jump into `KUBE-SERVICES`)? `None` when the nat
 /// table cannot be read.
-pub fn kube_proxy_present(backend: Backend) -> Option<bool> {
-    save_nat(detect(backend).save).map(|s| has_kube_proxy_jump(&s))
+pub fn kube_proxy_present(flavour: Flavour) -> Option<bool> {
+    save_nat(detect(flavour).save).map(|s| has_kube_proxy_jump(&s))
 }
 
 /// One listed chain: `iptables -t nat -S <chain>` without the `-P`/`-N` line, as `-A` lines.
@@ -383,8 +383,8 @@ fn idx(f: Family) -> usize {
 
 impl Applier {
     /// Pick the backend (see [`detect`]) and check that its nat table can be read.
-    pub fn new(backend: Backend) -> Result<Applier, ApplyError> {
-        let bins = detect(backend);
+    pub fn new(flavour: Flavour) -> Result<Applier, ApplyError> {
+        let bins = detect(flavour);
         Applier::with_binaries(bins)
     }
 

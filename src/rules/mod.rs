@@ -18,6 +18,15 @@ pub const OWN_CHAINS: &[&str] = &[
     render::NO_ENDPOINTS_CHAIN,
 ];
 
+/// Which iptables binaries apply the rules: `iptables-nft` or `iptables-legacy` (kube-proxy's
+/// "mode" of its iptables wrapper), or whichever the node already uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    Auto,
+    Nft,
+    Legacy,
+}
+
 /// IP family of a table (`iptables` vs `ip6tables`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {

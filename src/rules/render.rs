@@ -28,23 +28,13 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use super::{Family, Jump, RuleSet, TableRules};
-use crate::config::ListenConfig;
+use crate::listen::ListenConfig;
 use crate::model::{ObjectKey, Protocol};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     Portals,
     RootChain,
-}
-
-impl Layout {
-    pub fn parse(s: &str) -> Option<Layout> {
-        match s {
-            "portals" => Some(Layout::Portals),
-            "root-chain" => Some(Layout::RootChain),
-            _ => None,
-        }
-    }
 }
 
 pub const PORTALS_COMMENT: &str = "handle ClusterIPs; NOTE: this must be before the NodePort rules";

@@ -5,7 +5,9 @@
 
 pub mod file;
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::model::Kind;
 use crate::state::Change;
@@ -27,3 +29,34 @@ pub enum SourceEvent {
 
 /// Where a source sends its events. Callable from any thread.
 pub type Sink = Arc<dyn Fn(SourceEvent) + Send + Sync>;
+
+/// Where Services and endpoints come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Explicit server / kubeconfig / in-cluster / MetaServer, first that applies.
+    Kube,
+    MetaServer,
+    File(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointsApi {
+    Auto,
+    EndpointSlices,
+    Endpoints,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub kubeconfig: Option<PathBuf>,
+    pub server: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub meta_server: String,
+    pub watch: bool,
+    pub poll_interval: Duration,
+    pub endpoints_api: EndpointsApi,
+}
