@@ -18,7 +18,7 @@ mod fixtures;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -126,7 +126,7 @@ fn main() {
     let sink: Sink = Arc::new(move |ev| {
         let _ = tx.lock().unwrap().send(ev);
     });
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = edgeproxy::stop::Stop::new();
     let mut state = State::new(StateConfig::from(&config));
     let t0 = Instant::now();
     let handles = reflector::spawn(&cfg, sink, stop.clone()).unwrap();
@@ -195,7 +195,7 @@ fn main() {
     drop(rules);
     parts.push(format!("rules {} kB", (before - LIVE.load(Ordering::Relaxed)) / 1024));
     println!("  the plan holds: {}; after dropping it VmRSS {}", parts.join(", "), proc_status("VmRSS:"));
-    stop.store(true, Ordering::Relaxed);
+    stop.stop();
     for h in handles {
         let _ = h.join();
     }

@@ -14,7 +14,6 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +33,7 @@ use crate::rules::RuleSet;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
 use crate::state::{Change, State, StateConfig};
+use crate::stop::Stop;
 
 /// Why the agent could not start or stop cleanly.
 #[derive(Debug)]
@@ -150,13 +150,14 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         let _ = rules_tx.send(Input::Rules(e));
     });
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::new();
     let source_tx = tx.clone();
     let sink: Sink = Arc::new(move |e| {
         let _ = source_tx.send(Input::Source(e));
     });
     let sources: Vec<std::thread::JoinHandle<()>> = match &config.source.kind {
-        SourceKind::File(path) => vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())],
+        SourceKind::File(path) => vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())
+            .map_err(|e| AgentError::Source(format!("cannot start the file source thread: {e}")))?],
         SourceKind::Kube | SourceKind::MetaServer => {
             reflector::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
         }
@@ -304,7 +305,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     log::info!("{}: removing rules and exiting", signal.unwrap_or("all inputs closed"));
     let _ = notifier.stopping();
     ops.set_rules_installed(false);
-    stop.store(true, Ordering::Relaxed);
+    stop.stop();
     let _ = proxy_stop.send(());
     handle.shutdown();
     let mut result = Ok(());

@@ -27,3 +27,4 @@ pub mod ratelog;
 pub mod rules;
 pub mod source;
 pub mod state;
+pub mod stop;

@@ -16,6 +16,7 @@ use edgeproxy::model::{Kind, Object, ObjectKey};
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::source::{SourceConfig, SourceKind};
 use edgeproxy::state::Change;
+use edgeproxy::stop::Stop;
 use support::apiserver::{fixture, ApiServer, Cluster, Personality, Reply};
 
 type Held = BTreeMap<(Kind, ObjectKey), Object>;
@@ -57,7 +58,7 @@ fn oracle() -> Held {
 }
 
 struct Run {
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     handles: Vec<std::thread::JoinHandle<()>>,
     events: Arc<Mutex<Vec<SourceEvent>>>,
 }
@@ -67,7 +68,7 @@ impl Run {
         let events: Arc<Mutex<Vec<SourceEvent>>> = Arc::default();
         let e = events.clone();
         let sink: Sink = Arc::new(move |ev| e.lock().unwrap().push(ev));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Stop::new();
         let handles = reflector::spawn_with(cfg, opts, sink, stop.clone()).expect("spawn");
         Run { stop, handles, events }
     }
@@ -115,7 +116,7 @@ impl Run {
 
     fn stop(self) -> Duration {
         let t = Instant::now();
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.stop();
         for h in self.handles {
             h.join().expect("reflector thread panicked");
         }

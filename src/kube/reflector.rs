@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use crate::ratelog::{summary, Every};
 use crate::source::{EndpointsApi, SourceConfig};
 use crate::source::{Sink, SourceEvent};
 use crate::state::Change;
+use crate::stop::Stop;
 
 // ---- options -----------------------------------------------------------------------------------
 
@@ -514,17 +515,17 @@ pub fn connect(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<Client, So
 }
 
 /// Start the reflectors with default options. See [`spawn_with`].
-pub fn spawn(cfg: &SourceConfig, sink: Sink, stop: Arc<AtomicBool>) -> Result<Vec<JoinHandle<()>>, SourceError> {
+pub fn spawn(cfg: &SourceConfig, sink: Sink, stop: Stop) -> Result<Vec<JoinHandle<()>>, SourceError> {
     spawn_with(cfg, ReflectorOptions::default(), sink, stop)
 }
 
-/// Start one thread per resource (Services, and EndpointSlices or Endpoints), plus a small
-/// thread that interrupts requests in flight once `stop` is set. Fails only on unusable settings.
+/// Start one thread per resource (Services, and EndpointSlices or Endpoints); a stop also
+/// interrupts the requests in flight. Fails only on unusable settings.
 pub fn spawn_with(
     cfg: &SourceConfig,
     opts: ReflectorOptions,
     sink: Sink,
-    stop: Arc<AtomicBool>,
+    stop: Stop,
 ) -> Result<Vec<JoinHandle<()>>, SourceError> {
     let client = connect(cfg, &opts)?;
     let poll = (!cfg.watch).then_some(cfg.poll_interval);
@@ -562,32 +563,10 @@ pub fn spawn_with(
     let spawn_err = |e: std::io::Error| SourceError { message: format!("cannot start a reflector thread: {e}") };
     handles.push(spawn_one("watch-services", None, 1).map_err(spawn_err)?);
     handles.push(spawn_one("watch-endpoints", Some(cfg.endpoints_api), 2).map_err(spawn_err)?);
-    let (c, s) = (client.clone(), stop.clone());
-    handles.push(
-        std::thread::Builder::new()
-            .name("watch-stop".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                c.shutdown();
-            })
-            .map_err(spawn_err)?,
-    );
+    // A stop interrupts the requests in flight (a watch may be blocked in a read).
+    let c = client.clone();
+    stop.on_stop(move || c.shutdown());
     Ok(handles)
-}
-
-/// Sleep up to `d`, waking early when `stop` is set. Returns whether to go on.
-fn nap(d: Duration, stop: &AtomicBool) -> bool {
-    let end = Instant::now() + d;
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= end {
-            return true;
-        }
-        std::thread::sleep((end - now).min(Duration::from_millis(100)));
-    }
-    false
 }
 
 /// Which endpoint kind to reflect: as configured, or (auto) what [`probe_endpoints_api`] finds.
@@ -597,7 +576,7 @@ fn endpoints_kind(
     api: EndpointsApi,
     opts: &ReflectorOptions,
     sink: &Sink,
-    stop: &AtomicBool,
+    stop: &Stop,
     salt: u64,
 ) -> Option<Kind> {
     match api {
@@ -617,7 +596,7 @@ fn endpoints_kind(
                 sink(SourceEvent::Error { kind: None, message });
                 m.failures += 1;
                 let d = m.backoff();
-                if !nap(d, stop) {
+                if !stop.sleep(d) {
                     return None;
                 }
             }
@@ -685,7 +664,7 @@ fn emit_to(sink: &Sink) -> impl FnMut(SourceEvent) + '_ {
 }
 
 /// Run a machine until `stop`.
-pub fn drive(machine: &mut Machine, client: &Client, opts: &ReflectorOptions, sink: &Sink, stop: &AtomicBool) {
+pub fn drive(machine: &mut Machine, client: &Client, opts: &ReflectorOptions, sink: &Sink, stop: &Stop) {
     drive_with(machine, client, opts, sink, stop, None);
 }
 
@@ -696,12 +675,12 @@ fn drive_with(
     client: &Client,
     opts: &ReflectorOptions,
     sink: &Sink,
-    stop: &AtomicBool,
+    stop: &Stop,
     recheck: Option<&dyn Fn() -> Option<Kind>>,
 ) -> Option<Kind> {
     let mut emit = emit_to(sink);
     let mut action = machine.start();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_stopped() {
         action = match action {
             Action::List { continue_token: None } if machine.resource_version().is_some() => {
                 if let Some(next) = recheck.and_then(|f| f()) {
@@ -718,7 +697,7 @@ fn drive_with(
                 watch(machine, client, &resource_version, timeout_seconds, opts, stop, &mut emit)
             }
             Action::Sleep(d) => {
-                if !nap(d, stop) {
+                if !stop.sleep(d) {
                     return None;
                 }
                 machine.step(Input::Woke, &mut emit)
@@ -739,12 +718,7 @@ fn status_message(status: u16, st: &crate::kube::objects::Status) -> String {
 }
 
 /// Read a whole body with a size limit and a stall deadline.
-fn read_body(
-    mut r: client::Response,
-    limit: usize,
-    stall: Duration,
-    stop: &AtomicBool,
-) -> Result<Vec<u8>, ClientError> {
+fn read_body(mut r: client::Response, limit: usize, stall: Duration, stop: &Stop) -> Result<Vec<u8>, ClientError> {
     let server = r.server().to_string();
     let started = Instant::now();
     let mut out = Vec::new();
@@ -761,13 +735,13 @@ fn read_body(
         if started.elapsed() > stall {
             return Err(ClientError::new(ErrorKind::Timeout, format!("the body stalled: incomplete after {stall:?}")));
         }
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_stopped() {
             return Err(ClientError::new(ErrorKind::Transport, "stopping"));
         }
     }
 }
 
-fn list_page(client: &Client, kind: Kind, cont: Option<&str>, opts: &ReflectorOptions, stop: &AtomicBool) -> Input {
+fn list_page(client: &Client, kind: Kind, cont: Option<&str>, opts: &ReflectorOptions, stop: &Stop) -> Input {
     let mut path = format!("{}?limit={}", collection_path(kind), opts.page_limit);
     if let Some(c) = cont {
         path.push_str("&continue=");
@@ -900,7 +874,7 @@ fn watch(
     rv: &str,
     timeout_seconds: u32,
     opts: &ReflectorOptions,
-    stop: &AtomicBool,
+    stop: &Stop,
     emit: &mut dyn FnMut(SourceEvent),
 ) -> Action {
     let path = format!(
@@ -933,7 +907,7 @@ fn watch(
     let mut buf = vec![0u8; 16 * 1024];
     let mut line_started: Option<Instant> = None;
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_stopped() {
             return Action::Sleep(Duration::ZERO);
         }
         let n = match resp.read(&mut buf) {
@@ -1005,7 +979,7 @@ pub fn list_all_with(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<List
         EndpointsApi::Auto => probe_endpoints_api(&client).map_err(|message| SourceError { message })?,
     };
     let mut out = Listed { origin: format!("{} ({})", client.server(), client.origin()), ..Listed::default() };
-    let stop = AtomicBool::new(false);
+    let stop = Stop::new();
     for kind in [Kind::Service, ep_kind] {
         let mut attempts = 0;
         let mut cont: Option<String> = None;

@@ -9,8 +9,6 @@
 //! the rest still count. It never touches the state or the kernel itself.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -18,29 +16,19 @@ use super::{Sink, SourceEvent};
 use crate::kube::objects::decode_document;
 use crate::model::{Kind, Object, ObjectKey};
 use crate::state::Change;
+use crate::stop::Stop;
 
 /// Start polling `path` every `interval`; stops when `stop` is set.
-pub fn spawn(path: PathBuf, interval: Duration, sink: Sink, stop: Arc<AtomicBool>) -> JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("source-file".into())
-        .spawn(move || {
-            let mut watched = Watched::default();
-            while !stop.load(Ordering::Relaxed) {
-                poll_once(&path, &mut watched, &sink);
-                sleep_until_stop(interval, &stop);
+pub fn spawn(path: PathBuf, interval: Duration, sink: Sink, stop: Stop) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("source-file".into()).spawn(move || {
+        let mut watched = Watched::default();
+        loop {
+            poll_once(&path, &mut watched, &sink);
+            if !stop.sleep(interval) {
+                break;
             }
-        })
-        .expect("spawning the file source thread")
-}
-
-fn sleep_until_stop(total: Duration, stop: &AtomicBool) {
-    let step = Duration::from_millis(50);
-    let mut left = total;
-    while !left.is_zero() && !stop.load(Ordering::Relaxed) {
-        let d = left.min(step);
-        std::thread::sleep(d);
-        left -= d;
-    }
+        }
+    })
 }
 
 /// What the poller remembers about the file between polls.
@@ -143,7 +131,7 @@ pub const MAX_FILE_BYTES: u64 = 128 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[test]
     fn bad_file_keeps_state_and_good_file_replaces() {
