@@ -23,6 +23,7 @@ pub mod model;
 pub mod notify;
 pub mod ops;
 pub mod proxy;
+pub mod rand;
 pub mod ratelog;
 pub mod rules;
 pub mod source;

@@ -23,20 +23,16 @@ use edgeproxy::config::Config;
 use edgeproxy::kube::objects::{decode_document, decode_watch_line};
 use edgeproxy::kube::reflector::{Action, Input, Machine, ReflectorOptions, WatchEnd, WatchInput};
 use edgeproxy::model::Kind;
+use edgeproxy::rand::{self, XorShift};
 use edgeproxy::source::SourceEvent;
 use edgeproxy::state::{Change, State, StateConfig};
 
-struct Rng(u64);
+/// The crate's own generator, with the one helper the model needs.
+struct Rng(XorShift);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
@@ -224,7 +220,7 @@ fn deliver(
 }
 
 fn simulate(seed: u64) {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng(XorShift::new(rand::mix(seed, 0)));
     let mut cluster = Cluster {
         rv: 100,
         objects: BTreeMap::new(),

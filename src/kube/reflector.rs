@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crate::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
 use crate::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
 use crate::model::{Kind, Object, ObjectKey};
+use crate::rand::{self, XorShift};
 use crate::ratelog::{summary, Every};
 use crate::source::{EndpointsApi, SourceConfig};
 use crate::source::{Sink, SourceEvent};
@@ -171,7 +172,7 @@ pub struct Machine {
     backoff_initial: Duration,
     backoff_cap: Duration,
     watch_timeout_secs: (u32, u32),
-    rng: u64,
+    rng: XorShift,
     /// Last resourceVersion seen (list, event or bookmark).
     rv: Option<String>,
     synced: bool,
@@ -195,7 +196,7 @@ impl Machine {
             backoff_initial: opts.backoff_initial,
             backoff_cap: opts.backoff_cap,
             watch_timeout_secs: opts.watch_timeout_secs,
-            rng: seed | 1,
+            rng: XorShift::new(seed),
             rv: None,
             synced: false,
             listing: None,
@@ -228,21 +229,11 @@ impl Machine {
         Action::List { continue_token: None }
     }
 
-    fn random(&mut self) -> u64 {
-        // xorshift64*: plenty for jitter.
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
     /// The delay for the current failure count: exponential, capped, jittered into [d/2, d].
     pub fn backoff(&mut self) -> Duration {
         let exp = self.failures.saturating_sub(1).min(20);
         let d = self.backoff_initial.saturating_mul(1 << exp).min(self.backoff_cap);
-        let frac = (self.random() % 1000) as u32;
+        let frac = (self.rng.next_u64() % 1000) as u32;
         d / 2 + d / 2 * frac / 1000
     }
 
@@ -255,7 +246,7 @@ impl Machine {
     fn watch_action(&mut self) -> Action {
         let (lo, hi) = self.watch_timeout_secs;
         let span = u64::from(hi.saturating_sub(lo)) + 1;
-        let timeout_seconds = lo + (self.random() % span) as u32;
+        let timeout_seconds = lo + (self.rng.next_u64() % span) as u32;
         self.watch_progress = false;
         match &self.rv {
             Some(rv) => Action::Watch { resource_version: rv.clone(), timeout_seconds },
@@ -496,11 +487,7 @@ pub fn collection_path(kind: Kind) -> &'static str {
 }
 
 fn seed(opts: &ReflectorOptions, salt: u64) -> u64 {
-    let base = opts.seed.unwrap_or_else(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-    });
-    base ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    opts.seed.map_or_else(|| rand::seed(salt), |base| rand::mix(base, salt))
 }
 
 /// Resolve settings, build the client, log the settings' warnings.

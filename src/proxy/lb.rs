@@ -114,25 +114,6 @@ impl Balancer {
     }
 }
 
-/// A small xorshift generator for [`LbPolicy::Random`]; not for anything secret.
-#[derive(Debug)]
-pub struct XorShift(u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> XorShift {
-        XorShift(seed | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use lb::{Balancer, XorShift};
+use crate::rand::{self, XorShift};
+use lb::Balancer;
 use stats::ProxyStats;
 use table::{ProxyTable, ServiceEntry};
 
@@ -199,10 +200,7 @@ pub async fn run(
         }
     };
     let fd_budget = admission::fd_budget(soft);
-    let seed = std::process::id() as u64
-        ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let seed = rand::seed(0);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         stats,

@@ -313,13 +313,8 @@ mod tests {
             "--comment",
             "\\\"",
         ];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::rand::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next_u64();
         let structure = |line: &str| -> (String, String) {
             let open = line.find("--comment \"").map(|i| i + "--comment \"".len());
             match open {
