@@ -29,3 +29,4 @@ pub mod rules;
 pub mod source;
 pub mod state;
 pub mod stop;
+pub mod sys;

@@ -5,60 +5,31 @@
 //! another connection. Refusals (not a service port, a loop, no backend, every dial failed) close
 //! the client with an RST (SO_LINGER 0), as the kernel would for a closed port.
 //!
-//! The relay copies both ways with half-close: when one side's read ends, writing is shut down
-//! on the other and the opposite direction carries on until it ends too. An error on either side
-//! (a reset) resets the other. Small messages are copied through a buffer of `tcp_buffer` bytes;
-//! once a read fills the whole buffer (a bulk transfer), that direction switches to splice(2)
-//! through a kernel pipe (socket -> pipe -> socket, no copy to user space) until a splice moves
-//! less than a buffer's worth again. When no pipe can be had (out of descriptors) it copies. Memory and descriptors are bounded: a pipe or
-//! buffer per direction only while data is in flight, none while idle (both go back to small
-//! per-thread pools), and backpressure comes from not reading while the pipe or buffer is
-//! unwritten.
+//! The relay (both directions of a connection, buffers and splice) is `relay.rs`.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
-use std::pin::Pin;
 
-use tokio::io::{AsyncRead, Interest, ReadBuf};
-use tokio::net::tcp::ReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::admission::Refusal;
 use super::limits::is_fd_exhaustion;
+use super::relay::Relay;
+use super::shared::{mark_upstream, ProxyConfig, Shared, TcpAdmitted};
 use super::stats::{Counter, Outcome, ServiceCounters};
 use super::table::{ProxyTable, ServiceEntry};
-use super::{ProxyConfig, Shared, TcpAdmitted};
 use crate::ratelog::{summary, Every};
 
 /// How long accepting pauses when the process or system is out of file descriptors.
 const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
-/// Idle buffers (and idle pipes) kept per thread for reuse.
-const POOL_MAX: usize = 64;
-/// Most bytes one splice(2) moves; the pipe's capacity caps it further.
-const SPLICE_MAX: usize = 1 << 20;
-/// The capacity asked for the kernel pipes of bulk transfers: the default fs.pipe-max-size.
-/// Measured with the benchmark (single stream, 2 rounds): 64 KiB (the kernel default) 0.63x of
-/// kernel DNAT at 0.49 CPU-s/GB, 256 KiB 0.75x at 0.45, 1 MiB 0.89x at 0.38.
-const PIPE_SIZE: usize = 1 << 20;
-/// Pipes of `PIPE_SIZE` alive at once (in use or pooled); others keep the kernel's default
-/// (64 KiB). 16 x 1 MiB is 4,096 pages, a quarter of the default fs.pipe-user-pages-soft, a
-/// budget the kernel shares among all processes of the user: past it, processes of that user
-/// without CAP_SYS_RESOURCE get 2-page pipes. Sixteen concurrent bulk transfers is plenty on
-/// an edge machine; more still splice, through smaller pipes.
-const BIG_PIPES_MAX: usize = 16;
-static BIG_PIPES: AtomicUsize = AtomicUsize::new(0);
-
 /// TCP keepalive on both legs of every proxied connection: a peer that vanished (a pod deleted
 /// without a FIN, a router rebooted) is found after 60 s idle + 6 probes 10 s apart, and both
 /// sockets are closed, instead of holding two descriptors for ever. Idle but alive peers are not
@@ -108,7 +79,7 @@ async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    super::mark_upstream(SockRef::from(&sock), mark);
+    mark_upstream(SockRef::from(&sock), mark);
     sock.connect(addr).await
 }
 
@@ -228,7 +199,7 @@ async fn serve(
     stats.total.tcp_active.inc();
     svc.tcp_active.inc();
     let _active = Active(&stats.total.tcp_active, &svc.tcp_active);
-    let mut relay = Relay { up: Pipe::default(), down: Pipe::default(), size: shared.cfg.tcp_buffer, svc: &svc, stats };
+    let mut relay = Relay::new(shared.cfg.tcp_buffer, &svc, stats);
     let (mut client, mut upstream) = (client, upstream);
     let result = {
         // Read halves read through tokio's `poll_read`, which knows that a short read drained
@@ -312,308 +283,9 @@ async fn dial(
     })
 }
 
-/// Both directions of one connection.
-struct Relay<'a> {
-    /// Client -> backend.
-    up: Pipe,
-    /// Backend -> client.
-    down: Pipe,
-    size: usize,
-    svc: &'a ServiceCounters,
-    stats: &'a super::stats::ProxyStats,
-}
-
-impl Relay<'_> {
-    /// Bytes moved either way so far.
-    fn moved(&self) -> u64 {
-        self.up.moved + self.down.moved
-    }
-
-    /// Ready(Ok) once both directions have ended cleanly; Ready(Err) at the first error.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        client: &mut ReadHalf<'_>,
-        upstream: &mut ReadHalf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let up = self.up.poll(
-            cx,
-            client,
-            upstream.as_ref(),
-            self.size,
-            [&self.svc.bytes_to_backend, &self.stats.total.bytes_to_backend],
-        );
-        if let Poll::Ready(Err(e)) = up {
-            return Poll::Ready(Err(e));
-        }
-        let down = self.down.poll(
-            cx,
-            upstream,
-            client.as_ref(),
-            self.size,
-            [&self.svc.bytes_to_client, &self.stats.total.bytes_to_client],
-        );
-        if let Poll::Ready(Err(e)) = down {
-            return Poll::Ready(Err(e));
-        }
-        match up.is_ready() && down.is_ready() {
-            true => Poll::Ready(Ok(())),
-            false => Poll::Pending,
-        }
-    }
-}
-
-/// One direction: read from `from` into the buffer, write it all to `to`, repeat; at EOF shut
-/// down writing on `to`.
-#[derive(Default)]
-struct Pipe {
-    buf: Option<Box<[u8]>>,
-    start: usize,
-    end: usize,
-    /// The kernel pipe bytes are spliced through, held while `in_pipe > 0` (and between a
-    /// readiness wake-up and the splice that follows it).
-    kpipe: Option<KernelPipe>,
-    /// Bytes in `kpipe`, read from `from` and not yet written to `to`.
-    in_pipe: usize,
-    /// The last read filled the buffer: move the next bytes with splice.
-    bulk: bool,
-    eof: bool,
-    done: bool,
-    /// Bytes written on so far (the idle timeout watches it).
-    moved: u64,
-}
-
-impl Pipe {
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from_half: &mut ReadHalf<'_>,
-        to: &TcpStream,
-        size: usize,
-        counters: [&Counter; 2],
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if self.done {
-                return Poll::Ready(Ok(()));
-            }
-            if self.in_pipe > 0 {
-                ready!(to.poll_write_ready(cx))?;
-                let pipe_r = self.kpipe.as_ref().expect("bytes in the pipe imply a pipe").r.as_raw_fd();
-                let len = self.in_pipe;
-                match to.try_io(Interest::WRITABLE, || splice(pipe_r, to.as_raw_fd(), len)) {
-                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => {
-                        self.in_pipe -= n;
-                        self.moved += n as u64;
-                        counters.iter().for_each(|c| c.add(n as u64));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-                continue;
-            }
-            if self.start < self.end {
-                ready!(to.poll_write_ready(cx))?;
-                let buf = self.buf.as_deref().expect("data pending implies a buffer");
-                match to.try_write(&buf[self.start..self.end]) {
-                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => {
-                        self.start += n;
-                        self.moved += n as u64;
-                        counters.iter().for_each(|c| c.add(n as u64));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-                continue;
-            }
-            if self.eof {
-                self.done = true;
-                pool_put(self.buf.take());
-                pipe_put(self.kpipe.take());
-                // ENOTCONN: the peer is already gone; the other direction will see it.
-                match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Poll::Ready(Err(e)),
-                    _ => return Poll::Ready(Ok(())),
-                }
-            }
-            // Nothing is pending here: hand back whichever of buffer and pipe this read won't use.
-            if self.bulk {
-                ready!(from_half.as_ref().poll_read_ready(cx))?;
-                pool_put(self.buf.take());
-                if self.kpipe.is_none() {
-                    self.kpipe = pipe_take();
-                }
-            } else {
-                pipe_put(self.kpipe.take());
-            }
-            if let Some(p) = &self.kpipe {
-                let pipe_w = p.w.as_raw_fd();
-                match from_half
-                    .as_ref()
-                    .try_io(Interest::READABLE, || splice(from_half.as_ref().as_raw_fd(), pipe_w, SPLICE_MAX))
-                {
-                    Ok(0) => self.eof = true,
-                    Ok(n) => {
-                        self.in_pipe = n;
-                        self.bulk = n >= size;
-                    }
-                    // Nothing to read: this direction is idle, so it holds no pipe.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe_put(self.kpipe.take()),
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-                continue;
-            }
-            let buf = self.buf.get_or_insert_with(|| pool_take(size));
-            let mut rb = ReadBuf::new(buf);
-            match Pin::new(&mut *from_half).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        self.eof = true;
-                    } else {
-                        self.start = 0;
-                        self.end = n;
-                        self.bulk = n == buf.len();
-                    }
-                }
-                // Nothing to read: this direction is idle, so it holds no buffer.
-                Poll::Pending => {
-                    pool_put(self.buf.take());
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        pool_put(self.buf.take());
-        // A pipe with bytes still in it is closed, never reused.
-        if self.in_pipe == 0 {
-            pipe_put(self.kpipe.take());
-        }
-    }
-}
-
-/// Both ends of a non-blocking kernel pipe.
-struct KernelPipe {
-    r: OwnedFd,
-    w: OwnedFd,
-    /// Grown to `PIPE_SIZE` (counted in `BIG_PIPES`).
-    big: bool,
-}
-
-impl Drop for KernelPipe {
-    fn drop(&mut self) {
-        if self.big {
-            BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// splice(2) between a socket and a pipe, never blocking on the pipe.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both fds are open for the duration of the call (owned by the caller's streams and
-    // pipe); null offsets are required for sockets and pipes.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    match n {
-        n if n >= 0 => Ok(n as usize),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// An empty pipe from the pool, or a new one; None when none can be made (out of
-/// descriptors): the caller copies through a buffer instead.
-fn pipe_take() -> Option<KernelPipe> {
-    if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
-        return Some(p);
-    }
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two new descriptors into the array on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        log::debug!("pipe2: {}; copying through a buffer", io::Error::last_os_error());
-        return None;
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    let mut p = unsafe { KernelPipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]), big: false } };
-    // A bigger pipe moves more per splice (fewer calls and wake-ups per GB). It holds no memory
-    // of its own (pages are the sockets' and are freed as they leave), but the kernel counts
-    // its capacity against the user's fs.pipe-user-pages-soft, so only BIG_PIPES_MAX grow.
-    // Refused (over fs.pipe-max-size or that limit): it keeps the default size.
-    if BIG_PIPES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < BIG_PIPES_MAX).then_some(n + 1)).is_ok() {
-        // SAFETY: fcntl on a descriptor owned by `p`.
-        match unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) } >= 0 {
-            true => p.big = true,
-            false => {
-                BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
-                log::debug!("F_SETPIPE_SZ {PIPE_SIZE}: {}; default size", io::Error::last_os_error());
-            }
-        }
-    }
-    Some(p)
-}
-
-/// Return an empty pipe to the pool (or close it when the pool is full).
-fn pipe_put(p: Option<KernelPipe>) {
-    if let Some(p) = p {
-        let _ = PIPES.try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            if pool.len() < POOL_MAX {
-                pool.push(p);
-            }
-        });
-    }
-}
-
-thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
-}
-
-fn pool_take(size: usize) -> Box<[u8]> {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        while let Some(b) = p.pop() {
-            if b.len() == size {
-                return b;
-            }
-        }
-        vec![0u8; size].into_boxed_slice()
-    })
-}
-
-fn pool_put(buf: Option<Box<[u8]>>) {
-    if let Some(b) = buf {
-        // try_with: during thread teardown the pool may already be gone; then just free.
-        let _ = POOL.try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(b);
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn capacity(p: &KernelPipe) -> libc::c_int {
-        // SAFETY: fcntl on a descriptor owned by `p`.
-        unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_GETPIPE_SZ) }
-    }
 
     /// Accepted sockets carry TCP_NODELAY and keepalive (with our timings) from the listener.
     #[test]
@@ -630,27 +302,5 @@ mod tests {
             assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
             assert_eq!(s.tcp_keepalive_retries().unwrap(), 6);
         });
-    }
-
-    #[test]
-    fn only_a_bounded_number_of_pipes_grow() {
-        // More pipes than the budget, none returned to the pool (so every one is new).
-        let pipes: Vec<KernelPipe> = (0..BIG_PIPES_MAX + 4).map(|_| pipe_take().expect("pipe2")).collect();
-        let big: Vec<&KernelPipe> = pipes.iter().filter(|p| p.big).collect();
-        assert!(big.len() <= BIG_PIPES_MAX, "{} big pipes", big.len());
-        assert_eq!(BIG_PIPES.load(Ordering::Relaxed), big.len());
-        for p in &pipes {
-            match p.big {
-                true => assert_eq!(capacity(p), PIPE_SIZE as libc::c_int),
-                false => assert!(capacity(p) < PIPE_SIZE as libc::c_int, "{}", capacity(p)),
-            }
-        }
-        // As root (CI), where fs.pipe-max-size allows 1 MiB, the whole budget is used.
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            assert_eq!(big.len(), BIG_PIPES_MAX);
-        }
-        drop(pipes);
-        assert_eq!(BIG_PIPES.load(Ordering::Relaxed), 0);
     }
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -26,11 +26,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::admission::{new_flow, FlowTable, NewFlow, Refusal};
-use super::stats::ServiceCounters;
+use super::admission::{new_flow, NewFlow, Refusal};
+use super::flow::Flow;
+use super::shared::{mark_upstream, ProxyEvent, Shared};
 use super::table::ProxyTable;
-use super::{ProxyEvent, Shared};
 use crate::ratelog::{summary, Every};
+use crate::sys::sockopt;
 
 /// Larger than any UDP payload (65 507 bytes over IPv4, 65 527 over IPv6 without jumbograms).
 const MAX_DATAGRAM: usize = 65_536;
@@ -105,18 +106,7 @@ pub(super) const UDP_RCVBUF: usize = 4 << 20;
 /// Ask for [`UDP_RCVBUF`]: with SO_RCVBUFFORCE when we have CAP_NET_ADMIN (as the agent does),
 /// else SO_RCVBUF, which the kernel caps at net.core.rmem_max.
 fn grow_receive_buffer(s: &Socket) {
-    let want = UDP_RCVBUF as libc::c_int;
-    // SAFETY: setsockopt on a descriptor `s` owns, with a pointer to a c_int that outlives the call.
-    let forced = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
+    if sockopt::force_recv_buffer(s, UDP_RCVBUF).is_err() {
         let _ = s.set_recv_buffer_size(UDP_RCVBUF);
     }
 }
@@ -130,29 +120,6 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
-
-/// A socket connected to a backend for a client, plus its bookkeeping.
-pub(super) struct Flow {
-    upstream: UdpSocket,
-    backend: SocketAddr,
-    /// Last datagram either way, in ms since `Shared::epoch`.
-    last: std::sync::atomic::AtomicU64,
-    svc: Arc<ServiceCounters>,
-}
-
-impl Flow {
-    fn touch(&self, now: u64) {
-        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn last(&self) -> u64 {
-        self.last.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// Every flow of every port (`Shared::udp_flows`): one table, so the global cap can make the least
-/// recently active flow anywhere give way, and the per-address counts cover all ports.
-pub(super) type FlowMap = Mutex<FlowTable<(Arc<Flow>, AbortHandle)>>;
 
 /// Removes a socket's flows from the shared table however its task ends (a closed port aborts
 /// it; its flow tasks are aborted with its `JoinSet`).
@@ -327,7 +294,7 @@ fn connect(backend: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(backend), Type::DGRAM.nonblocking().cloexec(), None)?;
     // Replies to a burst queue here until the loop relays them.
     grow_receive_buffer(&s);
-    super::mark_upstream(SockRef::from(&s), mark);
+    mark_upstream(SockRef::from(&s), mark);
     s.bind(&any.into())?;
     s.connect(&backend.into())?;
     UdpSocket::from_std(s.into())
@@ -416,8 +383,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
         let s = rt.block_on(async { udp_socket("127.0.0.1:0".parse().unwrap()).unwrap() });
         let got = SockRef::from(&s).recv_buffer_size().unwrap();
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::sys::is_root() {
             assert!(got >= UDP_RCVBUF, "root: {got} bytes");
         } else {
             let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
