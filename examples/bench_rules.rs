@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use edgeproxy::config::Config;
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
-use edgeproxy::rules::apply::{Applier, Binaries, LEGACY, NFT};
+use edgeproxy::rules::applier::Applier;
+use edgeproxy::rules::iptables::{Binaries, LEGACY, NFT};
 use edgeproxy::state::{Change, State, StateConfig};
 
 fn cluster(n: usize) -> State {

@@ -2,7 +2,7 @@
 //!
 //! One tokio `current_thread` runtime runs the control task. Sources run on their own threads
 //! and send [`SourceEvent`]s; the rules applier runs on its own thread (it starts processes and
-//! blocks) and reports [`applier::Event`]s; signals arrive as inputs too. The control task owns
+//! blocks) and reports [`worker::Event`]s; signals arrive as inputs too. The control task owns
 //! the [`State`]: it applies every input, then plans once per batch, hands the [`RuleSet`] to the
 //! applier when it changed, and publishes the [`ProxyTable`] through a `watch` channel.
 //!
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::address::{self, AddressError};
 use crate::config::Config;
 use crate::kube::reflector;
 use crate::model::Kind;
@@ -27,8 +28,9 @@ use crate::ops::{self, Ops};
 use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
 use crate::proxy::{self, ProxyConfig, ProxyEvent};
-use crate::rules::applier::{self, ApplierConfig};
-use crate::rules::apply::{self, Applier, ApplyError};
+use crate::rules::applier::Applier;
+use crate::rules::iptables::ApplyError;
+use crate::rules::worker::{self, WorkerConfig};
 use crate::rules::RuleSet;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
@@ -38,10 +40,14 @@ use crate::stop::Stop;
 /// Why the agent could not start or stop cleanly.
 #[derive(Debug)]
 pub enum AgentError {
-    /// Backend detection, start-up cleanup, or the exit cleanup failed.
+    /// Backend detection or the start-up cleanup failed.
     Rules(ApplyError),
+    /// The exit cleanup failed: our rules may still be in the kernel.
+    Cleanup(Arc<ApplyError>),
     /// The proxy address could not be put on the listen device.
-    Address(ApplyError),
+    Address(AddressError),
+    /// The proxy stopped with an error (its IPv4 listener could not be bound).
+    Proxy(std::io::Error),
     /// The configured source cannot be used.
     Source(String),
     /// The runtime or a signal handler could not be set up.
@@ -52,6 +58,8 @@ impl fmt::Display for AgentError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AgentError::Rules(e) => write!(f, "rules: {e}"),
+            AgentError::Cleanup(e) => write!(f, "could not remove the rules: {e}"),
+            AgentError::Proxy(e) => write!(f, "proxy: {e}"),
             AgentError::Address(e) => write!(f, "proxy address: {e}"),
             AgentError::Source(m) => write!(f, "source: {m}"),
             AgentError::Runtime(e) => write!(f, "runtime: {e}"),
@@ -64,9 +72,9 @@ impl std::error::Error for AgentError {}
 /// Everything the control task reacts to.
 enum Input {
     Source(SourceEvent),
-    Rules(applier::Event),
+    Rules(worker::Event),
     Proxy(ProxyEvent),
-    ProxyFailed(String),
+    ProxyFailed(std::io::Error),
     Signal(&'static str),
     /// Time to tell systemd's watchdog we are alive.
     Tick,
@@ -108,7 +116,7 @@ fn start_proxy(
             let _ = stop_rx.await;
         };
         if let Err(e) = proxy::run(cfg, table, events_tx, stats, shutdown).await {
-            let _ = tx.send(Input::ProxyFailed(e.to_string()));
+            let _ = tx.send(Input::ProxyFailed(e));
         }
     });
     stop_tx
@@ -146,7 +154,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     }
 
     let rules_tx = tx.clone();
-    let handle = applier::spawn(rules, ApplierConfig::from(&config), move |e| {
+    let handle = worker::spawn(rules, WorkerConfig::from(&config), move |e| {
         let _ = rules_tx.send(Input::Rules(e));
     });
 
@@ -191,7 +199,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     let mut dirty = false;
     let mut signal = None;
     let mut listening = false;
-    let mut proxy_error: Option<String> = None;
+    let mut proxy_error: Option<std::io::Error> = None;
 
     let mut synced_kinds = [false; 2];
     while let Some(first) = rx.recv().await {
@@ -310,12 +318,12 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     handle.shutdown();
     let mut result = Ok(());
     while let Ok(input) = rx.try_recv() {
-        if let Input::Rules(applier::Event::Stopped { error }) = input {
+        if let Input::Rules(worker::Event::Stopped { error }) = input {
             match error {
                 None => log::info!("rules removed"),
                 Some(e) => {
                     log::error!("could not remove the rules: {e}");
-                    result = Err(AgentError::Rules(ApplyError::Read { binary: "cleanup".into(), stderr: e }));
+                    result = Err(AgentError::Cleanup(e));
                 }
             }
         }
@@ -325,7 +333,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         let _ = source.join();
     }
     match proxy_error {
-        Some(e) => Err(AgentError::Runtime(std::io::Error::other(format!("proxy: {e}")))),
+        Some(e) => Err(AgentError::Proxy(e)),
         None => result,
     }
 }
@@ -340,21 +348,21 @@ fn resource(kind: Kind) -> &'static str {
 }
 
 /// Count an applier event in the metrics.
-fn record(ops: &Ops, e: &applier::Event) {
+fn record(ops: &Ops, e: &worker::Event) {
     match e {
-        applier::Event::Applied { duration, restores, .. } if *restores > 0 => {
+        worker::Event::Applied { duration, restores, .. } if *restores > 0 => {
             ops.metrics.rule_sync(true, *duration, std::time::SystemTime::now())
         }
-        applier::Event::Failed { .. } => ops.metrics.rule_sync_failed(),
-        applier::Event::Repaired { .. } => ops.metrics.guard_repairs.inc(),
+        worker::Event::Failed { .. } => ops.metrics.rule_sync_failed(),
+        worker::Event::Repaired { .. } => ops.metrics.guard_repairs.inc(),
         _ => {}
     }
 }
 
 /// Log an applier event; returns kube-proxy presence when it changed.
-fn on_rules_event(e: applier::Event, installed: &mut bool) -> Option<bool> {
+fn on_rules_event(e: worker::Event, installed: &mut bool) -> Option<bool> {
     match e {
-        applier::Event::Applied { duration, restores, rules, total_restores } => {
+        worker::Event::Applied { duration, restores, rules, total_restores } => {
             *installed = true;
             if restores > 0 {
                 log::info!(
@@ -365,15 +373,15 @@ fn on_rules_event(e: applier::Event, installed: &mut bool) -> Option<bool> {
                 log::debug!("rules unchanged: no restore");
             }
         }
-        applier::Event::Failed { error, retry_in } => {
+        worker::Event::Failed { error, retry_in } => {
             log::error!(
                 "rules sync failed, previous rules still in force; retry in {} ms: {error}",
                 retry_in.as_millis()
             );
         }
-        applier::Event::Repaired { what } => log::warn!("rules repaired: {}", what.join("; ")),
-        applier::Event::KubeProxy(present) => return Some(present),
-        applier::Event::Stopped { .. } => {}
+        worker::Event::Repaired { what } => log::warn!("rules repaired: {}", what.join("; ")),
+        worker::Event::KubeProxy(present) => return Some(present),
+        worker::Event::Stopped { .. } => {}
     }
     None
 }
@@ -385,12 +393,12 @@ fn add_addresses(config: &Config) -> Result<Vec<IpAddr>, AgentError> {
     }
     let mut added = Vec::new();
     let v4 = IpAddr::V4(config.listen.ip);
-    if apply::ensure_address(dev, v4).map_err(AgentError::Address)? {
+    if address::ensure_address(dev, v4).map_err(AgentError::Address)? {
         log::info!("added {v4} to {dev}");
         added.push(v4);
     }
     let v6 = IpAddr::V6(config.listen.ipv6);
-    match apply::ensure_address(dev, v6) {
+    match address::ensure_address(dev, v6) {
         Ok(true) => added.push(v6),
         Ok(false) => {}
         Err(e) => log::warn!("IPv6 proxy address not set ({e}); IPv6 services will be refused"),
@@ -400,7 +408,7 @@ fn add_addresses(config: &Config) -> Result<Vec<IpAddr>, AgentError> {
 
 fn remove_addresses(config: &Config, added: &[IpAddr]) {
     for ip in added {
-        match apply::remove_address(&config.listen.device, *ip) {
+        match address::remove_address(&config.listen.device, *ip) {
             Ok(()) => log::info!("removed {ip} from {}", config.listen.device),
             Err(e) => log::warn!("{e}"),
         }

@@ -24,3 +24,12 @@ impl ListenConfig {
         }
     }
 }
+
+/// `ip` as a host prefix (`/32` or `/128`), as iptables prints a rule's address and `ip addr`
+/// an address.
+pub fn host_prefix(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}/32"),
+        IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}

@@ -11,8 +11,9 @@ use edgeproxy::config::{self, Config, ConfigError, Overrides};
 use edgeproxy::kube::objects::decode_document;
 use edgeproxy::kube::reflector::SourceError;
 use edgeproxy::notify::NotifyError;
-use edgeproxy::rules::apply::{self, ApplyError};
-use edgeproxy::rules::{Family, Flavour};
+use edgeproxy::rules::applier::Applier;
+use edgeproxy::rules::iptables::{self, ApplyError};
+use edgeproxy::rules::{check, Family, Flavour};
 use edgeproxy::state::{Change, State, StateConfig};
 
 /// Why a command failed: each command's own errors, folded here so that `main` prints one line
@@ -108,7 +109,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
     let kube_proxy = match cmd.kube_proxy.as_str() {
         "present" => true,
         "absent" => false,
-        "auto" => apply::kube_proxy_present(Flavour::Auto).unwrap_or_else(|| {
+        "auto" => iptables::kube_proxy_present(Flavour::Auto).unwrap_or_else(|| {
             eprintln!(
                 "note: cannot read the nat table; assuming kube-proxy is absent (use --kube-proxy present|absent)"
             );
@@ -217,13 +218,13 @@ fn backend_overrides(backend: Option<&String>) -> Overrides {
     o
 }
 
-/// `edgeproxy check`: exit codes in `rules::apply::exit`.
+/// `edgeproxy check`: exit codes in `rules::check::exit`.
 fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
     let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
     // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
     let expected = State::new(StateConfig::from(&config)).plan().rules;
-    let report = apply::check(apply::detect(config.iptables), &expected);
+    let report = check::check(iptables::detect(config.iptables), &expected);
     for line in &report.lines {
         println!("{line}");
     }
@@ -234,7 +235,7 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
 fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
     let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
-    let mut applier = apply::Applier::new(config.iptables)?;
+    let mut applier = Applier::new(config.iptables)?;
     if cmd.edgemesh {
         // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
         let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];

@@ -4,7 +4,9 @@
 mod support;
 
 use edgeproxy::config::Config;
-use edgeproxy::rules::apply::{exit, Applier, Binaries, LEGACY, NFT};
+use edgeproxy::rules::applier::Applier;
+use edgeproxy::rules::check::exit;
+use edgeproxy::rules::iptables::{Binaries, LEGACY, NFT};
 use edgeproxy::state::{State, StateConfig};
 use support::netns::{require_root, Netns};
 

@@ -3,7 +3,7 @@
 
 use super::Config;
 use crate::proxy::ProxyConfig;
-use crate::rules::applier::{self, ApplierConfig};
+use crate::rules::worker::{self, WorkerConfig};
 use crate::state::StateConfig;
 
 impl From<&Config> for StateConfig {
@@ -19,14 +19,14 @@ impl From<&Config> for StateConfig {
     }
 }
 
-impl From<&Config> for ApplierConfig {
+impl From<&Config> for WorkerConfig {
     fn from(c: &Config) -> Self {
-        ApplierConfig {
+        WorkerConfig {
             min_sync_period: c.min_sync_period,
             guard_period: c.guard_period,
             resync_period: c.resync_period,
-            backoff_start: applier::BACKOFF_START,
-            backoff_max: applier::BACKOFF_MAX,
+            backoff_start: worker::BACKOFF_START,
+            backoff_max: worker::BACKOFF_MAX,
         }
     }
 }

@@ -1,22 +1,31 @@
-//! The nat rule set: what we want in the kernel (`render`, pure) and the code that puts it there
-//! (`apply`, the only module that starts iptables processes).
+//! The nat rule set: what we want in the kernel and the code that puts it there.
+//!
+//! - `render` (pure): the EdgeMesh layouts, a plan's ports -> [`RuleSet`].
+//! - `listing` (pure): reading `iptables-save` / `iptables -S` text.
+//! - `restore` (pure): what changed since the last sync and the restore input for it.
+//! - `iptables`: the flavour (nft or legacy) and its binaries, the processes, [`iptables::ApplyError`].
+//! - `applier`: [`applier::Applier`], which applies, guards and removes a set (blocking).
+//! - `worker`: the thread that owns the `Applier`: coalescing, resync, guard timer, backoff.
+//! - `check`: `edgeproxy check`.
+//!
+//! This file holds the types they share, and [`Transaction`], the one writer of restore text.
 
 pub mod applier;
-pub mod apply;
+pub mod check;
+pub mod iptables;
+mod listing;
 pub mod render;
-
-use std::fmt::Write as _;
+mod restore;
+pub mod worker;
 
 /// Every chain edgeproxy may own, in any layout. Cleanup removes exactly these (and the jumps to
 /// them); nothing else in the nat table is ever touched.
-pub const OWN_CHAINS: &[&str] = &[
-    "KUBE-PORTALS-CONTAINER",
-    "KUBE-PORTALS-HOST",
-    "EDGE-MESH",
-    "EDGE-MESH-TCP",
-    "EDGE-MESH-UDP",
-    render::NO_ENDPOINTS_CHAIN,
-];
+pub const OWN_CHAINS: &[&str] =
+    &["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP", NO_ENDPOINTS_CHAIN];
+
+/// The small chain of DNATs to the reject port (service ports without endpoints), jumped to
+/// first from every chain that holds DNATs.
+pub const NO_ENDPOINTS_CHAIN: &str = "EDGEPROXY-NO-ENDPOINTS";
 
 /// Which iptables binaries apply the rules: `iptables-nft` or `iptables-legacy` (kube-proxy's
 /// "mode" of its iptables wrapper), or whichever the node already uses.
@@ -62,21 +71,24 @@ impl TableRules {
     /// The `iptables-restore --noflush` input that rewrites our chains and nothing else:
     /// each `:CHAIN - [0:0]` line creates or flushes one of our chains, then the rules follow.
     pub fn restore_text(&self) -> String {
-        let mut out = String::with_capacity(64 + self.rules.iter().map(|r| r.len() + 1).sum::<usize>());
-        out.push_str("*nat\n");
-        for chain in &self.chains {
-            let _ = writeln!(out, ":{chain} - [0:0]");
-        }
-        for rule in &self.rules {
-            out.push_str(rule);
-            out.push('\n');
-        }
-        out.push_str("COMMIT\n");
-        out
+        let mut t = Transaction::new("nat", self.rules.iter().map(|r| r.len() + 1).sum());
+        self.chains.iter().for_each(|c| t.declare(c));
+        self.rules.iter().for_each(|r| t.line(r));
+        t.commit()
     }
 
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty()
+    }
+}
+
+impl Family {
+    /// `IPv4` or `IPv6`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
     }
 }
 
@@ -93,5 +105,46 @@ impl RuleSet {
             Family::V4 => &self.v4,
             Family::V6 => &self.v6,
         }
+    }
+}
+
+/// One `iptables-restore` transaction being written: `*table`, chain declarations (each
+/// `:CHAIN - [0:0]` creates the chain or, under `--noflush`, flushes it), lines, `COMMIT`.
+/// Every restore input of the crate is written through it.
+pub struct Transaction {
+    text: String,
+}
+
+impl Transaction {
+    /// `size`: a hint of the bytes of lines to come.
+    pub fn new(table: &str, size: usize) -> Transaction {
+        let mut text = String::with_capacity(64 + size);
+        text.push('*');
+        text.push_str(table);
+        text.push('\n');
+        Transaction { text }
+    }
+
+    pub fn declare(&mut self, chain: &str) {
+        self.text.push(':');
+        self.text.push_str(chain);
+        self.text.push_str(" - [0:0]\n");
+    }
+
+    /// A rule or command line as `iptables-restore` reads it (`-A …`, `-D …`, `-I …`, `-X …`).
+    pub fn line(&mut self, line: &str) {
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+
+    /// `-X CHAIN`: delete a (flushed, unreferenced) chain.
+    pub fn delete_chain(&mut self, chain: &str) {
+        self.text.push_str("-X ");
+        self.line(chain);
+    }
+
+    pub fn commit(mut self) -> String {
+        self.text.push_str("COMMIT\n");
+        self.text
     }
 }

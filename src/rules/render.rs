@@ -27,8 +27,8 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{Family, Jump, RuleSet, TableRules};
-use crate::listen::ListenConfig;
+use super::{Family, Jump, RuleSet, TableRules, NO_ENDPOINTS_CHAIN};
+use crate::listen::{host_prefix, ListenConfig};
 use crate::model::{ObjectKey, Protocol};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +40,6 @@ pub enum Layout {
 pub const PORTALS_COMMENT: &str = "handle ClusterIPs; NOTE: this must be before the NodePort rules";
 pub const ROOT_COMMENT: &str = "edgemesh root chain";
 
-/// Our chain of "no endpoints" DNATs to the reject port (both layouts).
-pub const NO_ENDPOINTS_CHAIN: &str = "EDGEPROXY-NO-ENDPOINTS";
 /// Comment of the jump into [`NO_ENDPOINTS_CHAIN`].
 pub const NO_ENDPOINTS_COMMENT: &str = "service ports without endpoints";
 
@@ -84,13 +82,6 @@ fn family_of(ip: &IpAddr) -> Family {
     match ip {
         IpAddr::V4(_) => Family::V4,
         IpAddr::V6(_) => Family::V6,
-    }
-}
-
-fn host_prefix(ip: &IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => format!("{v4}/32"),
-        IpAddr::V6(v6) => format!("{v6}/128"),
     }
 }
 

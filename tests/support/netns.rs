@@ -14,9 +14,7 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Fail loudly unless we can create namespaces and run iptables.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (network namespaces); CI runs it as root");
+    assert!(edgeproxy::sys::is_root(), "this test needs root (network namespaces); CI runs it as root");
     let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(ok, "this test needs iproute2's `ip`; apt-get install iproute2");
 }
