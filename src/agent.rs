@@ -351,9 +351,9 @@ fn resource(kind: Kind) -> &'static str {
 fn record(ops: &Ops, e: &worker::Event) {
     match e {
         worker::Event::Applied { duration, restores, .. } if *restores > 0 => {
-            ops.metrics.rule_sync(true, *duration, std::time::SystemTime::now())
+            ops.metrics.rule_sync_ok(*duration, std::time::SystemTime::now())
         }
-        worker::Event::Failed { .. } => ops.metrics.rule_sync_failed(),
+        worker::Event::Failed { duration, .. } => ops.metrics.rule_sync_failed(*duration),
         worker::Event::Repaired { .. } => ops.metrics.guard_repairs.inc(),
         _ => {}
     }
@@ -373,7 +373,7 @@ fn on_rules_event(e: worker::Event, installed: &mut bool) -> Option<bool> {
                 log::debug!("rules unchanged: no restore");
             }
         }
-        worker::Event::Failed { error, retry_in } => {
+        worker::Event::Failed { error, retry_in, .. } => {
             log::error!(
                 "rules sync failed, previous rules still in force; retry in {} ms: {error}",
                 retry_in.as_millis()

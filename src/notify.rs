@@ -53,11 +53,6 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// A notifier that sends nothing and has no watchdog.
-    pub fn disabled() -> Notifier {
-        Notifier { socket: None, watchdog: None }
-    }
-
     /// Read `$NOTIFY_SOCKET`, `$WATCHDOG_USEC` and `$WATCHDOG_PID`, then remove all three from
     /// the environment so child processes do not inherit them (like `sd_notify(unset_environment
     /// = 1)`). Call it early in `main`, before other threads start: changing the environment

@@ -57,8 +57,8 @@ fn populated() -> Arc<Ops> {
     dns.tcp_no_endpoints.inc();
     ops.proxy.tcp_refused_not_service.inc();
     ops.proxy.total.udp_flows_created.add(4);
-    m.rule_sync(true, Duration::from_millis(7), SystemTime::now());
-    m.rule_sync(false, Duration::from_millis(1300), SystemTime::now());
+    m.rule_sync_ok(Duration::from_millis(7), SystemTime::now());
+    m.rule_sync_failed(Duration::from_millis(1300));
     m.guard_repairs.inc();
     m.watch_restart("endpointslices");
     m.relist("services");

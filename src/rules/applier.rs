@@ -125,11 +125,6 @@ impl Applier {
         self.restores
     }
 
-    /// Is any family installed (applied and not cleaned up)?
-    pub fn installed(&self) -> bool {
-        self.last.iter().any(Option::is_some)
-    }
-
     fn restore(&mut self, family: Family, text: &str) -> Result<(), ApplyError> {
         self.canary[idx(family)] = None;
         let bin = self.bins.restore_bin(family);

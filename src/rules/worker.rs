@@ -49,7 +49,7 @@ pub enum Event {
     /// A desired set is now in the kernel. `restores` is 0 when nothing had changed.
     Applied { duration: Duration, restores: u32, rules: usize, total_restores: u64 },
     /// A sync failed; the previous rules are still in force. Retried after `retry_in`.
-    Failed { error: Arc<ApplyError>, retry_in: Duration },
+    Failed { error: Arc<ApplyError>, duration: Duration, retry_in: Duration },
     /// The guard (or a sync) found something out of place and put it right.
     Repaired { what: Vec<String> },
     /// kube-proxy's jump into KUBE-SERVICES appeared or went away.
@@ -112,9 +112,9 @@ fn run(mut applier: Applier, cfg: WorkerConfig, rx: mpsc::Receiver<Msg>, report:
             report(Event::KubeProxy(seen));
         }
     };
-    let fail = |e: ApplyError, backoff: &mut Duration, report: &dyn Fn(Event)| -> Instant {
+    let fail = |e: ApplyError, started: Instant, backoff: &mut Duration, report: &dyn Fn(Event)| -> Instant {
         let retry_in = *backoff;
-        report(Event::Failed { error: Arc::new(e), retry_in });
+        report(Event::Failed { error: Arc::new(e), duration: started.elapsed(), retry_in });
         *backoff = (*backoff * 2).min(cfg.backoff_max);
         Instant::now() + retry_in
     };
@@ -174,7 +174,7 @@ fn run(mut applier: Applier, cfg: WorkerConfig, rx: mpsc::Receiver<Msg>, report:
                     next_guard = Instant::now() + cfg.guard_period;
                 }
                 Err(e) => {
-                    retry_at = Some(fail(e, &mut backoff, &report));
+                    retry_at = Some(fail(e, t, &mut backoff, &report));
                     pending = Some(set);
                     last_sync = Some(now);
                 }
@@ -192,7 +192,7 @@ fn run(mut applier: Applier, cfg: WorkerConfig, rx: mpsc::Receiver<Msg>, report:
                         last_sync = Some(now);
                     }
                     Err(e) => {
-                        retry_at = Some(fail(e, &mut backoff, &report));
+                        retry_at = Some(fail(e, t, &mut backoff, &report));
                         pending = current.take();
                     }
                 }
@@ -209,7 +209,7 @@ fn run(mut applier: Applier, cfg: WorkerConfig, rx: mpsc::Receiver<Msg>, report:
                         }
                     }
                     Err(e) => {
-                        retry_at = Some(fail(e, &mut backoff, &report));
+                        retry_at = Some(fail(e, now, &mut backoff, &report));
                         pending = current.take();
                     }
                 }
