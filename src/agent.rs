@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::kube::reflector;
 use crate::model::Kind;
 use crate::notify::Notifier;
-use crate::ops::{self, Ops};
+use crate::ops::{self, Gauge, Ops};
 use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
 use crate::proxy::{self, ProxyConfig, ProxyEvent};
@@ -281,7 +281,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
             drop(current);
             let proxied = plan.proxied().count();
             let loops = plan.refused_loops();
-            if loops as f64 != ops.metrics.endpoints_refused_loop.get() {
+            if ops.metrics.endpoints_refused_loop.get() != Gauge::count(loops) {
                 if loops > 0 {
                     let names: Vec<&str> = plan
                         .reports
@@ -296,7 +296,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
                         names.join(", ")
                     );
                 }
-                ops.metrics.endpoints_refused_loop.set(loops as f64);
+                ops.metrics.endpoints_refused_loop.set(Gauge::count(loops));
             }
             if sent.as_deref() != Some(&plan.rules) {
                 log::info!("plan: {proxied} of {} services proxied", plan.reports.len());

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod filter;
+pub mod intern;
 pub mod kube;
 pub mod listen;
 pub mod model;

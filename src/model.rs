@@ -310,6 +310,64 @@ impl Snapshot {
     }
 }
 
+/// EdgeMesh's name of a service port, `namespace/name[:portName]` (its `ServicePortName.String()`):
+/// the rule comment, the proxy table's name (the key of load-balancing state that survives a
+/// table swap) and the `service` label of the metrics. One allocation, shared by all of them.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName(Arc<str>);
+
+impl ServicePortName {
+    /// The name of the port `port_name` ("" for an unnamed port) of the Service `key`.
+    pub fn new(key: &ObjectKey, port_name: &str) -> ServicePortName {
+        match port_name.is_empty() {
+            true => ServicePortName(key.to_string().into()),
+            false => ServicePortName(format!("{key}:{port_name}").into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Is this the very allocation `other` holds (not just the same text)?
+    pub fn shares(&self, other: &ServicePortName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for ServicePortName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Maps keyed by the name are looked up with a `&str` (hashing and order are the text's).
+impl std::borrow::Borrow<str> for ServicePortName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// For tests and tools that name a port directly.
+impl From<&str> for ServicePortName {
+    fn from(s: &str) -> Self {
+        ServicePortName(s.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

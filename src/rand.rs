@@ -24,6 +24,12 @@ impl XorShift {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
+
+    /// An index into a slice of `n` (> 0) items.
+    pub fn index(&mut self, n: usize) -> usize {
+        // `n` fits a u64 and the result is below `n`: both conversions are exact.
+        usize::try_from(self.below(n as u64)).unwrap_or(0)
+    }
 }
 
 /// A seed from the clock and the process id, mixed with `salt` so that generators seeded in the

@@ -129,7 +129,7 @@ fn paged_lists_decode_with_continue_tokens() {
 
 fn backends(plan: &Plan, ip_port: &str) -> Vec<SocketAddr> {
     let addr: SocketAddr = ip_port.parse().unwrap();
-    plan.table.tcp.get(&addr).map(|e| e.backends.iter().map(|b| b.addr).collect()).unwrap_or_default()
+    plan.table.tcp.get(&addr).map(|e| e.upstreams.iter().map(|b| b.addr).collect()).unwrap_or_default()
 }
 
 #[test]
@@ -177,7 +177,7 @@ fn core_v1_endpoints_give_the_same_ready_backends() {
     let endpoints = state_from(&cfg, &["list-services-raw.json", "list-endpoints-raw.json"], false).plan();
     for (addr, entry) in &slices.table.tcp {
         let other = &endpoints.table.tcp[addr];
-        assert_eq!(entry.backends, other.backends, "{addr} ({})", entry.name);
+        assert_eq!(entry.upstreams, other.upstreams, "{addr} ({})", entry.name);
     }
 }
 

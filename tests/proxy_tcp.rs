@@ -293,12 +293,12 @@ fn a_client_address_is_held_to_its_connection_cap() {
 #[test]
 #[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn a_table_that_points_at_itself_cannot_make_the_proxy_dial_itself() {
-    use edgeproxy::proxy::table::Backend;
+    use edgeproxy::proxy::table::Upstream;
     let t = Topo::new(test_config());
     let web: std::net::SocketAddr = WEB.parse().unwrap();
     let mut table = t.table();
     let mut entry = (**table.tcp.get(&web).expect("web in the table")).clone();
-    entry.backends = vec![Backend { addr: web, local: false }];
+    entry.upstreams = vec![Upstream { addr: web, local: false }];
     table.tcp.insert(web, std::sync::Arc::new(entry));
     t.publish(table);
     let accepted = t.stats.tcp_accepted.get();
@@ -315,7 +315,7 @@ fn a_table_that_points_at_itself_cannot_make_the_proxy_dial_itself() {
     let mut table = t.table();
     let port = *table.udp.iter().find(|(_, e)| e.name.starts_with("t/dns")).expect("dns in the table").0;
     let mut entry = (**table.udp.get(&port).unwrap()).clone();
-    entry.backends = vec![Backend { addr: dns, local: false }];
+    entry.upstreams = vec![Upstream { addr: dns, local: false }];
     table.udp.insert(port, std::sync::Arc::new(entry));
     t.publish(table);
     std::thread::sleep(Duration::from_millis(200));

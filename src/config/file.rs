@@ -108,20 +108,58 @@ pub struct IptablesFile {
 
 /// Fold one `--flag value` into the file shape; returns the file path it stands for.
 pub(super) fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<&'static str, String> {
-    fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
-        v.parse().map_err(|_| format!("{v:?} is not a valid number"))
+    if let Some(path) = top_level_flag(f, flag, v)? {
+        return Ok(path);
     }
-    fn boolean(v: &str) -> Result<bool, String> {
-        match v {
-            "true" | "yes" | "on" | "1" => Ok(true),
-            "false" | "no" | "off" | "0" => Ok(false),
-            _ => Err(format!("{v:?} is not true or false")),
-        }
+    if let Some(path) = source_flag(f.source.get_or_insert_with(SourceFile::default), flag, v)? {
+        return Ok(path);
     }
-    let listen = || ListenFile::default();
-    let source = || SourceFile::default();
     let s = v.to_string();
     Ok(match flag {
+        "listen-ip" => {
+            f.listen.get_or_insert_with(ListenFile::default).ip = Some(s);
+            "listen.ip"
+        }
+        "tcp-port" => {
+            f.listen.get_or_insert_with(ListenFile::default).tcp_port = Some(num(v)?);
+            "listen.tcpPort"
+        }
+        "iptables-backend" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).backend = Some(s);
+            "iptables.backend"
+        }
+        "min-sync-period" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).min_sync_period = Some(s);
+            "iptables.minSyncPeriod"
+        }
+        "guard-period" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).guard_period = Some(s);
+            "iptables.guardPeriod"
+        }
+        "resync-period" => {
+            f.iptables.get_or_insert_with(IptablesFile::default).resync_period = Some(s);
+            "iptables.resyncPeriod"
+        }
+        other => return Err(format!("edgeproxy does not know the flag --{other}")),
+    })
+}
+
+fn num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+    v.parse().map_err(|_| format!("{v:?} is not a valid number"))
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(format!("{v:?} is not true or false")),
+    }
+}
+
+/// The flags of the file's top-level fields.
+fn top_level_flag(f: &mut FileConfig, flag: &str, v: &str) -> Result<Option<&'static str>, String> {
+    let s = v.to_string();
+    Ok(Some(match flag {
         "edgemesh" => {
             f.edgemesh = Some(s);
             "edgemesh"
@@ -150,82 +188,66 @@ pub(super) fn apply_override(f: &mut FileConfig, flag: &str, v: &str) -> Result<
             f.node_name = Some(s);
             "nodeName"
         }
-        "listen-ip" => {
-            f.listen.get_or_insert_with(listen).ip = Some(s);
-            "listen.ip"
-        }
-        "tcp-port" => {
-            f.listen.get_or_insert_with(listen).tcp_port = Some(num(v)?);
-            "listen.tcpPort"
-        }
-        "source" => {
-            f.source.get_or_insert_with(source).kind = Some(s);
-            "source.kind"
-        }
-        "kubeconfig" => {
-            f.source.get_or_insert_with(source).kubeconfig = Some(s);
-            "source.kubeconfig"
-        }
-        "server" => {
-            f.source.get_or_insert_with(source).server = Some(s);
-            "source.server"
-        }
-        "token-file" => {
-            f.source.get_or_insert_with(source).token_file = Some(s);
-            "source.tokenFile"
-        }
-        "ca-file" => {
-            f.source.get_or_insert_with(source).ca_file = Some(s);
-            "source.caFile"
-        }
-        "client-cert" => {
-            f.source.get_or_insert_with(source).client_cert = Some(s);
-            "source.clientCert"
-        }
-        "client-key" => {
-            f.source.get_or_insert_with(source).client_key = Some(s);
-            "source.clientKey"
-        }
-        "metaserver" => {
-            f.source.get_or_insert_with(source).meta_server = Some(s);
-            "source.metaServer"
-        }
-        "watch" => {
-            f.source.get_or_insert_with(source).watch = Some(boolean(v)?);
-            "source.watch"
-        }
-        "poll-interval" => {
-            f.source.get_or_insert_with(source).poll_interval = Some(s);
-            "source.pollInterval"
-        }
-        "endpoints-api" => {
-            f.source.get_or_insert_with(source).endpoints_api = Some(s);
-            "source.endpointsApi"
-        }
         "load-balancer" => {
             f.load_balancer = Some(s);
             "loadBalancer"
-        }
-        "iptables-backend" => {
-            f.iptables.get_or_insert_with(IptablesFile::default).backend = Some(s);
-            "iptables.backend"
         }
         "metrics-address" => {
             f.metrics_address = Some(s);
             "metricsAddress"
         }
-        "min-sync-period" => {
-            f.iptables.get_or_insert_with(IptablesFile::default).min_sync_period = Some(s);
-            "iptables.minSyncPeriod"
+        _ => return Ok(None),
+    }))
+}
+
+/// The flags of `source.*`.
+fn source_flag(src: &mut SourceFile, flag: &str, v: &str) -> Result<Option<&'static str>, String> {
+    let s = v.to_string();
+    Ok(Some(match flag {
+        "source" => {
+            src.kind = Some(s);
+            "source.kind"
         }
-        "guard-period" => {
-            f.iptables.get_or_insert_with(IptablesFile::default).guard_period = Some(s);
-            "iptables.guardPeriod"
+        "kubeconfig" => {
+            src.kubeconfig = Some(s);
+            "source.kubeconfig"
         }
-        "resync-period" => {
-            f.iptables.get_or_insert_with(IptablesFile::default).resync_period = Some(s);
-            "iptables.resyncPeriod"
+        "server" => {
+            src.server = Some(s);
+            "source.server"
         }
-        other => return Err(format!("edgeproxy does not know the flag --{other}")),
-    })
+        "token-file" => {
+            src.token_file = Some(s);
+            "source.tokenFile"
+        }
+        "ca-file" => {
+            src.ca_file = Some(s);
+            "source.caFile"
+        }
+        "client-cert" => {
+            src.client_cert = Some(s);
+            "source.clientCert"
+        }
+        "client-key" => {
+            src.client_key = Some(s);
+            "source.clientKey"
+        }
+        "metaserver" => {
+            src.meta_server = Some(s);
+            "source.metaServer"
+        }
+        "watch" => {
+            src.watch = Some(boolean(v)?);
+            "source.watch"
+        }
+        "poll-interval" => {
+            src.poll_interval = Some(s);
+            "source.pollInterval"
+        }
+        "endpoints-api" => {
+            src.endpoints_api = Some(s);
+            "source.endpointsApi"
+        }
+        _ => return Ok(None),
+    }))
 }

@@ -221,8 +221,8 @@ impl Config {
             resync_period: defaults::RESYNC_PERIOD,
             metrics_address,
         };
-        proxy_settings(&mut config, f.tcp.take().unwrap_or_default(), f.udp.take().unwrap_or_default(), b)?;
-        iptables_settings(&mut config, f.iptables.take().unwrap_or_default(), b)?;
+        proxy_settings(&mut config, &f.tcp.take().unwrap_or_default(), &f.udp.take().unwrap_or_default(), b)?;
+        iptables_settings(&mut config, &f.iptables.take().unwrap_or_default(), b)?;
         Ok(config)
     }
 }
@@ -359,7 +359,7 @@ fn source_settings(s: SourceFile, b: &Blame) -> Result<SourceConfig, ConfigError
     })
 }
 
-fn proxy_settings(c: &mut Config, tcp: TcpFile, udp: UdpFile, b: &Blame) -> Result<(), ConfigError> {
+fn proxy_settings(c: &mut Config, tcp: &TcpFile, udp: &UdpFile, b: &Blame) -> Result<(), ConfigError> {
     c.tcp_buffer = tcp.buffer_size.unwrap_or(defaults::TCP_BUFFER);
     if !(1024..=1024 * 1024).contains(&c.tcp_buffer) {
         return Err(b.err("tcp.bufferSize", format!("{} is outside 1024..=1048576", c.tcp_buffer)));
@@ -386,7 +386,7 @@ fn proxy_settings(c: &mut Config, tcp: TcpFile, udp: UdpFile, b: &Blame) -> Resu
     Ok(())
 }
 
-fn iptables_settings(c: &mut Config, ipt: IptablesFile, b: &Blame) -> Result<(), ConfigError> {
+fn iptables_settings(c: &mut Config, ipt: &IptablesFile, b: &Blame) -> Result<(), ConfigError> {
     c.iptables = match ipt.backend.as_deref() {
         None => Flavour::Auto,
         Some(v) => b.at(

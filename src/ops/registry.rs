@@ -16,6 +16,12 @@ pub use crate::proxy::stats::Counter;
 pub struct Gauge(AtomicU64);
 
 impl Gauge {
+    /// A count as a gauge value: exact below 2^53, which any count of things in memory is.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn count(n: usize) -> f64 {
+        n as f64
+    }
+
     pub fn set(&self, v: f64) {
         self.0.store(v.to_bits(), Ordering::Relaxed);
     }

@@ -45,7 +45,7 @@ pub struct TcpAdmission {
 impl TcpAdmission {
     pub fn new(max_per_source: usize) -> TcpAdmission {
         TcpAdmission {
-            max_per_source: max_per_source.min(u32::MAX as usize) as u32,
+            max_per_source: u32::try_from(max_per_source).unwrap_or(u32::MAX),
             per_source: HashMap::new(),
             open: 0,
         }

@@ -10,10 +10,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::table::{LbPolicy, ServiceEntry};
+use crate::model::ServicePortName;
 
 /// Per service port: where round robin stands, and who is stuck to which backend.
 #[derive(Debug, Default)]
@@ -26,7 +26,7 @@ struct ServiceState {
 /// The load-balancing state of every service port.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    services: HashMap<Arc<str>, ServiceState>,
+    services: HashMap<ServicePortName, ServiceState>,
 }
 
 impl Balancer {
@@ -48,7 +48,7 @@ impl Balancer {
         now: Instant,
         random: &mut dyn FnMut() -> u64,
     ) -> Option<SocketAddr> {
-        let n = entry.backends.len();
+        let n = entry.upstreams.len();
         if n == 0 {
             return None;
         }
@@ -62,7 +62,7 @@ impl Balancer {
                 if fresh
                     && !tried.contains(addr)
                     && addr.is_ipv6() == client.is_ipv6()
-                    && entry.backends.iter().any(|b| b.addr == *addr)
+                    && entry.upstreams.iter().any(|b| b.addr == *addr)
                 {
                     *seen = now;
                     return Some(*addr);
@@ -73,18 +73,19 @@ impl Balancer {
         // an IPv6 one over IPv6), and kube-proxy serves each ClusterIP from its own family only.
         let same_family = |a: &SocketAddr| a.is_ipv6() == client.is_ipv6();
         let usable = |i: usize| {
-            let a = &entry.backends[i].addr;
+            let a = &entry.upstreams[i].addr;
             same_family(a) && !tried.contains(a)
         };
         let start = match entry.policy {
             LbPolicy::RoundRobin => state.next % n,
-            LbPolicy::Random => (random() % n as u64) as usize,
+            // `n` fits a u64 and the remainder is below `n`: both conversions are exact.
+            LbPolicy::Random => usize::try_from(random() % n as u64).unwrap_or(0),
         };
         let i = (0..n).map(|k| (start + k) % n).find(|&i| usable(i))?;
         if entry.policy == LbPolicy::RoundRobin {
             state.next = (i + 1) % n;
         }
-        let addr = entry.backends[i].addr;
+        let addr = entry.upstreams[i].addr;
         if entry.affinity.is_some() {
             state.affinity.insert(client, (addr, now));
         }
@@ -118,14 +119,14 @@ impl Balancer {
 mod tests {
     use super::*;
     use crate::model::Protocol;
-    use crate::proxy::table::Backend;
+    use crate::proxy::table::Upstream;
     use std::time::Duration;
 
     fn entry(name: &str, backends: &[&str], affinity: Option<u64>, policy: LbPolicy) -> ServiceEntry {
         ServiceEntry {
             name: name.into(),
             protocol: Protocol::Tcp,
-            backends: backends.iter().map(|a| Backend { addr: a.parse().unwrap(), local: false }).collect(),
+            upstreams: backends.iter().map(|a| Upstream { addr: a.parse().unwrap(), local: false }).collect(),
             affinity: affinity.map(Duration::from_secs),
             policy,
         }
@@ -226,7 +227,7 @@ mod tests {
         assert_eq!(lb.affinity_entries(), 0);
         // The backend a client sticks to disappears: it moves, and sticks to the new one.
         let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
-        let other = if a == e.backends[0].addr { e.backends[1].addr } else { e.backends[0].addr };
+        let other = if a == e.upstreams[0].addr { e.upstreams[1].addr } else { e.upstreams[0].addr };
         let only_other = entry("a/web", &[&other.to_string()], Some(10), LbPolicy::RoundRobin);
         assert_eq!(lb.pick(&only_other, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
         assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));

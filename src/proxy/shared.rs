@@ -118,14 +118,14 @@ impl Shared {
 
     /// Milliseconds since `epoch`.
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
 /// Put the proxy's mark on an upstream socket. Needs CAP_NET_ADMIN (the agent has it); without
 /// it the socket goes unmarked (said once): `state` already keeps loops out of the table, the
 /// mark is the second guard.
-pub(super) fn mark_upstream(sock: socket2::SockRef<'_>, mark: u32) {
+pub(super) fn mark_upstream(sock: &socket2::SockRef<'_>, mark: u32) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if mark == 0 {
         return;

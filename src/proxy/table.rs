@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::Protocol;
+use crate::model::{Protocol, ServicePortName};
 
 /// One usable backend of a service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backend {
+pub struct Upstream {
     pub addr: SocketAddr,
     /// On this node (`nodeName` equals `--node-name`).
     pub local: bool,
@@ -27,13 +27,13 @@ pub enum LbPolicy {
 /// One proxied service port, as the proxy needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
-    /// `namespace/name[:portName]`, the same text as the rule comment; also the key for
-    /// load-balancing state that must survive a table swap. Shared with the plan's report.
-    pub name: Arc<str>,
+    /// Also the key of load-balancing state that must survive a table swap. Shared with the
+    /// plan's report.
+    pub name: ServicePortName,
     pub protocol: Protocol,
     /// Usable backends in a stable order: ready ones, or serving-but-terminating ones when none
     /// is ready; node-local only under `internalTrafficPolicy: Local`. Empty means "refuse".
-    pub backends: Vec<Backend>,
+    pub upstreams: Vec<Upstream>,
     /// `sessionAffinity: ClientIP` with its timeout.
     pub affinity: Option<Duration>,
     pub policy: LbPolicy,

@@ -79,7 +79,7 @@ async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    mark_upstream(SockRef::from(&sock), mark);
+    mark_upstream(&SockRef::from(&sock), mark);
     sock.connect(addr).await
 }
 

@@ -207,7 +207,7 @@ fn on_datagram(
     let mut map = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
     // The flow's backend left the service: end the flow, this datagram opens a new one.
     if let Some((flow, handle)) = map.get(port, client) {
-        if !entry.backends.iter().any(|b| b.addr == flow.backend) {
+        if !entry.upstreams.iter().any(|b| b.addr == flow.backend) {
             handle.abort();
             map.remove(port, client);
         }
@@ -294,7 +294,7 @@ fn connect(backend: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(backend), Type::DGRAM.nonblocking().cloexec(), None)?;
     // Replies to a burst queue here until the loop relays them.
     grow_receive_buffer(&s);
-    mark_upstream(SockRef::from(&s), mark);
+    mark_upstream(&SockRef::from(&s), mark);
     s.bind(&any.into())?;
     s.connect(&backend.into())?;
     UdpSocket::from_std(s.into())
@@ -330,7 +330,7 @@ async fn run_flow(flow: Arc<Flow>, client: SocketAddr, port: u16, listener: Arc<
         match ready {
             None => {
                 let last = flow.last();
-                if shared.now_ms() >= last + idle.as_millis() as u64 {
+                if shared.now_ms() >= last + u64::try_from(idle.as_millis()).unwrap_or(u64::MAX) {
                     let mut map = shared.udp_flows.lock().unwrap_or_else(|p| p.into_inner());
                     map.remove_if(port, client, |(f, _)| Arc::ptr_eq(f, &flow));
                     stats.udp_flows_expired.inc();

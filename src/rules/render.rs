@@ -29,7 +29,7 @@ use std::net::IpAddr;
 
 use super::{Family, Jump, RuleSet, TableRules, NO_ENDPOINTS_CHAIN};
 use crate::listen::{host_prefix, ListenConfig};
-use crate::model::{ObjectKey, Protocol};
+use crate::model::{ObjectKey, Protocol, ServicePortName};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -46,8 +46,7 @@ pub const NO_ENDPOINTS_COMMENT: &str = "service ports without endpoints";
 /// One proxied service port on one of its cluster IPs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedPort {
-    /// `namespace/name[:portName]`.
-    pub comment: String,
+    pub name: ServicePortName,
     pub cluster_ip: IpAddr,
     pub protocol: Protocol,
     pub port: u16,
@@ -116,7 +115,7 @@ fn dnat_rule(chain: &str, p: &PlannedPort, listen: &ListenConfig, reject: bool) 
         out,
         "-A {chain} -d {} -p {proto} -m comment --comment \"{}{comment_suffix}\" -m {proto} --dport {} -j DNAT --to-destination {to}",
         host_prefix(&p.cluster_ip),
-        comment_text(&p.comment),
+        comment_text(&p.name),
         p.port,
     );
     out
@@ -257,14 +256,7 @@ mod tests {
         proxy_port: u16,
         has_endpoints: bool,
     ) -> PlannedPort {
-        PlannedPort {
-            comment: comment.into(),
-            cluster_ip: ip.parse().unwrap(),
-            protocol,
-            port,
-            proxy_port,
-            has_endpoints,
-        }
+        PlannedPort { name: comment.into(), cluster_ip: ip.parse().unwrap(), protocol, port, proxy_port, has_endpoints }
     }
 
     fn render_with(layout: Layout, ports: &[PlannedPort], ignored: &[Ignored]) -> RuleSet {
@@ -305,7 +297,7 @@ mod tests {
             "\\\"",
         ];
         let mut rng = crate::rand::XorShift::new(0x9e37_79b9_7f4a_7c15);
-        let mut next = move || rng.next_u64();
+
         let structure = |line: &str| -> (String, String) {
             let open = line.find("--comment \"").map(|i| i + "--comment \"".len());
             match open {
@@ -317,8 +309,8 @@ mod tests {
             }
         };
         for round in 0..2000 {
-            let len = (next() % 12) as usize;
-            let name: String = (0..len).map(|_| PIECES[(next() % PIECES.len() as u64) as usize]).collect();
+            let len = rng.index(12);
+            let name: String = (0..len).map(|_| PIECES[rng.index(PIECES.len())]).collect();
             for layout in [Layout::Portals, Layout::RootChain] {
                 let ports = |c: &str| {
                     vec![

@@ -90,132 +90,169 @@ pub fn spawn(applier: Applier, cfg: WorkerConfig, report: impl Fn(Event) + Send 
     let (tx, rx) = mpsc::channel();
     let join = std::thread::Builder::new()
         .name("rules".into())
-        .spawn(move || run(applier, cfg, rx, report))
+        .spawn(move || run(applier, cfg, &rx, &report))
         .expect("spawning the rules thread");
     Handle { tx, join: Some(join) }
 }
 
-fn run(mut applier: Applier, cfg: WorkerConfig, rx: mpsc::Receiver<Msg>, report: impl Fn(Event)) {
+fn run(applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report: &dyn Fn(Event)) {
     let start = Instant::now();
-    let mut pending: Option<Arc<RuleSet>> = None;
-    let mut current: Option<Arc<RuleSet>> = None;
-    let mut last_sync: Option<Instant> = None;
-    let mut next_guard = start + cfg.guard_period;
-    let mut next_resync = start + cfg.resync_period;
-    let mut retry_at: Option<Instant> = None;
-    let mut backoff = cfg.backoff_start;
-    let mut kube_proxy: Option<bool> = None;
-
-    let mut note_kube_proxy = |seen: bool, report: &dyn Fn(Event)| {
-        if kube_proxy != Some(seen) {
-            kube_proxy = Some(seen);
-            report(Event::KubeProxy(seen));
-        }
+    let mut w = Worker {
+        applier,
+        cfg,
+        report,
+        pending: None,
+        current: None,
+        last_sync: None,
+        next_guard: start + cfg.guard_period,
+        next_resync: start + cfg.resync_period,
+        retry_at: None,
+        backoff: cfg.backoff_start,
+        kube_proxy: None,
     };
-    let fail = |e: ApplyError, started: Instant, backoff: &mut Duration, report: &dyn Fn(Event)| -> Instant {
-        let retry_in = *backoff;
-        report(Event::Failed { error: Arc::new(e), duration: started.elapsed(), retry_in });
-        *backoff = (*backoff * 2).min(cfg.backoff_max);
-        Instant::now() + retry_in
-    };
-
     loop {
         let now = Instant::now();
-        let mut deadline = next_guard.min(next_resync);
-        if pending.is_some() {
-            let mut due = last_sync.map_or(now, |t| t + cfg.min_sync_period);
-            if let Some(r) = retry_at {
+        let mut deadline = w.next_guard.min(w.next_resync);
+        if w.pending.is_some() {
+            let mut due = w.last_sync.map_or(now, |t| t + cfg.min_sync_period);
+            if let Some(r) = w.retry_at {
                 due = due.max(r);
             }
             deadline = deadline.min(due);
         }
         let mut shutdown = false;
         match rx.recv_timeout(deadline.saturating_duration_since(now)) {
-            Ok(Msg::Desired(set)) => pending = Some(set),
+            Ok(Msg::Desired(set)) => w.pending = Some(set),
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => shutdown = true,
             Err(RecvTimeoutError::Timeout) => {}
         }
         // Keep only the newest of a burst.
         while !shutdown {
             match rx.try_recv() {
-                Ok(Msg::Desired(set)) => pending = Some(set),
+                Ok(Msg::Desired(set)) => w.pending = Some(set),
                 Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => shutdown = true,
                 Err(mpsc::TryRecvError::Empty) => break,
             }
         }
         if shutdown {
-            let error = applier.cleanup().err().map(Arc::new);
+            let error = w.applier.cleanup().err().map(Arc::new);
             report(Event::Stopped { error });
             return;
         }
-
         let now = Instant::now();
-        let due = last_sync.is_none_or(|t| now >= t + cfg.min_sync_period) && retry_at.is_none_or(|r| now >= r);
-        if pending.is_some() && due {
-            let set = pending.take().expect("checked");
-            let t = Instant::now();
-            match applier.apply(&set) {
-                Ok(r) => {
-                    let restores = r.restores;
-                    if !r.repaired.is_empty() {
-                        report(Event::Repaired { what: r.repaired });
-                    }
-                    note_kube_proxy(r.kube_proxy, &report);
-                    report(Event::Applied {
-                        duration: t.elapsed(),
-                        restores,
-                        rules: r.rules,
-                        total_restores: applier.restores(),
-                    });
-                    current = Some(set);
-                    retry_at = None;
-                    backoff = cfg.backoff_start;
-                    last_sync = Some(now);
-                    next_guard = Instant::now() + cfg.guard_period;
-                }
-                Err(e) => {
-                    retry_at = Some(fail(e, t, &mut backoff, &report));
-                    pending = Some(set);
-                    last_sync = Some(now);
-                }
-            }
+        let due = w.last_sync.is_none_or(|t| now >= t + cfg.min_sync_period) && w.retry_at.is_none_or(|r| now >= r);
+        if w.pending.is_some() && due {
+            w.sync_pending(now);
             continue;
         }
-        if now >= next_resync {
-            next_resync = now + cfg.resync_period;
-            if let (Some(set), None) = (&current, &pending) {
-                let t = Instant::now();
-                match applier.reapply(set) {
-                    Ok(r) => {
-                        note_kube_proxy(r.kube_proxy, &report);
-                        log::debug!("full resync: {} restore(s) in {:?}", r.restores, t.elapsed());
-                        last_sync = Some(now);
-                    }
-                    Err(e) => {
-                        retry_at = Some(fail(e, t, &mut backoff, &report));
-                        pending = current.take();
-                    }
+        if now >= w.next_resync {
+            w.resync(now);
+        }
+        if now >= w.next_guard {
+            w.guard(now);
+        }
+    }
+}
+
+/// The thread's state between wake-ups.
+struct Worker<'r> {
+    applier: Applier,
+    cfg: WorkerConfig,
+    report: &'r dyn Fn(Event),
+    /// The newest set not yet in the kernel.
+    pending: Option<Arc<RuleSet>>,
+    /// The set in the kernel.
+    current: Option<Arc<RuleSet>>,
+    last_sync: Option<Instant>,
+    next_guard: Instant,
+    next_resync: Instant,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    kube_proxy: Option<bool>,
+}
+
+impl Worker<'_> {
+    fn note_kube_proxy(&mut self, seen: bool) {
+        if self.kube_proxy != Some(seen) {
+            self.kube_proxy = Some(seen);
+            (self.report)(Event::KubeProxy(seen));
+        }
+    }
+
+    /// Report a failure that began at `started`; the next attempt waits for the backoff.
+    fn fail(&mut self, e: ApplyError, started: Instant) {
+        let retry_in = self.backoff;
+        (self.report)(Event::Failed { error: Arc::new(e), duration: started.elapsed(), retry_in });
+        self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+        self.retry_at = Some(Instant::now() + retry_in);
+    }
+
+    fn sync_pending(&mut self, now: Instant) {
+        let set = self.pending.take().expect("checked by the caller");
+        let t = Instant::now();
+        match self.applier.apply(&set) {
+            Ok(r) => {
+                let restores = r.restores;
+                if !r.repaired.is_empty() {
+                    (self.report)(Event::Repaired { what: r.repaired });
                 }
+                self.note_kube_proxy(r.kube_proxy);
+                (self.report)(Event::Applied {
+                    duration: t.elapsed(),
+                    restores,
+                    rules: r.rules,
+                    total_restores: self.applier.restores(),
+                });
+                self.current = Some(set);
+                self.retry_at = None;
+                self.backoff = self.cfg.backoff_start;
+                self.last_sync = Some(now);
+                self.next_guard = Instant::now() + self.cfg.guard_period;
+            }
+            Err(e) => {
+                self.fail(e, t);
+                self.pending = Some(set);
+                self.last_sync = Some(now);
             }
         }
-        if now >= next_guard {
-            next_guard = now + cfg.guard_period;
-            if current.is_some() && pending.is_none() {
-                match applier.guard() {
-                    Ok(r) => {
-                        note_kube_proxy(r.kube_proxy, &report);
-                        if !r.repaired.is_empty() {
-                            report(Event::Repaired { what: r.repaired });
-                        }
-                    }
-                    Err(e) => {
-                        retry_at = Some(fail(e, now, &mut backoff, &report));
-                        pending = current.take();
+    }
+
+    fn resync(&mut self, now: Instant) {
+        self.next_resync = now + self.cfg.resync_period;
+        let (Some(set), None) = (self.current.clone(), &self.pending) else {
+            return;
+        };
+        let t = Instant::now();
+        match self.applier.reapply(&set) {
+            Ok(r) => {
+                self.note_kube_proxy(r.kube_proxy);
+                log::debug!("full resync: {} restore(s) in {:?}", r.restores, t.elapsed());
+                self.last_sync = Some(now);
+            }
+            Err(e) => {
+                self.fail(e, t);
+                self.pending = self.current.take();
+            }
+        }
+    }
+
+    fn guard(&mut self, now: Instant) {
+        self.next_guard = now + self.cfg.guard_period;
+        if self.current.is_some() && self.pending.is_none() {
+            match self.applier.guard() {
+                Ok(r) => {
+                    self.note_kube_proxy(r.kube_proxy);
+                    if !r.repaired.is_empty() {
+                        (self.report)(Event::Repaired { what: r.repaired });
                     }
                 }
-            } else if let Ok(seen) = applier.kube_proxy_jump_present() {
-                note_kube_proxy(seen, &report);
+                Err(e) => {
+                    self.fail(e, now);
+                    self.pending = self.current.take();
+                }
             }
+        } else if let Ok(seen) = self.applier.kube_proxy_jump_present() {
+            self.note_kube_proxy(seen);
         }
     }
 }
