@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::apply::{Applier, Binaries, LEGACY, NFT};
 use edgeproxy::state::{Change, State, StateConfig};

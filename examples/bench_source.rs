@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::reflector;
+use edgeproxy::source::kube::reflector;
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::state::{Plan, State, StateConfig};
 

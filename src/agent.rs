@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
-use crate::kube::reflector;
+use crate::source::kube::reflector;
 use crate::model::Kind;
 use crate::notify::Notifier;
 use crate::ops::{self, Ops};

@@ -3,13 +3,13 @@
 //! Data flows one way:
 //!
 //! ```text
-//! source (kube::reflector, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
-//!        watch threads                   |          ->  proxy (tokio current_thread loop)
-//!                                        +-- filter (pure), rules::render (pure)
+//! source (kube::driver, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
+//!        watch threads                 |          ->  proxy (tokio current_thread loop)
+//!                                      +-- filter (pure), rules::render (pure)
 //! ```
 //!
-//! `model` holds the validated cluster types, `kube::objects` decodes the API server's JSON into
-//! them. `filter`, `state` and `rules::render` never do I/O and never read the clock; see
+//! `model` holds the validated cluster types, `source::kube::objects` decodes the API server's JSON
+//! into them. `filter`, `state` and `rules::render` never do I/O and never read the clock; see
 //! ARCHITECTURE.md for the map and the invariants.
 
 pub mod agent;
@@ -17,7 +17,6 @@ pub mod capped;
 pub mod cli;
 pub mod config;
 pub mod filter;
-pub mod kube;
 pub mod listen;
 pub mod model;
 pub mod notify;

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use edgeproxy::agent::AgentError;
 use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
 use edgeproxy::config::{self, Config, ConfigError, Overrides};
-use edgeproxy::kube::objects::decode_document;
-use edgeproxy::kube::reflector::SourceError;
+use edgeproxy::source::kube::objects::decode_document;
+use edgeproxy::source::kube::reflector::SourceError;
 use edgeproxy::notify::NotifyError;
 use edgeproxy::rules::apply::{self, ApplyError};
 use edgeproxy::rules::{Family, Flavour};
@@ -129,7 +129,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
                 config.source.meta_server
             );
         }
-        let listed = edgeproxy::kube::reflector::list_all(&config.source)?;
+        let listed = edgeproxy::source::kube::reflector::list_all(&config.source)?;
         eprintln!("listed {} objects from {}", listed.objects.len(), listed.origin);
         for e in &listed.errors {
             eprintln!("{}: {e} (skipped)", listed.origin);

@@ -568,7 +568,7 @@ fn resolve(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::kube::objects::decode_document;
+    use crate::source::kube::objects::decode_document;
 
     fn state(json_svcs: &str, json_slices: &str) -> State {
         let mut st = State::new(StateConfig::from(&Config::defaults()));

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::Stdio;
 
 use edgeproxy::config::{Config, Overrides};
-use edgeproxy::kube::objects::decode_document;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::Kind;
 use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::apply::{Applier, ApplyError, Binaries, LEGACY, NFT};
 use edgeproxy::rules::{RuleSet, TableRules};

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::client::{ClientOptions, Env};
-use edgeproxy::kube::objects::decode_document;
-use edgeproxy::kube::reflector::{self, ReflectorOptions};
+use edgeproxy::source::kube::client::{ClientOptions, Env};
+use edgeproxy::source::kube::objects::decode_document;
+use edgeproxy::source::kube::reflector::{self, ReflectorOptions};
 use edgeproxy::model::{Kind, Object, ObjectKey};
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::source::{SourceConfig, SourceKind};

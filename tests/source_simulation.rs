@@ -20,8 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::{decode_document, decode_watch_line};
-use edgeproxy::kube::reflector::{Action, Input, Machine, ReflectorOptions, WatchEnd, WatchInput};
+use edgeproxy::source::kube::objects::{decode_document, decode_watch_line};
+use edgeproxy::source::kube::reflector::{Action, Input, Machine, ReflectorOptions, WatchEnd, WatchInput};
 use edgeproxy::model::Kind;
 use edgeproxy::rand::{self, XorShift};
 use edgeproxy::source::SourceEvent;

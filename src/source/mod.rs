@@ -4,6 +4,7 @@
 //! [`SourceEvent`]s through a [`Sink`], and the agent loop applies them to `state::State`.
 
 pub mod file;
+pub mod kube;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::Kind;
 use edgeproxy::proxy::stats::ProxyStats;
 use edgeproxy::proxy::table::ProxyTable;

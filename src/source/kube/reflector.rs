@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
-use crate::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
+use crate::source::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
+use crate::source::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
 use crate::model::{Kind, Object, ObjectKey};
 use crate::rand::{self, XorShift};
 use crate::ratelog::{summary, Every};
@@ -610,8 +610,8 @@ pub fn probe_endpoints_api(client: &Client) -> Result<Kind, String> {
     match r.status {
         200 => {
             let body = r.read_limited(4 << 20).map_err(|e| format!("endpoints API probe: {e}"))?;
-            let kind = crate::kube::objects::document_kind(&body);
-            match kind.as_deref().and_then(crate::kube::objects::kind_of) {
+            let kind = crate::source::kube::objects::document_kind(&body);
+            match kind.as_deref().and_then(crate::source::kube::objects::kind_of) {
                 Some(Kind::EndpointSlice) => Ok(Kind::EndpointSlice),
                 _ => fallback(format!("{path} answered a list of kind {kind:?}")),
             }
@@ -694,7 +694,7 @@ fn drive_with(
     None
 }
 
-fn status_message(status: u16, st: &crate::kube::objects::Status) -> String {
+fn status_message(status: u16, st: &crate::source::kube::objects::Status) -> String {
     let hint = match status {
         401 => " (unauthorized: check the token or client certificate)",
         403 => " (forbidden: the identity lacks list/watch permission)",
@@ -1002,7 +1002,7 @@ pub fn list_all_with(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<List
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kube::objects::Status;
+    use crate::source::kube::objects::Status;
     use crate::model::{EndpointSet, EndpointSource, Service, ServiceType};
 
     fn svc(name: &str) -> Object {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig, TlsProvider};
 
-use crate::kube::kubeconfig::{self, KeySource, PemSource};
+use crate::source::kube::kubeconfig::{self, KeySource, PemSource};
 use crate::source::{SourceConfig, SourceKind};
 
 /// Bytes that must never be printed: tokens, private keys.
@@ -510,10 +510,10 @@ impl Response {
     }
 
     /// The `metav1.Status` of an error response, as far as it can be read (64 KiB at most).
-    pub fn status_body(self) -> crate::kube::objects::Status {
+    pub fn status_body(self) -> crate::source::kube::objects::Status {
         let code = self.status;
         let bytes = self.read_limited(64 * 1024).unwrap_or_default();
-        let mut s: crate::kube::objects::Status = serde_json::from_slice(&bytes).unwrap_or_default();
+        let mut s: crate::source::kube::objects::Status = serde_json::from_slice(&bytes).unwrap_or_default();
         if s.code == 0 {
             s.code = code;
         }

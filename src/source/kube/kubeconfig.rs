@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::kube::client::Secret;
+use crate::source::kube::client::Secret;
 
 /// A kubeconfig problem, naming the file and the entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
