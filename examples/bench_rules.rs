@@ -16,9 +16,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::apply::{Applier, Binaries, LEGACY, NFT};
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 
 fn cluster(n: usize) -> State {

@@ -20,7 +20,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
-use crate::source::kube::reflector;
 use crate::model::Kind;
 use crate::notify::Notifier;
 use crate::ops::{self, Ops};
@@ -30,6 +29,7 @@ use crate::proxy::{self, ProxyConfig, ProxyEvent};
 use crate::rules::applier::{self, ApplierConfig};
 use crate::rules::apply::{self, Applier, ApplyError};
 use crate::rules::RuleSet;
+use crate::source::kube::reflector;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
 use crate::state::{Change, State, StateConfig};

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use edgeproxy::agent::AgentError;
 use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
 use edgeproxy::config::{self, Config, ConfigError, Overrides};
-use edgeproxy::source::kube::objects::decode_document;
-use edgeproxy::source::kube::reflector::SourceError;
 use edgeproxy::notify::NotifyError;
 use edgeproxy::rules::apply::{self, ApplyError};
 use edgeproxy::rules::{Family, Flavour};
+use edgeproxy::source::kube::objects::decode_document;
+use edgeproxy::source::kube::reflector::SourceError;
 use edgeproxy::state::{Change, State, StateConfig};
 
 /// Why a command failed: each command's own errors, folded here so that `main` prints one line

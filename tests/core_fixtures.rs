@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use edgeproxy::config::{Config, Overrides};
-use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::render::PORTALS_COMMENT;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, Plan, State, StateConfig};
 
 mod support;

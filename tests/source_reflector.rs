@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::source::kube::client::{ClientOptions, Env};
+use edgeproxy::model::{Kind, Object, ObjectKey};
+use edgeproxy::source::kube::client::ClientOptions;
 use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::source::kube::reflector::{self, ReflectorOptions};
-use edgeproxy::model::{Kind, Object, ObjectKey};
+use edgeproxy::source::kube::settings::Env;
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::source::{SourceConfig, SourceKind};
 use edgeproxy::state::Change;

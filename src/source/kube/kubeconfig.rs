@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::source::kube::client::Secret;
+use super::secret::Secret;
 
 /// A kubeconfig problem, naming the file and the entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,14 +95,14 @@ pub fn load(paths: &[PathBuf]) -> Result<KubeconfigSettings, KubeconfigError> {
     if docs.is_empty() {
         return Err(KubeconfigError { file: label, message: "none of these files exists".into() });
     }
-    resolve(&docs).map_err(|message| KubeconfigError { file: label, message })
+    settings_of(&docs).map_err(|message| KubeconfigError { file: label, message })
 }
 
 /// Parse kubeconfig text (for tests and for callers that already hold the text); relative paths
 /// resolve against `dir`.
 pub fn from_str(text: &str, dir: &Path) -> Result<KubeconfigSettings, String> {
     let doc = parse_one(text)?;
-    resolve(&[(dir.to_path_buf(), doc)])
+    settings_of(&[(dir.to_path_buf(), doc)])
 }
 
 /// The largest kubeconfig we read (real ones, certificates embedded, are a few KiB).
@@ -229,7 +229,8 @@ fn b64(what: &str, field: &str, data: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("{what}.{field}: not valid base64: {e}"))
 }
 
-fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
+/// The settings of the current context: which context, then its cluster, then its user.
+fn settings_of(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
     let clusters = entries(docs, "clusters", "cluster")?;
     let users = entries(docs, "users", "user")?;
     let contexts = entries(docs, "contexts", "context")?;
@@ -258,6 +259,17 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
         ),
     };
 
+    let mut settings = cluster_settings(&cluster_name, cluster)?;
+    if let (Some(user), Some(user_name)) = (user, &user_name) {
+        add_credentials(&mut settings, user_name, user)?;
+    }
+    settings.origin = format!("context {ctx_name:?}");
+    Ok(settings)
+}
+
+/// The cluster's half of the settings: server, CA, `insecure-skip-tls-verify` and the warnings
+/// they call for; no credentials yet.
+fn cluster_settings(cluster_name: &str, cluster: &Entry<'_>) -> Result<KubeconfigSettings, String> {
     let mut warnings = Vec::new();
     let what = format!("cluster {cluster_name:?}");
     let c = cluster.body;
@@ -289,8 +301,7 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
             warnings.push(format!("{what}.{unsupported} is not supported and is ignored"));
         }
     }
-
-    let mut settings = KubeconfigSettings {
+    Ok(KubeconfigSettings {
         origin: String::new(),
         server,
         ca,
@@ -300,46 +311,48 @@ fn resolve(docs: &[(PathBuf, Yaml)]) -> Result<KubeconfigSettings, String> {
         client_cert: None,
         client_key: None,
         warnings,
-    };
-    if let (Some(user), Some(user_name)) = (user, &user_name) {
-        let what = format!("user {user_name:?}");
-        let u = user.body;
-        if !u["exec"].is_badvalue() && !u["exec"].is_null() {
-            let cmd = u["exec"]["command"].as_str().unwrap_or("?");
-            return Err(format!(
-                "{what} uses an exec credential plugin ({cmd}), which edgeproxy does not support; \
-                 give it a token, tokenFile or client certificate instead"
-            ));
-        }
-        if !u["auth-provider"].is_badvalue() && !u["auth-provider"].is_null() {
-            let name = u["auth-provider"]["name"].as_str().unwrap_or("?");
-            return Err(format!(
-                "{what} uses the auth-provider plugin {name:?}, which edgeproxy does not support; \
-                 give it a token, tokenFile or client certificate instead"
-            ));
-        }
-        if string(u, "username", &what)?.is_some() || string(u, "password", &what)?.is_some() {
-            return Err(format!("{what}: basic authentication (username/password) is not supported"));
-        }
-        settings.token = string(u, "token", &what)?.map(|t| Secret::new(t.into_bytes()));
-        settings.token_file = string(u, "tokenFile", &what)?.map(|p| path_in(&user.dir, p));
-        settings.client_cert =
-            match (string(u, "client-certificate-data", &what)?, string(u, "client-certificate", &what)?) {
-                (Some(d), _) => Some(PemSource::Data(b64(&what, "client-certificate-data", &d)?)),
-                (None, Some(p)) => Some(PemSource::File(path_in(&user.dir, p))),
-                (None, None) => None,
-            };
-        settings.client_key = match (string(u, "client-key-data", &what)?, string(u, "client-key", &what)?) {
-            (Some(d), _) => Some(KeySource::Data(Secret::new(b64(&what, "client-key-data", &d)?))),
-            (None, Some(p)) => Some(KeySource::File(path_in(&user.dir, p))),
-            (None, None) => None,
-        };
-        if settings.client_cert.is_some() != settings.client_key.is_some() {
-            return Err(format!("{what}: client-certificate and client-key go together"));
-        }
+    })
+}
+
+/// The user's half: a token, a token file or a client certificate and key (plugins and basic
+/// authentication are refused by name).
+fn add_credentials(settings: &mut KubeconfigSettings, user_name: &str, user: &Entry<'_>) -> Result<(), String> {
+    let what = format!("user {user_name:?}");
+    let u = user.body;
+    if !u["exec"].is_badvalue() && !u["exec"].is_null() {
+        let cmd = u["exec"]["command"].as_str().unwrap_or("?");
+        return Err(format!(
+            "{what} uses an exec credential plugin ({cmd}), which edgeproxy does not support; \
+             give it a token, tokenFile or client certificate instead"
+        ));
     }
-    settings.origin = format!("context {ctx_name:?}");
-    Ok(settings)
+    if !u["auth-provider"].is_badvalue() && !u["auth-provider"].is_null() {
+        let name = u["auth-provider"]["name"].as_str().unwrap_or("?");
+        return Err(format!(
+            "{what} uses the auth-provider plugin {name:?}, which edgeproxy does not support; \
+             give it a token, tokenFile or client certificate instead"
+        ));
+    }
+    if string(u, "username", &what)?.is_some() || string(u, "password", &what)?.is_some() {
+        return Err(format!("{what}: basic authentication (username/password) is not supported"));
+    }
+    settings.token = string(u, "token", &what)?.map(|t| Secret::new(t.into_bytes()));
+    settings.token_file = string(u, "tokenFile", &what)?.map(|p| path_in(&user.dir, p));
+    settings.client_cert = match (string(u, "client-certificate-data", &what)?, string(u, "client-certificate", &what)?)
+    {
+        (Some(d), _) => Some(PemSource::Data(b64(&what, "client-certificate-data", &d)?)),
+        (None, Some(p)) => Some(PemSource::File(path_in(&user.dir, p))),
+        (None, None) => None,
+    };
+    settings.client_key = match (string(u, "client-key-data", &what)?, string(u, "client-key", &what)?) {
+        (Some(d), _) => Some(KeySource::Data(Secret::new(b64(&what, "client-key-data", &d)?))),
+        (None, Some(p)) => Some(KeySource::File(path_in(&user.dir, p))),
+        (None, None) => None,
+    };
+    if settings.client_cert.is_some() != settings.client_key.is_some() {
+        return Err(format!("{what}: client-certificate and client-key go together"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -576,8 +589,7 @@ current-context: x
         // "Billion laughs": nine levels of ten aliases each; the loader would copy 10^9 nodes.
         let mut bomb =
             String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
-        for (i, c) in "bcdefghi".chars().enumerate() {
-            let prev = (b'a' + i as u8) as char;
+        for (prev, c) in "abcdefgh".chars().zip("bcdefghi".chars()) {
             bomb.push_str(&format!("{c}: &{c} [{}]\n", vec![format!("*{prev}"); 9].join(",")));
         }
         let t = std::time::Instant::now();

@@ -27,11 +27,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::source::kube::client::{self, Client, ClientError, ClientOptions, Env, ErrorKind};
-use crate::source::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
 use crate::model::{Kind, Object, ObjectKey};
 use crate::rand::{self, XorShift};
 use crate::ratelog::{summary, Every};
+use crate::source::kube::client::{self, Client, ClientOptions};
+use crate::source::kube::error::{ClientError, ErrorKind};
+use crate::source::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
+use crate::source::kube::settings::{Env, Settings};
 use crate::source::{EndpointsApi, SourceConfig};
 use crate::source::{Sink, SourceEvent};
 use crate::state::Change;
@@ -492,7 +494,7 @@ fn seed(opts: &ReflectorOptions, salt: u64) -> u64 {
 
 /// Resolve settings, build the client, log the settings' warnings.
 pub fn connect(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<Client, SourceError> {
-    let settings = client::resolve(cfg, &opts.env)?;
+    let settings = Settings::from_source(cfg, &opts.env)?;
     for w in &settings.warnings {
         log::warn!("{w}");
     }
@@ -1002,8 +1004,8 @@ pub fn list_all_with(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<List
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::kube::objects::Status;
     use crate::model::{EndpointSet, EndpointSource, Service, ServiceType};
+    use crate::source::kube::objects::Status;
 
     fn svc(name: &str) -> Object {
         Object::Service(Service {
