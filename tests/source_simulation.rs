@@ -22,8 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use edgeproxy::config::Config;
 use edgeproxy::model::Kind;
 use edgeproxy::rand::{self, XorShift};
-use edgeproxy::source::kube::objects::{decode_document, decode_watch_line};
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::source::kube::reflector::{Action, Input, Machine, ReflectorOptions, WatchEnd, WatchInput};
+use edgeproxy::source::kube::watch::decode_watch_line;
 use edgeproxy::source::SourceEvent;
 use edgeproxy::state::{Change, State, StateConfig};
 

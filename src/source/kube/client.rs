@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig, TlsProvider};
 
 use super::error::{ClientError, ErrorKind};
-use super::objects::Status;
 use super::secret::Secret;
 use super::settings::{read_file, Auth, Settings};
+use super::watch::Status;
 
 /// Timeouts for a [`Client`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,6 +3,8 @@ pub mod error;
 pub mod kubeconfig;
 pub mod names;
 pub mod objects;
+mod raw;
 pub mod reflector;
 pub mod secret;
 pub mod settings;
+pub mod watch;

@@ -32,8 +32,9 @@ use crate::rand::{self, XorShift};
 use crate::ratelog::{summary, Every};
 use crate::source::kube::client::{self, Client, ClientOptions};
 use crate::source::kube::error::{ClientError, ErrorKind};
-use crate::source::kube::objects::{decode_document, decode_watch_line, LineError, ObjectError, WatchEvent, WatchLine};
+use crate::source::kube::objects::{decode_document, ObjectError};
 use crate::source::kube::settings::{Env, Settings};
+use crate::source::kube::watch::{decode_watch_line, LineError, Status, WatchEvent, WatchLine};
 use crate::source::{EndpointsApi, SourceConfig};
 use crate::source::{Sink, SourceEvent};
 use crate::state::Change;
@@ -696,7 +697,7 @@ fn drive_with(
     None
 }
 
-fn status_message(status: u16, st: &crate::source::kube::objects::Status) -> String {
+fn status_message(status: u16, st: &Status) -> String {
     let hint = match status {
         401 => " (unauthorized: check the token or client certificate)",
         403 => " (forbidden: the identity lacks list/watch permission)",
@@ -1005,7 +1006,6 @@ pub fn list_all_with(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<List
 mod tests {
     use super::*;
     use crate::model::{EndpointSet, EndpointSource, Service, ServiceType};
-    use crate::source::kube::objects::Status;
 
     fn svc(name: &str) -> Object {
         Object::Service(Service {
