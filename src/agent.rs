@@ -29,7 +29,7 @@ use crate::proxy::{self, ProxyConfig, ProxyEvent};
 use crate::rules::applier::{self, ApplierConfig};
 use crate::rules::apply::{self, Applier, ApplyError};
 use crate::rules::RuleSet;
-use crate::source::kube::reflector;
+use crate::source::kube::driver;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
 use crate::state::{Change, State, StateConfig};
@@ -159,7 +159,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         SourceKind::File(path) => vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())
             .map_err(|e| AgentError::Source(format!("cannot start the file source thread: {e}")))?],
         SourceKind::Kube | SourceKind::MetaServer => {
-            reflector::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
+            driver::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
         }
     };
 

@@ -11,8 +11,8 @@ use edgeproxy::config::{self, Config, ConfigError, Overrides};
 use edgeproxy::notify::NotifyError;
 use edgeproxy::rules::apply::{self, ApplyError};
 use edgeproxy::rules::{Family, Flavour};
+use edgeproxy::source::kube::driver::SourceError;
 use edgeproxy::source::kube::objects::decode_document;
-use edgeproxy::source::kube::reflector::SourceError;
 use edgeproxy::state::{Change, State, StateConfig};
 
 /// Why a command failed: each command's own errors, folded here so that `main` prints one line
@@ -129,7 +129,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
                 config.source.meta_server
             );
         }
-        let listed = edgeproxy::source::kube::reflector::list_all(&config.source)?;
+        let listed = edgeproxy::source::kube::driver::list_all(&config.source)?;
         eprintln!("listed {} objects from {}", listed.objects.len(), listed.origin);
         for e in &listed.errors {
             eprintln!("{}: {e} (skipped)", listed.origin);

@@ -1,6 +1,8 @@
 pub mod client;
+pub mod driver;
 pub mod error;
 pub mod kubeconfig;
+pub mod lines;
 pub mod names;
 pub mod objects;
 mod raw;

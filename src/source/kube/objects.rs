@@ -411,13 +411,15 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
         Some("ClientIP") => {
             let t =
                 spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds).unwrap_or(10800);
-            if !(1..=86400).contains(&t) {
-                return Err((
-                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
-                    format!("{t} is outside 1-86400"),
-                ));
+            match u32::try_from(t) {
+                Ok(secs) if (1..=86400).contains(&secs) => Some(secs),
+                _ => {
+                    return Err((
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{t} is outside 1-86400"),
+                    ))
+                }
             }
-            Some(t as u32)
         }
         Some(s) => return Err(("spec.sessionAffinity".into(), format!("unknown value {s:?} (None or ClientIP)"))),
     };
