@@ -3,9 +3,9 @@
 //! Data flows one way:
 //!
 //! ```text
-//! source (kube::driver, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
-//!        watch threads                 |          ->  proxy (tokio current_thread loop)
-//!                                      +-- filter (pure), rules::render (pure)
+//! source (kube, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
+//!        watch threads        |          ->  proxy (tokio current_thread loop)
+//!                             +-- filter (pure), rules::render (pure)
 //! ```
 //!
 //! `model` holds the validated cluster types, `source::kube::objects` decodes the API server's JSON

@@ -6,10 +6,11 @@
 //! [`probe_endpoints_api`] finds, asked again at every relist), list pages and watch streams as
 //! requests (paths, `limit`/`continue`, `timeoutSeconds`, body size limits, stall deadlines),
 //! feeding their outcome to the machine as [`Reply`]s and [`WatchItem`]s, and logging the
-//! machine's errors at a bounded rate. Every decision (retry, backoff, relist, what to emit)
-//! is the machine's; the driver only does I/O and reads the clock.
+//! machine's errors at a bounded rate. Every decision of a running reflector (retry, backoff,
+//! relist, what to emit) is its machine's; the driver does the I/O and reads the clock.
 //!
-//! Also the one-shot list of `edgeproxy rules` ([`list_all`]). A source that cannot start at all
+//! Also the one-shot list of `edgeproxy rules` ([`list_all`]: every page of each kind, listed
+//! again from the start on an expired `continue` token). A source that cannot start at all
 //! (unusable settings) is a [`SourceError`]; every runtime failure is an event and a retry.
 
 use std::collections::HashMap;
@@ -53,11 +54,13 @@ impl From<ClientError> for SourceError {
     }
 }
 
+/// A machine's seed: the options' seed mixed with `salt` when one is set, else from the clock.
 fn seed(opts: &ReflectorOptions, salt: u64) -> u64 {
     opts.seed.map_or_else(|| rand::seed(salt), |base| rand::mix(base, salt))
 }
 
-/// Resolve settings, build the client, log the settings' warnings.
+/// The settings of the source config ([`Settings::from_source`]), their warnings logged, and a
+/// client for them.
 pub fn connect(cfg: &SourceConfig, opts: &ReflectorOptions) -> Result<Client, SourceError> {
     let settings = Settings::from_source(cfg, &opts.env)?;
     for w in &settings.warnings {

@@ -18,7 +18,8 @@
 //! becomes upserts of the rest plus one `Change::Retain` naming every listed key, so the state
 //! drops only what the list really lacks. The machine holds no copy of the keys it delivered.
 //!
-//! It never touches the state or the rules: it only emits events.
+//! It never touches the state or the rules: it only emits events. [`ReflectorOptions`] tunes the
+//! machine and its driver alike (its `Default` takes the process environment, for the settings).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -55,7 +56,7 @@ pub struct ReflectorOptions {
     /// How long past its `timeoutSeconds` a watch may stay silent before it counts as dead (the
     /// server closes it at `timeoutSeconds`; a quiet resource sends nothing until then).
     pub watch_close_margin: Duration,
-    /// The process environment for connection resolution (tests replace it).
+    /// The process environment the connection settings are read from (tests replace it).
     pub env: Env,
     /// Seed for jitter and watch timeouts; `None` = from the clock.
     pub seed: Option<u64>,

@@ -1,7 +1,7 @@
-//! Where to connect and how to authenticate: [`Settings`], resolved from the source config and
-//! the process environment ([`Env`]) in a fixed order.
+//! Where to connect and how to authenticate: [`Settings`], from the source config and the
+//! process environment ([`Env`]), the first way that applies in a fixed order.
 //!
-//! Owns: the resolution order (explicit `server`, kubeconfig, in-cluster, MetaServer), the
+//! Owns: that order (explicit `server`, kubeconfig, in-cluster, MetaServer), the
 //! explicit files that override what the chosen way says (`caFile`, `tokenFile`,
 //! `clientCert`/`clientKey`), reading those files, and refusing https without a CA (edgeproxy
 //! carries no public root store and never connects unverified). It never opens a connection
@@ -15,7 +15,7 @@ use super::kubeconfig::{self, KeySource, PemSource};
 use super::secret::Secret;
 use crate::source::{SourceConfig, SourceKind};
 
-/// The process environment the resolution reads; tests build their own.
+/// The process environment the settings are read from; tests build their own.
 #[derive(Clone, Debug, Default)]
 pub struct Env {
     /// `$KUBECONFIG`.
