@@ -9,7 +9,7 @@
 //!   client, decoding objects and watch lines, the list/watch reflectors (a pure machine and the
 //!   threads that drive it);
 //! - `file`: a static JSON file, polled, for gateways without an API server (it decodes with
-//!   `kube::objects`, so a file is held to the API server's rules).
+//!   `source::kube::objects`, so a file is held to the API server's rules).
 //!
 //! The children import this file, never the other way round.
 
