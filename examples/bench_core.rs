@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::Kind;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 
 fn generate(services: usize, endpoints_per: usize) -> (String, String) {

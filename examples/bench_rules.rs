@@ -16,10 +16,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::applier::Applier;
 use edgeproxy::rules::iptables::{Binaries, LEGACY, NFT};
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 
 fn cluster(n: usize) -> State {

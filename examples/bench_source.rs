@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::reflector;
+use edgeproxy::source::kube::driver;
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::state::{Plan, State, StateConfig};
 
@@ -129,7 +129,7 @@ fn main() {
     let stop = edgeproxy::stop::Stop::new();
     let mut state = State::new(StateConfig::from(&config));
     let t0 = Instant::now();
-    let handles = reflector::spawn(&cfg, sink, stop.clone()).unwrap();
+    let handles = driver::spawn(&cfg, sink, stop.clone()).unwrap();
     let mut synced = 0;
     while synced < 2 {
         match rx.recv_timeout(Duration::from_secs(120)).expect("no event in 120 s") {

@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::address::{self, AddressError};
 use crate::config::Config;
-use crate::kube::reflector;
 use crate::model::Kind;
 use crate::notify::Notifier;
 use crate::ops::{self, Gauge, Ops};
@@ -32,6 +31,7 @@ use crate::rules::applier::Applier;
 use crate::rules::iptables::ApplyError;
 use crate::rules::worker::{self, WorkerConfig};
 use crate::rules::RuleSet;
+use crate::source::kube::driver;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
 use crate::state::{Change, State, StateConfig};
@@ -167,7 +167,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
         SourceKind::File(path) => vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())
             .map_err(|e| AgentError::Source(format!("cannot start the file source thread: {e}")))?],
         SourceKind::Kube | SourceKind::MetaServer => {
-            reflector::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
+            driver::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))?
         }
     };
 

@@ -3,13 +3,13 @@
 //! Data flows one way:
 //!
 //! ```text
-//! source (kube::reflector, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
-//!        watch threads                   |          ->  proxy (tokio current_thread loop)
-//!                                        +-- filter (pure), rules::render (pure)
+//! source (kube, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
+//!        watch threads        |          ->  proxy (tokio current_thread loop)
+//!                             +-- filter (pure), rules::render (pure)
 //! ```
 //!
-//! `model` holds the validated cluster types, `kube::objects` decodes the API server's JSON into
-//! them. `filter`, `state` and `rules::render` never do I/O and never read the clock; see
+//! `model` holds the validated cluster types, `source::kube::objects` decodes the API server's JSON
+//! into them. `filter`, `state` and `rules::render` never do I/O and never read the clock; see
 //! ARCHITECTURE.md for the map and the invariants.
 
 #![deny(unsafe_code)]
@@ -22,7 +22,6 @@ pub mod config;
 pub mod exec;
 pub mod filter;
 pub mod intern;
-pub mod kube;
 pub mod listen;
 pub mod model;
 pub mod notify;

@@ -8,12 +8,12 @@ use std::process::ExitCode;
 use edgeproxy::agent::AgentError;
 use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
 use edgeproxy::config::{self, Config, ConfigError, Overrides};
-use edgeproxy::kube::objects::decode_document;
-use edgeproxy::kube::reflector::SourceError;
 use edgeproxy::notify::NotifyError;
 use edgeproxy::rules::applier::Applier;
 use edgeproxy::rules::iptables::{self, ApplyError};
 use edgeproxy::rules::{check, Family, Flavour};
+use edgeproxy::source::kube::driver::SourceError;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 
 /// Why a command failed: each command's own errors, folded here so that `main` prints one line
@@ -130,7 +130,7 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
                 config.source.meta_server
             );
         }
-        let listed = edgeproxy::kube::reflector::list_all(&config.source)?;
+        let listed = edgeproxy::source::kube::driver::list_all(&config.source)?;
         eprintln!("listed {} objects from {}", listed.objects.len(), listed.origin);
         for e in &listed.errors {
             eprintln!("{}: {e} (skipped)", listed.origin);

@@ -2,7 +2,8 @@
 //!
 //! These are *validated* views of Services, EndpointSlices and core/v1 Endpoints. Decoding from the
 //! API server's JSON (lenient with fields we do not use, strict with those we do) lives in
-//! `kube::objects`; everything downstream (filter, state, render, proxy) works on these types only.
+//! `source::kube::objects`; everything downstream (filter, state, render, proxy) works on these
+//! types only.
 //!
 //! An edge agent holds tens of thousands of these for hours, so they are built to be small:
 //! strings are `Box<str>` (no spare capacity) or, where the same text recurs across objects

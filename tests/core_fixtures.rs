@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use edgeproxy::config::{Config, Overrides};
-use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::render::PORTALS_COMMENT;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, Plan, State, StateConfig};
 
 mod support;
@@ -280,7 +280,7 @@ fn root_chain_layout_returns_ignored_services_before_the_proxy_jump() {
 
 #[test]
 fn watch_events_replayed_over_the_list_reach_the_after_watch_state() {
-    use edgeproxy::kube::objects::{decode_watch_line, WatchEvent};
+    use edgeproxy::source::kube::watch::{decode_watch_line, WatchEvent};
     let cfg = Config::defaults();
     let mut st = state_from(&cfg, &["list-services-raw.json", "list-endpointslices-raw.json"], false);
     for (file, kind) in [("watch-services.jsonl", Kind::Service), ("watch-endpointslices.jsonl", Kind::EndpointSlice)] {

@@ -8,8 +8,8 @@ use std::io::Write;
 use std::process::Stdio;
 
 use edgeproxy::config::{Config, Overrides};
-use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::Kind;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};
 

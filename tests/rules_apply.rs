@@ -6,11 +6,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::applier::Applier;
 use edgeproxy::rules::iptables::{ApplyError, Binaries, LEGACY, NFT};
 use edgeproxy::rules::{RuleSet, TableRules};
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 use support::netns::{require_root, Netns};
 

@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::client::{ClientOptions, Env};
-use edgeproxy::kube::objects::decode_document;
-use edgeproxy::kube::reflector::{self, ReflectorOptions};
 use edgeproxy::model::{Kind, Object, ObjectKey};
+use edgeproxy::source::kube::client::ClientOptions;
+use edgeproxy::source::kube::driver;
+use edgeproxy::source::kube::objects::decode_document;
+use edgeproxy::source::kube::reflector::ReflectorOptions;
+use edgeproxy::source::kube::settings::Env;
 use edgeproxy::source::{Sink, SourceEvent};
 use edgeproxy::source::{SourceConfig, SourceKind};
 use edgeproxy::state::Change;
@@ -69,7 +71,7 @@ impl Run {
         let e = events.clone();
         let sink: Sink = Arc::new(move |ev| e.lock().unwrap().push(ev));
         let stop = Stop::new();
-        let handles = reflector::spawn_with(cfg, opts, sink, stop.clone()).expect("spawn");
+        let handles = driver::spawn_with(cfg, opts, sink, stop.clone()).expect("spawn");
         Run { stop, handles, events }
     }
 
@@ -385,7 +387,7 @@ fn wrong_ca_fails_clearly_and_never_connects_unverified() {
     );
     assert!(s.requests().is_empty(), "a request got through: {:?}", s.requests());
     run.stop();
-    let e = reflector::list_all_with(&cfg, &opts()).unwrap_err();
+    let e = driver::list_all_with(&cfg, &opts()).unwrap_err();
     assert!(e.message.contains("TLS handshake failed"), "{e}");
 }
 
@@ -496,7 +498,7 @@ fn poll_mode_lists_on_an_interval_and_follows_changes() {
 #[test]
 fn list_all_is_the_live_dry_run() {
     let s = ApiServer::start();
-    let listed = reflector::list_all_with(&cfg_for(&s), &opts()).unwrap();
+    let listed = driver::list_all_with(&cfg_for(&s), &opts()).unwrap();
     assert!(listed.errors.is_empty(), "{:?}", listed.errors);
     let services = listed.objects.iter().filter(|o| o.kind() == Kind::Service).count();
     let slices = listed.objects.iter().filter(|o| o.kind() == Kind::EndpointSlice).count();

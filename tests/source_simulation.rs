@@ -20,10 +20,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::{decode_document, decode_watch_line};
-use edgeproxy::kube::reflector::{Action, Input, Machine, ReflectorOptions, WatchEnd, WatchInput};
 use edgeproxy::model::Kind;
 use edgeproxy::rand::{self, XorShift};
+use edgeproxy::source::kube::objects::decode_document;
+use edgeproxy::source::kube::reflector::{Action, Machine, ReflectorOptions, Reply, WatchEnd, WatchItem};
+use edgeproxy::source::kube::watch::decode_watch_line;
 use edgeproxy::source::SourceEvent;
 use edgeproxy::state::{Change, State, StateConfig};
 
@@ -247,11 +248,11 @@ fn simulate(seed: u64) {
             quiet = true; // no more changes: the source must converge
         }
         action = match action {
-            Action::Sleep(_) => machine.step(Input::Woke, &mut |e| events.push(e)),
+            Action::Sleep(_) => machine.step(Reply::Woke, &mut |e| events.push(e)),
             Action::List { continue_token } => {
                 if !quiet && rng.chance(5) {
                     machine
-                        .step(Input::ListFailed { expired: false, message: "HTTP 500".into() }, &mut |e| events.push(e))
+                        .step(Reply::ListFailed { expired: false, message: "HTTP 500".into() }, &mut |e| events.push(e))
                 } else {
                     let offset: usize = match continue_token.as_deref() {
                         None => {
@@ -263,7 +264,7 @@ fn simulate(seed: u64) {
                     let (rv, items) = cluster.listing.clone().expect("a list in progress");
                     if offset > 0 && !quiet && rng.chance(10) {
                         // The continue token expired between pages: 410.
-                        machine.step(Input::ListFailed { expired: true, message: "HTTP 410".into() }, &mut |e| {
+                        machine.step(Reply::ListFailed { expired: true, message: "HTTP 410".into() }, &mut |e| {
                             events.push(e)
                         })
                     } else {
@@ -273,7 +274,7 @@ fn simulate(seed: u64) {
                         let doc = Cluster::list_document(&page, rv, cont.as_deref());
                         let d = decode_document(doc.as_bytes(), Some(Kind::Service));
                         assert!(d.document_error.is_none(), "{:?}", d.document_error);
-                        let input = Input::Page {
+                        let input = Reply::Page {
                             objects: d.objects,
                             errors: d.errors,
                             resource_version: d.resource_version.clone(),
@@ -287,7 +288,7 @@ fn simulate(seed: u64) {
                 let from: u64 = resource_version.parse().unwrap();
                 if from < cluster.compacted {
                     machine.step(
-                        Input::WatchRefused { status: Some(410), expired: true, message: "too old".into() },
+                        Reply::WatchRefused { status: Some(410), expired: true, message: "too old".into() },
                         &mut |e| events.push(e),
                     )
                 } else {
@@ -303,7 +304,7 @@ fn simulate(seed: u64) {
                             cluster.compacted = cluster.rv;
                             let line = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Expired","code":410,"message":"too old resource version"}}"#;
                             next_action = machine
-                                .on_watch(WatchInput::Line(decode_watch_line(line, Kind::Service)), &mut |e| {
+                                .on_watch(WatchItem::Line(decode_watch_line(line, Kind::Service)), &mut |e| {
                                     events.push(e)
                                 });
                             break;
@@ -329,7 +330,7 @@ fn simulate(seed: u64) {
                         };
                         if let Some(line) = line {
                             let a = machine
-                                .on_watch(WatchInput::Line(decode_watch_line(&line, Kind::Service)), &mut |e| {
+                                .on_watch(WatchItem::Line(decode_watch_line(&line, Kind::Service)), &mut |e| {
                                     events.push(e)
                                 });
                             if std::env::var("SIM_TRACE").is_ok() {
@@ -359,7 +360,7 @@ fn simulate(seed: u64) {
                                 1 => WatchEnd::Broken("connection reset".into()),
                                 _ => WatchEnd::Idle,
                             };
-                            machine.step(Input::WatchEnded(end), &mut |e| events.push(e))
+                            machine.step(Reply::WatchEnded(end), &mut |e| events.push(e))
                         }
                     }
                 }

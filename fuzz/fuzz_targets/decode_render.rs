@@ -3,7 +3,7 @@
 //! comment closed (the injection property, for every input the fuzzer finds).
 #![no_main]
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::model::Kind;
 use edgeproxy::state::{Change, State, StateConfig};
 use libfuzzer_sys::fuzz_target;

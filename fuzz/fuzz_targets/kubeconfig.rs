@@ -1,6 +1,6 @@
 //! Any text as a kubeconfig: never a panic, never a memory bomb (aliases, depth, size refused).
 #![no_main]
-use edgeproxy::kube::kubeconfig::from_str;
+use edgeproxy::source::kube::kubeconfig::from_str;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

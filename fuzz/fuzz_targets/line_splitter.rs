@@ -2,7 +2,7 @@
 //! compared with a reference model (split on '\n'; empty lines dropped; a line over the cap is
 //! reported as skipped with its length including the newline; the unfinished tail is held).
 #![no_main]
-use edgeproxy::kube::reflector::{LineSplitter, Piece};
+use edgeproxy::source::kube::lines::{LineSplitter, Piece};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, PartialEq, Eq)]

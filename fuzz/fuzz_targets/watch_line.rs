@@ -1,6 +1,6 @@
 //! Any bytes as one watch event line, for each kind: never a panic.
 #![no_main]
-use edgeproxy::kube::objects::decode_watch_line;
+use edgeproxy::source::kube::watch::decode_watch_line;
 use edgeproxy::model::Kind;
 use libfuzzer_sys::fuzz_target;
 

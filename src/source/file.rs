@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use super::{Sink, SourceEvent};
-use crate::kube::objects::decode_document;
 use crate::model::{Kind, Object, ObjectKey};
+use crate::source::kube::objects::decode_document;
 use crate::state::Change;
 use crate::stop::Stop;
 

@@ -1,9 +1,20 @@
-//! What sources (the API server reflectors, a static file) hand to the agent loop.
+//! The source wing: where Services and endpoints come from, and what every source hands to the
+//! agent loop.
 //!
 //! Sources run on their own threads and never touch the state directly: they send
-//! [`SourceEvent`]s through a [`Sink`], and the agent loop applies them to `state::State`.
+//! [`SourceEvent`]s through a [`Sink`], and the agent loop applies them to `state::State`. This
+//! file holds that interface and the source settings ([`SourceConfig`], [`SourceKind`],
+//! [`EndpointsApi`]); the sources are its children:
+//! - `kube`: the Kubernetes API server or KubeEdge's MetaServer: connection settings, the HTTP
+//!   client, decoding objects and watch lines, the list/watch reflectors (a pure machine and the
+//!   threads that drive it);
+//! - `file`: a static JSON file, polled, for gateways without an API server (it decodes with
+//!   `source::kube::objects`, so a file is held to the API server's rules).
+//!
+//! The children import this file, never the other way round.
 
 pub mod file;
+pub mod kube;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::Config;
-use crate::kube::objects::decode_document;
+use crate::source::kube::objects::decode_document;
 
 fn state(json_svcs: &str, json_slices: &str) -> State {
     let mut st = State::new(StateConfig::from(&Config::defaults()));

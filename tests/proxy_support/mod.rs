@@ -27,11 +27,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use edgeproxy::config::Config;
-use edgeproxy::kube::objects::decode_document;
 use edgeproxy::model::Kind;
 use edgeproxy::proxy::stats::ProxyStats;
 use edgeproxy::proxy::table::ProxyTable;
 use edgeproxy::proxy::{run, ProxyConfig, ProxyEvent};
+use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 

@@ -1,265 +1,27 @@
-//! Talking HTTP(S) to the API server: where to connect (connection settings, resolved in a fixed
-//! order) and a small blocking GET client on ureq 3 + rustls (ring).
+//! A small blocking GET client for one API server, on ureq 3 + rustls (ring).
 //!
-//! Owns: the resolution order (explicit flags, kubeconfig, in-cluster, MetaServer), TLS setup
-//! (always explicit roots; never a silent fallback to an unverified connection), bearer tokens
-//! (re-read when the token file changes), and turning transport failures into [`ClientError`]s
-//! that say what failed. It never decodes objects (`kube::objects`), never retries or backs off
-//! (`kube::reflector` decides that), and never puts a secret in a log line or in `Debug` output.
+//! Owns: TLS setup from [`Settings`] (always explicit roots; never a silent fallback to an
+//! unverified connection), bearer tokens (a token file is re-read when it changes), response
+//! bodies read as they arrive or with a size limit, and turning transport failures into
+//! [`ClientError`]s that say what failed. Where to connect is decided before (`settings`); it
+//! never decodes objects (`objects`, `watch`), never retries or backs off (`reflector` and
+//! `driver` decide that), and never puts a secret in a log line or in `Debug` output.
 //!
 //! Timeouts: a connect timeout, and a per-read timeout that is the idle timeout of a watch. There
 //! is deliberately no total-body timeout: a watch is a body that lasts minutes.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime};
 
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig, TlsProvider};
 
-use crate::kube::kubeconfig::{self, KeySource, PemSource};
-use crate::source::{SourceConfig, SourceKind};
-
-/// Bytes that must never be printed: tokens, private keys.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Box<[u8]>);
-
-impl Secret {
-    pub fn new(bytes: Vec<u8>) -> Secret {
-        Secret(bytes.into_boxed_slice())
-    }
-
-    /// The secret itself. Only for handing it to TLS or to an `Authorization` header.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// What went wrong, coarsely: enough for the reflector to pick relist, backoff or resume.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Settings are unusable (missing CA, unreadable key, bad URL). Retrying will not help
-    /// until a file changes.
-    Config,
-    /// The TLS handshake failed (unknown CA, bad certificate, rejected client certificate).
-    Tls,
-    /// Could not connect, or the connection broke.
-    Transport,
-    /// Nothing arrived within the idle (per-read) or connect timeout.
-    Timeout,
-    /// The server answered with a non-2xx status.
-    Status(u16),
-    /// A response body broke the rules (too large, truncated).
-    Body,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl ClientError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ClientError {
-        ClientError { kind, message: message.into() }
-    }
-}
-
-impl fmt::Display for ClientError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ClientError {}
-
-/// The process environment the resolution reads; tests build their own.
-#[derive(Clone, Debug, Default)]
-pub struct Env {
-    /// `$KUBECONFIG`.
-    pub kubeconfig: Option<OsString>,
-    /// `$KUBERNETES_SERVICE_HOST` / `$KUBERNETES_SERVICE_PORT`.
-    pub service_host: Option<String>,
-    pub service_port: Option<String>,
-    /// Normally `/var/run/secrets/kubernetes.io/serviceaccount`.
-    pub serviceaccount_dir: PathBuf,
-}
-
-/// Where a pod's service-account token and CA live.
-pub const SERVICEACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
-impl Env {
-    pub fn from_process() -> Env {
-        Env {
-            kubeconfig: std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()),
-            service_host: std::env::var("KUBERNETES_SERVICE_HOST").ok().filter(|v| !v.is_empty()),
-            service_port: std::env::var("KUBERNETES_SERVICE_PORT").ok().filter(|v| !v.is_empty()),
-            serviceaccount_dir: PathBuf::from(SERVICEACCOUNT_DIR),
-        }
-    }
-}
-
-/// How requests are authenticated.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Auth {
-    None,
-    Token(Secret),
-    /// Re-read whenever the file changes (bound service-account tokens rotate).
-    TokenFile(PathBuf),
-}
-
-/// Resolved connection settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
-    /// Where these came from (`--server`, `kubeconfig FILE, context X`, `in-cluster`,
-    /// `MetaServer`), for logs and errors.
-    pub origin: String,
-    /// Base URL without a trailing `/`.
-    pub server: String,
-    /// PEM roots for https. Required for https unless `insecure`.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Only ever set from a kubeconfig that says `insecure-skip-tls-verify: true`.
-    pub insecure: bool,
-    /// PEM certificate chain and PEM private key.
-    pub client_cert: Option<(Vec<u8>, Secret)>,
-    pub auth: Auth,
-    /// To be logged at warn level by the caller.
-    pub warnings: Vec<String>,
-}
-
-fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path)
-        .map_err(|e| ClientError::new(ErrorKind::Config, format!("{what} {}: cannot read: {e}", path.display())))
-}
-
-/// Resolve connection settings from the source config, in this order: an explicit `server`; a
-/// kubeconfig (`kubeconfig`, then `$KUBECONFIG`); in-cluster (`KUBERNETES_SERVICE_HOST`/`PORT`
-/// and the service-account files); the MetaServer URL. Explicit `tokenFile`, `caFile`,
-/// `clientCert`/`clientKey` override what the chosen way says.
-pub fn resolve(cfg: &SourceConfig, env: &Env) -> Result<Settings, ClientError> {
-    let mut s = match &cfg.kind {
-        SourceKind::File(p) => {
-            return Err(ClientError::new(
-                ErrorKind::Config,
-                format!("the source is the file {}, not a Kubernetes API", p.display()),
-            ))
-        }
-        SourceKind::MetaServer => metaserver(cfg),
-        SourceKind::Kube => {
-            if let Some(server) = &cfg.server {
-                Settings {
-                    origin: "--server".into(),
-                    server: server.clone(),
-                    ca_pem: None,
-                    insecure: false,
-                    client_cert: None,
-                    auth: Auth::None,
-                    warnings: Vec::new(),
-                }
-            } else if let Some(paths) = kubeconfig_paths(cfg, env) {
-                from_kubeconfig(&paths)?
-            } else if let (Some(host), Some(port)) = (&env.service_host, &env.service_port) {
-                let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-                let dir = &env.serviceaccount_dir;
-                Settings {
-                    origin: format!("in-cluster ({})", dir.display()),
-                    server: format!("https://{host}:{port}"),
-                    ca_pem: Some(read_file("service-account CA", &dir.join("ca.crt"))?),
-                    insecure: false,
-                    client_cert: None,
-                    auth: Auth::TokenFile(dir.join("token")),
-                    warnings: Vec::new(),
-                }
-            } else {
-                metaserver(cfg)
-            }
-        }
-    };
-    // Explicit files override whatever the chosen way said.
-    if let Some(p) = &cfg.ca_file {
-        s.ca_pem = Some(read_file("caFile", p)?);
-    }
-    if let Some(p) = &cfg.token_file {
-        s.auth = Auth::TokenFile(p.clone());
-    }
-    if let (Some(c), Some(k)) = (&cfg.client_cert, &cfg.client_key) {
-        s.client_cert = Some((read_file("clientCert", c)?, Secret::new(read_file("clientKey", k)?)));
-    }
-    s.server = s.server.trim_end_matches('/').to_string();
-    if s.server.starts_with("https://") && s.ca_pem.is_none() && !s.insecure {
-        return Err(ClientError::new(
-            ErrorKind::Config,
-            format!(
-                "{}: {} is https but no CA is given (caFile, or certificate-authority in the kubeconfig); \
-                 edgeproxy carries no public root store and never connects unverified",
-                s.origin, s.server
-            ),
-        ));
-    }
-    if !(s.server.starts_with("https://") || s.server.starts_with("http://")) {
-        return Err(ClientError::new(ErrorKind::Config, format!("{}: {:?} is not an http(s) URL", s.origin, s.server)));
-    }
-    Ok(s)
-}
-
-fn metaserver(cfg: &SourceConfig) -> Settings {
-    Settings {
-        origin: "MetaServer".into(),
-        server: cfg.meta_server.clone(),
-        ca_pem: None,
-        insecure: false,
-        client_cert: None,
-        auth: Auth::None,
-        warnings: Vec::new(),
-    }
-}
-
-fn kubeconfig_paths(cfg: &SourceConfig, env: &Env) -> Option<Vec<PathBuf>> {
-    if let Some(p) = &cfg.kubeconfig {
-        return Some(vec![p.clone()]);
-    }
-    let list = env.kubeconfig.as_ref()?;
-    let paths: Vec<PathBuf> = std::env::split_paths(list).filter(|p| !p.as_os_str().is_empty()).collect();
-    (!paths.is_empty()).then_some(paths)
-}
-
-fn from_kubeconfig(paths: &[PathBuf]) -> Result<Settings, ClientError> {
-    let k = kubeconfig::load(paths).map_err(|e| ClientError::new(ErrorKind::Config, e.to_string()))?;
-    let label = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
-    let origin = format!("kubeconfig {label}, {}", k.origin);
-    let pem = |what: &str, src: &PemSource| match src {
-        PemSource::Data(d) => Ok(d.clone()),
-        PemSource::File(p) => read_file(what, p),
-    };
-    let ca_pem = match (&k.ca, k.insecure) {
-        (Some(src), false) => Some(pem("certificate-authority", src)?),
-        _ => None,
-    };
-    let client_cert = match (&k.client_cert, &k.client_key) {
-        (Some(c), Some(key)) => {
-            let key = match key {
-                KeySource::Data(s) => s.clone(),
-                KeySource::File(p) => Secret::new(read_file("client-key", p)?),
-            };
-            Some((pem("client-certificate", c)?, key))
-        }
-        _ => None,
-    };
-    let auth = match (&k.token, &k.token_file) {
-        (Some(t), _) => Auth::Token(t.clone()),
-        (None, Some(p)) => Auth::TokenFile(p.clone()),
-        (None, None) => Auth::None,
-    };
-    Ok(Settings { origin, server: k.server, ca_pem, insecure: k.insecure, client_cert, auth, warnings: k.warnings })
-}
+use super::error::{ClientError, ErrorKind};
+use super::secret::Secret;
+use super::settings::{read_file, Auth, Settings};
+use super::watch::Status;
 
 /// Timeouts for a [`Client`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -510,10 +272,10 @@ impl Response {
     }
 
     /// The `metav1.Status` of an error response, as far as it can be read (64 KiB at most).
-    pub fn status_body(self) -> crate::kube::objects::Status {
+    pub fn status_body(self) -> Status {
         let code = self.status;
         let bytes = self.read_limited(64 * 1024).unwrap_or_default();
-        let mut s: crate::kube::objects::Status = serde_json::from_slice(&bytes).unwrap_or_default();
+        let mut s: Status = serde_json::from_slice(&bytes).unwrap_or_default();
         if s.code == 0 {
             s.code = code;
         }
@@ -604,56 +366,11 @@ mod tests {
         assert_eq!(plain_message(b"a\x1b[31mb\nc"), "a [31mb c");
         assert_eq!(plain_message(&[b'x'; 500]).len(), 200);
     }
-    use crate::config::Config;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("ep-client-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
-    }
-
-    fn cfg() -> SourceConfig {
-        Config::defaults().source
-    }
-
-    #[test]
-    fn order_explicit_kubeconfig_incluster_metaserver() {
-        let d = tmpdir("order");
-        std::fs::write(d.join("ca.crt"), "CA").unwrap();
-        std::fs::write(d.join("token"), "tok\n").unwrap();
-        let kc = d.join("kc");
-        std::fs::write(&kc, "clusters: [{name: c, cluster: {server: 'http://from-kubeconfig:8080'}}]\ncontexts: [{name: x, context: {cluster: c}}]\n").unwrap();
-        let env = Env {
-            kubeconfig: Some(kc.clone().into_os_string()),
-            service_host: Some("10.96.0.1".into()),
-            service_port: Some("443".into()),
-            serviceaccount_dir: d.clone(),
-        };
-        let mut c = cfg();
-        c.server = Some("http://explicit:1".into());
-        assert_eq!(resolve(&c, &env).unwrap().server, "http://explicit:1");
-        c.server = None;
-        let s = resolve(&c, &env).unwrap();
-        assert_eq!(s.server, "http://from-kubeconfig:8080");
-        assert!(s.origin.contains("kubeconfig"), "{}", s.origin);
-        let env2 = Env { kubeconfig: None, ..env.clone() };
-        let s = resolve(&c, &env2).unwrap();
-        assert_eq!(s.server, "https://10.96.0.1:443");
-        assert_eq!(s.ca_pem.as_deref(), Some(&b"CA"[..]));
-        assert_eq!(s.auth, Auth::TokenFile(d.join("token")));
-        let env3 = Env { service_host: None, ..env2.clone() };
-        let s = resolve(&c, &env3).unwrap();
-        assert_eq!((s.server.as_str(), s.origin.as_str()), ("http://127.0.0.1:10550", "MetaServer"));
-        std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn https_without_ca_is_refused() {
-        let mut c = cfg();
-        c.server = Some("https://10.0.0.1:6443".into());
-        let e = resolve(&c, &Env::default()).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Config);
-        assert!(e.message.contains("no CA is given"), "{e}");
     }
 
     #[test]
@@ -670,20 +387,5 @@ mod tests {
         cache.checked = None;
         assert!(cache.current().unwrap_err().message.contains("is empty"));
         std::fs::remove_dir_all(&d).unwrap();
-    }
-
-    #[test]
-    fn secrets_stay_out_of_debug() {
-        let s = Settings {
-            origin: "x".into(),
-            server: "http://h".into(),
-            ca_pem: None,
-            insecure: false,
-            client_cert: Some((b"cert".to_vec(), Secret::new(b"PRIVATE-KEY-BYTES".to_vec()))),
-            auth: Auth::Token(Secret::new(b"TOKEN-VALUE".to_vec())),
-            warnings: vec![],
-        };
-        let d = format!("{s:?}");
-        assert!(!d.contains("PRIVATE-KEY-BYTES") && !d.contains("TOKEN-VALUE"), "{d}");
     }
 }
