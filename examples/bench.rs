@@ -32,7 +32,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use paths::Path;
 use report::Results;
@@ -104,19 +104,8 @@ fn main() {
     }
 }
 
-fn run(args: &Args) -> Res<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root (network namespaces, iptables): sudo cargo run --release --example bench".into());
-    }
-    for tool in ["ip", "iperf3", "haproxy", "iptables-nft-restore"] {
-        if which(tool).is_none() {
-            return Err(format!("{tool} not found in PATH (apt-get install iproute2 iperf3 haproxy iptables)"));
-        }
-    }
-    topo::install_cleanup_handlers()?;
-    topo::remove_stale();
-    raise_nofile()?;
+/// The paths and figure groups asked for, and the measuring windows.
+fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
     let paths: Vec<Path> = match &args.paths {
         None => Path::ALL.to_vec(),
         Some(list) => list
@@ -166,10 +155,80 @@ fn run(args: &Args) -> Res<()> {
         if !(secs > 0.0 && secs <= 600.0) {
             return Err(format!("--window {secs}: must be within (0, 600] seconds"));
         }
-        w.throughput = secs.ceil() as u32;
+        w.throughput = load::whole_seconds(secs);
         (w.rr, w.conns, w.udp) =
             (Duration::from_secs_f64(secs), Duration::from_secs_f64(secs), Duration::from_secs_f64(secs));
     }
+    Ok((paths, w))
+}
+
+/// Memory with many idle connections and with many services, per process.
+fn measure_resources(
+    topo: &Topology,
+    procs: &[(Path, Proc)],
+    binary: Option<&PathBuf>,
+    args: &Args,
+    work: &std::path::Path,
+    results: &mut Results,
+) -> Res<()> {
+    for (p, proc) in procs {
+        eprintln!("{}: {IDLE_CONNS} idle connections", p.name());
+        let addr = p.echo();
+        let pid = proc.pid();
+        match in_ns(&topo.client, move || load::idle_conns(addr, IDLE_CONNS)) {
+            Ok(conns) => {
+                std::thread::sleep(Duration::from_millis(300));
+                let rss = rss_kib(pid)?;
+                results.resources.entry("rss_5000_conns").or_default().insert(p.name(), rss);
+                drop(conns);
+            }
+            Err(e) => results.errors.push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
+        }
+    }
+    for (p, _) in procs {
+        eprintln!("{}: {GENERATED_SERVICES} services", p.name());
+        match rss_with_services(*p, binary, args.edgeproxy_config.as_deref(), work) {
+            Ok(kib) => {
+                results.resources.entry("rss_1000_services").or_default().insert(p.name(), kib);
+            }
+            Err(e) => results.errors.push(format!("{}: {GENERATED_SERVICES} services: {e}", p.name())),
+        }
+    }
+    Ok(())
+}
+
+/// The run's settings, as recorded in the JSON report.
+fn settings_json(args: &Args, w: &Windows, paths: &[Path]) -> Value {
+    json!({
+        "quick": args.quick,
+        "rounds": w.rounds,
+        "throughput_seconds": w.throughput,
+        "rr_seconds": w.rr.as_secs_f64(),
+        "conns_seconds": w.conns.as_secs_f64(),
+        "udp_seconds": w.udp.as_secs_f64(),
+        "new_conn_threads": NEW_CONN_THREADS,
+        "udp_flows": UDP_FLOWS,
+        "idle_connections": IDLE_CONNS,
+        "generated_services": GENERATED_SERVICES,
+        "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        "haproxy": "mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
+    })
+}
+
+fn run(args: &Args) -> Res<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root (network namespaces, iptables): sudo cargo run --release --example bench".into());
+    }
+    for tool in ["ip", "iperf3", "haproxy", "iptables-nft-restore"] {
+        if which(tool).is_none() {
+            return Err(format!("{tool} not found in PATH (apt-get install iproute2 iperf3 haproxy iptables)"));
+        }
+    }
+    topo::install_cleanup_handlers()?;
+    topo::remove_stale();
+    raise_nofile()?;
+    let (paths, w) = selection(args)?;
     let all_figures = w.groups.len() == FIGURE_GROUPS.len();
     let started = Instant::now();
     let binary = if paths.contains(&Path::Edgeproxy) { Some(edgeproxy_binary(args)?) } else { None };
@@ -226,28 +285,8 @@ fn run(args: &Args) -> Res<()> {
         }
     }
 
-    for (p, proc) in procs.iter().filter(|_| all_figures) {
-        eprintln!("{}: {IDLE_CONNS} idle connections", p.name());
-        let addr = p.echo();
-        let pid = proc.pid();
-        match in_ns(&topo.client, move || load::idle_conns(addr, IDLE_CONNS)) {
-            Ok(conns) => {
-                std::thread::sleep(Duration::from_millis(300));
-                let rss = rss_kib(pid)?;
-                results.resources.entry("rss_5000_conns").or_default().insert(p.name(), rss);
-                drop(conns);
-            }
-            Err(e) => results.errors.push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
-        }
-    }
-    for (p, _) in procs.iter().filter(|_| all_figures) {
-        eprintln!("{}: {GENERATED_SERVICES} services", p.name());
-        match rss_with_services(*p, binary.as_ref(), args.edgeproxy_config.as_deref(), &work.0) {
-            Ok(kib) => {
-                results.resources.entry("rss_1000_services").or_default().insert(p.name(), kib);
-            }
-            Err(e) => results.errors.push(format!("{}: {GENERATED_SERVICES} services: {e}", p.name())),
-        }
+    if all_figures {
+        measure_resources(&topo, &procs, binary.as_ref(), args, &work.0, &mut results)?;
     }
     for (p, proc) in &mut procs {
         if let Some(st) = proc.exit_status() {
@@ -262,21 +301,8 @@ fn run(args: &Args) -> Res<()> {
     facts.push(("rounds".into(), w.rounds.to_string()));
     facts.push(("duration".into(), format!("{:.0} s", started.elapsed().as_secs_f64())));
     print!("\n{}", report::table(&results, &paths, &facts));
-    let settings = json!({
-        "quick": args.quick,
-        "rounds": w.rounds,
-        "throughput_seconds": w.throughput,
-        "rr_seconds": w.rr.as_secs_f64(),
-        "conns_seconds": w.conns.as_secs_f64(),
-        "udp_seconds": w.udp.as_secs_f64(),
-        "new_conn_threads": NEW_CONN_THREADS,
-        "udp_flows": UDP_FLOWS,
-        "idle_connections": IDLE_CONNS,
-        "generated_services": GENERATED_SERVICES,
-        "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
-        "haproxy": "mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
-    });
-    let doc = report::json(&results, &paths, &facts, settings);
+    let settings = settings_json(args, &w, &paths);
+    let doc = report::json(&results, &paths, &facts, &settings);
     if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
@@ -323,7 +349,7 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
         let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
         r.push("rr_16_conns", p, round, s.rate());
         if let (Some(pid), Some(c0)) = (pid, cpu0) {
-            r.push("cpu_per_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / s.ns.len() as f64);
+            r.push("cpu_per_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / load::float(s.ns.len()));
         }
     }
     if on("conns") {
@@ -400,7 +426,7 @@ fn start_backend(backend: &Ns) -> Res<()> {
         })?;
         let r = ready.clone();
         backend.thread(move || {
-            if let Err(e) = load::udp_echo_server(load::ECHO_PORT, r) {
+            if let Err(e) = load::udp_echo_server(load::ECHO_PORT, &r) {
                 eprintln!("backend UDP echo: {e}");
                 std::process::abort();
             }
@@ -546,7 +572,7 @@ fn cpu_seconds(pid: u32) -> Res<f64> {
         return Err(format!("/proc/{pid}/stat: no utime/stime"));
     };
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = f64::from(i32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
     Ok((u + s) / hz)
 }
 
@@ -563,7 +589,7 @@ fn raise_nofile() -> Res<()> {
             return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
         }
     }
-    if (l.rlim_cur as usize) < 2 * IDLE_CONNS + 1000 {
+    if usize::try_from(l.rlim_cur).unwrap_or(usize::MAX) < 2 * IDLE_CONNS + 1000 {
         return Err(format!("open-file limit {} is too low for {IDLE_CONNS} idle connections", l.rlim_cur));
     }
     Ok(())

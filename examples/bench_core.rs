@@ -79,6 +79,8 @@ fn main() {
     );
     for &n in &[1_000usize, 5_000, 10_000] {
         let (svcs, slices) = generate(n, 5);
+        // Bytes as a float: exact far beyond any document here.
+        #[allow(clippy::cast_precision_loss)]
         let mb = (svcs.len() + slices.len()) as f64 / 1e6;
         let mut best_decode = f64::MAX;
         let mut best_render = f64::MAX;

@@ -164,7 +164,7 @@ fn bench(b: Binaries, n: usize, edgemesh_sample: usize) -> Row {
                 assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
             }
         }
-        let edgemesh_per_rule = t.elapsed() / sample.len().max(1) as u32;
+        let edgemesh_per_rule = t.elapsed() / u32::try_from(sample.len().max(1)).unwrap_or(u32::MAX);
         Row {
             backend: b.name,
             ports: n,
@@ -216,7 +216,7 @@ fn main() {
         for &n in &sizes {
             let r = bench(b, n, sample);
             // EdgeMesh's way: one -C/-A pair per DNAT, two per service port.
-            let em = r.edgemesh_per_rule * (2 * r.ports) as u32;
+            let em = r.edgemesh_per_rule * u32::try_from(2 * r.ports).unwrap_or(u32::MAX);
             println!(
                 "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20.1} {:>8.0}x",
                 r.backend,

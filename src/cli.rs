@@ -97,17 +97,22 @@ impl RulesCmd {
         o.set("edgemesh", self.edgemesh.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
         o.set("node-name", self.node_name.clone());
-        o.set("kubeconfig", self.kubeconfig.clone());
-        o.set("server", self.server.clone());
-        o.set("token-file", self.token_file.clone());
-        o.set("ca-file", self.ca_file.clone());
-        o.set("client-cert", self.client_cert.clone());
-        o.set("client-key", self.client_key.clone());
         if self.metaserver.is_some() {
             o.set("source", Some("metaserver"));
         }
-        o.set("metaserver", self.metaserver.clone());
-        o.set("endpoints-api", self.endpoints_api.clone());
+        connection_flags(
+            &mut o,
+            [
+                ("kubeconfig", &self.kubeconfig),
+                ("server", &self.server),
+                ("token-file", &self.token_file),
+                ("ca-file", &self.ca_file),
+                ("client-cert", &self.client_cert),
+                ("client-key", &self.client_key),
+                ("metaserver", &self.metaserver),
+                ("endpoints-api", &self.endpoints_api),
+            ],
+        );
         o
     }
 
@@ -116,6 +121,14 @@ impl RulesCmd {
         [&self.kubeconfig, &self.server, &self.token_file, &self.ca_file, &self.client_cert, &self.metaserver]
             .iter()
             .any(|f| f.is_some())
+    }
+}
+
+/// The connection flags `rules` and `run` share (argh has no flattening, so each command
+/// declares them), folded into overrides one way.
+fn connection_flags(o: &mut Overrides, flags: [(&'static str, &Option<String>); 8]) {
+    for (flag, value) in flags {
+        o.set(flag, value.clone());
     }
 }
 
@@ -202,16 +215,21 @@ impl RunCmd {
     pub fn overrides(&self) -> Overrides {
         let mut o = Overrides::default();
         o.set("source", self.source.clone());
-        o.set("kubeconfig", self.kubeconfig.clone());
-        o.set("server", self.server.clone());
-        o.set("token-file", self.token_file.clone());
-        o.set("ca-file", self.ca_file.clone());
-        o.set("client-cert", self.client_cert.clone());
-        o.set("client-key", self.client_key.clone());
-        o.set("metaserver", self.metaserver.clone());
+        connection_flags(
+            &mut o,
+            [
+                ("kubeconfig", &self.kubeconfig),
+                ("server", &self.server),
+                ("token-file", &self.token_file),
+                ("ca-file", &self.ca_file),
+                ("client-cert", &self.client_cert),
+                ("client-key", &self.client_key),
+                ("metaserver", &self.metaserver),
+                ("endpoints-api", &self.endpoints_api),
+            ],
+        );
         o.set("watch", self.watch.clone());
         o.set("poll-interval", self.poll_interval.clone());
-        o.set("endpoints-api", self.endpoints_api.clone());
         o.set("layout", self.layout.clone());
         o.set("edgemesh", self.edgemesh.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());

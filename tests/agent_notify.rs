@@ -49,7 +49,7 @@ fn ready_after_first_sync_watchdog_while_running_stopping_on_sigterm() {
     let beats = alive.iter().filter(|m| m.contains("WATCHDOG=1")).count();
     assert!(beats >= 3, "expected WATCHDOG=1 every 200 ms, got {alive:?}");
 
-    let rc = unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGTERM) };
     assert_eq!(rc, 0);
     listener.wait_for("STOPPING=1", Duration::from_secs(10)).unwrap_or_else(|m| panic!("no STOPPING=1: {m:?}"));
     let status = ns.child(agent).wait().unwrap();

@@ -28,7 +28,7 @@ fn accept_pauses_on_emfile_and_recovers() {
     let sock = Topo::in_ns(&t.pod, || Socket::new(Domain::IPV4, Type::STREAM, None).unwrap());
     // The next descriptor number; with the soft limit there, no new descriptor can be opened.
     let next = std::fs::File::open("/dev/null").map(|f| std::os::fd::AsRawFd::as_raw_fd(&f)).unwrap();
-    set_soft_limit(next as u64);
+    set_soft_limit(u64::try_from(next).unwrap());
     // connect() needs no new descriptor; the proxy's accept() does, and fails with EMFILE.
     sock.connect(&addr.into()).unwrap();
     std::thread::sleep(Duration::from_millis(550));

@@ -17,11 +17,11 @@ static LIVE: AtomicIsize = AtomicIsize::new(0);
 // SAFETY: forwards to the system allocator and only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(isize::try_from(l.size()).unwrap_or(isize::MAX), Ordering::Relaxed);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_sub(isize::try_from(l.size()).unwrap_or(isize::MAX), Ordering::Relaxed);
         unsafe { System.dealloc(p, l) }
     }
 }
@@ -51,8 +51,9 @@ fn idle_connections_cost_little_memory() {
     wait_for(|| t.stats.total.tcp_active.get() == (N + 64) as u64, "all connections relayed");
     std::thread::sleep(Duration::from_millis(50));
     let (heap1, rss1) = (LIVE.load(Ordering::Relaxed), rss_kib());
-    let heap_per = (heap1 - heap0) / N as isize;
-    let rss_per = (rss1 - rss0) * 1024 / N as isize;
+    let n = isize::try_from(N).unwrap();
+    let heap_per = (heap1 - heap0) / n;
+    let rss_per = (rss1 - rss0) * 1024 / n;
     eprintln!(
         "{N} idle proxied connections: heap +{} KiB ({heap_per} B each), RSS +{} KiB ({rss_per} B each); \
          includes the test's own client and backend sockets",

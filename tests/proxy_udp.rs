@@ -38,8 +38,19 @@ fn fds() -> usize {
 #[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn udp_request_response_volume_expiry_and_cap() {
     let mut t = Topo::new(test_config());
+    request_response_on_both_paths(&t);
+    big_datagrams_and_volume(&t);
+    flows_expire(&t);
+    per_source_and_global_caps(&t);
+    a_flow_follows_its_backend(&mut t);
+    an_unbindable_port_moves(&mut t);
+    a_burst_is_served_whole(&t);
     let stats = t.stats.clone();
+    let total = stats.services().into_iter().find(|(n, _)| &**n == "t/dns:p").expect("per-service counters").1;
+    assert!(total.udp_flows_created.get() >= 15);
+}
 
+fn request_response_on_both_paths(t: &Topo) {
     // Request/response from both paths; round robin over b1, b2 per new flow.
     let mut ids = Vec::new();
     for ns in [&t.node, &t.pod] {
@@ -54,7 +65,9 @@ fn udp_request_response_volume_expiry_and_cap() {
     }
     ids.sort();
     assert_eq!(ids, ["b1", "b2"]);
+}
 
+fn big_datagrams_and_volume(t: &Topo) {
     // The largest datagrams pass whole (EdgeMesh cut them at 4 KiB).
     let s = client(&t.pod, DNS);
     let big: Vec<u8> = (0..65_000u32).map(|i| (i % 251) as u8).collect();
@@ -76,7 +89,10 @@ fn udp_request_response_volume_expiry_and_cap() {
     }
     assert_eq!(lost, 0, "datagrams lost out of 10 000");
     drop(s);
+}
 
+fn flows_expire(t: &Topo) {
+    let stats = t.stats.clone();
     // Flows expire after the idle timeout (500 ms here) and take their sockets with them.
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
     let expired = stats.udp_flows_expired.get();
@@ -94,7 +110,10 @@ fn udp_request_response_volume_expiry_and_cap() {
     assert_eq!(stats.udp_flows_expired.get(), expired + 4);
     wait_for(|| fds() == before, "expired flows close their sockets");
     drop(clients);
+}
 
+fn per_source_and_global_caps(t: &Topo) {
+    let stats = t.stats.clone();
     // Per client address at most 6 flows (test_config): the node's seventh is dropped, counted.
     let clients: Vec<UdpSocket> = (0..7).map(|_| client(&t.node, DNS)).collect();
     for c in &clients {
@@ -120,7 +139,9 @@ fn udp_request_response_volume_expiry_and_cap() {
     wait_for(|| stats.udp_flows_active.get() == 0, "flows expire");
     assert!(ask(&clients[6], b"room again").is_some());
     drop((clients, pod_clients));
+}
 
+fn a_flow_follows_its_backend(t: &mut Topo) {
     // The backends change: a flow whose backend left is replaced on the client's next datagram.
     let s = client(&t.pod, DNS);
     let first = String::from_utf8(ask(&s, b"who").unwrap()).unwrap();
@@ -128,7 +149,9 @@ fn udp_request_response_volume_expiry_and_cap() {
     t.apply(Change::Upsert(slice_object(&slice("dns", "1", &[other.0], 5353, "UDP"))));
     let again = String::from_utf8(ask(&s, b"who").unwrap()).unwrap();
     assert_eq!(again, format!("{}:who", other.1), "was {first}");
+}
 
+fn an_unbindable_port_moves(t: &mut Topo) {
     // A UDP port that cannot be bound is reported; the state allocates another and it works.
     let squatter = Topo::in_ns(&t.node, || UdpSocket::bind("169.254.96.16:15003").unwrap());
     while t.events.try_recv().is_ok() {}
@@ -155,7 +178,9 @@ fn udp_request_response_volume_expiry_and_cap() {
     let s2 = client(&t.node, "10.96.0.21:53");
     assert_eq!(ask(&s2, b"moved").as_deref(), Some(&b"b3:moved"[..]));
     drop(squatter);
+}
 
+fn a_burst_is_served_whole(t: &Topo) {
     // A burst: 1,000 datagrams sent back to back before reading any answer (the probe got 256
     // answers with default buffers). The client's and backends' buffers are large here, so what
     // is measured is the proxy's own service and flow sockets.
@@ -173,7 +198,4 @@ fn udp_request_response_volume_expiry_and_cap() {
     eprintln!("UDP burst: {answers} answers to 1000 datagrams");
     assert_eq!(answers, 1000, "datagrams of a burst were dropped");
     drop(burst);
-
-    let total = stats.services().into_iter().find(|(n, _)| &**n == "t/dns:p").expect("per-service counters").1;
-    assert!(total.udp_flows_created.get() >= 15);
 }

@@ -361,7 +361,7 @@ fn guard_reads_little_when_nothing_changed() {
         let second = done_rx.recv_timeout(Duration::from_secs(30)).expect("guards ran");
         let rules = worker.join().expect("worker");
         // legacy: one save; nft: PREROUTING, OUTPUT and (the fixture's are small) all our chains.
-        let reads = if b.name == "legacy" { 1 } else { 2 + rules.v4.chains.len() as u32 };
+        let reads = if b.name == "legacy" { 1 } else { 2 + u32::try_from(rules.v4.chains.len()).unwrap() };
         assert_eq!(
             first,
             vec![(reads, 0, 0), (0, 0, 0), (0, 0, 0)],

@@ -255,7 +255,7 @@ fn error_event_backs_off_and_resumes() {
 }
 
 /// A MODIFIED event for edge-apps/web-frontend whose object is replaced by `object`.
-fn modified_web_frontend(object: serde_json::Value) -> Vec<u8> {
+fn modified_web_frontend(object: &serde_json::Value) -> Vec<u8> {
     format!("{}\n", serde_json::json!({"type": "MODIFIED", "object": object})).into_bytes()
 }
 
@@ -279,7 +279,7 @@ fn garbage_lines_and_bad_objects_are_skipped() {
             b"this is not json at all\n".to_vec(),
             b"{\"type\":\"ADDED\",\"object\":{\"metadata\":{\"name\":\n".to_vec(),
             b"{\"type\":\"SURPRISE\",\"object\":{}}\n".to_vec(),
-            modified_web_frontend(bad),
+            modified_web_frontend(&bad),
         ];
     }
     let run = Run::start(&cfg_for(&s), opts());
@@ -298,7 +298,7 @@ fn a_20mb_object_is_skipped_and_never_clears_state() {
     {
         let mut c = s.cluster();
         c.faults.inject_at = 2;
-        c.faults.inject = vec![modified_web_frontend(huge)];
+        c.faults.inject = vec![modified_web_frontend(&huge)];
     }
     let run = Run::start(&cfg_for(&s), opts());
     // 20 MB through TLS: seconds natively, much longer under qemu on a loaded machine.

@@ -111,7 +111,7 @@ struct Cluster {
 
 impl Cluster {
     fn mutate(&mut self, rng: &mut Rng) {
-        let name = NAMES[rng.below(NAMES.len() as u64) as usize].to_string();
+        let name = NAMES[rng.0.index(NAMES.len())].to_string();
         self.rv += 1;
         let rv = self.rv;
         let exists = self.objects.contains_key(&name);
@@ -121,7 +121,7 @@ impl Cluster {
             return;
         }
         assert!(rv < 60_000, "ports encode the resourceVersion");
-        let port = 1 + rv as u16;
+        let port = 1 + u16::try_from(rv).expect("below 60,000");
         let v = version(rng, &name, port);
         if v.valid {
             self.ever_valid.entry(name.clone()).or_default().insert(port);
@@ -220,6 +220,141 @@ fn deliver(
     observer.after(state, cluster, seed, step);
 }
 
+/// One simulated run: the model cluster, the real machine and state, and the run's progress.
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    cluster: Cluster,
+    machine: Machine,
+    state: State,
+    observer: Observer,
+    events: Vec<SourceEvent>,
+    /// No more changes: the source must converge.
+    quiet: bool,
+    caught_up_at: Option<usize>,
+}
+
+impl Sim {
+    fn step(&mut self, reply: Reply) -> Action {
+        let events = &mut self.events;
+        self.machine.step(reply, &mut |e| events.push(e))
+    }
+
+    fn on_line(&mut self, line: &[u8]) -> Option<Action> {
+        let events = &mut self.events;
+        self.machine.on_watch(WatchItem::Line(decode_watch_line(line, Kind::Service)), &mut |e| events.push(e))
+    }
+
+    fn deliver(&mut self, step: usize) {
+        deliver(&mut self.events, &mut self.state, &mut self.observer, &self.cluster, (self.seed, step));
+    }
+
+    /// A list page (or a failure to get one).
+    fn list(&mut self, continue_token: Option<&str>) -> Action {
+        if !self.quiet && self.rng.chance(5) {
+            return self.step(Reply::ListFailed { expired: false, message: "HTTP 500".into() });
+        }
+        let cluster = &mut self.cluster;
+        let offset: usize = match continue_token {
+            None => {
+                cluster.listing = Some((cluster.rv, cluster.objects.values().cloned().collect()));
+                0
+            }
+            Some(t) => t.parse().unwrap(),
+        };
+        let (rv, items) = cluster.listing.clone().expect("a list in progress");
+        if offset > 0 && !self.quiet && self.rng.chance(10) {
+            // The continue token expired between pages: 410.
+            return self.step(Reply::ListFailed { expired: true, message: "HTTP 410".into() });
+        }
+        let page: Vec<(u64, Version)> = items.iter().skip(offset).take(3).cloned().collect();
+        let next = offset + page.len();
+        let cont = (next < items.len()).then(|| next.to_string());
+        let doc = Cluster::list_document(&page, rv, cont.as_deref());
+        let d = decode_document(doc.as_bytes(), Some(Kind::Service));
+        assert!(d.document_error.is_none(), "{:?}", d.document_error);
+        self.step(Reply::Page {
+            objects: d.objects,
+            errors: d.errors,
+            resource_version: d.resource_version.clone(),
+            continue_token: d.continue_token.clone(),
+        })
+    }
+
+    /// A watch from `from`: refused when compacted, else changes happen, events flow, and the
+    /// stream ends somehow.
+    fn watch(&mut self, from: u64, step: usize) -> Action {
+        if from < self.cluster.compacted {
+            return self.step(Reply::WatchRefused { status: Some(410), expired: true, message: "too old".into() });
+        }
+        let mut cursor = from;
+        for _ in 0..50 {
+            if !self.quiet && self.rng.chance(35) {
+                self.cluster.mutate(&mut self.rng);
+            }
+            if !self.quiet && self.rng.chance(3) {
+                // The server compacts its history; a watch still open gets 410.
+                self.cluster.compacted = self.cluster.rv;
+                let line = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Expired","code":410,"message":"too old resource version"}}"#;
+                if let Some(a) = self.on_line(line) {
+                    return a;
+                }
+                return self.end_watch();
+            }
+            if let Some(line) = self.next_line(&mut cursor) {
+                let a = self.on_line(&line);
+                if std::env::var("SIM_TRACE").is_ok() {
+                    eprintln!("line {}", String::from_utf8_lossy(&line).chars().take(150).collect::<String>());
+                }
+                self.deliver(step);
+                if let Some(a) = a {
+                    return a;
+                }
+            }
+            if self.quiet && cursor >= self.cluster.history.last().map_or(0, |h| h.0) {
+                self.caught_up_at.get_or_insert(step);
+            }
+            if !self.quiet && self.rng.chance(6) {
+                break; // the stream ends
+            }
+        }
+        self.end_watch()
+    }
+
+    /// The next line of the stream after `cursor`: garbage, a bookmark or the next event.
+    fn next_line(&mut self, cursor: &mut u64) -> Option<Vec<u8>> {
+        let cluster = &self.cluster;
+        let pending = cluster.history.iter().any(|(rv, _)| *rv > *cursor);
+        if !self.quiet && self.rng.chance(4) {
+            Some(b"{not json at all".to_vec())
+        } else if self.rng.chance(5) {
+            // A bookmark claims only what was delivered: everything, if nothing is pending, up
+            // to the newest resourceVersion.
+            if !pending {
+                *cursor = (*cursor).max(cluster.rv);
+            }
+            let bm = format!(
+                r#"{{"type":"BOOKMARK","object":{{"kind":"Service","metadata":{{"resourceVersion":"{cursor}"}}}}}}"#
+            );
+            Some(bm.into_bytes())
+        } else {
+            cluster.history.iter().find(|(rv, _)| *rv > *cursor).map(|(rv, ev)| {
+                *cursor = *rv;
+                Cluster::event_line(ev, *rv).into_bytes()
+            })
+        }
+    }
+
+    fn end_watch(&mut self) -> Action {
+        let end = match self.rng.below(3) {
+            0 => WatchEnd::Closed,
+            1 => WatchEnd::Broken("connection reset".into()),
+            _ => WatchEnd::Idle,
+        };
+        self.step(Reply::WatchEnded(end))
+    }
+}
+
 fn simulate(seed: u64) {
     let mut rng = Rng(XorShift::new(rand::mix(seed, 0)));
     let mut cluster = Cluster {
@@ -234,143 +369,34 @@ fn simulate(seed: u64) {
         cluster.mutate(&mut rng);
     }
     let opts = ReflectorOptions { seed: Some(seed), ..ReflectorOptions::default() };
-    let mut machine = Machine::new(Kind::Service, None, &opts, seed);
-    let mut state = State::new(StateConfig::from(&Config::defaults()));
-    let mut observer = Observer { held: BTreeMap::new() };
-    let mut events: Vec<SourceEvent> = Vec::new();
-    let mut action = machine.start();
-    let mut quiet = false;
-    let mut caught_up_at = None;
+    let mut sim = Sim {
+        seed,
+        rng,
+        cluster,
+        machine: Machine::new(Kind::Service, None, &opts, seed),
+        state: State::new(StateConfig::from(&Config::defaults())),
+        observer: Observer { held: BTreeMap::new() },
+        events: Vec::new(),
+        quiet: false,
+        caught_up_at: None,
+    };
+    let mut action = sim.machine.start();
     let steps = 400;
-
     for step in 0..steps * 4 {
         if step == steps {
-            quiet = true; // no more changes: the source must converge
+            sim.quiet = true;
         }
         action = match action {
-            Action::Sleep(_) => machine.step(Reply::Woke, &mut |e| events.push(e)),
-            Action::List { continue_token } => {
-                if !quiet && rng.chance(5) {
-                    machine
-                        .step(Reply::ListFailed { expired: false, message: "HTTP 500".into() }, &mut |e| events.push(e))
-                } else {
-                    let offset: usize = match continue_token.as_deref() {
-                        None => {
-                            cluster.listing = Some((cluster.rv, cluster.objects.values().cloned().collect()));
-                            0
-                        }
-                        Some(t) => t.parse().unwrap(),
-                    };
-                    let (rv, items) = cluster.listing.clone().expect("a list in progress");
-                    if offset > 0 && !quiet && rng.chance(10) {
-                        // The continue token expired between pages: 410.
-                        machine.step(Reply::ListFailed { expired: true, message: "HTTP 410".into() }, &mut |e| {
-                            events.push(e)
-                        })
-                    } else {
-                        let page: Vec<(u64, Version)> = items.iter().skip(offset).take(3).cloned().collect();
-                        let next = offset + page.len();
-                        let cont = (next < items.len()).then(|| next.to_string());
-                        let doc = Cluster::list_document(&page, rv, cont.as_deref());
-                        let d = decode_document(doc.as_bytes(), Some(Kind::Service));
-                        assert!(d.document_error.is_none(), "{:?}", d.document_error);
-                        let input = Reply::Page {
-                            objects: d.objects,
-                            errors: d.errors,
-                            resource_version: d.resource_version.clone(),
-                            continue_token: d.continue_token.clone(),
-                        };
-                        machine.step(input, &mut |e| events.push(e))
-                    }
-                }
-            }
-            Action::Watch { resource_version, .. } => {
-                let from: u64 = resource_version.parse().unwrap();
-                if from < cluster.compacted {
-                    machine.step(
-                        Reply::WatchRefused { status: Some(410), expired: true, message: "too old".into() },
-                        &mut |e| events.push(e),
-                    )
-                } else {
-                    // Inside the watch: changes happen, events flow, the stream ends somehow.
-                    let mut cursor = from;
-                    let mut next_action = None;
-                    for _ in 0..50 {
-                        if !quiet && rng.chance(35) {
-                            cluster.mutate(&mut rng);
-                        }
-                        if !quiet && rng.chance(3) {
-                            // The server compacts its history; a watch still open gets 410.
-                            cluster.compacted = cluster.rv;
-                            let line = br#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Expired","code":410,"message":"too old resource version"}}"#;
-                            next_action = machine
-                                .on_watch(WatchItem::Line(decode_watch_line(line, Kind::Service)), &mut |e| {
-                                    events.push(e)
-                                });
-                            break;
-                        }
-                        let pending = cluster.history.iter().any(|(rv, _)| *rv > cursor);
-                        let line: Option<Vec<u8>> = if !quiet && rng.chance(4) {
-                            Some(b"{not json at all".to_vec())
-                        } else if rng.chance(5) {
-                            // A bookmark claims only what was delivered: everything, if nothing is
-                            // pending, up to the newest resourceVersion.
-                            if !pending {
-                                cursor = cursor.max(cluster.rv);
-                            }
-                            let bm = format!(
-                                r#"{{"type":"BOOKMARK","object":{{"kind":"Service","metadata":{{"resourceVersion":"{cursor}"}}}}}}"#
-                            );
-                            Some(bm.into_bytes())
-                        } else {
-                            cluster.history.iter().find(|(rv, _)| *rv > cursor).map(|(rv, ev)| {
-                                cursor = *rv;
-                                Cluster::event_line(ev, *rv).into_bytes()
-                            })
-                        };
-                        if let Some(line) = line {
-                            let a = machine
-                                .on_watch(WatchItem::Line(decode_watch_line(&line, Kind::Service)), &mut |e| {
-                                    events.push(e)
-                                });
-                            if std::env::var("SIM_TRACE").is_ok() {
-                                eprintln!(
-                                    "line {}",
-                                    String::from_utf8_lossy(&line).chars().take(150).collect::<String>()
-                                );
-                            }
-                            deliver(&mut events, &mut state, &mut observer, &cluster, (seed, step));
-                            if a.is_some() {
-                                next_action = a;
-                                break;
-                            }
-                        }
-                        if quiet && cursor >= cluster.history.last().map_or(0, |h| h.0) {
-                            caught_up_at.get_or_insert(step);
-                        }
-                        if !quiet && rng.chance(6) {
-                            break; // the stream ends
-                        }
-                    }
-                    match next_action {
-                        Some(a) => a,
-                        None => {
-                            let end = match rng.below(3) {
-                                0 => WatchEnd::Closed,
-                                1 => WatchEnd::Broken("connection reset".into()),
-                                _ => WatchEnd::Idle,
-                            };
-                            machine.step(Reply::WatchEnded(end), &mut |e| events.push(e))
-                        }
-                    }
-                }
-            }
+            Action::Sleep(_) => sim.step(Reply::Woke),
+            Action::List { continue_token } => sim.list(continue_token.as_deref()),
+            Action::Watch { resource_version, .. } => sim.watch(resource_version.parse().unwrap(), step),
         };
-        deliver(&mut events, &mut state, &mut observer, &cluster, (seed, step));
-        if caught_up_at.is_some() {
+        sim.deliver(step);
+        if sim.caught_up_at.is_some() {
             break;
         }
     }
+    let (state, cluster, caught_up_at) = (sim.state, sim.cluster, sim.caught_up_at);
     assert!(caught_up_at.is_some(), "seed {seed}: the source never caught up once the cluster was quiet");
 
     // Converged: the current valid version of each object, else an earlier valid one (or none).

@@ -77,7 +77,7 @@ pub fn tcp_echo_server(port: u16, ready: Arc<Barrier>) -> Res<()> {
 }
 
 /// UDP echo server on 0.0.0.0:`port` (blocking, one socket per thread with SO_REUSEPORT).
-pub fn udp_echo_server(port: u16, ready: Arc<Barrier>) -> Res<()> {
+pub fn udp_echo_server(port: u16, ready: &Barrier) -> Res<()> {
     let s = reuseport_socket(Type::DGRAM, Protocol::UDP, port)?;
     let sock = UdpSocket::from(s);
     ready.wait();
@@ -115,12 +115,12 @@ impl Samples {
         if self.ns.is_empty() {
             return f64::NAN;
         }
-        let rank = ((p * self.ns.len() as f64).ceil() as usize).clamp(1, self.ns.len());
-        self.ns[rank - 1] as f64 / 1000.0
+        let rank = float_to_index((p * float(self.ns.len())).ceil()).clamp(1, self.ns.len());
+        float(self.ns[rank - 1]) / 1000.0
     }
 
     pub fn rate(&self) -> f64 {
-        self.ns.len() as f64 / self.elapsed.as_secs_f64()
+        float(self.ns.len()) / self.elapsed.as_secs_f64()
     }
 }
 
@@ -136,7 +136,7 @@ pub fn pingpong(addr: SocketAddr, size: usize, dur: Duration) -> Res<Samples> {
     while start.elapsed() < dur && ns.len() < MAX_SAMPLES {
         let t = Instant::now();
         roundtrip(&mut s, &mut buf, addr)?;
-        ns.push(t.elapsed().as_nanos() as u64);
+        ns.push(nanos(t.elapsed()));
     }
     let elapsed = start.elapsed();
     ns.sort_unstable();
@@ -209,7 +209,7 @@ pub fn concurrent_rr(addr: SocketAddr, conns: usize, dur: Duration) -> Res<Sampl
         while !stop.load(Ordering::Relaxed) && ns.len() < MAX_SAMPLES / 16 {
             let t = Instant::now();
             roundtrip(&mut s, &mut b, addr)?;
-            ns.push(t.elapsed().as_nanos() as u64);
+            ns.push(nanos(t.elapsed()));
         }
         Ok(())
     })
@@ -231,7 +231,7 @@ pub fn new_conns(addr: SocketAddr, threads: usize, dur: Duration) -> Res<Samples
             })();
             match one {
                 Ok(()) => {
-                    ns.push(t.elapsed().as_nanos() as u64);
+                    ns.push(nanos(t.elapsed()));
                     consecutive = 0;
                 }
                 Err(e) => {
@@ -277,7 +277,7 @@ pub fn udp_rr(addr: SocketAddr, flows: usize, dur: Duration) -> Res<(Samples, u6
             loop {
                 match s.recv(&mut inb) {
                     Ok(n) if n >= 8 && inb[..8] == seq.to_le_bytes() => {
-                        ns.push(t.elapsed().as_nanos() as u64);
+                        ns.push(nanos(t.elapsed()));
                         consecutive = 0;
                         break;
                     }
@@ -338,4 +338,28 @@ pub fn probe(tcp: SocketAddr, udp: Option<SocketAddr>, wait: Duration) -> Res<()
         std::thread::sleep(Duration::from_millis(100));
     }
     Err(format!("path not up after {wait:?}: {last}"))
+}
+
+/// A count or a nanosecond figure as a float for statistics: exact below 2^53, far above any
+/// count or duration a benchmark round produces.
+#[allow(clippy::cast_precision_loss)]
+pub fn float(n: impl TryInto<u64>) -> f64 {
+    n.try_into().unwrap_or(u64::MAX) as f64
+}
+
+/// A non-negative rank computed in floating point, as an index.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn float_to_index(x: f64) -> usize {
+    x.max(0.0) as usize
+}
+
+/// A duration in nanoseconds (saturating: 584 years).
+pub fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A window in seconds, rounded up to whole seconds (for iperf3's `-t`).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn whole_seconds(secs: f64) -> u32 {
+    secs.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
 }

@@ -141,7 +141,8 @@ pub fn bench_cluster_json() -> String {
 
 /// ClusterIP of the `i`-th generated service (10.97.0.0/16).
 pub fn generated_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 97, (i >> 8) as u8, (i & 255) as u8)
+    let [.., hi, lo] = u32::try_from(i).expect("a service index fits 16 bits").to_be_bytes();
+    Ipv4Addr::new(10, 97, hi, lo)
 }
 
 /// `n` services, TCP 80 -> 8080 each, plus UDP 53 -> 5353 on every tenth, two endpoints each
@@ -232,7 +233,7 @@ pub fn haproxy_generated_config(n: usize) -> String {
     let listens: Vec<(u16, String)> = (0..n)
         .map(|i| {
             let a = format!("10.78.{}.{}:8080", (2 * i) >> 8 & 255, (2 * i) & 255);
-            (20000 + i as u16, a)
+            (20000 + u16::try_from(i).expect("a port index fits u16"), a)
         })
         .collect();
     haproxy_config(&listens, 1000)

@@ -266,7 +266,7 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
     s
 }
 
-pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: Value) -> Value {
+pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: &Value) -> Value {
     let mut figures = serde_json::Map::new();
     for f in FIGURES {
         let mut per_path = serde_json::Map::new();

@@ -135,7 +135,7 @@ impl Proc {
             return;
         }
         // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(pid_t(self.child.id()), libc::SIGTERM) };
         for _ in 0..100 {
             if !self.alive() {
                 break;
@@ -221,7 +221,7 @@ fn delete_ns(name: &str) {
     if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
         for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
-                if pid as u32 != std::process::id() {
+                if u32::try_from(pid).ok() != Some(std::process::id()) {
                     // SAFETY: kill has no memory preconditions.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
@@ -239,7 +239,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn emergency_cleanup() {
     for pid in lock(&CHILDREN).drain(..) {
         // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        unsafe { libc::kill(pid_t(pid), libc::SIGKILL) };
     }
     let names: Vec<String> = lock(&CREATED).drain(..).collect();
     for n in names {
@@ -275,7 +275,7 @@ static SIG_PIPE_W: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::
 
 extern "C" fn on_signal(sig: libc::c_int) {
     let fd = SIG_PIPE_W.load(std::sync::atomic::Ordering::Relaxed);
-    let b = sig as u8;
+    let b = u8::try_from(sig).unwrap_or(u8::MAX);
     // SAFETY: write(2) is async-signal-safe; the buffer is a local byte.
     unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
 }
@@ -301,7 +301,7 @@ pub fn install_cleanup_handlers() -> Res<()> {
         if n == 1 {
             eprintln!("\nsignal {b}: removing the benchmark namespaces");
             emergency_cleanup();
-            std::process::exit(128 + b as i32);
+            std::process::exit(128 + i32::from(b));
         }
     });
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -309,4 +309,9 @@ pub fn install_cleanup_handlers() -> Res<()> {
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
     Ok(())
+}
+
+/// A process id as the kernel's `pid_t` (ids are below 2^22).
+fn pid_t(id: u32) -> libc::pid_t {
+    libc::pid_t::try_from(id).unwrap_or(libc::pid_t::MAX)
 }

@@ -303,7 +303,7 @@ pub fn force_rcvbuf(s: &impl std::os::fd::AsRawFd, bytes: i32) {
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<i32>()).unwrap(),
         )
     };
     assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());

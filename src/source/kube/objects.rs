@@ -9,7 +9,7 @@
 //! Accepted shapes: a single object, a typed list (`ServiceList`, `EndpointSliceList`,
 //! `EndpointsList`), and kubectl's `List`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use super::names;
 use super::raw::{
     IntOrString, KindOnly, MetaOnly, RawEndpoints, RawMeta, RawPort, RawService, RawSlice, Text, Top, TopSeed,
 };
+use crate::intern::Interner;
 use crate::model::{
     Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey, Protocol,
     Service, ServicePort, ServiceType, TargetPort,
@@ -121,7 +122,10 @@ pub fn decode_document(input: &[u8], expect: Option<Kind>) -> Decoded {
     let list_kind = top.kind.as_deref().and_then(kind_of);
     out.objects.reserve(top.items.len());
     // A list comes sorted by namespace: consecutive items share one namespace string.
-    let mut ns = Strings::default();
+    // The strings that recur across the items of one document (namespaces, port names, node
+    // names, zones) are allocated once per document (`state::State` shares them across
+    // documents with an interner of its own).
+    let mut ns = Interner::default();
     for (i, raw) in top.items.iter().enumerate() {
         // kubectl's `List` mixes kinds and every item says its own.
         let kind = match list_kind {
@@ -153,39 +157,21 @@ fn describe_json_error(e: &serde_json::Error, items_before: usize) -> String {
     )
 }
 
-/// The strings that recur across the items of one document (namespaces, port names, node
-/// names, zones), each allocated once per document instead of once per use. Local to one
-/// document: no global state (`state::State` shares them across documents).
-#[derive(Default)]
-pub(super) struct Strings {
-    set: BTreeSet<Arc<str>>,
-}
-
-impl Strings {
-    fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.set.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        self.set.insert(a.clone());
-        a
-    }
-
-    fn get_opt(&mut self, s: Option<Text<'_>>) -> Option<Arc<str>> {
-        s.filter(|s| !s.is_empty()).map(|s| self.get(&s))
-    }
+/// A present, non-empty text, shared.
+fn shared_opt(ns: &mut Interner, s: Option<Text<'_>>) -> Option<Arc<str>> {
+    s.filter(|s| !s.is_empty()).map(|s| ns.get(&s))
 }
 
 /// Decode one object of a known (or guessed) kind.
 pub fn decode_item(raw: &RawValue, kind: Option<Kind>, position: &str) -> Result<Object, ObjectError> {
-    decode_item_with(raw, kind, &|| position.to_string(), &mut Strings::default())
+    decode_item_with(raw, kind, &|| position.to_string(), &mut Interner::default())
 }
 
 fn decode_item_with(
     raw: &RawValue,
     kind: Option<Kind>,
     position: &dyn Fn() -> String,
-    ns: &mut Strings,
+    ns: &mut Interner,
 ) -> Result<Object, ObjectError> {
     let kind = match kind {
         Some(k) => k,
@@ -277,7 +263,7 @@ fn typed<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> FieldResult<T> {
 /// The object's key; `name_rule` is Kubernetes' rule for this kind's names.
 pub(super) fn key_of(
     meta: &RawMeta,
-    ns: &mut Strings,
+    ns: &mut Interner,
     name_rule: fn(&str) -> Option<String>,
 ) -> FieldResult<ObjectKey> {
     if meta.name.is_empty() {
@@ -336,7 +322,7 @@ fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
         .map_err(|e| ("metadata.labels".into(), format!("label {:?} contains a NUL character", e.key)))
 }
 
-fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
+fn service(mut raw: RawService, ns: &mut Interner) -> FieldResult<Service> {
     let key = key_of(&raw.metadata, ns, names::dns1123_label)?;
     let labels = labels(&mut raw.metadata)?;
     let spec = raw.spec;
@@ -433,7 +419,7 @@ fn service(mut raw: RawService, ns: &mut Strings) -> FieldResult<Service> {
     Ok(Service { key, service_type, headless, cluster_ips, ports, affinity_timeout, internal_local, labels })
 }
 
-fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Strings) -> FieldResult<Vec<EndpointPort>> {
+fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Interner) -> FieldResult<Vec<EndpointPort>> {
     let raw = raw.unwrap_or_default();
     let mut ports = Vec::with_capacity(raw.len());
     for (i, p) in raw.into_iter().enumerate() {
@@ -449,7 +435,7 @@ fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Strings) -> 
     Ok(ports)
 }
 
-fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
+fn slice(mut raw: RawSlice, ns: &mut Interner) -> FieldResult<EndpointSet> {
     let key = key_of(&raw.metadata, ns, names::dns1123_subdomain)?;
     let service_name = raw
         .metadata
@@ -494,15 +480,15 @@ fn slice(mut raw: RawSlice, ns: &mut Strings) -> FieldResult<EndpointSet> {
             ready,
             serving: e.conditions.serving.unwrap_or(ready),
             terminating: e.conditions.terminating.unwrap_or(false),
-            node_name: ns.get_opt(e.node_name),
-            zone: ns.get_opt(e.zone),
+            node_name: shared_opt(ns, e.node_name),
+            zone: shared_opt(ns, e.zone),
         });
     }
     endpoints.shrink_to_fit();
     Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
 }
 
-fn endpoints(raw: RawEndpoints, ns: &mut Strings) -> FieldResult<EndpointSet> {
+fn endpoints(raw: RawEndpoints, ns: &mut Interner) -> FieldResult<EndpointSet> {
     let key = key_of(&raw.metadata, ns, names::dns1123_subdomain)?;
     let mut groups = Vec::new();
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
@@ -518,7 +504,7 @@ fn endpoints(raw: RawEndpoints, ns: &mut Strings) -> FieldResult<EndpointSet> {
                     ready,
                     serving: ready,
                     terminating: false,
-                    node_name: ns.get_opt(a.node_name),
+                    node_name: shared_opt(ns, a.node_name),
                     zone: None,
                 });
             }

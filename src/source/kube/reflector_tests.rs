@@ -2,9 +2,6 @@
 //! good, polling; no I/O, no clock.
 
 use super::*;
-// This file is a module of its own to the house test (tests/house.rs), which counts only code
-// under `#[cfg(test)]` as test code: the mark keeps `config` out of the source's floor.
-#[cfg(test)]
 use crate::config::Config;
 use crate::model::{EndpointSet, EndpointSource, Service, ServiceType};
 use crate::source::kube::watch::Status;

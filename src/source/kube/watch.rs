@@ -10,8 +10,9 @@ use std::fmt;
 use serde::Deserialize;
 
 use super::names;
-use super::objects::{decode_item, key_of, ObjectError, Strings};
+use super::objects::{decode_item, key_of, ObjectError};
 use super::raw::{MetaOnly, RawEvent};
+use crate::intern::Interner;
 use crate::model::{Kind, Object, ObjectKey};
 
 /// A `metav1.Status`, as returned with 4xx/5xx responses and in watch `ERROR` events.
@@ -85,7 +86,7 @@ pub fn decode_watch_line(line: &[u8], kind: Kind) -> Result<WatchLine, LineError
                 .map_err(|e| LineError::Garbage(format!("DELETED object without metadata: {e}")))?
                 .metadata;
             let rule = if kind == Kind::Service { names::dns1123_label } else { names::dns1123_subdomain };
-            let key = key_of(&meta, &mut Strings::default(), rule).map_err(|(field, message)| {
+            let key = key_of(&meta, &mut Interner::default(), rule).map_err(|(field, message)| {
                 LineError::Object(ObjectError {
                     kind: Some(kind),
                     object: "DELETED object".into(),

@@ -1,0 +1,204 @@
+//! The agent's decisions, as a machine with no I/O, no clock and no threads of its own: inputs
+//! in ([`Control::input`], then [`Control::settle`] once per batch), effects out. The shell in
+//! `agent/mod.rs` feeds it what the sources, the rules worker, the proxy, signals and the
+//! watchdog timer say, and carries out what it asks.
+//!
+//! It holds the readiness contract: [`Effect::Ready`] once, and only when the source has
+//! delivered a complete list of both kinds, the rules are in the kernel and the proxy listens.
+//! It plans once per batch of inputs, and only after the source synced (so a partial view never
+//! reaches the kernel); it hands the worker a rule set only when it differs from the last one,
+//! and the proxy a table only when it differs.
+
+use std::sync::Arc;
+
+use crate::model::Kind;
+use crate::proxy::table::ProxyTable;
+use crate::proxy::ProxyEvent;
+use crate::rules::worker;
+use crate::rules::RuleSet;
+use crate::source::SourceEvent;
+use crate::state::{Change, State};
+
+/// Everything the agent reacts to.
+#[derive(Debug)]
+pub enum Input {
+    Source(SourceEvent),
+    Rules(worker::Event),
+    Proxy(ProxyEvent),
+    ProxyFailed(std::io::Error),
+    Signal(&'static str),
+    /// Time to tell systemd's watchdog we are alive.
+    Tick,
+}
+
+/// What the shell must do.
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    /// Hand this set to the rules worker.
+    Rules(Arc<RuleSet>),
+    /// Publish this table to the proxy.
+    Table(Arc<ProxyTable>),
+    /// The source has delivered a complete list of both kinds (for `/readyz` and metrics).
+    SourceSynced,
+    /// Ready: tell systemd and `/readyz`.
+    Ready,
+    Watchdog,
+    /// The number of endpoints left out as loops changed.
+    RefusedLoops(usize),
+    /// Stop (for this reason): clean up and exit.
+    Stop(&'static str),
+}
+
+pub struct Control {
+    state: State,
+    /// Services, endpoints: a complete list of each has arrived.
+    synced_kinds: [bool; 2],
+    synced: bool,
+    /// The worker reported a set in the kernel.
+    installed: bool,
+    listening: bool,
+    ready: bool,
+    /// The state changed since the last plan.
+    dirty: bool,
+    /// The set last handed to the worker (the allocation the worker holds).
+    sent: Option<Arc<RuleSet>>,
+    /// The table last published.
+    table: Arc<ProxyTable>,
+    refused_loops: usize,
+    /// Set once a stop was asked for (the first reason wins).
+    stopping: Option<&'static str>,
+    /// The proxy's error, if that is why it stops.
+    proxy_error: Option<std::io::Error>,
+}
+
+impl Control {
+    pub fn new(state: State) -> Control {
+        Control {
+            state,
+            synced_kinds: [false; 2],
+            synced: false,
+            installed: false,
+            listening: false,
+            ready: false,
+            dirty: false,
+            sent: None,
+            table: Arc::new(ProxyTable::default()),
+            refused_loops: 0,
+            stopping: None,
+            proxy_error: None,
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The proxy's error, when it is why the agent stopped (taken once).
+    pub fn take_proxy_error(&mut self) -> Option<std::io::Error> {
+        self.proxy_error.take()
+    }
+
+    /// Take one input. Effects that cannot wait for the end of the batch (the watchdog, a stop)
+    /// are pushed at once; planning waits for [`Control::settle`].
+    pub fn input(&mut self, input: Input, out: &mut Vec<Effect>) {
+        match input {
+            Input::Source(SourceEvent::Change(c)) => self.dirty |= self.state.apply(c),
+            Input::Source(SourceEvent::Synced(kind)) => {
+                self.synced_kinds[usize::from(kind != Kind::Service)] = true;
+                if !self.synced && self.synced_kinds == [true, true] {
+                    self.synced = true;
+                    self.dirty = true;
+                    out.push(Effect::SourceSynced);
+                }
+            }
+            Input::Source(SourceEvent::Error { message, .. }) => log::debug!("source: {message}"),
+            // Counted by the shell.
+            Input::Source(SourceEvent::WatchRestarted(_) | SourceEvent::Relisted(_)) => {}
+            Input::Tick => out.push(Effect::Watchdog),
+            Input::Rules(worker::Event::Applied { .. }) => self.installed = true,
+            Input::Rules(worker::Event::KubeProxy(present)) => {
+                if self.state.apply(Change::KubeProxy(present)) {
+                    log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
+                    self.dirty = true;
+                }
+            }
+            Input::Rules(_) => {}
+            Input::Proxy(ProxyEvent::UdpPortUnavailable(port)) => {
+                log::warn!("UDP proxy port {port} is taken by another process; moving its service to another port");
+                self.dirty |= self.state.apply(Change::UdpPortUnavailable(port));
+            }
+            Input::Proxy(ProxyEvent::Listening(addrs)) => {
+                log::info!("proxy listening on {addrs:?}");
+                self.listening = true;
+            }
+            Input::Proxy(other) => log::debug!("proxy: {other:?}"),
+            Input::ProxyFailed(e) => {
+                log::error!("proxy failed: {e}");
+                self.proxy_error = Some(e);
+                self.stop("proxy failure", out);
+            }
+            Input::Signal(name) => self.stop(name, out),
+        }
+    }
+
+    fn stop(&mut self, reason: &'static str, out: &mut Vec<Effect>) {
+        if self.stopping.is_none() {
+            self.stopping = Some(reason);
+            out.push(Effect::Stop(reason));
+        }
+    }
+
+    /// The end of a batch of inputs: readiness, then one plan if anything changed.
+    pub fn settle(&mut self, out: &mut Vec<Effect>) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if self.installed && self.synced && self.listening && !self.ready {
+            self.ready = true;
+            out.push(Effect::Ready);
+        }
+        if !(self.dirty && self.synced) {
+            return;
+        }
+        self.dirty = false;
+        // Entries that did not change stay the very ones the proxy is using.
+        let plan = self.state.plan_reusing(&self.table);
+        let loops = plan.refused_loops();
+        if loops != self.refused_loops {
+            if loops > 0 {
+                let names: Vec<&str> = plan
+                    .reports
+                    .iter()
+                    .flat_map(|r| &r.ports)
+                    .filter(|p| p.loops > 0)
+                    .map(|p| &*p.name)
+                    .take(5)
+                    .collect();
+                log::warn!(
+                    "{loops} endpoints refused: they are ClusterIP:ports this node proxies (a loop); in {}",
+                    names.join(", ")
+                );
+            }
+            self.refused_loops = loops;
+            out.push(Effect::RefusedLoops(loops));
+        }
+        if self.sent.as_deref() != Some(&plan.rules) {
+            log::info!("plan: {} of {} services proxied", plan.proxied().count(), plan.reports.len());
+            let rules = Arc::new(plan.rules);
+            self.sent = Some(rules.clone());
+            out.push(Effect::Rules(rules));
+        }
+        if *self.table != plan.table {
+            self.table = Arc::new(plan.table);
+            out.push(Effect::Table(self.table.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "control_tests.rs"]
+mod tests;

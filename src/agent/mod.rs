@@ -1,0 +1,354 @@
+//! `edgeproxy run`: the agent that wires source -> state -> rules and proxy.
+//!
+//! One tokio `current_thread` runtime runs the control task and the proxy. Sources run on their
+//! own threads and send [`SourceEvent`]s; the rules worker runs on its own thread (it starts
+//! processes and blocks) and reports [`worker::Event`]s; signals and the watchdog timer arrive
+//! as inputs too. What to do with each is decided by the pure [`Control`] machine
+//! (`control.rs`): this shell only collects a batch of inputs, hands them over, and carries out
+//! the effects (a rule set to the worker, a table to the proxy through a `watch` channel,
+//! READY=1, the watchdog, the stop).
+//!
+//! Start: pick the backend, remove what a previous run left, put the proxy address on the
+//! listen device, then install once the source has delivered its first complete list.
+//! SIGTERM/SIGINT: stop the source, remove every rule and chain we own, remove the address if we
+//! added it, return `Ok`. This module starts no process itself (`rules` and `address` do) and
+//! holds no proxy code: see [`start_proxy`], the hook where the proxy is started.
+
+mod control;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::address::{self, AddressError};
+use crate::config::Config;
+use crate::model::Kind;
+use crate::notify::Notifier;
+use crate::ops::{self, Gauge, Ops};
+use crate::proxy::stats::ProxyStats;
+use crate::proxy::table::ProxyTable;
+use crate::proxy::{self, ProxyConfig, ProxyEvent};
+use crate::rules::applier::Applier;
+use crate::rules::iptables::ApplyError;
+use crate::rules::worker::{self, WorkerConfig};
+use crate::source::kube::driver;
+use crate::source::SourceKind;
+use crate::source::{file, Sink, SourceEvent};
+use crate::state::{Change, State, StateConfig};
+use crate::stop::Stop;
+pub use control::{Control, Effect, Input};
+
+/// Why the agent could not start or stop cleanly.
+#[derive(Debug)]
+pub enum AgentError {
+    /// Backend detection or the start-up cleanup failed.
+    Rules(ApplyError),
+    /// The exit cleanup failed: our rules may still be in the kernel.
+    Cleanup(Arc<ApplyError>),
+    /// The proxy address could not be put on the listen device.
+    Address(AddressError),
+    /// The proxy stopped with an error (its IPv4 listener could not be bound).
+    Proxy(std::io::Error),
+    /// The configured source cannot be used.
+    Source(String),
+    /// The runtime or a signal handler could not be set up.
+    Runtime(std::io::Error),
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentError::Rules(e) => write!(f, "rules: {e}"),
+            AgentError::Cleanup(e) => write!(f, "could not remove the rules: {e}"),
+            AgentError::Proxy(e) => write!(f, "proxy: {e}"),
+            AgentError::Address(e) => write!(f, "proxy address: {e}"),
+            AgentError::Source(m) => write!(f, "source: {m}"),
+            AgentError::Runtime(e) => write!(f, "runtime: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// How often the file source looks at its file.
+const FILE_POLL: Duration = Duration::from_secs(1);
+/// How long the control task waits for the rest of a burst of source events before planning.
+const SOURCE_DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// Run the agent until SIGTERM or SIGINT.
+pub fn run(config: Config, notifier: Notifier) -> Result<(), AgentError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
+    rt.block_on(control(config, notifier))
+}
+
+/// Start the proxy on this runtime. It reads the newest table for every new connection or flow;
+/// its events come back to the control task as [`Input::Proxy`]. Dropping the returned sender
+/// (or sending on it) stops the proxy.
+fn start_proxy(
+    config: &Config,
+    table: watch::Receiver<Arc<ProxyTable>>,
+    stats: Arc<ProxyStats>,
+    tx: mpsc::UnboundedSender<Input>,
+) -> oneshot::Sender<()> {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<ProxyEvent>();
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events_rx.recv().await {
+            if forward.send(Input::Proxy(e)).is_err() {
+                break;
+            }
+        }
+    });
+    let cfg = ProxyConfig::from(config);
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = proxy::run(cfg, table, events_tx, stats, shutdown).await {
+            let _ = tx.send(Input::ProxyFailed(e));
+        }
+    });
+    stop_tx
+}
+
+async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
+    let ops = Ops::new();
+    let _ops_server = config.metrics_address.map(|addr| serve_ops(addr, &ops)).transpose()?;
+    let (rules, kube_proxy) = prepare_rules(&config)?;
+
+    let added = add_addresses(&config)?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    forward_signals(&tx)?;
+
+    let rules_tx = tx.clone();
+    let handle = worker::spawn(rules, WorkerConfig::from(&config), move |e| {
+        let _ = rules_tx.send(Input::Rules(e));
+    });
+
+    let stop = Stop::new();
+    let sources = start_sources(&config, &tx, &stop)?;
+
+    let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
+    let proxy_stop = start_proxy(&config, table_rx, ops.proxy.clone(), tx.clone());
+    // The watchdog is fed from this loop, so a wedged loop really trips it.
+    if let Some(every) = notifier.watchdog_interval() {
+        tokio::spawn(tick_every(every, tx.clone()));
+    }
+    drop(tx);
+
+    let mut state = State::new(StateConfig::from(&config));
+    state.apply(Change::KubeProxy(kube_proxy));
+    log::info!("kube-proxy {}", if kube_proxy { "present: filtered services fall through to it" } else { "absent" });
+    let mut control = Control::new(state);
+    let mut effects = Vec::new();
+    let mut signal = None;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut from_source = false;
+        loop {
+            let Some(input) = next else {
+                // A source delivers one reload as several events (one per kind): give the rest
+                // of the burst a moment to arrive, so it becomes one plan and one restore.
+                if std::mem::take(&mut from_source) {
+                    tokio::time::sleep(SOURCE_DEBOUNCE).await;
+                    next = rx.try_recv().ok();
+                    continue;
+                }
+                break;
+            };
+            from_source |= matches!(input, Input::Source(SourceEvent::Change(_)));
+            observe(&ops, &input);
+            control.input(input, &mut effects);
+            next = rx.try_recv().ok();
+        }
+        control.settle(&mut effects);
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Rules(set) => handle.send(set),
+                Effect::Table(table) => {
+                    table_tx.send_replace(table);
+                }
+                Effect::SourceSynced => ops.set_source_synced(true),
+                Effect::Ready => {
+                    ops.set_rules_installed(true);
+                    log::info!("ready: source synced, rules installed, proxy listening");
+                    let _ = notifier.ready("source synced, rules installed, proxy listening");
+                }
+                Effect::Watchdog => {
+                    let _ = notifier.watchdog();
+                }
+                Effect::RefusedLoops(n) => ops.metrics.endpoints_refused_loop.set(Gauge::count(n)),
+                Effect::Stop(reason) => signal = Some(reason),
+            }
+        }
+        if signal.is_some() {
+            break;
+        }
+    }
+    let proxy_error = control.take_proxy_error();
+
+    log::info!("{}: removing rules and exiting", signal.unwrap_or("all inputs closed"));
+    let _ = notifier.stopping();
+    ops.set_rules_installed(false);
+    stop.stop();
+    let _ = proxy_stop.send(());
+    handle.shutdown();
+    let mut result = Ok(());
+    while let Ok(input) = rx.try_recv() {
+        if let Input::Rules(worker::Event::Stopped { error }) = input {
+            match error {
+                None => log::info!("rules removed"),
+                Some(e) => {
+                    log::error!("could not remove the rules: {e}");
+                    result = Err(AgentError::Cleanup(e));
+                }
+            }
+        }
+    }
+    remove_addresses(&config, &added);
+    for source in sources {
+        let _ = source.join();
+    }
+    match proxy_error {
+        Some(e) => Err(AgentError::Proxy(e)),
+        None => result,
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics` on `addr`, on a thread of their own.
+fn serve_ops(addr: std::net::SocketAddr, ops: &Arc<Ops>) -> Result<ops::Server, AgentError> {
+    let server = ops::Server::start(addr, ops.clone()).map_err(AgentError::Runtime)?;
+    log::info!("/healthz, /readyz and /metrics on http://{addr}");
+    Ok(server)
+}
+
+/// The applier for the configured flavour, what a previous run left removed, and whether
+/// kube-proxy serves ClusterIPs here.
+fn prepare_rules(config: &Config) -> Result<(Applier, bool), AgentError> {
+    let mut rules = Applier::new(config.iptables).map_err(AgentError::Rules)?;
+    log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
+    rules.startup_cleanup().map_err(AgentError::Rules)?;
+    let kube_proxy = rules.kube_proxy_jump_present().map_err(AgentError::Rules)?;
+    Ok((rules, kube_proxy))
+}
+
+/// SIGTERM and SIGINT become [`Input::Signal`]s.
+fn forward_signals(tx: &mpsc::UnboundedSender<Input>) -> Result<(), AgentError> {
+    for (kind, name) in [
+        (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+        (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
+    ] {
+        let mut sig = tokio::signal::unix::signal(kind).map_err(AgentError::Runtime)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if sig.recv().await.is_some() {
+                let _ = tx.send(Input::Signal(name));
+            }
+        });
+    }
+    Ok(())
+}
+
+/// An [`Input::Tick`] every `every`, until the control task is gone.
+async fn tick_every(every: Duration, tx: mpsc::UnboundedSender<Input>) {
+    let mut interval = tokio::time::interval(every);
+    loop {
+        interval.tick().await;
+        if tx.send(Input::Tick).is_err() {
+            break;
+        }
+    }
+}
+
+/// Start the configured source's threads; they send [`Input::Source`]s until `stop`.
+fn start_sources(
+    config: &Config,
+    tx: &mpsc::UnboundedSender<Input>,
+    stop: &Stop,
+) -> Result<Vec<std::thread::JoinHandle<()>>, AgentError> {
+    let source_tx = tx.clone();
+    let sink: Sink = Arc::new(move |e| {
+        let _ = source_tx.send(Input::Source(e));
+    });
+    match &config.source.kind {
+        SourceKind::File(path) => Ok(vec![file::spawn(path.clone(), FILE_POLL, sink, stop.clone())
+            .map_err(|e| AgentError::Source(format!("cannot start the file source thread: {e}")))?]),
+        SourceKind::Kube | SourceKind::MetaServer => {
+            driver::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))
+        }
+    }
+}
+
+/// The metric name of a resource.
+fn resource(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => "services",
+        Kind::EndpointSlice => "endpointslices",
+        Kind::Endpoints => "endpoints",
+    }
+}
+
+/// Count and log what an input says (the decisions are [`Control`]'s).
+fn observe(ops: &Ops, input: &Input) {
+    match input {
+        Input::Source(SourceEvent::WatchRestarted(kind)) => ops.metrics.watch_restart(resource(*kind)),
+        Input::Source(SourceEvent::Relisted(kind)) => ops.metrics.relist(resource(*kind)),
+        Input::Rules(worker::Event::Applied { duration, restores, rules, total_restores }) => {
+            if *restores > 0 {
+                ops.metrics.rule_sync_ok(*duration, std::time::SystemTime::now());
+                log::info!(
+                    "rules applied: {rules} rules, {restores} restore(s) in {} ms (restores so far: {total_restores})",
+                    duration.as_millis()
+                );
+            } else {
+                log::debug!("rules unchanged: no restore");
+            }
+        }
+        Input::Rules(worker::Event::Failed { error, duration, retry_in }) => {
+            ops.metrics.rule_sync_failed(*duration);
+            log::error!(
+                "rules sync failed, previous rules still in force; retry in {} ms: {error}",
+                retry_in.as_millis()
+            );
+        }
+        Input::Rules(worker::Event::Repaired { what }) => {
+            ops.metrics.guard_repairs.inc();
+            log::warn!("rules repaired: {}", what.join("; "));
+        }
+        _ => {}
+    }
+}
+
+fn add_addresses(config: &Config) -> Result<Vec<IpAddr>, AgentError> {
+    let dev = &config.listen.device;
+    if dev.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut added = Vec::new();
+    let v4 = IpAddr::V4(config.listen.ip);
+    if address::ensure_address(dev, v4).map_err(AgentError::Address)? {
+        log::info!("added {v4} to {dev}");
+        added.push(v4);
+    }
+    let v6 = IpAddr::V6(config.listen.ipv6);
+    match address::ensure_address(dev, v6) {
+        Ok(true) => added.push(v6),
+        Ok(false) => {}
+        Err(e) => log::warn!("IPv6 proxy address not set ({e}); IPv6 services will be refused"),
+    }
+    Ok(added)
+}
+
+fn remove_addresses(config: &Config, added: &[IpAddr]) {
+    for ip in added {
+        match address::remove_address(&config.listen.device, *ip) {
+            Ok(()) => log::info!("removed {ip} from {}", config.listen.device),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+}
