@@ -6,6 +6,22 @@ use argh::FromArgs;
 
 use crate::config::Overrides;
 
+/// The connection flags of a command that has them (`rules`, `run`), with their names.
+macro_rules! connection_flags {
+    ($cmd:expr) => {
+        [
+            ("kubeconfig", &$cmd.kubeconfig),
+            ("server", &$cmd.server),
+            ("token-file", &$cmd.token_file),
+            ("ca-file", &$cmd.ca_file),
+            ("client-cert", &$cmd.client_cert),
+            ("client-key", &$cmd.client_key),
+            ("metaserver", &$cmd.metaserver),
+            ("endpoints-api", &$cmd.endpoints_api),
+        ]
+    };
+}
+
 /// edgeproxy: Kubernetes ClusterIP Services for edge machines, EdgeMesh-compatible.
 #[derive(FromArgs, Debug)]
 pub struct Cli {
@@ -100,19 +116,7 @@ impl RulesCmd {
         if self.metaserver.is_some() {
             o.set("source", Some("metaserver"));
         }
-        connection_flags(
-            &mut o,
-            [
-                ("kubeconfig", &self.kubeconfig),
-                ("server", &self.server),
-                ("token-file", &self.token_file),
-                ("ca-file", &self.ca_file),
-                ("client-cert", &self.client_cert),
-                ("client-key", &self.client_key),
-                ("metaserver", &self.metaserver),
-                ("endpoints-api", &self.endpoints_api),
-            ],
-        );
+        connection_flags(&mut o, connection_flags!(self));
         o
     }
 
@@ -215,19 +219,7 @@ impl RunCmd {
     pub fn overrides(&self) -> Overrides {
         let mut o = Overrides::default();
         o.set("source", self.source.clone());
-        connection_flags(
-            &mut o,
-            [
-                ("kubeconfig", &self.kubeconfig),
-                ("server", &self.server),
-                ("token-file", &self.token_file),
-                ("ca-file", &self.ca_file),
-                ("client-cert", &self.client_cert),
-                ("client-key", &self.client_key),
-                ("metaserver", &self.metaserver),
-                ("endpoints-api", &self.endpoints_api),
-            ],
-        );
+        connection_flags(&mut o, connection_flags!(self));
         o.set("watch", self.watch.clone());
         o.set("poll-interval", self.poll_interval.clone());
         o.set("layout", self.layout.clone());

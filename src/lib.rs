@@ -3,7 +3,7 @@
 //! Data flows one way:
 //!
 //! ```text
-//! source (kube, file)  ->  state (pure)  ->  rules::apply (iptables-restore)
+//! source (kube, file)  ->  state (pure)  ->  rules::worker (iptables-restore)
 //!        watch threads        |          ->  proxy (tokio current_thread loop)
 //!                             +-- filter (pure), rules::render (pure)
 //! ```

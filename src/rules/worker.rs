@@ -1,5 +1,5 @@
-//! The applier thread (the rules worker): owns an [`Applier`] and keeps the kernel in line with the latest desired
-//! [`RuleSet`].
+//! The rules worker, a thread of its own: owns an [`Applier`] and keeps the kernel in line with the
+//! latest desired [`RuleSet`].
 //!
 //! It receives rule sets over a channel and keeps only the newest (a burst becomes one restore:
 //! the first change goes out at once, later ones wait until `min_sync_period` has passed since
@@ -24,7 +24,7 @@ use super::applier::Applier;
 use super::iptables::ApplyError;
 use super::RuleSet;
 
-/// Timers of the applier thread.
+/// Timers of the rules worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerConfig {
     /// Minimum time between two syncs (bursts are coalesced).
@@ -43,7 +43,7 @@ pub struct WorkerConfig {
 pub const BACKOFF_START: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// What the applier thread reports.
+/// What the rules worker reports.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A desired set is now in the kernel. `restores` is 0 when nothing had changed.
@@ -63,7 +63,7 @@ enum Msg {
     Shutdown,
 }
 
-/// The handle of a running applier thread.
+/// The handle of a running rules worker.
 pub struct Handle {
     tx: mpsc::Sender<Msg>,
     join: Option<JoinHandle<()>>,
