@@ -445,11 +445,17 @@ fn spawn_edgeproxy(
 ) -> Res<Proc> {
     let source = format!("file:{}", file.display());
     let bin = bin.display().to_string();
+    // The agent's lock and records live beside its inputs, never in the host's /run/edgeproxy.
+    let run_dir = file.with_extension("run").display().to_string();
     let mut argv = vec![
         bin.as_str(),
         "--log-level",
         "warn",
         "run",
+        "--run-dir",
+        &run_dir,
+        "--state-dir",
+        "",
         "--source",
         &source,
         "--node-name",

@@ -62,6 +62,10 @@ fn main() {
     let mut cmd = ns.cmd(&[
         agent.to_str().unwrap(),
         "run",
+        "--run-dir",
+        dir.join("run").to_str().unwrap(),
+        "--state-dir",
+        "",
         "--server",
         &url,
         "--ca-file",

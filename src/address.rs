@@ -39,7 +39,12 @@ pub fn ensure_address(device: &str, ip: IpAddr) -> Result<bool, AddressError> {
     if String::from_utf8_lossy(&shown.stdout).split_whitespace().any(|w| w == want) {
         return Ok(false);
     }
-    let out = run_ip(&["addr", "add", &want, "dev", device])?;
+    // IPv6: `nodad`, so the address is usable at once (not "tentative" for a second or two,
+    // during which binding it fails with "Address not available").
+    let out = match ip {
+        IpAddr::V4(_) => run_ip(&["addr", "add", &want, "dev", device])?,
+        IpAddr::V6(_) => run_ip(&["addr", "add", &want, "dev", device, "nodad"])?,
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         if stderr.contains("File exists") {
@@ -48,6 +53,33 @@ pub fn ensure_address(device: &str, ip: IpAddr) -> Result<bool, AddressError> {
         return Err(AddressError { message: format!("ip addr add {want} dev {device}: {}", stderr.trim()) });
     }
     Ok(true)
+}
+
+/// The devices that hold `ip` (any prefix length), as `ip -o addr show` lists them.
+pub fn devices_holding(ip: IpAddr) -> Result<Vec<String>, AddressError> {
+    let out = run_ip(&["-o", "addr", "show"])?;
+    if !out.status.success() {
+        return Err(AddressError {
+            message: format!("ip -o addr show: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        });
+    }
+    Ok(holders(&String::from_utf8_lossy(&out.stdout), ip))
+}
+
+/// [`devices_holding`] on `ip -o addr show` output (`N: dev    inet A/L ...`).
+fn holders(listing: &str, ip: IpAddr) -> Vec<String> {
+    let mut devices: Vec<String> = listing
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let dev = words.nth(1)?.trim_end_matches(':');
+            let addr = words.skip_while(|w| *w != "inet" && *w != "inet6").nth(1)?;
+            let host = addr.split('/').next()?;
+            (host.parse::<IpAddr>().ok()? == ip).then(|| dev.split('@').next().unwrap_or(dev).to_string())
+        })
+        .collect();
+    devices.dedup();
+    devices
 }
 
 /// Take `ip` off `device` (at exit, when [`ensure_address`] added it).
@@ -61,4 +93,21 @@ pub fn remove_address(device: &str, ip: IpAddr) -> Result<(), AddressError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_are_read_from_the_listing() {
+        let listing = "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+1: lo    inet 169.254.96.16/32 scope global lo\\       valid_lft forever preferred_lft forever
+7: edgemesh0    inet 169.254.96.16/24 brd 169.254.96.255 scope global edgemesh0\\       valid_lft forever
+1: lo    inet6 fd00:e16e::16/128 scope global \\       valid_lft forever preferred_lft forever
+";
+        assert_eq!(holders(listing, "169.254.96.16".parse().unwrap()), ["lo", "edgemesh0"]);
+        assert_eq!(holders(listing, "fd00:e16e::16".parse().unwrap()), ["lo"]);
+        assert!(holders(listing, "10.0.0.1".parse().unwrap()).is_empty());
+    }
 }

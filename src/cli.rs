@@ -31,6 +31,10 @@ pub struct Cli {
     /// log level: error, warn, info (default), debug, trace
     #[argh(option, default = "String::from(\"info\")")]
     pub log_level: String,
+    /// where log lines go: auto (default: the journal with priorities when stderr is the
+    /// journal, else stderr with timestamps), journal, stderr, syslog (/dev/log)
+    #[argh(option, default = "String::from(\"auto\")")]
+    pub log_target: String,
     #[argh(subcommand)]
     pub command: Option<Command>,
 }
@@ -204,6 +208,15 @@ pub struct RunCmd {
     /// address:port for /healthz, /readyz and /metrics ("" for none)
     #[argh(option)]
     pub metrics_address: Option<String>,
+    /// where the offline cache is kept (default /var/lib/edgeproxy; "" for none)
+    #[argh(option)]
+    pub state_dir: Option<String>,
+    /// where the instance lock and the record of added addresses live (default /run/edgeproxy)
+    #[argh(option)]
+    pub run_dir: Option<String>,
+    /// how long a start waits for the source before installing from the cache (default 10s)
+    #[argh(option)]
+    pub offline_after: Option<String>,
     /// minimum time between two rule syncs; bursts are coalesced (default 200ms)
     #[argh(option)]
     pub min_sync_period: Option<String>,
@@ -231,6 +244,9 @@ impl RunCmd {
         o.set("load-balancer", self.load_balancer.clone());
         o.set("iptables-backend", self.iptables_backend.clone());
         o.set("metrics-address", self.metrics_address.clone());
+        o.set("state-dir", self.state_dir.clone());
+        o.set("run-dir", self.run_dir.clone());
+        o.set("offline-after", self.offline_after.clone());
         o.set("min-sync-period", self.min_sync_period.clone());
         o.set("guard-period", self.guard_period.clone());
         o.set("resync-period", self.resync_period.clone());
@@ -262,6 +278,10 @@ pub struct CleanupCmd {
     /// config file (JSON), for the proxy address; default /etc/edgeproxy/config.json when it exists
     #[argh(option)]
     pub config: Option<PathBuf>,
+    /// the agent's run directory (default /run/edgeproxy): refused while an agent holds its
+    /// lock; the addresses recorded there are removed
+    #[argh(option)]
+    pub run_dir: Option<String>,
     /// auto (default), nft or legacy
     #[argh(option)]
     pub iptables_backend: Option<String>,

@@ -2,16 +2,20 @@
 //! library.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use edgeproxy::address;
 use edgeproxy::agent::AgentError;
 use edgeproxy::cli::{CheckCmd, CheckConfigCmd, CleanupCmd, Cli, Command, RulesCmd, RunCmd};
 use edgeproxy::config::{self, Config, ConfigError, Overrides};
+use edgeproxy::logging;
 use edgeproxy::notify::NotifyError;
 use edgeproxy::rules::applier::Applier;
 use edgeproxy::rules::iptables::{self, ApplyError};
 use edgeproxy::rules::{check, Family, Flavour};
+use edgeproxy::rundir::{RunDir, RunDirError};
 use edgeproxy::source::kube::driver::SourceError;
 use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
@@ -25,6 +29,8 @@ enum MainError {
     Source(SourceError),
     Notify(NotifyError),
     Agent(AgentError),
+    /// An agent runs (the run directory's lock is taken).
+    Instance(RunDirError),
     /// A file given on the command line could not be read.
     Read {
         path: PathBuf,
@@ -42,6 +48,7 @@ impl fmt::Display for MainError {
             MainError::Source(e) => write!(f, "source: {e}"),
             MainError::Notify(e) => e.fmt(f),
             MainError::Agent(e) => e.fmt(f),
+            MainError::Instance(e) => e.fmt(f),
             MainError::Read { path, error } => write!(f, "{}: cannot read: {error}", path.display()),
             MainError::Usage(m) => f.write_str(m),
         }
@@ -57,7 +64,14 @@ macro_rules! from_errors {
         }
     )*};
 }
-from_errors!(Config(ConfigError), Rules(ApplyError), Source(SourceError), Notify(NotifyError), Agent(AgentError));
+from_errors!(
+    Config(ConfigError),
+    Rules(ApplyError),
+    Source(SourceError),
+    Notify(NotifyError),
+    Agent(AgentError),
+    Instance(RunDirError)
+);
 
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
@@ -72,14 +86,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // ureq logs the wire unredacted (Authorization headers included) at trace: never go past debug.
-    let quiet = level.min(log::LevelFilter::Debug);
-    let _ = simple_logger::SimpleLogger::new()
-        .with_level(level)
-        .with_module_level("ureq", quiet)
-        .with_module_level("ureq_proto", quiet)
-        .with_module_level("rustls", quiet)
-        .init();
+    let Some(target) = logging::Target::parse(&cli.log_target) else {
+        eprintln!("--log-target: {:?} is not one of auto, journal, stderr, syslog", cli.log_target);
+        return ExitCode::from(2);
+    };
+    logging::init(level, target);
     let result = match cli.command {
         None => {
             eprintln!("edgeproxy: no command given; see edgeproxy --help");
@@ -224,7 +235,22 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
     let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
     // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
     let expected = State::new(StateConfig::from(&config)).plan().rules;
-    let report = check::check(iptables::detect(config.iptables), &expected);
+    let mut report = check::check(iptables::detect(config.iptables), &expected);
+    // A device other than ours holding the proxy address (EdgeMesh's edgemesh0 bridge, left
+    // behind) takes the traffic meant for the proxy.
+    for ip in [IpAddr::V4(config.listen.ip), IpAddr::V6(config.listen.ipv6)] {
+        match address::devices_holding(ip) {
+            Ok(devices) => {
+                for dev in devices.iter().filter(|d| **d != config.listen.device) {
+                    report.leftover(format!(
+                        "{ip} is on device {dev}, not {}: an EdgeMesh bridge left behind? (ip link del {dev})",
+                        config.listen.device
+                    ));
+                }
+            }
+            Err(e) => report.lines.push(format!("cannot list addresses: {e}")),
+        }
+    }
     for line in &report.lines {
         println!("{line}");
     }
@@ -234,8 +260,19 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
 /// `edgeproxy cleanup [--edgemesh]`.
 fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
-    let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
+    let mut overrides = backend_overrides(cmd.iptables_backend.as_ref());
+    overrides.set("run-dir", cmd.run_dir.clone());
+    let config = Config::load(path.as_deref(), &overrides)?;
+    // Not while an agent runs: it would put everything back at once, or lose its rules.
+    let run = RunDir::lock(&config.run_dir)?;
     let mut applier = Applier::new(config.iptables)?;
+    for (dev, ip) in run.added_addresses() {
+        match address::remove_address(&dev, ip) {
+            Ok(()) => println!("removed {ip} from {dev} (added by an edgeproxy that did not remove it)"),
+            Err(e) => eprintln!("{e}"),
+        }
+    }
+    run.forget_addresses()?;
     if cmd.edgemesh {
         // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
         let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];

@@ -74,11 +74,16 @@ struct Agent {
 
 fn start_agent(ns: &mut Netns, b: &Backend, source: &Path) -> Agent {
     let src = format!("file:{}", source.display());
+    let run_dir = ns.dir("run");
     let mut cmd = ns.cmd(&[
         BIN,
         "--log-level",
         "debug",
         "run",
+        "--run-dir",
+        &run_dir,
+        "--state-dir",
+        "",
         "--source",
         &src,
         "--iptables-backend",

@@ -118,7 +118,7 @@ run "$BIN" rules --from "$WORK/cluster.json" --kube-proxy present --explain
 
 say "start the agent in the node: edgeproxy run --source file:cluster.json"
 ip netns exec "$NODE" "$BIN" --log-level "${LOG_LEVEL:-info}" run --source "file:$WORK/cluster.json" --node-name demo-node \
-  --metrics-address 127.0.0.1:10551 2> "$WORK/agent.log" &
+  --metrics-address 127.0.0.1:10551 --run-dir "$WORK/run" --state-dir "$WORK/state" 2> "$WORK/agent.log" &
 AGENT_PID=$!
 for _ in $(seq 1 100); do
   inns "$NODE" curl -sf -o /dev/null http://127.0.0.1:10551/readyz && break

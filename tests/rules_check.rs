@@ -59,6 +59,10 @@ fn edgeproxy(ns: &Netns, b: &Binaries, args: &[&str]) -> (Option<i32>, String) {
     let mut argv = vec![BIN];
     argv.extend_from_slice(args);
     argv.extend_from_slice(&["--iptables-backend", b.name]);
+    let run_dir = ns.dir("run");
+    if args[0] == "cleanup" {
+        argv.extend_from_slice(&["--run-dir", &run_dir]);
+    }
     let out = ns.exec(&argv);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code(), text)

@@ -34,6 +34,7 @@ use crate::proxy::{self, ProxyConfig, ProxyEvent};
 use crate::rules::applier::Applier;
 use crate::rules::iptables::ApplyError;
 use crate::rules::worker::{self, WorkerConfig};
+use crate::rundir::{RunDir, RunDirError};
 use crate::source::kube::driver;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
@@ -52,6 +53,8 @@ pub enum AgentError {
     Address(AddressError),
     /// The proxy stopped with an error (its IPv4 listener could not be bound).
     Proxy(std::io::Error),
+    /// Another agent runs (or the run directory cannot be used).
+    Instance(RunDirError),
     /// The configured source cannot be used.
     Source(String),
     /// The runtime or a signal handler could not be set up.
@@ -66,6 +69,7 @@ impl fmt::Display for AgentError {
             AgentError::Proxy(e) => write!(f, "proxy: {e}"),
             AgentError::Address(e) => write!(f, "proxy address: {e}"),
             AgentError::Source(m) => write!(f, "source: {m}"),
+            AgentError::Instance(e) => e.fmt(f),
             AgentError::Runtime(e) => write!(f, "runtime: {e}"),
         }
     }
@@ -116,11 +120,13 @@ fn start_proxy(
 }
 
 async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
+    // First of all: one instance. A second `run` stops here, having changed nothing.
+    let run_dir = RunDir::lock(&config.run_dir).map_err(AgentError::Instance)?;
     let ops = Ops::new();
     let _ops_server = config.metrics_address.map(|addr| serve_ops(addr, &ops)).transpose()?;
     let (rules, kube_proxy) = prepare_rules(&config)?;
 
-    let added = add_addresses(&config)?;
+    let added = add_addresses(&config, &run_dir)?;
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     forward_signals(&tx)?;
@@ -210,7 +216,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
             }
         }
     }
-    remove_addresses(&config, &added);
+    remove_addresses(&config, &run_dir, &added);
     for source in sources {
         let _ = source.join();
     }
@@ -324,31 +330,47 @@ fn observe(ops: &Ops, input: &Input) {
     }
 }
 
-fn add_addresses(config: &Config) -> Result<Vec<IpAddr>, AgentError> {
+/// Put the proxy addresses on the listen device. An address that is already there is ours when
+/// the run directory records that an earlier agent added it (killed before it could remove it);
+/// else it is somebody else's and is left alone at exit. Returns the addresses to remove at exit
+/// (recorded, so that a killed agent's successor knows them).
+fn add_addresses(config: &Config, run: &RunDir) -> Result<Vec<IpAddr>, AgentError> {
     let dev = &config.listen.device;
     if dev.is_empty() {
         return Ok(Vec::new());
     }
-    let mut added = Vec::new();
-    let v4 = IpAddr::V4(config.listen.ip);
-    if address::ensure_address(dev, v4).map_err(AgentError::Address)? {
-        log::info!("added {v4} to {dev}");
-        added.push(v4);
+    let recorded = run.added_addresses();
+    let mut ours = Vec::new();
+    for ip in [IpAddr::V4(config.listen.ip), IpAddr::V6(config.listen.ipv6)] {
+        match address::ensure_address(dev, ip) {
+            Ok(true) => {
+                log::info!("added {ip} to {dev}");
+                ours.push(ip);
+            }
+            Ok(false) if recorded.iter().any(|(d, r)| d == dev && *r == ip) => {
+                log::info!("{ip} on {dev} was added by an earlier edgeproxy: taken over");
+                ours.push(ip);
+            }
+            Ok(false) => log::info!("{ip} is already on {dev}: left in place at exit"),
+            Err(e) if ip.is_ipv4() => return Err(AgentError::Address(e)),
+            Err(e) => log::warn!("IPv6 proxy address not set ({e}); IPv6 services will be refused"),
+        }
     }
-    let v6 = IpAddr::V6(config.listen.ipv6);
-    match address::ensure_address(dev, v6) {
-        Ok(true) => added.push(v6),
-        Ok(false) => {}
-        Err(e) => log::warn!("IPv6 proxy address not set ({e}); IPv6 services will be refused"),
+    let record: Vec<(String, IpAddr)> = ours.iter().map(|ip| (dev.clone(), *ip)).collect();
+    if let Err(e) = run.record_addresses(&record) {
+        log::warn!("cannot record the added addresses ({e}); a successor will not know them for its own");
     }
-    Ok(added)
+    Ok(ours)
 }
 
-fn remove_addresses(config: &Config, added: &[IpAddr]) {
+fn remove_addresses(config: &Config, run: &RunDir, added: &[IpAddr]) {
     for ip in added {
         match address::remove_address(&config.listen.device, *ip) {
             Ok(()) => log::info!("removed {ip} from {}", config.listen.device),
             Err(e) => log::warn!("{e}"),
         }
+    }
+    if let Err(e) = run.forget_addresses() {
+        log::warn!("{e}");
     }
 }

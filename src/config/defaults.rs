@@ -8,6 +8,12 @@ use std::time::Duration;
 /// `--config` is given (used only when it exists).
 pub const PATH: &str = "/etc/edgeproxy/config.json";
 
+/// `stateDir`: systemd's `StateDirectory=edgeproxy`.
+pub const STATE_DIR: &str = "/var/lib/edgeproxy";
+/// `runDir`: systemd's `RuntimeDirectory=edgeproxy` (emptied at reboot, as addresses are).
+pub const RUN_DIR: &str = "/run/edgeproxy";
+pub const OFFLINE_AFTER: Duration = Duration::from_secs(10);
+
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// EdgeMesh's `bridgeDeviceIP`.
 pub const LISTEN_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 96, 16);

@@ -35,6 +35,14 @@ pub struct FileConfig {
     pub iptables: Option<IptablesFile>,
     /// `127.0.0.1:10551`, or "" for none.
     pub metrics_address: Option<String>,
+    /// Where the last known good Services and endpoints are kept for a start without the cloud
+    /// (`cache.json`); "" for no cache.
+    pub state_dir: Option<String>,
+    /// Where the instance lock and the record of the addresses the agent added live.
+    pub run_dir: Option<String>,
+    /// How long a start waits for the source's first complete list before it installs from the
+    /// cache.
+    pub offline_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +199,18 @@ fn top_level_flag(f: &mut FileConfig, flag: &str, v: &str) -> Result<Option<&'st
         "load-balancer" => {
             f.load_balancer = Some(s);
             "loadBalancer"
+        }
+        "state-dir" => {
+            f.state_dir = Some(s);
+            "stateDir"
+        }
+        "run-dir" => {
+            f.run_dir = Some(s);
+            "runDir"
+        }
+        "offline-after" => {
+            f.offline_after = Some(s);
+            "offlineAfter"
         }
         "metrics-address" => {
             f.metrics_address = Some(s);

@@ -79,6 +79,10 @@ pub struct Config {
     pub guard_period: Duration,
     pub resync_period: Duration,
     pub metrics_address: Option<SocketAddr>,
+    /// `None`: no offline cache.
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub offline_after: Duration,
 }
 
 /// Values from command-line flags; each `Some` overrides the file. Kept as strings so that a bad
@@ -220,6 +224,19 @@ impl Config {
             guard_period: defaults::GUARD_PERIOD,
             resync_period: defaults::RESYNC_PERIOD,
             metrics_address,
+            state_dir: match f.state_dir.as_deref() {
+                None => Some(defaults::STATE_DIR.into()),
+                Some("") => None,
+                Some(d) => Some(b.at("stateDir", absolute(d))?),
+            },
+            run_dir: match f.run_dir.as_deref() {
+                None => defaults::RUN_DIR.into(),
+                Some(d) => b.at("runDir", absolute(d))?,
+            },
+            offline_after: b.at(
+                "offlineAfter",
+                dur_in(f.offline_after.as_deref(), defaults::OFFLINE_AFTER, Duration::ZERO, HOUR),
+            )?,
         };
         proxy_settings(&mut config, &f.tcp.take().unwrap_or_default(), &f.udp.take().unwrap_or_default(), b)?;
         iptables_settings(&mut config, &f.iptables.take().unwrap_or_default(), b)?;
@@ -405,6 +422,14 @@ fn iptables_settings(c: &mut Config, ipt: &IptablesFile, b: &Blame) -> Result<()
         dur_in(ipt.resync_period.as_deref(), defaults::RESYNC_PERIOD, 5 * SECOND, 24 * HOUR),
     )?;
     Ok(())
+}
+
+/// A directory setting: an absolute path.
+fn absolute(d: &str) -> Result<PathBuf, String> {
+    match d.starts_with('/') {
+        true => Ok(PathBuf::from(d)),
+        false => Err(format!("{d:?} is not an absolute path")),
+    }
 }
 
 /// The largest config file read (real ones are a few KiB).

@@ -32,6 +32,17 @@ pub struct CheckReport {
     pub code: u8,
 }
 
+impl CheckReport {
+    /// A leftover found outside the nat table (a device holding the proxy address): reported,
+    /// and the exit code says leftovers unless something worse was found.
+    pub fn leftover(&mut self, what: String) {
+        self.lines.push(format!("leftover: {what}"));
+        if self.code == exit::OK {
+            self.code = exit::LEFTOVERS;
+        }
+    }
+}
+
 /// Read the live nat table (IPv4, and IPv6 when it holds any of our chains) and judge it
 /// against the jumps `expected` (from rendering an empty plan with the configured layout).
 pub fn check(bins: Binaries, expected: &RuleSet) -> CheckReport {

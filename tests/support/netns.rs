@@ -36,6 +36,15 @@ impl Netns {
         ns
     }
 
+    /// A directory of this namespace's own under /tmp (`--run-dir`, `--state-dir` of an agent
+    /// run here: the host's /run/edgeproxy and /var/lib/edgeproxy are never used by tests).
+    /// Removed with the namespace.
+    pub fn dir(&self, what: &str) -> String {
+        let d = std::env::temp_dir().join(format!("{}-{what}", self.name));
+        std::fs::create_dir_all(&d).unwrap();
+        d.to_str().unwrap().to_string()
+    }
+
     /// A command that runs inside the namespace.
     pub fn cmd(&self, argv: &[&str]) -> Command {
         let mut c = Command::new("ip");
@@ -124,6 +133,9 @@ impl Drop for Netns {
             }
         });
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        for what in ["run", "state"] {
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{}-{what}", self.name)));
+        }
     }
 }
 

@@ -1,0 +1,185 @@
+//! Log lines as the place they end up wants them.
+//!
+//! - Under systemd, when `JOURNAL_STREAM` names the very file standard error is, each line starts
+//!   with its sd-daemon priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug): journald
+//!   stores it at that priority (`journalctl -p warning` shows warnings) and adds the time.
+//! - Under procd (OpenWrt; the init script passes `--log-target syslog`), each line goes to
+//!   syslog (`/dev/log`, facility daemon, the same priorities), so `logread` shows warnings as
+//!   warnings; procd would log everything on standard error as an error. Without `/dev/log` the
+//!   lines go to standard error.
+//! - Anywhere else, on standard error, each line starts with an RFC 3339 UTC timestamp.
+//!
+//! ureq and rustls are held to `debug` at most: at `trace` ureq logs the wire, Authorization
+//! headers included.
+
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::net::UnixDatagram;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Where log lines go (`--log-target`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The journal if standard error is connected to it, else standard error with timestamps.
+    Auto,
+    Journal,
+    Stderr,
+    Syslog,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Option<Target> {
+        match s {
+            "auto" => Some(Target::Auto),
+            "journal" => Some(Target::Journal),
+            "stderr" => Some(Target::Stderr),
+            "syslog" => Some(Target::Syslog),
+            _ => None,
+        }
+    }
+}
+
+/// The sd-daemon / syslog severity of a level.
+pub fn severity(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+/// Is standard error the journal stream `JOURNAL_STREAM` (`device:inode`) names?
+fn stderr_is_journal() -> bool {
+    let Some(want) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = want.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() else {
+        return false;
+    };
+    match std::fs::File::from(fd).metadata() {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
+}
+
+/// `2026-12-01T11:40:00.123Z` for a time since the Unix epoch (UTC, civil calendar).
+pub fn rfc3339(since_epoch: std::time::Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 -> (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+enum Sink {
+    Journal,
+    Stderr,
+    Syslog(UnixDatagram),
+}
+
+struct Logger {
+    level: LevelFilter,
+    sink: Sink,
+}
+
+impl Log for Logger {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        let cap = match m.target() {
+            t if t.starts_with("ureq") || t.starts_with("rustls") => self.level.min(LevelFilter::Debug),
+            _ => self.level,
+        };
+        m.level() <= cap
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let sev = severity(r.level());
+        // Module paths only where they help: debug and trace.
+        let origin = match r.level() {
+            Level::Debug | Level::Trace => format!("[{}] ", r.target()),
+            _ => String::new(),
+        };
+        match &self.sink {
+            Sink::Journal => {
+                let _ = writeln!(std::io::stderr().lock(), "<{sev}>{origin}{}", r.args());
+            }
+            Sink::Stderr => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                let _ = writeln!(std::io::stderr().lock(), "{} {:<5} {origin}{}", rfc3339(now), r.level(), r.args());
+            }
+            Sink::Syslog(sock) => {
+                // Facility daemon (3).
+                let line = format!("<{}>edgeproxy[{}]: {origin}{}", 24 + u32::from(sev), std::process::id(), r.args());
+                if sock.send(line.as_bytes()).is_err() {
+                    let _ = writeln!(std::io::stderr().lock(), "<{sev}>{origin}{}", r.args());
+                }
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Install the logger; returns where lines go (after `Auto` was resolved).
+pub fn init(level: LevelFilter, target: Target) -> Target {
+    let (sink, target) = match target {
+        Target::Auto if stderr_is_journal() => (Sink::Journal, Target::Journal),
+        Target::Auto | Target::Stderr => (Sink::Stderr, Target::Stderr),
+        Target::Journal => (Sink::Journal, Target::Journal),
+        Target::Syslog => match UnixDatagram::unbound().and_then(|s| s.connect("/dev/log").map(|()| s)) {
+            Ok(s) => (Sink::Syslog(s), Target::Syslog),
+            Err(_) => (Sink::Journal, Target::Journal),
+        },
+    };
+    if log::set_logger(Box::leak(Box::new(Logger { level, sink }))).is_ok() {
+        log::set_max_level(level);
+    }
+    target
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(Duration::from_millis(951_782_400_123)), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(Duration::from_secs(1_796_083_200)), "2026-12-01T00:00:00.000Z");
+        assert_eq!(rfc3339(Duration::from_secs(4_107_542_399)), "2100-02-28T23:59:59.000Z");
+    }
+
+    #[test]
+    fn priorities_are_sd_daemon_and_syslog_severities() {
+        assert_eq!([Level::Error, Level::Warn, Level::Info, Level::Debug].map(severity), [3, 4, 6, 7]);
+    }
+}
