@@ -517,7 +517,8 @@ fn cleanup_leaves_the_table_as_before_and_layout_switch_removes_the_old() {
         ns.thread(move || {
             let mut a = Applier::with_binaries(b).unwrap();
             a.apply(&fixture_state().plan().rules).unwrap();
-            // A new run with the other layout: start-up cleanup removes the portals chains.
+            // A new run with the other layout: it adopts what it finds, and its first sync
+            // replaces the portals chains in the same transaction.
             let mut cfg = Config::defaults();
             cfg.layout = edgeproxy::rules::render::Layout::RootChain;
             let mut st = State::new(StateConfig::from(&cfg));
@@ -526,7 +527,7 @@ fn cleanup_leaves_the_table_as_before_and_layout_switch_removes_the_old() {
                 st.apply(Change::Replace(kind, d.objects));
             }
             let mut a2 = Applier::with_binaries(b).unwrap();
-            a2.startup_cleanup().unwrap();
+            a2.adopt().unwrap();
             a2.apply(&st.plan().rules).unwrap();
         })
         .join()

@@ -24,6 +24,7 @@ packages=(
 	shellcheck systemd prometheus                                     # packaging, ops (promtool)
 	haproxy iperf3                                                    # the benchmark
 	debootstrap                                                       # tests/fresh-machine.sh
+	systemd-container                                                 # tests/systemd/boot.sh (systemd-nspawn)
 )
 
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

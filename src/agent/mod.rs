@@ -96,7 +96,7 @@ fn start_proxy(
     table: watch::Receiver<Arc<ProxyTable>>,
     stats: Arc<ProxyStats>,
     tx: mpsc::UnboundedSender<Input>,
-) -> oneshot::Sender<()> {
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<ProxyEvent>();
     let forward = tx.clone();
@@ -108,7 +108,7 @@ fn start_proxy(
         }
     });
     let cfg = ProxyConfig::from(config);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let shutdown = async {
             let _ = stop_rx.await;
         };
@@ -116,7 +116,7 @@ fn start_proxy(
             let _ = tx.send(Input::ProxyFailed(e));
         }
     });
-    stop_tx
+    (stop_tx, task)
 }
 
 async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
@@ -140,7 +140,7 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     let sources = start_sources(&config, &tx, &stop)?;
 
     let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
-    let proxy_stop = start_proxy(&config, table_rx, ops.proxy.clone(), tx.clone());
+    let (proxy_stop, proxy_task) = start_proxy(&config, table_rx, ops.proxy.clone(), tx.clone());
     // The watchdog is fed from this loop, so a wedged loop really trips it.
     if let Some(every) = notifier.watchdog_interval() {
         tokio::spawn(tick_every(every, tx.clone()));
@@ -202,7 +202,12 @@ async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
     let _ = notifier.stopping();
     ops.set_rules_installed(false);
     stop.stop();
+    // The proxy first: its connections end (FIN or reset) while the rules and the address that
+    // carry their packets are still there; then the rules go, then the address.
     let _ = proxy_stop.send(());
+    if tokio::time::timeout(proxy::DRAIN + Duration::from_secs(1), proxy_task).await.is_err() {
+        log::warn!("the proxy did not stop in time; removing the rules anyway");
+    }
     handle.shutdown();
     let mut result = Ok(());
     while let Ok(input) = rx.try_recv() {
@@ -238,7 +243,7 @@ fn serve_ops(addr: std::net::SocketAddr, ops: &Arc<Ops>) -> Result<ops::Server, 
 fn prepare_rules(config: &Config) -> Result<(Applier, bool), AgentError> {
     let mut rules = Applier::new(config.iptables).map_err(AgentError::Rules)?;
     log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
-    rules.startup_cleanup().map_err(AgentError::Rules)?;
+    rules.adopt().map_err(AgentError::Rules)?;
     let kube_proxy = rules.kube_proxy_jump_present().map_err(AgentError::Rules)?;
     Ok((rules, kube_proxy))
 }

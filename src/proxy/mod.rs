@@ -44,7 +44,14 @@ pub use shared::{ProxyConfig, ProxyEvent};
 use stats::ProxyStats;
 use table::ProxyTable;
 
-/// Run the proxy until `shutdown` resolves; open connections and flows are dropped then.
+/// How long a stop waits for relayed connections to end cleanly (see `tcp::serve`) before it
+/// drops what is left.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// Run the proxy until `shutdown` resolves. Then the listeners close, every relayed TCP
+/// connection ends (a FIN both ways where nothing is in flight, a reset otherwise: see
+/// `tcp::serve`) while the rules and the address that carry its packets are still in place, the
+/// UDP sockets close, and this returns: the caller removes rules and addresses after.
 ///
 /// Must be called inside a tokio runtime (meant for a `current_thread` one; a `LocalSet` is
 /// fine). Fails only when the IPv4 TCP listener cannot be bound. `tables` delivers the current
@@ -73,6 +80,7 @@ pub async fn run(
     };
     let fd_budget = admission::fd_budget(soft);
     let seed = rand::seed(0);
+    let (stop_tx, stopping) = watch::channel(false);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         stats,
@@ -81,6 +89,7 @@ pub async fn run(
         tcp_admission: Mutex::new(admission::TcpAdmission::new(cfg.tcp_max_per_source)),
         fd_budget,
         udp_flows: Mutex::default(),
+        stopping,
     });
 
     let listeners = tcp::bind(&cfg)?;
@@ -105,7 +114,16 @@ pub async fn run(
     let _ = events.send(ProxyEvent::Listening(addrs));
 
     shutdown.await;
-    // Dropping the tasks drops the listeners, the UDP sockets and every connection task.
+    let _ = stop_tx.send(true);
+    // The accept loops close their listeners and wait for their connections to end.
+    let drained = tokio::time::timeout(DRAIN + Duration::from_millis(500), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        log::warn!("connections still open {DRAIN:?} after the stop: dropped");
+    }
+    // What is left (the UDP loops, housekeeping, stragglers) is dropped with its sockets.
     tasks.shutdown().await;
     Ok(())
 }

@@ -56,6 +56,11 @@ impl<'a> Relay<'a> {
         Relay { up: Direction::default(), down: Direction::default(), size, svc, stats }
     }
 
+    /// Bytes read from one side and not yet written to the other, either way.
+    pub(super) fn in_flight(&self) -> bool {
+        [&self.up, &self.down].iter().any(|d| d.start < d.end || d.in_pipe > 0)
+    }
+
     /// Bytes moved either way so far.
     pub(super) fn moved(&self) -> u64 {
         self.up.moved + self.down.moved

@@ -93,6 +93,8 @@ pub(super) struct Shared {
     pub fd_budget: u64,
     /// Every UDP flow of every port.
     pub(super) udp_flows: FlowMap,
+    /// Becomes `true` when the proxy stops: listeners close, connections end (see `tcp::serve`).
+    pub(super) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -120,6 +122,11 @@ impl Shared {
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+}
+
+/// Resolves once the proxy is stopping (or whoever could stop it is gone).
+pub(super) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 /// Put the proxy's mark on an upstream socket. Needs CAP_NET_ADMIN (the agent has it); without

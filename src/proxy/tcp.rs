@@ -7,7 +7,7 @@
 //!
 //! The relay (both directions of a connection, buffers and splice) is `relay.rs`.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future as _};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use super::admission::Refusal;
 use super::limits::is_fd_exhaustion;
 use super::relay::Relay;
-use super::shared::{mark_upstream, ProxyConfig, Shared, TcpAdmitted};
+use super::shared::{mark_upstream, stopped, ProxyConfig, Shared, TcpAdmitted};
 use super::stats::{Counter, Outcome, ServiceCounters};
 use super::table::{ProxyTable, ServiceEntry};
 use crate::ratelog::{summary, Every};
@@ -105,8 +105,19 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
     let v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut refusal_log = Every::new(std::time::Duration::from_secs(10));
     let mut exhausted_log = Every::new(std::time::Duration::from_secs(10));
+    let mut stopping = shared.stopping.clone();
+    let stop = stopped(&mut stopping);
+    tokio::pin!(stop);
     loop {
-        let (client, peer) = match listener.accept().await {
+        let accepted = poll_fn(|cx| match stop.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => listener.poll_accept(cx).map(Some),
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            break;
+        };
+        let (client, peer) = match accepted {
             Ok(c) => c,
             Err(e) if is_fd_exhaustion(&e) => {
                 stats.accept_fd_exhausted.inc();
@@ -163,6 +174,9 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
         };
         conns.spawn(serve(client, peer, entry, shared.clone(), admitted));
     }
+    // Stopping: no new connections (the listener closes), and the open ones end (`serve`).
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }
 
 /// Decrements a gauge when dropped (also when the task is aborted at shutdown).
@@ -201,51 +215,98 @@ async fn serve(
     let _active = Active(&stats.total.tcp_active, &svc.tcp_active);
     let mut relay = Relay::new(shared.cfg.tcp_buffer, &svc, stats);
     let (mut client, mut upstream) = (client, upstream);
-    let result = {
-        // Read halves read through tokio's `poll_read`, which knows that a short read drained
-        // the socket: no extra read that only returns EAGAIN per message.
-        let (mut client_r, _) = client.split();
-        let (mut upstream_r, _) = upstream.split();
-        match shared.cfg.tcp_idle_timeout {
-            None => poll_fn(|cx| relay.poll(cx, &mut client_r, &mut upstream_r)).await,
-            Some(idle) => {
-                // One timer, looked at only when it fires: traffic since it was set pushes it on
-                // by another `idle` (so an idle connection ends between one and two timeouts
-                // after its last byte), and no byte costs a clock read or a timer reset.
-                let timer = tokio::time::sleep(idle);
-                tokio::pin!(timer);
-                let mut seen = 0;
-                poll_fn(|cx| {
-                    if let Poll::Ready(r) = relay.poll(cx, &mut client_r, &mut upstream_r) {
-                        return Poll::Ready(r.map(|()| false));
-                    }
-                    while std::future::Future::poll(timer.as_mut(), cx).is_ready() {
-                        if relay.moved() == seen {
-                            return Poll::Ready(Ok(true));
-                        }
-                        seen = relay.moved();
-                        timer.as_mut().reset(tokio::time::Instant::now() + idle);
-                    }
-                    Poll::Pending
-                })
-                .await
-                .map(|idle_ended| {
-                    if idle_ended {
-                        stats.tcp_idle_closed.inc();
-                        log::debug!("{peer} ({}): idle for {idle:?}; closed", entry.name);
-                        // A FIN both ways: the peers see an orderly close.
-                        let _ = SockRef::from(&client).shutdown(Shutdown::Both);
-                        let _ = SockRef::from(&upstream).shutdown(Shutdown::Both);
-                    }
-                })
+    let mut stopping = shared.stopping.clone();
+    let idle = shared.cfg.tcp_idle_timeout;
+    match relay_until(&mut relay, &mut client, &mut upstream, idle, &mut stopping).await {
+        Ok(End::Done) => {}
+        Ok(End::Idle) => {
+            stats.tcp_idle_closed.inc();
+            log::debug!("{peer} ({}): idle for {idle:?}; closed", entry.name);
+            // A FIN both ways: the peers see an orderly close.
+            let _ = SockRef::from(&client).shutdown(Shutdown::Both);
+            let _ = SockRef::from(&upstream).shutdown(Shutdown::Both);
+        }
+        Ok(End::Stop) if relay.in_flight() => {
+            // Bytes are on their way: an orderly close would claim they arrived. A reset says
+            // they did not, and the client retries elsewhere at once.
+            log::debug!("{peer} ({}): proxy stopping with bytes in flight; reset", entry.name);
+            reset(&client);
+            reset(&upstream);
+        }
+        Ok(End::Stop) => {
+            // Nothing in flight: a FIN both ways (the client sees an ordinary end of stream),
+            // then a moment for the client's own FIN, while the rules and the address that carry
+            // its packets are still in place.
+            let _ = SockRef::from(&client).shutdown(Shutdown::Write);
+            let _ = SockRef::from(&upstream).shutdown(Shutdown::Write);
+            let _ = tokio::time::timeout(FIN_WAIT, read_to_end(&mut client)).await;
+        }
+        Err(e) => {
+            log::debug!("{peer} ({}): relay ended: {e}", entry.name);
+            reset(&client);
+            reset(&upstream);
+        }
+    }
+}
+
+/// How long a stopping proxy waits for a client's FIN after sending its own.
+const FIN_WAIT: Duration = Duration::from_secs(1);
+
+/// How a relay ended.
+enum End {
+    /// Both directions ended (EOF both ways).
+    Done,
+    /// `tcp.idleTimeout` passed without a byte.
+    Idle,
+    /// The proxy is stopping.
+    Stop,
+}
+
+/// Relay until both directions end, the idle timeout passes, or the proxy stops.
+async fn relay_until(
+    relay: &mut Relay<'_>,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Option<Duration>,
+    stopping: &mut watch::Receiver<bool>,
+) -> io::Result<End> {
+    // Read halves read through tokio's `poll_read`, which knows that a short read drained the
+    // socket: no extra read that only returns EAGAIN per message.
+    let (mut client_r, _) = client.split();
+    let (mut upstream_r, _) = upstream.split();
+    let stop = stopped(stopping);
+    tokio::pin!(stop);
+    // One timer, looked at only when it fires: traffic since it was set pushes it on by another
+    // `idle` (so an idle connection ends between one and two timeouts after its last byte), and
+    // no byte costs a clock read or a timer reset.
+    let mut timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
+    let mut seen = 0;
+    poll_fn(|cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(End::Stop));
+        }
+        if let Poll::Ready(r) = relay.poll(cx, &mut client_r, &mut upstream_r) {
+            return Poll::Ready(r.map(|()| End::Done));
+        }
+        if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
+            while t.as_mut().poll(cx).is_ready() {
+                if relay.moved() == seen {
+                    return Poll::Ready(Ok(End::Idle));
+                }
+                seen = relay.moved();
+                t.as_mut().reset(tokio::time::Instant::now() + d);
             }
         }
-    };
-    if let Err(e) = result {
-        log::debug!("{peer} ({}): relay ended: {e}", entry.name);
-        reset(&client);
-        reset(&upstream);
-    }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Read and drop what a client still sends, until its FIN.
+async fn read_to_end(s: &mut TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 1024];
+    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 /// Dial a backend: bounded attempts, each with a timeout, each on a backend not tried yet.

@@ -61,6 +61,9 @@ pub struct Applier {
     /// The kernel's change marker when the guard last found everything in place (`None` after
     /// any restore of ours, or when it cannot be read).
     canary: [Option<Canary>; 2],
+    /// Per family: rules of an earlier run may be in the kernel (see [`Applier::adopt`]); the
+    /// next sync replaces them, chains of another layout included.
+    adopting: [bool; 2],
     restores: u64,
     /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
     pub wait_secs: u32,
@@ -110,6 +113,7 @@ impl Applier {
             full_next: [false, false],
             kube_proxy: false,
             canary: [None, None],
+            adopting: [false, false],
             restores: 0,
             wait_secs: LOCK_WAIT_SECS,
             content_check_max_rules: CONTENT_CHECK_MAX_RULES,
@@ -179,10 +183,12 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let i = idx(family);
         if want.is_empty() {
-            if self.last[i].is_some() {
-                self.remove_family(family).inspect_err(|_| self.full_next[i] = true)?;
-                report.restores += 1;
+            if self.last[i].is_some() || self.adopting[i] {
+                if self.remove_family(family).inspect_err(|_| self.full_next[i] = true)? {
+                    report.restores += 1;
+                }
                 self.last[i] = None;
+                self.adopting[i] = false;
             }
             self.full_next[i] = false;
             return Ok(());
@@ -214,10 +220,14 @@ impl Applier {
             self.kube_proxy = fix.kube_proxy;
         }
         let stale: Vec<&'static str> = match &self.last[i] {
+            // Whatever an earlier run may have left: declaring a chain creates it if it is not
+            // there, so deleting it after is safe either way.
+            _ if self.adopting[i] => OWN_CHAINS.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
             Some(last) => last.chains.iter().copied().filter(|c| !want.chains.contains(c)).collect(),
             None => Vec::new(),
         };
         self.restore(family, &restore_input(want, &want.chains, &fix.lines, &stale))?;
+        self.adopting[i] = false;
         if self.last[i].is_some() {
             // Logged once, by whoever reads the report (the agent: "rules repaired: ...").
             for f in &fix.found {
@@ -356,13 +366,23 @@ impl Applier {
         Ok(report)
     }
 
-    /// [`Applier::cleanup`] before the first install; logs what it found.
-    pub fn startup_cleanup(&mut self) -> Result<SyncReport, ApplyError> {
-        let r = self.cleanup()?;
-        if r.restores > 0 {
-            log::info!("removed rules left by a previous run ({} restore(s))", r.restores);
+    /// Start-up: keep whatever an earlier run left in force (its jumps still send ClusterIP
+    /// traffic to the proxy address, where the new proxy listens again within moments) and have
+    /// the first sync replace it in one transaction per family, chains of another layout and
+    /// stray jumps included: a restart leaves no window without rules. Returns whether rules of
+    /// an earlier run were found (IPv4 jumps into our chains).
+    pub fn adopt(&mut self) -> Result<bool, ApplyError> {
+        self.full_next = [true, true];
+        self.adopting = [true, true];
+        let mut found = false;
+        for from in ["PREROUTING", "OUTPUT"] {
+            let listed = list_chain(&self.bins, Family::V4, from)?.unwrap_or_default();
+            found |= listed.iter().any(|l| jump_target(l).is_some_and(|t| OWN_CHAINS.contains(&t)));
         }
-        Ok(r)
+        if found {
+            log::info!("rules of an earlier run are in place: kept until the first sync replaces them");
+        }
+        Ok(found)
     }
 
     /// Returns whether anything was there to remove.
