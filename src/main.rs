@@ -216,10 +216,12 @@ fn load_file(state: &mut State, path: &Path) -> Result<usize, MainError> {
 /// `edgeproxy run`: the agent, until SIGTERM/SIGINT.
 fn run(cmd: &RunCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
-    let config = Config::load(path.as_deref(), &cmd.overrides())?;
+    let overrides = cmd.overrides();
+    let config = Config::load(path.as_deref(), &overrides)?;
     // Read (and unset, so that iptables children do not inherit them) systemd's variables first.
     let notifier = edgeproxy::notify::Notifier::from_env()?;
-    edgeproxy::agent::run(config, notifier)?;
+    let reload = Box::new(move || Config::load(path.as_deref(), &overrides).map_err(|e| e.to_string()));
+    edgeproxy::agent::run(config, reload, notifier)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -242,7 +244,7 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
         match address::devices_holding(ip) {
             Ok(devices) => {
                 for dev in devices.iter().filter(|d| **d != config.listen.device) {
-                    report.leftover(format!(
+                    report.leftover(&format!(
                         "{ip} is on device {dev}, not {}: an EdgeMesh bridge left behind? (ip link del {dev})",
                         config.listen.device
                     ));

@@ -135,6 +135,11 @@ impl Notifier {
         self.notify("WATCHDOG=1")
     }
 
+    /// `RELOADING=1`: a reload began (SIGHUP); `READY=1` ends it.
+    pub fn reloading(&self) -> io::Result<()> {
+        self.notify("RELOADING=1")
+    }
+
     /// `STOPPING=1`: shutdown began (SIGTERM).
     pub fn stopping(&self) -> io::Result<()> {
         self.notify("STOPPING=1")

@@ -159,6 +159,13 @@ impl State {
         }
     }
 
+    /// New settings (a reload); returns whether they differ. The next plan uses them.
+    pub fn set_config(&mut self, cfg: StateConfig) -> bool {
+        let changed = cfg != self.cfg;
+        self.cfg = cfg;
+        changed
+    }
+
     pub fn config(&self) -> &StateConfig {
         &self.cfg
     }

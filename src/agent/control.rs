@@ -11,13 +11,16 @@
 
 use std::sync::Arc;
 
-use crate::model::Kind;
+use std::collections::BTreeSet;
+
+use crate::model::{Kind, Object};
 use crate::proxy::table::ProxyTable;
 use crate::proxy::ProxyEvent;
 use crate::rules::worker;
 use crate::rules::RuleSet;
+use crate::source::cache::Cached;
 use crate::source::SourceEvent;
-use crate::state::{Change, State};
+use crate::state::{Change, State, StateConfig};
 
 /// Everything the agent reacts to.
 #[derive(Debug)]
@@ -29,6 +32,13 @@ pub enum Input {
     Signal(&'static str),
     /// Time to tell systemd's watchdog we are alive.
     Tick,
+    /// `offlineAfter` has passed since the start.
+    OfflineTimeout,
+    /// Time to write the offline cache if the state changed since the last write.
+    CacheTick,
+    /// SIGHUP; the shell replaces it with the state machine's new settings (`None`: the new
+    /// configuration was invalid, nothing changes).
+    Reload(Option<Box<StateConfig>>),
 }
 
 /// What the shell must do.
@@ -47,13 +57,26 @@ pub enum Effect {
     RefusedLoops(usize),
     /// Stop (for this reason): clean up and exit.
     Stop(&'static str),
+    /// The source did not deliver in time: serving the offline cache written at this time.
+    ServingCache(String),
+    /// Write the offline cache from the current state.
+    WriteCache,
 }
 
 pub struct Control {
     state: State,
-    /// Services, endpoints: a complete list of each has arrived.
-    synced_kinds: [bool; 2],
+    /// The kinds of which the source delivered a complete list.
+    source_kinds: BTreeSet<Kind>,
+    /// The source delivered a complete view (Services and an endpoints kind).
+    source_synced: bool,
+    /// Planning may go on: the source synced, or the offline cache stands in for it.
     synced: bool,
+    /// The offline cache read at start, until it is used or the source syncs.
+    cache: Option<Cached>,
+    /// Kinds the state holds from the cache (replaced when the source syncs).
+    from_cache: BTreeSet<Kind>,
+    /// The state changed since the cache was last written (only from a complete source view).
+    cache_dirty: bool,
     /// The worker reported a set in the kernel.
     installed: bool,
     listening: bool,
@@ -75,8 +98,12 @@ impl Control {
     pub fn new(state: State) -> Control {
         Control {
             state,
-            synced_kinds: [false; 2],
+            source_kinds: BTreeSet::new(),
+            source_synced: false,
             synced: false,
+            cache: None,
+            from_cache: BTreeSet::new(),
+            cache_dirty: false,
             installed: false,
             listening: false,
             ready: false,
@@ -87,6 +114,17 @@ impl Control {
             stopping: None,
             proxy_error: None,
         }
+    }
+
+    /// The offline cache to fall back on when the source is silent for `offlineAfter`.
+    pub fn with_cache(mut self, cache: Option<Cached>) -> Control {
+        self.cache = cache;
+        self
+    }
+
+    /// Serving from the offline cache (the source has not synced since the start).
+    pub fn serving_cache(&self) -> bool {
+        !self.from_cache.is_empty()
     }
 
     pub fn state(&self) -> &State {
@@ -106,13 +144,24 @@ impl Control {
     /// are pushed at once; planning waits for [`Control::settle`].
     pub fn input(&mut self, input: Input, out: &mut Vec<Effect>) {
         match input {
-            Input::Source(SourceEvent::Change(c)) => self.dirty |= self.state.apply(c),
-            Input::Source(SourceEvent::Synced(kind)) => {
-                self.synced_kinds[usize::from(kind != Kind::Service)] = true;
-                if !self.synced && self.synced_kinds == [true, true] {
-                    self.synced = true;
+            Input::Source(SourceEvent::Change(c)) => {
+                if self.state.apply(c) {
                     self.dirty = true;
-                    out.push(Effect::SourceSynced);
+                    self.cache_dirty |= self.source_synced;
+                }
+            }
+            Input::Source(SourceEvent::Synced(kind)) => self.source_synced(kind, out),
+            Input::OfflineTimeout => self.offline_timeout(out),
+            Input::Reload(Some(cfg)) => {
+                if self.state.set_config(*cfg) {
+                    log::info!("reload: the filter or rule settings changed");
+                    self.dirty = true;
+                }
+            }
+            Input::Reload(None) => {}
+            Input::CacheTick => {
+                if std::mem::take(&mut self.cache_dirty) {
+                    out.push(Effect::WriteCache);
                 }
             }
             Input::Source(SourceEvent::Error { message, .. }) => log::debug!("source: {message}"),
@@ -143,6 +192,57 @@ impl Control {
             }
             Input::Signal(name) => self.stop(name, out),
         }
+    }
+
+    fn source_synced(&mut self, kind: Kind, out: &mut Vec<Effect>) {
+        self.source_kinds.insert(kind);
+        let complete = self.source_kinds.contains(&Kind::Service)
+            && (self.source_kinds.contains(&Kind::EndpointSlice) || self.source_kinds.contains(&Kind::Endpoints));
+        if self.source_synced || !complete {
+            return;
+        }
+        self.source_synced = true;
+        self.synced = true;
+        self.dirty = true;
+        self.cache = None;
+        // What the cache stood in for and the source does not list goes (a cache of slices, a
+        // source of core/v1 Endpoints).
+        for kind in std::mem::take(&mut self.from_cache) {
+            if !self.source_kinds.contains(&kind) {
+                self.state.apply(Change::Replace(kind, Vec::new()));
+            }
+        }
+        // The first complete view is worth keeping at once.
+        self.cache_dirty = true;
+        out.push(Effect::SourceSynced);
+    }
+
+    /// The source has not delivered within `offlineAfter`: serve the cache, if there is one.
+    fn offline_timeout(&mut self, out: &mut Vec<Effect>) {
+        if self.source_synced || self.stopping.is_some() {
+            return;
+        }
+        let Some(cache) = self.cache.take() else {
+            // Rules an earlier run left would send its services to a proxy that knows none of
+            // them: better to let them fall through to kube-proxy (if any) until the source
+            // syncs.
+            log::warn!("the source has not synced and there is no offline cache: no rules until it does");
+            let none = Arc::new(RuleSet::default());
+            self.sent = Some(none.clone());
+            out.push(Effect::Rules(none));
+            return;
+        };
+        let mut by_kind: std::collections::BTreeMap<Kind, Vec<Object>> = std::collections::BTreeMap::new();
+        for o in cache.objects {
+            by_kind.entry(o.kind()).or_default().push(o);
+        }
+        for (kind, objects) in by_kind {
+            self.from_cache.insert(kind);
+            self.state.apply(Change::Replace(kind, objects));
+        }
+        self.synced = true;
+        self.dirty = true;
+        out.push(Effect::ServingCache(cache.written));
     }
 
     fn stop(&mut self, reason: &'static str, out: &mut Vec<Effect>) {

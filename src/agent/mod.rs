@@ -15,6 +15,7 @@
 //! holds no proxy code: see [`start_proxy`], the hook where the proxy is started.
 
 mod control;
+mod handover;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -35,6 +36,7 @@ use crate::rules::applier::Applier;
 use crate::rules::iptables::ApplyError;
 use crate::rules::worker::{self, WorkerConfig};
 use crate::rundir::{RunDir, RunDirError};
+use crate::source::cache;
 use crate::source::kube::driver;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
@@ -82,10 +84,13 @@ const FILE_POLL: Duration = Duration::from_secs(1);
 /// How long the control task waits for the rest of a burst of source events before planning.
 const SOURCE_DEBOUNCE: Duration = Duration::from_millis(10);
 
+/// Reads the configuration again (SIGHUP): the same file and flags as at start.
+pub type Reload = Box<dyn Fn() -> Result<Config, String>>;
+
 /// Run the agent until SIGTERM or SIGINT.
-pub fn run(config: Config, notifier: Notifier) -> Result<(), AgentError> {
+pub fn run(config: Config, reload: Reload, notifier: Notifier) -> Result<(), AgentError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
-    rt.block_on(control(config, notifier))
+    rt.block_on(run_until(config, reload, notifier, std::future::pending::<()>()))
 }
 
 /// Start the proxy on this runtime. It reads the newest table for every new connection or flow;
@@ -96,8 +101,8 @@ fn start_proxy(
     table: watch::Receiver<Arc<ProxyTable>>,
     stats: Arc<ProxyStats>,
     tx: mpsc::UnboundedSender<Input>,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+) -> (oneshot::Sender<proxy::FinWait>, tokio::task::JoinHandle<()>) {
+    let (stop_tx, stop_rx) = oneshot::channel::<proxy::FinWait>();
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<ProxyEvent>();
     let forward = tx.clone();
     tokio::spawn(async move {
@@ -109,9 +114,7 @@ fn start_proxy(
     });
     let cfg = ProxyConfig::from(config);
     let task = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stop_rx.await;
-        };
+        let shutdown = async { stop_rx.await.unwrap_or(proxy::FinWait(Duration::ZERO)) };
         if let Err(e) = proxy::run(cfg, table, events_tx, stats, shutdown).await {
             let _ = tx.send(Input::ProxyFailed(e));
         }
@@ -119,115 +122,252 @@ fn start_proxy(
     (stop_tx, task)
 }
 
-async fn control(config: Config, notifier: Notifier) -> Result<(), AgentError> {
+/// Run the agent on the current (current-thread) runtime until SIGTERM, SIGINT or `shutdown`
+/// (tests run it in-process this way).
+pub async fn run_until(
+    config: Config,
+    reload: Reload,
+    notifier: Notifier,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
     // First of all: one instance. A second `run` stops here, having changed nothing.
     let run_dir = RunDir::lock(&config.run_dir).map_err(AgentError::Instance)?;
     let ops = Ops::new();
     let _ops_server = config.metrics_address.map(|addr| serve_ops(addr, &ops)).transpose()?;
     let (rules, kube_proxy) = prepare_rules(&config)?;
-
     let added = add_addresses(&config, &run_dir)?;
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     forward_signals(&tx)?;
-
+    let shutdown_tx = tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(Input::Signal("shutdown"));
+    });
     let rules_tx = tx.clone();
-    let handle = worker::spawn(rules, WorkerConfig::from(&config), move |e| {
+    let worker = worker::spawn(rules, WorkerConfig::from(&config), move |e| {
         let _ = rules_tx.send(Input::Rules(e));
     });
-
     let stop = Stop::new();
     let sources = start_sources(&config, &tx, &stop)?;
-
     let (table_tx, table_rx) = watch::channel(Arc::new(ProxyTable::default()));
     let (proxy_stop, proxy_task) = start_proxy(&config, table_rx, ops.proxy.clone(), tx.clone());
     // The watchdog is fed from this loop, so a wedged loop really trips it.
-    if let Some(every) = notifier.watchdog_interval() {
-        tokio::spawn(tick_every(every, tx.clone()));
+    if let Some(period) = notifier.watchdog_interval() {
+        tokio::spawn(every(period, || Input::Tick, tx.clone()));
+    }
+    tokio::spawn(after(config.offline_after, Input::OfflineTimeout, tx.clone()));
+    if config.state_dir.is_some() {
+        tokio::spawn(every(CACHE_PERIOD, || Input::CacheTick, tx.clone()));
     }
     drop(tx);
 
     let mut state = State::new(StateConfig::from(&config));
     state.apply(Change::KubeProxy(kube_proxy));
     log::info!("kube-proxy {}", if kube_proxy { "present: filtered services fall through to it" } else { "absent" });
-    let mut control = Control::new(state);
-    let mut effects = Vec::new();
-    let mut signal = None;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut from_source = false;
-        loop {
-            let Some(input) = next else {
-                // A source delivers one reload as several events (one per kind): give the rest
-                // of the burst a moment to arrive, so it becomes one plan and one restore.
-                if std::mem::take(&mut from_source) {
-                    tokio::time::sleep(SOURCE_DEBOUNCE).await;
-                    next = rx.try_recv().ok();
-                    continue;
-                }
-                break;
-            };
-            from_source |= matches!(input, Input::Source(SourceEvent::Change(_)));
-            observe(&ops, &input);
-            control.input(input, &mut effects);
-            next = rx.try_recv().ok();
-        }
-        control.settle(&mut effects);
-        for effect in effects.drain(..) {
-            match effect {
-                Effect::Rules(set) => handle.send(set),
-                Effect::Table(table) => {
-                    table_tx.send_replace(table);
-                }
-                Effect::SourceSynced => ops.set_source_synced(true),
-                Effect::Ready => {
-                    ops.set_rules_installed(true);
-                    log::info!("ready: source synced, rules installed, proxy listening");
-                    let _ = notifier.ready("source synced, rules installed, proxy listening");
-                }
-                Effect::Watchdog => {
-                    let _ = notifier.watchdog();
-                }
-                Effect::RefusedLoops(n) => ops.metrics.endpoints_refused_loop.set(Gauge::count(n)),
-                Effect::Stop(reason) => signal = Some(reason),
-            }
-        }
-        if signal.is_some() {
-            break;
-        }
-    }
-    let proxy_error = control.take_proxy_error();
+    let control = Control::new(state).with_cache(read_cache(&config));
+    let mut shell = Shell {
+        config,
+        reload,
+        notifier,
+        ops,
+        run_dir,
+        added,
+        worker,
+        table_tx,
+        stop,
+        sources,
+        proxy_stop,
+        proxy_task,
+    };
+    let (control, signal) = shell.serve(control, &mut rx).await;
+    shell.finish(control, signal, &mut rx).await
+}
 
-    log::info!("{}: removing rules and exiting", signal.unwrap_or("all inputs closed"));
-    let _ = notifier.stopping();
-    ops.set_rules_installed(false);
-    stop.stop();
-    // The proxy first: its connections end (FIN or reset) while the rules and the address that
-    // carry their packets are still there; then the rules go, then the address.
-    let _ = proxy_stop.send(());
-    if tokio::time::timeout(proxy::DRAIN + Duration::from_secs(1), proxy_task).await.is_err() {
-        log::warn!("the proxy did not stop in time; removing the rules anyway");
+/// What the agent holds while it runs, and carries out [`Control`]'s effects with.
+struct Shell {
+    config: Config,
+    reload: Reload,
+    notifier: Notifier,
+    ops: Arc<Ops>,
+    run_dir: RunDir,
+    /// The addresses this agent put on the device (removed at a stop, kept for a restart).
+    added: Vec<IpAddr>,
+    worker: worker::Handle,
+    table_tx: watch::Sender<Arc<ProxyTable>>,
+    stop: Stop,
+    sources: Vec<std::thread::JoinHandle<()>>,
+    proxy_stop: oneshot::Sender<proxy::FinWait>,
+    proxy_task: tokio::task::JoinHandle<()>,
+}
+
+impl Shell {
+    /// Feed [`Control`] batches of inputs and carry out its effects, until it says stop.
+    async fn serve(
+        &mut self,
+        mut control: Control,
+        rx: &mut mpsc::UnboundedReceiver<Input>,
+    ) -> (Control, &'static str) {
+        let mut effects = Vec::new();
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            let mut from_source = false;
+            loop {
+                let Some(input) = next else {
+                    // A source delivers one reload as several events (one per kind): give the
+                    // rest of the burst a moment to arrive, so it becomes one plan and one restore.
+                    if std::mem::take(&mut from_source) {
+                        tokio::time::sleep(SOURCE_DEBOUNCE).await;
+                        next = rx.try_recv().ok();
+                        continue;
+                    }
+                    break;
+                };
+                from_source |= matches!(input, Input::Source(SourceEvent::Change(_)));
+                observe(&self.ops, &input);
+                let input = match input {
+                    Input::Reload(_) => self.reload(control.state().config()),
+                    other => other,
+                };
+                control.input(input, &mut effects);
+                next = rx.try_recv().ok();
+            }
+            control.settle(&mut effects);
+            let mut stop = None;
+            for effect in effects.drain(..) {
+                stop = stop.or(self.carry_out(effect, &control));
+            }
+            if let Some(reason) = stop {
+                return (control, reason);
+            }
+        }
+        (control, "all inputs closed")
     }
-    handle.shutdown();
-    let mut result = Ok(());
-    while let Ok(input) = rx.try_recv() {
-        if let Input::Rules(worker::Event::Stopped { error }) = input {
-            match error {
-                None => log::info!("rules removed"),
-                Some(e) => {
-                    log::error!("could not remove the rules: {e}");
-                    result = Err(AgentError::Cleanup(e));
+
+    /// SIGHUP: read the configuration again. What the state machine uses applies now (the
+    /// filter, the layout, serviceCIDRs, nodeName, the load balancer; the rules worker's timing);
+    /// the rest (listen, source, proxy and directory settings) at the next restart, said in the
+    /// log. An invalid configuration is logged and the running one stays.
+    fn reload(&mut self, running: &StateConfig) -> Input {
+        let _ = self.notifier.reloading();
+        let new = match (self.reload)() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("reload: {e}; the running configuration stays");
+                let _ = self.notifier.ready("reload refused: invalid configuration");
+                return Input::Reload(None);
+            }
+        };
+        let restart_needed = new.listen != self.config.listen
+            || new.source != self.config.source
+            || ProxyConfig::from(&new) != ProxyConfig::from(&self.config)
+            || new.iptables != self.config.iptables
+            || new.metrics_address != self.config.metrics_address
+            || new.state_dir != self.config.state_dir
+            || new.run_dir != self.config.run_dir;
+        if restart_needed {
+            log::warn!("reload: listen, source, proxy, iptables backend or directory settings changed: they take effect at the next restart");
+        }
+        let mut state_cfg = StateConfig::from(&new);
+        state_cfg.listen = running.listen.clone();
+        self.worker.configure(WorkerConfig::from(&new));
+        self.config.offline_after = new.offline_after;
+        log::info!("reload: configuration read again");
+        let _ = self.notifier.ready("configuration reloaded");
+        Input::Reload(Some(Box::new(state_cfg)))
+    }
+
+    /// Carry out one effect; returns the reason when it is a stop.
+    fn carry_out(&self, effect: Effect, control: &Control) -> Option<&'static str> {
+        let ops = &self.ops;
+        match effect {
+            Effect::Rules(set) => self.worker.send(set),
+            Effect::Table(table) => {
+                self.table_tx.send_replace(table);
+            }
+            Effect::SourceSynced => {
+                ops.set_source_synced(true);
+                if ops.health.serving_cache() {
+                    log::info!("the source synced: the offline cache is replaced");
+                    ops.health.set_serving_cache(false);
+                }
+            }
+            Effect::Ready => {
+                ops.set_rules_installed(true);
+                log::info!("ready: source synced, rules installed, proxy listening");
+                let _ = self.notifier.ready("source synced, rules installed, proxy listening");
+            }
+            Effect::Watchdog => {
+                let _ = self.notifier.watchdog();
+            }
+            Effect::RefusedLoops(n) => ops.metrics.endpoints_refused_loop.set(Gauge::count(n)),
+            Effect::ServingCache(written) => {
+                log::warn!(
+                    "the source has not synced within {:?}: serving the offline cache written {written}",
+                    self.config.offline_after
+                );
+                ops.health.set_serving_cache(true);
+            }
+            Effect::WriteCache => {
+                if let Some(dir) = &self.config.state_dir {
+                    write_cache(dir, control.state());
+                }
+            }
+            Effect::Stop(reason) => return Some(reason),
+        }
+        None
+    }
+
+    /// The stop: connections end, then (unless this is a restart) the rules and the address go.
+    async fn finish(
+        self,
+        mut control: Control,
+        reason: &'static str,
+        rx: &mut mpsc::UnboundedReceiver<Input>,
+    ) -> Result<(), AgentError> {
+        let restart = reason.starts_with("SIG") && handover::restart_pending(&self.config.run_dir);
+        match restart {
+            true => log::info!("{reason}: restarting: connections end, the rules and the address stay"),
+            false => log::info!("{reason}: connections end, then the rules and the address go"),
+        }
+        let _ = self.notifier.stopping();
+        self.ops.set_rules_installed(false);
+        self.stop.stop();
+        // The proxy first: its connections end (FIN or reset) while the rules and the address
+        // that carry their packets are still there; then the rules go, then the address. A
+        // restart does not wait for clients' FINs: the next agent should listen at once.
+        let fin_wait = if restart { proxy::FinWait(Duration::ZERO) } else { proxy::FinWait::from(()) };
+        let _ = self.proxy_stop.send(fin_wait);
+        if tokio::time::timeout(proxy::DRAIN + Duration::from_secs(1), self.proxy_task).await.is_err() {
+            log::warn!("the proxy did not stop in time; going on");
+        }
+        match restart {
+            true => self.worker.leave(),
+            false => self.worker.shutdown(),
+        }
+        let mut result = Ok(());
+        while let Ok(input) = rx.try_recv() {
+            if let Input::Rules(worker::Event::Stopped { removed, error }) = input {
+                match error {
+                    None if removed => log::info!("rules removed"),
+                    None => log::info!("rules left in place for the next agent"),
+                    Some(e) => {
+                        log::error!("could not remove the rules: {e}");
+                        result = Err(AgentError::Cleanup(e));
+                    }
                 }
             }
         }
-    }
-    remove_addresses(&config, &run_dir, &added);
-    for source in sources {
-        let _ = source.join();
-    }
-    match proxy_error {
-        Some(e) => Err(AgentError::Proxy(e)),
-        None => result,
+        if !restart {
+            remove_addresses(&self.config, &self.run_dir, &self.added);
+        }
+        for source in self.sources {
+            let _ = source.join();
+        }
+        match control.take_proxy_error() {
+            Some(e) => Err(AgentError::Proxy(e)),
+            None => result,
+        }
     }
 }
 
@@ -248,7 +388,7 @@ fn prepare_rules(config: &Config) -> Result<(Applier, bool), AgentError> {
     Ok((rules, kube_proxy))
 }
 
-/// SIGTERM and SIGINT become [`Input::Signal`]s.
+/// SIGTERM and SIGINT become [`Input::Signal`]s, SIGHUP an [`Input::Reload`].
 fn forward_signals(tx: &mpsc::UnboundedSender<Input>) -> Result<(), AgentError> {
     for (kind, name) in [
         (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
@@ -262,17 +402,77 @@ fn forward_signals(tx: &mpsc::UnboundedSender<Input>) -> Result<(), AgentError> 
             }
         });
     }
+    // SIGHUP, as often as it comes: read the configuration again.
+    let mut hup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(AgentError::Runtime)?;
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if tx.send(Input::Reload(None)).is_err() {
+                break;
+            }
+        }
+    });
     Ok(())
 }
 
-/// An [`Input::Tick`] every `every`, until the control task is gone.
-async fn tick_every(every: Duration, tx: mpsc::UnboundedSender<Input>) {
-    let mut interval = tokio::time::interval(every);
+/// `input()` every `period`, until the control task is gone.
+async fn every(period: Duration, input: fn() -> Input, tx: mpsc::UnboundedSender<Input>) {
+    let mut interval = tokio::time::interval(period);
     loop {
         interval.tick().await;
-        if tx.send(Input::Tick).is_err() {
+        if tx.send(input()).is_err() {
             break;
         }
+    }
+}
+
+/// `input` once, after `delay`.
+async fn after(delay: Duration, input: Input, tx: mpsc::UnboundedSender<Input>) {
+    tokio::time::sleep(delay).await;
+    let _ = tx.send(input);
+}
+
+/// How often the offline cache is written at most (when the state changed).
+const CACHE_PERIOD: Duration = Duration::from_secs(5);
+
+/// The offline cache, when there is one to fall back on (said in the log either way).
+fn read_cache(config: &Config) -> Option<cache::Cached> {
+    let dir = config.state_dir.as_ref()?;
+    match cache::read(dir) {
+        Ok(c) => {
+            log::info!(
+                "offline cache {}: {} objects written {}{}",
+                dir.join(cache::FILE).display(),
+                c.objects.len(),
+                c.written,
+                if c.skipped.is_empty() { String::new() } else { format!("; {} unusable, skipped", c.skipped.len()) }
+            );
+            for s in &c.skipped {
+                log::warn!("offline cache: {s} (skipped)");
+            }
+            Some(c)
+        }
+        Err(cache::CacheError::Missing) => None,
+        Err(e) => {
+            log::warn!("offline cache {}: {e}; not used", dir.join(cache::FILE).display());
+            None
+        }
+    }
+}
+
+/// Write the state as the offline cache, on a thread of its own (fsync may take a while on
+/// flash).
+fn write_cache(dir: &std::path::Path, state: &State) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let text = cache::encode(state.snapshot(), &crate::logging::rfc3339(now));
+    let dir = dir.to_path_buf();
+    let spawned = std::thread::Builder::new().name("cache".into()).spawn(move || match cache::write(&dir, &text) {
+        Ok(path) => log::debug!("offline cache written: {} ({} bytes)", path.display(), text.len()),
+        Err(e) => log::warn!("offline cache in {}: {e}", dir.display()),
+    });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the cache writer: {e}");
     }
 }
 

@@ -149,6 +149,9 @@ fn route(req: &Request<'_>, ops: &Ops) -> (u16, &'static str, String) {
     match req.path {
         "/healthz" => (200, TEXT, "ok\n".into()),
         "/readyz" => match ops.health.ready() {
+            Ok(()) if ops.health.serving_cache() => {
+                (200, TEXT, "ready: serving the offline cache (the source has not synced since the start)\n".into())
+            }
             Ok(()) => (200, TEXT, "ready\n".into()),
             Err(why) => (503, TEXT, format!("not ready: {why}\n")),
         },

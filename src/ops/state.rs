@@ -14,6 +14,8 @@ use crate::proxy::stats::ProxyStats;
 pub struct Health {
     rules_installed: AtomicBool,
     source_synced: AtomicBool,
+    /// Serving the offline cache: ready, and saying so.
+    serving_cache: AtomicBool,
 }
 
 impl Health {
@@ -23,10 +25,16 @@ impl Health {
     pub fn set_source_synced(&self, v: bool) {
         self.source_synced.store(v, Ordering::Relaxed);
     }
+    pub fn set_serving_cache(&self, v: bool) {
+        self.serving_cache.store(v, Ordering::Relaxed);
+    }
+    pub fn serving_cache(&self) -> bool {
+        self.serving_cache.load(Ordering::Relaxed)
+    }
     /// `Ok` when ready, else the reasons.
     pub fn ready(&self) -> Result<(), String> {
         let mut why = Vec::new();
-        if !self.source_synced.load(Ordering::Relaxed) {
+        if !self.source_synced.load(Ordering::Relaxed) && !self.serving_cache() {
             why.push("source not synced");
         }
         if !self.rules_installed.load(Ordering::Relaxed) {

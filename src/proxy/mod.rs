@@ -48,6 +48,19 @@ use table::ProxyTable;
 /// drops what is left.
 pub const DRAIN: Duration = Duration::from_secs(2);
 
+/// How long an ending connection waits for the client's FIN after sending its own: a stop
+/// waits (the rules and the address go after), a restart does not (they stay, and the next
+/// agent should listen again as soon as possible).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FinWait(pub Duration);
+
+/// A plain stop.
+impl From<()> for FinWait {
+    fn from((): ()) -> Self {
+        FinWait(Duration::from_secs(1))
+    }
+}
+
 /// Run the proxy until `shutdown` resolves. Then the listeners close, every relayed TCP
 /// connection ends (a FIN both ways where nothing is in flight, a reset otherwise: see
 /// `tcp::serve`) while the rules and the address that carry its packets are still in place, the
@@ -62,7 +75,7 @@ pub async fn run(
     tables: watch::Receiver<Arc<ProxyTable>>,
     events: mpsc::UnboundedSender<ProxyEvent>,
     stats: Arc<ProxyStats>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = impl Into<FinWait>>,
 ) -> std::io::Result<()> {
     let soft = match limits::raise_nofile() {
         Ok(l) if l.before < l.soft => {
@@ -80,7 +93,7 @@ pub async fn run(
     };
     let fd_budget = admission::fd_budget(soft);
     let seed = rand::seed(0);
-    let (stop_tx, stopping) = watch::channel(false);
+    let (stop_tx, stopping) = watch::channel(None);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         stats,
@@ -113,13 +126,12 @@ pub async fn run(
     tasks.spawn(housekeeping(tables, shared));
     let _ = events.send(ProxyEvent::Listening(addrs));
 
-    shutdown.await;
-    let _ = stop_tx.send(true);
+    let FinWait(fin_wait) = shutdown.await.into();
+    let _ = stop_tx.send(Some(fin_wait));
     // The accept loops close their listeners and wait for their connections to end.
-    let drained = tokio::time::timeout(DRAIN + Duration::from_millis(500), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(DRAIN + Duration::from_millis(500), async { while tasks.join_next().await.is_some() {} })
+            .await;
     if drained.is_err() {
         log::warn!("connections still open {DRAIN:?} after the stop: dropped");
     }

@@ -93,8 +93,9 @@ pub(super) struct Shared {
     pub fd_budget: u64,
     /// Every UDP flow of every port.
     pub(super) udp_flows: FlowMap,
-    /// Becomes `true` when the proxy stops: listeners close, connections end (see `tcp::serve`).
-    pub(super) stopping: tokio::sync::watch::Receiver<bool>,
+    /// Becomes `Some(how long an ending connection waits for the client's FIN)` when the proxy
+    /// stops: listeners close, connections end (see `tcp::serve`).
+    pub(super) stopping: tokio::sync::watch::Receiver<Option<std::time::Duration>>,
 }
 
 impl Shared {
@@ -124,9 +125,12 @@ impl Shared {
     }
 }
 
-/// Resolves once the proxy is stopping (or whoever could stop it is gone).
-pub(super) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|s| *s).await;
+/// Resolves once the proxy is stopping (or whoever could stop it is gone), with the FIN wait.
+pub(super) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<Option<Duration>>) -> Duration {
+    match stopping.wait_for(Option::is_some).await {
+        Ok(d) => d.unwrap_or(Duration::ZERO),
+        Err(_) => Duration::ZERO,
+    }
 }
 
 /// Put the proxy's mark on an upstream socket. Needs CAP_NET_ADMIN (the agent has it); without

@@ -110,7 +110,7 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
     tokio::pin!(stop);
     loop {
         let accepted = poll_fn(|cx| match stop.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Ready(_) => Poll::Ready(None),
             Poll::Pending => listener.poll_accept(cx).map(Some),
         })
         .await;
@@ -226,20 +226,20 @@ async fn serve(
             let _ = SockRef::from(&client).shutdown(Shutdown::Both);
             let _ = SockRef::from(&upstream).shutdown(Shutdown::Both);
         }
-        Ok(End::Stop) if relay.in_flight() => {
+        Ok(End::Stop(_)) if relay.in_flight() => {
             // Bytes are on their way: an orderly close would claim they arrived. A reset says
             // they did not, and the client retries elsewhere at once.
             log::debug!("{peer} ({}): proxy stopping with bytes in flight; reset", entry.name);
             reset(&client);
             reset(&upstream);
         }
-        Ok(End::Stop) => {
+        Ok(End::Stop(fin_wait)) => {
             // Nothing in flight: a FIN both ways (the client sees an ordinary end of stream),
             // then a moment for the client's own FIN, while the rules and the address that carry
             // its packets are still in place.
             let _ = SockRef::from(&client).shutdown(Shutdown::Write);
             let _ = SockRef::from(&upstream).shutdown(Shutdown::Write);
-            let _ = tokio::time::timeout(FIN_WAIT, read_to_end(&mut client)).await;
+            let _ = tokio::time::timeout(fin_wait, read_to_end(&mut client)).await;
         }
         Err(e) => {
             log::debug!("{peer} ({}): relay ended: {e}", entry.name);
@@ -249,17 +249,14 @@ async fn serve(
     }
 }
 
-/// How long a stopping proxy waits for a client's FIN after sending its own.
-const FIN_WAIT: Duration = Duration::from_secs(1);
-
 /// How a relay ended.
 enum End {
     /// Both directions ended (EOF both ways).
     Done,
     /// `tcp.idleTimeout` passed without a byte.
     Idle,
-    /// The proxy is stopping.
-    Stop,
+    /// The proxy is stopping (with this FIN wait).
+    Stop(Duration),
 }
 
 /// Relay until both directions end, the idle timeout passes, or the proxy stops.
@@ -268,7 +265,7 @@ async fn relay_until(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Option<Duration>,
-    stopping: &mut watch::Receiver<bool>,
+    stopping: &mut watch::Receiver<Option<Duration>>,
 ) -> io::Result<End> {
     // Read halves read through tokio's `poll_read`, which knows that a short read drained the
     // socket: no extra read that only returns EAGAIN per message.
@@ -282,8 +279,8 @@ async fn relay_until(
     let mut timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
     let mut seen = 0;
     poll_fn(|cx| {
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Ok(End::Stop));
+        if let Poll::Ready(fin_wait) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Ok(End::Stop(fin_wait)));
         }
         if let Poll::Ready(r) = relay.poll(cx, &mut client_r, &mut upstream_r) {
             return Poll::Ready(r.map(|()| End::Done));

@@ -35,7 +35,7 @@ pub struct CheckReport {
 impl CheckReport {
     /// A leftover found outside the nat table (a device holding the proxy address): reported,
     /// and the exit code says leftovers unless something worse was found.
-    pub fn leftover(&mut self, what: String) {
+    pub fn leftover(&mut self, what: &str) {
         self.lines.push(format!("leftover: {what}"));
         if self.code == exit::OK {
             self.code = exit::LEFTOVERS;

@@ -54,13 +54,17 @@ pub enum Event {
     Repaired { what: Vec<String> },
     /// kube-proxy's jump into KUBE-SERVICES appeared or went away.
     KubeProxy(bool),
-    /// Shutdown finished: rules removed (`error` is `None`) or not.
-    Stopped { error: Option<Arc<ApplyError>> },
+    /// Shutdown finished: rules removed (`removed`, `error` is `None`), left in place for the
+    /// next agent (`removed` false), or an attempt to remove them failed.
+    Stopped { removed: bool, error: Option<Arc<ApplyError>> },
 }
 
 enum Msg {
     Desired(Arc<RuleSet>),
-    Shutdown,
+    /// Stop; `true`: remove every rule we own first, `false`: leave them for the next agent.
+    Shutdown(bool),
+    /// New timings (a reload).
+    Configure(WorkerConfig),
 }
 
 /// The handle of a running rules worker.
@@ -77,8 +81,22 @@ impl Handle {
     }
 
     /// Ask the thread to remove our rules and stop, and wait for it.
-    pub fn shutdown(mut self) {
-        let _ = self.tx.send(Msg::Shutdown);
+    pub fn shutdown(self) {
+        self.stop(true);
+    }
+
+    /// New timings (a reload): they apply from the next wake-up.
+    pub fn configure(&self, cfg: WorkerConfig) {
+        let _ = self.tx.send(Msg::Configure(cfg));
+    }
+
+    /// Stop and leave the rules in the kernel for the next agent (a restart), and wait.
+    pub fn leave(self) {
+        self.stop(false);
+    }
+
+    fn stop(mut self, remove: bool) {
+        let _ = self.tx.send(Msg::Shutdown(remove));
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
@@ -114,33 +132,40 @@ fn run(applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report: &d
         let now = Instant::now();
         let mut deadline = w.next_guard.min(w.next_resync);
         if w.pending.is_some() {
-            let mut due = w.last_sync.map_or(now, |t| t + cfg.min_sync_period);
+            let mut due = w.last_sync.map_or(now, |t| t + w.cfg.min_sync_period);
             if let Some(r) = w.retry_at {
                 due = due.max(r);
             }
             deadline = deadline.min(due);
         }
-        let mut shutdown = false;
+        let mut shutdown: Option<bool> = None;
         match rx.recv_timeout(deadline.saturating_duration_since(now)) {
             Ok(Msg::Desired(set)) => w.pending = Some(set),
-            Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => shutdown = true,
+            Ok(Msg::Configure(c)) => w.cfg = c,
+            Ok(Msg::Shutdown(r)) => shutdown = Some(r),
+            Err(RecvTimeoutError::Disconnected) => shutdown = Some(true),
             Err(RecvTimeoutError::Timeout) => {}
         }
         // Keep only the newest of a burst.
-        while !shutdown {
+        while shutdown.is_none() {
             match rx.try_recv() {
                 Ok(Msg::Desired(set)) => w.pending = Some(set),
-                Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => shutdown = true,
+                Ok(Msg::Configure(c)) => w.cfg = c,
+                Ok(Msg::Shutdown(r)) => shutdown = Some(r),
+                Err(mpsc::TryRecvError::Disconnected) => shutdown = Some(true),
                 Err(mpsc::TryRecvError::Empty) => break,
             }
         }
-        if shutdown {
-            let error = w.applier.cleanup().err().map(Arc::new);
-            report(Event::Stopped { error });
+        if let Some(remove) = shutdown {
+            let error = match remove {
+                true => w.applier.cleanup().err().map(Arc::new),
+                false => None,
+            };
+            report(Event::Stopped { removed: remove, error });
             return;
         }
         let now = Instant::now();
-        let due = w.last_sync.is_none_or(|t| now >= t + cfg.min_sync_period) && w.retry_at.is_none_or(|r| now >= r);
+        let due = w.last_sync.is_none_or(|t| now >= t + w.cfg.min_sync_period) && w.retry_at.is_none_or(|r| now >= r);
         if w.pending.is_some() && due {
             w.sync_pending(now);
             continue;

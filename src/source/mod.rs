@@ -13,6 +13,7 @@
 //!
 //! The children import this file, never the other way round.
 
+pub mod cache;
 pub mod file;
 pub mod kube;
 

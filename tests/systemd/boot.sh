@@ -98,6 +98,8 @@ make_root() {
 	say "making the root: debootstrap bookworm (minbase + systemd) from $mirror, cached as $tarball"
 	t0=$(date +%s)
 	tmp=$(mktemp -d "$cache/debootstrap.XXXXXX")
+	# shellcheck disable=SC2064 # $tmp is meant to be expanded now
+	trap "rm -rf '$tmp' '$tarball.part'" EXIT
 	if ! debootstrap --variant=minbase \
 		--include=systemd,systemd-sysv,dbus,iptables,iproute2,procps,socat,python3,ca-certificates \
 		bookworm "$tmp" "$mirror" >"$cache/debootstrap.log" 2>&1; then
@@ -108,6 +110,7 @@ make_root() {
 	rm -f "$tmp"/var/cache/apt/archives/*.deb
 	tar -C "$tmp" --numeric-owner -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
 	rm -rf "$tmp"
+	trap - EXIT
 	say "root made in $(($(date +%s) - t0)) s"
 }
 
@@ -116,6 +119,7 @@ exec 9>"$cache/.lock"
 flock 9
 [ -s "$tarball" ] || make_root
 flock -u 9
+exec 9>&-
 
 # ---- the throwaway root, the container, and the trap that removes both
 work=$(mktemp -d "$cache/run.XXXXXX")
@@ -144,7 +148,7 @@ cleanup() {
 		fi
 		wait "$nspawn_pid" 2>/dev/null || true
 		if grep -q 'has been shut down' "$work/console.log" 2>/dev/null; then
-			echo "systemd-boot: container powered off in $(($(now_ms) - t0)) ms (SIGTERM to nspawn, pid $nspawn_pid)"
+			echo "systemd-boot: container powered off in $(($(now_ms) - t0)) ms (SIGTERM to nspawn, pid $nspawn_pid); console: $(grep -oE 'Halting system|has been shut down' "$work/console.log" | tr '\n' ' ')"
 		else
 			echo "systemd-boot: nspawn ($nspawn_pid) ended without reporting a clean power-off" >&2
 		fi
@@ -620,7 +624,7 @@ check_f() {
 	fi
 	tail -n +2 <<<"$stats" | sed 's/^/  /'
 	if [ "$longest" -gt 100 ]; then
-		journal -u edgeproxy --since "@$since" -o short-precise | tail -n 15 | sed 's/^/  journal around the restart: /'
+		journal -u edgeproxy --since "@$since" -o short-precise | head -n 30 | sed 's/^/  journal around the restart: /'
 	fi
 }
 
@@ -670,6 +674,10 @@ check_f || true
 settle c
 check_c || true
 
+# Information, not a check: what the agent said at warning or above during the whole run (d
+# provokes the "rules repaired"; anything else is worth a look).
+echo "--- the agent's lines at warning or above during the run (count, message)"
+journal _SYSTEMD_UNIT=edgeproxy.service -p warning | sort | uniq -c | sort -rn | head -n 12
 echo
 say "summary"
 for k in boot a b c d e f g; do
