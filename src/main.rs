@@ -96,7 +96,10 @@ fn main() -> ExitCode {
             eprintln!("edgeproxy: no command given; see edgeproxy --help");
             return ExitCode::from(2);
         }
-        Some(Command::Rules(cmd)) => rules(&cmd),
+        Some(Command::Rules(cmd)) => {
+            edgeproxy::sys::default_sigpipe();
+            rules(&cmd)
+        }
         Some(Command::Run(cmd)) => run(&cmd),
         Some(Command::Check(cmd)) => check(&cmd),
         Some(Command::Cleanup(cmd)) => cleanup(&cmd),
@@ -217,12 +220,61 @@ fn load_file(state: &mut State, path: &Path) -> Result<usize, MainError> {
 fn run(cmd: &RunCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
     let overrides = cmd.overrides();
-    let config = Config::load(path.as_deref(), &overrides)?;
+    let config = match Config::load(path.as_deref(), &overrides) {
+        Ok(c) => {
+            keep_last_good(path.as_deref(), &c);
+            c
+        }
+        Err(e) => match last_good(&overrides) {
+            Some((saved, c)) => {
+                log::error!("{e}");
+                log::warn!("running with the last configuration that loaded, {}", saved.display());
+                c
+            }
+            None => return Err(e.into()),
+        },
+    };
     // Read (and unset, so that iptables children do not inherit them) systemd's variables first.
     let notifier = edgeproxy::notify::Notifier::from_env()?;
     let reload = Box::new(move || Config::load(path.as_deref(), &overrides).map_err(|e| e.to_string()));
     edgeproxy::agent::run(config, reload, notifier)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The last config file that loaded, kept in the state directory: a restart with a broken file
+/// runs with it (and says so) instead of leaving the node without a proxy.
+const LAST_GOOD: &str = "config.last-good.json";
+
+fn keep_last_good(path: Option<&Path>, config: &Config) {
+    let (Some(path), Some(dir)) = (path, &config.state_dir) else {
+        return;
+    };
+    let Ok(text) = edgeproxy::capped::read_text(path, config::MAX_CONFIG_BYTES) else {
+        return;
+    };
+    let saved = dir.join(LAST_GOOD);
+    let tmp = dir.join(format!("{LAST_GOOD}.new"));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, &saved));
+    if let Err(e) = written {
+        log::warn!("cannot keep the config as {}: {e}", saved.display());
+    }
+}
+
+/// The kept config (with today's flags), when the current file does not load.
+fn last_good(overrides: &Overrides) -> Option<(PathBuf, Config)> {
+    let dir = Config::load(None, overrides).ok()?.state_dir?;
+    let saved = dir.join(LAST_GOOD);
+    let text = edgeproxy::capped::read_text(&saved, config::MAX_CONFIG_BYTES).ok()?;
+    let origin = saved.display().to_string();
+    match Config::from_text(&text, &origin, overrides) {
+        Ok(c) => Some((saved, c)),
+        Err(e) => {
+            log::warn!("{e}");
+            None
+        }
+    }
 }
 
 fn backend_overrides(backend: Option<&String>) -> Overrides {

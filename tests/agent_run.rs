@@ -5,17 +5,13 @@
 //! each, SIGTERM leaving nat and filter as before, SIGKILL then start leaving no duplicates.
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::agent::{self, count, exit_code, fetch, serve, signal, wait_for, Agent};
 use support::netns::{require_root, veth, Netns};
 
 use support::fixtures::read as fixture;
-const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 /// edge-apps/web-frontend port http: proxied (no filter label).
 const PROXIED: &str = "10.96.85.103:80";
 /// monitoring/alertmanager-main port web: carries service.edgemesh.kubeedge.io/service-proxy-name.
@@ -65,103 +61,12 @@ fn chain(ns: &Netns, b: &Backend, chain: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("-A")).map(str::to_string).collect()
 }
 
-/// A running agent with its log collected line by line.
-struct Agent {
-    index: usize,
-    pid: u32,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
 fn start_agent(ns: &mut Netns, b: &Backend, source: &Path) -> Agent {
     let src = format!("file:{}", source.display());
-    let run_dir = ns.dir("run");
-    let mut cmd = ns.cmd(&[
-        BIN,
-        "--log-level",
-        "debug",
-        "run",
-        "--run-dir",
-        &run_dir,
-        "--state-dir",
-        "",
-        "--source",
-        &src,
-        "--iptables-backend",
-        b.name,
-        "--guard-period",
-        "300ms",
-        "--min-sync-period",
-        "100ms",
-    ]);
-    cmd.stderr(Stdio::piped()).stdout(Stdio::null());
-    let index = ns.spawn(cmd);
-    let child = ns.child(index);
-    let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[agent {pid}] {line}");
-            sink.lock().unwrap().push(line);
-        }
-    });
-    Agent { index, pid, log }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn count(log: &Arc<Mutex<Vec<String>>>, needle: &str) -> usize {
-    log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
-fn exit_code(ns: &mut Netns, a: &Agent) -> Option<i32> {
-    let t = Instant::now();
-    loop {
-        if let Some(st) = ns.child(a.index).try_wait().unwrap() {
-            return st.code();
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "agent did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Answer every connection with `reply`.
-fn serve(ns: &Netns, addr: &'static str, reply: &'static str) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.thread(move || {
-        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        tx.send(()).unwrap();
-        for mut s in l.incoming().map_while(Result::ok) {
-            let _ = s.write_all(reply.as_bytes());
-        }
-    });
-    rx.recv().unwrap();
-}
-
-fn fetch(ns: &Netns, addr: &'static str) -> String {
-    ns.thread(move || {
-        let mut s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).map_err(|e| format!("read {addr}: {e}"))?;
-        Ok::<_, String>(out)
-    })
-    .join()
-    .unwrap()
-    .unwrap_or_else(|e| e)
+    agent::start(
+        ns,
+        &["--source", &src, "--iptables-backend", b.name, "--guard-period", "300ms", "--min-sync-period", "100ms"],
+    )
 }
 
 #[test]

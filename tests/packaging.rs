@@ -218,6 +218,7 @@ fn shell_scripts_are_shellcheck_clean() {
         "tests/demo.sh",
         "tests/fresh-machine.sh",
         "fuzz/run.sh",
+        "tests/systemd/boot.sh",
         ".ci/run",
     ];
     for s in scripts {
@@ -404,7 +405,11 @@ fn procd_shipped_config_enabled_gives_defaults_with_metrics_off() {
         "/usr/sbin/edgeproxy",
         "--log-level",
         "info",
+        "--log-target",
+        "syslog",
         "run",
+        "--run-dir",
+        "/var/run/edgeproxy",
         "--metaserver",
         "http://127.0.0.1:10550",
         "--watch",
@@ -461,6 +466,8 @@ config edgeproxy 'main'
 	option min_sync_period '500ms'
 	option guard_period '5s'
 	option resync_period '2m'
+	option state_dir '/etc/edgeproxy/state'
+	option offline_after '20s'
 	option metrics_address '127.0.0.1:10551'
 ";
     let (p, _) = run_init(uci, "start_service", "");
@@ -469,7 +476,11 @@ config edgeproxy 'main'
         "/usr/sbin/edgeproxy",
         "--log-level",
         "debug",
+        "--log-target",
+        "syslog",
         "run",
+        "--run-dir",
+        "/var/run/edgeproxy",
         "--config",
         "/etc/edgeproxy/config.json",
         "--source",
@@ -516,6 +527,10 @@ config edgeproxy 'main'
         "5s",
         "--resync-period",
         "2m",
+        "--state-dir",
+        "/etc/edgeproxy/state",
+        "--offline-after",
+        "20s",
         "--metrics-address",
         "127.0.0.1:10551",
     ];
@@ -542,7 +557,18 @@ fn procd_service_stopped_cleans_up_with_the_configured_backend() {
     // PROG replaced by a stub that records its arguments.
     let extra = "PROG=\"$STUB_DIR/fake-edgeproxy\"\nprintf '#!/bin/sh\\necho \"$*\" >\"$STUB_DIR/cleanup.args\"\\n' >\"$PROG\"\nchmod +x \"$PROG\"";
     let (_, out) = run_init(uci, "service_stopped\ncat \"$STUB_DIR/cleanup.args\"", extra);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cleanup --iptables-backend legacy");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "cleanup --iptables-backend legacy --run-dir /var/run/edgeproxy"
+    );
+    // A restart leaves the rules for the next agent: the marker is written, no cleanup runs.
+    let marker = "RUN_DIR=\"$STUB_DIR/run\"";
+    let (_, out) = run_init(
+        uci,
+        "mark_restart\nservice_stopped\nls \"$RUN_DIR\"; cat \"$STUB_DIR/cleanup.args\" 2>/dev/null || echo no-cleanup",
+        &format!("{extra}\n{marker}"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), ["restart", "no-cleanup"]);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -587,7 +613,13 @@ fn systemd_unit_has_what_the_issue_asks() {
     assert_eq!(get("CapabilityBoundingSet"), ["CAP_NET_ADMIN CAP_NET_RAW"]);
     assert_eq!(get("ReadWritePaths"), ["-/run/xtables.lock"]);
     assert_eq!(get("ProtectSystem"), ["strict"]);
-    assert_eq!(get("ExecStartPre"), ["/usr/local/bin/edgeproxy check-config --config /etc/edgeproxy/config.json"]);
+    // A restart with a broken config must not leave the node without a proxy: no ExecStartPre
+    // check; the agent falls back to the last good config, and reload validates.
+    assert!(get("ExecStartPre").is_empty(), "{:?}", get("ExecStartPre"));
+    assert_eq!(get("ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(get("RuntimeDirectory"), ["edgeproxy"]);
+    assert_eq!(get("RuntimeDirectoryPreserve"), ["restart"]);
+    assert_eq!(get("StateDirectory"), ["edgeproxy"]);
     let after = get("After").join(" ");
     assert!(after.contains("kube-proxy.service") && after.contains("edgecore.service"), "{after}");
     assert_eq!(get("LimitNOFILE"), ["65536"]);

@@ -4,8 +4,8 @@
 //! finding no rule at all, and none is lost to a half-installed table.
 //!
 //! A stop is a restart when
-//! - `<runDir>/restart` exists (written by the OpenWrt init script's `restart`, or by hand before
-//!   a SIGTERM); it is consumed, or
+//! - `<runDir>/restart` exists and is at most a minute old (written by the OpenWrt init script's
+//!   `restart` and `reload`, or by hand before a SIGTERM); it is consumed, or
 //! - under systemd, the unit this process runs in has a `restart` job queued (`systemctl
 //!   restart`, or `try-restart` / `reload-or-restart`), as `systemctl list-jobs` shows it.
 //!
@@ -18,13 +18,21 @@ use crate::exec;
 
 /// The marker a restart leaves in the run directory.
 pub const MARKER: &str = "restart";
+/// How old a marker may be and still count.
+const MARKER_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Decide, now that a stop has begun, whether it is a restart.
 pub fn restart_pending(run_dir: &Path) -> bool {
     let marker = run_dir.join(MARKER);
+    // Only a fresh marker counts: one left by a reload that restarted nothing must not turn a
+    // later stop into a restart.
+    let age = std::fs::metadata(&marker).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
     if std::fs::remove_file(&marker).is_ok() {
-        log::info!("{} found: this stop is a restart", marker.display());
-        return true;
+        if age.is_some_and(|a| a <= MARKER_FRESH) {
+            log::info!("{} found: this stop is a restart", marker.display());
+            return true;
+        }
+        log::info!("{} is older than {MARKER_FRESH:?}: ignored", marker.display());
     }
     let Some(unit) = own_unit() else {
         return false;

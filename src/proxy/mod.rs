@@ -105,8 +105,10 @@ pub async fn run(
         stopping,
     });
 
-    let listeners = tcp::bind(&cfg)?;
-    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let v4 = tcp::bind_v4(&cfg)?;
+    let mut addrs: Vec<SocketAddr> = v4.local_addr().into_iter().collect();
+    let v6 = cfg.listen_v6.map(|ip| SocketAddr::from((ip, cfg.tcp_port)));
+    addrs.extend(v6);
     log::info!(
         "proxy listening on {} (TCP); per client address at most {} connections and {} UDP flows; UDP idle timeout {:?}, at most {} flows; {} descriptors for connections and flows; dial timeout {:?} x {} attempts",
         addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
@@ -118,10 +120,14 @@ pub async fn run(
         cfg.dial_timeout,
         cfg.dial_attempts
     );
-    let mut tasks = JoinSet::new();
-    for l in listeners {
-        tasks.spawn(tcp::accept_loop(l, tables.clone(), shared.clone()));
+    // The TCP side ends by itself at a stop (listeners close, connections end); the rest runs
+    // until it is dropped.
+    let mut tcp_tasks = JoinSet::new();
+    tcp_tasks.spawn(tcp::accept_loop(v4, tables.clone(), shared.clone()));
+    if let Some(v6) = v6 {
+        tcp_tasks.spawn(tcp::serve_v6(v6, tables.clone(), shared.clone()));
     }
+    let mut tasks = JoinSet::new();
     tasks.spawn(udp::reconcile_loop(tables.clone(), events.clone(), shared.clone()));
     tasks.spawn(housekeeping(tables, shared));
     let _ = events.send(ProxyEvent::Listening(addrs));
@@ -129,13 +135,13 @@ pub async fn run(
     let FinWait(fin_wait) = shutdown.await.into();
     let _ = stop_tx.send(Some(fin_wait));
     // The accept loops close their listeners and wait for their connections to end.
-    let drained =
-        tokio::time::timeout(DRAIN + Duration::from_millis(500), async { while tasks.join_next().await.is_some() {} })
-            .await;
+    let drained = tokio::time::timeout(DRAIN, async { while tcp_tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         log::warn!("connections still open {DRAIN:?} after the stop: dropped");
     }
-    // What is left (the UDP loops, housekeeping, stragglers) is dropped with its sockets.
+    // What is left (stragglers, the UDP loops with their flows, housekeeping) is dropped with
+    // its sockets.
+    tcp_tasks.shutdown().await;
     tasks.shutdown().await;
     Ok(())
 }

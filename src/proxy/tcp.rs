@@ -41,20 +41,52 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(6)
 }
 
-/// Bind the IPv4 listener (required) and the IPv6 one (when its address is usable).
-pub(super) fn bind(cfg: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
+/// Bind the IPv4 listener (required).
+pub(super) fn bind_v4(cfg: &ProxyConfig) -> io::Result<TcpListener> {
     let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
-    let mut out = vec![listen(v4).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?];
-    if let Some(ip) = cfg.listen_v6 {
-        let v6 = SocketAddr::from((ip, cfg.tcp_port));
-        match listen(v6) {
-            Ok(l) => out.push(l),
+    listen(v4).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
+}
+
+/// How long the IPv6 listener is retried when its address is not usable yet (tentative, or
+/// still being added), and how often.
+const V6_RETRY_FOR: Duration = Duration::from_secs(30);
+const V6_RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// Bind the IPv6 listener and serve it; retried for a while when the address is not usable
+/// yet (a warning when it never becomes so: IPv6 services are then refused).
+pub(super) async fn serve_v6(addr: SocketAddr, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+    let started = tokio::time::Instant::now();
+    let mut stopping = shared.stopping.clone();
+    let listener = loop {
+        match listen(addr) {
+            Ok(l) => break l,
+            Err(e) if started.elapsed() >= V6_RETRY_FOR => {
+                log::warn!("no IPv6 TCP listener on {addr} ({e}); IPv6 services are refused");
+                return;
+            }
             Err(e) => {
-                log::info!("no IPv6 TCP listener on {v6} ({e}); IPv6 services are not proxied")
+                log::debug!("IPv6 TCP listener on {addr}: {e}; retrying");
+                let nap = tokio::time::sleep(V6_RETRY_EVERY);
+                tokio::pin!(nap);
+                let stop = stopped(&mut stopping);
+                tokio::pin!(stop);
+                let stopped_now = poll_fn(|cx| {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(true);
+                    }
+                    nap.as_mut().poll(cx).map(|()| false)
+                })
+                .await;
+                if stopped_now {
+                    return;
+                }
             }
         }
+    };
+    if started.elapsed() > V6_RETRY_EVERY {
+        log::info!("IPv6 TCP listener on {addr} after {:?}", started.elapsed());
     }
-    Ok(out)
+    accept_loop(listener, tables, shared).await;
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -14,3 +14,13 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Let SIGPIPE end the process again, as for any command-line tool (Rust ignores it, so a
+/// write to a closed pipe, `edgeproxy rules | head`, would panic instead). Not for the agent,
+/// whose sockets must see EPIPE as an error.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no memory preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

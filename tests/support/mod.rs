@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests. Each test file includes this with `mod support;`.
 #![allow(dead_code)]
+pub mod agent;
 pub mod apiserver;
 pub mod fixtures;
 pub mod netns;

@@ -26,7 +26,7 @@
 # Cost: the root (debootstrap minbase + systemd, dbus, iptables, iproute2, procps, socat, python3,
 # ca-certificates) is made once and cached as a tarball in
 # ${EDGEPROXY_CACHE:-~/.cache/edgeproxy}/systemd-root/bookworm.tar (~250 MB; about 70 s to make
-# here, through the machine's own Debian mirror). A run unpacks it into a fresh directory (~2 s),
+# here, through the machine's own Debian mirror). A run unpacks it into a fresh directory (2-7 s),
 # boots (~2 s) and runs the checks: about 45 s in all when they pass (a failing g waits out its
 # 10 s timeout).
 #
