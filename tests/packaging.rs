@@ -437,9 +437,8 @@ fn procd_shipped_config_enabled_gives_defaults_with_metrics_off() {
     assert!(!all.contains("Unrecognized"), "the binary rejects the init script's flags: {all}");
 }
 
-#[test]
-fn procd_maps_every_uci_option_onto_its_flag() {
-    let uci = "
+/// Every UCI option the init script knows, set.
+const ALL_OPTIONS: &str = "
 config edgeproxy 'main'
 	option enabled 'yes'
 	option log_level 'debug'
@@ -470,9 +469,10 @@ config edgeproxy 'main'
 	option offline_after '20s'
 	option metrics_address '127.0.0.1:10551'
 ";
-    let (p, _) = run_init(uci, "start_service", "");
-    let cmd = &p.instances[0]["command"];
-    let want = [
+
+/// The command line [`ALL_OPTIONS`] must give.
+fn all_options_command() -> Vec<&'static str> {
+    vec![
         "/usr/sbin/edgeproxy",
         "--log-level",
         "debug",
@@ -533,8 +533,16 @@ config edgeproxy 'main'
         "20s",
         "--metrics-address",
         "127.0.0.1:10551",
-    ];
-    assert_eq!(cmd, &want);
+    ]
+}
+
+#[test]
+fn procd_maps_every_uci_option_onto_its_flag() {
+    let uci = ALL_OPTIONS;
+    let (p, _) = run_init(uci, "start_service", "");
+    let cmd = &p.instances[0]["command"];
+    let want = all_options_command();
+    assert_eq!(*cmd, want);
     // Every `run` flag of the binary is reachable from UCI.
     let help = output(Command::new(BIN).args(["run", "--help"]));
     let help = String::from_utf8_lossy(&help.stdout);
