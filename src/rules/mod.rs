@@ -16,6 +16,7 @@ pub mod iptables;
 mod listing;
 pub mod render;
 mod restore;
+pub mod schedule;
 pub mod worker;
 
 /// Every chain edgeproxy may own, in any layout. Cleanup removes exactly these (and the jumps to

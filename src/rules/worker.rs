@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::applier::Applier;
 use super::iptables::ApplyError;
+use super::schedule::{Job, Schedule};
 use super::RuleSet;
 
 /// Timers of the rules worker.
@@ -113,171 +114,96 @@ pub fn spawn(applier: Applier, cfg: WorkerConfig, report: impl Fn(Event) + Send 
     Handle { tx, join: Some(join) }
 }
 
-fn run(applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report: &dyn Fn(Event)) {
-    let start = Instant::now();
-    let mut w = Worker {
-        applier,
-        cfg,
-        report,
-        pending: None,
-        current: None,
-        last_sync: None,
-        next_guard: start + cfg.guard_period,
-        next_resync: start + cfg.resync_period,
-        retry_at: None,
-        backoff: cfg.backoff_start,
-        kube_proxy: None,
-    };
+fn run(mut applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report: &dyn Fn(Event)) {
+    let mut schedule = Schedule::new(cfg, Instant::now());
+    let mut kube_proxy: Option<bool> = None;
     loop {
         let now = Instant::now();
-        let mut deadline = w.next_guard.min(w.next_resync);
-        if w.pending.is_some() {
-            let mut due = w.last_sync.map_or(now, |t| t + w.cfg.min_sync_period);
-            if let Some(r) = w.retry_at {
-                due = due.max(r);
-            }
-            deadline = deadline.min(due);
-        }
         let mut shutdown: Option<bool> = None;
-        match rx.recv_timeout(deadline.saturating_duration_since(now)) {
-            Ok(Msg::Desired(set)) => w.pending = Some(set),
-            Ok(Msg::Configure(c)) => w.cfg = c,
-            Ok(Msg::Shutdown(r)) => shutdown = Some(r),
+        match rx.recv_timeout(schedule.next_deadline(now).saturating_duration_since(now)) {
+            Ok(msg) => shutdown = take(&mut schedule, msg),
             Err(RecvTimeoutError::Disconnected) => shutdown = Some(true),
             Err(RecvTimeoutError::Timeout) => {}
         }
         // Keep only the newest of a burst.
         while shutdown.is_none() {
             match rx.try_recv() {
-                Ok(Msg::Desired(set)) => w.pending = Some(set),
-                Ok(Msg::Configure(c)) => w.cfg = c,
-                Ok(Msg::Shutdown(r)) => shutdown = Some(r),
+                Ok(msg) => shutdown = take(&mut schedule, msg),
                 Err(mpsc::TryRecvError::Disconnected) => shutdown = Some(true),
                 Err(mpsc::TryRecvError::Empty) => break,
             }
         }
         if let Some(remove) = shutdown {
             let error = match remove {
-                true => w.applier.cleanup().err().map(Arc::new),
+                true => applier.cleanup().err().map(Arc::new),
                 false => None,
             };
             report(Event::Stopped { removed: remove, error });
             return;
         }
-        let now = Instant::now();
-        let due = w.last_sync.is_none_or(|t| now >= t + w.cfg.min_sync_period) && w.retry_at.is_none_or(|r| now >= r);
-        if w.pending.is_some() && due {
-            w.sync_pending(now);
-            continue;
-        }
-        if now >= w.next_resync {
-            w.resync(now);
-        }
-        if now >= w.next_guard {
-            w.guard(now);
-        }
-    }
-}
-
-/// The thread's state between wake-ups.
-struct Worker<'r> {
-    applier: Applier,
-    cfg: WorkerConfig,
-    report: &'r dyn Fn(Event),
-    /// The newest set not yet in the kernel.
-    pending: Option<Arc<RuleSet>>,
-    /// The set in the kernel.
-    current: Option<Arc<RuleSet>>,
-    last_sync: Option<Instant>,
-    next_guard: Instant,
-    next_resync: Instant,
-    retry_at: Option<Instant>,
-    backoff: Duration,
-    kube_proxy: Option<bool>,
-}
-
-impl Worker<'_> {
-    fn note_kube_proxy(&mut self, seen: bool) {
-        if self.kube_proxy != Some(seen) {
-            self.kube_proxy = Some(seen);
-            (self.report)(Event::KubeProxy(seen));
-        }
-    }
-
-    /// Report a failure that began at `started`; the next attempt waits for the backoff.
-    fn fail(&mut self, e: ApplyError, started: Instant) {
-        let retry_in = self.backoff;
-        (self.report)(Event::Failed { error: Arc::new(e), duration: started.elapsed(), retry_in });
-        self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
-        self.retry_at = Some(Instant::now() + retry_in);
-    }
-
-    fn sync_pending(&mut self, now: Instant) {
-        let set = self.pending.take().expect("checked by the caller");
-        let t = Instant::now();
-        match self.applier.apply(&set) {
-            Ok(r) => {
-                let restores = r.restores;
-                if !r.repaired.is_empty() {
-                    (self.report)(Event::Repaired { what: r.repaired });
-                }
-                self.note_kube_proxy(r.kube_proxy);
-                (self.report)(Event::Applied {
-                    duration: t.elapsed(),
-                    restores,
-                    rules: r.rules,
-                    total_restores: self.applier.restores(),
-                });
-                self.current = Some(set);
-                self.retry_at = None;
-                self.backoff = self.cfg.backoff_start;
-                self.last_sync = Some(now);
-                self.next_guard = Instant::now() + self.cfg.guard_period;
-            }
-            Err(e) => {
-                self.fail(e, t);
-                self.pending = Some(set);
-                self.last_sync = Some(now);
-            }
-        }
-    }
-
-    fn resync(&mut self, now: Instant) {
-        self.next_resync = now + self.cfg.resync_period;
-        let (Some(set), None) = (self.current.clone(), &self.pending) else {
-            return;
-        };
-        let t = Instant::now();
-        match self.applier.reapply(&set) {
-            Ok(r) => {
-                self.note_kube_proxy(r.kube_proxy);
-                log::debug!("full resync: {} restore(s) in {:?}", r.restores, t.elapsed());
-                self.last_sync = Some(now);
-            }
-            Err(e) => {
-                self.fail(e, t);
-                self.pending = self.current.take();
-            }
-        }
-    }
-
-    fn guard(&mut self, now: Instant) {
-        self.next_guard = now + self.cfg.guard_period;
-        if self.current.is_some() && self.pending.is_none() {
-            match self.applier.guard() {
-                Ok(r) => {
-                    self.note_kube_proxy(r.kube_proxy);
-                    if !r.repaired.is_empty() {
-                        (self.report)(Event::Repaired { what: r.repaired });
+        while let Some(job) = schedule.due(Instant::now()) {
+            let started = Instant::now();
+            match execute(&mut applier, &job, started, report) {
+                Ok(seen) => {
+                    schedule.finished(&job, true, started, Instant::now());
+                    if let Some(seen) = seen.filter(|s| kube_proxy != Some(*s)) {
+                        kube_proxy = Some(seen);
+                        report(Event::KubeProxy(seen));
                     }
                 }
                 Err(e) => {
-                    self.fail(e, now);
-                    self.pending = self.current.take();
+                    let retry_in = schedule.finished(&job, false, started, Instant::now()).unwrap_or_default();
+                    report(Event::Failed { error: Arc::new(e), duration: started.elapsed(), retry_in });
                 }
             }
-        } else if let Ok(seen) = self.applier.kube_proxy_jump_present() {
-            self.note_kube_proxy(seen);
         }
+    }
+}
+
+/// Apply a message to the schedule; `Some(remove)` for a shutdown.
+fn take(schedule: &mut Schedule, msg: Msg) -> Option<bool> {
+    match msg {
+        Msg::Desired(set) => schedule.desired(set),
+        Msg::Configure(c) => schedule.configure(c),
+        Msg::Shutdown(remove) => return Some(remove),
+    }
+    None
+}
+
+/// Run one job; reports what it did (applied, repaired) and returns kube-proxy's presence as
+/// seen.
+fn execute(
+    applier: &mut Applier,
+    job: &Job,
+    started: Instant,
+    report: &dyn Fn(Event),
+) -> Result<Option<bool>, ApplyError> {
+    match job {
+        Job::Sync(set) => {
+            let r = applier.apply(set)?;
+            if !r.repaired.is_empty() {
+                report(Event::Repaired { what: r.repaired.clone() });
+            }
+            report(Event::Applied {
+                duration: started.elapsed(),
+                restores: r.restores,
+                rules: r.rules,
+                total_restores: applier.restores(),
+            });
+            Ok(Some(r.kube_proxy))
+        }
+        Job::Resync(set) => {
+            let r = applier.reapply(set)?;
+            log::debug!("full resync: {} restore(s) in {:?}", r.restores, started.elapsed());
+            Ok(Some(r.kube_proxy))
+        }
+        Job::Guard => {
+            let r = applier.guard()?;
+            if !r.repaired.is_empty() {
+                report(Event::Repaired { what: r.repaired });
+            }
+            Ok(Some(r.kube_proxy))
+        }
+        Job::ProbeKubeProxy => Ok(applier.kube_proxy_jump_present().ok()),
     }
 }
