@@ -3,7 +3,7 @@
 
 use super::Config;
 use crate::proxy::ProxyConfig;
-use crate::rules::worker::{self, WorkerConfig};
+use crate::rules::schedule::{self, WorkerConfig};
 use crate::state::StateConfig;
 
 impl From<&Config> for StateConfig {
@@ -25,8 +25,8 @@ impl From<&Config> for WorkerConfig {
             min_sync_period: c.min_sync_period,
             guard_period: c.guard_period,
             resync_period: c.resync_period,
-            backoff_start: worker::BACKOFF_START,
-            backoff_max: worker::BACKOFF_MAX,
+            backoff_start: schedule::BACKOFF_START,
+            backoff_max: schedule::BACKOFF_MAX,
         }
     }
 }

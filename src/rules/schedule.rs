@@ -16,8 +16,26 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::worker::WorkerConfig;
 use super::RuleSet;
+
+/// Timers of the rules worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Minimum time between two syncs (bursts are coalesced).
+    pub min_sync_period: Duration,
+    /// How often the guard checks our jumps (and the chains it can read cheaply).
+    pub guard_period: Duration,
+    /// How often everything is rewritten even when nothing changed (catches edits inside chains
+    /// too big for the guard to read every period).
+    pub resync_period: Duration,
+    /// First retry delay after a failure; doubles up to `backoff_max`.
+    pub backoff_start: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The first retry delay after a failed sync; it doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_START: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A job for the worker to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
