@@ -208,7 +208,7 @@ pub struct RunCmd {
     /// address:port for /healthz, /readyz and /metrics ("" for none)
     #[argh(option)]
     pub metrics_address: Option<String>,
-    /// where the offline cache is kept (default /var/lib/edgeproxy; "" for none)
+    /// where the offline cache is kept ("" for none; default /var/lib/edgeproxy)
     #[argh(option)]
     pub state_dir: Option<String>,
     /// where the instance lock and the record of added addresses live (default /run/edgeproxy)
