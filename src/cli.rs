@@ -266,6 +266,9 @@ pub struct CheckCmd {
     /// auto (default), nft or legacy
     #[argh(option)]
     pub iptables_backend: Option<String>,
+    /// the agent's run directory (default /run/edgeproxy), where it notes serving the offline cache
+    #[argh(option)]
+    pub run_dir: Option<String>,
 }
 
 /// Remove every rule and chain edgeproxy owns (offline).

@@ -286,7 +286,9 @@ fn backend_overrides(backend: Option<&String>) -> Overrides {
 /// `edgeproxy check`: exit codes in `rules::check::exit`.
 fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
-    let config = Config::load(path.as_deref(), &backend_overrides(cmd.iptables_backend.as_ref()))?;
+    let mut overrides = backend_overrides(cmd.iptables_backend.as_ref());
+    overrides.set("run-dir", cmd.run_dir.clone());
+    let config = Config::load(path.as_deref(), &overrides)?;
     // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
     let expected = State::new(StateConfig::from(&config)).plan().rules;
     let mut report = check::check(iptables::detect(config.iptables), &expected);
@@ -304,6 +306,9 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
             }
             Err(e) => report.lines.push(format!("cannot list addresses: {e}")),
         }
+    }
+    if let Some(written) = edgeproxy::rundir::serving_cache(&config.run_dir) {
+        report.lines.push(format!("source: not synced since the start; serving the offline cache written {written}"));
     }
     for line in &report.lines {
         println!("{line}");

@@ -18,6 +18,15 @@ use std::io::{Read as _, Seek as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+/// In the run directory while the agent serves the offline cache: when the cache was written.
+pub const SERVING_CACHE: &str = "serving-cache";
+
+/// What a running agent noted for `check` (readable without the lock): the offline cache it
+/// serves, if any (when that cache was written).
+pub fn serving_cache(dir: &Path) -> Option<String> {
+    crate::capped::read_text(&dir.join(SERVING_CACHE), 4096).ok()
+}
+
 /// Why the run directory cannot be used.
 #[derive(Debug)]
 pub enum RunDirError {
@@ -111,6 +120,16 @@ impl RunDir {
         let tmp = self.dir.join("addresses.new");
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Note (for `check`) that the agent serves the offline cache written at `written`, or
+    /// (`None`) that it no longer does.
+    pub fn note_serving_cache(&self, written: Option<&str>) {
+        let path = self.dir.join(SERVING_CACHE);
+        let _ = match written {
+            Some(w) => std::fs::write(&path, w),
+            None => std::fs::remove_file(&path),
+        };
     }
 
     pub fn forget_addresses(&self) -> Result<(), RunDirError> {

@@ -278,6 +278,10 @@ fn the_offline_cache_serves_when_the_source_is_silent() {
     assert_eq!(fetch(&s.node, WEB), "hello\n", "a ClusterIP served from the cache");
     let readyz = s.node.ok(&["curl", "-s", "http://127.0.0.1:10551/readyz"]);
     assert!(readyz.contains("offline cache"), "{readyz}");
+    let run_dir = s.node.dir("run");
+    let check = s.node.exec(&[BIN, "check", "--iptables-backend", "nft", "--run-dir", &run_dir]);
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(check.contains("serving the offline cache written"), "{check}");
     signal(b.pid, "-TERM");
     assert_eq!(exit_code(&mut s.node, &b), Some(0));
     // A cache that is not ours is refused with the reason.

@@ -291,6 +291,7 @@ impl Shell {
                 if ops.health.serving_cache() {
                     log::info!("the source synced: the offline cache is replaced");
                     ops.health.set_serving_cache(false);
+                    self.run_dir.note_serving_cache(None);
                 }
             }
             Effect::Ready => {
@@ -308,6 +309,7 @@ impl Shell {
                     self.config.offline_after
                 );
                 ops.health.set_serving_cache(true);
+                self.run_dir.note_serving_cache(Some(&written));
             }
             Effect::WriteCache => {
                 if let Some(dir) = &self.config.state_dir {
@@ -362,6 +364,7 @@ impl Shell {
         if !restart {
             remove_addresses(&self.config, &self.run_dir, &self.added);
         }
+        self.run_dir.note_serving_cache(None);
         for source in self.sources {
             let _ = source.join();
         }
