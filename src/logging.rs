@@ -83,6 +83,57 @@ pub fn rfc3339(since_epoch: std::time::Duration) -> String {
     )
 }
 
+/// `2026-12-01T11:40:00Z`, with optional fractional seconds and a `Z` or `±HH:MM` offset, as
+/// unix milliseconds; `None` when it is not such a time (or before 1970).
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<u64> {
+        let t = s.get(r)?;
+        t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse().ok())?
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut at = 19;
+    let mut ms = 0;
+    if b.get(at) == Some(&b'.') {
+        let digits = b[at + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let frac = s.get(at + 1..at + 1 + digits.min(3))?;
+        ms = frac.parse::<u64>().ok()? * [100, 10, 1][frac.len().saturating_sub(1).min(2)];
+        at += 1 + digits;
+    }
+    let offset_s: i64 = match s.get(at..)? {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let v = i64::try_from(num(at + 1..at + 3)? * 3600 + num(at + 4..at + 6)? * 60).ok()?;
+            if o.starts_with('-') {
+                -v
+            } else {
+                v
+            }
+        }
+        _ => return None,
+    };
+    let days = i64::try_from(days_from_civil(y, mo, d)).ok()?;
+    let secs = days * 86_400 + i64::try_from(h * 3600 + mi * 60 + se).ok()? - offset_s;
+    u64::try_from(secs).ok().map(|s| s * 1000 + ms)
+}
+
+/// (year, month, day) -> days since 1970-01-01 (Howard Hinnant's algorithm; years from 1970).
+fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe).saturating_sub(719_468)
+}
+
 /// Days since 1970-01-01 -> (year, month, day), Howard Hinnant's algorithm.
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
@@ -176,6 +227,26 @@ mod tests {
         assert_eq!(rfc3339(Duration::from_millis(951_782_400_123)), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(Duration::from_secs(1_796_083_200)), "2026-12-01T00:00:00.000Z");
         assert_eq!(rfc3339(Duration::from_secs(4_107_542_399)), "2100-02-28T23:59:59.000Z");
+    }
+
+    #[test]
+    fn rfc3339_reads_back() {
+        for ms in [0u64, 951_782_400_123, 1_796_083_200_000, 4_107_542_399_000] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339(Duration::from_millis(ms))), Some(ms));
+        }
+        assert_eq!(parse_rfc3339_ms("2026-12-01T01:00:00+01:00"), Some(1_796_083_200_000));
+        assert_eq!(parse_rfc3339_ms("2026-12-01T00:00:00.5Z"), Some(1_796_083_200_500));
+        assert_eq!(parse_rfc3339_ms("2026-12-01T00:00:00.123456Z"), Some(1_796_083_200_123));
+        for bad in [
+            "",
+            "2026-12-01",
+            "2026-13-01T00:00:00Z",
+            "2026-12-01T00:00:00",
+            "yyyy-12-01T00:00:00Z",
+            "2026-12-01T00:00:00+0100",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -244,6 +244,9 @@ pub struct EndpointSet {
     /// always in the set's own namespace.
     pub service: ObjectKey,
     pub groups: Vec<EndpointGroup>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` (unix milliseconds): when the change
+    /// this version carries happened in the cluster (network programming latency).
+    pub trigger_ms: Option<u64>,
 }
 
 /// Which kind of object a decoded item or a watch event carries.

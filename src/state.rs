@@ -66,6 +66,8 @@ pub struct PortReport {
     pub backends: usize,
     /// Endpoints refused because they are a ClusterIP:port this node proxies (a loop).
     pub loops: usize,
+    /// `internalTrafficPolicy: Local` and no usable endpoint (on this node).
+    pub no_local_endpoints: bool,
     pub note: Option<&'static str>,
 }
 
@@ -375,6 +377,7 @@ impl State {
                     port: sp.port,
                     backends: backends.len(),
                     loops,
+                    no_local_endpoints: svc.internal_local && backends.is_empty(),
                     note,
                 });
                 resolved.push((idx, pi, backends));

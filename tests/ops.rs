@@ -47,6 +47,7 @@ fn populated() -> Arc<Ops> {
     let ops = Ops::new();
     let m = &ops.metrics;
     let web = ops.proxy.service("default/web:http");
+    web.tcp.store(true, std::sync::atomic::Ordering::Relaxed);
     web.tcp_ok.add(2);
     web.tcp_dial_failed.inc();
     web.dial_failures.add(3);
@@ -54,11 +55,14 @@ fn populated() -> Arc<Ops> {
     web.bytes_to_client.add(98_765);
     web.tcp_active.inc();
     let dns = ops.proxy.service("kube-system/\"odd\"\\name\n:dns");
+    dns.tcp.store(true, std::sync::atomic::Ordering::Relaxed);
     dns.tcp_no_endpoints.inc();
     ops.proxy.tcp_refused_not_service.inc();
     ops.proxy.total.udp_flows_created.add(4);
-    m.rule_sync_ok(Duration::from_millis(7), SystemTime::now());
-    m.rule_sync_failed(Duration::from_millis(1300));
+    m.sync_ok(Duration::from_millis(7), Some(false), SystemTime::now());
+    m.sync_failed(Duration::from_millis(1300));
+    ops.proxy.dial_duration.observe(Duration::from_millis(2));
+    ops.proxy.endpoint("default/web:http", "192.0.2.1:8080".parse().unwrap()).ok.inc();
     m.guard_repairs.inc();
     m.watch_restart("endpointslices");
     m.relist("services");
@@ -75,19 +79,23 @@ fn metrics_pass_promtool_check() {
     assert_eq!(status, 200);
     assert!(head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"), "{head}");
     for needle in [
-        "edgeproxy_connections_total{service=\"default/web:http\",outcome=\"ok\"} 2",
-        "edgeproxy_connections_total{service=\"default/web:http\",outcome=\"dial_failed\"} 1",
-        "edgeproxy_dial_failures_total{service=\"default/web:http\"} 3",
-        "edgeproxy_bytes_total{service=\"default/web:http\",direction=\"to_client\"} 98765",
-        "edgeproxy_active_connections{service=\"default/web:http\"} 1",
+        "edgeproxy_connections_total{namespace=\"default\",service=\"web\",port=\"http\",outcome=\"ok\"} 2",
+        "edgeproxy_connections_total{namespace=\"default\",service=\"web\",port=\"http\",outcome=\"dial_failed\"} 1",
+        "edgeproxy_dial_failures_total{namespace=\"default\",service=\"web\",port=\"http\"} 3",
+        "edgeproxy_bytes_total{namespace=\"default\",service=\"web\",port=\"http\",direction=\"to_client\"} 98765",
+        "edgeproxy_active_connections{namespace=\"default\",service=\"web\",port=\"http\"} 1",
         "outcome=\"no_endpoints\"} 1",
         "edgeproxy_connections_refused_total{reason=\"not_a_service\"} 1",
         "edgeproxy_udp_flow_events_total{event=\"created\"} 4",
-        "service=\"kube-system/\\\"odd\\\"\\\\name\\n:dns\"",
-        "edgeproxy_rule_syncs_total{result=\"ok\"} 1",
-        "edgeproxy_rule_syncs_total{result=\"error\"} 1",
-        "edgeproxy_rule_sync_duration_seconds_bucket{le=\"0.01\"} 1",
-        "edgeproxy_rule_sync_duration_seconds_count 2",
+        "service=\"\\\"odd\\\"\\\\name\\n\",port=\"dns\"",
+        "edgeproxy_endpoint_dials_total{namespace=\"default\",service=\"web\",port=\"http\",endpoint=\"192.0.2.1:8080\",result=\"ok\"} 1",
+        "edgeproxy_dial_duration_seconds_count 1",
+        "edgeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
+        "edgeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.01\"} 1",
+        "edgeproxy_sync_proxy_rules_duration_seconds_count 2",
+        "edgeproxy_sync_partial_proxy_rules_duration_seconds_count 1",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
         "edgeproxy_guard_repairs_total 1",
         "edgeproxy_watch_restarts_total{resource=\"endpointslices\"} 1",
         "edgeproxy_relists_total{resource=\"services\"} 1",
@@ -98,7 +106,7 @@ fn metrics_pass_promtool_check() {
     }
     let ts: f64 = body
         .lines()
-        .find_map(|l| l.strip_prefix("edgeproxy_last_successful_sync_timestamp_seconds "))
+        .find_map(|l| l.strip_prefix("edgeproxy_sync_proxy_rules_last_timestamp_seconds "))
         .expect("last sync gauge")
         .parse()
         .unwrap();
@@ -147,6 +155,22 @@ fn healthz_readyz_and_errors() {
     let ops = Ops::new();
     let server = start(ops.clone());
     let addr = server.local_addr();
+    let (status, head, body) = get(addr, "/healthz");
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Type: application/json"), "{head}");
+    assert!(
+        body.contains("\"lastUpdated\": ")
+            && body.contains("\"currentTime\": ")
+            && body.contains("\"nodeEligible\": true"),
+        "{body}"
+    );
+    assert_eq!(get(addr, "/livez"), (200, get(addr, "/livez").1, "ok\n".to_string()));
+    // A rules update queued ten minutes ago and never applied: unhealthy, as kube-proxy says it.
+    ops.health.set_timeout(Duration::from_secs(120));
+    ops.queued(SystemTime::now() - Duration::from_secs(600));
+    assert_eq!(get(addr, "/healthz").0, 503);
+    assert_eq!(get(addr, "/livez").0, 503);
+    ops.health.updated(SystemTime::now());
     assert_eq!(get(addr, "/healthz").0, 200);
     let (status, _, body) = get(addr, "/readyz");
     assert_eq!((status, body.as_str()), (503, "not ready: source not synced, rules not installed\n"));
@@ -159,7 +183,7 @@ fn healthz_readyz_and_errors() {
     assert_eq!(split(&raw(addr, b"POST /metrics HTTP/1.1\r\n\r\n")).0, 405);
     assert_eq!(split(&raw(addr, b"garbage\r\n\r\n")).0, 400);
     // HEAD: the GET's headers (Content-Length of the GET body, "ok\n"), no body.
-    let resp = raw(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n");
+    let resp = raw(addr, b"HEAD /livez HTTP/1.1\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp:?}");
     assert!(resp.contains("Content-Length: 3\r\n") && resp.ends_with("\r\n\r\n"), "{resp:?}");
     // shutdown() wakes the accept loop and joins the thread. (Connecting afterwards proves
@@ -197,7 +221,7 @@ fn healthz_answers_within_a_second_while_200_slow_clients_hang() {
         })
         .collect();
     let started = Instant::now();
-    let (status, _, body) = get(addr, "/healthz");
+    let (status, _, body) = get(addr, "/livez");
     let waited = started.elapsed();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     eprintln!("/healthz behind 200 slow clients: {waited:?}");

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use std::collections::BTreeSet;
 
-use crate::model::{Kind, Object};
+use crate::model::{Kind, Object, Protocol};
+use crate::ops::PlanCounts;
 use crate::proxy::table::ProxyTable;
 use crate::proxy::ProxyEvent;
 use crate::rules::worker;
@@ -53,8 +54,10 @@ pub enum Effect {
     /// Ready: tell systemd and `/readyz`.
     Ready,
     Watchdog,
-    /// The number of endpoints left out as loops changed.
-    RefusedLoops(usize),
+    /// What the new plan holds (for the gauges).
+    Counts(PlanCounts),
+    /// Endpoints changes (their trigger times, unix ms) are now in force.
+    Programmed(Vec<u64>),
     /// Stop (for this reason): clean up and exit.
     Stop(&'static str),
     /// The source did not deliver in time: serving the offline cache written at this time.
@@ -88,6 +91,10 @@ pub struct Control {
     /// The table last published.
     table: Arc<ProxyTable>,
     refused_loops: usize,
+    /// Trigger times of endpoints changes not yet planned, and of those whose rules are on their
+    /// way to the kernel (network programming latency).
+    triggers_queued: Vec<u64>,
+    triggers_in_flight: Vec<u64>,
     /// Set once a stop was asked for (the first reason wins).
     stopping: Option<&'static str>,
     /// The proxy's error, if that is why it stops.
@@ -111,6 +118,8 @@ impl Control {
             sent: None,
             table: Arc::new(ProxyTable::default()),
             refused_loops: 0,
+            triggers_queued: Vec::new(),
+            triggers_in_flight: Vec::new(),
             stopping: None,
             proxy_error: None,
         }
@@ -145,7 +154,12 @@ impl Control {
     pub fn input(&mut self, input: Input, out: &mut Vec<Effect>) {
         match input {
             Input::Source(SourceEvent::Change(c)) => {
+                let trigger = match &c {
+                    Change::Upsert(Object::Endpoints(e)) => e.trigger_ms,
+                    _ => None,
+                };
                 if self.state.apply(c) {
+                    self.triggers_queued.extend(trigger);
                     self.dirty = true;
                     self.cache_dirty |= self.source_synced;
                 }
@@ -166,9 +180,14 @@ impl Control {
             }
             Input::Source(SourceEvent::Error { message, .. }) => log::debug!("source: {message}"),
             // Counted by the shell.
-            Input::Source(SourceEvent::WatchRestarted(_) | SourceEvent::Relisted(_)) => {}
+            Input::Source(SourceEvent::WatchRestarted(_) | SourceEvent::Relisted(_) | SourceEvent::Request { .. }) => {}
             Input::Tick => out.push(Effect::Watchdog),
-            Input::Rules(worker::Event::Applied { .. }) => self.installed = true,
+            Input::Rules(worker::Event::Applied { .. }) => {
+                self.installed = true;
+                if !self.triggers_in_flight.is_empty() {
+                    out.push(Effect::Programmed(std::mem::take(&mut self.triggers_in_flight)));
+                }
+            }
             Input::Rules(worker::Event::KubeProxy(present)) => {
                 if self.state.apply(Change::KubeProxy(present)) {
                     log::info!("kube-proxy {}", if present { "appeared" } else { "went away" });
@@ -268,6 +287,7 @@ impl Control {
         // Entries that did not change stay the very ones the proxy is using.
         let plan = self.state.plan_reusing(&self.table);
         let loops = plan.refused_loops();
+        out.push(Effect::Counts(counts(&plan)));
         if loops != self.refused_loops {
             if loops > 0 {
                 let names: Vec<&str> = plan
@@ -284,19 +304,46 @@ impl Control {
                 );
             }
             self.refused_loops = loops;
-            out.push(Effect::RefusedLoops(loops));
         }
         if self.sent.as_deref() != Some(&plan.rules) {
             log::info!("plan: {} of {} services proxied", plan.proxied().count(), plan.reports.len());
             let rules = Arc::new(plan.rules);
             self.sent = Some(rules.clone());
             out.push(Effect::Rules(rules));
+            // In force once the worker has applied them.
+            self.triggers_in_flight.append(&mut self.triggers_queued);
+        } else if !self.triggers_queued.is_empty() {
+            // The rules did not change: the new table (published below) puts it in force.
+            out.push(Effect::Programmed(std::mem::take(&mut self.triggers_queued)));
         }
         if *self.table != plan.table {
             self.table = Arc::new(plan.table);
             out.push(Effect::Table(self.table.clone()));
         }
     }
+}
+
+/// The gauges' figures of a plan.
+fn counts(plan: &crate::state::Plan) -> PlanCounts {
+    let mut c = PlanCounts { endpoints_refused_loop: plan.refused_loops(), ..PlanCounts::default() };
+    for r in &plan.reports {
+        match r.verdict.is_proxied() {
+            true => c.services_proxied += 1,
+            false => c.services_ignored += 1,
+        }
+        for p in &r.ports {
+            match p.protocol {
+                Protocol::Tcp => c.ports_tcp += 1,
+                Protocol::Udp => c.ports_udp += 1,
+                Protocol::Sctp => c.ports_sctp += 1,
+            }
+            c.endpoints += p.backends;
+            c.no_local_endpoints += usize::from(p.no_local_endpoints);
+        }
+    }
+    c.rules_v4 = plan.rules.v4.rules.len();
+    c.rules_v6 = plan.rules.v6.rules.len();
+    c
 }
 
 #[cfg(test)]

@@ -33,7 +33,13 @@ fn list(kind: Kind, doc: &str) -> Vec<Input> {
 }
 
 fn applied() -> Input {
-    Input::Rules(worker::Event::Applied { duration: Duration::ZERO, restores: 1, rules: 1, total_restores: 1 })
+    Input::Rules(worker::Event::Applied {
+        duration: Duration::ZERO,
+        restores: 1,
+        rules: 1,
+        total_restores: 1,
+        full: true,
+    })
 }
 
 fn listening() -> Input {

@@ -16,6 +16,8 @@
 
 mod control;
 mod handover;
+mod observe;
+mod offline;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -26,9 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::address::{self, AddressError};
 use crate::config::Config;
-use crate::model::Kind;
 use crate::notify::Notifier;
-use crate::ops::{self, Gauge, Ops};
+use crate::ops::{self, Ops};
 use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
 use crate::proxy::{self, ProxyConfig, ProxyEvent};
@@ -37,13 +38,14 @@ use crate::rules::iptables::ApplyError;
 use crate::rules::schedule::WorkerConfig;
 use crate::rules::worker;
 use crate::rundir::{RunDir, RunDirError};
-use crate::source::cache;
 use crate::source::kube::driver;
 use crate::source::SourceKind;
 use crate::source::{file, Sink, SourceEvent};
 use crate::state::{Change, State, StateConfig};
 use crate::stop::Stop;
 pub use control::{Control, Effect, Input};
+use observe::{layout_name, observe};
+use offline::{read_cache, write_cache, CACHE_PERIOD};
 
 /// Why the agent could not start or stop cleanly.
 #[derive(Debug)]
@@ -134,6 +136,8 @@ pub async fn run_until(
     // First of all: one instance. A second `run` stops here, having changed nothing.
     let run_dir = RunDir::lock(&config.run_dir).map_err(AgentError::Instance)?;
     let ops = Ops::new();
+    // kube-proxy's healthz timeout is twice its sync period; ours, twice the resync period.
+    ops.health.set_timeout(config.resync_period * 2);
     let _ops_server = config.metrics_address.map(|addr| serve_ops(addr, &ops)).transpose()?;
     let (rules, kube_proxy) = prepare_rules(&config)?;
     let added = add_addresses(&config, &run_dir)?;
@@ -282,7 +286,10 @@ impl Shell {
     fn carry_out(&self, effect: Effect, control: &Control) -> Option<&'static str> {
         let ops = &self.ops;
         match effect {
-            Effect::Rules(set) => self.worker.send(set),
+            Effect::Rules(set) => {
+                ops.queued(std::time::SystemTime::now());
+                self.worker.send(set);
+            }
             Effect::Table(table) => {
                 self.table_tx.send_replace(table);
             }
@@ -290,7 +297,7 @@ impl Shell {
                 ops.set_source_synced(true);
                 if ops.health.serving_cache() {
                     log::info!("the source synced: the offline cache is replaced");
-                    ops.health.set_serving_cache(false);
+                    ops.set_serving_cache(false);
                     self.run_dir.note_serving_cache(None);
                 }
             }
@@ -302,13 +309,20 @@ impl Shell {
             Effect::Watchdog => {
                 let _ = self.notifier.watchdog();
             }
-            Effect::RefusedLoops(n) => ops.metrics.endpoints_refused_loop.set(Gauge::count(n)),
+            Effect::Counts(c) => ops.metrics.plan(&c, layout_name(self.config.layout)),
+            Effect::Programmed(triggers) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+                for t in triggers {
+                    ops.metrics.programmed(Duration::from_millis(now_ms.saturating_sub(t)));
+                }
+            }
             Effect::ServingCache(written) => {
                 log::warn!(
                     "the source has not synced within {:?}: serving the offline cache written {written}",
                     self.config.offline_after
                 );
-                ops.health.set_serving_cache(true);
+                ops.set_serving_cache(true);
                 self.run_dir.note_serving_cache(Some(&written));
             }
             Effect::WriteCache => {
@@ -437,49 +451,6 @@ async fn after(delay: Duration, input: Input, tx: mpsc::UnboundedSender<Input>) 
     let _ = tx.send(input);
 }
 
-/// How often the offline cache is written at most (when the state changed).
-const CACHE_PERIOD: Duration = Duration::from_secs(5);
-
-/// The offline cache, when there is one to fall back on (said in the log either way).
-fn read_cache(config: &Config) -> Option<cache::Cached> {
-    let dir = config.state_dir.as_ref()?;
-    match cache::read(dir) {
-        Ok(c) => {
-            log::info!(
-                "offline cache {}: {} objects written {}{}",
-                dir.join(cache::FILE).display(),
-                c.objects.len(),
-                c.written,
-                if c.skipped.is_empty() { String::new() } else { format!("; {} unusable, skipped", c.skipped.len()) }
-            );
-            for s in &c.skipped {
-                log::warn!("offline cache: {s} (skipped)");
-            }
-            Some(c)
-        }
-        Err(cache::CacheError::Missing) => None,
-        Err(e) => {
-            log::warn!("offline cache {}: {e}; not used", dir.join(cache::FILE).display());
-            None
-        }
-    }
-}
-
-/// Write the state as the offline cache, on a thread of its own (fsync may take a while on
-/// flash).
-fn write_cache(dir: &std::path::Path, state: &State) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let text = cache::encode(state.snapshot(), &crate::logging::rfc3339(now));
-    let dir = dir.to_path_buf();
-    let spawned = std::thread::Builder::new().name("cache".into()).spawn(move || match cache::write(&dir, &text) {
-        Ok(path) => log::debug!("offline cache written: {} ({} bytes)", path.display(), text.len()),
-        Err(e) => log::warn!("offline cache in {}: {e}", dir.display()),
-    });
-    if let Err(e) = spawned {
-        log::warn!("cannot start the cache writer: {e}");
-    }
-}
-
 /// Start the configured source's threads; they send [`Input::Source`]s until `stop`.
 fn start_sources(
     config: &Config,
@@ -496,46 +467,6 @@ fn start_sources(
         SourceKind::Kube | SourceKind::MetaServer => {
             driver::spawn(&config.source, sink, stop.clone()).map_err(|e| AgentError::Source(e.to_string()))
         }
-    }
-}
-
-/// The metric name of a resource.
-fn resource(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Service => "services",
-        Kind::EndpointSlice => "endpointslices",
-        Kind::Endpoints => "endpoints",
-    }
-}
-
-/// Count and log what an input says (the decisions are [`Control`]'s).
-fn observe(ops: &Ops, input: &Input) {
-    match input {
-        Input::Source(SourceEvent::WatchRestarted(kind)) => ops.metrics.watch_restart(resource(*kind)),
-        Input::Source(SourceEvent::Relisted(kind)) => ops.metrics.relist(resource(*kind)),
-        Input::Rules(worker::Event::Applied { duration, restores, rules, total_restores }) => {
-            if *restores > 0 {
-                ops.metrics.rule_sync_ok(*duration, std::time::SystemTime::now());
-                log::info!(
-                    "rules applied: {rules} rules, {restores} restore(s) in {} ms (restores so far: {total_restores})",
-                    duration.as_millis()
-                );
-            } else {
-                log::debug!("rules unchanged: no restore");
-            }
-        }
-        Input::Rules(worker::Event::Failed { error, duration, retry_in }) => {
-            ops.metrics.rule_sync_failed(*duration);
-            log::error!(
-                "rules sync failed, previous rules still in force; retry in {} ms: {error}",
-                retry_in.as_millis()
-            );
-        }
-        Input::Rules(worker::Event::Repaired { what }) => {
-            ops.metrics.guard_repairs.inc();
-            log::warn!("rules repaired: {}", what.join("; "));
-        }
-        _ => {}
     }
 }
 

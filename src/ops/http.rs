@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::metrics::render_proxy;
+use super::process::render_process;
+use super::proxy_metrics::render_proxy;
 use super::state::Ops;
 
 // ----------------------------------------------------------------------------------------------
@@ -147,7 +148,20 @@ fn route(req: &Request<'_>, ops: &Ops) -> (u16, &'static str, String) {
         return (405, TEXT, "only GET and HEAD\n".into());
     }
     match req.path {
-        "/healthz" => (200, TEXT, "ok\n".into()),
+        // kube-proxy's contract: unhealthy when an update has been queued but not applied for
+        // longer than the timeout; /healthz answers JSON.
+        "/healthz" => {
+            let h = ops.health.freshness(std::time::SystemTime::now());
+            let body = format!(
+                "{{\"lastUpdated\": \"{}\", \"currentTime\": \"{}\", \"nodeEligible\": true}}\n",
+                h.last_updated, h.current_time
+            );
+            (if h.stale { 503 } else { 200 }, "application/json", body)
+        }
+        "/livez" => match ops.health.freshness(std::time::SystemTime::now()) {
+            h if h.stale => (503, TEXT, format!("stale: a rules update has waited since {}\n", h.last_queued)),
+            _ => (200, TEXT, "ok\n".into()),
+        },
         "/readyz" => match ops.health.ready() {
             Ok(()) if ops.health.serving_cache() => {
                 (200, TEXT, "ready: serving the offline cache (the source has not synced since the start)\n".into())
@@ -158,6 +172,7 @@ fn route(req: &Request<'_>, ops: &Ops) -> (u16, &'static str, String) {
         "/metrics" => {
             let mut text = ops.metrics.registry.render();
             render_proxy(&ops.proxy, &mut text);
+            render_process(&mut text);
             (200, "text/plain; version=0.0.4; charset=utf-8", text)
         }
         _ => (404, TEXT, "not found; try /healthz, /readyz or /metrics\n".into()),

@@ -1,40 +1,79 @@
-//! The edgeproxy metric set on the [`Registry`]: rule syncs, the guard, the source's watches and
-//! relists, readiness gauges; and the proxy's counters, rendered from `ProxyStats` at scrape
-//! time so that the data path pays one atomic add per event and nothing else.
+//! The agent's metric set on the [`Registry`], named after kube-proxy's where kube-proxy has the
+//! concept (`edgeproxy_` + kube-proxy's suffix), so its dashboards and alerts carry over: rule
+//! syncs (every one, full and partial, the last one and the last queued change), restore
+//! failures, the rules we own, network programming latency, the guard, the source (watches,
+//! relists, API requests), readiness, and what the current plan holds.
+//!
+//! The agent feeds it (this module decides nothing); the proxy's counters and the process's own
+//! figures are rendered at scrape time by `proxy_metrics` and `process`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::registry::{escape_label, Counter, CounterVec, Gauge, Histogram, Registry};
-use crate::proxy::stats::ProxyStats;
+use super::registry::{Counter, CounterVec, Gauge, GaugeVec, Histogram, HistogramVec, Registry};
 
-// ----------------------------------------------------------------------------------------------
-// The edgeproxy metric set
 /// Bucket bounds (seconds) for rule sync durations: iptables-restore takes ~5 ms to seconds.
 pub const SYNC_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Bucket bounds (seconds) for network programming latency (kube-proxy's, shortened).
+pub const PROGRAMMING_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
+/// Bucket bounds (seconds) for API requests (a watch lasts its timeoutSeconds).
+pub const REQUEST_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0, 600.0];
 
-/// Every metric edgeproxy exports, registered in [`Metrics::registry`].
+/// What the current plan holds, for the gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    pub services_proxied: usize,
+    pub services_ignored: usize,
+    pub ports_tcp: usize,
+    pub ports_udp: usize,
+    pub ports_sctp: usize,
+    /// Usable upstreams over all proxied ports.
+    pub endpoints: usize,
+    pub endpoints_refused_loop: usize,
+    /// Ports of `internalTrafficPolicy: Local` services with no endpoint on this node.
+    pub no_local_endpoints: usize,
+    pub rules_v4: usize,
+    pub rules_v6: usize,
+}
+
+/// Every metric of the agent, registered in [`Metrics::registry`].
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
-    rule_syncs_ok: Arc<Counter>,
-    rule_syncs_failed: Arc<Counter>,
-    rule_sync_duration: Arc<Histogram>,
+    sync_duration: Arc<Histogram>,
+    sync_full: Arc<Histogram>,
+    sync_partial: Arc<Histogram>,
+    last_sync: Arc<Gauge>,
+    last_queued: Arc<Gauge>,
+    restore_failures: Arc<Counter>,
+    rules: GaugeVec,
+    programming: Arc<Histogram>,
+    guard_checks: Arc<Counter>,
     /// Times the guard found our rules missing or changed and put them back.
     pub guard_repairs: Arc<Counter>,
     watch_restarts: CounterVec,
     relists: CounterVec,
-    last_sync: Arc<Gauge>,
+    requests: CounterVec,
+    request_duration: HistogramVec,
     pub(super) rules_installed: Arc<Gauge>,
     pub(super) source_synced: Arc<Gauge>,
+    pub(super) serving_cache: Arc<Gauge>,
+    services: GaugeVec,
+    ports: GaugeVec,
+    endpoints: Arc<Gauge>,
     /// Endpoints left out of the current plan because they would loop back into the proxy.
     pub endpoints_refused_loop: Arc<Gauge>,
+    no_local_endpoints: Arc<Gauge>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+fn unix(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Metrics {
@@ -44,15 +83,54 @@ impl Metrics {
             r.gauge_vec("edgeproxy_build_info", "Version and target of this binary; always 1.", &["version", "target"]);
         let target = option_env!("EDGEPROXY_TARGET").unwrap_or("unknown");
         info.with(&[env!("CARGO_PKG_VERSION"), target]).set(1.0);
-        let syncs =
-            r.counter_vec("edgeproxy_rule_syncs_total", "Rule syncs (iptables-restore runs) by result.", &["result"]);
+        let no_local = r.gauge_vec(
+            "edgeproxy_sync_proxy_rules_no_local_endpoints",
+            "Service ports with internalTrafficPolicy: Local and no endpoint on this node (refused).",
+            &["traffic_policy"],
+        );
         Metrics {
-            rule_syncs_ok: syncs.with(&["ok"]),
-            rule_syncs_failed: syncs.with(&["error"]),
-            rule_sync_duration: r.histogram(
-                "edgeproxy_rule_sync_duration_seconds",
-                "Time one rule sync took, successful or not.",
+            sync_duration: r.histogram(
+                "edgeproxy_sync_proxy_rules_duration_seconds",
+                "Time one rule sync took (a change, the periodic resync, a retry), successful or not.",
                 SYNC_BUCKETS,
+            ),
+            sync_full: r.histogram(
+                "edgeproxy_sync_full_proxy_rules_duration_seconds",
+                "Time a full rewrite of the rules took (start, resync, after a failure or a repair).",
+                SYNC_BUCKETS,
+            ),
+            sync_partial: r.histogram(
+                "edgeproxy_sync_partial_proxy_rules_duration_seconds",
+                "Time a sync of only the chains that changed took.",
+                SYNC_BUCKETS,
+            ),
+            last_sync: r.gauge(
+                "edgeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "Unix time the rules were last known to be right: a sync, the periodic resync, or a guard \
+                 check that found them in place; 0 before the first.",
+            ),
+            last_queued: r.gauge(
+                "edgeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "Unix time a change of the rules was last handed to the rules worker; later than the last \
+                 sync while it waits.",
+            ),
+            restore_failures: r.counter(
+                "edgeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                "Rule syncs that failed (iptables-restore refused the input, or could not run).",
+            ),
+            rules: r.gauge_vec(
+                "edgeproxy_sync_proxy_rules_iptables",
+                "Rules edgeproxy owns in the nat table, by family and layout.",
+                &["family", "layout"],
+            ),
+            programming: r.histogram(
+                "edgeproxy_network_programming_duration_seconds",
+                "From an endpoints change (the EndpointSlice's last-change-trigger-time) to it being in force.",
+                PROGRAMMING_BUCKETS,
+            ),
+            guard_checks: r.counter(
+                "edgeproxy_guard_checks_total",
+                "Guard checks of edgeproxy's jumps and chains (every guard period while rules are installed).",
             ),
             guard_repairs: r.counter(
                 "edgeproxy_guard_repairs_total",
@@ -68,35 +146,76 @@ impl Metrics {
                 "Full lists after the first one (expired resourceVersion, errors, poll mode), by resource.",
                 &["resource"],
             ),
-            last_sync: r.gauge(
-                "edgeproxy_last_successful_sync_timestamp_seconds",
-                "Unix time of the last rule sync that succeeded; 0 before the first.",
+            requests: r.counter_vec(
+                "edgeproxy_rest_client_requests_total",
+                "Requests to the API server or MetaServer, by verb (LIST, WATCH) and HTTP code (\"<error>\": none).",
+                &["verb", "code"],
+            ),
+            request_duration: r.histogram_vec(
+                "edgeproxy_rest_client_request_duration_seconds",
+                "Time to an API request's response head, by verb.",
+                &["verb"],
+                REQUEST_BUCKETS,
             ),
             rules_installed: r.gauge("edgeproxy_rules_installed", "1 when the nat rules are installed."),
             source_synced: r.gauge(
                 "edgeproxy_source_synced",
                 "1 when the source has delivered a complete view of Services and endpoints.",
             ),
+            serving_cache: r.gauge(
+                "edgeproxy_serving_offline_cache",
+                "1 while the agent serves the offline cache because the source has not synced since the start.",
+            ),
+            services: r.gauge_vec("edgeproxy_services", "Services held, by verdict (proxied, ignored).", &["verdict"]),
+            ports: r.gauge_vec("edgeproxy_service_ports", "Proxied service ports, by protocol.", &["protocol"]),
+            endpoints: r.gauge("edgeproxy_endpoints", "Usable upstreams over all proxied service ports."),
             endpoints_refused_loop: r.gauge(
                 "edgeproxy_endpoints_refused_loop",
                 "Endpoints left out of the current plan because they are the proxy's own address or a \
                  ClusterIP:port this node proxies (they would loop back into the proxy).",
             ),
+            no_local_endpoints: no_local.with(&["internal"]),
             registry: r,
         }
     }
 
-    /// One rule sync succeeded. `at` is the wall-clock time, recorded as the last successful sync.
-    pub fn rule_sync_ok(&self, took: Duration, at: SystemTime) {
-        self.rule_sync_duration.observe_duration(took);
-        self.rule_syncs_ok.inc();
-        self.last_sync.set(at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+    /// A sync ended well at `at`: `full` a full rewrite, `Some(false)` a minimal one, `None`
+    /// nothing needed writing.
+    pub fn sync_ok(&self, took: Duration, full: Option<bool>, at: SystemTime) {
+        self.sync_duration.observe_duration(took);
+        match full {
+            Some(true) => self.sync_full.observe_duration(took),
+            Some(false) => self.sync_partial.observe_duration(took),
+            None => {}
+        }
+        self.last_sync.set(unix(at));
+    }
+
+    /// The periodic resync (`resync`) or a guard check found or put the rules right at `at`.
+    pub fn sync_confirmed(&self, resync: bool, took: Duration, at: SystemTime) {
+        if resync {
+            self.sync_duration.observe_duration(took);
+            self.sync_full.observe_duration(took);
+        } else {
+            self.guard_checks.inc();
+        }
+        self.last_sync.set(unix(at));
     }
 
     /// One rule sync failed after `took` (the previous rules stay in force).
-    pub fn rule_sync_failed(&self, took: Duration) {
-        self.rule_sync_duration.observe_duration(took);
-        self.rule_syncs_failed.inc();
+    pub fn sync_failed(&self, took: Duration) {
+        self.sync_duration.observe_duration(took);
+        self.restore_failures.inc();
+    }
+
+    /// A change was handed to the rules worker at `at`.
+    pub fn queued(&self, at: SystemTime) {
+        self.last_queued.set(unix(at));
+    }
+
+    /// An endpoints change is in force, `took` after its trigger time.
+    pub fn programmed(&self, took: Duration) {
+        self.programming.observe_duration(took);
     }
 
     /// A watch of `resource` (`services`, `endpointslices`, `endpoints`) ended and restarts.
@@ -108,113 +227,25 @@ impl Metrics {
     pub fn relist(&self, resource: &str) {
         self.relists.with(&[resource]).inc();
     }
-}
 
-/// The proxy's counters in the text format: per service port (`namespace/name[:port]`) and in
-/// total. Rendered from [`ProxyStats`] at scrape time, so the data path pays one atomic add per
-/// event and nothing else.
-pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
-    use std::fmt::Write as _;
-    let services = stats.services();
-    let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in rows {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let svc = |n: &str| format!("service=\"{}\"", escape_label(n));
-    family(
-        "edgeproxy_connections_total",
-        "counter",
-        "Proxied TCP connections by service port and outcome (ok, no_endpoints, dial_failed).",
-        &mut services.iter().flat_map(|(n, c)| {
-            [
-                ("ok", c.tcp_ok.get()),
-                ("no_endpoints", c.tcp_no_endpoints.get()),
-                ("dial_failed", c.tcp_dial_failed.get()),
-            ]
-            .map(|(o, v)| (format!("{{{},outcome=\"{o}\"}}", svc(n)), v))
-        }),
-    );
-    family(
-        "edgeproxy_connections_refused_total",
-        "counter",
-        "TCP connections refused by the proxy itself: not a proxied service port, a loop, the client address's connection cap, or the descriptor reserve.",
-        &mut [
-            ("not_a_service", stats.tcp_refused_not_service.get()),
-            ("loop", stats.tcp_refused_loop.get()),
-            ("per_source", stats.tcp_refused_per_source.get()),
-            ("fd_budget", stats.tcp_refused_fd_budget.get()),
-        ]
-            .into_iter()
-            .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), v)),
-    );
-    family(
-        "edgeproxy_connections_idle_closed_total",
-        "counter",
-        "TCP connections closed after tcp.idleTimeout without a byte either way (off unless set).",
-        &mut std::iter::once((String::new(), stats.tcp_idle_closed.get())),
-    );
-    family(
-        "edgeproxy_bytes_total",
-        "counter",
-        "Bytes relayed by service port and direction (to_backend, to_client), TCP and UDP.",
-        &mut services.iter().flat_map(|(n, c)| {
-            [("to_backend", c.bytes_to_backend.get()), ("to_client", c.bytes_to_client.get())]
-                .map(|(d, v)| (format!("{{{},direction=\"{d}\"}}", svc(n)), v))
-        }),
-    );
-    family(
-        "edgeproxy_active_connections",
-        "gauge",
-        "Open relayed TCP connections by service port.",
-        &mut services.iter().map(|(n, c)| (format!("{{{}}}", svc(n)), c.tcp_active.get())),
-    );
-    family(
-        "edgeproxy_dial_failures_total",
-        "counter",
-        "Failed attempts to reach a backend, by service port (one connection may make several).",
-        &mut services.iter().map(|(n, c)| (format!("{{{}}}", svc(n)), c.dial_failures.get())),
-    );
-    family(
-        "edgeproxy_udp_flows",
-        "gauge",
-        "Live UDP flows (one per client address and service port).",
-        &mut std::iter::once((String::new(), stats.udp_flows_active.get())),
-    );
-    family(
-        "edgeproxy_udp_flow_events_total",
-        "counter",
-        "UDP flows created, expired, evicted to make room at the cap, and refused (per client address cap; no descriptor left).",
-        &mut [
-            ("created", stats.total.udp_flows_created.get()),
-            ("expired", stats.udp_flows_expired.get()),
-            ("evicted", stats.udp_flows_evicted.get()),
-            ("dropped_per_source", stats.udp_flows_dropped_per_source.get()),
-            ("dropped_at_cap", stats.udp_flows_dropped_at_cap.get()),
-        ]
-        .into_iter()
-        .map(|(e, v)| (format!("{{event=\"{e}\"}}"), v)),
-    );
-    family(
-        "edgeproxy_accept_paused_total",
-        "counter",
-        "Times accepting paused because file descriptors ran out.",
-        &mut std::iter::once((String::new(), stats.accept_fd_exhausted.get())),
-    );
-}
+    /// An API request: `code` is the HTTP status, `None` when none came back.
+    pub fn request(&self, verb: &str, code: Option<u16>, took: Duration) {
+        let code = code.map_or_else(|| "<error>".to_string(), |c| c.to_string());
+        self.requests.with(&[verb, &code]).inc();
+        self.request_duration.with(&[verb]).observe_duration(took);
+    }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_counters_render_per_service() {
-        let stats = ProxyStats::new();
-        stats.service("a/b:http").tcp_ok.add(3);
-        let mut out = String::new();
-        render_proxy(&stats, &mut out);
-        assert!(out.contains("edgeproxy_connections_total{service=\"a/b:http\",outcome=\"ok\"} 3"), "{out}");
-        assert!(out.contains("# TYPE edgeproxy_active_connections gauge"));
+    /// What the current plan holds.
+    pub fn plan(&self, c: &PlanCounts, layout: &str) {
+        self.services.with(&["proxied"]).set(Gauge::count(c.services_proxied));
+        self.services.with(&["ignored"]).set(Gauge::count(c.services_ignored));
+        self.ports.with(&["TCP"]).set(Gauge::count(c.ports_tcp));
+        self.ports.with(&["UDP"]).set(Gauge::count(c.ports_udp));
+        self.ports.with(&["SCTP"]).set(Gauge::count(c.ports_sctp));
+        self.endpoints.set(Gauge::count(c.endpoints));
+        self.endpoints_refused_loop.set(Gauge::count(c.endpoints_refused_loop));
+        self.no_local_endpoints.set(Gauge::count(c.no_local_endpoints));
+        self.rules.with(&["ipv4", layout]).set(Gauge::count(c.rules_v4));
+        self.rules.with(&["ipv6", layout]).set(Gauge::count(c.rules_v6));
     }
 }

@@ -13,10 +13,13 @@
 
 pub mod http;
 pub mod metrics;
+pub mod process;
+pub mod proxy_metrics;
 pub mod registry;
 pub mod state;
 
 pub use http::{parse_head, Request, Server, IO_TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST};
-pub use metrics::{render_proxy, Metrics, SYNC_BUCKETS};
+pub use metrics::{Metrics, PlanCounts, SYNC_BUCKETS};
+pub use proxy_metrics::render_proxy;
 pub use registry::{escape_label, Counter, CounterVec, Gauge, GaugeVec, Histogram, HistogramVec, Registry};
 pub use state::{Health, Ops};

@@ -171,6 +171,9 @@ async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<
         if changed {
             guard.0.retain(timeouts.keys().copied());
             shared.stats.retain(|n| timeouts.contains_key(n));
+            let upstreams: std::collections::HashSet<(&str, SocketAddr)> =
+                table.tcp.values().flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
+            shared.stats.retain_endpoints(|n, a| upstreams.contains(&(n, a)));
         }
         guard.0.expire(Instant::now(), |name| timeouts.get(name).copied().flatten());
     }

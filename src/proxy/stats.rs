@@ -5,8 +5,10 @@
 //! once, at its start, and keeps the `Arc`. This module never does I/O and never formats text.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A monotonic counter or a gauge.
 #[derive(Debug, Default)]
@@ -29,6 +31,56 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+}
+
+/// Bucket bounds (seconds) of [`Latencies`]: dials take ~0.1 ms on a LAN to the dial timeout;
+/// connections live from milliseconds to days.
+pub const LATENCY_BOUNDS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 60.0, 600.0];
+
+/// A histogram of durations in fixed buckets: one atomic add per bucket and one for the sum per
+/// observation (rendered cumulatively by the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct Latencies {
+    /// Per bucket of [`LATENCY_BOUNDS`] (not cumulative), then +Inf.
+    counts: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latencies {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (then +Inf, the total), and the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut acc = 0;
+        let cumulative = self
+            .counts
+            .iter()
+            .map(|c| {
+                acc += c.load(Ordering::Relaxed);
+                acc
+            })
+            .collect();
+        // Microseconds to seconds: a float of a count of microseconds.
+        #[allow(clippy::cast_precision_loss)]
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (cumulative, sum)
+    }
+}
+
+/// A service port's name and one of its endpoints.
+pub type EndpointKey = (Box<str>, SocketAddr);
+
+/// Dials to one endpoint of one service port.
+#[derive(Debug, Default)]
+pub struct EndpointCounters {
+    pub ok: Counter,
+    pub failed: Counter,
 }
 
 /// Why a TCP connection ended the way it did.
@@ -57,6 +109,8 @@ pub struct ServiceCounters {
     pub bytes_to_backend: Counter,
     pub bytes_to_client: Counter,
     pub udp_flows_created: Counter,
+    /// A TCP port (the TCP series are rendered for it; a UDP-only port has none).
+    pub tcp: AtomicBool,
 }
 
 impl ServiceCounters {
@@ -100,6 +154,12 @@ pub struct ProxyStats {
     /// Datagrams dropped for any other reason (no backend, send buffer full, socket error).
     pub udp_datagrams_dropped: Counter,
     services: Mutex<HashMap<Box<str>, Arc<ServiceCounters>>>,
+    /// Successful dials.
+    pub dial_duration: Latencies,
+    /// Relayed TCP connections, from the dial's success to the end.
+    pub connection_duration: Latencies,
+    /// Dials per (service port, endpoint): bounded by the table, pruned with it.
+    endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointCounters>>>,
 }
 
 impl ProxyStats {
@@ -130,6 +190,26 @@ impl ProxyStats {
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|name, c| keep(name) || c.tcp_active.get() > 0 || Arc::strong_count(c) > 1);
+    }
+
+    /// The dial counters of one endpoint of a service port, created on first use.
+    pub fn endpoint(&self, service: &str, addr: SocketAddr) -> Arc<EndpointCounters> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((service.into(), addr)).or_default().clone()
+    }
+
+    /// A copy of the per-endpoint map, sorted (for the metrics endpoint).
+    pub fn endpoints(&self) -> Vec<(EndpointKey, Arc<EndpointCounters>)> {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Drop the counters of endpoints that are no longer upstreams of a service port.
+    pub fn retain_endpoints(&self, keep: impl Fn(&str, SocketAddr) -> bool) {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|(name, addr), _| keep(name, *addr));
     }
 
     /// Count one finished connection setup, per service and in total.

@@ -211,6 +211,15 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
     while conns.join_next().await.is_some() {}
 }
 
+/// Observes a relayed connection's duration when dropped (however it ends).
+struct Lifetime<'a>(std::time::Instant, &'a super::stats::Latencies);
+
+impl Drop for Lifetime<'_> {
+    fn drop(&mut self) {
+        self.1.observe(self.0.elapsed());
+    }
+}
+
 /// Decrements a gauge when dropped (also when the task is aborted at shutdown).
 struct Active<'a>(&'a Counter, &'a Counter);
 
@@ -230,6 +239,7 @@ async fn serve(
 ) {
     let stats = &shared.stats;
     let svc = stats.service(&entry.name);
+    svc.tcp.store(true, std::sync::atomic::Ordering::Relaxed);
     let upstream = match dial(&entry, peer, &shared, &svc).await {
         Ok(u) => u,
         Err(outcome) => {
@@ -245,6 +255,7 @@ async fn serve(
     stats.total.tcp_active.inc();
     svc.tcp_active.inc();
     let _active = Active(&stats.total.tcp_active, &svc.tcp_active);
+    let _lifetime = Lifetime(std::time::Instant::now(), &stats.connection_duration);
     let mut relay = Relay::new(shared.cfg.tcp_buffer, &svc, stats);
     let (mut client, mut upstream) = (client, upstream);
     let mut stopping = shared.stopping.clone();
@@ -358,11 +369,18 @@ async fn dial(
             log::warn!("{}: backend {addr} is the proxy itself; refused", entry.name);
             continue;
         }
+        let started = std::time::Instant::now();
+        let endpoint = stats.endpoint(&entry.name, addr);
         let err = match tokio::time::timeout(shared.cfg.dial_timeout, connect_marked(addr, shared.cfg.mark)).await {
-            Ok(Ok(s)) => return Ok(s),
+            Ok(Ok(s)) => {
+                stats.dial_duration.observe(started.elapsed());
+                endpoint.ok.inc();
+                return Ok(s);
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
         };
+        endpoint.failed.inc();
         stats.total.dial_failures.inc();
         svc.dial_failures.inc();
         log::debug!("{peer} ({}): dial {addr}: {err}", entry.name);

@@ -28,8 +28,12 @@ use super::RuleSet;
 /// What the rules worker reports.
 #[derive(Clone, Debug)]
 pub enum Event {
-    /// A desired set is now in the kernel. `restores` is 0 when nothing had changed.
-    Applied { duration: Duration, restores: u32, rules: usize, total_restores: u64 },
+    /// A desired set is now in the kernel. `restores` is 0 when nothing had changed; `full`: a
+    /// full rewrite (else only the chains that changed).
+    Applied { duration: Duration, restores: u32, rules: usize, total_restores: u64, full: bool },
+    /// The periodic full rewrite (`resync`), or a guard check (`!resync`) found or put
+    /// everything in place: the rules are as they should be at this moment.
+    Confirmed { resync: bool, duration: Duration },
     /// A sync failed; the previous rules are still in force. Retried after `retry_in`.
     Failed { error: Arc<ApplyError>, duration: Duration, retry_in: Duration },
     /// The guard (or a sync) found something out of place and put it right.
@@ -170,12 +174,14 @@ fn execute(
                 restores: r.restores,
                 rules: r.rules,
                 total_restores: applier.restores(),
+                full: r.full,
             });
             Ok(Some(r.kube_proxy))
         }
         Job::Resync(set) => {
             let r = applier.reapply(set)?;
             log::debug!("full resync: {} restore(s) in {:?}", r.restores, started.elapsed());
+            report(Event::Confirmed { resync: true, duration: started.elapsed() });
             Ok(Some(r.kube_proxy))
         }
         Job::Guard => {
@@ -183,6 +189,7 @@ fn execute(
             if !r.repaired.is_empty() {
                 report(Event::Repaired { what: r.repaired });
             }
+            report(Event::Confirmed { resync: false, duration: started.elapsed() });
             Ok(Some(r.kube_proxy))
         }
         Job::ProbeKubeProxy => Ok(applier.kube_proxy_jump_present().ok()),

@@ -232,10 +232,15 @@ fn endpoints_json(e: &EndpointSet) -> Value {
                     o
                 })
                 .collect();
+            let mut meta = metadata(&e.key, Some(labels));
+            if let Some(ms) = e.trigger_ms {
+                meta["annotations"] = json!({"endpoints.kubernetes.io/last-change-trigger-time":
+                    crate::logging::rfc3339(std::time::Duration::from_millis(ms))});
+            }
             json!({
                 "apiVersion": "discovery.k8s.io/v1",
                 "kind": "EndpointSlice",
-                "metadata": metadata(&e.key, Some(labels)),
+                "metadata": meta,
                 "addressType": address_type,
                 "endpoints": endpoints,
                 "ports": group.map(|g| endpoint_ports(&g.ports)).unwrap_or_default(),

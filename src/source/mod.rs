@@ -37,6 +37,8 @@ pub enum SourceEvent {
     Relisted(Kind),
     /// A failure the source is recovering from by itself (backoff, retry); for logs and metrics.
     Error { kind: Option<Kind>, message: String },
+    /// An API request came back (`code`; `None`: no response) after `duration`: for metrics.
+    Request { verb: &'static str, code: Option<u16>, duration: std::time::Duration },
 }
 
 /// Where a source sends its events. Callable from any thread.

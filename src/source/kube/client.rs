@@ -109,7 +109,13 @@ pub struct Client {
     base: Arc<str>,
     origin: Arc<str>,
     auth: Arc<AuthState>,
+    /// Told of every request: its verb (`LIST`, `WATCH`, `GET`), the HTTP code (`None`: no
+    /// response) and the time to the response head.
+    observer: Option<Observer>,
 }
+
+/// See [`Client::observed`].
+pub type Observer = Arc<dyn Fn(&'static str, Option<u16>, Duration) + Send + Sync>;
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -194,6 +200,7 @@ impl Client {
             base: settings.server.as_str().into(),
             origin: settings.origin.as_str().into(),
             auth: Arc::new(auth),
+            observer: None,
         })
     }
 
@@ -218,7 +225,27 @@ impl Client {
 
     /// [`Client::get`] whose reads may stay silent up to `read_timeout` (a watch: the server
     /// sends nothing on a quiet resource until `timeoutSeconds`), instead of the idle timeout.
+    /// The same client, telling `observer` of every request.
+    pub fn observed(mut self, observer: Observer) -> Client {
+        self.observer = Some(observer);
+        self
+    }
+
     pub fn get_with(&self, path_and_query: &str, read_timeout: Option<Duration>) -> Result<Response, ClientError> {
+        let started = std::time::Instant::now();
+        let result = self.request(path_and_query, read_timeout);
+        if let Some(observe) = &self.observer {
+            let verb = match path_and_query {
+                p if p.contains("watch=1") || p.contains("watch=true") => "WATCH",
+                p if p.contains("limit=") => "LIST",
+                _ => "GET",
+            };
+            observe(verb, result.as_ref().ok().map(|r| r.status), started.elapsed());
+        }
+        result
+    }
+
+    fn request(&self, path_and_query: &str, read_timeout: Option<Duration>) -> Result<Response, ClientError> {
         let url = format!("{}{}", self.base, path_and_query);
         let mut req = self.agent.get(&url).header("Accept", "application/json");
         if let Some(t) = read_timeout {

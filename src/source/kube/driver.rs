@@ -84,7 +84,10 @@ pub fn spawn_with(
     sink: Sink,
     stop: Stop,
 ) -> Result<Vec<JoinHandle<()>>, SourceError> {
-    let client = connect(cfg, &opts)?;
+    let to_sink = sink.clone();
+    let client = connect(cfg, &opts)?.observed(Arc::new(move |verb, code, duration| {
+        to_sink(SourceEvent::Request { verb, code, duration });
+    }));
     let poll = (!cfg.watch).then_some(cfg.poll_interval);
     let shared = Shared { client, opts: Arc::new(opts), sink, stop, poll };
     let spawn_err = |e: std::io::Error| SourceError { message: format!("cannot start a reflector thread: {e}") };

@@ -437,6 +437,7 @@ fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Interner) ->
 
 fn slice(mut raw: RawSlice, ns: &mut Interner) -> FieldResult<EndpointSet> {
     let key = key_of(&raw.metadata, ns, names::dns1123_subdomain)?;
+    let trigger_ms = trigger_time(&raw.metadata);
     let service_name = raw
         .metadata
         .labels
@@ -453,7 +454,7 @@ fn slice(mut raw: RawSlice, ns: &mut Interner) -> FieldResult<EndpointSet> {
         Some("IPv6") => true,
         // FQDN slices are valid but no proxy can use them.
         Some("FQDN") => {
-            return Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: Vec::new() });
+            return Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: Vec::new(), trigger_ms });
         }
         other => return Err(("addressType".into(), format!("unknown address type {other:?} (IPv4, IPv6 or FQDN)"))),
     };
@@ -485,11 +486,25 @@ fn slice(mut raw: RawSlice, ns: &mut Interner) -> FieldResult<EndpointSet> {
         });
     }
     endpoints.shrink_to_fit();
-    Ok(EndpointSet { source: EndpointSource::Slice, key, service, groups: vec![EndpointGroup { ports, endpoints }] })
+    Ok(EndpointSet {
+        source: EndpointSource::Slice,
+        key,
+        service,
+        groups: vec![EndpointGroup { ports, endpoints }],
+        trigger_ms,
+    })
+}
+
+/// The `endpoints.kubernetes.io/last-change-trigger-time` annotation, when present and valid
+/// (informational: a bad one is ignored, never an error).
+fn trigger_time(meta: &RawMeta) -> Option<u64> {
+    let text = meta.annotations.as_ref()?.get("endpoints.kubernetes.io/last-change-trigger-time")?;
+    crate::logging::parse_rfc3339_ms(text)
 }
 
 fn endpoints(raw: RawEndpoints, ns: &mut Interner) -> FieldResult<EndpointSet> {
     let key = key_of(&raw.metadata, ns, names::dns1123_subdomain)?;
+    let trigger_ms = trigger_time(&raw.metadata);
     let mut groups = Vec::new();
     for (i, s) in raw.subsets.unwrap_or_default().into_iter().enumerate() {
         let ports = endpoint_ports(s.ports, &format!("subsets[{i}].ports"), ns)?;
@@ -513,7 +528,7 @@ fn endpoints(raw: RawEndpoints, ns: &mut Interner) -> FieldResult<EndpointSet> {
         groups.push(EndpointGroup { ports, endpoints });
     }
     groups.shrink_to_fit();
-    Ok(EndpointSet { source: EndpointSource::Endpoints, service: key.clone(), key, groups })
+    Ok(EndpointSet { source: EndpointSource::Endpoints, service: key.clone(), key, groups, trigger_ms })
 }
 
 #[cfg(test)]

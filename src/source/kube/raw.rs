@@ -77,6 +77,8 @@ pub(super) struct RawMeta<'a> {
     pub(super) resource_version: Option<String>,
     #[serde(borrow)]
     pub(super) labels: Option<BTreeMap<Text<'a>, Text<'a>>>,
+    #[serde(borrow)]
+    pub(super) annotations: Option<BTreeMap<Text<'a>, Text<'a>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -213,6 +213,7 @@ fn poll_mode_lists_on_an_interval() {
         key: ObjectKey::new("ns", "s-1"),
         service: ObjectKey::new("ns", "s"),
         groups: vec![],
+        trigger_ms: None,
     });
     assert_eq!(m.step(page(vec![set.clone()], "5", None), &mut e), Action::Sleep(Duration::from_secs(7)));
     assert_eq!(m.step(Reply::Woke, &mut e), Action::List { continue_token: None });
