@@ -77,3 +77,39 @@ fn the_flag_help_states_the_defaults_the_code_has() {
     }
     assert!(checked.len() >= 14, "too few stated defaults found: {checked:?}");
 }
+
+/// The README's metrics table lists every metric `/metrics` serves, with its type, and nothing
+/// else.
+#[test]
+fn the_readme_lists_every_metric_with_its_type() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split("### Metrics").nth(1).expect("a Metrics section");
+    let mut listed = std::collections::BTreeMap::new();
+    for line in section.lines().take_while(|l| !l.starts_with("## ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let [_, name, kind, ..] = cells[..] {
+            if let Some(name) = name.strip_prefix('`').and_then(|n| n.strip_suffix('`')) {
+                listed.insert(name.to_string(), kind.to_string());
+            }
+        }
+    }
+    // Everything /metrics can serve: the registry, the proxy's counters, the process.
+    let ops = edgeproxy::ops::Ops::new();
+    ops.metrics.plan(&edgeproxy::ops::PlanCounts::default(), "portals");
+    ops.metrics.watch_restart("services");
+    ops.metrics.relist("services");
+    ops.metrics.request("LIST", Some(200), std::time::Duration::ZERO);
+    let web = ops.proxy.service("a/web:http");
+    web.tcp.store(true, std::sync::atomic::Ordering::Relaxed);
+    ops.proxy.endpoint("a/web:http", "192.0.2.1:80".parse().unwrap());
+    let mut text = ops.metrics.registry.render();
+    edgeproxy::ops::render_proxy(&ops.proxy, &mut text);
+    edgeproxy::ops::process::render_process(&mut text);
+    let served: std::collections::BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, k)| (n.to_string(), k.to_string()))
+        .collect();
+    assert_eq!(listed, served, "README's metrics table vs what /metrics serves");
+}
