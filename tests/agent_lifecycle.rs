@@ -393,3 +393,52 @@ fn a_restart_with_a_broken_config_runs_the_last_good_one() {
     assert_eq!(exit_code(&mut s.node, &b), Some(0));
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn refusals_of_ports_without_endpoints_are_counted() {
+    require_root();
+    let mut s = setup("ref");
+    // t/quiet loses its endpoints: the kernel refuses its connections.
+    let file = s.dir.join("cluster.json");
+    let text = cluster().replace(
+        r#""addresses":["10.20.0.2"],"conditions":{"ready":true}}],
+              "ports":[{"name":"http","port":9090"#,
+        r#""addresses":["10.20.0.2"],"conditions":{"ready":false}}],
+              "ports":[{"name":"http","port":9090"#,
+    );
+    assert_ne!(text, cluster());
+    std::fs::write(&file, text).unwrap();
+    let source = s.source.clone();
+    let a = agent::start(
+        &mut s.node,
+        &[
+            "--source",
+            &source,
+            "--iptables-backend",
+            "nft",
+            "--resync-period",
+            "5s",
+            "--metrics-address",
+            "127.0.0.1:10552",
+        ],
+    );
+    ready(&a);
+    for _ in 0..3 {
+        let r = s
+            .node
+            .thread(|| {
+                TcpStream::connect_timeout(&QUIET.parse().unwrap(), Duration::from_secs(2)).map_err(|e| e.kind())
+            })
+            .join()
+            .unwrap();
+        assert_eq!(r.err(), Some(std::io::ErrorKind::ConnectionRefused));
+    }
+    let want = "edgeproxy_no_endpoints_refused_total{namespace=\"t\",service=\"quiet\",port=\"http\"} 3";
+    wait_for("the refusals counted (at the resync)", Duration::from_secs(15), || {
+        s.node.ok(&["curl", "-s", "http://127.0.0.1:10552/metrics"]).contains(want)
+    });
+    signal(a.pid, "-TERM");
+    assert_eq!(exit_code(&mut s.node, &a), Some(0));
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

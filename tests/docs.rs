@@ -99,6 +99,7 @@ fn the_readme_lists_every_metric_with_its_type() {
     ops.metrics.watch_restart("services");
     ops.metrics.relist("services");
     ops.metrics.request("LIST", Some(200), std::time::Duration::ZERO);
+    ops.metrics.refused(&[("a/web:http".to_string(), 1)]);
     let web = ops.proxy.service("a/web:http");
     web.tcp.store(true, std::sync::atomic::Ordering::Relaxed);
     ops.proxy.endpoint("a/web:http", "192.0.2.1:80".parse().unwrap());

@@ -37,6 +37,7 @@ pub(super) fn observe(ops: &Ops, input: &Input) {
                 retry_in.as_millis()
             );
         }
+        Input::Rules(worker::Event::Refused(sums)) => ops.metrics.refused(sums),
         Input::Rules(worker::Event::Repaired { what }) => {
             ops.metrics.guard_repairs.inc();
             log::warn!("rules repaired: {}", what.join("; "));

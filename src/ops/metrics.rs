@@ -36,10 +36,9 @@ pub struct PlanCounts {
     pub rules_v6: usize,
 }
 
-/// Every metric of the agent, registered in [`Metrics::registry`].
+/// The rule sync families, kube-proxy's names with our prefix.
 #[derive(Debug)]
-pub struct Metrics {
-    pub registry: Registry,
+struct SyncFamilies {
     sync_duration: Arc<Histogram>,
     sync_full: Arc<Histogram>,
     sync_partial: Arc<Histogram>,
@@ -49,6 +48,63 @@ pub struct Metrics {
     rules: GaugeVec,
     programming: Arc<Histogram>,
     guard_checks: Arc<Counter>,
+}
+
+impl SyncFamilies {
+    fn register(r: &Registry) -> SyncFamilies {
+        SyncFamilies {
+            sync_duration: r.histogram(
+                "edgeproxy_sync_proxy_rules_duration_seconds",
+                "Time one rule sync took (a change, the periodic resync, a retry), successful or not.",
+                SYNC_BUCKETS,
+            ),
+            sync_full: r.histogram(
+                "edgeproxy_sync_full_proxy_rules_duration_seconds",
+                "Time a full rewrite of the rules took (start, resync, after a failure or a repair).",
+                SYNC_BUCKETS,
+            ),
+            sync_partial: r.histogram(
+                "edgeproxy_sync_partial_proxy_rules_duration_seconds",
+                "Time a sync of only the chains that changed took.",
+                SYNC_BUCKETS,
+            ),
+            last_sync: r.gauge(
+                "edgeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "Unix time the rules were last known to be right: a sync, the periodic resync, or a guard \
+                     check that found them in place; 0 before the first.",
+            ),
+            last_queued: r.gauge(
+                "edgeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "Unix time a change of the rules was last handed to the rules worker; later than the last \
+                     sync while it waits.",
+            ),
+            restore_failures: r.counter(
+                "edgeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                "Rule syncs that failed (iptables-restore refused the input, or could not run).",
+            ),
+            rules: r.gauge_vec(
+                "edgeproxy_sync_proxy_rules_iptables",
+                "Rules edgeproxy owns in the nat table, by family and layout.",
+                &["family", "layout"],
+            ),
+            programming: r.histogram(
+                "edgeproxy_network_programming_duration_seconds",
+                "From an endpoints change (the EndpointSlice's last-change-trigger-time) to it being in force.",
+                PROGRAMMING_BUCKETS,
+            ),
+            guard_checks: r.counter(
+                "edgeproxy_guard_checks_total",
+                "Guard checks of edgeproxy's jumps and chains (every guard period while rules are installed).",
+            ),
+        }
+    }
+}
+
+/// Every metric of the agent, registered in [`Metrics::registry`].
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    sync: SyncFamilies,
     /// Times the guard found our rules missing or changed and put them back.
     pub guard_repairs: Arc<Counter>,
     watch_restarts: CounterVec,
@@ -64,6 +120,9 @@ pub struct Metrics {
     /// Endpoints left out of the current plan because they would loop back into the proxy.
     pub endpoints_refused_loop: Arc<Gauge>,
     no_local_endpoints: Arc<Gauge>,
+    refused: CounterVec,
+    /// The sums last reported per service port, so that the counters move by the difference.
+    refused_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -89,49 +148,7 @@ impl Metrics {
             &["traffic_policy"],
         );
         Metrics {
-            sync_duration: r.histogram(
-                "edgeproxy_sync_proxy_rules_duration_seconds",
-                "Time one rule sync took (a change, the periodic resync, a retry), successful or not.",
-                SYNC_BUCKETS,
-            ),
-            sync_full: r.histogram(
-                "edgeproxy_sync_full_proxy_rules_duration_seconds",
-                "Time a full rewrite of the rules took (start, resync, after a failure or a repair).",
-                SYNC_BUCKETS,
-            ),
-            sync_partial: r.histogram(
-                "edgeproxy_sync_partial_proxy_rules_duration_seconds",
-                "Time a sync of only the chains that changed took.",
-                SYNC_BUCKETS,
-            ),
-            last_sync: r.gauge(
-                "edgeproxy_sync_proxy_rules_last_timestamp_seconds",
-                "Unix time the rules were last known to be right: a sync, the periodic resync, or a guard \
-                 check that found them in place; 0 before the first.",
-            ),
-            last_queued: r.gauge(
-                "edgeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-                "Unix time a change of the rules was last handed to the rules worker; later than the last \
-                 sync while it waits.",
-            ),
-            restore_failures: r.counter(
-                "edgeproxy_sync_proxy_rules_iptables_restore_failures_total",
-                "Rule syncs that failed (iptables-restore refused the input, or could not run).",
-            ),
-            rules: r.gauge_vec(
-                "edgeproxy_sync_proxy_rules_iptables",
-                "Rules edgeproxy owns in the nat table, by family and layout.",
-                &["family", "layout"],
-            ),
-            programming: r.histogram(
-                "edgeproxy_network_programming_duration_seconds",
-                "From an endpoints change (the EndpointSlice's last-change-trigger-time) to it being in force.",
-                PROGRAMMING_BUCKETS,
-            ),
-            guard_checks: r.counter(
-                "edgeproxy_guard_checks_total",
-                "Guard checks of edgeproxy's jumps and chains (every guard period while rules are installed).",
-            ),
+            sync: SyncFamilies::register(&r),
             guard_repairs: r.counter(
                 "edgeproxy_guard_repairs_total",
                 "Times the guard found edgeproxy's rules missing or changed and restored them.",
@@ -175,6 +192,13 @@ impl Metrics {
                  ClusterIP:port this node proxies (they would loop back into the proxy).",
             ),
             no_local_endpoints: no_local.with(&["internal"]),
+            refused: r.counter_vec(
+                "edgeproxy_no_endpoints_refused_total",
+                "Connections the kernel refused because their service port had no endpoint, read from the \
+                 reject rules' counters whenever their chain is rewritten (at the latest every resync period).",
+                &["namespace", "service", "port"],
+            ),
+            refused_seen: std::sync::Mutex::default(),
             registry: r,
         }
     }
@@ -182,40 +206,40 @@ impl Metrics {
     /// A sync ended well at `at`: `full` a full rewrite, `Some(false)` a minimal one, `None`
     /// nothing needed writing.
     pub fn sync_ok(&self, took: Duration, full: Option<bool>, at: SystemTime) {
-        self.sync_duration.observe_duration(took);
+        self.sync.sync_duration.observe_duration(took);
         match full {
-            Some(true) => self.sync_full.observe_duration(took),
-            Some(false) => self.sync_partial.observe_duration(took),
+            Some(true) => self.sync.sync_full.observe_duration(took),
+            Some(false) => self.sync.sync_partial.observe_duration(took),
             None => {}
         }
-        self.last_sync.set(unix(at));
+        self.sync.last_sync.set(unix(at));
     }
 
     /// The periodic resync (`resync`) or a guard check found or put the rules right at `at`.
     pub fn sync_confirmed(&self, resync: bool, took: Duration, at: SystemTime) {
         if resync {
-            self.sync_duration.observe_duration(took);
-            self.sync_full.observe_duration(took);
+            self.sync.sync_duration.observe_duration(took);
+            self.sync.sync_full.observe_duration(took);
         } else {
-            self.guard_checks.inc();
+            self.sync.guard_checks.inc();
         }
-        self.last_sync.set(unix(at));
+        self.sync.last_sync.set(unix(at));
     }
 
     /// One rule sync failed after `took` (the previous rules stay in force).
     pub fn sync_failed(&self, took: Duration) {
-        self.sync_duration.observe_duration(took);
-        self.restore_failures.inc();
+        self.sync.sync_duration.observe_duration(took);
+        self.sync.restore_failures.inc();
     }
 
     /// A change was handed to the rules worker at `at`.
     pub fn queued(&self, at: SystemTime) {
-        self.last_queued.set(unix(at));
+        self.sync.last_queued.set(unix(at));
     }
 
     /// An endpoints change is in force, `took` after its trigger time.
     pub fn programmed(&self, took: Duration) {
-        self.programming.observe_duration(took);
+        self.sync.programming.observe_duration(took);
     }
 
     /// A watch of `resource` (`services`, `endpointslices`, `endpoints`) ended and restarts.
@@ -235,6 +259,17 @@ impl Metrics {
         self.request_duration.with(&[verb]).observe_duration(took);
     }
 
+    /// The kernel's refusals so far per service port (sums that only grow).
+    pub fn refused(&self, sums: &[(String, u64)]) {
+        let mut seen = self.refused_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, sum) in sums {
+            let before = seen.insert(name.clone(), *sum).unwrap_or(0);
+            let (ns, rest) = name.split_once('/').unwrap_or(("", name));
+            let (svc, port) = rest.split_once(':').unwrap_or((rest, ""));
+            self.refused.with(&[ns, svc, port]).add(sum.saturating_sub(before));
+        }
+    }
+
     /// What the current plan holds.
     pub fn plan(&self, c: &PlanCounts, layout: &str) {
         self.services.with(&["proxied"]).set(Gauge::count(c.services_proxied));
@@ -245,7 +280,7 @@ impl Metrics {
         self.endpoints.set(Gauge::count(c.endpoints));
         self.endpoints_refused_loop.set(Gauge::count(c.endpoints_refused_loop));
         self.no_local_endpoints.set(Gauge::count(c.no_local_endpoints));
-        self.rules.with(&["ipv4", layout]).set(Gauge::count(c.rules_v4));
-        self.rules.with(&["ipv6", layout]).set(Gauge::count(c.rules_v6));
+        self.sync.rules.with(&["ipv4", layout]).set(Gauge::count(c.rules_v4));
+        self.sync.rules.with(&["ipv6", layout]).set(Gauge::count(c.rules_v6));
     }
 }

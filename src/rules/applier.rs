@@ -16,12 +16,13 @@
 //! repair and on the periodic resync. A failed restore leaves the kernel as it was (the input is
 //! one transaction); the error names the failing input line.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::iptables::{self, jump_fix, list_chain, run, save_table, ApplyError, Binaries, LEGACY, LOCK_WAIT_SECS, NFT};
-use super::listing::{chains_in, jump_target, rules_of, userspace_owned, Listing};
+use super::listing::{chains_in, jump_target, refusal_counts, rules_of, userspace_owned, Listing};
 use super::restore::{blame, carry_over, changed_chains, compare_chain, jump_fix_from, removal_input, restore_input};
-use super::{Family, Flavour, RuleSet, TableRules, OWN_CHAINS};
+use super::{Family, Flavour, RuleSet, TableRules, NO_ENDPOINTS_CHAIN, OWN_CHAINS};
 use crate::sys::netfilter::{nft_generation, xt_info, XtInfo};
 
 /// What one `apply` or `guard` did.
@@ -64,6 +65,9 @@ pub struct Applier {
     /// Per family: rules of an earlier run may be in the kernel (see [`Applier::adopt`]); the
     /// next sync replaces them, chains of another layout included.
     adopting: [bool; 2],
+    /// Connections refused by the reject rules, per service port, summed over the counts read
+    /// from the kernel just before each rewrite of the no-endpoints chain (which zeroes them).
+    refused: BTreeMap<String, u64>,
     restores: u64,
     /// `--wait` seconds for the xtables lock (default [`LOCK_WAIT_SECS`]).
     pub wait_secs: u32,
@@ -114,6 +118,7 @@ impl Applier {
             kube_proxy: false,
             canary: [None, None],
             adopting: [false, false],
+            refused: BTreeMap::new(),
             restores: 0,
             wait_secs: LOCK_WAIT_SECS,
             content_check_max_rules: CONTENT_CHECK_MAX_RULES,
@@ -129,7 +134,28 @@ impl Applier {
         self.restores
     }
 
+    /// Connections refused by the kernel for service ports without endpoints, per port, so far.
+    pub fn refused(&self) -> &BTreeMap<String, u64> {
+        &self.refused
+    }
+
+    /// Add what the reject rules counted since the chain was written (before it is rewritten).
+    fn collect_refusals(&mut self, family: Family) {
+        let bin = self.bins.cmd_bin(family);
+        match run(bin, &["-t", "nat", "-S", NO_ENDPOINTS_CHAIN, "-v"], None) {
+            Ok(out) if out.status.success() => {
+                for (name, n) in refusal_counts(&String::from_utf8_lossy(&out.stdout)) {
+                    *self.refused.entry(name).or_default() += n;
+                }
+            }
+            _ => log::debug!("{bin}: the no-endpoints chain's counters could not be read"),
+        }
+    }
+
     fn restore(&mut self, family: Family, text: &str) -> Result<(), ApplyError> {
+        if text.contains(&format!("\n:{NO_ENDPOINTS_CHAIN} ")) {
+            self.collect_refusals(family);
+        }
         self.canary[idx(family)] = None;
         let bin = self.bins.restore_bin(family);
         let wait = format!("--wait={}", self.wait_secs);

@@ -99,9 +99,31 @@ pub(super) fn userspace_owned(nat: &str, proxy_ips: &[IpAddr]) -> bool {
     })
 }
 
+/// From `iptables -S EDGEPROXY-NO-ENDPOINTS -v`: per service port (the rule's comment, less its
+/// " has no endpoints"), the packets its reject rule matched. NAT sees only a connection's first
+/// packet, so these are refused connections (TCP) or flows (UDP).
+pub(super) fn refusal_counts(listing: &str) -> Vec<(String, u64)> {
+    listing
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .filter_map(|l| {
+            let comment = l.split("--comment \"").nth(1)?.split('"').next()?;
+            let name = comment.strip_suffix(" has no endpoints")?;
+            let packets = l.split(" -c ").nth(1)?.split_whitespace().next()?.parse().ok()?;
+            Some((name.to_string(), packets))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_counts_are_read_from_the_verbose_listing() {
+        let l = "-N EDGEPROXY-NO-ENDPOINTS\n-A EDGEPROXY-NO-ENDPOINTS -d 10.96.0.51/32 -p tcp -m comment --comment \"t/quiet:http has no endpoints\" -m tcp --dport 80 -c 7 420 -j DNAT --to-destination 169.254.96.16:15000\n-A EDGEPROXY-NO-ENDPOINTS -m comment --comment \"other\" -c 1 1 -j RETURN\n";
+        assert_eq!(refusal_counts(l), [("t/quiet:http".to_string(), 7)]);
+    }
 
     #[test]
     fn kube_proxy_is_its_jump_not_a_leftover_chain() {

@@ -40,6 +40,9 @@ pub enum Event {
     Repaired { what: Vec<String> },
     /// kube-proxy's jump into KUBE-SERVICES appeared or went away.
     KubeProxy(bool),
+    /// Connections refused so far by the kernel's reject rules, per service port (sums that
+    /// only grow; reported when they changed).
+    Refused(Vec<(String, u64)>),
     /// Shutdown finished: rules removed (`removed`, `error` is `None`), left in place for the
     /// next agent (`removed` false), or an attempt to remove them failed.
     Stopped { removed: bool, error: Option<Arc<ApplyError>> },
@@ -126,6 +129,7 @@ fn run(mut applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report
             report(Event::Stopped { removed: remove, error });
             return;
         }
+        let refused_before = applier.refused().values().sum::<u64>();
         while let Some(job) = schedule.due(Instant::now()) {
             let started = Instant::now();
             match execute(&mut applier, &job, started, report) {
@@ -141,6 +145,9 @@ fn run(mut applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report
                     report(Event::Failed { error: Arc::new(e), duration: started.elapsed(), retry_in });
                 }
             }
+        }
+        if applier.refused().values().sum::<u64>() != refused_before {
+            report(Event::Refused(applier.refused().iter().map(|(k, v)| (k.clone(), *v)).collect()));
         }
     }
 }
