@@ -242,6 +242,12 @@ fn a_killed_agents_addresses_are_taken_over_or_removed_by_cleanup() {
     assert!(text.contains("removed 169.254.96.16 from lo"), "{text}");
     assert!(!lo_addresses(&s.node).contains("169.254.96.16"), "cleanup removes the recorded address");
     assert_eq!(nat(&s.node), nat0, "cleanup removes the rules");
+    // EdgeMesh's bridge left behind with the proxy address (a veth here: no bridge needed).
+    s.node.ok(&["ip", "link", "add", "edgemesh0", "type", "veth", "peer", "name", "em-peer"]);
+    s.node.ok(&["ip", "addr", "add", "169.254.96.16/24", "dev", "edgemesh0"]);
+    let out = s.node.exec(&[BIN, "check", "--iptables-backend", "nft", "--run-dir", &run_dir]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("169.254.96.16 is on device edgemesh0"), "{text}");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
 
