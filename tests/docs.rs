@@ -1,6 +1,8 @@
 //! The README's promises about configuration, checked against the code: its configuration block
 //! loads, and it shows exactly the defaults.
 
+mod support;
+
 use edgeproxy::config::{Config, Overrides};
 
 /// The first ```json block after the "### Configuration file" heading.
@@ -82,17 +84,7 @@ fn the_flag_help_states_the_defaults_the_code_has() {
 /// else.
 #[test]
 fn the_readme_lists_every_metric_with_its_type() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme.split("### Metrics").nth(1).expect("a Metrics section");
-    let mut listed = std::collections::BTreeMap::new();
-    for line in section.lines().take_while(|l| !l.starts_with("## ")) {
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        if let [_, name, kind, ..] = cells[..] {
-            if let Some(name) = name.strip_prefix('`').and_then(|n| n.strip_suffix('`')) {
-                listed.insert(name.to_string(), kind.to_string());
-            }
-        }
-    }
+    let listed = support::readme::metrics_table();
     // Everything /metrics can serve: the registry, the proxy's counters, the process.
     let ops = edgeproxy::ops::Ops::new();
     ops.metrics.plan(&edgeproxy::ops::PlanCounts::default(), "portals");

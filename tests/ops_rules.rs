@@ -1,7 +1,7 @@
 //! The operations material in `ops/` against promtool, the metric contract and a real Prometheus:
 //! `promtool check rules` and `promtool test rules` pass on the alerts; every dashboard query
-//! parses as PromQL (promtool, as recording rules) and names only metrics edgeproxy exports, and
-//! every exported metric has a panel; every alert has summary, description and a runbook entry in
+//! parses as PromQL (promtool, as recording rules) and names only metrics of the README's metrics
+//! table (which tests/docs.rs holds to `/metrics`), and every metric there has a panel; every alert has summary, description and a runbook entry in
 //! `ops/README.md`, and a unit test where it fires and one where it does not. As root, the live
 //! test runs the real agent in a network namespace with a file source, sends traffic through its
 //! ClusterIPs to a backend behind a veth, scrapes it with a real Prometheus started in the same
@@ -10,7 +10,7 @@
 //! the service whose backend refuses).
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -22,54 +22,17 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 // ----------------------------------------------------------------------------------------------
 // The contract: the metric names edgeproxy exports
-/// Counters and gauges, by the name their samples carry.
-const PLAIN: &[&str] = &[
-    "edgeproxy_sync_proxy_rules_last_timestamp_seconds",
-    "edgeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-    "edgeproxy_sync_proxy_rules_iptables_restore_failures_total",
-    "edgeproxy_sync_proxy_rules_iptables_total",
-    "edgeproxy_sync_proxy_rules_no_local_endpoints_total",
-    "edgeproxy_guard_checks_total",
-    "edgeproxy_guard_repairs_total",
-    "edgeproxy_rules_installed",
-    "edgeproxy_source_synced",
-    "edgeproxy_serving_offline_cache",
-    "edgeproxy_build_info",
-    "edgeproxy_watch_restarts_total",
-    "edgeproxy_relists_total",
-    "edgeproxy_rest_client_requests_total",
-    "edgeproxy_services",
-    "edgeproxy_service_ports",
-    "edgeproxy_endpoints",
-    "edgeproxy_endpoints_refused_loop",
-    "edgeproxy_connections_total",
-    "edgeproxy_active_connections",
-    "edgeproxy_dial_failures_total",
-    "edgeproxy_bytes_total",
-    "edgeproxy_endpoint_dials_total",
-    "edgeproxy_connections_refused_total",
-    "edgeproxy_connections_idle_closed_total",
-    "edgeproxy_accept_paused_total",
-    "edgeproxy_udp_flows",
-    "edgeproxy_udp_flow_events_total",
-    "process_cpu_seconds_total",
-    "process_resident_memory_bytes",
-    "process_virtual_memory_bytes",
-    "process_open_fds",
-    "process_max_fds",
-    "process_start_time_seconds",
-];
+/// The README's metrics table (name -> type), which `tests/docs.rs` holds to what `/metrics`
+/// serves: the one list of names the dashboard and the alerts may use.
+fn contract() -> BTreeMap<String, String> {
+    let listed = support::readme::metrics_table();
+    assert!(listed.len() >= 40, "README's metrics table has only {} rows: {listed:?}", listed.len());
+    listed
+}
 
-/// Histograms, by their base name (samples: `_bucket`, `_sum`, `_count`).
-const HISTOGRAMS: &[&str] = &[
-    "edgeproxy_sync_proxy_rules_duration_seconds",
-    "edgeproxy_sync_full_proxy_rules_duration_seconds",
-    "edgeproxy_sync_partial_proxy_rules_duration_seconds",
-    "edgeproxy_network_programming_duration_seconds",
-    "edgeproxy_rest_client_request_duration_seconds",
-    "edgeproxy_dial_duration_seconds",
-    "edgeproxy_connection_duration_seconds",
-];
+fn histograms(c: &BTreeMap<String, String>) -> Vec<&str> {
+    c.iter().filter(|(_, k)| *k == "histogram").map(|(n, _)| n.as_str()).collect()
+}
 
 /// Metrics only an API-server source produces: with `--source file:` (the live test) they may
 /// have no series at all, and the panels that read only them may be empty.
@@ -80,7 +43,7 @@ const API_SOURCE_ONLY: &[&str] = &[
     "edgeproxy_relists_total",
 ];
 
-/// The alerts the brief asks for, by name.
+/// The alerts of ops/alerts.yml, in order.
 const ALERTS: &[&str] = &[
     "EdgeproxySyncStale",
     "EdgeproxySyncFailing",
@@ -91,13 +54,10 @@ const ALERTS: &[&str] = &[
     "EdgeproxyServingOfflineCache",
 ];
 
-fn is_contract(name: &str) -> bool {
-    PLAIN.contains(&name) || HISTOGRAMS.contains(&name)
-}
-
-/// The edgeproxy and process metric names a PromQL expression reads, histogram samples by their
-/// base name. String literals (label values, `$variables`) are skipped.
-fn metric_names(expr: &str) -> BTreeSet<String> {
+/// The edgeproxy and process metric names a PromQL expression reads, the samples of the
+/// histograms in `c` by their base name. String literals (label values, `$variables`) are skipped.
+fn metric_names(expr: &str, c: &BTreeMap<String, String>) -> BTreeSet<String> {
+    let hist = histograms(c);
     let mut code = String::new();
     let mut quote: Option<char> = None;
     let mut escaped = false;
@@ -119,7 +79,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         .map(|w| {
             for suffix in ["_bucket", "_sum", "_count"] {
                 if let Some(base) = w.strip_suffix(suffix) {
-                    if HISTOGRAMS.contains(&base) {
+                    if hist.contains(&base) {
                         return base.to_string();
                     }
                 }
@@ -259,6 +219,7 @@ fn the_dashboard_is_grafana_json_over_the_contract_metrics() {
         assert_eq!(v["type"], "query", "{name}");
         assert!(v["definition"].as_str().unwrap_or("").contains("label_values("), "{name}: {v}");
     }
+    let contract = contract();
     let mut ids = BTreeSet::new();
     let mut used = BTreeSet::new();
     for p in d["panels"].as_array().unwrap() {
@@ -278,18 +239,19 @@ fn the_dashboard_is_grafana_json_over_the_contract_metrics() {
         if expr.contains("service, port") {
             assert!(expr.contains("namespace=~\"$namespace\""), "{title}: {expr} ignores the namespace variable");
         }
-        for name in metric_names(&expr) {
-            assert!(is_contract(&name), "{title}: {name} is not a metric edgeproxy exports ({expr})");
+        for name in metric_names(&expr, &contract) {
+            assert!(contract.contains_key(&name), "{title}: {name} is not in README's metrics table ({expr})");
             used.insert(name);
         }
     }
-    let unused: Vec<&&str> = PLAIN.iter().chain(HISTOGRAMS).filter(|m| !used.contains(**m)).collect();
+    let unused: Vec<&String> = contract.keys().filter(|m| !used.contains(*m)).collect();
     assert!(unused.is_empty(), "metrics with no panel: {unused:?}");
 }
 
 #[test]
 fn every_alert_is_annotated_documented_tested_and_on_the_contract() {
     let readme = read("README.md");
+    let contract = contract();
     let rules = alert_rules();
     let names: Vec<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
     assert_eq!(names, ALERTS, "the alerts in ops/alerts.yml");
@@ -303,8 +265,8 @@ fn every_alert_is_annotated_documented_tested_and_on_the_contract() {
         assert!(readme.contains(&format!("\n### {name}\n")), "ops/README.md has no `### {name}` section");
         assert!(r["labels"]["severity"].as_str().is_some(), "{name}: no severity label");
         let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{name}: no expr"));
-        for m in metric_names(expr) {
-            assert!(is_contract(&m), "{name}: {m} is not a metric edgeproxy exports");
+        for m in metric_names(expr, &contract) {
+            assert!(contract.contains_key(&m), "{name}: {m} is not in README's metrics table");
         }
     }
     // Each alert fires in some case and stays quiet in another.
@@ -330,6 +292,7 @@ fn the_metric_name_scanner_reads_names_not_strings() {
     let names = metric_names(
         r#"histogram_quantile(0.99, sum by (le) (rate(edgeproxy_dial_duration_seconds_bucket{instance=~"edgeproxy_x"}[1m])))
            / on (job) process_open_fds"#,
+        &contract(),
     );
     assert_eq!(names.into_iter().collect::<Vec<_>>(), ["edgeproxy_dial_duration_seconds", "process_open_fds"]);
 }
@@ -341,6 +304,7 @@ const PROM_ADDR: &str = "127.0.0.1:19090";
 const WEB: &str = "10.96.0.50:80";
 const BROKEN: &str = "10.96.0.51:80";
 const LATE: &str = "10.96.0.52:80";
+const EMPTY: &str = "10.96.0.53:80";
 
 /// A directory removed on drop.
 struct TempDir(PathBuf);
@@ -361,8 +325,10 @@ impl Drop for TempDir {
 }
 
 /// `t/web` (10.96.0.50:80 -> 10.20.0.2:8080, answers), `t/broken` (10.96.0.51:80 -> :8081,
-/// refuses) and, with `late`, `t/late` (10.96.0.52:80 -> :8080). The slices carry the
-/// last-change-trigger-time `at` (network programming latency).
+/// refuses), `t/empty` (10.96.0.53:80, no endpoints: the kernel refuses) and, with `late`,
+/// `t/late` (10.96.0.52:80 -> :8080) and `t/empty2` (10.96.0.54:80, no endpoints: the reject
+/// chain is rewritten, its counters read). The slices carry the last-change-trigger-time `at`
+/// (network programming latency).
 fn cluster(at: &str, late: bool) -> String {
     let svc = |name: &str, ip: &str| {
         format!(
@@ -381,8 +347,9 @@ fn cluster(at: &str, late: bool) -> String {
     };
     let mut items =
         vec![svc("web", "10.96.0.50"), svc("broken", "10.96.0.51"), slice("web", 8080), slice("broken", 8081)];
+    items.push(svc("empty", "10.96.0.53"));
     if late {
-        items.extend([svc("late", "10.96.0.52"), slice("late", 8080)]);
+        items.extend([svc("late", "10.96.0.52"), slice("late", 8080), svc("empty2", "10.96.0.54")]);
     }
     format!(r#"{{"kind":"List","apiVersion":"v1","items":[{}]}}"#, items.join(","))
 }
@@ -461,6 +428,9 @@ fn drive_traffic(node: &Netns) {
     for _ in 0..10 {
         assert_eq!(fetch(node, WEB), "hello\n");
     }
+    for _ in 0..3 {
+        let _ = fetch(node, EMPTY); // refused by the kernel's reject rule
+    }
 }
 
 /// Every rule group of ops/alerts.yml loaded into Prometheus and evaluated with health "ok".
@@ -504,14 +474,21 @@ fn active_alerts(ns: &Netns) -> Vec<(String, Value)> {
 }
 
 /// Contract metrics with no series in Prometheus (histograms: no `_bucket` series).
-fn missing_metrics(ns: &Netns) -> Vec<String> {
+fn missing_metrics(ns: &Netns, contract: &BTreeMap<String, String>) -> Vec<String> {
     let present: BTreeSet<String> = query(ns, r#"count by (__name__) ({__name__=~"edgeproxy_.+|process_.+"})"#)
         .iter()
         .filter_map(|s| s["metric"]["__name__"].as_str().map(str::to_string))
         .collect();
-    let plain = PLAIN.iter().map(|m| m.to_string());
-    let hist = HISTOGRAMS.iter().map(|h| format!("{h}_bucket"));
-    plain.chain(hist).filter(|m| !present.contains(m)).collect()
+    let series = |(name, kind): (&String, &String)| match kind.as_str() {
+        "histogram" => format!("{name}_bucket"),
+        _ => name.clone(),
+    };
+    contract.iter().map(series).filter(|m| !present.contains(m)).collect()
+}
+
+/// Whether a metric (or a histogram's `_bucket` series) only an API-server source fills.
+fn api_source_only(name: &str) -> bool {
+    API_SOURCE_ONLY.iter().any(|a| name == *a || name.strip_suffix("_bucket") == Some(a))
 }
 
 /// Each query variable's values as Grafana asks for them: `label_values(SELECTOR, LABEL)` is
@@ -534,12 +511,12 @@ fn variable_values(ns: &Netns) -> Vec<(String, Vec<String>)> {
 
 /// Every dashboard query evaluated: (queries that are empty although they need no API server,
 /// queries that are empty because only an API-server source fills them).
-fn empty_panel_queries(ns: &Netns) -> (Vec<String>, Vec<String>) {
+fn empty_panel_queries(ns: &Netns, contract: &BTreeMap<String, String>) -> (Vec<String>, Vec<String>) {
     let (mut empty, mut api_only) = (Vec::new(), Vec::new());
     for (title, expr) in dashboard_queries(&dashboard()) {
         let q = substitute(&expr);
         if query(ns, &q).is_empty() {
-            let names = metric_names(&expr);
+            let names = metric_names(&expr, contract);
             let line = format!("{title}: {q}");
             match names.iter().all(|m| API_SOURCE_ONLY.contains(&m.as_str())) {
                 true => api_only.push(line),
@@ -578,15 +555,29 @@ fn a_real_prometheus_evaluates_every_panel_and_loads_the_alerts() {
     assert_eq!(query(&node, r#"up{job="edgeproxy"}"#)[0]["value"][1], "1", "the agent's scrape is up");
 
     drive_traffic(&node);
-    // A change after the start: a new Service and slice (a partial sync, a programming latency).
+    // A change after the start: a new Service and slice (a partial sync, a programming latency),
+    // and a new Service without endpoints (the reject chain rewritten: t/empty's refusals read).
     std::fs::write(&file, cluster(&now_rfc3339(), true)).unwrap();
     wait_for("t/late served", Duration::from_secs(20), || fetch(&node, LATE) == "hello\n");
     std::thread::sleep(Duration::from_secs(4)); // a few scrapes after the traffic
-
-    let missing = missing_metrics(&node);
-    let (empty, api_only) = empty_panel_queries(&node);
+                                                // Series that appear late (the kernel's refusals, counted when their chain is rewritten).
+    let contract = contract();
+    let t = Instant::now();
+    let mut missing = missing_metrics(&node, &contract);
+    while missing.iter().any(|m| !api_source_only(m)) && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(500));
+        missing = missing_metrics(&node, &contract);
+    }
+    let (empty, api_only) = empty_panel_queries(&node, &contract);
     let variables = variable_values(&node);
     eprintln!("dashboard variables: {variables:?}");
+    for h in histograms(&contract) {
+        let n: Vec<String> = query(&node, &format!("{h}_count"))
+            .iter()
+            .map(|s| s["value"][1].as_str().unwrap_or("?").to_string())
+            .collect();
+        eprintln!("{h}_count: {n:?}");
+    }
     eprintln!("contract metrics with no series: {missing:?}");
     eprintln!("panel queries empty with a file source (API server metrics): {api_only:#?}");
     eprintln!("panel queries empty: {empty:#?}");
@@ -609,8 +600,7 @@ fn a_real_prometheus_evaluates_every_panel_and_loads_the_alerts() {
         let values = variables.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default();
         assert!(values.iter().any(|v| v == want), "the {name} variable's values {values:?} lack {want:?}");
     }
-    let unexpected: Vec<&String> =
-        missing.iter().filter(|m| !API_SOURCE_ONLY.iter().any(|a| m.starts_with(a))).collect();
+    let unexpected: Vec<&String> = missing.iter().filter(|m| !api_source_only(m)).collect();
     assert!(unexpected.is_empty(), "metrics the agent does not export: {unexpected:?}");
     assert!(empty.is_empty(), "dashboard queries with no result:\n{}", empty.join("\n"));
     let broken = alerts.iter().find(|a| is_broken(a));

@@ -154,12 +154,9 @@ impl Control {
     pub fn input(&mut self, input: Input, out: &mut Vec<Effect>) {
         match input {
             Input::Source(SourceEvent::Change(c)) => {
-                let trigger = match &c {
-                    Change::Upsert(Object::Endpoints(e)) => e.trigger_ms,
-                    _ => None,
-                };
+                let triggers = self.new_triggers(&c);
                 if self.state.apply(c) {
-                    self.triggers_queued.extend(trigger);
+                    self.triggers_queued.extend(triggers);
                     self.dirty = true;
                     self.cache_dirty |= self.source_synced;
                 }
@@ -211,6 +208,30 @@ impl Control {
             }
             Input::Signal(name) => self.stop(name, out),
         }
+    }
+
+    /// The trigger times (network programming latency) of endpoint sets a change brings that
+    /// the state does not hold yet; none before the first complete view (its objects changed
+    /// long ago, not now).
+    fn new_triggers(&self, c: &Change) -> Vec<u64> {
+        if !self.source_synced {
+            return Vec::new();
+        }
+        let objects = match c {
+            Change::Upsert(o) => std::slice::from_ref(o),
+            Change::Replace(_, objects) => objects.as_slice(),
+            _ => &[],
+        };
+        let held = &self.state.snapshot().endpoints;
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Endpoints(e) => e
+                    .trigger_ms
+                    .filter(|t| held.get(&(e.source, e.key.clone())).is_none_or(|old| old.trigger_ms != Some(*t))),
+                Object::Service(_) => None,
+            })
+            .collect()
     }
 
     fn source_synced(&mut self, kind: Kind, out: &mut Vec<Effect>) {

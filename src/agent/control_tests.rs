@@ -143,3 +143,22 @@ fn the_watchdog_tick_is_passed_on_at_once() {
     c.input(Input::Tick, &mut out);
     assert_eq!(out, vec![Effect::Watchdog]);
 }
+
+#[test]
+fn an_endpoints_change_after_the_sync_is_timed_from_its_trigger() {
+    let mut c = control();
+    feed(&mut c, join([list(Kind::Service, SVCS), list(Kind::EndpointSlice, SLICES)]));
+    let changed = SLICES.replace("192.0.2.1", "192.0.2.7").replace(
+        r#""namespace":"a","#,
+        r#""namespace":"a","annotations":{"endpoints.kubernetes.io/last-change-trigger-time":"2026-12-01T00:00:00Z"},"#,
+    );
+    let objects = decode_document(changed.as_bytes(), Some(Kind::EndpointSlice)).objects;
+    // A relist (Replace) carries it, as the file source does; the rules do not change (only the
+    // proxy table does), so it is in force at once.
+    let out = feed(&mut c, vec![Input::Source(SourceEvent::Change(Change::Replace(Kind::EndpointSlice, objects)))]);
+    assert!(out.contains(&Effect::Programmed(vec![1_796_083_200_000])), "{out:?}");
+    // The same version again is no new change.
+    let objects = decode_document(changed.as_bytes(), Some(Kind::EndpointSlice)).objects;
+    let out = feed(&mut c, vec![Input::Source(SourceEvent::Change(Change::Replace(Kind::EndpointSlice, objects)))]);
+    assert!(!out.iter().any(|e| matches!(e, Effect::Programmed(_))), "{out:?}");
+}

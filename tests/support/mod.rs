@@ -5,3 +5,4 @@ pub mod apiserver;
 pub mod fixtures;
 pub mod netns;
 pub mod notify_listener;
+pub mod readme;
