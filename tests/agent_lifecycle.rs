@@ -21,27 +21,13 @@ const WEB: &str = "10.96.0.50:80";
 const QUIET: &str = "10.96.0.51:80";
 
 fn cluster() -> String {
-    let svc = |name: &str, ip: &str| {
-        format!(
-            r#"{{"kind":"Service","apiVersion":"v1","metadata":{{"name":"{name}","namespace":"t"}},
-              "spec":{{"clusterIP":"{ip}","ports":[{{"name":"http","port":80,"targetPort":"http"}}]}}}}"#
-        )
-    };
-    let slice = |name: &str, port: u16| {
-        format!(
-            r#"{{"kind":"EndpointSlice","apiVersion":"discovery.k8s.io/v1","metadata":{{"name":"{name}-1","namespace":"t",
-              "labels":{{"kubernetes.io/service-name":"{name}"}}}},"addressType":"IPv4",
-              "endpoints":[{{"addresses":["10.20.0.2"],"conditions":{{"ready":true}}}}],
-              "ports":[{{"name":"http","port":{port},"protocol":"TCP"}}]}}"#
-        )
-    };
-    format!(
-        r#"{{"kind":"List","apiVersion":"v1","items":[{},{},{},{}]}}"#,
-        svc("web", "10.96.0.50"),
-        svc("quiet", "10.96.0.51"),
-        slice("web", 8080),
-        slice("quiet", 9090)
-    )
+    use support::cluster::{list, service, slice};
+    list(&[
+        service("web", "10.96.0.50"),
+        service("quiet", "10.96.0.51"),
+        slice("web", 8080, None),
+        slice("quiet", 9090, None),
+    ])
 }
 
 /// A node namespace with the cluster file, and a backend namespace behind a veth.
@@ -339,21 +325,8 @@ fn journal_priorities_and_the_ipv6_listener_in_a_fresh_namespace() {
     let file = std::fs::File::create(&log).unwrap();
     let meta = std::os::unix::fs::MetadataExt::dev(&file.metadata().unwrap());
     let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap());
-    let run_dir = s.node.dir("run");
-    let mut cmd = s.node.cmd(&[
-        BIN,
-        "run",
-        "--source",
-        &s.source,
-        "--iptables-backend",
-        "nft",
-        "--metrics-address",
-        "",
-        "--run-dir",
-        &run_dir,
-        "--state-dir",
-        "",
-    ]);
+    let source = s.source.clone();
+    let mut cmd = agent::command(&s.node, &["--source", &source, "--iptables-backend", "nft", "--metrics-address", ""]);
     cmd.env("JOURNAL_STREAM", format!("{meta}:{ino}")).stderr(file).stdout(std::process::Stdio::null());
     let i = s.node.spawn(cmd);
     let pid = s.node.child(i).id();
@@ -407,12 +380,9 @@ fn refusals_of_ports_without_endpoints_are_counted() {
     let mut s = setup("ref");
     // t/quiet loses its endpoints: the kernel refuses its connections.
     let file = s.dir.join("cluster.json");
-    let text = cluster().replace(
-        r#""addresses":["10.20.0.2"],"conditions":{"ready":true}}],
-              "ports":[{"name":"http","port":9090"#,
-        r#""addresses":["10.20.0.2"],"conditions":{"ready":false}}],
-              "ports":[{"name":"http","port":9090"#,
-    );
+    use support::cluster::{list, service, slice};
+    let quiet = slice("quiet", 9090, None).replace(r#""ready":true"#, r#""ready":false"#);
+    let text = list(&[service("web", "10.96.0.50"), service("quiet", "10.96.0.51"), slice("web", 8080, None), quiet]);
     assert_ne!(text, cluster());
     std::fs::write(&file, text).unwrap();
     let source = s.source.clone();

@@ -28,17 +28,7 @@ fn ready_after_first_sync_watchdog_while_running_stopping_on_sigterm() {
     std::fs::write(&source, CLUSTER).unwrap();
 
     let mut listener = NotifyListener::bind();
-    let run_dir = ns.dir("run");
-    let mut cmd = ns.cmd(&[
-        env!("CARGO_BIN_EXE_edgeproxy"),
-        "run",
-        "--metrics-address",
-        "",
-        "--run-dir",
-        &run_dir,
-        "--state-dir",
-        "",
-    ]);
+    let mut cmd = support::agent::command(&ns, &["--metrics-address", ""]);
     cmd.arg("--source")
         .arg(format!("file:{}", source.display()))
         .env("NOTIFY_SOCKET", listener.env_value())

@@ -330,28 +330,18 @@ impl Drop for TempDir {
 /// chain is rewritten, its counters read). The slices carry the last-change-trigger-time `at`
 /// (network programming latency).
 fn cluster(at: &str, late: bool) -> String {
-    let svc = |name: &str, ip: &str| {
-        format!(
-            r#"{{"kind":"Service","apiVersion":"v1","metadata":{{"name":"{name}","namespace":"t"}},
-              "spec":{{"clusterIP":"{ip}","ports":[{{"name":"http","port":80,"targetPort":"http"}}]}}}}"#
-        )
-    };
-    let slice = |name: &str, port: u16| {
-        format!(
-            r#"{{"kind":"EndpointSlice","apiVersion":"discovery.k8s.io/v1","metadata":{{"name":"{name}-1","namespace":"t",
-              "labels":{{"kubernetes.io/service-name":"{name}"}},
-              "annotations":{{"endpoints.kubernetes.io/last-change-trigger-time":"{at}"}}}},"addressType":"IPv4",
-              "endpoints":[{{"addresses":["10.20.0.2"],"conditions":{{"ready":true}}}}],
-              "ports":[{{"name":"http","port":{port},"protocol":"TCP"}}]}}"#
-        )
-    };
-    let mut items =
-        vec![svc("web", "10.96.0.50"), svc("broken", "10.96.0.51"), slice("web", 8080), slice("broken", 8081)];
-    items.push(svc("empty", "10.96.0.53"));
+    use support::cluster::{list, service, slice};
+    let mut items = vec![
+        service("web", "10.96.0.50"),
+        service("broken", "10.96.0.51"),
+        slice("web", 8080, Some(at)),
+        slice("broken", 8081, Some(at)),
+        service("empty", "10.96.0.53"),
+    ];
     if late {
-        items.extend([svc("late", "10.96.0.52"), slice("late", 8080), svc("empty2", "10.96.0.54")]);
+        items.extend([service("late", "10.96.0.52"), slice("late", 8080, Some(at)), service("empty2", "10.96.0.54")]);
     }
-    format!(r#"{{"kind":"List","apiVersion":"v1","items":[{}]}}"#, items.join(","))
+    list(&items)
 }
 
 /// The current time as Kubernetes writes it (RFC 3339, UTC, seconds).

@@ -20,9 +20,9 @@ pub struct Agent {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// Start `edgeproxy --log-level debug run ARGS` in `ns`. Adds `--run-dir` (the namespace's) and
+/// `edgeproxy --log-level debug run ARGS` in `ns`, with `--run-dir` (the namespace's) and
 /// `--state-dir ""` unless `args` has them.
-pub fn start(ns: &mut Netns, args: &[&str]) -> Agent {
+pub fn command(ns: &Netns, args: &[&str]) -> Command {
     let run_dir = ns.dir("run");
     let mut argv = vec![BIN, "--log-level", "debug", "run"];
     if !args.contains(&"--run-dir") {
@@ -32,7 +32,12 @@ pub fn start(ns: &mut Netns, args: &[&str]) -> Agent {
         argv.extend(["--state-dir", ""]);
     }
     argv.extend_from_slice(args);
-    let mut cmd = ns.cmd(&argv);
+    ns.cmd(&argv)
+}
+
+/// Start [`command`] in `ns`, its standard error collected as the log.
+pub fn start(ns: &mut Netns, args: &[&str]) -> Agent {
+    let mut cmd = command(ns, args);
     cmd.stderr(Stdio::piped()).stdout(Stdio::null());
     let index = ns.spawn(cmd);
     let child = ns.child(index);
