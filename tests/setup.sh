@@ -87,7 +87,8 @@ works ip -V || fail ip iproute2 "-V failed"
 works unshare --net true || fail "unshare --net" util-linux "cannot create a network namespace (root and CAP_SYS_ADMIN needed)"
 for t in "socat -V:socat" "curl --version:curl" "ping -V:iputils-ping" "file --version:file" \
 	"shellcheck --version:shellcheck" "promtool --version:prometheus" "systemd-analyze --version:systemd" \
-	"haproxy -v:haproxy" "iperf3 --version:iperf3" "debootstrap --version:debootstrap" "pkill -V:procps"; do
+	"haproxy -v:haproxy" "iperf3 --version:iperf3" "debootstrap --version:debootstrap" "pkill -V:procps" \
+	"systemd-nspawn --version:systemd-container" "prometheus --version:prometheus"; do
 	cmd=${t%%:*}
 	# shellcheck disable=SC2086 # the command and its flag, split on purpose
 	works $cmd || fail "${cmd%% *}" "${t##*:}" "'$cmd' failed"
