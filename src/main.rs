@@ -310,6 +310,11 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
     if let Some(written) = edgeproxy::rundir::serving_cache(&config.run_dir) {
         report.lines.push(format!("source: not synced since the start; serving the offline cache written {written}"));
     }
+    for line in edgeproxy::rundir::set_aside(&config.run_dir) {
+        if let Some((service, endpoint)) = line.split_once(' ') {
+            report.lines.push(format!("proxy: endpoint {endpoint} of {service} set aside (its last dial failed; new connections use the others while they answer)"));
+        }
+    }
     for line in &report.lines {
         println!("{line}");
     }

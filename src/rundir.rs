@@ -11,6 +11,10 @@
 //! address` per line). An agent killed with SIGKILL leaves them; the next agent (or `cleanup`)
 //! reads the record and knows them for its own, instead of taking them for an operator's. The
 //! directory is a tmpfs, emptied at reboot, as the addresses are.
+//!
+//! **Notes for `check`.** `serving-cache` (the agent serves its offline cache) and `set-aside`
+//! (endpoints the proxy's passive health check sets aside) are written by the running agent
+//! and read by `check` without the lock; an agent removes them at start and at its stop.
 
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -25,6 +29,18 @@ pub const SERVING_CACHE: &str = "serving-cache";
 /// serves, if any (when that cache was written).
 pub fn serving_cache(dir: &Path) -> Option<String> {
     crate::capped::read_text(&dir.join(SERVING_CACHE), 4096).ok()
+}
+
+/// In the run directory while the proxy's passive health check sets endpoints aside: one
+/// `<service port> <endpoint>` per line.
+pub const SET_ASIDE: &str = "set-aside";
+
+/// What a running agent noted for `check`: the endpoints its proxy sets aside now (`service
+/// port`, `endpoint` per line; empty when none or no agent runs).
+pub fn set_aside(dir: &Path) -> Vec<String> {
+    crate::capped::read_text(&dir.join(SET_ASIDE), 1 << 20)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// Why the run directory cannot be used.
@@ -129,6 +145,17 @@ impl RunDir {
         let _ = match written {
             Some(w) => std::fs::write(&path, w),
             None => std::fs::remove_file(&path),
+        };
+    }
+
+    /// Note the endpoints the proxy sets aside (none: the note goes).
+    pub fn note_set_aside(&self, lines: &[String]) {
+        let path = self.dir.join(SET_ASIDE);
+        let _ = if lines.is_empty() {
+            std::fs::remove_file(&path)
+        } else {
+            let tmp = self.dir.join(".set-aside.tmp");
+            std::fs::write(&tmp, lines.join("\n") + "\n").and_then(|()| std::fs::rename(&tmp, &path))
         };
     }
 

@@ -418,3 +418,42 @@ fn refusals_of_ports_without_endpoints_are_counted() {
     assert_eq!(exit_code(&mut s.node, &a), Some(0));
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn a_dead_endpoint_is_set_aside_and_shown_by_metrics_and_check() {
+    require_root();
+    let mut s = setup("dead");
+    // t/web gets a second endpoint, 10.20.0.3, whose SYNs the backend drops.
+    s._backend.sh("ip addr add 10.20.0.3/24 dev eth0 && iptables -A INPUT -d 10.20.0.3 -p tcp -j DROP");
+    let live = r#"{"addresses":["10.20.0.2"],"conditions":{"ready":true}}"#;
+    let both = format!(r#"{live},{{"addresses":["10.20.0.3"],"conditions":{{"ready":true}}}}"#);
+    std::fs::write(s.dir.join("cluster.json"), cluster().replacen(live, &both, 1)).unwrap();
+    let source = s.source.clone();
+    let args = ["--source", &source, "--iptables-backend", "nft", "--metrics-address", "127.0.0.1:10553"];
+    let a = agent::start(&mut s.node, &args);
+    ready(&a);
+    // Round robin meets the dead endpoint within two connections; every one is still served.
+    for _ in 0..4 {
+        assert_eq!(fetch(&s.node, WEB), "hello\n");
+    }
+    let run_dir = s.node.dir("run");
+    let want = "proxy: endpoint 10.20.0.3:8080 of t/web:http set aside";
+    wait_for("check names the endpoint", Duration::from_secs(5), || {
+        let out = s.node.exec(&[BIN, "check", "--iptables-backend", "nft", "--run-dir", &run_dir]);
+        String::from_utf8_lossy(&out.stdout).contains(want)
+    });
+    let metrics = s.node.ok(&["curl", "-s", "http://127.0.0.1:10553/metrics"]);
+    let gauge =
+        "edgeproxy_endpoint_set_aside{namespace=\"t\",service=\"web\",port=\"http\",endpoint=\"10.20.0.3:8080\"} 1";
+    assert!(metrics.contains(gauge), "{metrics}");
+    let live_gauge =
+        "edgeproxy_endpoint_set_aside{namespace=\"t\",service=\"web\",port=\"http\",endpoint=\"10.20.0.2:8080\"} 0";
+    assert!(metrics.contains(live_gauge), "{metrics}");
+    assert_eq!(count(&a.log, "endpoint 10.20.0.3:8080 set aside"), 1, "said once, at warning level");
+    signal(a.pid, "-TERM");
+    assert_eq!(exit_code(&mut s.node, &a), Some(0));
+    let out = s.node.exec(&[BIN, "check", "--iptables-backend", "nft", "--run-dir", &run_dir]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("set aside"), "the note goes with the agent");
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

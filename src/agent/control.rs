@@ -64,6 +64,8 @@ pub enum Effect {
     ServingCache(String),
     /// Write the offline cache from the current state.
     WriteCache,
+    /// The proxy's passive health check: every endpoint set aside now (for `check`).
+    SetAside(Vec<(crate::model::ServicePortName, std::net::SocketAddr)>),
 }
 
 pub struct Control {
@@ -200,6 +202,7 @@ impl Control {
                 log::info!("proxy listening on {addrs:?}");
                 self.listening = true;
             }
+            Input::Proxy(ProxyEvent::SetAside(endpoints)) => out.push(Effect::SetAside(endpoints)),
             Input::Proxy(other) => log::debug!("proxy: {other:?}"),
             Input::ProxyFailed(e) => {
                 log::error!("proxy failed: {e}");

@@ -135,6 +135,9 @@ pub async fn run_until(
 ) -> Result<(), AgentError> {
     // First of all: one instance. A second `run` stops here, having changed nothing.
     let run_dir = RunDir::lock(&config.run_dir).map_err(AgentError::Instance)?;
+    // Notes of an agent that did not stop cleanly describe a proxy that is gone.
+    run_dir.note_serving_cache(None);
+    run_dir.note_set_aside(&[]);
     let ops = Ops::new();
     // kube-proxy's healthz timeout is twice its sync period; ours, twice the resync period.
     ops.health.set_timeout(config.resync_period * 2);
@@ -330,6 +333,10 @@ impl Shell {
                     write_cache(dir, control.state());
                 }
             }
+            Effect::SetAside(endpoints) => {
+                let lines: Vec<String> = endpoints.iter().map(|(name, addr)| format!("{name} {addr}")).collect();
+                self.run_dir.note_set_aside(&lines);
+            }
             Effect::Stop(reason) => return Some(reason),
         }
         None
@@ -379,6 +386,7 @@ impl Shell {
             remove_addresses(&self.config, &self.run_dir, &self.added);
         }
         self.run_dir.note_serving_cache(None);
+        self.run_dir.note_set_aside(&[]);
         for source in self.sources {
             let _ = source.join();
         }

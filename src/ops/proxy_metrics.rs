@@ -41,6 +41,29 @@ fn tcp(c: &ServiceCounters) -> bool {
     c.tcp.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Per endpoint of the current table: dials and the passive health check.
+fn render_endpoints(o: &mut Out<'_>, stats: &ProxyStats) {
+    let endpoints = stats.endpoints();
+    o.family(
+        "edgeproxy_endpoint_dials_total",
+        "counter",
+        "Dials by service port, endpoint and result (ok, failed); endpoints of the current table only.",
+        endpoints.iter().flat_map(|((n, addr), c)| {
+            [("ok", &c.ok), ("failed", &c.failed)]
+                .map(|(r, v)| (format!("{{{},endpoint=\"{addr}\",result=\"{r}\"}}", port_labels(n)), v.get()))
+        }),
+    );
+    o.family(
+        "edgeproxy_endpoint_set_aside",
+        "gauge",
+        "1 while the passive health check sets an endpoint aside (its last dial failed; new connections avoid it while others answer).",
+        endpoints.iter().map(|((n, addr), c)| {
+            let v = u64::from(c.set_aside.load(std::sync::atomic::Ordering::Relaxed));
+            (format!("{{{},endpoint=\"{addr}\"}}", port_labels(n)), v)
+        }),
+    );
+}
+
 /// Everything the proxy counts.
 pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
     let services = stats.services();
@@ -94,16 +117,7 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
         "Failed attempts to reach an endpoint, by service port (one connection may make several).",
         tcp_services().map(|(n, c)| (format!("{{{}}}", port_labels(n)), c.dial_failures.get())),
     );
-    let endpoints = stats.endpoints();
-    o.family(
-        "edgeproxy_endpoint_dials_total",
-        "counter",
-        "Dials by service port, endpoint and result (ok, failed); endpoints of the current table only.",
-        endpoints.iter().flat_map(|((n, addr), c)| {
-            [("ok", &c.ok), ("failed", &c.failed)]
-                .map(|(r, v)| (format!("{{{},endpoint=\"{addr}\",result=\"{r}\"}}", port_labels(n)), v.get()))
-        }),
-    );
+    render_endpoints(&mut o, stats);
     o.histogram("edgeproxy_dial_duration_seconds", "Time a successful dial of an endpoint took.", &stats.dial_duration);
     o.histogram(
         "edgeproxy_connection_duration_seconds",

@@ -35,7 +35,9 @@ impl Balancer {
     }
 
     /// Choose a backend for a new connection from `client`, skipping `tried` (backends a
-    /// previous attempt of the same connection failed to reach). `None` when nothing is left.
+    /// previous attempt of the same connection failed to reach) and, while any other is left,
+    /// those `avoid` names (set aside by the passive health check: when all are, they are tried
+    /// anyway). `None` when nothing is left.
     ///
     /// Under `sessionAffinity: ClientIP` a client keeps its backend while that backend is still
     /// in the entry, not in `tried`, and the client was last seen less than the timeout ago; any
@@ -47,6 +49,7 @@ impl Balancer {
         tried: &[SocketAddr],
         now: Instant,
         random: &mut dyn FnMut() -> u64,
+        avoid: &dyn Fn(SocketAddr) -> bool,
     ) -> Option<SocketAddr> {
         let n = entry.upstreams.len();
         if n == 0 {
@@ -61,6 +64,7 @@ impl Balancer {
                 let fresh = now.saturating_duration_since(*seen) < timeout;
                 if fresh
                     && !tried.contains(addr)
+                    && !avoid(*addr)
                     && addr.is_ipv6() == client.is_ipv6()
                     && entry.upstreams.iter().any(|b| b.addr == *addr)
                 {
@@ -81,7 +85,9 @@ impl Balancer {
             // `n` fits a u64 and the remainder is below `n`: both conversions are exact.
             LbPolicy::Random => usize::try_from(random() % n as u64).unwrap_or(0),
         };
-        let i = (0..n).map(|k| (start + k) % n).find(|&i| usable(i))?;
+        let order = || (0..n).map(|k| (start + k) % n);
+        let i =
+            order().find(|&i| usable(i) && !avoid(entry.upstreams[i].addr)).or_else(|| order().find(|&i| usable(i)))?;
         if entry.policy == LbPolicy::RoundRobin {
             state.next = (i + 1) % n;
         }
@@ -153,11 +159,11 @@ mod tests {
         );
         let now = Instant::now();
         for _ in 0..8 {
-            assert!(lb.pick(&e, ip("10.10.0.2"), &[], now, &mut no_random()).unwrap().is_ipv4());
-            assert!(lb.pick(&e, ip("fd00:10::2"), &[], now, &mut no_random()).unwrap().is_ipv6());
+            assert!(lb.pick(&e, ip("10.10.0.2"), &[], now, &mut no_random(), &|_| false).unwrap().is_ipv4());
+            assert!(lb.pick(&e, ip("fd00:10::2"), &[], now, &mut no_random(), &|_| false).unwrap().is_ipv6());
         }
         let v6_only = entry("a/v6", &["[fd00::1]:80"], Some(10), LbPolicy::RoundRobin);
-        assert_eq!(lb.pick(&v6_only, ip("10.10.0.2"), &[], now, &mut no_random()), None);
+        assert_eq!(lb.pick(&v6_only, ip("10.10.0.2"), &[], now, &mut no_random(), &|_| false), None);
     }
 
     #[test]
@@ -166,7 +172,7 @@ mod tests {
         let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, LbPolicy::RoundRobin);
         let now = Instant::now();
         let picks: Vec<SocketAddr> =
-            (0..4).map(|_| lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap()).collect();
+            (0..4).map(|_| lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random(), &|_| false).unwrap()).collect();
         let want: Vec<SocketAddr> =
             ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(picks, want);
@@ -174,7 +180,7 @@ mod tests {
         // backend is never chosen.
         let e2 = entry("a/web", &["10.0.0.1:80", "10.0.0.3:80"], None, LbPolicy::RoundRobin);
         for _ in 0..10 {
-            let p = lb.pick(&e2, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap();
+            let p = lb.pick(&e2, ip("1.1.1.1"), &[], now, &mut no_random(), &|_| false).unwrap();
             assert_ne!(p, "10.0.0.2:80".parse().unwrap());
         }
     }
@@ -184,12 +190,12 @@ mod tests {
         let mut lb = Balancer::new();
         let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80"], None, LbPolicy::RoundRobin);
         let now = Instant::now();
-        let first = lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random()).unwrap();
-        let second = lb.pick(&e, ip("1.1.1.1"), &[first], now, &mut no_random()).unwrap();
+        let first = lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random(), &|_| false).unwrap();
+        let second = lb.pick(&e, ip("1.1.1.1"), &[first], now, &mut no_random(), &|_| false).unwrap();
         assert_ne!(first, second);
-        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[first, second], now, &mut no_random()), None);
+        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[first, second], now, &mut no_random(), &|_| false), None);
         let empty = entry("a/none", &[], None, LbPolicy::RoundRobin);
-        assert_eq!(lb.pick(&empty, ip("1.1.1.1"), &[], now, &mut no_random()), None);
+        assert_eq!(lb.pick(&empty, ip("1.1.1.1"), &[], now, &mut no_random(), &|_| false), None);
     }
 
     #[test]
@@ -200,7 +206,7 @@ mod tests {
         let mut seq = [2u64, 0, 4].into_iter();
         let mut rnd = move || seq.next().unwrap();
         let picks: Vec<u8> = (0..3)
-            .map(|_| match lb.pick(&e, ip("1.1.1.1"), &[], now, &mut rnd).unwrap().ip() {
+            .map(|_| match lb.pick(&e, ip("1.1.1.1"), &[], now, &mut rnd, &|_| false).unwrap().ip() {
                 IpAddr::V4(v4) => v4.octets()[3],
                 IpAddr::V6(_) => unreachable!(),
             })
@@ -213,12 +219,12 @@ mod tests {
         let mut lb = Balancer::new();
         let e = entry("a/web", &["10.0.0.1:80", "10.0.0.2:80"], Some(10), LbPolicy::RoundRobin);
         let t0 = Instant::now();
-        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
-        let b = lb.pick(&e, ip("2.2.2.2"), &[], t0, &mut no_random()).unwrap();
+        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random(), &|_| false).unwrap();
+        let b = lb.pick(&e, ip("2.2.2.2"), &[], t0, &mut no_random(), &|_| false).unwrap();
         assert_ne!(a, b, "round robin still spreads distinct clients");
         for s in 1..=9 {
             let t = t0 + Duration::from_secs(s);
-            assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t, &mut no_random()), Some(a));
+            assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t, &mut no_random(), &|_| false), Some(a));
         }
         // Used at t0+9 s, so it lives until t0+19 s; expire() keeps it at +18 and drops it at +19.
         lb.expire(t0 + Duration::from_secs(18), |_| Some(Duration::from_secs(10)));
@@ -226,19 +232,39 @@ mod tests {
         lb.expire(t0 + Duration::from_secs(19), |_| Some(Duration::from_secs(10)));
         assert_eq!(lb.affinity_entries(), 0);
         // The backend a client sticks to disappears: it moves, and sticks to the new one.
-        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()).unwrap();
+        let a = lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random(), &|_| false).unwrap();
         let other = if a == e.upstreams[0].addr { e.upstreams[1].addr } else { e.upstreams[0].addr };
         let only_other = entry("a/web", &[&other.to_string()], Some(10), LbPolicy::RoundRobin);
-        assert_eq!(lb.pick(&only_other, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
-        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random()), Some(other));
+        assert_eq!(lb.pick(&only_other, ip("1.1.1.1"), &[], t0, &mut no_random(), &|_| false), Some(other));
+        assert_eq!(lb.pick(&e, ip("1.1.1.1"), &[], t0, &mut no_random(), &|_| false), Some(other));
     }
 
     #[test]
     fn retain_forgets_removed_services() {
         let mut lb = Balancer::new();
         let e = entry("a/web", &["10.0.0.1:80"], Some(10), LbPolicy::RoundRobin);
-        lb.pick(&e, ip("1.1.1.1"), &[], Instant::now(), &mut no_random());
+        lb.pick(&e, ip("1.1.1.1"), &[], Instant::now(), &mut no_random(), &|_| false);
         lb.retain(["a/other"]);
         assert_eq!(lb.affinity_entries(), 0);
+    }
+
+    #[test]
+    fn set_aside_endpoints_are_avoided_while_others_are_left_and_tried_when_none_is() {
+        let mut lb = Balancer::new();
+        let now = Instant::now();
+        let e = entry("a/b:http", &["192.0.2.1:80", "192.0.2.2:80"], None, LbPolicy::RoundRobin);
+        let dead: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        for _ in 0..4 {
+            let p = lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random(), &|a| a == dead).unwrap();
+            assert_ne!(p, dead, "a set-aside endpoint is skipped while another is usable");
+        }
+        // All set aside: fail open, round robin over them.
+        let p = lb.pick(&e, ip("1.1.1.1"), &[], now, &mut no_random(), &|_| true);
+        assert!(p.is_some());
+        // Affinity does not stick a client to a set-aside endpoint.
+        let sticky = entry("a/s:http", &["192.0.2.1:80", "192.0.2.2:80"], Some(60), LbPolicy::RoundRobin);
+        let first = lb.pick(&sticky, ip("2.2.2.2"), &[], now, &mut no_random(), &|_| false).unwrap();
+        let again = lb.pick(&sticky, ip("2.2.2.2"), &[], now, &mut no_random(), &|a| a == first).unwrap();
+        assert_ne!(again, first);
     }
 }

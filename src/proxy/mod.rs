@@ -19,6 +19,7 @@
 
 pub mod admission;
 mod flow;
+pub mod health;
 pub mod lb;
 pub mod limits;
 mod relay;
@@ -38,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::rand::{self, XorShift};
+use health::Health;
 use lb::Balancer;
 use shared::Shared;
 pub use shared::{ProxyConfig, ProxyEvent};
@@ -97,12 +99,13 @@ pub async fn run(
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         stats,
-        lb: Mutex::new((Balancer::new(), XorShift::new(seed))),
+        lb: Mutex::new((Balancer::new(), XorShift::new(seed), Health::default())),
         epoch: Instant::now(),
         tcp_admission: Mutex::new(admission::TcpAdmission::new(cfg.tcp_max_per_source)),
         fd_budget,
         udp_flows: Mutex::default(),
         stopping,
+        events: events.clone(),
     });
 
     let v4 = tcp::bind_v4(&cfg)?;
@@ -174,6 +177,11 @@ async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<
             let upstreams: std::collections::HashSet<(&str, SocketAddr)> =
                 table.tcp.values().flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
             shared.stats.retain_endpoints(|n, a| upstreams.contains(&(n, a)));
+            let before = guard.2.set_aside().len();
+            guard.2.retain(|n, a| upstreams.contains(&(n, a)));
+            if guard.2.set_aside().len() != before {
+                shared.report_set_aside(&guard.2);
+            }
         }
         guard.0.expire(Instant::now(), |name| timeouts.get(name).copied().flatten());
     }

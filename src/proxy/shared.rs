@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use super::admission;
 use super::flow::FlowMap;
+use super::health::Health;
 use super::lb::Balancer;
 use super::stats::ProxyStats;
 use super::table::ServiceEntry;
+use crate::model::ServicePortName;
 use crate::rand::XorShift;
 
 /// What the proxy needs from the configuration.
@@ -77,6 +79,9 @@ pub enum ProxyEvent {
     UdpPortUnavailable(u16),
     /// After each table change: the UDP proxy ports now bound, sorted.
     UdpPorts(Vec<u16>),
+    /// The passive health check set an endpoint aside or cleared one: every endpoint set aside
+    /// now (its last dial failed), sorted.
+    SetAside(Vec<(ServicePortName, SocketAddr)>),
 }
 
 /// What every task of the proxy shares. Single-threaded, so the mutexes are never contended;
@@ -84,7 +89,7 @@ pub enum ProxyEvent {
 pub(super) struct Shared {
     pub cfg: ProxyConfig,
     pub stats: Arc<ProxyStats>,
-    pub(super) lb: Mutex<(Balancer, XorShift)>,
+    pub(super) lb: Mutex<(Balancer, XorShift, Health)>,
     /// Time base for the compact per-flow timestamps.
     pub epoch: Instant,
     /// Open TCP connections per client address and in total.
@@ -96,13 +101,61 @@ pub(super) struct Shared {
     /// Becomes `Some(how long an ending connection waits for the client's FIN)` when the proxy
     /// stops: listeners close, connections end (see `tcp::serve`).
     pub(super) stopping: tokio::sync::watch::Receiver<Option<std::time::Duration>>,
+    /// To the agent (a closed receiver is ignored).
+    pub(super) events: tokio::sync::mpsc::UnboundedSender<ProxyEvent>,
 }
 
 impl Shared {
+    /// A backend for a new connection (see `Balancer::pick`), avoiding endpoints the passive
+    /// health check has set aside while others are left.
     pub fn pick(&self, entry: &ServiceEntry, client: IpAddr, tried: &[SocketAddr]) -> Option<SocketAddr> {
         let mut guard = self.lb.lock().unwrap_or_else(|p| p.into_inner());
-        let (lb, rng) = &mut *guard;
-        lb.pick(entry, client, tried, Instant::now(), &mut || rng.next_u64())
+        let (lb, rng, health) = &mut *guard;
+        let now = Instant::now();
+        let picked = lb.pick(entry, client, tried, now, &mut || rng.next_u64(), &|a| health.avoid(&entry.name, a, now));
+        if let Some(addr) = picked {
+            health.chosen(&entry.name, addr, now, self.cfg.dial_timeout + Duration::from_secs(1));
+        }
+        picked
+    }
+
+    /// A dial of `addr` for `entry` succeeded (`failure` None) or failed: the passive health
+    /// check. The agent hears of every endpoint set aside or cleared.
+    pub fn dialled(&self, entry: &ServiceEntry, addr: SocketAddr, failure: Option<&str>) {
+        let mut guard = self.lb.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, rng, health) = &mut *guard;
+        let counters = self.stats.endpoint(&entry.name, addr);
+        let changed = match failure {
+            None => {
+                let was = health.succeeded(&entry.name, addr);
+                if was {
+                    log::info!("{}: endpoint {addr} answers again", entry.name);
+                }
+                was
+            }
+            Some(error) => {
+                let was = health.is_set_aside(&entry.name, addr);
+                let backoff = health.failed(&entry.name, addr, Instant::now(), rng.next_u64());
+                if was {
+                    log::debug!("{}: endpoint {addr} still fails ({error}); set aside for {backoff:?}", entry.name);
+                } else {
+                    log::warn!(
+                        "{}: endpoint {addr} set aside for {backoff:?}: {error}; new connections use the others",
+                        entry.name
+                    );
+                }
+                !was
+            }
+        };
+        counters.set_aside.store(failure.is_some(), std::sync::atomic::Ordering::Relaxed);
+        if changed {
+            self.report_set_aside(health);
+        }
+    }
+
+    /// Tell the agent which endpoints are set aside now.
+    pub(super) fn report_set_aside(&self, health: &Health) {
+        let _ = self.events.send(ProxyEvent::SetAside(health.set_aside()));
     }
 
     /// Admit a TCP connection from `src`; the guard releases it when dropped.

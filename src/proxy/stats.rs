@@ -81,6 +81,8 @@ pub type EndpointKey = (Box<str>, SocketAddr);
 pub struct EndpointCounters {
     pub ok: Counter,
     pub failed: Counter,
+    /// Set aside by the passive health check (its last dial failed).
+    pub set_aside: AtomicBool,
 }
 
 /// Why a TCP connection ended the way it did.

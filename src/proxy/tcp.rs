@@ -375,12 +375,14 @@ async fn dial(
             Ok(Ok(s)) => {
                 stats.dial_duration.observe(started.elapsed());
                 endpoint.ok.inc();
+                shared.dialled(entry, addr, None);
                 return Ok(s);
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", shared.cfg.dial_timeout),
         };
         endpoint.failed.inc();
+        shared.dialled(entry, addr, Some(&err));
         stats.total.dial_failures.inc();
         svc.dial_failures.inc();
         log::debug!("{peer} ({}): dial {addr}: {err}", entry.name);

@@ -243,7 +243,7 @@ fn restore(ns: &Netns, text: &str) {
     assert!(out.status.success(), "iptables-restore: {}\n{text}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn serve_tcp_echo(ns: &Netns, addr: &str, id: &str) {
+pub fn serve_tcp_echo(ns: &Netns, addr: &str, id: &str) {
     let addr: SocketAddr = addr.parse().unwrap();
     let id = id.to_string();
     let l = ns.thread(move || TcpListener::bind(addr)).join().unwrap().expect("bind echo");
