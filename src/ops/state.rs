@@ -1,7 +1,9 @@
 //! What the endpoint serves: the metric set, the proxy's counters and the readiness flags that
 //! `/readyz` checks.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use portable_atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -15,7 +15,7 @@ pub(super) struct Flow {
     pub(super) upstream: UdpSocket,
     pub(super) backend: SocketAddr,
     /// Last datagram either way, in ms since `Shared::epoch`.
-    pub(super) last: std::sync::atomic::AtomicU64,
+    pub(super) last: portable_atomic::AtomicU64,
     pub(super) svc: Arc<ServiceCounters>,
 }
 

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use portable_atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
