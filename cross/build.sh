@@ -75,10 +75,17 @@ build_one() {
 		;;
 	armv7-unknown-linux-musleabihf | mipsel-unknown-linux-musl | mips-unknown-linux-musl)
 		zig_env
-		local upper
+		local upper flags=(-C link-self-contained=no) std_features=()
 		upper=$(tr 'a-z-' 'A-Z_' <<<"$t")
-		env "CARGO_TARGET_${upper}_RUSTFLAGS=-C link-self-contained=no" \
-			cargo "+$NIGHTLY" zigbuild --release --locked -Zbuild-std=std,panic_abort --target "$t"
+		if [[ $t == mips* ]]; then
+			# MIPS code is bulky, and position-independent MIPS code more so (every call through
+			# the GOT): a plain static executable, std built for size and panics without their
+			# source locations. 3.40 MB -> 2.60 MB on mipsel; the messages themselves stay.
+			flags+=(-C relocation-model=static -Zlocation-detail=none)
+			std_features=(-Zbuild-std-features=optimize_for_size)
+		fi
+		env "CARGO_TARGET_${upper}_RUSTFLAGS=${flags[*]}" \
+			cargo "+$NIGHTLY" zigbuild --release --locked -Zbuild-std=std,panic_abort "${std_features[@]}" --target "$t"
 		;;
 	*) echo "build.sh: unsupported target $t" >&2; exit 2 ;;
 	esac

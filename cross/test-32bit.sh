@@ -30,6 +30,8 @@ zig_env
 
 upper=$(tr 'a-z-' 'A-Z_' <<<"$t")
 [ $# -gt 0 ] || set -- -- --include-ignored
-echo "== cargo +$NIGHTLY zigbuild test --target $t --lib --bins --test core_fixtures $*" >&2
-env "CARGO_TARGET_${upper}_RUSTFLAGS=-C link-self-contained=no" "CARGO_TARGET_${upper}_RUNNER=$qemu" \
-	cargo "+$NIGHTLY" zigbuild test --locked -Zbuild-std --target "$t" --lib --bins --test core_fixtures "$@"
+echo "== cargo-zigbuild test (+$NIGHTLY) --target $t --lib --bins --test core_fixtures $*" >&2
+# `cargo zigbuild` is the build subcommand only; `cargo-zigbuild test` runs cargo from PATH, so
+# the toolchain is chosen through RUSTUP_TOOLCHAIN.
+env RUSTUP_TOOLCHAIN="$NIGHTLY" "CARGO_TARGET_${upper}_RUSTFLAGS=-C link-self-contained=no" "CARGO_TARGET_${upper}_RUNNER=$qemu" \
+	cargo-zigbuild test --locked -Zbuild-std --target "$t" --lib --bins --test core_fixtures "$@"

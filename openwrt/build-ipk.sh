@@ -11,6 +11,8 @@
 # The package: an outer gzip'ed tar of ./debian-binary ("2.0"), ./data.tar.gz and
 # ./control.tar.gz (control, conffiles, postinst, prerm), all owned by root, with reproducible
 # timestamps (SOURCE_DATE_EPOCH, default: the last commit's time). Prints the .ipk's path.
+# The control file's Require-User is the feed Makefile's USERID: OpenWrt's default_postinst
+# creates that user and group, as for a package built with the SDK.
 # opkg is the package manager of OpenWrt up to 24.10 (25.x moved to apk).
 set -euo pipefail
 
@@ -47,16 +49,19 @@ esac
 version=${EDGEPROXY_VERSION:-$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)}
 release=$(sed -n 's/^PKG_RELEASE:=//p' "$here/edgeproxy/Makefile")
 if [ -z "$version" ] || [ -z "$release" ]; then echo "build-ipk.sh: cannot read the version" >&2; exit 1; fi
+userid=$(sed -n 's/^[[:space:]]*USERID:=//p' "$here/edgeproxy/Makefile")
+[ -n "$userid" ] || { echo "build-ipk.sh: cannot read USERID from the Makefile" >&2; exit 1; }
 epoch=${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 0)}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 data=$work/data
 ctrl=$work/control
-mkdir -p "$data/usr/sbin" "$data/etc/init.d" "$data/etc/config" "$ctrl"
+mkdir -p "$data/usr/sbin" "$data/etc/init.d" "$data/etc/config" "$data/etc/capabilities" "$ctrl"
 install -m 0755 "$bin" "$data/usr/sbin/edgeproxy"
 install -m 0755 "$files/edgeproxy.init" "$data/etc/init.d/edgeproxy"
 install -m 0600 "$files/edgeproxy.config" "$data/etc/config/edgeproxy"
+install -m 0644 "$files/edgeproxy.capabilities" "$data/etc/capabilities/edgeproxy.json"
 
 size=$(find "$data" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')
 cat >"$ctrl/control" <<CONTROL
@@ -71,13 +76,15 @@ Priority: optional
 Maintainer: edgeproxy maintainers
 Architecture: $arch
 Installed-Size: $size
+Require-User: $userid
 Description: Kubernetes ClusterIP Services for edge machines (EdgeMesh-compatible).
  A static edgeproxy binary: lists Services and endpoints from the API server or KubeEdge's
  MetaServer, installs nat rules with iptables-nft and proxies TCP and UDP to the endpoints.
 CONTROL
 printf '/etc/config/edgeproxy\n' >"$ctrl/conffiles"
-# OpenWrt's own maintainer scripts: enable and start the init script on install, stop and
-# disable it on removal (stopping runs service_stopped, which removes the rules).
+# OpenWrt's own maintainer scripts: create the user of Require-User and enable and start the
+# init script on install, stop and disable it on removal (stopping runs service_stopped, which
+# removes the rules).
 cat >"$ctrl/postinst" <<'SCRIPT'
 #!/bin/sh
 [ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0

@@ -1,9 +1,11 @@
 //! Shipping checks: the OpenWrt .ipk built from the real binary, the procd init script (under
-//! shellcheck and against a stub of procd's and UCI's shell helpers), the systemd unit
-//! (`systemd-analyze verify` and `security`), its tmpfiles entry and sample config.
+//! shellcheck and against a stub of procd's and UCI's shell helpers: flags, the generated config
+//! file, user and capabilities, and that UCI reaches every config file field), the capabilities
+//! file, the systemd unit (`systemd-analyze verify` and `security`), its tmpfiles entry and
+//! sample config. The feed Makefile against a stub SDK: tests/openwrt_feed.rs.
 //!
-//! Needs shellcheck, GNU tar, gzip and systemd-analyze / systemd-tmpfiles (Debian's systemd);
-//! tests/setup.sh installs them. A missing tool fails the test, never skips it.
+//! Needs shellcheck, GNU tar, gzip, dash and systemd-analyze / systemd-tmpfiles (Debian's
+//! systemd); tests/setup.sh installs them. A missing tool fails the test, never skips it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,7 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use argh::FromArgs as _;
+use edgeproxy::config::{Config, Overrides};
+
 const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
+/// procd's capabilities file for the agent, installed as /etc/capabilities/edgeproxy.json.
+const CAPS_FILE: &str = "openwrt/edgeproxy/files/edgeproxy.capabilities";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -118,6 +125,9 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
     assert_eq!(f["Depends"], "iptables-nft, kmod-ipt-nat");
     assert_eq!(f["License"], "Apache-2.0");
     assert_eq!(f["Section"], "net");
+    // OpenWrt's default_postinst makes this user and group (the feed Makefile's USERID).
+    let mk = fs::read_to_string(repo().join("openwrt/edgeproxy/Makefile")).unwrap();
+    assert_eq!(f["Require-User"], makefile_userid(&mk));
     assert!(f["Description"].contains("ClusterIP"), "{control}");
     for k in ["Maintainer", "Source", "SourceName", "Priority"] {
         assert!(f.contains_key(k), "{k} missing from\n{control}");
@@ -136,6 +146,7 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
         .map(|(p, m, o)| (p.as_str(), (m.as_str(), o.as_str())))
         .collect();
     let expect = BTreeMap::from([
+        ("./etc/capabilities/edgeproxy.json", ("-rw-r--r--", "0/0")),
         ("./etc/config/edgeproxy", ("-rw-------", "0/0")),
         ("./etc/init.d/edgeproxy", ("-rwxr-xr-x", "0/0")),
         ("./usr/sbin/edgeproxy", ("-rwxr-xr-x", "0/0")),
@@ -151,9 +162,12 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
     assert!(bytes == fs::read(BIN).unwrap(), "the packaged binary differs from {BIN}");
     let init = output(Command::new("tar").arg("-xOzf").arg(&data).arg("./etc/init.d/edgeproxy")).stdout;
     assert_eq!(init, fs::read(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap());
+    let caps = output(Command::new("tar").arg("-xOzf").arg(&data).arg("./etc/capabilities/edgeproxy.json")).stdout;
+    assert_eq!(caps, fs::read(repo().join(CAPS_FILE)).unwrap());
     let installed: u64 = f["Installed-Size"].parse().unwrap();
     let sum = bytes.len() as u64
         + init.len() as u64
+        + caps.len() as u64
         + fs::metadata(repo().join("openwrt/edgeproxy/files/edgeproxy.config")).unwrap().len();
     assert_eq!(installed, sum, "Installed-Size is the sum of the file sizes");
 }
@@ -211,8 +225,10 @@ fn shell_scripts_are_shellcheck_clean() {
         "openwrt/edgeproxy/files/edgeproxy.init",
         "openwrt/build-ipk.sh",
         "cross/build.sh",
+        "cross/toolchain.sh",
         "cross/test-aarch64.sh",
-        "cross/smoke-armv7.sh",
+        "cross/test-32bit.sh",
+        "cross/smoke.sh",
         "tests/setup.sh",
         "tests/run-all.sh",
         "tests/demo.sh",
@@ -224,7 +240,8 @@ fn shell_scripts_are_shellcheck_clean() {
     for s in scripts {
         let path = repo().join(s);
         assert!(path.exists(), "{s} missing");
-        ok(Command::new("shellcheck").arg("--severity=style").arg(&path));
+        // -x from the top of the checkout: follow the files a script sources (cross/toolchain.sh).
+        ok(Command::new("shellcheck").current_dir(repo()).arg("-x").arg("--severity=style").arg(s));
     }
 }
 
@@ -247,9 +264,11 @@ fn shellcheck_catches_a_planted_problem() {
 // ----------------------------------------------------------------------------------------------
 // procd init script against stubs
 
-/// Stubs of OpenWrt's /lib/functions.sh (config_*) and /lib/functions/procd.sh (procd_*), with
-/// the same semantics for what the init script uses. procd calls are recorded one per line,
-/// arguments separated by \x1f, into $PROCD_LOG.
+/// Stubs of OpenWrt's /lib/functions.sh (config_*, user_exists), /lib/functions/procd.sh
+/// (procd_*) and of the commands the init script runs that the test machine must not run for
+/// real (chown, chgrp to a user it does not have; logger). Calls are recorded one per line,
+/// arguments separated by \x1f, into $PROCD_LOG. mkdir, chmod, mv and rm run for real: the
+/// script's paths point into a fake root (see [`run_init_on`]).
 const STUB: &str = r#"
 config_load() { _rec config_load "$@"; . "$UCI_STATE/$1.sh"; }
 config_get() {
@@ -279,6 +298,7 @@ config_list_foreach() {
 		_i=$((_i + 1))
 	done
 }
+user_exists() { case " $STUB_USERS " in *" $1 "*) return 0 ;; esac; return 1; }
 _rec() {
 	printf '%s' "$1" >>"$PROCD_LOG"
 	shift
@@ -289,11 +309,21 @@ procd_open_instance() { _rec procd_open_instance "$@"; }
 procd_set_param() { _rec procd_set_param "$@"; }
 procd_append_param() { _rec procd_append_param "$@"; }
 procd_close_instance() { _rec procd_close_instance "$@"; }
+procd_add_jail() { _rec procd_add_jail "$@"; }
 procd_add_reload_trigger() { _rec procd_add_reload_trigger "$@"; }
+chown() { _rec chown "$@"; }
+chgrp() { _rec chgrp "$@"; }
+logger() { _rec logger "$@"; }
 "#;
 
+/// The init script's variables that name a file or directory: each points into the fake root
+/// in tests. A new path variable must be added here (the test below checks the script has no
+/// other), or a test would touch the machine's own.
+const INIT_PATHS: [&str; 7] =
+    ["RUN_DIR", "DEFAULT_STATE_DIR", "DEFAULT_CONFIG", "GENERATED_CONFIG", "CAPABILITIES", "UJAIL", "XTABLES_LOCK"];
+
 /// UCI text -> shell assignments as OpenWrt's config_load leaves them (options of named
-/// sections; lists as _LENGTH/_ITEMn).
+/// sections; lists as _LENGTH/_ITEMn, and their items joined with spaces as the option).
 fn uci_to_shell(uci: &str) -> String {
     let mut out = String::new();
     let mut section = String::new();
@@ -311,6 +341,8 @@ fn uci_to_shell(uci: &str) -> String {
                 let n = lists.entry(format!("{section}_{name}")).or_default();
                 *n += 1;
                 out += &format!("CONFIG_{section}_{name}_ITEM{n}={}\nCONFIG_{section}_{name}_LENGTH={n}\n", q(value));
+                let v = format!("CONFIG_{section}_{name}");
+                out += &format!("{v}=\"${{{v}:+${v} }}\"{}\n", q(value));
             }
             other => panic!("uci keyword {other:?} in {line:?}"),
         }
@@ -318,17 +350,52 @@ fn uci_to_shell(uci: &str) -> String {
     out
 }
 
+type Instance = BTreeMap<String, Vec<String>>;
+
 #[derive(Debug, Default, PartialEq)]
 struct Procd {
-    /// Each instance: param -> values (set replaces, append extends), as procd keeps them.
-    instances: Vec<BTreeMap<String, Vec<String>>>,
+    /// Each instance: param -> values (set replaces, append extends), as procd keeps them;
+    /// procd_add_jail's arguments as "jail".
+    instances: Vec<Instance>,
     reload_triggers: Vec<String>,
     config_loads: Vec<String>,
+    /// chown, chgrp and logger, with their arguments.
+    commands: Vec<Vec<String>>,
 }
 
-/// Source the stubs and the init script in dash (the closest to busybox ash here), run `calls`,
-/// and replay the record.
+impl Procd {
+    fn commands(&self, name: &str) -> Vec<Vec<String>> {
+        self.commands.iter().filter(|c| c[0] == name).map(|c| c[1..].to_vec()).collect()
+    }
+}
+
+/// What the fake router has besides the init script and the package's files.
+#[derive(Default)]
+struct Router {
+    /// /sbin/ujail (package procd-ujail).
+    ujail: bool,
+    /// The user edgeproxy (made by the package's postinst).
+    user: bool,
+    /// More files: path, content.
+    files: Vec<(&'static str, String)>,
+}
+
+impl Router {
+    /// ujail and the user there: the agent can run as its user.
+    fn least_privilege() -> Router {
+        Router { ujail: true, user: true, files: Vec::new() }
+    }
+}
+
+/// [`run_init_on`] a router without ujail.
 fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
+    run_init_on(&Router::default(), uci, calls, extra)
+}
+
+/// Source the stubs and the init script in dash (the closest to busybox ash here), point its
+/// paths into a fake root ($ROOT, the package's capabilities file installed), run `calls`, and
+/// replay the record with $ROOT taken off the paths again.
+fn run_init_on(router: &Router, uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
     let dir = TempDir::new("procd");
     let state = dir.path().join("uci");
     fs::create_dir_all(&state).unwrap();
@@ -336,9 +403,23 @@ fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
     fs::write(dir.path().join("stub.sh"), STUB).unwrap();
     let log = dir.path().join("procd.log");
     fs::write(&log, "").unwrap();
+    let root = dir.path().join("root");
+    let mut files = router.files.clone();
+    files.push(("/etc/capabilities/edgeproxy.json", fs::read_to_string(repo().join(CAPS_FILE)).unwrap()));
+    if router.ujail {
+        files.push(("/sbin/ujail", "#!/bin/sh\nexit 0\n".into()));
+    }
+    for (path, text) in files {
+        let p = root.join(path.trim_start_matches('/'));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let init = repo().join("openwrt/edgeproxy/files/edgeproxy.init");
-    let script = format!(". \"$STUB\"\n. \"$INIT\"\n{extra}\n{calls}\n");
-    let out = output(
+    let fake_root: String = INIT_PATHS.iter().map(|v| format!("{v}=\"$ROOT${v}\"\n")).collect();
+    let script = format!(". \"$STUB\"\n. \"$INIT\"\n{fake_root}{extra}\n{calls}\n");
+    let mut out = output(
         Command::new("dash")
             .arg("-c")
             .arg(script)
@@ -346,15 +427,19 @@ fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
             .env("INIT", &init)
             .env("UCI_STATE", &state)
             .env("PROCD_LOG", &log)
-            .env("STUB_DIR", dir.path()),
+            .env("STUB_DIR", dir.path())
+            .env("ROOT", &root)
+            .env("STUB_USERS", if router.user { "root edgeproxy" } else { "root" }),
     );
     assert!(out.status.success(), "init script failed: {}", String::from_utf8_lossy(&out.stderr));
+    let root = root.to_str().unwrap().to_string();
+    out.stdout = String::from_utf8_lossy(&out.stdout).replace(&root, "").into_bytes();
     let mut p = Procd::default();
-    let mut open: Option<BTreeMap<String, Vec<String>>> = None;
+    let mut open: Option<Instance> = None;
     for line in fs::read_to_string(&log).unwrap().lines() {
         let mut parts = line.split('\x1f');
         let call = parts.next().unwrap();
-        let args: Vec<String> = parts.map(str::to_string).collect();
+        let args: Vec<String> = parts.map(|a| a.replace(&root, "")).collect();
         match call {
             "config_load" => p.config_loads.push(args.join(" ")),
             "procd_open_instance" => {
@@ -370,8 +455,13 @@ fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
                 }
                 e.extend(v.iter().cloned());
             }
+            "procd_add_jail" => {
+                let inst = open.as_mut().unwrap_or_else(|| panic!("{call} outside an instance"));
+                assert!(inst.insert("jail".into(), args).is_none(), "jail added twice");
+            }
             "procd_close_instance" => p.instances.push(open.take().expect("close without open")),
             "procd_add_reload_trigger" => p.reload_triggers.extend(args),
+            "chown" | "chgrp" | "logger" => p.commands.push([vec![call.to_string()], args].concat()),
             other => panic!("unexpected call {other}"),
         }
     }
@@ -383,25 +473,45 @@ fn shipped_uci() -> String {
     fs::read_to_string(repo().join("openwrt/edgeproxy/files/edgeproxy.config")).unwrap()
 }
 
+fn enabled_uci() -> String {
+    let uci = shipped_uci();
+    assert!(uci.contains("option enabled '0'"));
+    uci.replace("option enabled '0'", "option enabled '1'")
+}
+
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()
 }
 
 #[test]
-fn procd_shipped_config_is_disabled_and_starts_nothing() {
-    let (p, _) = run_init(&shipped_uci(), "start_service\nservice_triggers", "");
-    assert_eq!(p.instances, Vec::<BTreeMap<String, Vec<String>>>::new());
-    assert_eq!(p.reload_triggers, ["edgeproxy"]);
+fn procd_init_paths_all_point_into_the_fake_root_in_tests() {
+    let text = fs::read_to_string(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap();
+    let mut vars: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once("=/"))
+        .map(|(v, _)| v)
+        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    vars.sort_unstable();
+    let mut want: Vec<&str> = INIT_PATHS.to_vec();
+    // PROG only runs in service_stopped, whose test replaces it.
+    want.push("PROG");
+    want.sort_unstable();
+    assert_eq!(vars, want, "every path variable of the init script must be in INIT_PATHS");
 }
 
 #[test]
-fn procd_shipped_config_enabled_gives_defaults_with_metrics_off() {
-    let uci = shipped_uci().replace("option enabled '0'", "option enabled '1'");
-    let (p, _) = run_init(&uci, "start_service", "");
-    assert_eq!(p.instances.len(), 1);
-    let i = &p.instances[0];
+fn procd_shipped_config_is_disabled_and_starts_nothing() {
+    let (p, _) = run_init(&shipped_uci(), "start_service\nservice_triggers", "");
+    assert_eq!(p.instances, Vec::<Instance>::new());
+    assert_eq!(p.reload_triggers, ["edgeproxy"]);
+    assert!(p.commands.is_empty(), "{:?}", p.commands);
+}
+
+/// The command line of the shipped config, enabled.
+fn shipped_command() -> Vec<String> {
     let host = hostname();
-    let want = [
+    [
         "/usr/sbin/edgeproxy",
         "--log-level",
         "info",
@@ -420,41 +530,157 @@ fn procd_shipped_config_enabled_gives_defaults_with_metrics_off() {
         "auto",
         "--metrics-address",
         "",
-    ];
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn procd_shipped_config_enabled_gives_defaults_with_metrics_off_as_its_own_user() {
+    let (p, _) = run_init_on(&Router::least_privilege(), &enabled_uci(), "start_service", "");
+    assert_eq!(p.instances.len(), 1);
+    let i = &p.instances[0];
+    let want = shipped_command();
     assert_eq!(i["command"], want);
     assert_eq!(i["respawn"], ["3600", "5", "0"]);
     assert_eq!(i["term_timeout"], ["15"]);
     assert_eq!(i["limits"], ["nofile=65536 65536"]);
     assert_eq!(i["stdout"], ["1"]);
     assert_eq!(i["stderr"], ["1"]);
+    // Least privilege: procd hands user, group, capabilities and no_new_privs to ujail, which
+    // a jail entry (without namespace options: no new root) makes it start.
+    assert_eq!(i["user"], ["edgeproxy"]);
+    assert_eq!(i["group"], ["edgeproxy"]);
+    assert_eq!(i["capabilities"], ["/etc/capabilities/edgeproxy.json"]);
+    assert_eq!(i["no_new_privs"], ["1"]);
+    assert_eq!(i["jail"], ["edgeproxy"]);
+    // ujail gives the agent only the environment procd names: PATH for iptables-restore.
+    assert_eq!(i["env"], ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]);
+    assert!(!i.contains_key("file"), "no generated config for the shipped options");
     assert_eq!(p.config_loads, ["edgeproxy"]);
+    // What the agent writes is its user's: the run directory, the default state directory,
+    // iptables-legacy's lock.
+    assert_eq!(
+        p.commands("chown"),
+        [vec!["-R", "edgeproxy:edgeproxy", "/var/run/edgeproxy"], vec!["edgeproxy:edgeproxy", "/var/lib/edgeproxy"]]
+    );
+    assert_eq!(p.commands("chgrp"), [vec!["edgeproxy", "/var/run/xtables.lock"]]);
+    assert!(p.commands("logger").is_empty(), "{:?}", p.commands);
 
     // And the binary accepts exactly these flags (argh): `--help` after them parses them all.
-    let mut args: Vec<&str> = want[1..].to_vec();
+    let mut args: Vec<&str> = want[1..].iter().map(String::as_str).collect();
     args.push("--help");
     let o = output(Command::new(BIN).args(&args));
     let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(!all.contains("Unrecognized"), "the binary rejects the init script's flags: {all}");
 }
 
-/// Every UCI option the init script knows, set.
+#[test]
+fn procd_own_paths_are_made_with_the_right_modes() {
+    // The directories are made and the lock file is created group-writable (chown and chgrp
+    // are recorded only: the test machine has no user edgeproxy).
+    let calls = "start_service\nstat -c '%a %F' \"$RUN_DIR\" \"$DEFAULT_STATE_DIR\" \"$XTABLES_LOCK\"";
+    let (_, out) = run_init_on(&Router::least_privilege(), &enabled_uci(), calls, "");
+    let stat = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stat.lines().collect();
+    assert_eq!(lines.len(), 3, "{stat}");
+    assert!(lines[0].ends_with(" directory") && lines[1].ends_with(" directory"), "{stat}");
+    assert_eq!(lines[2], "660 regular empty file", "{stat}");
+}
+
+#[test]
+fn procd_without_ujail_or_user_runs_as_root_and_says_why() {
+    let routers = [
+        Router::default(),
+        Router { ujail: false, ..Router::least_privilege() },
+        Router { user: false, ..Router::least_privilege() },
+    ];
+    for router in &routers {
+        let (p, _) = run_init_on(router, &enabled_uci(), "start_service", "");
+        let i = &p.instances[0];
+        assert_eq!(i["command"], shipped_command());
+        // procd would start the agent as the user without a single capability: no user at all.
+        for k in ["user", "group", "capabilities", "no_new_privs", "jail", "env"] {
+            assert!(!i.contains_key(k), "{k} set without ujail/user (ujail {}, user {})", router.ujail, router.user);
+        }
+        assert!(p.commands("chown").is_empty() && p.commands("chgrp").is_empty(), "{:?}", p.commands);
+        let logged = p.commands("logger");
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert_eq!(logged[0][..4], ["-t", "edgeproxy", "-p", "daemon.notice"]);
+        let msg = logged[0][4..].join(" ");
+        assert!(msg.contains("runs as root") && msg.contains("procd-ujail"), "{msg}");
+    }
+}
+
+#[test]
+fn capabilities_file_is_procd_json_with_net_admin_and_net_raw_in_every_set() {
+    let text = fs::read_to_string(repo().join(CAPS_FILE)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{CAPS_FILE}: {e}"));
+    let obj = v.as_object().expect("a JSON object");
+    let sets: Vec<&str> = obj.keys().map(String::as_str).collect();
+    let mut want_sets = vec!["ambient", "bounding", "effective", "inheritable", "permitted"];
+    want_sets.sort_unstable();
+    assert_eq!(sets, want_sets, "procd's (OCI's) five capability sets, no other key");
+    for (set, caps) in obj {
+        let caps: Vec<&str> = caps
+            .as_array()
+            .unwrap_or_else(|| panic!("{set}: not an array"))
+            .iter()
+            .map(|c| c.as_str().unwrap_or_else(|| panic!("{set}: {c} is not a string")))
+            .collect();
+        // Ambient (and so inheritable and permitted) too: iptables-restore, a child, needs them.
+        assert_eq!(caps, ["CAP_NET_ADMIN", "CAP_NET_RAW"], "{set}");
+    }
+    // Installed where the init script points procd, by the feed Makefile and build-ipk.sh.
+    let init = fs::read_to_string(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap();
+    assert!(init.contains("\nCAPABILITIES=/etc/capabilities/edgeproxy.json\n"));
+    let mk = fs::read_to_string(repo().join("openwrt/edgeproxy/Makefile")).unwrap();
+    assert!(mk.contains("./files/edgeproxy.capabilities $(1)/etc/capabilities/edgeproxy.json"), "{mk}");
+    let ipk = fs::read_to_string(repo().join("openwrt/build-ipk.sh")).unwrap();
+    assert!(ipk.contains("\"$files/edgeproxy.capabilities\" \"$data/etc/capabilities/edgeproxy.json\""));
+}
+
+#[test]
+fn procd_user_is_the_packages_userid() {
+    let mk = fs::read_to_string(repo().join("openwrt/edgeproxy/Makefile")).unwrap();
+    let userid = makefile_userid(&mk);
+    let (user, group) = userid.split_once(':').expect("USERID user=uid:group=gid");
+    let (uname, uid) = user.split_once('=').expect("user=uid");
+    let (gname, gid) = group.split_once('=').expect("group=gid");
+    assert_eq!((uname, gname), ("edgeproxy", "edgeproxy"));
+    let uid: u32 = uid.parse().unwrap();
+    assert_eq!(gid.parse::<u32>().unwrap(), uid);
+    assert!((100..1000).contains(&uid), "a system id: {uid}");
+    let init = fs::read_to_string(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap();
+    assert!(init.contains("\nUSER_NAME=edgeproxy\n"));
+}
+
+fn makefile_userid(mk: &str) -> String {
+    mk.lines()
+        .find_map(|l| l.trim().strip_prefix("USERID:="))
+        .expect("USERID in the Makefile's Package/edgeproxy")
+        .to_string()
+}
+
+/// Every UCI option the init script knows, set, without config_file (the options that have
+/// no flag then go to the generated config file). Every value differs from its default (the
+/// test below checks it).
 const ALL_OPTIONS: &str = "
 config edgeproxy 'main'
 	option enabled 'yes'
 	option log_level 'debug'
-	option config_file '/etc/edgeproxy/config.json'
-	option source 'kube'
+	option source 'metaserver'
 	option kubeconfig '/etc/edgeproxy/kubeconfig'
 	option server 'https://192.0.2.1:6443'
 	option token_file '/etc/edgeproxy/token'
 	option ca_file '/etc/edgeproxy/ca.crt'
 	option client_cert '/etc/edgeproxy/client.crt'
 	option client_key '/etc/edgeproxy/client.key'
-	option metaserver 'http://127.0.0.1:10550'
+	option metaserver 'http://192.0.2.2:10550'
 	option watch 'off'
 	option poll_interval '45s'
 	option endpoints_api 'endpoints'
-	option layout 'root-chain'
+	option layout 'portals'
 	option edgemesh 'v1.9'
 	option service_filter_mode 'FilterIfLabelDoesNotExists'
 	option node_name 'edge node 1'
@@ -468,6 +694,23 @@ config edgeproxy 'main'
 	option state_dir '/etc/edgeproxy/state'
 	option offline_after '20s'
 	option metrics_address '127.0.0.1:10551'
+	option no_proxy_label '0'
+	option default_ignores 'off'
+	list service_cidr '10.43.0.0/16'
+	list service_cidr 'fd00:43::/112'
+	option listen_ipv6 'fd00:e16e::17'
+	option listen_device 'edge0'
+	option udp_ports '20000-20999'
+	option mark '0x200000'
+	option reject_port '15100'
+	option dial_timeout '3s'
+	option dial_attempts '5'
+	option tcp_buffer_size '32768'
+	option tcp_max_connections_per_source '512'
+	option tcp_idle_timeout '1h'
+	option udp_idle_timeout '45s'
+	option udp_max_flows '2048'
+	option udp_max_flows_per_source '256'
 ";
 
 /// The command line [`ALL_OPTIONS`] must give.
@@ -482,9 +725,9 @@ fn all_options_command() -> Vec<&'static str> {
         "--run-dir",
         "/var/run/edgeproxy",
         "--config",
-        "/etc/edgeproxy/config.json",
+        "/var/etc/edgeproxy.json",
         "--source",
-        "kube",
+        "metaserver",
         "--kubeconfig",
         "/etc/edgeproxy/kubeconfig",
         "--server",
@@ -498,7 +741,7 @@ fn all_options_command() -> Vec<&'static str> {
         "--client-key",
         "/etc/edgeproxy/client.key",
         "--metaserver",
-        "http://127.0.0.1:10550",
+        "http://192.0.2.2:10550",
         "--watch",
         "false",
         "--poll-interval",
@@ -506,7 +749,7 @@ fn all_options_command() -> Vec<&'static str> {
         "--endpoints-api",
         "endpoints",
         "--layout",
-        "root-chain",
+        "portals",
         "--edgemesh",
         "v1.9",
         "--service-filter-mode",
@@ -539,10 +782,15 @@ fn all_options_command() -> Vec<&'static str> {
 #[test]
 fn procd_maps_every_uci_option_onto_its_flag() {
     let uci = ALL_OPTIONS;
-    let (p, _) = run_init(uci, "start_service", "");
-    let cmd = &p.instances[0]["command"];
+    let (p, _) = run_init_on(&Router::least_privilege(), uci, "start_service", "");
+    let i = &p.instances[0];
+    let cmd = &i["command"];
     let want = all_options_command();
     assert_eq!(*cmd, want);
+    // A change of the generated file restarts the agent on reload (it reads it at start).
+    assert_eq!(i["file"], ["/var/etc/edgeproxy.json"]);
+    // The state directory is the configured one, and its owner the agent's user.
+    assert!(p.commands("chown").contains(&vec!["edgeproxy:edgeproxy".into(), "/etc/edgeproxy/state".into()]));
     // Every `run` flag of the binary is reachable from UCI.
     let help = output(Command::new(BIN).args(["run", "--help"]));
     let help = String::from_utf8_lossy(&help.stdout);
@@ -559,6 +807,310 @@ fn procd_maps_every_uci_option_onto_its_flag() {
     }
 }
 
+/// Every field of the config file (its JSON path) with the UCI option that sets it: through a
+/// flag, or (fields without a flag) through the config file the init script generates.
+const UCI_OPTION_OF_FIELD: &[(&str, &str)] = &[
+    ("edgemesh", "edgemesh"),
+    ("serviceFilterMode", "service_filter_mode"),
+    ("noProxyLabel", "no_proxy_label"),
+    ("defaultIgnores", "default_ignores"),
+    ("layout", "layout"),
+    ("serviceCIDRs", "service_cidr"),
+    ("nodeName", "node_name"),
+    ("listen.ip", "listen_ip"),
+    ("listen.ipv6", "listen_ipv6"),
+    ("listen.device", "listen_device"),
+    ("listen.tcpPort", "tcp_port"),
+    ("listen.udpPorts", "udp_ports"),
+    ("listen.mark", "mark"),
+    ("listen.rejectPort", "reject_port"),
+    ("source.kind", "source"),
+    ("source.kubeconfig", "kubeconfig"),
+    ("source.server", "server"),
+    ("source.tokenFile", "token_file"),
+    ("source.caFile", "ca_file"),
+    ("source.clientCert", "client_cert"),
+    ("source.clientKey", "client_key"),
+    ("source.metaServer", "metaserver"),
+    ("source.watch", "watch"),
+    ("source.pollInterval", "poll_interval"),
+    ("source.endpointsApi", "endpoints_api"),
+    ("loadBalancer", "load_balancer"),
+    ("tcp.dialTimeout", "dial_timeout"),
+    ("tcp.dialAttempts", "dial_attempts"),
+    ("tcp.bufferSize", "tcp_buffer_size"),
+    ("tcp.maxConnectionsPerSource", "tcp_max_connections_per_source"),
+    ("tcp.idleTimeout", "tcp_idle_timeout"),
+    ("udp.idleTimeout", "udp_idle_timeout"),
+    ("udp.maxFlows", "udp_max_flows"),
+    ("udp.maxFlowsPerSource", "udp_max_flows_per_source"),
+    ("iptables.backend", "iptables_backend"),
+    ("iptables.minSyncPeriod", "min_sync_period"),
+    ("iptables.guardPeriod", "guard_period"),
+    ("iptables.resyncPeriod", "resync_period"),
+    ("metricsAddress", "metrics_address"),
+    ("stateDir", "state_dir"),
+    ("offlineAfter", "offline_after"),
+];
+
+/// Config-file fields without a UCI option, on purpose (openwrt/README.md names them too).
+const FIELDS_WITHOUT_UCI_OPTION: &[(&str, &str)] = &[
+    // The init script owns the run directory: --run-dir /var/run/edgeproxy, made and given to
+    // the agent's user at start, written by mark_restart and read by `cleanup` in
+    // service_stopped. A UCI option would have to move all of these together, for nothing.
+    ("runDir", "fixed by the init script: /var/run/edgeproxy"),
+];
+
+/// The config [`ALL_OPTIONS`] must give the agent: every field of the file, each set to the
+/// value of its UCI option (runDir: the init script's).
+const ALL_OPTIONS_CONFIG: &str = r#"{
+  "edgemesh": "v1.9",
+  "serviceFilterMode": "FilterIfLabelDoesNotExists",
+  "noProxyLabel": false,
+  "defaultIgnores": "off",
+  "layout": "portals",
+  "serviceCIDRs": ["10.43.0.0/16", "fd00:43::/112"],
+  "nodeName": "edge node 1",
+  "listen": {
+    "ip": "169.254.96.17",
+    "ipv6": "fd00:e16e::17",
+    "device": "edge0",
+    "tcpPort": 15101,
+    "udpPorts": "20000-20999",
+    "mark": 2097152,
+    "rejectPort": 15100
+  },
+  "source": {
+    "kind": "metaserver",
+    "kubeconfig": "/etc/edgeproxy/kubeconfig",
+    "server": "https://192.0.2.1:6443",
+    "tokenFile": "/etc/edgeproxy/token",
+    "caFile": "/etc/edgeproxy/ca.crt",
+    "clientCert": "/etc/edgeproxy/client.crt",
+    "clientKey": "/etc/edgeproxy/client.key",
+    "metaServer": "http://192.0.2.2:10550",
+    "watch": false,
+    "pollInterval": "45s",
+    "endpointsApi": "endpoints"
+  },
+  "loadBalancer": "random",
+  "tcp": {
+    "dialTimeout": "3s",
+    "dialAttempts": 5,
+    "bufferSize": 32768,
+    "maxConnectionsPerSource": 512,
+    "idleTimeout": "1h"
+  },
+  "udp": {"idleTimeout": "45s", "maxFlows": 2048, "maxFlowsPerSource": 256},
+  "iptables": {"backend": "nft", "minSyncPeriod": "500ms", "guardPeriod": "5s", "resyncPeriod": "2m"},
+  "metricsAddress": "127.0.0.1:10551",
+  "stateDir": "/etc/edgeproxy/state",
+  "runDir": "/var/run/edgeproxy",
+  "offlineAfter": "20s"
+}"#;
+
+/// The config file's fields as dotted paths, from the agent's own parser: the error for an
+/// unknown key lists the keys an object takes (`deny_unknown_fields`); a key whose value cannot
+/// be an object is a field.
+fn config_file_fields() -> Vec<String> {
+    fn keys_of(path: &[String]) -> Option<Vec<String>> {
+        let mut text = String::from(r#"{"probe-not-a-field": 0}"#);
+        for k in path.iter().rev() {
+            text = format!(r#"{{"{k}": {text}}}"#);
+        }
+        let e = Config::from_text(&text, "probe", &Overrides::default()).expect_err("an unknown key is an error");
+        if !e.message.contains("unknown field `probe-not-a-field`") {
+            return None;
+        }
+        let list = e.message.split_once("expected").map(|(_, l)| l).unwrap_or("");
+        Some(list.split('`').skip(1).step_by(2).map(str::to_string).collect())
+    }
+    fn walk(path: &mut Vec<String>, out: &mut Vec<String>) {
+        match keys_of(path) {
+            Some(keys) => {
+                assert!(!keys.is_empty(), "cannot read the keys of {path:?}");
+                for k in keys {
+                    path.push(k);
+                    walk(path, out);
+                    path.pop();
+                }
+            }
+            None => out.push(path.join(".")),
+        }
+    }
+    let mut out = Vec::new();
+    walk(&mut Vec::new(), &mut out);
+    out
+}
+
+/// The dotted paths of the leaves (non-objects) of a JSON object.
+fn json_leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in v.as_object().expect("an object") {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            serde_json::Value::Object(_) => json_leaves(v, &path, out),
+            _ => out.push(path),
+        }
+    }
+}
+
+/// The agent's config from the init script's command line and the file it names (text given).
+fn config_of_command(command: &[String], file_text: &str) -> Result<Config, String> {
+    let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+    let cli = edgeproxy::cli::Cli::from_args(&["edgeproxy"], &args).map_err(|e| e.output)?;
+    let Some(edgeproxy::cli::Command::Run(run)) = cli.command else { panic!("not `run`: {command:?}") };
+    Config::from_text(file_text, "generated", &run.overrides()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn config_file_fields_are_read_from_the_parser() {
+    // The reader the next test relies on: it finds nested fields and renamed ones.
+    let fields = config_file_fields();
+    for f in ["edgemesh", "serviceCIDRs", "listen.udpPorts", "listen.tcpPort", "tcp.dialTimeout", "udp.maxFlows"] {
+        assert!(fields.iter().any(|x| x == f), "{f} not found in {fields:?}");
+    }
+    assert!(!fields.iter().any(|x| x == "listen" || x == "tcp"), "sections are not fields: {fields:?}");
+    assert!(fields.len() >= 40, "{fields:?}");
+}
+
+#[test]
+fn procd_uci_options_reach_every_config_file_field() {
+    let fields = config_file_fields();
+    let mapped: Vec<&str> = UCI_OPTION_OF_FIELD.iter().map(|(f, _)| *f).collect();
+    let excluded: Vec<&str> = FIELDS_WITHOUT_UCI_OPTION.iter().map(|(f, _)| *f).collect();
+    for f in &fields {
+        assert!(
+            mapped.contains(&f.as_str()) || excluded.contains(&f.as_str()),
+            "config file field {f} has no UCI option: map it in edgeproxy.init (a flag, or \
+             collect_file_options) and add it to UCI_OPTION_OF_FIELD, ALL_OPTIONS and \
+             ALL_OPTIONS_CONFIG, or say why not in FIELDS_WITHOUT_UCI_OPTION"
+        );
+    }
+    for f in mapped.iter().chain(&excluded) {
+        assert!(fields.iter().any(|x| x == f), "{f} is not a config file field (any more)");
+        assert_eq!(mapped.iter().chain(&excluded).filter(|x| *x == f).count(), 1, "{f} listed twice");
+    }
+    for (field, option) in UCI_OPTION_OF_FIELD {
+        let set = ALL_OPTIONS.lines().map(str::trim).any(|l| {
+            l.strip_prefix("option ")
+                .or_else(|| l.strip_prefix("list "))
+                .is_some_and(|r| r.starts_with(&format!("{option} ")))
+        });
+        assert!(set, "ALL_OPTIONS does not set {option} ({field})");
+    }
+    // The config the agent gets from ALL_OPTIONS (command line and generated file) is the one
+    // that sets every field to its option's value: so every option reaches its own field.
+    let expected_json: serde_json::Value = serde_json::from_str(ALL_OPTIONS_CONFIG).unwrap();
+    let mut leaves = Vec::new();
+    json_leaves(&expected_json, "", &mut leaves);
+    leaves.sort();
+    let mut all = fields.clone();
+    all.sort();
+    assert_eq!(leaves, all, "ALL_OPTIONS_CONFIG must set every field of the config file");
+    let expected = Config::from_text(ALL_OPTIONS_CONFIG, "ALL_OPTIONS_CONFIG", &Overrides::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Each of its values matters (differs from what the field is without it), so the
+    // comparison below notices an option that reaches no field.
+    for leaf in &leaves {
+        let mut v = expected_json.clone();
+        let mut obj = v.as_object_mut().unwrap();
+        let mut parts: Vec<&str> = leaf.split('.').collect();
+        let last = parts.pop().unwrap();
+        for p in parts {
+            obj = obj.get_mut(p).and_then(|x| x.as_object_mut()).unwrap();
+        }
+        obj.remove(last);
+        let without = Config::from_text(&v.to_string(), "without", &Overrides::default());
+        assert!(without.as_ref().ok() != Some(&expected), "ALL_OPTIONS_CONFIG's {leaf} is its default");
+    }
+    let (p, out) = run_init_on(&Router::least_privilege(), ALL_OPTIONS, "start_service\ncat \"$GENERATED_CONFIG\"", "");
+    let generated = String::from_utf8_lossy(&out.stdout).into_owned();
+    let command = &p.instances[0]["command"];
+    let got = config_of_command(command, &generated).unwrap_or_else(|e| panic!("{e}\n{generated}"));
+    assert_eq!(got, expected, "the agent's config from ALL_OPTIONS; generated file:\n{generated}");
+    assert!(p.commands("logger").is_empty(), "{:?}", p.commands);
+}
+
+#[test]
+fn procd_generated_config_writes_numbers_booleans_and_empty_strings_as_the_agent_reads_them() {
+    let uci = "config edgeproxy 'main'
+	option enabled '1'
+	option mark '0x10'
+	option reject_port '0015000'
+	option dial_attempts 'three'
+	option no_proxy_label 'yes'
+	option listen_device ''
+	option default_ignores 'say \"no\" \\ now'
+	option udp_idle_timeout ''
+	option service_cidr '10.0.0.0/8  10.1.0.0/16'
+";
+    let (p, out) = run_init(uci, "start_service\ncat \"$GENERATED_CONFIG\"", "");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"));
+    let want = serde_json::json!({
+        "noProxyLabel": true,
+        // A list written as an option: its words.
+        "serviceCIDRs": ["10.0.0.0/8", "10.1.0.0/16"],
+        "defaultIgnores": "say \"no\" \\ now",
+        // '' means "manage the addresses yourself" for the device; for the others it is unset.
+        "listen": {"device": "", "mark": 16, "rejectPort": 15000},
+        // Not a number: written as a string, so the agent's error names the field.
+        "tcp": {"dialAttempts": "three"},
+    });
+    assert_eq!(v, want, "{text}");
+    assert_eq!(p.instances[0]["command"][8..10], ["--config", "/var/etc/edgeproxy.json"]);
+    let e = config_of_command(&p.instances[0]["command"], &text).unwrap_err();
+    assert!(e.contains("tcp.dialAttempts"), "{e}");
+    // The options gone: no file, no --config.
+    let uci = "config edgeproxy 'main'\n\toption enabled '1'\n";
+    let (p, out) = run_init(
+        uci,
+        "start_service\nls \"${GENERATED_CONFIG%/*}\"",
+        "mkdir -p \"${GENERATED_CONFIG%/*}\"\necho '{}' >\"$GENERATED_CONFIG\"",
+    );
+    assert!(!p.instances[0]["command"].iter().any(|a| a == "--config"));
+    assert!(!p.instances[0].contains_key("file"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "the stale generated file is removed");
+}
+
+#[test]
+fn procd_config_file_wins_over_the_file_options_with_a_warning() {
+    let uci = "config edgeproxy 'main'
+	option enabled '1'
+	option config_file '/etc/edgeproxy/mine.json'
+	option udp_ports '20000-20999'
+	list service_cidr '10.43.0.0/16'
+";
+    let (p, out) = run_init(uci, "start_service\nls \"${GENERATED_CONFIG%/*}\" 2>/dev/null || true", "");
+    let cmd = &p.instances[0]["command"];
+    assert_eq!(cmd[8..10], ["--config", "/etc/edgeproxy/mine.json"]);
+    assert!(!p.instances[0].contains_key("file"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "no generated file");
+    let logged = p.commands("logger");
+    assert_eq!(logged.len(), 2, "{logged:?}"); // and the notice of running as root
+    assert_eq!(logged[0][..4], ["-t", "edgeproxy", "-p", "daemon.warn"]);
+    let msg = logged[0][4..].join(" ");
+    assert!(msg.contains("service_cidr udp_ports") && msg.contains("/etc/edgeproxy/mine.json"), "{msg}");
+
+    // /etc/edgeproxy/config.json, which the binary reads by itself, counts as config_file.
+    let router = Router { files: vec![("/etc/edgeproxy/config.json", "{}".into())], ..Router::default() };
+    let uci = "config edgeproxy 'main'\n\toption enabled '1'\n\toption udp_ports '20000-20999'\n";
+    let (p, _) = run_init_on(&router, uci, "start_service", "");
+    assert!(!p.instances[0]["command"].iter().any(|a| a == "--config"));
+    let msg = p.commands("logger")[0].join(" ");
+    assert!(msg.contains("daemon.warn") && msg.contains("/etc/edgeproxy/config.json"), "{msg}");
+}
+
+#[test]
+fn procd_state_dir_empty_turns_the_cache_off() {
+    let uci = "config edgeproxy 'main'\n\toption enabled '1'\n\toption state_dir ''\n";
+    let (p, _) = run_init_on(&Router::least_privilege(), uci, "start_service", "");
+    let cmd = &p.instances[0]["command"];
+    let at = cmd.iter().position(|a| a == "--state-dir").expect("--state-dir");
+    assert_eq!(cmd[at + 1], "");
+    assert_eq!(p.commands("chown"), [vec!["-R", "edgeproxy:edgeproxy", "/var/run/edgeproxy"]]);
+}
+
 #[test]
 fn procd_service_stopped_cleans_up_with_the_configured_backend() {
     let uci = "config edgeproxy 'main'\n\toption enabled '1'\n\toption iptables_backend 'legacy'\n";
@@ -569,14 +1121,16 @@ fn procd_service_stopped_cleans_up_with_the_configured_backend() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "cleanup --iptables-backend legacy --run-dir /var/run/edgeproxy"
     );
-    // A restart leaves the rules for the next agent: the marker is written, no cleanup runs.
-    let marker = "RUN_DIR=\"$STUB_DIR/run\"";
-    let (_, out) = run_init(
+    // A restart leaves the rules for the next agent: the marker is written, no cleanup runs; the
+    // start after it gives the run directory (marker included) to the agent's user.
+    let (p, out) = run_init_on(
+        &Router::least_privilege(),
         uci,
-        "mark_restart\nservice_stopped\nls \"$RUN_DIR\"; cat \"$STUB_DIR/cleanup.args\" 2>/dev/null || echo no-cleanup",
-        &format!("{extra}\n{marker}"),
+        "mark_restart\nservice_stopped\nstart_service\nls \"$RUN_DIR\"; cat \"$STUB_DIR/cleanup.args\" 2>/dev/null || echo no-cleanup",
+        extra,
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), ["restart", "no-cleanup"]);
+    assert_eq!(p.commands("chown")[0], ["-R", "edgeproxy:edgeproxy", "/var/run/edgeproxy"]);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -691,13 +1245,19 @@ fn openwrt_makefile_matches_the_crate() {
     assert_eq!(var("PKG_VERSION"), cargo_version(), "PKG_VERSION follows Cargo.toml");
     assert_eq!(var("PKG_NAME"), "edgeproxy");
     assert_eq!(var("PKG_BUILD_DEPENDS"), "rust/host");
-    assert!(mk.contains("include ../../lang/rust/rust-package.mk"));
+    // rust-package.mk from a src-link feed or from inside the packages feed (tests/openwrt_feed.rs
+    // runs make on both).
+    assert!(mk.contains("$(TOPDIR)/feeds/packages/lang/rust/rust-package.mk"));
+    assert!(mk.contains("$(CURDIR)/../../lang/rust/rust-package.mk"));
+    assert!(mk.contains("include $(EDGEPROXY_RUST_PACKAGE_MK)"));
     assert!(mk.contains("$(eval $(call RustBinPackage,edgeproxy))"));
     assert!(mk.contains("$(eval $(call BuildPackage,edgeproxy))"));
     let deps = var("  DEPENDS");
     for d in ["$(RUST_ARCH_DEPENDS)", "+iptables-nft", "+kmod-ipt-nat"] {
         assert!(deps.split_whitespace().any(|x| x == d), "{d} missing from DEPENDS {deps}");
     }
+    // The binary adds its addresses over rtnetlink: no `ip` (ip-tiny, ip-full) at run time.
+    assert!(!deps.split_whitespace().any(|x| x.trim_start_matches('+').starts_with("ip-")), "{deps}");
     // Recipe lines must start with a tab, or make fails on them.
     let mut in_define = false;
     for l in mk.lines() {

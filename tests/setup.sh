@@ -19,8 +19,9 @@ packages=(
 	gcc libc6-dev                                                     # ring's C code (x86_64 musl)
 	g++                                                               # libFuzzer (fuzz/run.sh)
 	gcc-aarch64-linux-gnu libc6-dev-arm64-cross                       # ring's C code, aarch64 linker
-	qemu-user-static                                                  # aarch64/armv7 under emulation
-	python3 python3-venv                                              # zig + cargo-zigbuild (armv7)
+	qemu-user-static                                                  # aarch64/armv7/mipsel/mips under emulation
+	python3 python3-venv                                              # zig + cargo-zigbuild (armv7, MIPS)
+	make                                                              # the OpenWrt feed Makefile test
 	shellcheck systemd prometheus                                     # packaging, ops (promtool)
 	haproxy iperf3                                                    # the benchmark
 	debootstrap                                                       # tests/fresh-machine.sh
@@ -88,7 +89,8 @@ works unshare --net true || fail "unshare --net" util-linux "cannot create a net
 for t in "socat -V:socat" "curl --version:curl" "ping -V:iputils-ping" "file --version:file" \
 	"shellcheck --version:shellcheck" "promtool --version:prometheus" "systemd-analyze --version:systemd" \
 	"haproxy -v:haproxy" "iperf3 --version:iperf3" "debootstrap --version:debootstrap" "pkill -V:procps" \
-	"systemd-nspawn --version:systemd-container" "prometheus --version:prometheus"; do
+	"systemd-nspawn --version:systemd-container" "prometheus --version:prometheus" "make --version:make" \
+	"setpriv --version:util-linux"; do
 	cmd=${t%%:*}
 	# shellcheck disable=SC2086 # the command and its flag, split on purpose
 	works $cmd || fail "${cmd%% *}" "${t##*:}" "'$cmd' failed"

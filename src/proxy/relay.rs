@@ -268,7 +268,7 @@ fn pipe_take() -> Option<KernelPipe> {
     // of its own (pages are the sockets' and are freed as they leave), but the kernel counts
     // its capacity against the user's fs.pipe-user-pages-soft, so only BIG_PIPES_MAX grow.
     // Refused (over fs.pipe-max-size or that limit): it keeps the default size.
-    if BIG_PIPES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < BIG_PIPES_MAX).then_some(n + 1)).is_ok() {
+    if take_big_pipe() {
         match p.pipe.set_capacity(PIPE_SIZE) {
             Ok(()) => p.big = true,
             Err(e) => {
@@ -278,6 +278,19 @@ fn pipe_take() -> Option<KernelPipe> {
         }
     }
     Some(p)
+}
+
+/// One of the BIG_PIPES_MAX places for a big pipe, if one is free. (A compare-exchange loop:
+/// `fetch_update` is deprecated on nightly, its successor not stable at our MSRV.)
+fn take_big_pipe() -> bool {
+    let mut n = BIG_PIPES.load(Ordering::Relaxed);
+    while n < BIG_PIPES_MAX {
+        match BIG_PIPES.compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) => n = now,
+        }
+    }
+    false
 }
 
 /// Return an empty pipe to the pool (or close it when the pool is full).

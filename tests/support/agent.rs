@@ -37,7 +37,13 @@ pub fn command(ns: &Netns, args: &[&str]) -> Command {
 
 /// Start [`command`] in `ns`, its standard error collected as the log.
 pub fn start(ns: &mut Netns, args: &[&str]) -> Agent {
-    let mut cmd = command(ns, args);
+    let cmd = command(ns, args);
+    start_command(ns, cmd)
+}
+
+/// Start an agent's command line of the test's own making (it must exec the agent, so that the
+/// pid is the agent's), its standard error collected as the log.
+pub fn start_command(ns: &mut Netns, mut cmd: Command) -> Agent {
     cmd.stderr(Stdio::piped()).stdout(Stdio::null());
     let index = ns.spawn(cmd);
     let child = ns.child(index);
