@@ -32,7 +32,7 @@ pub struct Cli {
     #[argh(option, default = "String::from(\"info\")")]
     pub log_level: String,
     /// where log lines go: auto (default: the journal with priorities when stderr is the
-    /// journal, else stderr with timestamps), journal, stderr, syslog (/dev/log)
+    /// journal, else stderr with timestamps), journal, stderr, syslog (/dev/log), syslog:/PATH
     #[argh(option, default = "String::from(\"auto\")")]
     pub log_target: String,
     #[argh(subcommand)]

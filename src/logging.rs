@@ -15,6 +15,7 @@
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -29,15 +30,23 @@ pub enum Target {
     Syslog,
 }
 
+/// The syslog socket unless `--log-target syslog:PATH` names another.
+pub const SYSLOG_SOCKET: &str = "/dev/log";
+
 impl Target {
-    pub fn parse(s: &str) -> Option<Target> {
-        match s {
-            "auto" => Some(Target::Auto),
-            "journal" => Some(Target::Journal),
-            "stderr" => Some(Target::Stderr),
-            "syslog" => Some(Target::Syslog),
-            _ => None,
-        }
+    /// `auto`, `journal`, `stderr`, `syslog` or `syslog:PATH`; with the syslog socket.
+    pub fn parse(s: &str) -> Option<(Target, PathBuf)> {
+        let target = match s {
+            "auto" => Target::Auto,
+            "journal" => Target::Journal,
+            "stderr" => Target::Stderr,
+            "syslog" => Target::Syslog,
+            _ => match s.strip_prefix("syslog:") {
+                Some(path) if path.starts_with('/') => return Some((Target::Syslog, PathBuf::from(path))),
+                _ => return None,
+            },
+        };
+        Some((target, PathBuf::from(SYSLOG_SOCKET)))
     }
 }
 
@@ -151,7 +160,8 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 enum Sink {
     Journal,
     Stderr,
-    Syslog(UnixDatagram),
+    /// A datagram socket connected to the syslog socket at this path.
+    Syslog(UnixDatagram, PathBuf),
 }
 
 struct Logger {
@@ -186,10 +196,14 @@ impl Log for Logger {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 let _ = writeln!(std::io::stderr().lock(), "{} {:<5} {origin}{}", rfc3339(now), r.level(), r.args());
             }
-            Sink::Syslog(sock) => {
+            Sink::Syslog(sock, path) => {
                 // Facility daemon (3).
                 let line = format!("<{}>edgeproxy[{}]: {origin}{}", 24 + u32::from(sev), std::process::id(), r.args());
-                if sock.send(line.as_bytes()).is_err() {
+                // A syslog daemon that restarted (OpenWrt's logd, after an upgrade) has a new
+                // socket: connect again once; failing that, this line goes to standard error.
+                let sent = sock.send(line.as_bytes()).is_ok()
+                    || (sock.connect(path).is_ok() && sock.send(line.as_bytes()).is_ok());
+                if !sent {
                     let _ = writeln!(std::io::stderr().lock(), "<{sev}>{origin}{}", r.args());
                 }
             }
@@ -199,14 +213,16 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
-/// Install the logger; returns where lines go (after `Auto` was resolved).
-pub fn init(level: LevelFilter, target: Target) -> Target {
+/// Install the logger; returns where lines go (after `Auto` was resolved). `syslog`: the
+/// socket of [`Target::Syslog`]; when it cannot be reached, lines go to standard error with
+/// their priorities.
+pub fn init(level: LevelFilter, target: Target, syslog: PathBuf) -> Target {
     let (sink, target) = match target {
         Target::Auto if stderr_is_journal() => (Sink::Journal, Target::Journal),
         Target::Auto | Target::Stderr => (Sink::Stderr, Target::Stderr),
         Target::Journal => (Sink::Journal, Target::Journal),
-        Target::Syslog => match UnixDatagram::unbound().and_then(|s| s.connect("/dev/log").map(|()| s)) {
-            Ok(s) => (Sink::Syslog(s), Target::Syslog),
+        Target::Syslog => match UnixDatagram::unbound().and_then(|s| s.connect(&syslog).map(|()| s)) {
+            Ok(s) => (Sink::Syslog(s, syslog), Target::Syslog),
             Err(_) => (Sink::Journal, Target::Journal),
         },
     };
@@ -246,6 +262,16 @@ mod tests {
             "2026-12-01T00:00:00+0100",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn targets_parse_with_their_syslog_socket() {
+        assert_eq!(Target::parse("auto"), Some((Target::Auto, PathBuf::from("/dev/log"))));
+        assert_eq!(Target::parse("syslog"), Some((Target::Syslog, PathBuf::from("/dev/log"))));
+        assert_eq!(Target::parse("syslog:/var/run/log"), Some((Target::Syslog, PathBuf::from("/var/run/log"))));
+        for bad in ["", "syslog:", "syslog:relative", "journald", "SYSLOG"] {
+            assert_eq!(Target::parse(bad), None, "{bad}");
         }
     }
 

@@ -86,11 +86,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Some(target) = logging::Target::parse(&cli.log_target) else {
-        eprintln!("--log-target: {:?} is not one of auto, journal, stderr, syslog", cli.log_target);
+    let Some((target, syslog)) = logging::Target::parse(&cli.log_target) else {
+        eprintln!("--log-target: {:?} is not one of auto, journal, stderr, syslog, syslog:/PATH", cli.log_target);
         return ExitCode::from(2);
     };
-    logging::init(level, target);
+    logging::init(level, target, syslog);
     let result = match cli.command {
         None => {
             eprintln!("edgeproxy: no command given; see edgeproxy --help");

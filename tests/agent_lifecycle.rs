@@ -4,7 +4,8 @@
 //! restart keeps the rules and refuses new connections only for the listener gap (measured); a
 //! SIGKILLed agent's addresses are taken over by the next one and removed by `cleanup`; the
 //! offline cache serves when the source is silent; SIGHUP with a bad config keeps serving;
-//! journal priorities and the IPv6 listener in a fresh namespace.
+//! journal priorities and the IPv6 listener in a fresh namespace; syslog priorities and a syslog
+//! daemon that restarts; a dead endpoint set aside, as metrics and `check` show it.
 mod support;
 
 use std::io::{Read, Write};
@@ -455,5 +456,55 @@ fn a_dead_endpoint_is_set_aside_and_shown_by_metrics_and_check() {
     assert_eq!(exit_code(&mut s.node, &a), Some(0));
     let out = s.node.exec(&[BIN, "check", "--iptables-backend", "nft", "--run-dir", &run_dir]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("set aside"), "the note goes with the agent");
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// Datagrams on `sock` until one contains `needle` (up to `timeout`); all of them.
+fn syslog_until(sock: &std::os::unix::net::UnixDatagram, needle: &str, timeout: Duration) -> Vec<String> {
+    let until = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    while Instant::now() < until {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            if got.last().is_some_and(|l| l.contains(needle)) {
+                return got;
+            }
+        }
+    }
+    panic!("no syslog message with {needle:?} within {timeout:?}; got {got:#?}");
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn syslog_lines_carry_their_priorities_and_survive_a_syslog_restart() {
+    require_root();
+    let mut s = setup("sys");
+    let path = s.dir.join("log");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let (source, run_dir, target) = (s.source.clone(), s.node.dir("run"), format!("syslog:{}", path.display()));
+    let argv = [BIN, "--log-target", &target, "run", "--source", &source, "--iptables-backend", "nft"];
+    let mut argv = argv.to_vec();
+    argv.extend(["--run-dir", &run_dir, "--state-dir", "", "--metrics-address", ""]);
+    let cmd = s.node.cmd(&argv);
+    let a = agent::start_command(&mut s.node, cmd);
+    let lines = syslog_until(&sock, "ready: source synced", Duration::from_secs(20));
+    let prefix = format!("edgeproxy[{}]: ", a.pid);
+    for l in &lines {
+        assert!(l.starts_with("<30>") || l.starts_with("<28>") || l.starts_with("<27>"), "facility daemon: {l}");
+        assert!(l.contains(&prefix), "{l}");
+    }
+    assert!(lines.iter().any(|l| l.starts_with(&format!("<30>{prefix}ready: source synced"))), "{lines:#?}");
+    assert!(a.log.lock().unwrap().is_empty(), "nothing on stderr: {:?}", a.log.lock().unwrap());
+    // logd restarts: a new socket at the same path. The agent connects again.
+    drop(sock);
+    std::fs::remove_file(&path).unwrap();
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    s.node.ok(&["iptables-nft", "-t", "nat", "-F", "PREROUTING"]);
+    let lines = syslog_until(&sock, "rules repaired", Duration::from_secs(10));
+    assert!(lines.last().unwrap().starts_with(&format!("<28>{prefix}rules repaired")), "a warning: {lines:#?}");
+    signal(a.pid, "-TERM");
+    assert_eq!(exit_code(&mut s.node, &a), Some(0));
     let _ = std::fs::remove_dir_all(&s.dir);
 }
