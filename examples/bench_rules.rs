@@ -19,10 +19,16 @@ use edgeproxy::config::Config;
 use edgeproxy::model::{Kind, ObjectKey};
 use edgeproxy::rules::applier::Applier;
 use edgeproxy::rules::iptables::{Binaries, LEGACY, NFT};
+use edgeproxy::rules::nftables::apply::NftApplier;
+use edgeproxy::rules::render::Layout;
 use edgeproxy::source::kube::objects::decode_document;
 use edgeproxy::state::{Change, State, StateConfig};
 
 fn cluster(n: usize) -> State {
+    cluster_with(n, Layout::Portals)
+}
+
+fn cluster_with(n: usize, layout: Layout) -> State {
     let mut svcs = Vec::with_capacity(n);
     let mut slices = Vec::with_capacity(n);
     for i in 0..n {
@@ -31,7 +37,9 @@ fn cluster(n: usize) -> State {
         svcs.push(format!(r#"{{"kind":"Service","apiVersion":"v1","metadata":{{"name":"s{i}","namespace":"bench"}},"spec":{{"clusterIP":"{ip}","ports":[{{"name":"http","port":80,"targetPort":8080}}]}}}}"#));
         slices.push(format!(r#"{{"kind":"EndpointSlice","apiVersion":"discovery.k8s.io/v1","metadata":{{"name":"s{i}-x","namespace":"bench","labels":{{"kubernetes.io/service-name":"s{i}"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["{ep}"],"conditions":{{"ready":true}}}}],"ports":[{{"name":"http","port":8080,"protocol":"TCP"}}]}}"#));
     }
-    let mut st = State::new(StateConfig::from(&Config::defaults()));
+    let mut cfg = Config::defaults();
+    cfg.layout = layout;
+    let mut st = State::new(StateConfig::from(&cfg));
     for (items, kind) in [(svcs, Kind::Service), (slices, Kind::EndpointSlice)] {
         let doc = format!(r#"{{"kind":"List","apiVersion":"v1","items":[{}]}}"#, items.join(","));
         let d = decode_document(doc.as_bytes(), None);
@@ -184,6 +192,68 @@ fn bench(b: Binaries, n: usize, edgemesh_sample: usize) -> Row {
     row
 }
 
+/// The same measurements for the `nftables` layout (one map element per service port; a sync
+/// sends only the elements that changed). No EdgeMesh column: EdgeMesh has no such layout.
+fn bench_nftables(n: usize) -> Row {
+    let ns = format!("epbench-nftables-{n}-{}", std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    let row = in_netns(&ns, move || {
+        let mut st = cluster_with(n, Layout::Nftables);
+        let rules = st.plan().rules;
+        let nft = rules.nft.clone().expect("the nftables layout");
+        let mut a = NftApplier::new().expect("nft");
+        let t = Instant::now();
+        a.apply(&nft).expect("full sync");
+        let full = t.elapsed();
+        let t = Instant::now();
+        let r = a.apply(&nft).expect("no-op sync");
+        let noop = t.elapsed();
+        assert_eq!(r.restores, 0);
+        let t = Instant::now();
+        st.apply(Change::Delete(Kind::EndpointSlice, ObjectKey::new("bench", &format!("s{}-x", n / 2))));
+        let changed = st.plan().rules.nft.expect("nftables");
+        let plan = t.elapsed();
+        let t = Instant::now();
+        let r = a.apply(&changed).expect("change");
+        let flip_sync = t.elapsed();
+        assert_eq!((r.restores, r.full), (1, false), "one element changed: one small transaction");
+        let t = Instant::now();
+        st.apply(two_endpoints(n / 3));
+        let same = st.plan().rules.nft.expect("nftables");
+        let r = a.apply(&same).expect("no-rule change");
+        let nochange = t.elapsed();
+        assert_eq!(r.restores, 0);
+        let mut g: Vec<Duration> = (0..4)
+            .map(|_| {
+                let t = Instant::now();
+                let r = a.guard().expect("guard");
+                assert!(r.repaired.is_empty() && r.restores == 0, "{:?}", r.repaired);
+                t.elapsed()
+            })
+            .collect();
+        let guard = g.remove(0);
+        g.sort();
+        let guard_canary = g[1];
+        a.cleanup().unwrap();
+        Row {
+            backend: "nftables",
+            ports: n,
+            rules: nft.v4.elements.len(),
+            full,
+            noop,
+            plan,
+            change: plan + flip_sync,
+            flip_sync,
+            nochange,
+            guard,
+            guard_canary,
+            edgemesh_per_rule: Duration::ZERO,
+        }
+    });
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    row
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
@@ -194,10 +264,10 @@ fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![1_000, 5_000, 10_000] } else { sizes };
     let sample = 1_000;
-    println!("edgeproxy rule sync (portals layout: 2 rules per service port, IPv4); EdgeMesh way measured on {sample} rules, extrapolated");
+    println!("edgeproxy rule sync: the nftables layout (one map element per service port) and the portals layout on both iptables backends (2 rules per service port), IPv4; EdgeMesh way measured on {sample} rules, extrapolated");
     println!("1 flip ms / 1 same ms: an endpoint change to rules in the kernel (plan + sync), one that flips a rule / one that does not; flip sync ms: the sync part of 1 flip");
     println!(
-        "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20} {:>9}",
+        "{:<8} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20} {:>9}",
         "backend",
         "ports",
         "rules",
@@ -212,13 +282,32 @@ fn main() {
         "EdgeMesh way s (est)",
         "speed-up"
     );
+    for &n in &sizes {
+        let r = bench_nftables(n);
+        println!(
+            "{:<8} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20} {:>9}",
+            "nftables",
+            r.ports,
+            r.rules,
+            ms(r.full),
+            ms(r.noop),
+            ms(r.plan),
+            ms(r.change),
+            ms(r.flip_sync),
+            ms(r.nochange),
+            ms(r.guard),
+            format!("{:.0}", r.guard_canary.as_secs_f64() * 1e6),
+            "-",
+            "-"
+        );
+    }
     for b in [NFT, LEGACY] {
         for &n in &sizes {
             let r = bench(b, n, sample);
             // EdgeMesh's way: one -C/-A pair per DNAT, two per service port.
             let em = r.edgemesh_per_rule * u32::try_from(2 * r.ports).unwrap_or(u32::MAX);
             println!(
-                "{:<7} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20.1} {:>8.0}x",
+                "{:<8} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20.1} {:>8.0}x",
                 r.backend,
                 r.ports,
                 r.rules,

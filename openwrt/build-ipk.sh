@@ -67,7 +67,7 @@ size=$(find "$data" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 
 cat >"$ctrl/control" <<CONTROL
 Package: edgeproxy
 Version: $version-$release
-Depends: iptables-nft, kmod-ipt-nat
+Depends: nftables-json, kmod-nft-nat
 Source: openwrt/edgeproxy
 SourceName: edgeproxy
 License: Apache-2.0
@@ -79,7 +79,7 @@ Installed-Size: $size
 Require-User: $userid
 Description: Kubernetes ClusterIP Services for edge machines (EdgeMesh-compatible).
  A static edgeproxy binary: lists Services and endpoints from the API server or KubeEdge's
- MetaServer, installs nat rules with iptables-nft and proxies TCP and UDP to the endpoints.
+ MetaServer, installs nat rules with nft (ahead of any kube-proxy) and proxies TCP and UDP to the endpoints.
 CONTROL
 printf '/etc/config/edgeproxy\n' >"$ctrl/conffiles"
 # OpenWrt's own maintainer scripts: create the user of Require-User and enable and start the

@@ -269,6 +269,9 @@ pub struct CheckCmd {
     /// the agent's run directory (default /run/edgeproxy), where it notes serving the offline cache
     #[argh(option)]
     pub run_dir: Option<String>,
+    /// the layout to expect: portals, root-chain or nftables (default: the config's)
+    #[argh(option)]
+    pub layout: Option<String>,
 }
 
 /// Remove every rule and chain edgeproxy owns (offline).

@@ -14,6 +14,7 @@ use edgeproxy::logging;
 use edgeproxy::notify::NotifyError;
 use edgeproxy::rules::applier::Applier;
 use edgeproxy::rules::iptables::{self, ApplyError};
+use edgeproxy::rules::render::Layout;
 use edgeproxy::rules::{check, Family, Flavour};
 use edgeproxy::rundir::{RunDir, RunDirError};
 use edgeproxy::source::kube::driver::SourceError;
@@ -180,6 +181,9 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
             plan.reports.len(),
             if kube_proxy { "present" } else { "absent" }
         );
+    } else if let Some(nft) = &plan.rules.nft {
+        println!("# nft -f - input (one transaction):");
+        print!("{}", edgeproxy::rules::nftables::script(nft));
     } else {
         for family in [Family::V4, Family::V6] {
             let t = plan.rules.family(family);
@@ -288,10 +292,15 @@ fn check(cmd: &CheckCmd) -> Result<ExitCode, MainError> {
     let path = config::file_path(cmd.config.as_deref());
     let mut overrides = backend_overrides(cmd.iptables_backend.as_ref());
     overrides.set("run-dir", cmd.run_dir.clone());
+    overrides.set("layout", cmd.layout.clone());
     let config = Config::load(path.as_deref(), &overrides)?;
     // The jumps and chains an installed edgeproxy has, whatever the services: an empty plan.
     let expected = State::new(StateConfig::from(&config)).plan().rules;
-    let mut report = check::check(iptables::detect(config.iptables), &expected);
+    let mut report = if config.layout == Layout::Nftables {
+        check::check_nftables(iptables::detect(config.iptables))
+    } else {
+        check::check(iptables::detect(config.iptables), &expected)
+    };
     // A device other than ours holding the proxy address (EdgeMesh's edgemesh0 bridge, left
     // behind) takes the traffic meant for the proxy.
     for ip in [IpAddr::V4(config.listen.ip), IpAddr::V6(config.listen.ipv6)] {
@@ -329,7 +338,14 @@ fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, MainError> {
     let config = Config::load(path.as_deref(), &overrides)?;
     // Not while an agent runs: it would put everything back at once, or lose its rules.
     let run = RunDir::lock(&config.run_dir)?;
-    let mut applier = Applier::new(config.iptables)?;
+    // Without iptables (an nftables-only system, the nftables layout) only our tables go.
+    let applier = match Applier::new(config.iptables) {
+        Err(e @ ApplyError::NoBinaries(_)) => {
+            println!("{e}; only the nftables tables are looked at");
+            None
+        }
+        other => Some(other?),
+    };
     for (dev, ip) in run.added_addresses() {
         match address::remove_address(&dev, ip) {
             Ok(()) => println!("removed {ip} from {dev} (added by an edgeproxy that did not remove it)"),
@@ -337,19 +353,24 @@ fn cleanup(cmd: &CleanupCmd) -> Result<ExitCode, MainError> {
         }
     }
     run.forget_addresses()?;
-    if cmd.edgemesh {
-        // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
-        let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];
-        let notes = applier.cleanup_edgemesh(&ips)?;
-        if notes.is_empty() {
-            println!("nothing to remove");
+    if let Some(mut applier) = applier {
+        if cmd.edgemesh {
+            // Ours and EdgeMesh's together (KUBE-PORTALS-* are kept if kube-proxy's userspace mode owns them).
+            let ips = [std::net::IpAddr::V4(config.listen.ip), std::net::IpAddr::V6(config.listen.ipv6)];
+            let notes = applier.cleanup_edgemesh(&ips)?;
+            if notes.is_empty() {
+                println!("nothing to remove");
+            }
+            for n in notes {
+                println!("{n}");
+            }
+        } else {
+            let r = applier.cleanup()?;
+            println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
         }
-        for n in notes {
-            println!("{n}");
-        }
-    } else {
-        let r = applier.cleanup()?;
-        println!("edgeproxy rules: {}", if r.restores > 0 { "removed" } else { "none found" });
+    }
+    if edgeproxy::rules::nftables::apply::remove_leftovers()? {
+        println!("edgeproxy nftables tables: removed");
     }
     Ok(ExitCode::SUCCESS)
 }

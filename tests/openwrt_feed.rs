@@ -208,7 +208,7 @@ fn check_info(out: &str, pkg: &Path, rust_mk: &Path) {
     let deps = info(out, "DEPENDS");
     let deps: Vec<&str> = deps.split_whitespace().collect();
     // RUST_ARCH_DEPENDS came from the stub's rust-values.mk, found beside rust-package.mk.
-    for d in ["@(stub-rust-arches)", "+iptables-nft", "+kmod-ipt-nat"] {
+    for d in ["@(stub-rust-arches)", "+nftables-json", "+kmod-nft-nat"] {
         assert!(deps.contains(&d), "{d} missing from DEPENDS {deps:?}");
     }
     assert_eq!(info(out, "USERID"), "edgeproxy=461:edgeproxy=461");

@@ -122,7 +122,7 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
     assert_eq!(f["Package"], "edgeproxy");
     assert_eq!(f["Version"], version);
     assert_eq!(f["Architecture"], "aarch64_cortex-a53");
-    assert_eq!(f["Depends"], "iptables-nft, kmod-ipt-nat");
+    assert_eq!(f["Depends"], "nftables-json, kmod-nft-nat");
     assert_eq!(f["License"], "Apache-2.0");
     assert_eq!(f["Section"], "net");
     // OpenWrt's default_postinst makes this user and group (the feed Makefile's USERID).
@@ -524,6 +524,8 @@ fn shipped_command() -> Vec<String> {
         "http://127.0.0.1:10550",
         "--watch",
         "true",
+        "--layout",
+        "nftables",
         "--node-name",
         host.as_str(),
         "--iptables-backend",
@@ -1253,7 +1255,7 @@ fn openwrt_makefile_matches_the_crate() {
     assert!(mk.contains("$(eval $(call RustBinPackage,edgeproxy))"));
     assert!(mk.contains("$(eval $(call BuildPackage,edgeproxy))"));
     let deps = var("  DEPENDS");
-    for d in ["$(RUST_ARCH_DEPENDS)", "+iptables-nft", "+kmod-ipt-nat"] {
+    for d in ["$(RUST_ARCH_DEPENDS)", "+nftables-json", "+kmod-nft-nat"] {
         assert!(deps.split_whitespace().any(|x| x == d), "{d} missing from DEPENDS {deps}");
     }
     // The binary adds its addresses over rtnetlink: no `ip` (ip-tiny, ip-full) at run time.

@@ -15,6 +15,7 @@ check_only=false
 # package whose Recommends we rely on is named here explicitly (the cross C headers above all).
 packages=(
 	iptables iproute2 iputils-ping socat curl procps psmisc util-linux # namespace tests, demo
+	nftables                                                          # the nftables layout (nft)
 	file tar gzip                                                     # cross/, packaging tests
 	gcc libc6-dev                                                     # ring's C code (x86_64 musl)
 	g++                                                               # libFuzzer (fuzz/run.sh)
@@ -89,7 +90,7 @@ works unshare --net true || fail "unshare --net" util-linux "cannot create a net
 for t in "socat -V:socat" "curl --version:curl" "ping -V:iputils-ping" "file --version:file" \
 	"shellcheck --version:shellcheck" "promtool --version:prometheus" "systemd-analyze --version:systemd" \
 	"haproxy -v:haproxy" "iperf3 --version:iperf3" "debootstrap --version:debootstrap" "pkill -V:procps" \
-	"systemd-nspawn --version:systemd-container" "prometheus --version:prometheus" "make --version:make" \
+	"systemd-nspawn --version:systemd-container" "prometheus --version:prometheus" "make --version:make" "nft --version:nftables" \
 	"setpriv --version:util-linux"; do
 	cmd=${t%%:*}
 	# shellcheck disable=SC2086 # the command and its flag, split on purpose

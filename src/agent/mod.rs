@@ -34,7 +34,10 @@ use crate::proxy::stats::ProxyStats;
 use crate::proxy::table::ProxyTable;
 use crate::proxy::{self, ProxyConfig, ProxyEvent};
 use crate::rules::applier::Applier;
+use crate::rules::backend::Backend;
 use crate::rules::iptables::ApplyError;
+use crate::rules::nftables::apply::{remove_leftovers as nft_leftovers, NftApplier};
+use crate::rules::render::Layout;
 use crate::rules::schedule::WorkerConfig;
 use crate::rules::worker;
 use crate::rundir::{RunDir, RunDirError};
@@ -406,9 +409,29 @@ fn serve_ops(addr: std::net::SocketAddr, ops: &Arc<Ops>) -> Result<ops::Server, 
 
 /// The applier for the configured flavour, what a previous run left removed, and whether
 /// kube-proxy serves ClusterIPs here.
-fn prepare_rules(config: &Config) -> Result<(Applier, bool), AgentError> {
-    let mut rules = Applier::new(config.iptables).map_err(AgentError::Rules)?;
-    log::info!("iptables backend: {} ({})", rules.binaries().name, rules.binaries().restore);
+fn prepare_rules(config: &Config) -> Result<(Backend, bool), AgentError> {
+    let mut rules = match config.layout {
+        Layout::Nftables => {
+            let nft = NftApplier::new().map_err(AgentError::Rules)?;
+            // Chains of an iptables layout of ours would still DNAT services this one no longer
+            // proxies (ours run first, but only for what they match).
+            if let Ok(mut iptables) = Applier::new(config.iptables) {
+                if iptables.cleanup().map_err(AgentError::Rules)?.restores > 0 {
+                    log::info!("removed the iptables rules of an earlier layout (the layout is nftables now)");
+                }
+            }
+            Backend::Nftables(nft)
+        }
+        Layout::Portals | Layout::RootChain => {
+            let iptables = Applier::new(config.iptables).map_err(AgentError::Rules)?;
+            // Tables of the nftables layout run before any iptables rule: they must go.
+            if nft_leftovers().map_err(AgentError::Rules)? {
+                log::info!("removed the nftables tables of an earlier layout (the layout is {:?} now)", config.layout);
+            }
+            Backend::Iptables(Box::new(iptables))
+        }
+    };
+    log::info!("rules backend: {}", rules.describe());
     rules.adopt().map_err(AgentError::Rules)?;
     let kube_proxy = rules.kube_proxy_jump_present().map_err(AgentError::Rules)?;
     Ok((rules, kube_proxy))

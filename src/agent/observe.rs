@@ -60,5 +60,6 @@ pub(super) fn layout_name(layout: crate::rules::render::Layout) -> &'static str 
     match layout {
         crate::rules::render::Layout::Portals => "portals",
         crate::rules::render::Layout::RootChain => "root-chain",
+        crate::rules::render::Layout::Nftables => "nftables",
     }
 }

@@ -282,7 +282,13 @@ fn filter_settings(f: &FileConfig, b: &Blame) -> Result<(Profile, FilterConfig, 
     let layout = match f.layout.as_deref() {
         None if profile == Profile::V1_9 => Layout::RootChain,
         None => Layout::Portals,
-        Some(s) => b.at("layout", one_of(s, &[("portals", Layout::Portals), ("root-chain", Layout::RootChain)]))?,
+        Some(s) => b.at(
+            "layout",
+            one_of(
+                s,
+                &[("portals", Layout::Portals), ("root-chain", Layout::RootChain), ("nftables", Layout::Nftables)],
+            ),
+        )?,
     };
     Ok((profile, FilterConfig { mode, no_proxy_label, default_ignores }, layout))
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use super::iptables::{save_table, Binaries};
 use super::listing::{chains_in, has_kube_proxy_jump};
+use super::nftables::apply::check_lines;
 use super::{Family, RuleSet, TableRules, OWN_CHAINS};
 
 // ---- `edgeproxy check` ----------------------------------------------------------------------
@@ -117,6 +118,43 @@ pub fn check(bins: Binaries, expected: &RuleSet) -> CheckReport {
     r.code = if !installed {
         exit::NOT_INSTALLED
     } else if !first {
+        exit::NOT_FIRST
+    } else if !leftovers.is_empty() {
+        exit::LEFTOVERS
+    } else {
+        exit::OK
+    };
+    r
+}
+
+/// `edgeproxy check` for the `nftables` layout: our tables and chains, any nat chain of another
+/// table that runs before ours (`NOT_FIRST`), and iptables chains of ours or of EdgeMesh left
+/// in the nat table (`LEFTOVERS`: they would DNAT what this layout no longer proxies).
+pub fn check_nftables(bins: Binaries) -> CheckReport {
+    let mut r = CheckReport { backend: "nftables", ..Default::default() };
+    let (lines, installed, ahead) = match check_lines() {
+        Ok(x) => x,
+        Err(e) => {
+            r.lines.push(format!("cannot list the nftables ruleset: {e}"));
+            r.code = exit::CANNOT_READ;
+            return r;
+        }
+    };
+    r.lines.push("layout: nftables (tables ip/ip6 edgeproxy)".into());
+    r.lines.extend(lines);
+    r.lines.extend(ahead.iter().map(|a| format!("ahead of ours: {a}")));
+    let mut leftovers = Vec::new();
+    if let Ok(v4) = save_table(&bins, Family::V4, "nat") {
+        for c in chains_in(&v4, |c| OWN_CHAINS.contains(&c) || c.starts_with("EDGEMESH-")) {
+            leftovers.push(format!("IPv4 iptables chain {c} (an iptables layout's or EdgeMesh's)"));
+        }
+    }
+    for l in &leftovers {
+        r.lines.push(format!("leftover: {l}"));
+    }
+    r.code = if !installed {
+        exit::NOT_INSTALLED
+    } else if !ahead.is_empty() {
         exit::NOT_FIRST
     } else if !leftovers.is_empty() {
         exit::LEFTOVERS

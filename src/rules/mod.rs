@@ -5,19 +5,28 @@
 //! - `restore` (pure): what changed since the last sync and the restore input for it.
 //! - `iptables`: the flavour (nft or legacy) and its binaries, the processes, [`iptables::ApplyError`].
 //! - `applier`: [`applier::Applier`], which applies, guards and removes a set (blocking).
-//! - `worker`: the thread that owns the `Applier`: coalescing, resync, guard timer, backoff.
+//! - `nftables`: the `nftables` layout (pure: the map and the `nft -f` input) and its applier.
+//! - `backend`: [`backend::Backend`], the applier of the configured layout, for the worker.
+//! - `worker`: the thread that owns the `Backend`: coalescing, resync, guard timer, backoff.
 //! - `check`: `edgeproxy check`.
 //!
 //! This file holds the types they share, and [`Transaction`], the one writer of restore text.
 
 pub mod applier;
+pub mod backend;
 pub mod check;
 pub mod iptables;
 mod listing;
+pub mod nftables;
 pub mod render;
 mod restore;
 pub mod schedule;
 pub mod worker;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::model::Protocol;
 
 /// Every chain edgeproxy may own, in any layout. Cleanup removes exactly these (and the jumps to
 /// them); nothing else in the nat table is ever touched.
@@ -93,16 +102,52 @@ impl Family {
     }
 }
 
-/// Both families.
+/// Both families: iptables chains (the `portals` and `root-chain` layouts), or the tables of
+/// the `nftables` layout (`nft`; then `v4` and `v6` are empty).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
     pub v4: TableRules,
     pub v6: TableRules,
+    pub nft: Option<NftRules>,
 }
 
 impl RuleSet {
     pub fn family(&self, family: Family) -> &TableRules {
         match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+}
+
+/// The `nftables` layout's map key: a service port on one of its cluster IPs.
+pub type NftKey = (IpAddr, Protocol, u16);
+
+/// Where an [`NftKey`] is sent, and the service port's name (the element's comment).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftTarget {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub name: String,
+}
+
+/// One family's table of the `nftables` layout (`rules::nftables`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NftTable {
+    pub elements: BTreeMap<NftKey, NftTarget>,
+}
+
+/// Both families' tables, and the mark of the proxy's own upstream packets (0: no such rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NftRules {
+    pub v4: NftTable,
+    pub v6: NftTable,
+    pub mark: u32,
+}
+
+impl NftRules {
+    pub fn family(&self, f: Family) -> &NftTable {
+        match f {
             Family::V4 => &self.v4,
             Family::V6 => &self.v6,
         }

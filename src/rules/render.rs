@@ -27,7 +27,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{Family, Jump, RuleSet, TableRules, NO_ENDPOINTS_CHAIN};
+use super::{Family, Jump, NftRules, NftTarget, RuleSet, TableRules, NO_ENDPOINTS_CHAIN};
 use crate::listen::{host_prefix, ListenConfig};
 use crate::model::{ObjectKey, Protocol, ServicePortName};
 
@@ -35,6 +35,8 @@ use crate::model::{ObjectKey, Protocol, ServicePortName};
 pub enum Layout {
     Portals,
     RootChain,
+    /// Native nftables tables at priority `dstnat - 1` (`rules::nftables`).
+    Nftables,
 }
 
 pub const PORTALS_COMMENT: &str = "handle ClusterIPs; NOTE: this must be before the NodePort rules";
@@ -74,7 +76,10 @@ pub struct RenderInput<'a> {
 }
 
 pub fn render(input: &RenderInput<'_>) -> RuleSet {
-    RuleSet { v4: render_family(input, Family::V4), v6: render_family(input, Family::V6) }
+    if input.layout == Layout::Nftables {
+        return RuleSet { nft: Some(render_nftables(input.ports, input.listen)), ..RuleSet::default() };
+    }
+    RuleSet { v4: render_family(input, Family::V4), v6: render_family(input, Family::V6), nft: None }
 }
 
 fn family_of(ip: &IpAddr) -> Family {
@@ -99,6 +104,20 @@ pub fn comment_text(s: &str) -> Cow<'_, str> {
         return Cow::Borrowed(s);
     }
     Cow::Owned(s.chars().map(|c| if safe(c) { c } else { '_' }).take(MAX_COMMENT_NAME).collect())
+}
+
+/// The planned ports as map elements: to the proxy's port, or to the reject port without
+/// endpoints.
+pub fn render_nftables(ports: &[PlannedPort], listen: &ListenConfig) -> NftRules {
+    let mut r = NftRules { mark: listen.mark, ..NftRules::default() };
+    for p in ports {
+        let v6 = p.cluster_ip.is_ipv6();
+        let port = if p.has_endpoints { p.proxy_port } else { listen.reject_port };
+        let target = NftTarget { addr: listen.ip_for(v6), port, name: p.name.to_string() };
+        let table = if v6 { &mut r.v6 } else { &mut r.v4 };
+        table.elements.insert((p.cluster_ip, p.protocol, p.port), target);
+    }
+    r
 }
 
 /// One DNAT rule in EdgeMesh's argument order (`iptablesCommonPortalArgs` as iptables-save
@@ -150,6 +169,7 @@ fn render_family(input: &RenderInput<'_>, family: Family) -> TableRules {
     match input.layout {
         Layout::Portals => portals(input, &ports, family),
         Layout::RootChain => root_chain(input, &ports, family),
+        Layout::Nftables => TableRules::default(),
     }
 }
 

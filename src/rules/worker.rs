@@ -1,11 +1,11 @@
-//! The rules worker, a thread of its own: owns an [`Applier`] and keeps the kernel in line with the
+//! The rules worker, a thread of its own: owns a [`Backend`] (the applier of the layout) and keeps the kernel in line with the
 //! latest desired [`RuleSet`].
 //!
 //! It receives rule sets over a channel and keeps only the newest (a burst becomes one restore:
 //! the first change goes out at once, later ones wait until `min_sync_period` has passed since
 //! the last sync); a sync writes only the chains that changed. Every `guard_period` it runs the
 //! hybrid-order guard (the jumps always, chain contents where that is cheap: see
-//! [`Applier::guard`]), every `resync_period` a full rewrite, which also puts right any edit to
+//! [`super::applier::Applier::guard`]), every `resync_period` a full rewrite, which also puts right any edit to
 //! a chain the guard does not read; a failed sync is retried with exponential backoff, as a full
 //! rewrite. Outcomes go to a callback,
 //! never to the caller's state: the agent turns them into log lines, metrics and readiness.
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::applier::Applier;
+use super::backend::Backend;
 use super::iptables::ApplyError;
 use super::schedule::{Job, Schedule, WorkerConfig};
 use super::RuleSet;
@@ -93,7 +93,7 @@ impl Handle {
 }
 
 /// Start the thread. `report` is called from it for every [`Event`].
-pub fn spawn(applier: Applier, cfg: WorkerConfig, report: impl Fn(Event) + Send + 'static) -> Handle {
+pub fn spawn(applier: Backend, cfg: WorkerConfig, report: impl Fn(Event) + Send + 'static) -> Handle {
     let (tx, rx) = mpsc::channel();
     let join = std::thread::Builder::new()
         .name("rules".into())
@@ -102,7 +102,7 @@ pub fn spawn(applier: Applier, cfg: WorkerConfig, report: impl Fn(Event) + Send 
     Handle { tx, join: Some(join) }
 }
 
-fn run(mut applier: Applier, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report: &dyn Fn(Event)) {
+fn run(mut applier: Backend, cfg: WorkerConfig, rx: &mpsc::Receiver<Msg>, report: &dyn Fn(Event)) {
     let mut schedule = Schedule::new(cfg, Instant::now());
     let mut kube_proxy: Option<bool> = None;
     loop {
@@ -165,7 +165,7 @@ fn take(schedule: &mut Schedule, msg: Msg) -> Option<bool> {
 /// Run one job; reports what it did (applied, repaired) and returns kube-proxy's presence as
 /// seen.
 fn execute(
-    applier: &mut Applier,
+    applier: &mut Backend,
     job: &Job,
     started: Instant,
     report: &dyn Fn(Event),

@@ -1,0 +1,373 @@
+//! The [`NftApplier`]: puts the `nftables` layout into the kernel with `nft -f -`, one
+//! transaction per sync, and keeps it there.
+//!
+//! A sync sends only the map elements that changed since the last successful one; a full write
+//! (every table of ours, created, deleted and created again in the same transaction) happens on
+//! the first sync, after a failure, on a repair and on the periodic resync. The guard reads the
+//! ruleset generation first (microseconds, no process); only when it moved does it list our
+//! tables without their elements (`nft -t`, cheap whatever the number of services) and look
+//! for our chains at our priority. A flushed or edited map is put right by the resync.
+//!
+//! It owns the tables `ip edgeproxy` and `ip6 edgeproxy` and nothing else: it never flushes
+//! the ruleset and never touches another table.
+
+use std::collections::BTreeMap;
+
+use super::{chain_lines, delta_text, full_text, keyword, removal_text, NftRules, TABLE};
+use crate::rules::applier::SyncReport;
+use crate::rules::iptables::{self, ApplyError};
+use crate::rules::{Family, Flavour};
+use crate::sys::netfilter::nft_generation;
+
+/// The binary.
+pub const NFT: &str = "nft";
+
+/// Puts [`NftRules`] into the kernel and keeps them there. Blocking; use from one thread.
+pub struct NftApplier {
+    /// The rules the kernel holds since our last successful transaction.
+    last: Option<NftRules>,
+    /// The next sync writes everything (a transaction failed, or an earlier run's tables may
+    /// be there).
+    full_next: bool,
+    /// The ruleset generation when the guard last found everything in place.
+    canary: Option<u32>,
+    /// `nft` transactions run.
+    runs: u64,
+    /// The nftables layout counts no refusals yet (see README); always empty.
+    refused: BTreeMap<String, u64>,
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, ApplyError> {
+    crate::exec::run(NFT, args, stdin).map_err(|error| ApplyError::Spawn { binary: NFT.into(), error })
+}
+
+/// The 1-based input line nft blames (`/dev/stdin:12:5-20: Error: ...`).
+fn blamed_line(stderr: &str) -> Option<usize> {
+    let rest = &stderr[stderr.find("stdin:")? + "stdin:".len()..];
+    rest.split(':').next()?.parse().ok()
+}
+
+impl NftApplier {
+    /// Check that `nft` runs and can list the ruleset (kernel support, permission); a clear
+    /// error naming the iptables layouts otherwise.
+    pub fn new() -> Result<NftApplier, ApplyError> {
+        match run(&["list", "tables"], None) {
+            Err(ApplyError::Spawn { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ApplyError::NoBinaries(
+                    "nft (the nftables layout needs it: install nftables, or use layout portals or root-chain)".into(),
+                ));
+            }
+            Err(e) => return Err(e),
+            Ok(out) if !out.status.success() => {
+                return Err(ApplyError::NatUnavailable {
+                    binary: NFT.into(),
+                    stderr: format!(
+                        "{} (the nftables layout needs nf_tables; the iptables layouts portals and root-chain may still work)",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                })
+            }
+            Ok(_) => {}
+        }
+        Ok(NftApplier { last: None, full_next: true, canary: None, runs: 0, refused: BTreeMap::new() })
+    }
+
+    /// `nft` transactions run so far.
+    pub fn restores(&self) -> u64 {
+        self.runs
+    }
+
+    pub fn refused(&self) -> &BTreeMap<String, u64> {
+        &self.refused
+    }
+
+    fn transaction(&mut self, text: &str) -> Result<(), ApplyError> {
+        self.canary = None;
+        self.runs += 1;
+        let out = run(&["-f", "-"], Some(text))?;
+        if out.status.success() {
+            log::debug!("nft: applied {} input lines", text.lines().count());
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let line = blamed_line(&stderr);
+        let context = match line {
+            Some(n) => text
+                .lines()
+                .enumerate()
+                .skip(n.saturating_sub(3))
+                .take(5)
+                .map(|(i, l)| format!("{} {:>5} {l}", if i + 1 == n { ">" } else { " " }, i + 1))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            None => String::new(),
+        };
+        let err = ApplyError::Restore { binary: NFT.into(), line, context, stderr };
+        log::error!("{err}");
+        Err(err)
+    }
+
+    /// Whether `family` has a table of ours in `rules` (IPv4 always; IPv6 with elements).
+    fn wanted(rules: &NftRules, f: Family) -> bool {
+        f == Family::V4 || !rules.v6.elements.is_empty()
+    }
+
+    fn full_input(rules: &NftRules, had_v6: bool) -> String {
+        let mut text = String::new();
+        for f in [Family::V4, Family::V6] {
+            if Self::wanted(rules, f) {
+                full_text(&mut text, f, rules.family(f), rules.mark);
+            } else if had_v6 {
+                removal_text(&mut text, f);
+            }
+        }
+        text
+    }
+
+    fn write_all(&mut self, rules: &NftRules, report: &mut SyncReport) -> Result<(), ApplyError> {
+        // After a failure or at start, an IPv6 table of an earlier run may be there.
+        let had_v6 = self.full_next || self.last.as_ref().is_some_and(|l| Self::wanted(l, Family::V6));
+        let text = Self::full_input(rules, had_v6);
+        self.transaction(&text).inspect_err(|_| self.full_next = true)?;
+        self.full_next = false;
+        self.last = Some(rules.clone());
+        report.restores += 1;
+        report.full = true;
+        report.rules = rules.v4.elements.len() + rules.v6.elements.len();
+        Ok(())
+    }
+
+    /// Make the kernel hold `rules`: the elements that changed (nothing when none did), or
+    /// everything on the first sync and after a failure.
+    pub fn apply(&mut self, rules: &NftRules) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport { kube_proxy: kube_proxy_present(), ..SyncReport::default() };
+        let Some(last) = self.last.as_ref().filter(|l| !self.full_next && l.mark == rules.mark) else {
+            self.write_all(rules, &mut report)?;
+            return Ok(report);
+        };
+        if Self::wanted(last, Family::V6) != Self::wanted(rules, Family::V6) {
+            self.write_all(rules, &mut report)?;
+            return Ok(report);
+        }
+        let mut text = String::new();
+        for f in [Family::V4, Family::V6] {
+            if Self::wanted(rules, f) {
+                delta_text(&mut text, f, last.family(f), rules.family(f));
+            }
+        }
+        report.rules = rules.v4.elements.len() + rules.v6.elements.len();
+        if text.is_empty() {
+            return Ok(report);
+        }
+        self.transaction(&text).inspect_err(|_| self.full_next = true)?;
+        self.last = Some(rules.clone());
+        report.restores = 1;
+        Ok(report)
+    }
+
+    /// Everything written again (the periodic resync; it also repairs edited map elements).
+    pub fn reapply(&mut self, rules: &NftRules) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport { kube_proxy: kube_proxy_present(), ..SyncReport::default() };
+        self.write_all(rules, &mut report)?;
+        Ok(report)
+    }
+
+    /// Are our tables there with our chains at our priority? Generation first; a listing
+    /// without elements only when it moved; a full write when anything is missing.
+    pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport::default();
+        let Some(want) = self.last.clone() else {
+            return Ok(report);
+        };
+        let generation = nft_generation();
+        if generation.is_some() && generation == self.canary {
+            return Ok(report);
+        }
+        let mut found = Vec::new();
+        for f in [Family::V4, Family::V6] {
+            if !Self::wanted(&want, f) {
+                continue;
+            }
+            let out = run(&["-t", "list", "table", keyword(f), TABLE], None)?;
+            report.reads += 1;
+            let listed = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                found.push(format!("table {} {TABLE} missing", keyword(f)));
+                continue;
+            }
+            let lines: Vec<&str> = listed.lines().map(str::trim).collect();
+            for want_line in chain_lines(f, want.mark) {
+                if !lines.contains(&want_line.as_str()) {
+                    found.push(format!("table {} {TABLE}: `{want_line}` missing", keyword(f)));
+                }
+            }
+        }
+        report.kube_proxy = kube_proxy_present();
+        if found.is_empty() {
+            self.canary = generation;
+            return Ok(report);
+        }
+        self.write_all(&want, &mut report)?;
+        report.repaired = found;
+        Ok(report)
+    }
+
+    /// Remove our tables (both families; no error when they are not there).
+    pub fn cleanup(&mut self) -> Result<SyncReport, ApplyError> {
+        self.last = None;
+        let mut text = String::new();
+        removal_text(&mut text, Family::V4);
+        removal_text(&mut text, Family::V6);
+        self.transaction(&text)?;
+        Ok(SyncReport { restores: 1, ..SyncReport::default() })
+    }
+
+    /// Start-up: tables of an earlier run stay in force until the first sync rewrites them
+    /// (whole, in one transaction). Returns whether there were any.
+    pub fn adopt(&mut self) -> Result<bool, ApplyError> {
+        self.full_next = true;
+        let found = run(&["list", "table", "ip", TABLE], None)?.status.success();
+        if found {
+            log::info!("nftables rules of an earlier run are in place: kept until the first sync replaces them");
+        }
+        Ok(found)
+    }
+
+    /// Whether kube-proxy runs here: its iptables jump, or its nftables table.
+    pub fn kube_proxy_jump_present(&self) -> Result<bool, ApplyError> {
+        Ok(kube_proxy_present())
+    }
+}
+
+/// Tables of ours left by the nftables layout, found while another layout starts (they would
+/// run before its rules): removed. `Ok(false)` when there are none or `nft` is not installed.
+pub fn remove_leftovers() -> Result<bool, ApplyError> {
+    let there = |kw: &str| run(&["list", "table", kw, TABLE], None).is_ok_and(|o| o.status.success());
+    match run(&["--version"], None) {
+        Err(ApplyError::Spawn { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        _ => {}
+    }
+    if !there("ip") && !there("ip6") {
+        return Ok(false);
+    }
+    NftApplier::new()?.cleanup()?;
+    Ok(true)
+}
+
+/// kube-proxy's nftables tables (`ip kube-proxy`, `ip6 kube-proxy`) or its iptables jump.
+pub fn kube_proxy_present() -> bool {
+    let nft_mode = run(&["list", "tables"], None)
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim().ends_with(" kube-proxy")))
+        .unwrap_or(false);
+    nft_mode || iptables::kube_proxy_present(Flavour::Auto).unwrap_or(false)
+}
+
+/// `edgeproxy check` for this layout: our tables and their chains, and every other nat chain on
+/// prerouting or output at a priority that runs before ours.
+pub fn check_lines() -> Result<(Vec<String>, bool, Vec<String>), ApplyError> {
+    let out = run(&["-j", "list", "chains"], None)?;
+    if !out.status.success() {
+        return Err(ApplyError::Read { binary: NFT.into(), stderr: String::from_utf8_lossy(&out.stderr).into() });
+    }
+    let chains = parse_chains(&String::from_utf8_lossy(&out.stdout));
+    let mut lines = Vec::new();
+    let mut ahead = Vec::new();
+    let mut installed = true;
+    for (fam, hook) in [("ip", "prerouting"), ("ip", "output")] {
+        match chains.iter().find(|c| c.family == fam && c.table == TABLE && c.hook.as_deref() == Some(hook)) {
+            Some(c) => lines.push(format!("{fam} {TABLE}: chain {} on {hook} at priority {}", c.name, c.prio)),
+            None => {
+                installed = false;
+                lines.push(format!("{fam} {TABLE}: no chain on {hook}"));
+            }
+        }
+    }
+    for c in &chains {
+        let nat = c.kind.as_deref() == Some("nat");
+        let hooked = matches!(c.hook.as_deref(), Some("prerouting" | "output"));
+        if nat
+            && hooked
+            && c.table != TABLE
+            && c.prio <= i64::from(super::PRIORITY)
+            && matches!(c.family.as_str(), "ip" | "ip6" | "inet")
+        {
+            ahead.push(format!(
+                "{} {} chain {} on {} at priority {}: runs before ours",
+                c.family,
+                c.table,
+                c.name,
+                c.hook.as_deref().unwrap_or("?"),
+                c.prio
+            ));
+        }
+    }
+    lines.push(format!("kube-proxy: {}", if kube_proxy_present() { "present" } else { "absent" }));
+    Ok((lines, installed, ahead))
+}
+
+/// One base or regular chain of `nft -j list chains`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ListedChain {
+    pub family: String,
+    pub table: String,
+    pub name: String,
+    pub kind: Option<String>,
+    pub hook: Option<String>,
+    pub prio: i64,
+}
+
+/// The chains of `nft -j list chains` output (unknown or malformed entries are skipped).
+pub fn parse_chains(json: &str) -> Vec<ListedChain> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let items = v.get("nftables").and_then(|n| n.as_array()).cloned().unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|i| i.get("chain"))
+        .filter_map(|c| {
+            let s = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+            Some(ListedChain {
+                family: s("family")?,
+                table: s("table")?,
+                name: s("name")?,
+                kind: s("type"),
+                hook: s("hook"),
+                prio: c.get("prio").and_then(serde_json::Value::as_i64).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nft_errors_name_their_line() {
+        let stderr = "/dev/stdin:12:5-20: Error: Could not process rule: No such file or directory\nadd element ...";
+        assert_eq!(blamed_line(stderr), Some(12));
+        assert_eq!(blamed_line("Error: syntax error"), None);
+    }
+
+    #[test]
+    fn listed_chains_parse_and_garbage_gives_none() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"chain": {"family": "ip", "table": "edgeproxy", "name": "prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -101, "policy": "accept"}},
+            {"chain": {"family": "ip", "table": "kube-proxy", "name": "services", "handle": 2}}]}"#;
+        let c = parse_chains(json);
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0].hook.as_deref(), c[0].prio), (Some("prerouting"), -101));
+        assert_eq!(c[1].hook, None);
+        assert!(parse_chains("not json").is_empty());
+        assert!(parse_chains(r#"{"nftables": 3}"#).is_empty());
+    }
+
+    #[test]
+    fn a_first_sync_writes_everything_and_removes_an_old_ipv6_table() {
+        let rules = NftRules::default();
+        let text = NftApplier::full_input(&rules, true);
+        assert!(text.contains("table ip edgeproxy {\n"));
+        assert!(text.ends_with("table ip6 edgeproxy {}\ndelete table ip6 edgeproxy\n"), "{text}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The `nftables` layout (pure): what the tables hold and the `nft -f` input that puts them
+//! there. The [`NftApplier`](apply::NftApplier) runs it.
+//!
+//! Why a layout of its own: the kernel keeps the nat base chains of a hook, whoever wrote them
+//! (iptables-legacy, iptables-nft, native nftables, kube-proxy's nftables mode, OpenWrt's fw4),
+//! in one list ordered by priority, and a new connection stops at the first chain that binds a
+//! NAT mapping. Our chains sit at priority `dstnat - 1` (-101): ahead of every kube-proxy by
+//! construction, with no jump to keep at rule 1 and nothing to fight over. A service port we do
+//! not proxy needs no rule: it does not match and goes on to whoever comes next.
+//!
+//! Per family one table (`ip edgeproxy`, `ip6 edgeproxy`) with one verdict-free map, `services`:
+//! (ClusterIP, protocol, port) -> (proxy address, proxy port), one lookup whatever the number of
+//! services; a port without endpoints maps to the reject port, where nothing listens, so the
+//! kernel refuses at once. Two base chains, `prerouting` and `output`, each one `dnat` through
+//! the map; `output` first lets the proxy's own (marked) upstream packets pass.
+//!
+//! A sync changes only map elements (`delete element` / `add element` in one transaction):
+//! what changed, never the table. A full write (at start, after a failure, a repair, the
+//! periodic resync) creates, deletes and recreates the table in one transaction, so a reader
+//! never sees it half written.
+
+pub mod apply;
+
+use std::fmt::Write as _;
+
+use super::render::comment_text;
+use super::Family;
+pub use super::{NftKey as Key, NftRules, NftTable, NftTarget as Target};
+
+/// The tables' name in each family.
+pub const TABLE: &str = "edgeproxy";
+/// The map's name.
+pub const MAP: &str = "services";
+/// Priority of our nat chains: one ahead of `dstnat` (-100), where iptables' nat PREROUTING and
+/// OUTPUT and kube-proxy's nftables chains sit. Not -100 itself: equal priorities run in the
+/// order they were registered.
+pub const PRIORITY: i32 = -101;
+
+/// `ip` or `ip6`: the table family, and the keyword of address matches and `dnat`.
+pub fn keyword(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn addr_type(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+/// `10.96.0.10 . tcp . 80`
+fn key_text(out: &mut String, (ip, proto, port): &Key) {
+    let _ = write!(out, "{ip} . {} . {port}", proto.as_str());
+}
+
+/// `10.96.0.10 . tcp . 80 comment "t/web:http" : 169.254.96.16 . 15001`. Names pass through
+/// [`comment_text`], which leaves no quote, backslash or newline.
+fn element_text(out: &mut String, key: &Key, t: &Target) {
+    key_text(out, key);
+    let _ = write!(out, " comment \"{}\" : {} . {}", comment_text(&t.name), t.addr, t.port);
+}
+
+fn elements_text<'a>(items: impl Iterator<Item = (&'a Key, &'a Target)>) -> String {
+    let mut out = String::new();
+    for (i, (k, t)) in items.enumerate() {
+        if i > 0 {
+            out.push_str(",\n\t\t\t");
+        }
+        element_text(&mut out, k, t);
+    }
+    out
+}
+
+/// The lines `nft -t list table` shows for our chains, priorities as nft prints them (`dstnat -
+/// 1` on prerouting; a number on output, where nft names no priority): the guard looks for them.
+pub fn chain_lines(f: Family, mark: u32) -> Vec<String> {
+    let kw = keyword(f);
+    let dnat = format!("dnat {kw} to {kw} daddr . meta l4proto . th dport map @{MAP}");
+    let mut lines = vec![
+        "chain prerouting {".to_string(),
+        format!("type nat hook prerouting priority dstnat - {}; policy accept;", -100 - PRIORITY),
+        dnat.clone(),
+        "chain output {".to_string(),
+        format!("type nat hook output priority {PRIORITY}; policy accept;"),
+    ];
+    if mark != 0 {
+        lines.push(format!("meta mark & {mark:#010x} == {mark:#010x} return"));
+    }
+    lines.push(dnat);
+    lines
+}
+
+/// Write one family's table whole: created if missing, deleted and created again, in the
+/// caller's transaction (so a reader never sees it half written).
+pub fn full_text(out: &mut String, f: Family, table: &NftTable, mark: u32) {
+    let kw = keyword(f);
+    let _ = writeln!(out, "table {kw} {TABLE} {{}}\ndelete table {kw} {TABLE}\ntable {kw} {TABLE} {{");
+    let _ = writeln!(
+        out,
+        "\tmap {MAP} {{\n\t\ttype {} . inet_proto . inet_service : {} . inet_service",
+        addr_type(f),
+        addr_type(f)
+    );
+    if !table.elements.is_empty() {
+        let _ = writeln!(out, "\t\telements = {{ {} }}", elements_text(table.elements.iter()));
+    }
+    out.push_str("\t}\n");
+    let dnat = format!("dnat {kw} to {kw} daddr . meta l4proto . th dport map @{MAP}");
+    let _ = writeln!(
+        out,
+        "\tchain prerouting {{\n\t\ttype nat hook prerouting priority {PRIORITY}; policy accept;\n\t\t{dnat}\n\t}}"
+    );
+    let _ = writeln!(out, "\tchain output {{\n\t\ttype nat hook output priority {PRIORITY}; policy accept;");
+    if mark != 0 {
+        let _ = writeln!(out, "\t\tmeta mark & {mark:#010x} == {mark:#010x} return");
+    }
+    let _ = writeln!(out, "\t\t{dnat}\n\t}}\n}}");
+}
+
+/// Remove one family's table if it is there (create-then-delete: no error when it is not).
+pub fn removal_text(out: &mut String, f: Family) {
+    let kw = keyword(f);
+    let _ = writeln!(out, "table {kw} {TABLE} {{}}\ndelete table {kw} {TABLE}");
+}
+
+/// The element changes from `old` to `new` (deletions first: a changed target is deleted and
+/// added again). Empty when nothing changed.
+pub fn delta_text(out: &mut String, f: Family, old: &NftTable, new: &NftTable) -> usize {
+    let kw = keyword(f);
+    let gone: Vec<&Key> =
+        old.elements.iter().filter(|(k, t)| new.elements.get(*k) != Some(*t)).map(|(k, _)| k).collect();
+    let added: Vec<(&Key, &Target)> = new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).collect();
+    if !gone.is_empty() {
+        let _ = write!(out, "delete element {kw} {TABLE} {MAP} {{ ");
+        for (i, k) in gone.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            key_text(out, k);
+        }
+        out.push_str(" }\n");
+    }
+    if !added.is_empty() {
+        let _ = writeln!(out, "add element {kw} {TABLE} {MAP} {{ {} }}", elements_text(added.into_iter()));
+    }
+    gone.len() + new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).count()
+}
+
+/// What `edgeproxy rules` prints for this layout: the whole input of a first sync.
+pub fn script(rules: &NftRules) -> String {
+    let mut out = String::new();
+    for f in [Family::V4, Family::V6] {
+        if f == Family::V4 || !rules.v6.elements.is_empty() {
+            full_text(&mut out, f, rules.family(f), rules.mark);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

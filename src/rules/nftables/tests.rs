@@ -1,0 +1,130 @@
+use super::*;
+use crate::listen::ListenConfig;
+use crate::model::{Protocol, ServicePortName};
+use crate::rules::render::{render_nftables as render, PlannedPort};
+
+fn listen() -> ListenConfig {
+    ListenConfig {
+        ip: "169.254.96.16".parse().unwrap(),
+        ipv6: "fd00:e16e::16".parse().unwrap(),
+        device: "lo".into(),
+        tcp_port: 15001,
+        udp_ports: (15002, 15999),
+        reject_port: 15000,
+        mark: 0x0010_0000,
+    }
+}
+
+fn port(name: &str, ip: &str, protocol: Protocol, port: u16, proxy_port: u16, has_endpoints: bool) -> PlannedPort {
+    PlannedPort {
+        name: ServicePortName::from(name),
+        cluster_ip: ip.parse().unwrap(),
+        protocol,
+        port,
+        proxy_port,
+        has_endpoints,
+    }
+}
+
+fn ports() -> Vec<PlannedPort> {
+    vec![
+        port("t/web:http", "10.96.0.10", Protocol::Tcp, 80, 15001, true),
+        port("t/dns:dns", "10.96.0.20", Protocol::Udp, 53, 15002, true),
+        port("t/empty:http", "10.96.0.14", Protocol::Tcp, 80, 15001, false),
+        port("t/web6:http", "fd00:10::10", Protocol::Tcp, 80, 15001, true),
+    ]
+}
+
+#[test]
+fn ports_become_elements_to_the_proxy_or_the_reject_port() {
+    let r = render(&ports(), &listen());
+    assert_eq!(r.v4.elements.len(), 3);
+    assert_eq!(r.v6.elements.len(), 1);
+    let web = &r.v4.elements[&("10.96.0.10".parse().unwrap(), Protocol::Tcp, 80)];
+    assert_eq!((web.addr.to_string(), web.port), ("169.254.96.16".into(), 15001));
+    let dns = &r.v4.elements[&("10.96.0.20".parse().unwrap(), Protocol::Udp, 53)];
+    assert_eq!(dns.port, 15002, "a UDP port goes to its own socket");
+    let empty = &r.v4.elements[&("10.96.0.14".parse().unwrap(), Protocol::Tcp, 80)];
+    assert_eq!(empty.port, 15000, "no endpoints: the reject port");
+    let web6 = r.v6.elements.values().next().unwrap();
+    assert_eq!(web6.addr.to_string(), "fd00:e16e::16", "each family to the proxy address of its own");
+}
+
+#[test]
+fn the_full_text_writes_the_table_whole_in_one_transaction() {
+    let r = render(&ports(), &listen());
+    let text = script(&r);
+    let expected_v4 = "table ip edgeproxy {}
+delete table ip edgeproxy
+table ip edgeproxy {
+\tmap services {
+\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
+\t\telements = { 10.96.0.10 . tcp . 80 comment \"t/web:http\" : 169.254.96.16 . 15001,
+\t\t\t10.96.0.14 . tcp . 80 comment \"t/empty:http\" : 169.254.96.16 . 15000,
+\t\t\t10.96.0.20 . udp . 53 comment \"t/dns:dns\" : 169.254.96.16 . 15002 }
+\t}
+\tchain prerouting {
+\t\ttype nat hook prerouting priority -101; policy accept;
+\t\tdnat ip to ip daddr . meta l4proto . th dport map @services
+\t}
+\tchain output {
+\t\ttype nat hook output priority -101; policy accept;
+\t\tmeta mark & 0x00100000 == 0x00100000 return
+\t\tdnat ip to ip daddr . meta l4proto . th dport map @services
+\t}
+}
+";
+    assert!(text.starts_with(expected_v4), "{text}");
+    let v6 = &text[expected_v4.len()..];
+    assert!(v6.starts_with("table ip6 edgeproxy {}\ndelete table ip6 edgeproxy\n"), "{v6}");
+    assert!(v6.contains("type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service"), "{v6}");
+    assert!(v6.contains("fd00:10::10 . tcp . 80 comment \"t/web6:http\" : fd00:e16e::16 . 15001"), "{v6}");
+    assert!(v6.contains("dnat ip6 to ip6 daddr . meta l4proto . th dport map @services"), "{v6}");
+    // No IPv6 service: no IPv6 table; no mark: no return rule.
+    let mut l = listen();
+    l.mark = 0;
+    let only_v4 = script(&render(&ports()[..1], &l));
+    assert!(!only_v4.contains("ip6") && !only_v4.contains("meta mark"), "{only_v4}");
+}
+
+#[test]
+fn a_sync_changes_only_the_elements_that_changed() {
+    let old = render(&ports(), &listen());
+    let mut ps = ports();
+    ps[2].has_endpoints = true; // t/empty gains an endpoint
+    ps.remove(1); // t/dns goes
+    ps.push(port("t/new:http", "10.96.0.30", Protocol::Tcp, 8080, 15001, true));
+    let new = render(&ps, &listen());
+    let mut out = String::new();
+    let n = delta_text(&mut out, Family::V4, &old.v4, &new.v4);
+    assert_eq!(
+        out,
+        "delete element ip edgeproxy services { 10.96.0.14 . tcp . 80, 10.96.0.20 . udp . 53 }
+add element ip edgeproxy services { 10.96.0.14 . tcp . 80 comment \"t/empty:http\" : 169.254.96.16 . 15001,
+\t\t\t10.96.0.30 . tcp . 8080 comment \"t/new:http\" : 169.254.96.16 . 15001 }
+"
+    );
+    assert_eq!(n, 4);
+    let mut none = String::new();
+    assert_eq!(delta_text(&mut none, Family::V6, &old.v6, &new.v6), 0);
+    assert!(none.is_empty());
+}
+
+#[test]
+fn hostile_names_cannot_leave_their_comment() {
+    let mut ps = ports();
+    ps[0].name = ServicePortName::from("t/x\" } ; flush ruleset ; add rule ip filter input accept # \\\n");
+    let text = script(&render(&ps, &listen()));
+    let line = text.lines().find(|l| l.contains("10.96.0.10 . tcp")).unwrap();
+    assert!(line.contains("comment \"t/x______flush_ruleset___add_rule_ip_filter_input_accept_____\""), "{line}");
+    assert!(!text.contains("\nflush"), "{text}");
+    assert_eq!(text.matches('"').count() % 2, 0);
+}
+
+#[test]
+fn the_guard_looks_for_the_chains_as_nft_lists_them() {
+    let lines = chain_lines(Family::V4, 0x0010_0000);
+    assert!(lines.contains(&"type nat hook prerouting priority dstnat - 1; policy accept;".to_string()));
+    assert!(lines.contains(&"type nat hook output priority -101; policy accept;".to_string()));
+    assert!(lines.contains(&"meta mark & 0x00100000 == 0x00100000 return".to_string()));
+}

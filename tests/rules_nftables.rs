@@ -1,0 +1,179 @@
+//! The `nftables` layout end to end: the real agent in a namespace the test creates, next to
+//! kube-proxy-shaped rules that DNAT the same ClusterIP with their jump at rule 1 (in
+//! iptables-legacy, in iptables-nft, and as a kube-proxy-nftables-shaped table at priority
+//! `dstnat`). Our tables at `dstnat - 1` take the services we proxy, and the kube-proxy rules
+//! the others, with no repair ever needed; `nft flush ruleset` is repaired within the guard
+//! period; SIGTERM leaves the ruleset as it was; IPv6 too.
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::agent::{self, count, exit_code, fetch, serve, signal, wait_for, Agent, BIN};
+use support::netns::{require_root, veth, Netns};
+
+/// Proxied by us (and DNATed by kube-proxy's rules too, to the wrong backend).
+const OURS: &str = "10.96.0.50:80";
+/// Labelled for kube-proxy: not ours.
+const THEIRS: &str = "10.96.0.60:80";
+const OURS6: &str = "[fd00:10::50]:80";
+
+fn cluster() -> String {
+    use support::cluster::{list, service, slice};
+    let labelled = service("theirs", "10.96.0.60").replace(
+        r#""namespace":"t"}"#,
+        r#""namespace":"t","labels":{"service.edgemesh.kubeedge.io/service-proxy-name":""}}"#,
+    );
+    let v6 = r#"{"kind":"Service","apiVersion":"v1","metadata":{"name":"six","namespace":"t"},
+        "spec":{"clusterIP":"fd00:10::50","ipFamilies":["IPv6"],"ports":[{"name":"http","port":80,"targetPort":8080}]}}"#;
+    let v6_slice = r#"{"kind":"EndpointSlice","apiVersion":"discovery.k8s.io/v1","metadata":{"name":"six-1","namespace":"t",
+        "labels":{"kubernetes.io/service-name":"six"}},"addressType":"IPv6",
+        "endpoints":[{"addresses":["fd00:20::2"],"conditions":{"ready":true}}],"ports":[{"name":"http","port":8080,"protocol":"TCP"}]}"#;
+    list(&[
+        service("ours", "10.96.0.50"),
+        slice("ours", 8080, None),
+        labelled,
+        slice("theirs", 8080, None),
+        v6.to_string(),
+        v6_slice.to_string(),
+    ])
+}
+
+/// How the kube-proxy-shaped rules are written.
+#[derive(Clone, Copy, Debug)]
+enum KubeProxy {
+    IptablesLegacy,
+    IptablesNft,
+    Nftables,
+}
+
+/// kube-proxy's DNATs of both ClusterIPs to 10.20.0.3 ("kube"), hooked in first.
+fn install_kube_proxy(node: &Netns, shape: KubeProxy) {
+    let iptables = |bin: &str| {
+        node.sh(&format!(
+            "{bin} -t nat -N KUBE-SERVICES \
+             && {bin} -t nat -A KUBE-SERVICES -d 10.96.0.50/32 -p tcp --dport 80 -j DNAT --to-destination 10.20.0.3:8080 \
+             && {bin} -t nat -A KUBE-SERVICES -d 10.96.0.60/32 -p tcp --dport 80 -j DNAT --to-destination 10.20.0.3:8080 \
+             && {bin} -t nat -I PREROUTING 1 -j KUBE-SERVICES && {bin} -t nat -I OUTPUT 1 -j KUBE-SERVICES"
+        ));
+    };
+    match shape {
+        KubeProxy::IptablesLegacy => iptables("iptables-legacy"),
+        KubeProxy::IptablesNft => iptables("iptables-nft"),
+        KubeProxy::Nftables => {
+            let table = "table ip kube-proxy {
+                chain services {
+                    ip daddr 10.96.0.50 tcp dport 80 dnat to 10.20.0.3:8080
+                    ip daddr 10.96.0.60 tcp dport 80 dnat to 10.20.0.3:8080
+                }
+                chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }
+                # nft 1.0.6 refuses the name dstnat on the output hook: -100 is the same.
+                chain nat-output { type nat hook output priority -100; policy accept; jump services; }
+            }";
+            let path = std::env::temp_dir().join(format!("ep-kp-{}-{}.nft", node.name, std::process::id()));
+            std::fs::write(&path, table).unwrap();
+            node.ok(&["nft", "-f", path.to_str().unwrap()]);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The whole netfilter state a test compares before and after: the nft ruleset (iptables-nft's
+/// tables included) and the legacy nat table.
+fn ruleset(node: &Netns) -> String {
+    format!("{}\n{}", node.ok(&["nft", "list", "ruleset"]), node.save_dump("iptables-legacy-save", "nat"))
+}
+
+fn scenario(tag: &str, shape: KubeProxy) {
+    require_root();
+    let mut node = Netns::new(&format!("nf{tag}"));
+    let backend = Netns::new(&format!("nb{tag}"));
+    veth(&node, "be0", "10.20.0.1/24", &backend, "eth0", "10.20.0.2/24");
+    node.ok(&["ip", "route", "add", "default", "via", "10.20.0.2"]);
+    backend.ok(&["ip", "addr", "add", "10.20.0.3/24", "dev", "eth0"]);
+    node.ok(&["ip", "-6", "addr", "add", "fd00:20::1/64", "dev", "be0", "nodad"]);
+    backend.ok(&["ip", "-6", "addr", "add", "fd00:20::2/64", "dev", "eth0", "nodad"]);
+    node.ok(&["ip", "-6", "route", "add", "default", "via", "fd00:20::2"]);
+    serve(&backend, "10.20.0.2:8080", "ours\n");
+    serve(&backend, "10.20.0.3:8080", "kube\n");
+    serve(&backend, "[fd00:20::2]:8080", "six\n");
+    install_kube_proxy(&node, shape);
+    assert_eq!(fetch(&node, OURS), "kube\n", "{shape:?}: before the agent, kube-proxy's rules answer");
+    let before = ruleset(&node);
+
+    let dir = std::env::temp_dir().join(format!("ep-nft-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.json");
+    std::fs::write(&file, cluster()).unwrap();
+    let source = format!("file:{}", file.display());
+    let args = ["--source", &source, "--layout", "nftables", "--guard-period", "1s", "--metrics-address", ""];
+    let a: Agent = agent::start(&mut node, &args);
+    wait_for("ready", Duration::from_secs(20), || count(&a.log, "ready: source synced") >= 1);
+    assert_eq!(fetch(&node, OURS), "ours\n", "{shape:?}: our table at dstnat - 1 runs first");
+    assert_eq!(fetch(&node, THEIRS), "kube\n", "{shape:?}: a service we do not proxy goes on to kube-proxy");
+    assert_eq!(fetch(&node, OURS6), "six\n", "{shape:?}: IPv6");
+    let check = node.exec(&[BIN, "check", "--layout", "nftables", "--run-dir", &node.dir("run")]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{shape:?}: check:\n{out}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(out.contains("ip edgeproxy: chain prerouting on prerouting at priority -101"), "{out}");
+    // A few guard periods: nothing to repair, kube-proxy's jump at rule 1 notwithstanding.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(count(&a.log, "rules repaired"), 0, "{shape:?}: no repair needed");
+
+    // Somebody flushes the whole ruleset: back within the guard period.
+    node.ok(&["nft", "flush", "ruleset"]);
+    let flushed = Instant::now();
+    wait_for("the repair", Duration::from_secs(5), || count(&a.log, "rules repaired") >= 1);
+    let took = flushed.elapsed();
+    assert_eq!(fetch(&node, OURS), "ours\n", "{shape:?}: served again after the repair");
+    eprintln!("{shape:?}: repaired {took:?} after nft flush ruleset");
+
+    signal(a.pid, "-TERM");
+    assert_eq!(exit_code(&mut node, &a), Some(0));
+    let after = ruleset(&node);
+    assert!(!after.contains("edgeproxy"), "{shape:?}: our tables are gone:\n{after}");
+    let _ = std::fs::remove_dir_all(&dir);
+    // The flush took the kube-proxy rules of nft away; compare the rest as it was otherwise.
+    if matches!(shape, KubeProxy::IptablesLegacy) {
+        assert_eq!(after.trim(), before.trim(), "{shape:?}: the ruleset is as before");
+    }
+}
+
+/// SIGTERM without a flush in between: the ruleset is exactly as before, whatever the shape.
+fn stop_leaves_the_ruleset(tag: &str, shape: KubeProxy) {
+    require_root();
+    let mut node = Netns::new(&format!("ns{tag}"));
+    install_kube_proxy(&node, shape);
+    let before = ruleset(&node);
+    let dir = std::env::temp_dir().join(format!("ep-nfts-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.json");
+    std::fs::write(&file, cluster()).unwrap();
+    let source = format!("file:{}", file.display());
+    let a = agent::start(&mut node, &["--source", &source, "--layout", "nftables", "--metrics-address", ""]);
+    wait_for("ready", Duration::from_secs(20), || count(&a.log, "ready: source synced") >= 1);
+    assert!(node.ok(&["nft", "list", "tables"]).contains("table ip edgeproxy"));
+    signal(a.pid, "-TERM");
+    assert_eq!(exit_code(&mut node, &a), Some(0));
+    assert_eq!(ruleset(&node).trim(), before.trim(), "{shape:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn ahead_of_kube_proxy_in_iptables_legacy() {
+    scenario("leg", KubeProxy::IptablesLegacy);
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn ahead_of_kube_proxy_in_iptables_nft() {
+    scenario("ipn", KubeProxy::IptablesNft);
+    stop_leaves_the_ruleset("ipn", KubeProxy::IptablesNft);
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn ahead_of_kube_proxy_in_nftables_mode() {
+    scenario("knf", KubeProxy::Nftables);
+    stop_leaves_the_ruleset("knf", KubeProxy::Nftables);
+}
