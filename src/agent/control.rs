@@ -365,8 +365,11 @@ fn counts(plan: &crate::state::Plan) -> PlanCounts {
             c.no_local_endpoints += usize::from(p.no_local_endpoints);
         }
     }
-    c.rules_v4 = plan.rules.v4.rules.len();
-    c.rules_v6 = plan.rules.v6.rules.len();
+    // The nftables layout owns one map element per service port and cluster IP.
+    match &plan.rules.nft {
+        Some(nft) => (c.rules_v4, c.rules_v6) = (nft.v4.elements.len(), nft.v6.elements.len()),
+        None => (c.rules_v4, c.rules_v6) = (plan.rules.v4.rules.len(), plan.rules.v6.rules.len()),
+    }
     c
 }
 
