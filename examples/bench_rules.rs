@@ -199,19 +199,19 @@ fn bench_nftables(n: usize) -> Row {
     assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
     let row = in_netns(&ns, move || {
         let mut st = cluster_with(n, Layout::Nftables);
-        let rules = st.plan().rules;
-        let nft = rules.nft.clone().expect("the nftables layout");
+        let rules = std::sync::Arc::new(st.plan().rules);
+        let elements = rules.nft.as_ref().expect("the nftables layout").v4.elements.len();
         let mut a = NftApplier::new().expect("nft");
         let t = Instant::now();
-        a.apply(&nft).expect("full sync");
+        a.apply(&rules).expect("full sync");
         let full = t.elapsed();
         let t = Instant::now();
-        let r = a.apply(&nft).expect("no-op sync");
+        let r = a.apply(&rules).expect("no-op sync");
         let noop = t.elapsed();
         assert_eq!(r.restores, 0);
         let t = Instant::now();
         st.apply(Change::Delete(Kind::EndpointSlice, ObjectKey::new("bench", &format!("s{}-x", n / 2))));
-        let changed = st.plan().rules.nft.expect("nftables");
+        let changed = std::sync::Arc::new(st.plan().rules);
         let plan = t.elapsed();
         let t = Instant::now();
         let r = a.apply(&changed).expect("change");
@@ -219,7 +219,7 @@ fn bench_nftables(n: usize) -> Row {
         assert_eq!((r.restores, r.full), (1, false), "one element changed: one small transaction");
         let t = Instant::now();
         st.apply(two_endpoints(n / 3));
-        let same = st.plan().rules.nft.expect("nftables");
+        let same = std::sync::Arc::new(st.plan().rules);
         let r = a.apply(&same).expect("no-rule change");
         let nochange = t.elapsed();
         assert_eq!(r.restores, 0);
@@ -238,7 +238,7 @@ fn bench_nftables(n: usize) -> Row {
         Row {
             backend: "nftables",
             ports: n,
-            rules: nft.v4.elements.len(),
+            rules: elements,
             full,
             noop,
             plan,

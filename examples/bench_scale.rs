@@ -2,8 +2,8 @@
 //! `cargo run --release --example bench_scale -- [--sizes 10,1000,10000] [--idle 60]`.
 //!
 //! On the bench's topology (client -- node -- backend namespaces), for N services, the rate of
-//! new connections (connect, the backend closes, read to EOF; 4 client threads, 2 s, median of
-//! 3 rounds) to the **first** and the **last** of the N ClusterIPs, side by side for:
+//! new connections (the bench's figure: connect, one byte there and back, close; 4 client
+//! threads, 2 s, median of 3 rounds) to the **first** and the **last** of the N ClusterIPs, side by side for:
 //! - kernel DNAT: kube-proxy-shaped iptables-nft chains (`KUBE-SERVICES` with one match per
 //!   service, a `KUBE-SVC-*` chain each, DNAT to the backend): the kernel path;
 //! - edgeproxy with the `portals` layout (iptables-nft; one DNAT per service in each chain);
@@ -16,15 +16,16 @@
 // Counts and seconds become f64 only to be printed as rates: a rounding far below the noise.
 #![allow(clippy::cast_precision_loss)]
 
+#[path = "bench/load.rs"]
+#[allow(dead_code)]
+mod load;
 #[path = "bench/topo.rs"]
 #[allow(dead_code)]
 mod topo;
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use topo::{Ns, Proc, Res, Topology, BACKEND_IP};
@@ -58,44 +59,19 @@ fn kube_proxy_rules(n: usize) -> String {
     t
 }
 
-/// The backend: accept and close at once, on as many threads as it takes.
+/// The backend: the bench's TCP echo server on 8080.
 fn serve_backend(backend: &Ns) -> Res<()> {
-    let l = backend.thread(|| TcpListener::bind("10.77.2.2:8080"))?.join().map_err(|_| "bind thread")?;
-    let l = l.map_err(|e| format!("bind backend: {e}"))?;
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            drop(s);
-        }
-    });
+    let ready = Arc::new(Barrier::new(2));
+    let r = ready.clone();
+    let _server = backend.thread(move || load::tcp_echo_server(8080, r))?;
+    ready.wait();
     Ok(())
 }
 
-/// New connections per second from the client to `addr` (4 threads, `window`).
+/// New connections per second from the client to `addr`: the bench's own figure (4 threads,
+/// `window`; connect, one byte there and back, close: the client closes first).
 fn rate(client: &Ns, addr: SocketAddr, window: Duration) -> Res<f64> {
-    let count = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
-    for _ in 0..4 {
-        let (count, stop) = (count.clone(), stop.clone());
-        threads.push(client.thread(move || {
-            let mut buf = [0u8; 16];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    if matches!(s.read(&mut buf), Ok(0)) {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        })?);
-    }
-    let started = Instant::now();
-    std::thread::sleep(window);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().map_err(|_| "client thread")?;
-    }
-    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    client.thread(move || load::new_conns(addr, 4, window))?.join().map_err(|_| "client thread")?.map(|s| s.rate())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -167,20 +143,21 @@ fn main() -> Res<()> {
     topo::install_cleanup_handlers()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    let sizes: Vec<usize> = value("--sizes")
-        .unwrap_or_else(|| "10,1000,10000".into())
-        .split(',')
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let sizes: Vec<usize> =
+        value("--sizes").unwrap_or_else(|| "10,1000,10000".into()).split(',').filter_map(|s| s.parse().ok()).collect();
     let idle: Option<u64> = value("--idle").and_then(|s| s.parse().ok());
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let bin = format!("{target}/release/edgeproxy");
-    assert!(Command::new("cargo").args(["build", "--release", "--locked", "--bin", "edgeproxy"]).status().unwrap().success());
+    assert!(Command::new("cargo")
+        .args(["build", "--release", "--locked", "--bin", "edgeproxy"])
+        .status()
+        .unwrap()
+        .success());
     let t = Topology::build(None)?;
     serve_backend(&t.backend)?;
     let dir = std::env::temp_dir().join(format!("ep-bench-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    println!("new connections/s from a client namespace to the first and the last of N services (4 threads, 2 s, median of 3)");
+    println!("new connections/s from a client namespace to the first and the last of N services (connect, 1 byte echoed, close; 4 threads, 2 s, median of 3)");
     println!("{:<22} {:>7} {:>12} {:>12} {:>11}", "path", "N", "first /s", "last /s", "last/first");
     for &n in &sizes {
         let file = dir.join(format!("cluster-{n}.json"));
@@ -190,7 +167,8 @@ fn main() -> Res<()> {
         let mut c = t.node.cmd(&["iptables-nft-restore", "--noflush"]);
         c.stdin(std::process::Stdio::piped());
         let mut child = c.spawn().map_err(|e| e.to_string())?;
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), kube_proxy_rules(n).as_bytes()).map_err(|e| e.to_string())?;
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), kube_proxy_rules(n).as_bytes())
+            .map_err(|e| e.to_string())?;
         drop(child.stdin.take());
         assert!(child.wait().map_err(|e| e.to_string())?.success());
         let (f, l) = first_and_last(&t.client, n, 3)?;

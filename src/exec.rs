@@ -1,4 +1,4 @@
-//! The one place a process is started: `iptables*` by the rules, `ip` by the proxy address.
+//! The one place a process is started: `iptables*` and `nft` by the rules.
 //! Standard output and error are captured; standard input is the given text or nothing.
 
 use std::io::{self, Write as _};

@@ -3,22 +3,17 @@
 //! layouts with `iptables-restore`, [`NftApplier`] the `nftables` layout with `nft -f`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::applier::{Applier, SyncReport};
 use super::iptables::ApplyError;
 use super::nftables::apply::NftApplier;
-use super::nftables::NftRules;
 use super::RuleSet;
 
 /// The applier of the configured layout.
 pub enum Backend {
     Iptables(Box<Applier>),
     Nftables(NftApplier),
-}
-
-/// The nftables layout's rules of a set (empty when the set is of another layout).
-fn nft(set: &RuleSet) -> NftRules {
-    set.nft.clone().unwrap_or_default()
 }
 
 impl Backend {
@@ -30,17 +25,18 @@ impl Backend {
         }
     }
 
-    pub fn apply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
+    /// The set is the worker's `Arc`: the nftables applier keeps it to diff the next one with.
+    pub fn apply(&mut self, set: &Arc<RuleSet>) -> Result<SyncReport, ApplyError> {
         match self {
             Backend::Iptables(a) => a.apply(set),
-            Backend::Nftables(n) => n.apply(&nft(set)),
+            Backend::Nftables(n) => n.apply(set),
         }
     }
 
-    pub fn reapply(&mut self, set: &RuleSet) -> Result<SyncReport, ApplyError> {
+    pub fn reapply(&mut self, set: &Arc<RuleSet>) -> Result<SyncReport, ApplyError> {
         match self {
             Backend::Iptables(a) => a.reapply(set),
-            Backend::Nftables(n) => n.reapply(&nft(set)),
+            Backend::Nftables(n) => n.reapply(set),
         }
     }
 

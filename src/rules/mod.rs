@@ -146,6 +146,10 @@ pub struct NftRules {
 }
 
 impl NftRules {
+    /// No element, no mark.
+    pub const EMPTY: NftRules =
+        NftRules { v4: NftTable { elements: BTreeMap::new() }, v6: NftTable { elements: BTreeMap::new() }, mark: 0 };
+
     pub fn family(&self, f: Family) -> &NftTable {
         match f {
             Family::V4 => &self.v4,

@@ -4,19 +4,22 @@
 //! A sync sends only the map elements that changed since the last successful one; a full write
 //! (every table of ours, created, deleted and created again in the same transaction) happens on
 //! the first sync, after a failure, on a repair and on the periodic resync. The guard reads the
-//! ruleset generation first (microseconds, no process); only when it moved does it list our
-//! tables without their elements (`nft -t`, cheap whatever the number of services) and look
-//! for our chains at our priority. A flushed or edited map is put right by the resync.
+//! ruleset generation first (microseconds, no process); only when it moved does it list the
+//! ruleset's chains (`nft -j list chains`: a few ms whatever the number of services, where any
+//! listing of our table costs ~70 ms at 10,000 elements, because nft fetches them all) and look
+//! for our two chains, nat, on their hooks, at our priority. A flushed map or an edited rule
+//! inside our chains is put right by the resync.
 //!
 //! It owns the tables `ip edgeproxy` and `ip6 edgeproxy` and nothing else: it never flushes
 //! the ruleset and never touches another table.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use super::{chain_lines, delta_text, full_text, keyword, removal_text, NftRules, TABLE};
+use super::{delta_text, full_text, keyword, removal_text, NftRules, PRIORITY, TABLE};
 use crate::rules::applier::SyncReport;
 use crate::rules::iptables::{self, ApplyError};
-use crate::rules::{Family, Flavour};
+use crate::rules::{Family, Flavour, RuleSet};
 use crate::sys::netfilter::nft_generation;
 
 /// The binary.
@@ -24,21 +27,39 @@ pub const NFT: &str = "nft";
 
 /// Puts [`NftRules`] into the kernel and keeps them there. Blocking; use from one thread.
 pub struct NftApplier {
-    /// The rules the kernel holds since our last successful transaction.
-    last: Option<NftRules>,
+    /// The rules the kernel holds since our last successful transaction (the worker's set,
+    /// shared: a 10,000-element map is not copied per sync).
+    last: Option<Arc<RuleSet>>,
     /// The next sync writes everything (a transaction failed, or an earlier run's tables may
     /// be there).
     full_next: bool,
-    /// The ruleset generation when the guard last found everything in place.
+    /// The ruleset generation when everything was last known in place: right after our own
+    /// transaction, or when the guard last found it so. Nothing can have changed while the
+    /// generation stays there (every nftables transaction, anybody's, moves it).
     canary: Option<u32>,
     /// `nft` transactions run.
     runs: u64,
     /// The nftables layout counts no refusals yet (see README); always empty.
     refused: BTreeMap<String, u64>,
+    /// kube-proxy's presence as the last probe found it (listings of other tables cost time
+    /// that grows with the whole ruleset: probed on the worker's own schedule, not per sync).
+    kube_proxy: std::cell::Cell<bool>,
+    /// When the guard last probed for kube-proxy.
+    kube_proxy_probed: Option<std::time::Instant>,
 }
+
+/// How often the guard looks for kube-proxy (its appearance changes which services are ours
+/// under `defaultIgnores: auto`).
+const KUBE_PROXY_PROBE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn run(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, ApplyError> {
     crate::exec::run(NFT, args, stdin).map_err(|error| ApplyError::Spawn { binary: NFT.into(), error })
+}
+
+/// The nftables rules of a set (none: empty tables).
+fn nft(set: &RuleSet) -> &NftRules {
+    static EMPTY: NftRules = NftRules::EMPTY;
+    set.nft.as_ref().unwrap_or(&EMPTY)
 }
 
 /// The 1-based input line nft blames (`/dev/stdin:12:5-20: Error: ...`).
@@ -69,7 +90,15 @@ impl NftApplier {
             }
             Ok(_) => {}
         }
-        Ok(NftApplier { last: None, full_next: true, canary: None, runs: 0, refused: BTreeMap::new() })
+        Ok(NftApplier {
+            last: None,
+            full_next: true,
+            canary: None,
+            runs: 0,
+            refused: BTreeMap::new(),
+            kube_proxy: std::cell::Cell::new(false),
+            kube_proxy_probed: None,
+        })
     }
 
     /// `nft` transactions run so far.
@@ -87,6 +116,8 @@ impl NftApplier {
         let out = run(&["-f", "-"], Some(text))?;
         if out.status.success() {
             log::debug!("nft: applied {} input lines", text.lines().count());
+            // Read after our transaction: if another came in between, the guard looks.
+            self.canary = nft_generation();
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -124,29 +155,31 @@ impl NftApplier {
         text
     }
 
-    fn write_all(&mut self, rules: &NftRules, report: &mut SyncReport) -> Result<(), ApplyError> {
+    fn write_all(&mut self, set: &Arc<RuleSet>, report: &mut SyncReport) -> Result<(), ApplyError> {
+        let rules = nft(set);
         // After a failure or at start, an IPv6 table of an earlier run may be there.
-        let had_v6 = self.full_next || self.last.as_ref().is_some_and(|l| Self::wanted(l, Family::V6));
+        let had_v6 = self.full_next || self.last.as_ref().is_some_and(|l| Self::wanted(nft(l), Family::V6));
         let text = Self::full_input(rules, had_v6);
         self.transaction(&text).inspect_err(|_| self.full_next = true)?;
         self.full_next = false;
-        self.last = Some(rules.clone());
+        self.last = Some(set.clone());
         report.restores += 1;
         report.full = true;
         report.rules = rules.v4.elements.len() + rules.v6.elements.len();
         Ok(())
     }
 
-    /// Make the kernel hold `rules`: the elements that changed (nothing when none did), or
-    /// everything on the first sync and after a failure.
-    pub fn apply(&mut self, rules: &NftRules) -> Result<SyncReport, ApplyError> {
-        let mut report = SyncReport { kube_proxy: kube_proxy_present(), ..SyncReport::default() };
-        let Some(last) = self.last.as_ref().filter(|l| !self.full_next && l.mark == rules.mark) else {
-            self.write_all(rules, &mut report)?;
+    /// Make the kernel hold the set's tables: the elements that changed (nothing when none
+    /// did), or everything on the first sync and after a failure.
+    pub fn apply(&mut self, set: &Arc<RuleSet>) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
+        let rules = nft(set);
+        let Some(last) = self.last.as_ref().map(|l| nft(l)).filter(|l| !self.full_next && l.mark == rules.mark) else {
+            self.write_all(set, &mut report)?;
             return Ok(report);
         };
         if Self::wanted(last, Family::V6) != Self::wanted(rules, Family::V6) {
-            self.write_all(rules, &mut report)?;
+            self.write_all(set, &mut report)?;
             return Ok(report);
         }
         let mut text = String::new();
@@ -160,49 +193,46 @@ impl NftApplier {
             return Ok(report);
         }
         self.transaction(&text).inspect_err(|_| self.full_next = true)?;
-        self.last = Some(rules.clone());
+        self.last = Some(set.clone());
         report.restores = 1;
         Ok(report)
     }
 
-    /// Everything written again (the periodic resync; it also repairs edited map elements).
-    pub fn reapply(&mut self, rules: &NftRules) -> Result<SyncReport, ApplyError> {
-        let mut report = SyncReport { kube_proxy: kube_proxy_present(), ..SyncReport::default() };
-        self.write_all(rules, &mut report)?;
+    /// Everything written again (the periodic resync; it also repairs edited map elements and
+    /// rules the guard does not read), unless the ruleset generation has not moved since
+    /// everything was last known in place: then nothing can differ, and nothing is written.
+    pub fn reapply(&mut self, set: &Arc<RuleSet>) -> Result<SyncReport, ApplyError> {
+        let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
+        let unchanged = self.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, set) || **l == **set);
+        let generation = nft_generation();
+        if unchanged && !self.full_next && generation.is_some() && generation == self.canary {
+            report.rules = nft(set).v4.elements.len() + nft(set).v6.elements.len();
+            return Ok(report);
+        }
+        self.write_all(set, &mut report)?;
         Ok(report)
     }
 
-    /// Are our tables there with our chains at our priority? Generation first; a listing
-    /// without elements only when it moved; a full write when anything is missing.
+    /// Are our tables there with our chains on their hooks at our priority? The generation
+    /// first; the chain listing only when it moved; a full write when anything is missing.
     pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
-        let mut report = SyncReport::default();
+        if self.kube_proxy_probed.is_none_or(|t| t.elapsed() >= KUBE_PROXY_PROBE) {
+            self.kube_proxy_probed = Some(std::time::Instant::now());
+            self.kube_proxy.set(kube_proxy_present());
+        }
+        let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
+        let generation = nft_generation();
         let Some(want) = self.last.clone() else {
             return Ok(report);
         };
-        let generation = nft_generation();
         if generation.is_some() && generation == self.canary {
             return Ok(report);
         }
-        let mut found = Vec::new();
-        for f in [Family::V4, Family::V6] {
-            if !Self::wanted(&want, f) {
-                continue;
-            }
-            let out = run(&["-t", "list", "table", keyword(f), TABLE], None)?;
-            report.reads += 1;
-            let listed = String::from_utf8_lossy(&out.stdout);
-            if !out.status.success() {
-                found.push(format!("table {} {TABLE} missing", keyword(f)));
-                continue;
-            }
-            let lines: Vec<&str> = listed.lines().map(str::trim).collect();
-            for want_line in chain_lines(f, want.mark) {
-                if !lines.contains(&want_line.as_str()) {
-                    found.push(format!("table {} {TABLE}: `{want_line}` missing", keyword(f)));
-                }
-            }
-        }
-        report.kube_proxy = kube_proxy_present();
+        let listed = list_chains()?;
+        report.reads += 1;
+        let families: Vec<Family> =
+            [Family::V4, Family::V6].into_iter().filter(|f| Self::wanted(nft(&want), *f)).collect();
+        let found = missing_chains(&listed, &families);
         if found.is_empty() {
             self.canary = generation;
             return Ok(report);
@@ -226,7 +256,7 @@ impl NftApplier {
     /// (whole, in one transaction). Returns whether there were any.
     pub fn adopt(&mut self) -> Result<bool, ApplyError> {
         self.full_next = true;
-        let found = run(&["list", "table", "ip", TABLE], None)?.status.success();
+        let found = list_chains()?.iter().any(|c| c.table == TABLE);
         if found {
             log::info!("nftables rules of an earlier run are in place: kept until the first sync replaces them");
         }
@@ -235,41 +265,70 @@ impl NftApplier {
 
     /// Whether kube-proxy runs here: its iptables jump, or its nftables table.
     pub fn kube_proxy_jump_present(&self) -> Result<bool, ApplyError> {
-        Ok(kube_proxy_present())
+        self.kube_proxy.set(kube_proxy_present());
+        Ok(self.kube_proxy.get())
     }
 }
 
 /// Tables of ours left by the nftables layout, found while another layout starts (they would
 /// run before its rules): removed. `Ok(false)` when there are none or `nft` is not installed.
 pub fn remove_leftovers() -> Result<bool, ApplyError> {
-    let there = |kw: &str| run(&["list", "table", kw, TABLE], None).is_ok_and(|o| o.status.success());
-    match run(&["--version"], None) {
+    let listed = match list_chains() {
         Err(ApplyError::Spawn { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        _ => {}
-    }
-    if !there("ip") && !there("ip6") {
+        other => other?,
+    };
+    if !listed.iter().any(|c| c.table == TABLE) {
         return Ok(false);
     }
     NftApplier::new()?.cleanup()?;
     Ok(true)
 }
 
-/// kube-proxy's nftables tables (`ip kube-proxy`, `ip6 kube-proxy`) or its iptables jump.
+/// kube-proxy's nftables tables (`ip kube-proxy`), its iptables-nft `KUBE-SERVICES` chain, or its
+/// jump in iptables-legacy: two processes, however big the ruleset.
 pub fn kube_proxy_present() -> bool {
-    let nft_mode = run(&["list", "tables"], None)
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim().ends_with(" kube-proxy")))
-        .unwrap_or(false);
-    nft_mode || iptables::kube_proxy_present(Flavour::Auto).unwrap_or(false)
+    // kube-proxy's nftables mode, and its iptables-nft chains, are in the nftables ruleset.
+    let in_nft = list_chains()
+        .is_ok_and(|c| c.iter().any(|c| c.table == "kube-proxy" || (c.table == "nat" && c.name == "KUBE-SERVICES")));
+    in_nft || iptables::kube_proxy_present(Flavour::Legacy).unwrap_or(false)
+}
+
+/// Every chain of the ruleset (`nft -j list chains`: cheap, no rules, no set elements).
+pub fn list_chains() -> Result<Vec<ListedChain>, ApplyError> {
+    let out = run(&["-j", "list", "chains"], None)?;
+    if !out.status.success() {
+        return Err(ApplyError::Read { binary: NFT.into(), stderr: String::from_utf8_lossy(&out.stderr).into() });
+    }
+    Ok(parse_chains(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// What is missing of our chains in `listed` for `families`: each nat, on its hook, at our
+/// priority (empty: all in place).
+pub fn missing_chains(listed: &[ListedChain], families: &[Family]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for f in families {
+        let kw = keyword(*f);
+        for hook in ["prerouting", "output"] {
+            let ok = listed.iter().any(|c| {
+                c.family == kw
+                    && c.table == TABLE
+                    && c.name == hook
+                    && c.hook.as_deref() == Some(hook)
+                    && c.kind.as_deref() == Some("nat")
+                    && c.prio == i64::from(PRIORITY)
+            });
+            if !ok {
+                missing.push(format!("{kw} {TABLE}: nat chain {hook} at priority {PRIORITY} missing"));
+            }
+        }
+    }
+    missing
 }
 
 /// `edgeproxy check` for this layout: our tables and their chains, and every other nat chain on
 /// prerouting or output at a priority that runs before ours.
 pub fn check_lines() -> Result<(Vec<String>, bool, Vec<String>), ApplyError> {
-    let out = run(&["-j", "list", "chains"], None)?;
-    if !out.status.success() {
-        return Err(ApplyError::Read { binary: NFT.into(), stderr: String::from_utf8_lossy(&out.stderr).into() });
-    }
-    let chains = parse_chains(&String::from_utf8_lossy(&out.stdout));
+    let chains = list_chains()?;
     let mut lines = Vec::new();
     let mut ahead = Vec::new();
     let mut installed = true;
@@ -361,6 +420,24 @@ mod tests {
         assert_eq!(c[1].hook, None);
         assert!(parse_chains("not json").is_empty());
         assert!(parse_chains(r#"{"nftables": 3}"#).is_empty());
+    }
+
+    #[test]
+    fn the_guard_wants_both_chains_nat_on_their_hooks_at_our_priority() {
+        let chain = |family: &str, name: &str, prio: i64| ListedChain {
+            family: family.into(),
+            table: TABLE.into(),
+            name: name.into(),
+            kind: Some("nat".into()),
+            hook: Some(name.into()),
+            prio,
+        };
+        let good = vec![chain("ip", "prerouting", -101), chain("ip", "output", -101)];
+        assert!(missing_chains(&good, &[Family::V4]).is_empty());
+        assert_eq!(missing_chains(&good, &[Family::V4, Family::V6]).len(), 2, "no ip6 table");
+        let moved = vec![chain("ip", "prerouting", -101), chain("ip", "output", 0)];
+        assert_eq!(missing_chains(&moved, &[Family::V4]), ["ip edgeproxy: nat chain output at priority -101 missing"]);
+        assert_eq!(missing_chains(&[], &[Family::V4]).len(), 2, "flushed");
     }
 
     #[test]

@@ -74,25 +74,6 @@ fn elements_text<'a>(items: impl Iterator<Item = (&'a Key, &'a Target)>) -> Stri
     out
 }
 
-/// The lines `nft -t list table` shows for our chains, priorities as nft prints them (`dstnat -
-/// 1` on prerouting; a number on output, where nft names no priority): the guard looks for them.
-pub fn chain_lines(f: Family, mark: u32) -> Vec<String> {
-    let kw = keyword(f);
-    let dnat = format!("dnat {kw} to {kw} daddr . meta l4proto . th dport map @{MAP}");
-    let mut lines = vec![
-        "chain prerouting {".to_string(),
-        format!("type nat hook prerouting priority dstnat - {}; policy accept;", -100 - PRIORITY),
-        dnat.clone(),
-        "chain output {".to_string(),
-        format!("type nat hook output priority {PRIORITY}; policy accept;"),
-    ];
-    if mark != 0 {
-        lines.push(format!("meta mark & {mark:#010x} == {mark:#010x} return"));
-    }
-    lines.push(dnat);
-    lines
-}
-
 /// Write one family's table whole: created if missing, deleted and created again, in the
 /// caller's transaction (so a reader never sees it half written).
 pub fn full_text(out: &mut String, f: Family, table: &NftTable, mark: u32) {

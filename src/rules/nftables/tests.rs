@@ -120,11 +120,3 @@ fn hostile_names_cannot_leave_their_comment() {
     assert!(!text.contains("\nflush"), "{text}");
     assert_eq!(text.matches('"').count() % 2, 0);
 }
-
-#[test]
-fn the_guard_looks_for_the_chains_as_nft_lists_them() {
-    let lines = chain_lines(Family::V4, 0x0010_0000);
-    assert!(lines.contains(&"type nat hook prerouting priority dstnat - 1; policy accept;".to_string()));
-    assert!(lines.contains(&"type nat hook output priority -101; policy accept;".to_string()));
-    assert!(lines.contains(&"meta mark & 0x00100000 == 0x00100000 return".to_string()));
-}
