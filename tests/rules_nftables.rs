@@ -177,3 +177,97 @@ fn ahead_of_kube_proxy_in_nftables_mode() {
     scenario("knf", KubeProxy::Nftables);
     stop_leaves_the_ruleset("knf", KubeProxy::Nftables);
 }
+
+/// The elements of a listed map, one normalised line each, sorted (listing order is the
+/// kernel's hash order).
+fn elements(listing: &str) -> Vec<String> {
+    let Some(start) = listing.find("elements = {") else {
+        return Vec::new();
+    };
+    let body = &listing[start + "elements = {".len()..];
+    let body = &body[..body.find('}').unwrap()];
+    let mut v: Vec<String> = body.split(',').map(|e| e.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    v.sort();
+    v
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn element_changes_over_netlink_leave_the_map_a_full_write_would() {
+    use edgeproxy::model::Protocol;
+    use edgeproxy::rules::nftables::apply::{send_batch, NftApplier};
+    use edgeproxy::rules::nftables::batch::Batch;
+    use edgeproxy::rules::{Family, NftRules, NftTarget, RuleSet};
+    use std::sync::Arc;
+    require_root();
+    let ns = Netns::new("nfnl");
+    let target = |ip: &str, port: u16, name: &str| NftTarget { addr: ip.parse().unwrap(), port, name: name.into() };
+    let set = |rules: NftRules| Arc::new(RuleSet { nft: Some(rules), ..RuleSet::default() });
+    let mut a = NftRules { mark: 0x0010_0000, ..NftRules::default() };
+    for i in 0..50u16 {
+        let key = (format!("10.96.1.{}", i + 1).parse().unwrap(), Protocol::Tcp, 80);
+        a.v4.elements.insert(key, target("169.254.96.16", 15001, &format!("t/s{i}:http")));
+    }
+    a.v6.elements
+        .insert(("fd00:10::1".parse().unwrap(), Protocol::Tcp, 80), target("fd00:e16e::16", 15001, "t/six:http"));
+    let mut b = a.clone();
+    b.v4.elements.remove(&("10.96.1.1".parse().unwrap(), Protocol::Tcp, 80));
+    b.v4.elements
+        .insert(("10.96.1.2".parse().unwrap(), Protocol::Tcp, 80), target("169.254.96.16", 15000, "t/s1:http"));
+    b.v4.elements.insert(
+        ("10.96.2.1".parse().unwrap(), Protocol::Udp, 53),
+        target("169.254.96.16", 15002, "kube-system/dns:dns"),
+    );
+    b.v6.elements
+        .insert(("fd00:10::2".parse().unwrap(), Protocol::Tcp, 443), target("fd00:e16e::16", 15001, "t/six:https"));
+    let (set_a, set_b) = (set(a), set(b.clone()));
+    let list = |ns: &Netns| {
+        (
+            ns.ok(&["nft", "list", "map", "ip", "edgeproxy", "services"]),
+            ns.ok(&["nft", "list", "map", "ip6", "edgeproxy", "services"]),
+        )
+    };
+
+    // A full write of A, then the changes to B: one small transaction over netlink.
+    let (report, changed) = ns
+        .thread(move || {
+            let mut ap = NftApplier::new().unwrap();
+            ap.apply(&set_a).unwrap();
+            let runs = ap.restores();
+            let r = ap.apply(&set_b).unwrap();
+            (r, ap.restores() - runs)
+        })
+        .join()
+        .unwrap();
+    assert_eq!((report.restores, report.full, changed), (1, false, 1));
+    let (v4, v6) = list(&ns);
+    // B written whole by nft, elsewhere.
+    let fresh = Netns::new("nfnf");
+    fresh.thread(move || NftApplier::new().unwrap().apply(&set(b)).unwrap()).join().unwrap();
+    let (v4_full, v6_full) = list(&fresh);
+    assert_eq!(elements(&v4), elements(&v4_full), "{v4}\n---\n{v4_full}");
+    assert_eq!(elements(&v6), elements(&v6_full), "{v6}\n---\n{v6_full}");
+    assert!(v4.contains("10.96.2.1 . udp . 53 comment \"kube-system/dns:dns\" : 169.254.96.16 . 15002"), "{v4}");
+
+    // The encoder alone, against the kernel: an element with a comment, and a refusal.
+    let err = ns
+        .thread(|| {
+            let k = ("10.96.9.9".parse().unwrap(), Protocol::Tcp, 8080);
+            let t = NftTarget { addr: "169.254.96.16".parse().unwrap(), port: 15001, name: "t/direct:web".into() };
+            let mut b = Batch::new(1000);
+            b.add(Family::V4, &[(&k, &t)]);
+            let (bytes, acked) = b.finish();
+            send_batch(&bytes, &acked).unwrap();
+            // Deleting an element that is not there: the kernel refuses the whole batch.
+            let gone = ("10.96.9.10".parse().unwrap(), Protocol::Tcp, 1);
+            let mut b = Batch::new(2000);
+            b.delete(Family::V4, &[&gone]);
+            let (bytes, acked) = b.finish();
+            send_batch(&bytes, &acked).unwrap_err()
+        })
+        .join()
+        .unwrap();
+    assert!(err.contains("No such file"), "{err}");
+    let (v4, _) = list(&ns);
+    assert!(v4.contains("10.96.9.9 . tcp . 8080 comment \"t/direct:web\" : 169.254.96.16 . 15001"), "{v4}");
+}

@@ -16,7 +16,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{delta_text, full_text, keyword, removal_text, NftRules, PRIORITY, TABLE};
+use super::batch::Batch;
+use super::{delta_text, full_text, keyword, removal_text, Changes, NftRules, PRIORITY, TABLE};
+use crate::address::netlink::{parse as parse_netlink, Message};
 use crate::rules::applier::SyncReport;
 use crate::rules::iptables::{self, ApplyError};
 use crate::rules::{Family, Flavour, RuleSet};
@@ -46,6 +48,38 @@ pub struct NftApplier {
     kube_proxy: std::cell::Cell<bool>,
     /// When the guard last probed for kube-proxy.
     kube_proxy_probed: Option<std::time::Instant>,
+    /// The next netlink sequence number.
+    seq: u32,
+}
+
+/// Batches up to this size go over netlink (the default socket send buffer is ~208 KiB); a
+/// bigger change (thousands of elements at once) goes through `nft -f`.
+const BATCH_MAX: usize = 128 << 10;
+
+/// Send one nf_tables batch and wait for the acknowledgement of every message that asked for
+/// one; the first error (the kernel then applied nothing of the batch) names its errno.
+pub fn send_batch(bytes: &[u8], acked: &[u32]) -> Result<(), String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::Read as _;
+    const NETLINK_NETFILTER: i32 = 12;
+    let sock = Socket::new(Domain::from(libc::AF_NETLINK), Type::RAW, Some(Protocol::from(NETLINK_NETFILTER)))
+        .map_err(|e| format!("netfilter netlink socket: {e}"))?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    sock.send(bytes).map_err(|e| format!("send: {e}"))?;
+    let mut waiting: std::collections::BTreeSet<u32> = acked.iter().copied().collect();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !waiting.is_empty() {
+        let n = (&sock).read(&mut buf).map_err(|e| format!("receive: {e}"))?;
+        for m in parse_netlink(&buf[..n]).map_err(|e| e.to_string())? {
+            if let Message::Ack { seq, errno } = m {
+                if errno != 0 {
+                    return Err(format!("message {seq}: {}", std::io::Error::from_raw_os_error(errno)));
+                }
+                waiting.remove(&seq);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How often the guard looks for kube-proxy (its appearance changes which services are ours
@@ -98,6 +132,7 @@ impl NftApplier {
             refused: BTreeMap::new(),
             kube_proxy: std::cell::Cell::new(false),
             kube_proxy_probed: None,
+            seq: 1,
         })
     }
 
@@ -182,17 +217,36 @@ impl NftApplier {
             self.write_all(set, &mut report)?;
             return Ok(report);
         }
-        let mut text = String::new();
-        for f in [Family::V4, Family::V6] {
-            if Self::wanted(rules, f) {
-                delta_text(&mut text, f, last.family(f), rules.family(f));
-            }
-        }
         report.rules = rules.v4.elements.len() + rules.v6.elements.len();
-        if text.is_empty() {
+        let families: Vec<Family> = [Family::V4, Family::V6].into_iter().filter(|f| Self::wanted(rules, *f)).collect();
+        if families.iter().all(|f| Changes::between(last.family(*f), rules.family(*f)).is_empty()) {
             return Ok(report);
         }
-        self.transaction(&text).inspect_err(|_| self.full_next = true)?;
+        // The changes as one netlink batch (costs what changed); `nft -f` when that fails or
+        // the batch is big (it would not fit the socket's send buffer).
+        let mut batch = Batch::new(self.seq);
+        for f in &families {
+            let c = Changes::between(last.family(*f), rules.family(*f));
+            batch.delete(*f, &c.gone);
+            batch.add(*f, &c.added);
+        }
+        let (bytes, acked) = batch.finish();
+        self.seq = self.seq.wrapping_add(u32::try_from(acked.len() + 2).unwrap_or(u32::MAX));
+        let sent = if bytes.len() <= BATCH_MAX { send_batch(&bytes, &acked) } else { Err("batch too big".into()) };
+        match sent {
+            Ok(()) => {
+                self.runs += 1;
+                self.canary = nft_generation();
+            }
+            Err(e) => {
+                log::debug!("nf_tables batch: {e}; through nft -f instead");
+                let mut text = String::new();
+                for f in &families {
+                    delta_text(&mut text, *f, last.family(*f), rules.family(*f));
+                }
+                self.transaction(&text).inspect_err(|_| self.full_next = true)?;
+            }
+        }
         self.last = Some(set.clone());
         report.restores = 1;
         Ok(report)

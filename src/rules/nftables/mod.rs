@@ -20,6 +20,7 @@
 //! never sees it half written.
 
 pub mod apply;
+pub mod batch;
 
 use std::fmt::Write as _;
 
@@ -60,7 +61,18 @@ fn key_text(out: &mut String, (ip, proto, port): &Key) {
 /// [`comment_text`], which leaves no quote, backslash or newline.
 fn element_text(out: &mut String, key: &Key, t: &Target) {
     key_text(out, key);
-    let _ = write!(out, " comment \"{}\" : {} . {}", comment_text(&t.name), t.addr, t.port);
+    let _ = write!(out, " comment \"{}\" : {} . {}", comment(&t.name), t.addr, t.port);
+}
+
+/// nft keeps at most 128 bytes of a comment, its NUL included.
+pub const MAX_COMMENT: usize = 127;
+
+/// An element's comment: [`comment_text`] (ASCII only), cut to [`MAX_COMMENT`] bytes. A
+/// Kubernetes service port name may reach 143 (namespace 63, name 63, port 15).
+pub fn comment(name: &str) -> String {
+    let mut c = comment_text(name).into_owned();
+    c.truncate(MAX_COMMENT);
+    c
 }
 
 fn elements_text<'a>(items: impl Iterator<Item = (&'a Key, &'a Target)>) -> String {
@@ -107,13 +119,32 @@ pub fn removal_text(out: &mut String, f: Family) {
     let _ = writeln!(out, "table {kw} {TABLE} {{}}\ndelete table {kw} {TABLE}");
 }
 
-/// The element changes from `old` to `new` (deletions first: a changed target is deleted and
-/// added again). Empty when nothing changed.
+/// The elements to delete and to add to go from `old` to `new`: a changed target is deleted and
+/// added again.
+pub struct Changes<'a> {
+    pub gone: Vec<&'a Key>,
+    pub added: Vec<(&'a Key, &'a Target)>,
+}
+
+impl<'a> Changes<'a> {
+    pub fn between(old: &'a NftTable, new: &'a NftTable) -> Changes<'a> {
+        Changes {
+            gone: old.elements.iter().filter(|(k, t)| new.elements.get(*k) != Some(*t)).map(|(k, _)| k).collect(),
+            added: new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gone.is_empty() && self.added.is_empty()
+    }
+}
+
+/// The element changes from `old` to `new` as `nft -f` input (deletions first). Empty when
+/// nothing changed. Returns the number of elements deleted and added.
 pub fn delta_text(out: &mut String, f: Family, old: &NftTable, new: &NftTable) -> usize {
     let kw = keyword(f);
-    let gone: Vec<&Key> =
-        old.elements.iter().filter(|(k, t)| new.elements.get(*k) != Some(*t)).map(|(k, _)| k).collect();
-    let added: Vec<(&Key, &Target)> = new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).collect();
+    let Changes { gone, added } = Changes::between(old, new);
+    let n = gone.len() + added.len();
     if !gone.is_empty() {
         let _ = write!(out, "delete element {kw} {TABLE} {MAP} {{ ");
         for (i, k) in gone.iter().enumerate() {
@@ -127,7 +158,7 @@ pub fn delta_text(out: &mut String, f: Family, old: &NftTable, new: &NftTable) -
     if !added.is_empty() {
         let _ = writeln!(out, "add element {kw} {TABLE} {MAP} {{ {} }}", elements_text(added.into_iter()));
     }
-    gone.len() + new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).count()
+    n
 }
 
 /// What `edgeproxy rules` prints for this layout: the whole input of a first sync.

@@ -120,3 +120,11 @@ fn hostile_names_cannot_leave_their_comment() {
     assert!(!text.contains("\nflush"), "{text}");
     assert_eq!(text.matches('"').count() % 2, 0);
 }
+
+#[test]
+fn comments_fit_what_nft_keeps() {
+    let long = format!("{}/{}:{}", "n".repeat(63), "s".repeat(63), "p".repeat(15));
+    assert_eq!(long.len(), 143);
+    assert_eq!(comment(&long).len(), MAX_COMMENT);
+    assert_eq!(comment("t/web:http"), "t/web:http");
+}
