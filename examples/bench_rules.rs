@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use edgeproxy::config::Config;
 use edgeproxy::model::{Kind, ObjectKey};
-use edgeproxy::rules::applier::Applier;
+use edgeproxy::rules::applier::{Applier, SyncReport};
 use edgeproxy::rules::iptables::{Binaries, LEGACY, NFT};
 use edgeproxy::rules::nftables::apply::NftApplier;
 use edgeproxy::rules::render::Layout;
@@ -98,6 +98,22 @@ fn two_endpoints(i: usize) -> Change {
     Change::Upsert(d.objects.into_iter().next().expect("one slice"))
 }
 
+/// Guard checks, everything in place: the first after the last write (the canary may have
+/// moved, so it may list), and the median of the next three (the canary unchanged).
+fn guard_times(mut guard: impl FnMut() -> SyncReport) -> (Duration, Duration) {
+    let mut g: Vec<Duration> = (0..4)
+        .map(|_| {
+            let t = Instant::now();
+            let r = guard();
+            assert!(r.repaired.is_empty() && r.restores == 0, "{:?}", r.repaired);
+            t.elapsed()
+        })
+        .collect();
+    let first = g.remove(0);
+    g.sort();
+    (first, g[1])
+}
+
 fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{name}");
     std::thread::spawn(move || {
@@ -140,19 +156,7 @@ fn bench(b: Binaries, n: usize, edgemesh_sample: usize) -> Row {
         let r = a.apply(&same).expect("no-rule change");
         let nochange = t.elapsed();
         assert_eq!(r.restores, 0);
-        // Guard checks, everything in place. The first follows our restore, so the canary has
-        // changed and it lists; the next ones find the canary unchanged (median of 3).
-        let mut g: Vec<Duration> = (0..4)
-            .map(|_| {
-                let t = Instant::now();
-                let r = a.guard().expect("guard");
-                assert!(r.repaired.is_empty() && r.restores == 0, "{:?}", r.repaired);
-                t.elapsed()
-            })
-            .collect();
-        let guard = g.remove(0);
-        g.sort();
-        let guard_canary = g[1];
+        let (guard, guard_canary) = guard_times(|| a.guard().expect("guard"));
         a.cleanup().unwrap();
         // EdgeMesh's way: -C then -A, one process each, per rule, onto an empty chain.
         let sample: Vec<&String> = rules
@@ -223,17 +227,7 @@ fn bench_nftables(n: usize) -> Row {
         let r = a.apply(&same).expect("no-rule change");
         let nochange = t.elapsed();
         assert_eq!(r.restores, 0);
-        let mut g: Vec<Duration> = (0..4)
-            .map(|_| {
-                let t = Instant::now();
-                let r = a.guard().expect("guard");
-                assert!(r.repaired.is_empty() && r.restores == 0, "{:?}", r.repaired);
-                t.elapsed()
-            })
-            .collect();
-        let guard = g.remove(0);
-        g.sort();
-        let guard_canary = g[1];
+        let (guard, guard_canary) = guard_times(|| a.guard().expect("guard"));
         a.cleanup().unwrap();
         Row {
             backend: "nftables",
@@ -283,45 +277,37 @@ fn main() {
         "speed-up"
     );
     for &n in &sizes {
-        let r = bench_nftables(n);
-        println!(
-            "{:<8} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20} {:>9}",
-            "nftables",
-            r.ports,
-            r.rules,
-            ms(r.full),
-            ms(r.noop),
-            ms(r.plan),
-            ms(r.change),
-            ms(r.flip_sync),
-            ms(r.nochange),
-            ms(r.guard),
-            format!("{:.0}", r.guard_canary.as_secs_f64() * 1e6),
-            "-",
-            "-"
-        );
+        print_row(&bench_nftables(n), None);
     }
     for b in [NFT, LEGACY] {
         for &n in &sizes {
             let r = bench(b, n, sample);
             // EdgeMesh's way: one -C/-A pair per DNAT, two per service port.
-            let em = r.edgemesh_per_rule * u32::try_from(2 * r.ports).unwrap_or(u32::MAX);
-            println!(
-                "{:<8} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20.1} {:>8.0}x",
-                r.backend,
-                r.ports,
-                r.rules,
-                ms(r.full),
-                ms(r.noop),
-                ms(r.plan),
-                ms(r.change),
-                ms(r.flip_sync),
-                ms(r.nochange),
-                ms(r.guard),
-                format!("{:.0}", r.guard_canary.as_secs_f64() * 1e6),
-                em.as_secs_f64(),
-                em.as_secs_f64() / r.full.as_secs_f64()
-            );
+            print_row(&r, Some(r.edgemesh_per_rule * u32::try_from(2 * r.ports).unwrap_or(u32::MAX)));
         }
     }
+}
+
+/// One row of the table; `edgemesh`: the estimate of EdgeMesh's way for the same rules.
+fn print_row(r: &Row, edgemesh: Option<Duration>) {
+    let (em, speedup) = match edgemesh {
+        Some(em) => (format!("{:.1}", em.as_secs_f64()), format!("{:.0}x", em.as_secs_f64() / r.full.as_secs_f64())),
+        None => ("-".into(), "-".into()),
+    };
+    println!(
+        "{:<8} {:>7} {:>7} {:>13} {:>9} {:>8} {:>10} {:>13} {:>10} {:>9} {:>9} {:>20} {:>9}",
+        r.backend,
+        r.ports,
+        r.rules,
+        ms(r.full),
+        ms(r.noop),
+        ms(r.plan),
+        ms(r.change),
+        ms(r.flip_sync),
+        ms(r.nochange),
+        ms(r.guard),
+        format!("{:.0}", r.guard_canary.as_secs_f64() * 1e6),
+        em,
+        speedup
+    );
 }

@@ -25,6 +25,7 @@ pub mod intern;
 pub mod listen;
 pub mod logging;
 pub mod model;
+pub mod netlink;
 pub mod notify;
 pub mod ops;
 pub mod proxy;

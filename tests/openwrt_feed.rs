@@ -8,38 +8,13 @@
 //!
 //! Needs GNU make (Debian package `make`); without it the tests fail, they never skip.
 
+mod support;
+
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("ep-feed-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use support::tempdir::{cargo_version, repo, TempDir};
 
 /// `$(TOPDIR)/rules.mk`: the variables the Makefile's recipes use, as OpenWrt's rules.mk sets
 /// them.
@@ -181,14 +156,6 @@ fn info(out: &str, key: &str) -> String {
         .to_string()
 }
 
-fn cargo_version() -> String {
-    let toml = fs::read_to_string(repo().join("Cargo.toml")).unwrap();
-    toml.lines()
-        .find_map(|l| l.strip_prefix("version = \"").and_then(|v| v.strip_suffix('"')))
-        .expect("version in Cargo.toml")
-        .to_string()
-}
-
 /// What every setup must give: the stub's rust-package.mk loaded (the one at `rust_mk`), the
 /// package's name, version, dependencies, user and cargo variables. make in `pkg` printed `out`.
 fn check_info(out: &str, pkg: &Path, rust_mk: &Path) {
@@ -265,7 +232,7 @@ fn make_is_installed() {
 
 #[test]
 fn feed_makefile_builds_from_a_src_link_feed() {
-    let top = TempDir::new("srclink");
+    let top = TempDir::new("feed", "srclink");
     stub_sdk(top.path(), Some("packages"));
     let pkg = src_link_feed(top.path());
     let out = make_ok(top.path(), &pkg, &["stub-info"]);
@@ -278,7 +245,7 @@ fn feed_makefile_builds_from_a_src_link_feed() {
 
 #[test]
 fn feed_makefile_builds_copied_into_the_packages_feed_with_edgeproxy_src() {
-    let top = TempDir::new("copied");
+    let top = TempDir::new("feed", "copied");
     stub_sdk(top.path(), Some("packages"));
     let pkg = copied_into(top.path(), "packages");
     let src = format!("EDGEPROXY_SRC={}", repo().display());
@@ -291,7 +258,7 @@ fn feed_makefile_builds_copied_into_the_packages_feed_with_edgeproxy_src() {
 #[test]
 fn feed_makefile_finds_rust_two_levels_up_in_a_feed_not_named_packages() {
     // No feeds/packages at all: only the feed the package sits in has lang/rust.
-    let top = TempDir::new("otherfeed");
+    let top = TempDir::new("feed", "otherfeed");
     stub_sdk(top.path(), Some("mypackages"));
     let pkg = copied_into(top.path(), "mypackages");
     let src = format!("EDGEPROXY_SRC={}", repo().display());
@@ -301,7 +268,7 @@ fn feed_makefile_finds_rust_two_levels_up_in_a_feed_not_named_packages() {
 
 #[test]
 fn feed_makefile_without_rust_package_mk_names_both_places() {
-    let top = TempDir::new("norust");
+    let top = TempDir::new("feed", "norust");
     stub_sdk(top.path(), None);
     let pkg = src_link_feed(top.path());
     let o = make(top.path(), &pkg, &["stub-info"]);
@@ -319,7 +286,7 @@ fn feed_makefile_without_rust_package_mk_names_both_places() {
 
 #[test]
 fn feed_makefile_copied_without_edgeproxy_src_says_so_but_scans() {
-    let top = TempDir::new("nosrc");
+    let top = TempDir::new("feed", "nosrc");
     stub_sdk(top.path(), Some("packages"));
     let pkg = copied_into(top.path(), "packages");
     let o = make(top.path(), &pkg, &["stub-info"]);

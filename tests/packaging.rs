@@ -7,11 +7,13 @@
 //! Needs shellcheck, GNU tar, gzip, dash and systemd-analyze / systemd-tmpfiles (Debian's
 //! systemd); tests/setup.sh installs them. A missing tool fails the test, never skips it.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use support::tempdir::{cargo_version, repo, TempDir};
 
 use argh::FromArgs as _;
 use edgeproxy::config::{Config, Overrides};
@@ -19,33 +21,6 @@ use edgeproxy::config::{Config, Overrides};
 const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 /// procd's capabilities file for the agent, installed as /etc/capabilities/edgeproxy.json.
 const CAPS_FILE: &str = "openwrt/edgeproxy/files/edgeproxy.capabilities";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("ep-pkg-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn output(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? see tests/setup.sh)"))
@@ -62,14 +37,6 @@ fn ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn cargo_version() -> String {
-    let toml = fs::read_to_string(repo().join("Cargo.toml")).unwrap();
-    toml.lines()
-        .find_map(|l| l.strip_prefix("version = \"").and_then(|v| v.strip_suffix('"')))
-        .expect("version in Cargo.toml")
-        .to_string()
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -98,7 +65,7 @@ fn control_fields(text: &str) -> BTreeMap<String, String> {
 
 #[test]
 fn ipk_from_built_binary_has_control_fields_files_and_modes() {
-    let out = TempDir::new("ipk");
+    let out = TempDir::new("pkg", "ipk");
     let printed =
         ok(Command::new(repo().join("openwrt/build-ipk.sh")).arg(BIN).arg(out.path()).arg("aarch64_cortex-a53"));
     let version = format!("{}-1", cargo_version());
@@ -109,7 +76,7 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
     let outer = tar_listing(&ipk);
     let names: Vec<&str> = outer.iter().map(|(p, _, _)| p.as_str()).collect();
     assert_eq!(names, ["./debian-binary", "./data.tar.gz", "./control.tar.gz"]);
-    let unpacked = TempDir::new("ipk-x");
+    let unpacked = TempDir::new("pkg", "ipk-x");
     ok(Command::new("tar").arg("-xzf").arg(&ipk).arg("-C").arg(unpacked.path()));
     assert_eq!(fs::read_to_string(unpacked.path().join("debian-binary")).unwrap(), "2.0\n");
 
@@ -174,7 +141,7 @@ fn ipk_from_built_binary_has_control_fields_files_and_modes() {
 
 #[test]
 fn ipk_is_reproducible() {
-    let (a, b) = (TempDir::new("ipk-a"), TempDir::new("ipk-b"));
+    let (a, b) = (TempDir::new("pkg", "ipk-a"), TempDir::new("pkg", "ipk-b"));
     let build = |d: &Path| {
         let p = ok(Command::new(repo().join("openwrt/build-ipk.sh"))
             .arg(BIN)
@@ -188,7 +155,7 @@ fn ipk_is_reproducible() {
 
 #[test]
 fn build_ipk_refuses_bad_input_with_a_reason() {
-    let out = TempDir::new("ipk-bad");
+    let out = TempDir::new("pkg", "ipk-bad");
     let script = repo().join("openwrt/build-ipk.sh");
     let cases: [(&str, Option<&str>, &str); 4] = [
         ("/nonexistent/edgeproxy", Some("x86_64"), "no such file"),
@@ -249,7 +216,7 @@ fn shell_scripts_are_shellcheck_clean() {
 #[ignore = "needs shellcheck (tests/setup.sh installs it)"]
 fn shellcheck_catches_a_planted_problem() {
     // The check above only means something if shellcheck flags the init script's dialect.
-    let dir = TempDir::new("sc");
+    let dir = TempDir::new("pkg", "sc");
     let text = fs::read_to_string(repo().join("openwrt/edgeproxy/files/edgeproxy.init")).unwrap();
     let bad = dir.path().join("bad.init");
     fs::write(
@@ -396,7 +363,7 @@ fn run_init(uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
 /// paths into a fake root ($ROOT, the package's capabilities file installed), run `calls`, and
 /// replay the record with $ROOT taken off the paths again.
 fn run_init_on(router: &Router, uci: &str, calls: &str, extra: &str) -> (Procd, Output) {
-    let dir = TempDir::new("procd");
+    let dir = TempDir::new("pkg", "procd");
     let state = dir.path().join("uci");
     fs::create_dir_all(&state).unwrap();
     fs::write(state.join("edgeproxy.sh"), uci_to_shell(uci)).unwrap();
@@ -1150,7 +1117,7 @@ fn unit_for_test(dir: &Path) -> PathBuf {
 #[test]
 #[ignore = "needs systemd-analyze (tests/setup.sh installs it)"]
 fn systemd_unit_verifies_without_warnings() {
-    let dir = TempDir::new("unit");
+    let dir = TempDir::new("pkg", "unit");
     let unit = unit_for_test(dir.path());
     let o = output(Command::new("systemd-analyze").arg("verify").arg(&unit));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1194,7 +1161,7 @@ fn systemd_unit_has_what_the_issue_asks() {
 #[test]
 #[ignore = "needs systemd-analyze (tests/setup.sh installs it)"]
 fn systemd_security_exposure_is_at_most_2_5() {
-    let dir = TempDir::new("sec");
+    let dir = TempDir::new("pkg", "sec");
     let unit = unit_for_test(dir.path());
     let out = ok(Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&unit));
     let line =
@@ -1212,7 +1179,7 @@ fn systemd_security_exposure_is_at_most_2_5() {
 #[test]
 #[ignore = "needs systemd-tmpfiles (tests/setup.sh installs it)"]
 fn tmpfiles_creates_the_xtables_lock() {
-    let root = TempDir::new("tmpfiles");
+    let root = TempDir::new("pkg", "tmpfiles");
     ok(Command::new("systemd-tmpfiles")
         .arg("--create")
         .arg(format!("--root={}", root.path().display()))

@@ -16,6 +16,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use crate::netlink::{self as wire, align4};
+
 const NLMSG_HDRLEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
 const IFINFOMSG_LEN: usize = 16;
@@ -29,7 +31,6 @@ pub const RTM_NEWADDR: u16 = 20;
 pub const RTM_DELADDR: u16 = 21;
 pub const RTM_GETADDR: u16 = 22;
 
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_EXCL: u16 = 0x200;
@@ -45,10 +46,6 @@ const IFA_F_NODAD: u32 = 0x02;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
 /// A request being written: the header, then the family message, then attributes; the length
 /// is filled in by [`Request::finish`].
 struct Request(Vec<u8>);
@@ -56,26 +53,16 @@ struct Request(Vec<u8>);
 impl Request {
     fn new(kind: u16, flags: u16, seq: u32) -> Request {
         let mut b = Vec::with_capacity(64);
-        b.extend_from_slice(&0u32.to_ne_bytes());
-        b.extend_from_slice(&kind.to_ne_bytes());
-        b.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
-        b.extend_from_slice(&seq.to_ne_bytes());
-        b.extend_from_slice(&0u32.to_ne_bytes());
+        wire::start_message(&mut b, kind, flags | wire::NLM_F_REQUEST, seq);
         Request(b)
     }
 
     fn attr(&mut self, kind: u16, payload: &[u8]) {
-        // Payloads are addresses and flags: 16 bytes at most, so the length fits a u16.
-        let len = u16::try_from(RTA_HDRLEN + payload.len()).unwrap_or(u16::MAX);
-        self.0.extend_from_slice(&len.to_ne_bytes());
-        self.0.extend_from_slice(&kind.to_ne_bytes());
-        self.0.extend_from_slice(payload);
-        self.0.resize(align4(self.0.len()), 0);
+        wire::attr(&mut self.0, kind, payload);
     }
 
     fn finish(mut self) -> Vec<u8> {
-        let len = u32::try_from(self.0.len()).unwrap_or(u32::MAX);
-        self.0[..4].copy_from_slice(&len.to_ne_bytes());
+        wire::finish_message(&mut self.0, 0);
         self.0
     }
 }
@@ -240,6 +227,7 @@ pub fn parse(mut b: &[u8]) -> Result<Vec<Message>, Malformed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::NLM_F_REQUEST;
 
     fn header(b: &[u8]) -> (u32, u16, u16, u32) {
         (u32_at(b, 0).unwrap(), u16_at(b, 4).unwrap(), u16_at(b, 6).unwrap(), u32_at(b, 8).unwrap())

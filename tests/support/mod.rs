@@ -7,3 +7,4 @@ pub mod fixtures;
 pub mod netns;
 pub mod notify_listener;
 pub mod readme;
+pub mod tempdir;

@@ -15,6 +15,7 @@
 
 use super::{comment, Key, Target, MAP, TABLE};
 use crate::model::Protocol;
+use crate::netlink::{attr, finish_message, nested, start_message, NLM_F_REQUEST};
 use crate::rules::Family;
 use std::net::IpAddr;
 
@@ -24,10 +25,8 @@ const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -46,10 +45,6 @@ const NFPROTO_IPV6: u8 = 10;
 /// Elements per message: a message stays well under a page-sized chunk of the socket buffer.
 const CHUNK: usize = 256;
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
 /// A batch being written. Every message gets the next sequence number.
 pub struct Batch {
     buf: Vec<u8>,
@@ -67,12 +62,7 @@ impl Batch {
 
     /// One message: header, nfgenmsg, then what `body` writes; the length is filled in after.
     fn message(&mut self, kind: u16, flags: u16, family: u8, body: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&0u32.to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(&flags.to_ne_bytes());
-        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
-        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        let start = start_message(&mut self.buf, kind, flags, self.seq);
         // nfgenmsg: family, version, resource id (big-endian): the subsystem for the batch
         // markers, 0 for the messages inside.
         let res_id: u16 =
@@ -80,8 +70,7 @@ impl Batch {
         self.buf.extend_from_slice(&[family, 0]);
         self.buf.extend_from_slice(&res_id.to_be_bytes());
         body(&mut self.buf);
-        let len = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
-        self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+        finish_message(&mut self.buf, start);
         if flags & NLM_F_ACK != 0 {
             self.acked.push(self.seq);
         }
@@ -140,24 +129,6 @@ fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
-}
-
-fn attr(b: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
-    b.extend_from_slice(&len.to_ne_bytes());
-    b.extend_from_slice(&kind.to_ne_bytes());
-    b.extend_from_slice(payload);
-    b.resize(align4(b.len()), 0);
-}
-
-/// A nested attribute: what `inner` writes, with the length filled in after.
-fn nested(b: &mut Vec<u8>, kind: u16, inner: impl FnOnce(&mut Vec<u8>)) {
-    let start = b.len();
-    b.extend_from_slice(&0u16.to_ne_bytes());
-    b.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    inner(b);
-    let len = u16::try_from(b.len() - start).unwrap_or(u16::MAX);
-    b[start..start + 2].copy_from_slice(&len.to_ne_bytes());
 }
 
 fn address(out: &mut Vec<u8>, ip: &IpAddr) {
