@@ -677,6 +677,8 @@ config edgeproxy 'main'
 	option tcp_buffer_size '32768'
 	option tcp_max_connections_per_source '512'
 	option tcp_idle_timeout '1h'
+	option probe_interval '10s'
+	option probes_per_second '50'
 	option udp_idle_timeout '45s'
 	option udp_max_flows '2048'
 	option udp_max_flows_per_source '256'
@@ -810,6 +812,8 @@ const UCI_OPTION_OF_FIELD: &[(&str, &str)] = &[
     ("tcp.bufferSize", "tcp_buffer_size"),
     ("tcp.maxConnectionsPerSource", "tcp_max_connections_per_source"),
     ("tcp.idleTimeout", "tcp_idle_timeout"),
+    ("tcp.probeInterval", "probe_interval"),
+    ("tcp.probesPerSecond", "probes_per_second"),
     ("udp.idleTimeout", "udp_idle_timeout"),
     ("udp.maxFlows", "udp_max_flows"),
     ("udp.maxFlowsPerSource", "udp_max_flows_per_source"),
@@ -868,7 +872,9 @@ const ALL_OPTIONS_CONFIG: &str = r#"{
     "dialAttempts": 5,
     "bufferSize": 32768,
     "maxConnectionsPerSource": 512,
-    "idleTimeout": "1h"
+    "idleTimeout": "1h",
+    "probeInterval": "10s",
+    "probesPerSecond": 50
   },
   "udp": {"idleTimeout": "45s", "maxFlows": 2048, "maxFlowsPerSource": 256},
   "iptables": {"backend": "nft", "minSyncPeriod": "500ms", "guardPeriod": "5s", "resyncPeriod": "2m"},

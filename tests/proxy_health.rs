@@ -1,6 +1,7 @@
 //! The proxy's passive health check, end to end in namespaces (`proxy_support` has the
 //! topology): service `t/slow` (10.96.0.13:80) has two endpoints, 10.20.1.3 (in b1's
-//! namespace, whose SYNs are dropped) and b2. The tests' dial timeout is 300 ms.
+//! namespace, whose SYNs are dropped) and b2. The tests' dial timeout is 300 ms. The last test
+//! turns the active probes on.
 mod proxy_support;
 mod support;
 
@@ -103,4 +104,29 @@ fn when_every_endpoint_is_set_aside_they_are_tried_anyway() {
     assert_eq!(id, "b1x");
     assert!(took < DIAL_TIMEOUT, "{took:?}");
     assert!(!set_aside(&t, DEAD));
+}
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn probes_set_a_dead_endpoint_aside_before_any_client_and_bring_it_back() {
+    let mut cfg = test_config();
+    cfg.probe_interval = Some(Duration::from_millis(200));
+    cfg.probes_per_second = 50;
+    let t = Topo::new(cfg);
+    // No client yet: the probes find the dead endpoint.
+    wait_for(|| set_aside(&t, DEAD), "the probes set the dead endpoint aside");
+    assert_eq!(t.stats.total.dial_failures.get(), 0, "no client has dialled");
+    // So not even the first connection waits.
+    for i in 0..20 {
+        let (id, took) = timed_who(&t);
+        assert_eq!(id, "b2");
+        assert!(took < DIAL_TIMEOUT, "connection {i} took {took:?}");
+    }
+    assert_eq!(t.stats.total.dial_failures.get(), 0);
+    // It comes back: a probe clears it, no client trial needed.
+    revive(&t);
+    wait_for(|| !set_aside(&t, DEAD), "a probe found it answering again");
+    let ids: Vec<String> = (0..4).map(|_| timed_who(&t).0).collect();
+    assert!(ids.iter().any(|i| i == "b1x"), "{ids:?}");
+    assert!(t.stats.probes_ok.get() > 0 && t.stats.probes_failed.get() > 0);
 }

@@ -33,6 +33,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(30);
 
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DIAL_ATTEMPTS: u32 = 3;
+/// Active probes started per second at most (when `tcp.probeInterval` turns them on).
+pub const PROBES_PER_SECOND: u32 = 20;
 pub const TCP_BUFFER: usize = 16 * 1024;
 pub const TCP_MAX_PER_SOURCE: usize = 2048;
 pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);

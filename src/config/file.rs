@@ -94,6 +94,9 @@ pub struct TcpFile {
     pub max_connections_per_source: Option<usize>,
     /// Absent: connections are never closed for being idle.
     pub idle_timeout: Option<String>,
+    /// Absent: no active probes.
+    pub probe_interval: Option<String>,
+    pub probes_per_second: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -46,6 +46,8 @@ impl From<&Config> for ProxyConfig {
             udp_max_flows_per_source: c.udp_max_flows_per_source,
             mark: c.listen.mark,
             tcp_idle_timeout: c.tcp_idle_timeout,
+            probe_interval: c.probe_interval,
+            probes_per_second: c.probes_per_second,
         }
     }
 }

@@ -72,6 +72,9 @@ pub struct Config {
     pub tcp_max_per_source: usize,
     /// `tcp.idleTimeout`: `None` (the default) never closes an idle connection.
     pub tcp_idle_timeout: Option<Duration>,
+    /// Active probes of every TCP endpoint (`None`: off).
+    pub probe_interval: Option<Duration>,
+    pub probes_per_second: u32,
     /// UDP flows per client address (`udp.maxFlowsPerSource`).
     pub udp_max_flows_per_source: usize,
     pub iptables: Flavour,
@@ -218,6 +221,8 @@ impl Config {
             udp_max_flows: defaults::UDP_MAX_FLOWS,
             tcp_max_per_source: defaults::TCP_MAX_PER_SOURCE,
             tcp_idle_timeout: None,
+            probe_interval: None,
+            probes_per_second: defaults::PROBES_PER_SECOND,
             udp_max_flows_per_source: defaults::UDP_MAX_FLOWS_PER_SOURCE,
             iptables: Flavour::Auto,
             min_sync_period: defaults::MIN_SYNC_PERIOD,
@@ -402,6 +407,12 @@ fn proxy_settings(c: &mut Config, tcp: &TcpFile, udp: &UdpFile, b: &Blame) -> Re
         "tcp.idleTimeout",
         tcp.idle_timeout.as_deref().map(|v| dur_in(Some(v), Duration::ZERO, 100 * MILLI, 7 * 24 * HOUR)).transpose(),
     )?;
+    c.probe_interval = b.at(
+        "tcp.probeInterval",
+        tcp.probe_interval.as_deref().map(|v| dur_in(Some(v), Duration::ZERO, 100 * MILLI, HOUR)).transpose(),
+    )?;
+    c.probes_per_second =
+        b.at("tcp.probesPerSecond", num_in(tcp.probes_per_second, defaults::PROBES_PER_SECOND, 1, 1000))?;
     c.udp_max_flows_per_source = b.at(
         "udp.maxFlowsPerSource",
         num_in(udp.max_flows_per_source, defaults::UDP_MAX_FLOWS_PER_SOURCE, 1, 1 << 20),

@@ -97,6 +97,15 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
         [(String::new(), stats.tcp_idle_closed.get())],
     );
     o.family(
+        "edgeproxy_probes_total",
+        "counter",
+        "Active probes of endpoints (tcp.probeInterval; off unless set) by result: ok, failed.",
+        [
+            ("{result=\"ok\"}".to_string(), stats.probes_ok.get()),
+            ("{result=\"failed\"}".to_string(), stats.probes_failed.get()),
+        ],
+    );
+    o.family(
         "edgeproxy_bytes_total",
         "counter",
         "Bytes relayed by service port and direction (to_backend, to_client), TCP and UDP.",

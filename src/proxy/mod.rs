@@ -22,6 +22,7 @@ mod flow;
 pub mod health;
 pub mod lb;
 pub mod limits;
+pub mod probe;
 mod relay;
 mod shared;
 pub mod stats;
@@ -132,6 +133,7 @@ pub async fn run(
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(udp::reconcile_loop(tables.clone(), events.clone(), shared.clone()));
+    tasks.spawn(probe::probe_loop(tables.clone(), shared.clone()));
     tasks.spawn(housekeeping(tables, shared));
     let _ = events.send(ProxyEvent::Listening(addrs));
 

@@ -53,6 +53,10 @@ pub struct ProxyConfig {
     /// Close a TCP connection after this long without a byte either way (`None`, the default:
     /// never, like kube-proxy's kernel path; keepalive still finds dead peers).
     pub tcp_idle_timeout: Option<Duration>,
+    /// Active probes: every TCP endpoint this often (`None`, the default: off; see `probe`).
+    pub probe_interval: Option<Duration>,
+    /// At most this many probes start per second.
+    pub probes_per_second: u32,
 }
 
 impl ProxyConfig {

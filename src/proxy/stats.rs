@@ -143,6 +143,9 @@ pub struct ProxyStats {
     pub tcp_refused_fd_budget: Counter,
     /// Connections closed after `tcp.idleTimeout` without a byte either way.
     pub tcp_idle_closed: Counter,
+    /// Active probes (`tcp.probeInterval`) that reached their endpoint, and that did not.
+    pub probes_ok: Counter,
+    pub probes_failed: Counter,
     /// Sums over all services, so the totals survive a service's removal.
     pub total: ServiceCounters,
     /// Times accepting paused because the process or system ran out of file descriptors.

@@ -106,7 +106,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Dial `addr` from a socket carrying the proxy's mark (set before the SYN leaves).
-async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+pub(super) async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
     let sock = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
