@@ -138,3 +138,12 @@ fn a_profile_sets_defaults_and_each_setting_overrides_them() {
     assert_eq!(e.path, "edgemesh");
     assert!(e.message.contains("accepted values: v1.17, v1.9"), "{e}");
 }
+
+#[test]
+fn the_tcp_port_may_take_the_default_udp_range_once_that_moves() {
+    let c = from_json(r#"{"listen": {"udpPorts": "20000-20999", "tcpPort": 15500}}"#).unwrap();
+    assert_eq!((c.listen.tcp_port, c.listen.udp_ports), (15500, (20000, 20999)));
+    let e = from_json(r#"{"listen": {"udpPorts": "20000-20999", "tcpPort": 20500}}"#).unwrap_err();
+    assert_eq!(e.path, "listen.tcpPort");
+    assert!(from_json(r#"{"listen": {"tcpPort": 15500}}"#).is_err(), "inside the default UDP range");
+}
