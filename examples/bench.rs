@@ -11,7 +11,9 @@
 //! - direct: the client dials 10.77.2.2;
 //! - kernel-dnat: 10.96.77.10, kube-proxy-shaped SERVICES -> SVC -> SEP chains, DNAT to the backend;
 //! - edgeproxy: 10.96.77.20, the release binary's `edgeproxy run --source file:` in the node;
-//! - haproxy: 10.96.77.30, DNAT to HAProxy (mode tcp, nbthread 1) on 169.254.96.17 in the node.
+//! - haproxy: 10.96.77.30, DNAT to HAProxy (mode tcp, nbthread 1) on 169.254.96.17 in the node;
+//! - edgeproxy-kernel: 10.96.77.40, a service of the same edgeproxy annotated
+//!   `edgeproxy.io/data-path: kernel`: its own DNAT straight to the backend, no proxy hop.
 //!
 //! Owns the orchestration only: set up, run every figure for every path in each round (the path
 //! order rotates per round), collect, report. Everything it creates (namespaces, processes,
@@ -50,7 +52,7 @@ struct Args {
     /// number of rounds (default 5, or 2 with --quick)
     #[argh(option)]
     rounds: Option<usize>,
-    /// comma-separated paths to run (default direct,kernel-dnat,edgeproxy,haproxy)
+    /// comma-separated paths to run (default direct,kernel-dnat,edgeproxy,edgeproxy-kernel,haproxy)
     #[argh(option)]
     paths: Option<String>,
     /// the edgeproxy binary (default: build and use target/release/edgeproxy)
@@ -111,8 +113,9 @@ fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
         Some(list) => list
             .split(',')
             .map(|s| {
-                Path::parse(s.trim())
-                    .ok_or_else(|| format!("--paths: unknown path {s:?} (direct, kernel-dnat, edgeproxy, haproxy)"))
+                Path::parse(s.trim()).ok_or_else(|| {
+                    format!("--paths: unknown path {s:?} (direct, kernel-dnat, edgeproxy, edgeproxy-kernel, haproxy)")
+                })
             })
             .collect::<Res<_>>()?,
     };
@@ -231,7 +234,11 @@ fn run(args: &Args) -> Res<()> {
     let (paths, w) = selection(args)?;
     let all_figures = w.groups.len() == FIGURE_GROUPS.len();
     let started = Instant::now();
-    let binary = if paths.contains(&Path::Edgeproxy) { Some(edgeproxy_binary(args)?) } else { None };
+    let binary = if paths.contains(&Path::Edgeproxy) || paths.contains(&Path::EdgeproxyKernel) {
+        Some(edgeproxy_binary(args)?)
+    } else {
+        None
+    };
     let mut facts = machine_facts(binary.as_ref());
     let work = tempdir()?;
 

@@ -66,9 +66,12 @@ pub struct RulesCmd {
     /// config file (JSON)
     #[argh(option)]
     pub config: Option<PathBuf>,
-    /// rule layout: portals (default) or root-chain
+    /// rule layout: portals (default), root-chain or nftables
     #[argh(option)]
     pub layout: Option<String>,
+    /// proxy (default) or kernel, for services without their own annotation
+    #[argh(option)]
+    pub data_path: Option<String>,
     /// the EdgeMesh generation whose filter and layout defaults to take: v1.17 (default) or v1.9
     #[argh(option)]
     pub edgemesh: Option<String>,
@@ -114,6 +117,7 @@ impl RulesCmd {
     pub fn overrides(&self) -> Overrides {
         let mut o = Overrides::default();
         o.set("layout", self.layout.clone());
+        o.set("data-path", self.data_path.clone());
         o.set("edgemesh", self.edgemesh.clone());
         o.set("service-filter-mode", self.service_filter_mode.clone());
         o.set("node-name", self.node_name.clone());
@@ -181,7 +185,7 @@ pub struct RunCmd {
     /// Endpoints), endpointslices or endpoints
     #[argh(option)]
     pub endpoints_api: Option<String>,
-    /// rule layout: portals (default) or root-chain
+    /// rule layout: portals (default), root-chain or nftables
     #[argh(option)]
     pub layout: Option<String>,
     /// the EdgeMesh generation whose filter and layout defaults to take: v1.17 (default) or v1.9
@@ -202,6 +206,10 @@ pub struct RunCmd {
     /// roundRobin (default) or random
     #[argh(option)]
     pub load_balancer: Option<String>,
+    /// proxy (default) or kernel: how proxied services reach endpoints (a Service's
+    /// edgeproxy.io/data-path annotation wins)
+    #[argh(option)]
+    pub data_path: Option<String>,
     /// auto (default), nft or legacy
     #[argh(option)]
     pub iptables_backend: Option<String>,
@@ -242,6 +250,7 @@ impl RunCmd {
         o.set("listen-ip", self.listen_ip.clone());
         o.set("tcp-port", self.tcp_port.clone());
         o.set("load-balancer", self.load_balancer.clone());
+        o.set("data-path", self.data_path.clone());
         o.set("iptables-backend", self.iptables_backend.clone());
         o.set("metrics-address", self.metrics_address.clone());
         o.set("state-dir", self.state_dir.clone());

@@ -172,7 +172,17 @@ fn rules(cmd: &RulesCmd) -> Result<ExitCode, MainError> {
                         p.loops
                     ));
                 }
-                println!("    {} {}/{}: {} endpoint(s){note}", p.name, p.port, p.protocol, p.backends);
+                if p.left_out > 0 {
+                    note.push_str(&format!(" ({} set aside by the health check, left out)", p.left_out));
+                }
+                println!(
+                    "    {} {}/{}: {} endpoint(s), {} path{note}",
+                    p.name,
+                    p.port,
+                    p.protocol,
+                    p.backends,
+                    p.path.as_str()
+                );
             }
         }
         let n = plan.proxied().count();

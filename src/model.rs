@@ -114,6 +114,40 @@ pub struct Service {
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
     pub labels: Labels,
+    /// The annotation [`DATA_PATH_ANNOTATION`], when set: this service's own choice of path.
+    pub data_path: Option<DataPath>,
+}
+
+/// A Service's own choice of data path (`edgeproxy.io/data-path: proxy | kernel`), over the
+/// configured `dataPath`.
+pub const DATA_PATH_ANNOTATION: &str = "edgeproxy.io/data-path";
+
+/// How a proxied service port's connections reach an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DataPath {
+    /// Through the proxy (the project's design): dial retry, passive health, per-connection
+    /// metrics.
+    #[default]
+    Proxy,
+    /// DNATed in the kernel straight to an endpoint (as kube-proxy does): no user-space hop.
+    Kernel,
+}
+
+impl DataPath {
+    pub fn parse(s: &str) -> Option<DataPath> {
+        match s {
+            "proxy" => Some(DataPath::Proxy),
+            "kernel" => Some(DataPath::Kernel),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Proxy => "proxy",
+            DataPath::Kernel => "kernel",
+        }
+    }
 }
 
 impl Service {

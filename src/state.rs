@@ -19,11 +19,11 @@ use crate::filter::{self, FilterConfig, Verdict};
 use crate::intern::Interner;
 use crate::listen::ListenConfig;
 use crate::model::{
-    EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, ServicePortName, Snapshot,
+    DataPath, EndpointSet, EndpointSource, Kind, Object, ObjectKey, Protocol, Service, ServicePort, ServicePortName,
+    Snapshot,
 };
 use crate::proxy::table::{LbPolicy, ProxyTable, ServiceEntry, Upstream};
 use crate::rules::render::{self, Ignored, Layout, PlannedPort, RenderInput};
-use crate::rules::RuleSet;
 
 /// The parts of [`Config`] the state machine needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct StateConfig {
     pub service_cidrs: Vec<(IpAddr, u8)>,
     pub node_name: Option<String>,
     pub lb_policy: LbPolicy,
+    /// The path of proxied services without their own annotation.
+    pub data_path: DataPath,
 }
 
 /// An input to the state machine.
@@ -53,49 +55,14 @@ pub enum Change {
     KubeProxy(bool),
     /// The proxy could not bind this UDP port; allocate another.
     UdpPortUnavailable(u16),
+    /// Every endpoint the proxy's health check holds set aside now (its probes or failed
+    /// dials): kernel-path rules leave them out.
+    SetAside(Vec<(ServicePortName, SocketAddr)>),
 }
 
-/// Per service port, what the plan decided (for `--explain` and logs).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortReport {
-    /// The same allocation as the proxy
-    /// table entry's name.
-    pub name: ServicePortName,
-    pub protocol: Protocol,
-    pub port: u16,
-    pub backends: usize,
-    /// Endpoints refused because they are a ClusterIP:port this node proxies (a loop).
-    pub loops: usize,
-    /// `internalTrafficPolicy: Local` and no usable endpoint (on this node).
-    pub no_local_endpoints: bool,
-    pub note: Option<&'static str>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceReport {
-    pub key: ObjectKey,
-    pub verdict: Verdict,
-    pub ports: Vec<PortReport>,
-}
-
-/// Everything derived from the state at one moment.
-#[derive(Clone, Debug, Default)]
-pub struct Plan {
-    pub reports: Vec<ServiceReport>,
-    pub rules: RuleSet,
-    pub table: ProxyTable,
-}
-
-impl Plan {
-    /// Endpoints left out because they would loop back into the proxy, over every service port.
-    pub fn refused_loops(&self) -> usize {
-        self.reports.iter().flat_map(|r| &r.ports).map(|p| p.loops).sum()
-    }
-
-    pub fn proxied(&self) -> impl Iterator<Item = &ObjectKey> {
-        self.reports.iter().filter(|r| r.verdict.is_proxied()).map(|r| &r.key)
-    }
-}
+mod kernel;
+mod report;
+pub use report::{Plan, PortReport, ServiceReport};
 
 type UdpKey = (ObjectKey, u16);
 
@@ -146,6 +113,8 @@ pub struct State {
     udp_ports: BTreeMap<UdpKey, u16>,
     /// Ports the proxy reported it cannot bind.
     unusable_udp: BTreeSet<u16>,
+    /// Endpoints the proxy's health check holds set aside (kernel-path rules leave them out).
+    set_aside: BTreeSet<(ServicePortName, SocketAddr)>,
     strings: Interner,
 }
 
@@ -157,6 +126,7 @@ impl State {
             kube_proxy: false,
             udp_ports: BTreeMap::new(),
             unusable_udp: BTreeSet::new(),
+            set_aside: BTreeSet::new(),
             strings: Interner::default(),
         }
     }
@@ -272,7 +242,29 @@ impl State {
                 self.udp_ports.retain(|_, p| *p != port);
                 fresh
             }
+            Change::SetAside(endpoints) => {
+                let new: BTreeSet<(ServicePortName, SocketAddr)> = endpoints.into_iter().collect();
+                // Only kernel-path ports' rules depend on it.
+                let kernel_ports: HashSet<ServicePortName> = self
+                    .snapshot
+                    .services
+                    .values()
+                    .filter(|s| self.kernel_path(s))
+                    .flat_map(|s| s.ports.iter().map(|p| ServicePortName::new(&s.key, &p.name)))
+                    .collect();
+                let matters = |set: &BTreeSet<(ServicePortName, SocketAddr)>| -> Vec<(ServicePortName, SocketAddr)> {
+                    set.iter().filter(|(n, _)| kernel_ports.contains(n)).cloned().collect()
+                };
+                let changed = matters(&new) != matters(&self.set_aside);
+                self.set_aside = new;
+                changed
+            }
         }
+    }
+
+    /// Does `svc` take the kernel path (its annotation, else the configured `dataPath`)?
+    fn kernel_path(&self, svc: &Service) -> bool {
+        svc.data_path.unwrap_or(self.cfg.data_path) == DataPath::Kernel
     }
 
     /// Derive verdicts, rules and the proxy table. `&mut` only for the UDP port allocation,
@@ -368,7 +360,8 @@ impl State {
                     }
                     _ => None,
                 };
-                if sp.protocol == Protocol::Udp {
+                let path = if self.kernel_path(svc) { DataPath::Kernel } else { DataPath::Proxy };
+                if sp.protocol == Protocol::Udp && path == DataPath::Proxy {
                     wanted_udp.push((svc.key.clone(), sp.port));
                 }
                 ports.push(PortReport {
@@ -378,6 +371,8 @@ impl State {
                     backends: backends.len(),
                     loops,
                     no_local_endpoints: svc.internal_local && backends.is_empty(),
+                    path,
+                    left_out: 0,
                     note,
                 });
                 resolved.push((idx, pi, backends));
@@ -425,6 +420,17 @@ impl State {
         for (idx, pi, backends) in resolved {
             let svc = &self.snapshot.services[&reports[idx].key];
             let sp = &svc.ports[pi];
+            if reports[idx].ports[pi].path == DataPath::Kernel {
+                if sp.protocol != Protocol::Sctp {
+                    let report = &mut reports[idx].ports[pi];
+                    let entry =
+                        kernel::entries(svc, sp, report, backends, &self.set_aside, cfg.lb_policy, &mut planned);
+                    if sp.protocol == Protocol::Tcp {
+                        table.kernel.push(entry);
+                    }
+                }
+                continue;
+            }
             let proxy_port = match sp.protocol {
                 Protocol::Sctp => continue,
                 Protocol::Tcp => cfg.listen.tcp_port,
@@ -469,6 +475,7 @@ impl State {
                     port: sp.port,
                     proxy_port,
                     has_endpoints,
+                    kernel: None,
                 });
                 if sp.protocol == Protocol::Tcp {
                     table.tcp.insert(SocketAddr::new(*ip, sp.port), entry.clone());

@@ -656,6 +656,7 @@ config edgeproxy 'main'
 	option listen_ip '169.254.96.17'
 	option tcp_port '15101'
 	option load_balancer 'random'
+	option data_path 'kernel'
 	option iptables_backend 'nft'
 	option min_sync_period '500ms'
 	option guard_period '5s'
@@ -733,6 +734,8 @@ fn all_options_command() -> Vec<&'static str> {
         "15101",
         "--load-balancer",
         "random",
+        "--data-path",
+        "kernel",
         "--iptables-backend",
         "nft",
         "--min-sync-period",
@@ -807,6 +810,7 @@ const UCI_OPTION_OF_FIELD: &[(&str, &str)] = &[
     ("source.pollInterval", "poll_interval"),
     ("source.endpointsApi", "endpoints_api"),
     ("loadBalancer", "load_balancer"),
+    ("dataPath", "data_path"),
     ("tcp.dialTimeout", "dial_timeout"),
     ("tcp.dialAttempts", "dial_attempts"),
     ("tcp.bufferSize", "tcp_buffer_size"),
@@ -867,6 +871,7 @@ const ALL_OPTIONS_CONFIG: &str = r#"{
     "endpointsApi": "endpoints"
   },
   "loadBalancer": "random",
+  "dataPath": "kernel",
   "tcp": {
     "dialTimeout": "3s",
     "dialAttempts": 5,

@@ -23,17 +23,20 @@ pub enum Path {
     Direct,
     Kernel,
     Edgeproxy,
+    /// The same edgeproxy process, a service annotated `edgeproxy.io/data-path: kernel`.
+    EdgeproxyKernel,
     Haproxy,
 }
 
 impl Path {
-    pub const ALL: [Path; 4] = [Path::Direct, Path::Kernel, Path::Edgeproxy, Path::Haproxy];
+    pub const ALL: [Path; 5] = [Path::Direct, Path::Kernel, Path::Edgeproxy, Path::EdgeproxyKernel, Path::Haproxy];
 
     pub fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Kernel => "kernel-dnat",
             Path::Edgeproxy => "edgeproxy",
+            Path::EdgeproxyKernel => "edgeproxy-kernel",
             Path::Haproxy => "haproxy",
         }
     }
@@ -49,6 +52,7 @@ impl Path {
             Path::Kernel => Ipv4Addr::new(10, 96, 77, 10),
             Path::Edgeproxy => Ipv4Addr::new(10, 96, 77, 20),
             Path::Haproxy => Ipv4Addr::new(10, 96, 77, 30),
+            Path::EdgeproxyKernel => Ipv4Addr::new(10, 96, 77, 40),
         }
     }
 
@@ -115,26 +119,25 @@ fn restore(node: &Ns, text: &str) -> Res<()> {
     Ok(())
 }
 
-/// One ClusterIP service for edgeproxy: echo TCP+UDP and iperf3, endpoint = the backend.
+/// Two ClusterIP services for edgeproxy, each echo TCP+UDP and iperf3 to the backend: `bench`
+/// through the proxy, `bench-kernel` annotated for the kernel path.
 pub fn bench_cluster_json() -> String {
-    let ip = Path::Edgeproxy.target();
+    let ports = [
+        ("echo", "TCP", ECHO_PORT, ECHO_PORT),
+        ("iperf", "TCP", IPERF_PORT, IPERF_PORT),
+        ("echo-udp", "UDP", ECHO_PORT, ECHO_PORT),
+    ];
+    let targets = [("echo", "TCP", ECHO_PORT), ("iperf", "TCP", IPERF_PORT), ("echo-udp", "UDP", ECHO_PORT)];
+    let kernel = service_json("bench", "bench-kernel", &Path::EdgeproxyKernel.target().to_string(), &ports).replacen(
+        "\"resourceVersion\":\"1\"",
+        "\"resourceVersion\":\"1\",\"annotations\":{\"edgeproxy.io/data-path\":\"kernel\"}",
+        1,
+    );
     let items = [
-        service_json(
-            "bench",
-            "bench",
-            &ip.to_string(),
-            &[
-                ("echo", "TCP", ECHO_PORT, ECHO_PORT),
-                ("iperf", "TCP", IPERF_PORT, IPERF_PORT),
-                ("echo-udp", "UDP", ECHO_PORT, ECHO_PORT),
-            ],
-        ),
-        slice_json(
-            "bench",
-            "bench",
-            &[BACKEND_IP],
-            &[("echo", "TCP", ECHO_PORT), ("iperf", "TCP", IPERF_PORT), ("echo-udp", "UDP", ECHO_PORT)],
-        ),
+        service_json("bench", "bench", &Path::Edgeproxy.target().to_string(), &ports),
+        slice_json("bench", "bench", &[BACKEND_IP], &targets),
+        kernel,
+        slice_json("bench", "bench-kernel", &[BACKEND_IP], &targets),
     ];
     list_json(&items)
 }

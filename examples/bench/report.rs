@@ -161,6 +161,24 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             rounds: "one measurement".into(),
         });
     }
+    if paths.contains(&Path::EdgeproxyKernel) {
+        // The kernel path is kernel DNAT (one rule chain of ours instead of kube-proxy's three):
+        // within 5 % of it on every figure it has.
+        let kp = Path::EdgeproxyKernel.name();
+        for f in FIGURES {
+            let Some(v) = med_ratio_of(r, f.key, kp) else { continue };
+            let pass = if f.higher_is_better { v >= 0.95 } else { v <= 1.0 / 0.95 };
+            let rounds = spread(&r.ratios(f.key, kp)).map(|(lo, _, hi)| format!("{lo:.2}-{hi:.2}")).unwrap_or_default();
+            let bound = if f.higher_is_better { ">= 0.95x kernel DNAT" } else { "<= 1.05x kernel DNAT" };
+            t.push(Target {
+                name: format!("kernel path: {}", f.label),
+                value: Some(v),
+                bound: bound.into(),
+                pass: Some(pass),
+                rounds,
+            });
+        }
+    }
     if paths.contains(&Path::Haproxy) {
         let ha = Path::Haproxy.name();
         for f in FIGURES {

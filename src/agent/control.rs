@@ -202,7 +202,14 @@ impl Control {
                 log::info!("proxy listening on {addrs:?}");
                 self.listening = true;
             }
-            Input::Proxy(ProxyEvent::SetAside(endpoints)) => out.push(Effect::SetAside(endpoints)),
+            Input::Proxy(ProxyEvent::SetAside(endpoints)) => {
+                // Kernel-path rules leave out what the health check set aside.
+                if self.state.apply(Change::SetAside(endpoints.clone())) {
+                    log::info!("kernel path: the endpoints set aside changed; rewriting its rules");
+                    self.dirty = true;
+                }
+                out.push(Effect::SetAside(endpoints));
+            }
             Input::Proxy(other) => log::debug!("proxy: {other:?}"),
             Input::ProxyFailed(e) => {
                 log::error!("proxy failed: {e}");
@@ -367,7 +374,10 @@ fn counts(plan: &crate::state::Plan) -> PlanCounts {
     }
     // The nftables layout owns one map element per service port and cluster IP.
     match &plan.rules.nft {
-        Some(nft) => (c.rules_v4, c.rules_v6) = (nft.v4.elements.len(), nft.v6.elements.len()),
+        Some(nft) => {
+            (c.rules_v4, c.rules_v6) =
+                (nft.v4.elements.len() + nft.v4.kernel.len(), nft.v6.elements.len() + nft.v6.kernel.len())
+        }
         None => (c.rules_v4, c.rules_v6) = (plan.rules.v4.rules.len(), plan.rules.v6.rules.len()),
     }
     c

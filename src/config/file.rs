@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub listen: Option<ListenFile>,
     pub source: Option<SourceFile>,
     pub load_balancer: Option<String>,
+    /// `proxy` | `kernel`: how proxied services reach endpoints (a Service's annotation wins).
+    pub data_path: Option<String>,
     pub tcp: Option<TcpFile>,
     pub udp: Option<UdpFile>,
     pub iptables: Option<IptablesFile>,
@@ -202,6 +204,10 @@ fn top_level_flag(f: &mut FileConfig, flag: &str, v: &str) -> Result<Option<&'st
         "load-balancer" => {
             f.load_balancer = Some(s);
             "loadBalancer"
+        }
+        "data-path" => {
+            f.data_path = Some(s);
+            "dataPath"
         }
         "state-dir" => {
             f.state_dir = Some(s);

@@ -15,6 +15,7 @@ impl From<&Config> for StateConfig {
             service_cidrs: c.service_cidrs.clone(),
             node_name: c.node_name.clone(),
             lb_policy: c.lb_policy,
+            data_path: c.data_path,
         }
     }
 }

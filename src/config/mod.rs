@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::filter::{DefaultIgnores, FilterConfig, FilterMode, Profile};
 use crate::listen::ListenConfig;
+use crate::model::DataPath;
 use crate::proxy::table::LbPolicy;
 use crate::rules::render::Layout;
 use crate::rules::Flavour;
@@ -63,6 +64,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub source: SourceConfig,
     pub lb_policy: LbPolicy,
+    /// `dataPath`: the path of proxied services without their own annotation.
+    pub data_path: DataPath,
     pub dial_timeout: Duration,
     pub dial_attempts: u32,
     pub tcp_buffer: usize,
@@ -198,6 +201,10 @@ impl Config {
                 ),
             )?,
         };
+        let data_path = match f.data_path.as_deref() {
+            None => DataPath::Proxy,
+            Some(s) => b.at("dataPath", one_of(s, &[("proxy", DataPath::Proxy), ("kernel", DataPath::Kernel)]))?,
+        };
         let metrics_address = match f.metrics_address.as_deref() {
             None | Some("") => None,
             Some(a) => Some(
@@ -214,6 +221,7 @@ impl Config {
             listen,
             source,
             lb_policy,
+            data_path,
             dial_timeout: defaults::DIAL_TIMEOUT,
             dial_attempts: defaults::DIAL_ATTEMPTS,
             tcp_buffer: defaults::TCP_BUFFER,

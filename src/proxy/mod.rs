@@ -177,7 +177,7 @@ async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<
             guard.0.retain(timeouts.keys().copied());
             shared.stats.retain(|n| timeouts.contains_key(n));
             let upstreams: std::collections::HashSet<(&str, SocketAddr)> =
-                table.tcp.values().flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
+                probe::probed(&table).flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
             shared.stats.retain_endpoints(|n, a| upstreams.contains(&(n, a)));
             let before = guard.2.set_aside().len();
             guard.2.retain(|n, a| upstreams.contains(&(n, a)));

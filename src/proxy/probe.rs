@@ -40,7 +40,7 @@ impl ProbePlan {
         interval: Duration,
     ) -> Option<(Arc<ServiceEntry>, SocketAddr)> {
         let mut pairs: Vec<(&Arc<ServiceEntry>, SocketAddr)> =
-            table.tcp.values().flat_map(|e| e.upstreams.iter().map(move |u| (e, u.addr))).collect();
+            probed(table).flat_map(|e| e.upstreams.iter().map(move |u| (e, u.addr))).collect();
         if pairs.is_empty() {
             return None;
         }
@@ -64,9 +64,14 @@ impl ProbePlan {
     /// Forget pairs no longer in the table.
     pub fn retain(&mut self, table: &ProxyTable) {
         let present: std::collections::HashSet<(&str, SocketAddr)> =
-            table.tcp.values().flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
+            probed(table).flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
         self.last.retain(|(name, addr), _| present.contains(&(&**name, *addr)));
     }
+}
+
+/// The service ports whose endpoints are probed: the proxied TCP ones and the kernel-path ones.
+pub fn probed(table: &ProxyTable) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+    table.tcp.values().chain(&table.kernel)
 }
 
 /// The probe task: runs while the proxy runs (when probes are on).

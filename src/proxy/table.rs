@@ -46,4 +46,7 @@ pub struct ProxyTable {
     pub tcp: HashMap<SocketAddr, Arc<ServiceEntry>>,
     /// Local UDP proxy port (one per UDP service port) -> service port.
     pub udp: HashMap<u16, Arc<ServiceEntry>>,
+    /// Kernel-path TCP service ports: no connection reaches the proxy, so nothing looks them up;
+    /// the active probes watch their endpoints (and the rules leave out the dead ones).
+    pub kernel: Vec<Arc<ServiceEntry>>,
 }

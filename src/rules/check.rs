@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use super::iptables::{save_table, Binaries};
 use super::listing::{chains_in, has_kube_proxy_jump};
 use super::nftables::apply::check_lines;
-use super::{Family, RuleSet, TableRules, OWN_CHAINS};
+use super::{Family, RuleSet, TableRules, KERNEL_CHAIN, OWN_CHAINS};
 
 // ---- `edgeproxy check` ----------------------------------------------------------------------
 /// Exit codes of `edgeproxy check`, for scripts.
@@ -105,6 +105,7 @@ pub fn check(bins: Binaries, expected: &RuleSet) -> CheckReport {
     };
     r.kube_proxy = has_kube_proxy_jump(&v4);
     judge(&v4, &expected.v4, Family::V4, &mut r);
+    r.lines.extend(kernel_path_lines(&v4));
     if let Ok(v6) = save_table(&bins, Family::V6, "nat") {
         if OWN_CHAINS.iter().any(|c| v6.lines().any(|l| l.starts_with(&format!(":{c} ")))) {
             let want = if expected.v6.is_empty() { &expected.v4 } else { &expected.v6 };
@@ -130,6 +131,30 @@ pub fn check(bins: Binaries, expected: &RuleSet) -> CheckReport {
 /// `edgeproxy check` for the `nftables` layout: our tables and chains, any nat chain of another
 /// table that runs before ours (`NOT_FIRST`), and iptables chains of ours or of EdgeMesh left
 /// in the nat table (`LEFTOVERS`: they would DNAT what this layout no longer proxies).
+/// Which service ports take the kernel path in an `iptables-save` listing of the nat table, and
+/// to how many endpoints (from [`KERNEL_CHAIN`]'s DNATs and their comments). Pure.
+pub fn kernel_path_lines(save: &str) -> Vec<String> {
+    let mut ports: Vec<(String, BTreeSet<String>)> = Vec::new();
+    let head = format!("-A {KERNEL_CHAIN} ");
+    for line in save.lines().filter(|l| l.starts_with(&head)) {
+        let name = line.split("--comment \"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("?");
+        let Some(to) = line.split("--to-destination ").nth(1).and_then(|s| s.split_whitespace().next()) else {
+            continue;
+        };
+        let key = format!("{name} on {}", line.split_whitespace().nth(3).unwrap_or("?"));
+        match ports.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, eps)) => {
+                eps.insert(to.to_string());
+            }
+            None => ports.push((key, BTreeSet::from([to.to_string()]))),
+        }
+    }
+    ports
+        .into_iter()
+        .map(|(k, eps)| format!("kernel path: {k} -> {}", eps.into_iter().collect::<Vec<_>>().join(" ")))
+        .collect()
+}
+
 pub fn check_nftables(bins: Binaries) -> CheckReport {
     let mut r = CheckReport { backend: "nftables", ..Default::default() };
     let (lines, installed, ahead) = match check_lines() {
@@ -142,6 +167,7 @@ pub fn check_nftables(bins: Binaries) -> CheckReport {
     };
     r.lines.push("layout: nftables (tables ip/ip6 edgeproxy)".into());
     r.lines.extend(lines);
+    r.lines.extend(super::nftables::apply::kernel_path_lines());
     r.lines.extend(ahead.iter().map(|a| format!("ahead of ours: {a}")));
     let mut leftovers = Vec::new();
     if let Ok(v4) = save_table(&bins, Family::V4, "nat") {

@@ -24,18 +24,30 @@ pub mod schedule;
 pub mod worker;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::model::Protocol;
 
 /// Every chain edgeproxy may own, in any layout. Cleanup removes exactly these (and the jumps to
 /// them); nothing else in the nat table is ever touched.
-pub const OWN_CHAINS: &[&str] =
-    &["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", "EDGE-MESH", "EDGE-MESH-TCP", "EDGE-MESH-UDP", NO_ENDPOINTS_CHAIN];
+pub const OWN_CHAINS: &[&str] = &[
+    "KUBE-PORTALS-CONTAINER",
+    "KUBE-PORTALS-HOST",
+    "EDGE-MESH",
+    "EDGE-MESH-TCP",
+    "EDGE-MESH-UDP",
+    NO_ENDPOINTS_CHAIN,
+    KERNEL_CHAIN,
+];
 
 /// The small chain of DNATs to the reject port (service ports without endpoints), jumped to
 /// first from every chain that holds DNATs.
 pub const NO_ENDPOINTS_CHAIN: &str = "EDGEPROXY-NO-ENDPOINTS";
+
+/// The chain of kernel-path service ports' DNATs straight to endpoints (`dataPath: kernel`),
+/// jumped to right after [`NO_ENDPOINTS_CHAIN`] from every chain that holds DNATs, and only
+/// when there is such a port.
+pub const KERNEL_CHAIN: &str = "EDGEPROXY-KERNEL";
 
 /// Which iptables binaries apply the rules: `iptables-nft` or `iptables-legacy` (kube-proxy's
 /// "mode" of its iptables wrapper), or whichever the node already uses.
@@ -131,10 +143,31 @@ pub struct NftTarget {
     pub name: String,
 }
 
+/// A kernel-path service port with endpoints, in the `nftables` layout: DNATed in the kernel
+/// straight to one of `endpoints` (at random; the client's last one within `affinity` seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftKernel {
+    pub key: NftKey,
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub affinity: Option<u32>,
+}
+
 /// One family's table of the `nftables` layout (`rules::nftables`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NftTable {
     pub elements: BTreeMap<NftKey, NftTarget>,
+    /// Kernel-path ports, in plan order (not in `elements`, unless without endpoints).
+    pub kernel: Vec<NftKernel>,
+}
+
+impl NftTable {
+    pub const EMPTY: NftTable = NftTable { elements: BTreeMap::new(), kernel: Vec::new() };
+
+    /// Nothing to put in the table.
+    pub fn is_empty(&self) -> bool {
+        self.elements.is_empty() && self.kernel.is_empty()
+    }
 }
 
 /// Both families' tables, and the mark of the proxy's own upstream packets (0: no such rule).
@@ -147,8 +180,12 @@ pub struct NftRules {
 
 impl NftRules {
     /// No element, no mark.
-    pub const EMPTY: NftRules =
-        NftRules { v4: NftTable { elements: BTreeMap::new() }, v6: NftTable { elements: BTreeMap::new() }, mark: 0 };
+    pub const EMPTY: NftRules = NftRules { v4: NftTable::EMPTY, v6: NftTable::EMPTY, mark: 0 };
+
+    /// Map elements and kernel-path ports, both families.
+    pub fn entries(&self) -> usize {
+        [&self.v4, &self.v6].iter().map(|t| t.elements.len() + t.kernel.len()).sum()
+    }
 
     pub fn family(&self, f: Family) -> &NftTable {
         match f {

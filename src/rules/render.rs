@@ -25,9 +25,9 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use super::{Family, Jump, NftRules, NftTarget, RuleSet, TableRules, NO_ENDPOINTS_CHAIN};
+use super::{Family, Jump, NftKernel, NftRules, NftTarget, RuleSet, TableRules, KERNEL_CHAIN, NO_ENDPOINTS_CHAIN};
 use crate::listen::{host_prefix, ListenConfig};
 use crate::model::{ObjectKey, Protocol, ServicePortName};
 
@@ -57,7 +57,21 @@ pub struct PlannedPort {
     /// `false`: no usable endpoint, so a DNAT to the reject port in [`NO_ENDPOINTS_CHAIN`]
     /// comes first.
     pub has_endpoints: bool,
+    /// `Some`: the kernel path (`dataPath: kernel`): no DNAT to the proxy, but straight to an
+    /// endpoint ([`KERNEL_CHAIN`]; `proxy_port` unused).
+    pub kernel: Option<KernelRoute>,
 }
+
+/// Where a kernel-path service port on one ClusterIP goes: one of `endpoints` (of the
+/// ClusterIP's family) at random, or for `affinity` seconds the one a client had last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub endpoints: Vec<SocketAddr>,
+    pub affinity: Option<u32>,
+}
+
+/// Comment of the jump into [`KERNEL_CHAIN`].
+pub const KERNEL_COMMENT: &str = "kernel path service ports";
 
 /// An ignored service and the addresses its RETURN rules match (root-chain layout only).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,12 +126,95 @@ pub fn render_nftables(ports: &[PlannedPort], listen: &ListenConfig) -> NftRules
     let mut r = NftRules { mark: listen.mark, ..NftRules::default() };
     for p in ports {
         let v6 = p.cluster_ip.is_ipv6();
+        let table = if v6 { &mut r.v6 } else { &mut r.v4 };
+        let key = (p.cluster_ip, p.protocol, p.port);
+        if let (Some(k), true) = (&p.kernel, p.has_endpoints) {
+            let name = p.name.to_string();
+            table.kernel.push(NftKernel { key, name, endpoints: k.endpoints.clone(), affinity: k.affinity });
+            continue;
+        }
         let port = if p.has_endpoints { p.proxy_port } else { listen.reject_port };
         let target = NftTarget { addr: listen.ip_for(v6), port, name: p.name.to_string() };
-        let table = if v6 { &mut r.v6 } else { &mut r.v4 };
-        table.elements.insert((p.cluster_ip, p.protocol, p.port), target);
+        table.elements.insert(key, target);
     }
     r
+}
+
+/// A short stable name for one endpoint of one kernel-path service port on one ClusterIP
+/// (FNV-1a, 64 bits, in hex): the `recent` list of its ClientIP affinity, the nftables chain
+/// and set names. Names from objects never reach the kernel's name space this way.
+pub fn endpoint_id(name: &str, cluster_ip: IpAddr, endpoint: SocketAddr) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let text = format!("{name}|{cluster_ip}|{endpoint}");
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// `--probability` as `iptables-save` prints it back: the kernel keeps `p x 2^31` as an
+/// integer, and the listing shows that with 11 decimals. Rendering the same text lets the guard
+/// compare a listing with the set.
+fn probability(one_in: usize) -> String {
+    let n = f64::from(u32::try_from(one_in).unwrap_or(u32::MAX));
+    let fixed = (2_147_483_648.0 / n).round();
+    format!("{:.11}", fixed / 2_147_483_648.0)
+}
+
+/// The DNATs of one kernel-path port straight to its endpoints, as kube-proxy spreads them:
+/// endpoint i of n taken with probability 1/(n-i), the last always; with ClientIP affinity, a
+/// client seen within the timeout goes to its endpoint again first (`recent`, per endpoint).
+fn kernel_rules(p: &PlannedPort, route: &KernelRoute, out: &mut Vec<String>) {
+    let proto = p.protocol.as_str();
+    let base = format!(
+        "-A {KERNEL_CHAIN} -d {} -p {proto} -m comment --comment \"{}\" -m {proto} --dport {}",
+        host_prefix(&p.cluster_ip),
+        comment_text(&p.name),
+        p.port
+    );
+    let mask = match p.cluster_ip {
+        IpAddr::V4(_) => "255.255.255.255",
+        IpAddr::V6(_) => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    };
+    let recent =
+        |ep: &SocketAddr| format!("--name EPK-{} --mask {mask} --rsource", endpoint_id(&p.name, p.cluster_ip, *ep));
+    if let Some(t) = route.affinity {
+        for ep in &route.endpoints {
+            out.push(format!(
+                "{base} -m recent --update --seconds {t} --reap {} -j DNAT --to-destination {ep}",
+                recent(ep)
+            ));
+        }
+    }
+    let n = route.endpoints.len();
+    for (i, ep) in route.endpoints.iter().enumerate() {
+        let mut line = base.clone();
+        if i + 1 < n {
+            let _ = write!(line, " -m statistic --mode random --probability {}", probability(n - i));
+        }
+        if route.affinity.is_some() {
+            let _ = write!(line, " -m recent --set {}", recent(ep));
+        }
+        let _ = write!(line, " -j DNAT --to-destination {ep}");
+        out.push(line);
+    }
+}
+
+/// [`KERNEL_CHAIN`]'s rules for `ports` (kernel-path ports with endpoints).
+fn kernel_chain(ports: &[&PlannedPort]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in ports {
+        if let (Some(route), true) = (&p.kernel, p.has_endpoints) {
+            kernel_rules(p, route, &mut out);
+        }
+    }
+    out
+}
+
+/// The jump into [`KERNEL_CHAIN`], right after the one into [`NO_ENDPOINTS_CHAIN`].
+fn kernel_jump(chain: &str) -> String {
+    format!("-A {chain} -m comment --comment \"{KERNEL_COMMENT}\" -j {KERNEL_CHAIN}")
 }
 
 /// One DNAT rule in EdgeMesh's argument order (`iptablesCommonPortalArgs` as iptables-save
@@ -178,18 +275,27 @@ fn portals(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -> T
     if family == Family::V6 && ports.is_empty() {
         return TableRules::default();
     }
-    let mut rules = Vec::with_capacity(ports.len() * 2 + 2);
+    let kernel = kernel_chain(ports);
+    let mut rules = Vec::with_capacity(ports.len() * 2 + 2 + kernel.len());
     for chain in ["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST"] {
         if chain == "KUBE-PORTALS-HOST" {
             rules.extend(own_traffic_rule(chain, input.listen.mark));
         }
         rules.push(no_endpoints_jump(chain));
-        rules.extend(ports.iter().map(|p| dnat_rule(chain, p, input.listen, false)));
+        if !kernel.is_empty() {
+            rules.push(kernel_jump(chain));
+        }
+        rules.extend(ports.iter().filter(|p| p.kernel.is_none()).map(|p| dnat_rule(chain, p, input.listen, false)));
     }
     rules.extend(no_endpoints_rules(ports, input.listen));
+    let mut chains = vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", NO_ENDPOINTS_CHAIN];
+    if !kernel.is_empty() {
+        chains.push(KERNEL_CHAIN);
+        rules.extend(kernel);
+    }
     let spec = |target: &str| format!("-m comment --comment \"{PORTALS_COMMENT}\" -j {target}");
     TableRules {
-        chains: vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", NO_ENDPOINTS_CHAIN],
+        chains,
         rules,
         jumps: vec![
             Jump { from: "PREROUTING", target: "KUBE-PORTALS-CONTAINER", spec: spec("KUBE-PORTALS-CONTAINER") },
@@ -237,6 +343,7 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
         chains.push("EDGE-MESH-UDP");
     }
     chains.push(NO_ENDPOINTS_CHAIN);
+    let kernel = kernel_chain(ports);
     for d in &cidrs {
         rules.push(format!("-A EDGE-MESH {d}-p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP"));
         if has_udp {
@@ -249,9 +356,21 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
             continue;
         }
         rules.push(no_endpoints_jump(chain));
-        rules.extend(ports.iter().filter(|p| p.protocol == proto).map(|p| dnat_rule(chain, p, input.listen, false)));
+        if ports.iter().any(|p| p.protocol == proto && p.kernel.is_some() && p.has_endpoints) {
+            rules.push(kernel_jump(chain));
+        }
+        rules.extend(
+            ports
+                .iter()
+                .filter(|p| p.protocol == proto && p.kernel.is_none())
+                .map(|p| dnat_rule(chain, p, input.listen, false)),
+        );
     }
     rules.extend(no_endpoints_rules(ports, input.listen));
+    if !kernel.is_empty() {
+        chains.push(KERNEL_CHAIN);
+        rules.extend(kernel);
+    }
     let spec = format!("-m comment --comment \"{ROOT_COMMENT}\" -j EDGE-MESH");
     TableRules {
         chains,
@@ -264,232 +383,5 @@ fn root_chain(input: &RenderInput<'_>, ports: &[&PlannedPort], family: Family) -
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    fn port(
-        comment: &str,
-        ip: &str,
-        protocol: Protocol,
-        port: u16,
-        proxy_port: u16,
-        has_endpoints: bool,
-    ) -> PlannedPort {
-        PlannedPort { name: comment.into(), cluster_ip: ip.parse().unwrap(), protocol, port, proxy_port, has_endpoints }
-    }
-
-    fn render_with(layout: Layout, ports: &[PlannedPort], ignored: &[Ignored]) -> RuleSet {
-        let cfg = Config::defaults();
-        render(&RenderInput { layout, listen: &cfg.listen, service_cidrs: &cfg.service_cidrs, ports, ignored })
-    }
-
-    /// Property: whatever text reaches the renderer as a name, every rendered line has exactly
-    /// the structure of the line rendered for a harmless name (same chain, matches and target),
-    /// and the quoted comment holds only safe characters, so nothing can end it, escape it,
-    /// start another rule or name another table. Seeded, so a failure reproduces.
-    #[test]
-    fn no_name_can_leave_its_comment() {
-        const PIECES: &[&str] = &[
-            "\"",
-            "\\",
-            "\n",
-            "\r",
-            "\t",
-            " ",
-            "'",
-            "-A INPUT -j ACCEPT",
-            "COMMIT",
-            "*filter",
-            "#",
-            "\0",
-            "-j",
-            "ä",
-            "\u{202e}",
-            "x",
-            "web",
-            "/",
-            ":",
-            "$(id)",
-            "`",
-            ";",
-            "--comment",
-            "\\\"",
-        ];
-        let mut rng = crate::rand::XorShift::new(0x9e37_79b9_7f4a_7c15);
-
-        let structure = |line: &str| -> (String, String) {
-            let open = line.find("--comment \"").map(|i| i + "--comment \"".len());
-            match open {
-                None => (line.to_string(), String::new()),
-                Some(o) => {
-                    let close = o + line[o..].find('"').expect("comment closes");
-                    (format!("{}\"{}", &line[..o], &line[close..]), line[o..close].to_string())
-                }
-            }
-        };
-        for round in 0..2000 {
-            let len = rng.index(12);
-            let name: String = (0..len).map(|_| PIECES[rng.index(PIECES.len())]).collect();
-            for layout in [Layout::Portals, Layout::RootChain] {
-                let ports = |c: &str| {
-                    vec![
-                        port(c, "10.96.0.20", Protocol::Tcp, 80, 15001, false),
-                        port(c, "fd00::1", Protocol::Udp, 53, 15002, true),
-                    ]
-                };
-                let ignored = |n: &str| {
-                    vec![Ignored {
-                        key: ObjectKey { namespace: "ns".into(), name: n.into() },
-                        ips: vec!["10.96.0.9".parse().unwrap()],
-                    }]
-                };
-                let hostile = render_with(layout, &ports(&name), &ignored(&name));
-                let benign = render_with(layout, &ports("x"), &ignored("x"));
-                for (h, b) in [(&hostile.v4, &benign.v4), (&hostile.v6, &benign.v6)] {
-                    assert_eq!(h.rules.len(), b.rules.len(), "round {round}: {name:?}");
-                    for (hl, bl) in h.rules.iter().zip(&b.rules) {
-                        assert!(!hl.contains(['\n', '\r', '\0']), "round {round}: line break in {hl:?}");
-                        let (hs, text) = structure(hl);
-                        let (bs, _) = structure(bl);
-                        assert_eq!(hs, bs, "round {round}: {name:?} changed the rule's structure");
-                        assert!(
-                            text.chars().all(|c| c.is_ascii_alphanumeric() || " ._:/-".contains(c)),
-                            "round {round}: unsafe comment {text:?}"
-                        );
-                        assert!(text.len() <= 255, "round {round}: comment of {} bytes", text.len());
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn portals_dnat_has_edgemesh_shape() {
-        let ports = [port("default/nginx:http", "10.96.100.10", Protocol::Tcp, 80, 15001, true)];
-        let rs = render_with(Layout::Portals, &ports, &[]);
-        assert_eq!(
-            rs.v4.rules,
-            vec![
-                "-A KUBE-PORTALS-CONTAINER -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
-                "-A KUBE-PORTALS-CONTAINER -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
-                "-A KUBE-PORTALS-HOST -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN",
-                "-A KUBE-PORTALS-HOST -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
-                "-A KUBE-PORTALS-HOST -d 10.96.100.10/32 -p tcp -m comment --comment \"default/nginx:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
-            ]
-        );
-        assert_eq!(rs.v4.chains, vec!["KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST", NO_ENDPOINTS_CHAIN]);
-        assert!(rs.v6.is_empty());
-        assert_eq!(
-            rs.v4.jumps[0].spec,
-            format!("-m comment --comment \"{PORTALS_COMMENT}\" -j KUBE-PORTALS-CONTAINER")
-        );
-        for c in &rs.v4.chains {
-            assert!(crate::rules::OWN_CHAINS.contains(c), "{c} not in OWN_CHAINS");
-        }
-    }
-
-    /// `listen.mark: 0` turns the own-traffic rule off in both layouts.
-    #[test]
-    fn mark_zero_renders_no_mark_rule() {
-        let mut cfg = Config::defaults();
-        cfg.listen.mark = 0;
-        let ports = [port("a/b", "10.96.0.10", Protocol::Tcp, 80, 15001, true)];
-        for layout in [Layout::Portals, Layout::RootChain] {
-            let rs = render(&RenderInput {
-                layout,
-                listen: &cfg.listen,
-                service_cidrs: &cfg.service_cidrs,
-                ports: &ports,
-                ignored: &[],
-            });
-            assert!(!rs.v4.rules.iter().any(|r| r.contains("-m mark")), "{layout:?}");
-        }
-    }
-
-    #[test]
-    fn no_endpoints_goes_to_its_own_chain_and_v6() {
-        let ports = [
-            port("a/b", "fd00::10", Protocol::Udp, 53, 15002, false),
-            port("a/c", "fd00::11", Protocol::Tcp, 80, 15001, true),
-        ];
-        let rs = render_with(Layout::Portals, &ports, &[]);
-        // The IPv4 table is there (the jumps into the small one, the own-traffic rule) without ports.
-        assert_eq!(rs.v4.rules.len(), 3);
-        assert!(
-            rs.v4.rules.iter().all(|r| r.ends_with("-j EDGEPROXY-NO-ENDPOINTS") || r.contains("-m mark")),
-            "{:?}",
-            rs.v4.rules
-        );
-        assert_eq!(
-            rs.v6.rules,
-            vec![
-                "-A KUBE-PORTALS-CONTAINER -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
-                "-A KUBE-PORTALS-CONTAINER -d fd00::10/128 -p udp -m comment --comment \"a/b\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15002",
-                "-A KUBE-PORTALS-CONTAINER -d fd00::11/128 -p tcp -m comment --comment \"a/c\" -m tcp --dport 80 -j DNAT --to-destination [fd00:e16e::16]:15001",
-                "-A KUBE-PORTALS-HOST -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN",
-                "-A KUBE-PORTALS-HOST -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
-                "-A KUBE-PORTALS-HOST -d fd00::10/128 -p udp -m comment --comment \"a/b\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15002",
-                "-A KUBE-PORTALS-HOST -d fd00::11/128 -p tcp -m comment --comment \"a/c\" -m tcp --dport 80 -j DNAT --to-destination [fd00:e16e::16]:15001",
-                "-A EDGEPROXY-NO-ENDPOINTS -d fd00::10/128 -p udp -m comment --comment \"a/b has no endpoints\" -m udp --dport 53 -j DNAT --to-destination [fd00:e16e::16]:15000",
-            ]
-        );
-    }
-
-    #[test]
-    fn an_endpoint_flip_changes_only_the_no_endpoints_chain() {
-        let chain_of = |r: &str| r.split_whitespace().nth(1).unwrap().to_string();
-        for layout in [Layout::Portals, Layout::RootChain] {
-            let mut ports = vec![
-                port("a/tcp", "10.96.0.10", Protocol::Tcp, 80, 15001, true),
-                port("a/udp", "10.96.0.11", Protocol::Udp, 53, 15002, true),
-            ];
-            let before = render_with(layout, &ports, &[]).v4;
-            ports[1].has_endpoints = false;
-            let after = render_with(layout, &ports, &[]).v4;
-            assert_eq!(before.chains, after.chains, "{layout:?}");
-            assert_eq!(before.jumps, after.jumps, "{layout:?}");
-            let only = |t: &TableRules, no: bool| -> Vec<String> {
-                t.rules.iter().filter(|r| (chain_of(r) == NO_ENDPOINTS_CHAIN) == no).cloned().collect()
-            };
-            assert_eq!(only(&before, false), only(&after, false), "{layout:?}: a big chain changed");
-            assert!(only(&before, true).is_empty());
-            assert_eq!(
-                only(&after, true),
-                vec!["-A EDGEPROXY-NO-ENDPOINTS -d 10.96.0.11/32 -p udp -m comment --comment \"a/udp has no endpoints\" -m udp --dport 53 -j DNAT --to-destination 169.254.96.16:15000"],
-                "{layout:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn root_chain_returns_come_first_and_sorted() {
-        let ports = [
-            port("x/y", "10.96.0.20", Protocol::Tcp, 80, 15001, true),
-            port("x/z", "10.96.0.21", Protocol::Tcp, 81, 15001, false),
-        ];
-        let ignored = [
-            Ignored { key: ObjectKey::new("m", "z"), ips: vec!["10.96.0.9".parse().unwrap()] },
-            Ignored {
-                key: ObjectKey::new("a", "b"),
-                ips: vec!["10.96.0.3".parse().unwrap(), "10.96.0.2".parse().unwrap()],
-            },
-        ];
-        let rs = render_with(Layout::RootChain, &ports, &ignored);
-        assert_eq!(
-            rs.v4.rules,
-            vec![
-                "-A EDGE-MESH -m mark --mark 0x100000/0x100000 -m comment --comment \"proxy upstream connections pass\" -j RETURN",
-                "-A EDGE-MESH -d 10.96.0.2/32 -m comment --comment \"ignore a/b service\" -j RETURN",
-                "-A EDGE-MESH -d 10.96.0.3/32 -m comment --comment \"ignore a/b service\" -j RETURN",
-                "-A EDGE-MESH -d 10.96.0.9/32 -m comment --comment \"ignore m/z service\" -j RETURN",
-                "-A EDGE-MESH -d 10.96.0.0/12 -p tcp -m comment --comment \"tcp service proxy\" -j EDGE-MESH-TCP",
-                "-A EDGE-MESH-TCP -m comment --comment \"service ports without endpoints\" -j EDGEPROXY-NO-ENDPOINTS",
-                "-A EDGE-MESH-TCP -d 10.96.0.20/32 -p tcp -m comment --comment \"x/y\" -m tcp --dport 80 -j DNAT --to-destination 169.254.96.16:15001",
-                "-A EDGE-MESH-TCP -d 10.96.0.21/32 -p tcp -m comment --comment \"x/z\" -m tcp --dport 81 -j DNAT --to-destination 169.254.96.16:15001",
-                "-A EDGEPROXY-NO-ENDPOINTS -d 10.96.0.21/32 -p tcp -m comment --comment \"x/z has no endpoints\" -m tcp --dport 81 -j DNAT --to-destination 169.254.96.16:15000",
-            ]
-        );
-        assert_eq!(rs.v4.chains, vec!["EDGE-MESH", "EDGE-MESH-TCP", NO_ENDPOINTS_CHAIN]);
-    }
-}
+#[path = "render/tests.rs"]
+mod tests;

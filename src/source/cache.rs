@@ -197,7 +197,11 @@ fn service_json(s: &Service) -> Value {
         spec["sessionAffinity"] = json!("ClientIP");
         spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": t}});
     }
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata(&s.key, Some(Value::Object(labels))), "spec": spec})
+    let mut meta = metadata(&s.key, Some(Value::Object(labels)));
+    if let Some(p) = s.data_path {
+        meta["annotations"] = json!({ crate::model::DATA_PATH_ANNOTATION: p.as_str() });
+    }
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec})
 }
 
 fn endpoint_ports(ports: &[crate::model::EndpointPort]) -> Vec<Value> {

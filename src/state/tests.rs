@@ -180,3 +180,79 @@ fn each_cluster_ip_is_served_by_its_own_family_only() {
     assert!(note("v4svc").contains("one ClusterIP's family"), "{}", note("v4svc"));
     assert_eq!(note("dual"), "");
 }
+
+const KERNEL_SVCS: &str = r#"{"kind":"ServiceList","items":[
+  {"metadata":{"name":"web","namespace":"a","annotations":{"edgeproxy.io/data-path":"kernel"}},
+   "spec":{"clusterIP":"10.96.0.20","ports":[{"name":"http","port":80,"targetPort":"http"}],
+           "sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":60}}}},
+  {"metadata":{"name":"dns","namespace":"a","annotations":{"edgeproxy.io/data-path":"kernel"}},
+   "spec":{"clusterIP":"10.96.0.21","ports":[{"name":"dns","protocol":"UDP","port":53}]}}]}"#;
+const KERNEL_SLICES: &str = r#"{"kind":"EndpointSliceList","items":[
+  {"metadata":{"name":"web-1","namespace":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4",
+   "endpoints":[{"addresses":["192.0.2.1"],"conditions":{"ready":true}},
+                {"addresses":["192.0.2.2"],"conditions":{"ready":true}}],
+   "ports":[{"name":"http","port":8080,"protocol":"TCP"}]}]}"#;
+
+fn kernel_lines(plan: &Plan) -> Vec<&str> {
+    plan.rules.v4.rules.iter().filter(|r| r.starts_with("-A EDGEPROXY-KERNEL ")).map(String::as_str).collect()
+}
+
+/// `edgeproxy.io/data-path: kernel`: DNATs straight to the endpoints, no proxy table entry to
+/// look up, no UDP proxy port; the probes still see the TCP port; no endpoints still refuses.
+#[test]
+fn a_kernel_path_service_is_dnated_to_its_endpoints() {
+    let mut st = state(KERNEL_SVCS, KERNEL_SLICES);
+    let plan = st.plan();
+    assert!(plan.table.tcp.is_empty() && plan.table.udp.is_empty(), "{:?}", plan.table);
+    assert_eq!(plan.table.kernel.len(), 1);
+    assert_eq!(plan.table.kernel[0].upstreams.len(), 2);
+    let web = kernel_lines(&plan);
+    // Two affinity rules, then the spread: 1/2, then the last always.
+    assert_eq!(web.len(), 4, "{web:?}");
+    assert!(web[..2].iter().all(|r| r.contains("-m recent --update --seconds 60 --reap")), "{web:?}");
+    assert!(web[2].contains("--probability 0.50000000000") && web[2].ends_with("192.0.2.1:8080"), "{web:?}");
+    assert!(!web[3].contains("statistic") && web[3].ends_with("192.0.2.2:8080"), "{web:?}");
+    // The UDP port has no endpoints: refused at once, not sent to the proxy.
+    assert!(plan.rules.v4.rules.iter().any(|r| r.starts_with("-A EDGEPROXY-NO-ENDPOINTS") && r.contains("a/dns:dns")));
+    assert!(!plan.rules.v4.rules.iter().any(|r| r.contains("15002")), "{:?}", plan.rules.v4.rules);
+    let ports: Vec<DataPath> = plan.reports.iter().flat_map(|r| &r.ports).map(|p| p.path).collect();
+    assert_eq!(ports, [DataPath::Kernel, DataPath::Kernel]);
+    // The same through the configured default instead of the annotation.
+    let plain = KERNEL_SVCS.replace(r#","annotations":{"edgeproxy.io/data-path":"kernel"}"#, "");
+    let mut cfg = StateConfig::from(&Config::defaults());
+    cfg.data_path = DataPath::Kernel;
+    let mut st2 = state(&plain, KERNEL_SLICES);
+    st2.set_config(cfg);
+    assert_eq!(st2.plan().rules, plan.rules);
+    // And an annotation `proxy` wins over a configured `kernel`.
+    let proxy = KERNEL_SVCS.replace(r#"data-path":"kernel""#, r#"data-path":"proxy""#);
+    let mut st3 = state(&proxy, KERNEL_SLICES);
+    let mut cfg = StateConfig::from(&Config::defaults());
+    cfg.data_path = DataPath::Kernel;
+    st3.set_config(cfg);
+    let p3 = st3.plan();
+    assert!(kernel_lines(&p3).is_empty() && p3.table.tcp.len() == 1);
+}
+
+/// Endpoints the health check set aside leave the kernel rules, unless none would be left.
+#[test]
+fn set_aside_endpoints_leave_the_kernel_rules_but_never_all() {
+    let mut st = state(KERNEL_SVCS, KERNEL_SLICES);
+    let name = ServicePortName::from("a/web:http");
+    let dead: SocketAddr = "192.0.2.2:8080".parse().unwrap();
+    assert!(st.apply(Change::SetAside(vec![(name.clone(), dead)])));
+    let plan = st.plan();
+    let web = kernel_lines(&plan);
+    assert!(web.iter().all(|r| !r.contains("192.0.2.2")), "{web:?}");
+    assert_eq!(web.len(), 2, "{web:?}");
+    assert_eq!(plan.reports.iter().flat_map(|r| &r.ports).map(|p| p.left_out).sum::<usize>(), 1);
+    // The probes keep watching it.
+    assert_eq!(plan.table.kernel[0].upstreams.len(), 2);
+    // Both set aside: fail open, both in the rules.
+    let alive: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+    assert!(st.apply(Change::SetAside(vec![(name.clone(), dead), (name.clone(), alive)])));
+    assert_eq!(kernel_lines(&st.plan()).len(), 4);
+    // Proxy-path endpoints set aside change nothing of the plan.
+    assert!(st.apply(Change::SetAside(vec![])));
+    assert!(!st.apply(Change::SetAside(vec![(ServicePortName::from("a/other:http"), alive)])));
+}

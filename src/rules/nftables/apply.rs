@@ -175,7 +175,7 @@ impl NftApplier {
 
     /// Whether `family` has a table of ours in `rules` (IPv4 always; IPv6 with elements).
     fn wanted(rules: &NftRules, f: Family) -> bool {
-        f == Family::V4 || !rules.v6.elements.is_empty()
+        f == Family::V4 || !rules.v6.is_empty()
     }
 
     fn full_input(rules: &NftRules, had_v6: bool) -> String {
@@ -200,7 +200,7 @@ impl NftApplier {
         self.last = Some(set.clone());
         report.restores += 1;
         report.full = true;
-        report.rules = rules.v4.elements.len() + rules.v6.elements.len();
+        report.rules = rules.entries();
         Ok(())
     }
 
@@ -217,8 +217,13 @@ impl NftApplier {
             self.write_all(set, &mut report)?;
             return Ok(report);
         }
-        report.rules = rules.v4.elements.len() + rules.v6.elements.len();
+        report.rules = rules.entries();
         let families: Vec<Family> = [Family::V4, Family::V6].into_iter().filter(|f| Self::wanted(rules, *f)).collect();
+        // Kernel-path ports are chains: a change there rewrites the table (they are few).
+        if families.iter().any(|f| last.family(*f).kernel != rules.family(*f).kernel) {
+            self.write_all(set, &mut report)?;
+            return Ok(report);
+        }
         if families.iter().all(|f| Changes::between(last.family(*f), rules.family(*f)).is_empty()) {
             return Ok(report);
         }
@@ -260,7 +265,7 @@ impl NftApplier {
         let unchanged = self.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, set) || **l == **set);
         let generation = nft_generation();
         if unchanged && !self.full_next && generation.is_some() && generation == self.canary {
-            report.rules = nft(set).v4.elements.len() + nft(set).v6.elements.len();
+            report.rules = nft(set).entries();
             return Ok(report);
         }
         self.write_all(set, &mut report)?;
@@ -416,6 +421,54 @@ pub fn check_lines() -> Result<(Vec<String>, bool, Vec<String>), ApplyError> {
     }
     lines.push(format!("kube-proxy: {}", if kube_proxy_present() { "present" } else { "absent" }));
     Ok((lines, installed, ahead))
+}
+
+/// `check`: the kernel-path service ports in our tables' `kernel` chains, and their endpoints.
+pub fn kernel_path_lines() -> Vec<String> {
+    let mut lines = Vec::new();
+    for f in [Family::V4, Family::V6] {
+        let kw = keyword(f);
+        let Ok(out) = run(&["list", "table", kw, TABLE], None) else { continue };
+        if out.status.success() {
+            lines.extend(kernel_ports_in(&String::from_utf8_lossy(&out.stdout)));
+        }
+    }
+    lines
+}
+
+/// From `nft list table` text (pure): per kernel-path port its endpoints, by following the
+/// `kernel` chain's verdict maps to the `ep-` chains' DNATs.
+pub fn kernel_ports_in(listing: &str) -> Vec<String> {
+    let mut dnat_of: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut chain = "";
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ").and_then(|s| s.strip_suffix(" {")) {
+            chain = name;
+        } else if line.contains("dnat ") {
+            dnat_of.insert(chain, line.rsplit(' ').next().unwrap_or("?"));
+        }
+    }
+    let mut out = Vec::new();
+    let mut in_kernel = false;
+    for line in listing.lines().map(str::trim) {
+        if line.starts_with("chain ") {
+            in_kernel = line == format!("chain {} {{", super::KERNEL_CHAIN);
+            continue;
+        }
+        if !in_kernel || !line.contains(" vmap ") {
+            continue;
+        }
+        let name = line.split("comment \"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("?");
+        let dest = line.split_whitespace().take(6).collect::<Vec<_>>().join(" ");
+        let eps: Vec<&str> = line
+            .split("goto ")
+            .skip(1)
+            .filter_map(|s| s.split([',', ' ', '}']).next())
+            .map(|c| dnat_of.get(c).copied().unwrap_or("?"))
+            .collect();
+        out.push(format!("kernel path: {name} on {dest} -> {}", eps.join(" ")));
+    }
+    out
 }
 
 /// One base or regular chain of `nft -j list chains`.

@@ -24,9 +24,9 @@ pub mod batch;
 
 use std::fmt::Write as _;
 
-use super::render::comment_text;
+use super::render::{comment_text, endpoint_id};
 use super::Family;
-pub use super::{NftKey as Key, NftRules, NftTable, NftTarget as Target};
+pub use super::{NftKernel, NftKey as Key, NftRules, NftTable, NftTarget as Target};
 
 /// The tables' name in each family.
 pub const TABLE: &str = "edgeproxy";
@@ -101,16 +101,59 @@ pub fn full_text(out: &mut String, f: Family, table: &NftTable, mark: u32) {
         let _ = writeln!(out, "\t\telements = {{ {} }}", elements_text(table.elements.iter()));
     }
     out.push_str("\t}\n");
+    kernel_text(out, f, &table.kernel);
+    let kernel = if table.kernel.is_empty() { String::new() } else { format!("\t\tjump {KERNEL_CHAIN}\n") };
     let dnat = format!("dnat {kw} to {kw} daddr . meta l4proto . th dport map @{MAP}");
     let _ = writeln!(
         out,
-        "\tchain prerouting {{\n\t\ttype nat hook prerouting priority {PRIORITY}; policy accept;\n\t\t{dnat}\n\t}}"
+        "\tchain prerouting {{\n\t\ttype nat hook prerouting priority {PRIORITY}; policy accept;\n{kernel}\t\t{dnat}\n\t}}"
     );
     let _ = writeln!(out, "\tchain output {{\n\t\ttype nat hook output priority {PRIORITY}; policy accept;");
     if mark != 0 {
         let _ = writeln!(out, "\t\tmeta mark & {mark:#010x} == {mark:#010x} return");
     }
-    let _ = writeln!(out, "\t\t{dnat}\n\t}}\n}}");
+    let _ = writeln!(out, "{kernel}\t\t{dnat}\n\t}}\n}}");
+}
+
+/// The regular chain the base chains jump to first when there are kernel-path ports.
+pub const KERNEL_CHAIN: &str = "kernel";
+
+/// Kernel-path ports (`dataPath: kernel`) as kube-proxy's nftables mode writes them: per port
+/// a `numgen random` verdict map over one chain per endpoint, which DNATs; with ClientIP
+/// affinity, per endpoint a set of clients (with the timeout) that the endpoint's chain
+/// refreshes and that sends a client seen within the timeout to it again. Chain and set names
+/// are hashes ([`endpoint_id`]), never object text.
+fn kernel_text(out: &mut String, f: Family, ports: &[NftKernel]) {
+    if ports.is_empty() {
+        return;
+    }
+    let kw = keyword(f);
+    let (mut sets, mut chains, mut main) = (String::new(), String::new(), String::new());
+    for k in ports {
+        let (ip, proto, port) = k.key;
+        let matches = format!("{kw} daddr {ip} meta l4proto {} th dport {port}", proto.as_str());
+        let ids: Vec<String> = k.endpoints.iter().map(|e| endpoint_id(&k.name, ip, *e)).collect();
+        for (id, ep) in ids.iter().zip(&k.endpoints) {
+            let _ = writeln!(chains, "\tchain ep-{id} {{");
+            if let Some(t) = k.affinity {
+                let _ = writeln!(chains, "\t\tupdate @aff-{id} {{ {kw} saddr }}");
+                let _ = writeln!(
+                    sets,
+                    "\tset aff-{id} {{\n\t\ttype {}\n\t\tflags dynamic,timeout\n\t\ttimeout {t}s\n\t}}",
+                    addr_type(f)
+                );
+                let _ = writeln!(main, "\t\t{matches} {kw} saddr @aff-{id} goto ep-{id}");
+            }
+            let _ = writeln!(chains, "\t\tmeta l4proto {} dnat {kw} to {ep}\n\t}}", proto.as_str());
+        }
+        let _ = write!(main, "\t\t{matches} numgen random mod {} vmap {{ ", ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let sep = if i > 0 { ", " } else { "" };
+            let _ = write!(main, "{sep}{i} : goto ep-{id}");
+        }
+        let _ = writeln!(main, " }} comment \"{}\"", comment(&k.name));
+    }
+    let _ = write!(out, "{sets}{chains}\tchain {KERNEL_CHAIN} {{\n{main}\t}}\n");
 }
 
 /// Remove one family's table if it is there (create-then-delete: no error when it is not).
@@ -165,7 +208,7 @@ pub fn delta_text(out: &mut String, f: Family, old: &NftTable, new: &NftTable) -
 pub fn script(rules: &NftRules) -> String {
     let mut out = String::new();
     for f in [Family::V4, Family::V6] {
-        if f == Family::V4 || !rules.v6.elements.is_empty() {
+        if f == Family::V4 || !rules.v6.is_empty() {
             full_text(&mut out, f, rules.family(f), rules.mark);
         }
     }

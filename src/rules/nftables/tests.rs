@@ -23,6 +23,7 @@ fn port(name: &str, ip: &str, protocol: Protocol, port: u16, proxy_port: u16, ha
         port,
         proxy_port,
         has_endpoints,
+        kernel: None,
     }
 }
 
@@ -127,4 +128,26 @@ fn comments_fit_what_nft_keeps() {
     assert_eq!(long.len(), 143);
     assert_eq!(comment(&long).len(), MAX_COMMENT);
     assert_eq!(comment("t/web:http"), "t/web:http");
+}
+
+/// `check`'s reading of a listed table: each kernel-path port and its endpoints' DNATs.
+#[test]
+fn kernel_ports_are_read_back_from_a_listing() {
+    let listing = "table ip edgeproxy {
+	chain ep-1 {
+		update @aff-1 { ip saddr }
+		meta l4proto tcp dnat to 10.244.1.5:8080
+	}
+	chain ep-2 {
+		meta l4proto tcp dnat to 10.244.1.6:8080
+	}
+	chain kernel {
+		ip daddr 10.96.0.10 tcp dport 80 ip saddr @aff-1 goto ep-1
+		ip daddr 10.96.0.10 tcp dport 80 numgen random mod 2 vmap { 0 : goto ep-1, 1 : goto ep-2 } comment \"t/web:http\"
+	}
+}";
+    assert_eq!(
+        super::apply::kernel_ports_in(listing),
+        ["kernel path: t/web:http on ip daddr 10.96.0.10 tcp dport 80 -> 10.244.1.5:8080 10.244.1.6:8080"]
+    );
 }

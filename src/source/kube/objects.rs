@@ -24,8 +24,8 @@ use super::raw::{
 };
 use crate::intern::Interner;
 use crate::model::{
-    Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey, Protocol,
-    Service, ServicePort, ServiceType, TargetPort,
+    DataPath, Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey,
+    Protocol, Service, ServicePort, ServiceType, TargetPort, DATA_PATH_ANNOTATION,
 };
 
 /// The largest object decoded, from any source: the API server refuses requests over 3 MiB, so
@@ -322,9 +322,24 @@ fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
         .map_err(|e| ("metadata.labels".into(), format!("label {:?} contains a NUL character", e.key)))
 }
 
+/// The annotation [`DATA_PATH_ANNOTATION`]: a Service's own data path, if it says one.
+fn data_path(meta: &RawMeta) -> FieldResult<Option<DataPath>> {
+    let Some(v) = meta.annotations.as_ref().and_then(|a| a.get(DATA_PATH_ANNOTATION)) else {
+        return Ok(None);
+    };
+    match DataPath::parse(v) {
+        Some(p) => Ok(Some(p)),
+        None => Err((
+            format!("metadata.annotations[{DATA_PATH_ANNOTATION}]"),
+            format!("unknown value {} (proxy or kernel)", names::shown(v)),
+        )),
+    }
+}
+
 fn service(mut raw: RawService, ns: &mut Interner) -> FieldResult<Service> {
     let key = key_of(&raw.metadata, ns, names::dns1123_label)?;
     let labels = labels(&mut raw.metadata)?;
+    let data_path = data_path(&raw.metadata)?;
     let spec = raw.spec;
     let service_type = match spec.service_type.as_deref() {
         None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
@@ -416,7 +431,7 @@ fn service(mut raw: RawService, ns: &mut Interner) -> FieldResult<Service> {
             return Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)")))
         }
     };
-    Ok(Service { key, service_type, headless, cluster_ips, ports, affinity_timeout, internal_local, labels })
+    Ok(Service { key, service_type, headless, cluster_ips, ports, affinity_timeout, internal_local, labels, data_path })
 }
 
 fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Interner) -> FieldResult<Vec<EndpointPort>> {

@@ -104,3 +104,25 @@ fn every_address_is_validated_with_its_path_but_only_the_first_kept() {
     let d = decode_document(null.as_bytes(), Some(Kind::EndpointSlice));
     assert!(d.errors[0].to_string().contains("endpoints[0].addresses: invalid type: null"), "{}", d.errors[0]);
 }
+
+/// `edgeproxy.io/data-path`: proxy or kernel; anything else refuses the Service, naming the
+/// annotation (the others still count).
+#[test]
+fn the_data_path_annotation() {
+    let with =
+        |v: &str| SVC.replace(r#""labels""#, &format!(r#""annotations":{{"edgeproxy.io/data-path":"{v}"}},"labels""#));
+    for (v, want) in [("kernel", Some(DataPath::Kernel)), ("proxy", Some(DataPath::Proxy))] {
+        let d = decode_document(with(v).as_bytes(), Some(Kind::Service));
+        let Object::Service(s) = &d.objects[0] else { panic!("{:?}", d.errors) };
+        assert_eq!(s.data_path, want);
+    }
+    let d = decode_document(SVC.as_bytes(), Some(Kind::Service));
+    let Object::Service(s) = &d.objects[0] else { panic!() };
+    assert_eq!(s.data_path, None);
+    let d = decode_document(with("Kernel\\\" -j ACCEPT").as_bytes(), Some(Kind::Service));
+    assert!(d.objects.is_empty());
+    assert_eq!(
+        d.errors[0].to_string(),
+        r#"Service n/a: metadata.annotations[edgeproxy.io/data-path]: unknown value "Kernel\" -j ACCEPT" (proxy or kernel)"#
+    );
+}

@@ -16,6 +16,7 @@ fn svc(name: &str) -> Object {
         affinity_timeout: None,
         internal_local: false,
         labels: Default::default(),
+        data_path: None,
     })
 }
 
