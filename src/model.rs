@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// `namespace/name` of a Service (or of the object an endpoint set belongs to).
 ///
@@ -116,7 +117,13 @@ pub struct Service {
     pub labels: Labels,
     /// The annotation [`DATA_PATH_ANNOTATION`], when set: this service's own choice of path.
     pub data_path: Option<DataPath>,
+    /// The annotation [`PROBE_INTERVAL_ANNOTATION`], when set: probe this service's TCP
+    /// endpoints this often, over the configured `tcp.probeInterval` (or with probes off).
+    pub probe_interval: Option<Duration>,
 }
+
+/// A Service's own active-probe interval (`edgeproxy.io/probe-interval: 5s`; 100ms-1h).
+pub const PROBE_INTERVAL_ANNOTATION: &str = "edgeproxy.io/probe-interval";
 
 /// A Service's own choice of data path (`edgeproxy.io/data-path: proxy | kernel`), over the
 /// configured `dataPath`.

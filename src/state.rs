@@ -452,6 +452,7 @@ impl State {
                 upstreams: backends,
                 affinity: svc.affinity_timeout.map(|t| Duration::from_secs(t.into())),
                 policy: cfg.lb_policy,
+                probe_interval: svc.probe_interval,
             };
             let old = match sp.protocol {
                 Protocol::Tcp => {

@@ -2,8 +2,9 @@
 //! (`run --source file:`) in a node namespace, a pod namespace behind it and the endpoints in a
 //! third, for each layout (portals on iptables-nft, root-chain on iptables-legacy, nftables):
 //! connections spread over the endpoints, ClientIP affinity keeps a client on one, a port
-//! without endpoints is refused at once, the active probes take a dead endpoint out of the
-//! kernel rules and put it back when it answers again; `check` names the kernel-path ports; a
+//! without endpoints is refused at once, the active probes (asked for by one Service's
+//! `edgeproxy.io/probe-interval`, off in the config) take a dead endpoint out of the kernel
+//! rules and put it back when it answers again; `check` names the kernel-path ports; a
 //! SIGTERM leaves no rule.
 mod support;
 
@@ -34,14 +35,19 @@ const CASES: [Case; 3] = [
     Case { layout: "nftables", backend: "auto", listing: "nft list table ip edgeproxy" },
 ];
 
-fn service(name: &str, ip: &str, affinity: bool) -> serde_json::Value {
+/// A kernel-path Service; `probe`: its own `edgeproxy.io/probe-interval`.
+fn service(name: &str, ip: &str, affinity: bool, probe: Option<&str>) -> serde_json::Value {
     let mut spec = serde_json::json!({"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]});
     if affinity {
         spec["sessionAffinity"] = "ClientIP".into();
         spec["sessionAffinityConfig"] = serde_json::json!({"clientIP": {"timeoutSeconds": 60}});
     }
+    let mut annotations = serde_json::json!({"edgeproxy.io/data-path": "kernel"});
+    if let Some(p) = probe {
+        annotations["edgeproxy.io/probe-interval"] = p.into();
+    }
     serde_json::json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "t", "annotations": {"edgeproxy.io/data-path": "kernel"}},
+        "metadata": {"name": name, "namespace": "t", "annotations": annotations},
         "spec": spec})
 }
 
@@ -56,13 +62,13 @@ fn slice(name: &str, addrs: &[&str]) -> serde_json::Value {
 
 fn write_cluster(path: &Path) {
     let items = vec![
-        service("spread", "10.96.0.20", false),
+        service("spread", "10.96.0.20", false, None),
         slice("spread", &["192.0.2.65", "192.0.2.66"]),
-        service("sticky", "10.96.0.21", true),
+        service("sticky", "10.96.0.21", true, None),
         slice("sticky", &["192.0.2.65", "192.0.2.66"]),
-        service("none", "10.96.0.22", false),
+        service("none", "10.96.0.22", false, None),
         slice("none", &[]),
-        service("pruned", "10.96.0.23", false),
+        service("pruned", "10.96.0.23", false, Some("200ms")),
         slice("pruned", &["192.0.2.65", DEAD]),
     ];
     let doc = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
@@ -112,7 +118,8 @@ fn kernel_path_spreads_keeps_affinity_refuses_and_follows_the_probes() {
         let source = dir.path().join("cluster.json");
         let config = dir.path().join("config.json");
         write_cluster(&source);
-        std::fs::write(&config, r#"{"tcp": {"probeInterval": "200ms", "dialTimeout": "300ms"}}"#).unwrap();
+        // Probes off in the config: only t/pruned asks for them (its annotation, every 200 ms).
+        std::fs::write(&config, r#"{"tcp": {"dialTimeout": "300ms"}}"#).unwrap();
 
         let mut node = Netns::new("kpn");
         let pod = Netns::new("kpp");

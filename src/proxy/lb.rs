@@ -135,6 +135,7 @@ mod tests {
             upstreams: backends.iter().map(|a| Upstream { addr: a.parse().unwrap(), local: false }).collect(),
             affinity: affinity.map(Duration::from_secs),
             policy,
+            probe_interval: None,
         }
     }
 

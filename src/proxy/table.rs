@@ -37,6 +37,8 @@ pub struct ServiceEntry {
     /// `sessionAffinity: ClientIP` with its timeout.
     pub affinity: Option<Duration>,
     pub policy: LbPolicy,
+    /// The Service's own active-probe interval (its annotation), over `tcp.probeInterval`.
+    pub probe_interval: Option<Duration>,
 }
 
 /// The whole lookup table.

@@ -198,8 +198,15 @@ fn service_json(s: &Service) -> Value {
         spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": t}});
     }
     let mut meta = metadata(&s.key, Some(Value::Object(labels)));
+    let mut annotations = Map::new();
     if let Some(p) = s.data_path {
-        meta["annotations"] = json!({ crate::model::DATA_PATH_ANNOTATION: p.as_str() });
+        annotations.insert(crate::model::DATA_PATH_ANNOTATION.into(), json!(p.as_str()));
+    }
+    if let Some(i) = s.probe_interval {
+        annotations.insert(crate::model::PROBE_INTERVAL_ANNOTATION.into(), json!(format!("{}ms", i.as_millis())));
+    }
+    if !annotations.is_empty() {
+        meta["annotations"] = Value::Object(annotations);
     }
     json!({"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec})
 }

@@ -51,5 +51,6 @@ pub(super) fn entries(
         upstreams: backends,
         affinity: svc.affinity_timeout.map(|t| Duration::from_secs(t.into())),
         policy,
+        probe_interval: svc.probe_interval,
     })
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeSeed;
 use serde::Deserialize;
@@ -25,7 +26,7 @@ use super::raw::{
 use crate::intern::Interner;
 use crate::model::{
     DataPath, Endpoint, EndpointGroup, EndpointPort, EndpointSet, EndpointSource, Kind, Labels, Object, ObjectKey,
-    Protocol, Service, ServicePort, ServiceType, TargetPort, DATA_PATH_ANNOTATION,
+    Protocol, Service, ServicePort, ServiceType, TargetPort, DATA_PATH_ANNOTATION, PROBE_INTERVAL_ANNOTATION,
 };
 
 /// The largest object decoded, from any source: the API server refuses requests over 3 MiB, so
@@ -322,6 +323,40 @@ fn labels(meta: &mut RawMeta) -> FieldResult<Labels> {
         .map_err(|e| ("metadata.labels".into(), format!("label {:?} contains a NUL character", e.key)))
 }
 
+/// `spec.internalTrafficPolicy`: `Local`?
+fn internal_local(policy: Option<&str>) -> FieldResult<bool> {
+    match policy {
+        None | Some("") | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(s) => Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)"))),
+    }
+}
+
+/// The annotation [`PROBE_INTERVAL_ANNOTATION`]: `<number><ms|s|m|h>`, 100ms-1h (the range of
+/// `tcp.probeInterval`).
+fn probe_interval(meta: &RawMeta) -> FieldResult<Option<Duration>> {
+    let Some(v) = meta.annotations.as_ref().and_then(|a| a.get(PROBE_INTERVAL_ANNOTATION)) else {
+        return Ok(None);
+    };
+    let v: &str = v;
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let ms_per = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => 0,
+    };
+    match n.parse::<u64>().ok().filter(|_| ms_per > 0).map(|n| n.saturating_mul(ms_per)) {
+        Some(ms) if (100..=3_600_000).contains(&ms) => Ok(Some(Duration::from_millis(ms))),
+        _ => Err((
+            format!("metadata.annotations[{PROBE_INTERVAL_ANNOTATION}]"),
+            format!("{} is not a duration in 100ms-1h (e.g. 5s)", names::shown(v)),
+        )),
+    }
+}
+
 /// The annotation [`DATA_PATH_ANNOTATION`]: a Service's own data path, if it says one.
 fn data_path(meta: &RawMeta) -> FieldResult<Option<DataPath>> {
     let Some(v) = meta.annotations.as_ref().and_then(|a| a.get(DATA_PATH_ANNOTATION)) else {
@@ -340,6 +375,7 @@ fn service(mut raw: RawService, ns: &mut Interner) -> FieldResult<Service> {
     let key = key_of(&raw.metadata, ns, names::dns1123_label)?;
     let labels = labels(&mut raw.metadata)?;
     let data_path = data_path(&raw.metadata)?;
+    let probe_interval = probe_interval(&raw.metadata)?;
     let spec = raw.spec;
     let service_type = match spec.service_type.as_deref() {
         None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
@@ -424,14 +460,19 @@ fn service(mut raw: RawService, ns: &mut Interner) -> FieldResult<Service> {
         }
         Some(s) => return Err(("spec.sessionAffinity".into(), format!("unknown value {s:?} (None or ClientIP)"))),
     };
-    let internal_local = match spec.internal_traffic_policy.as_deref() {
-        None | Some("") | Some("Cluster") => false,
-        Some("Local") => true,
-        Some(s) => {
-            return Err(("spec.internalTrafficPolicy".into(), format!("unknown value {s:?} (Cluster or Local)")))
-        }
-    };
-    Ok(Service { key, service_type, headless, cluster_ips, ports, affinity_timeout, internal_local, labels, data_path })
+    let internal_local = internal_local(spec.internal_traffic_policy.as_deref())?;
+    Ok(Service {
+        key,
+        service_type,
+        headless,
+        cluster_ips,
+        ports,
+        affinity_timeout,
+        internal_local,
+        labels,
+        data_path,
+        probe_interval,
+    })
 }
 
 fn endpoint_ports(raw: Option<Vec<RawPort>>, prefix: &str, ns: &mut Interner) -> FieldResult<Vec<EndpointPort>> {

@@ -126,3 +126,25 @@ fn the_data_path_annotation() {
         r#"Service n/a: metadata.annotations[edgeproxy.io/data-path]: unknown value "Kernel\" -j ACCEPT" (proxy or kernel)"#
     );
 }
+
+/// `edgeproxy.io/probe-interval`: a duration in 100ms-1h; anything else refuses the Service.
+#[test]
+fn the_probe_interval_annotation() {
+    let with = |v: &str| {
+        SVC.replace(r#""labels""#, &format!(r#""annotations":{{"edgeproxy.io/probe-interval":"{v}"}},"labels""#))
+    };
+    for (v, ms) in [("5s", 5_000), ("100ms", 100), ("2m", 120_000), ("1h", 3_600_000)] {
+        let d = decode_document(with(v).as_bytes(), Some(Kind::Service));
+        let Object::Service(s) = &d.objects[0] else { panic!("{v}: {:?}", d.errors) };
+        assert_eq!(s.probe_interval, Some(Duration::from_millis(ms)), "{v}");
+    }
+    for v in ["", "5", "99ms", "2h", "s", "-1s", "1.5s", "99999999999999999999s", "5 s"] {
+        let d = decode_document(with(v).as_bytes(), Some(Kind::Service));
+        assert!(d.objects.is_empty(), "{v:?} accepted");
+        assert!(
+            d.errors[0].to_string().contains("metadata.annotations[edgeproxy.io/probe-interval]: "),
+            "{}",
+            d.errors[0]
+        );
+    }
+}

@@ -17,6 +17,7 @@ fn svc(name: &str) -> Object {
         internal_local: false,
         labels: Default::default(),
         data_path: None,
+        probe_interval: None,
     })
 }
 
