@@ -22,6 +22,8 @@
 
 #[path = "bench/load.rs"]
 mod load;
+#[path = "bench/paired.rs"]
+mod paired;
 #[path = "bench/paths.rs"]
 mod paths;
 #[path = "bench/report.rs"]
@@ -350,6 +352,40 @@ fn rounds(
                 }
             }
         }
+        if paths.contains(&Path::Kernel) && paths.contains(&Path::EdgeproxyKernel) {
+            eprintln!("round {}/{} paired     kernel-dnat|edgeproxy-kernel", round + 1, w.rounds);
+            if let Err(e) = paired_round(topo, round, w, results) {
+                results.errors.push(format!("round {} paired: {e}", round + 1));
+                eprintln!("  error: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kernel path against kernel DNAT taking turns in the same windows (`paired`): each side's
+/// mean and p99 per operation, as figures of the two paths.
+fn paired_round(topo: &Topology, round: usize, w: &Windows, r: &mut Results) -> Res<()> {
+    let (a, b) = (Path::Kernel.echo(), Path::EdgeproxyKernel.echo());
+    let mut put = |mean: &'static str, p99: Option<&'static str>, mut pair: paired::Pair| {
+        r.push(mean, Path::Kernel, round, paired::Pair::mean_us(&pair.a));
+        r.push(mean, Path::EdgeproxyKernel, round, paired::Pair::mean_us(&pair.b));
+        if let Some(k) = p99 {
+            r.push(k, Path::Kernel, round, paired::Pair::quantile_us(&mut pair.a, 0.99));
+            r.push(k, Path::EdgeproxyKernel, round, paired::Pair::quantile_us(&mut pair.b, 0.99));
+        }
+    };
+    if w.groups.contains(&"latency") {
+        let d = w.rr;
+        put("paired_rr_mean", Some("paired_rr_p99"), in_ns(&topo.client, move || paired::rr(a, b, d))?);
+    }
+    if w.groups.contains(&"conns") {
+        let d = w.conns;
+        put("paired_conn_mean", None, in_ns(&topo.client, move || paired::new_conns(a, b, NEW_CONN_THREADS, d))?);
+    }
+    if w.groups.contains(&"udp") {
+        let d = w.udp;
+        put("paired_udp_mean", Some("paired_udp_p99"), in_ns(&topo.client, move || paired::udp(a, b, UDP_FLOWS, d))?);
     }
     Ok(())
 }

@@ -89,7 +89,7 @@ pub fn udp_echo_server(port: u16, ready: &Barrier) -> Res<()> {
     }
 }
 
-fn connect(addr: SocketAddr) -> Res<TcpStream> {
+pub fn connect(addr: SocketAddr) -> Res<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
     s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("timeout: {e}"))?;
@@ -98,7 +98,7 @@ fn connect(addr: SocketAddr) -> Res<TcpStream> {
 }
 
 /// One request/response: write `buf`, read the same number of bytes back.
-fn roundtrip(s: &mut TcpStream, buf: &mut [u8], addr: SocketAddr) -> Res<()> {
+pub fn roundtrip(s: &mut TcpStream, buf: &mut [u8], addr: SocketAddr) -> Res<()> {
     s.write_all(buf).map_err(|e| format!("write to {addr}: {e}"))?;
     s.read_exact(buf).map_err(|e| format!("read from {addr}: {e}"))
 }

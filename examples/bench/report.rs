@@ -37,6 +37,11 @@ pub const FIGURES: &[Figure] = &[
     fig("new_conn_p99", "connect-to-first-byte p99", "us", false),
     fig("udp_rr", "UDP req/resp rate, 8 flows", "req/s", true),
     fig("udp_p99", "UDP req/resp p99", "us", false),
+    fig("paired_rr_mean", "paired: req/resp 1 B, mean", "us", false),
+    fig("paired_rr_p99", "paired: req/resp 1 B, p99", "us", false),
+    fig("paired_conn_mean", "paired: new connection, mean", "us", false),
+    fig("paired_udp_mean", "paired: UDP req/resp, mean", "us", false),
+    fig("paired_udp_p99", "paired: UDP req/resp, p99", "us", false),
     fig("cpu_per_gb", "proxy CPU per GB moved", "CPU-s/GB", false),
     fig("cpu_per_req", "proxy CPU per request (16 conns)", "CPU-us", false),
 ];
