@@ -195,7 +195,7 @@ fn elements(listing: &str) -> Vec<String> {
 #[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
 fn element_changes_over_netlink_leave_the_map_a_full_write_would() {
     use edgeproxy::model::Protocol;
-    use edgeproxy::rules::nftables::apply::{send_batch, NftApplier};
+    use edgeproxy::rules::nftables::apply::{netfilter_socket, send_batch, NftApplier};
     use edgeproxy::rules::nftables::batch::Batch;
     use edgeproxy::rules::{Family, NftRules, NftTarget, RuleSet};
     use std::sync::Arc;
@@ -257,13 +257,14 @@ fn element_changes_over_netlink_leave_the_map_a_full_write_would() {
             let mut b = Batch::new(1000);
             b.add(Family::V4, &[(&k, &t)]);
             let (bytes, acked) = b.finish();
-            send_batch(&bytes, &acked).unwrap();
+            let sock = netfilter_socket().unwrap();
+            send_batch(&sock, &bytes, &acked).unwrap();
             // Deleting an element that is not there: the kernel refuses the whole batch.
             let gone = ("10.96.9.10".parse().unwrap(), Protocol::Tcp, 1);
             let mut b = Batch::new(2000);
             b.delete(Family::V4, &[&gone]);
             let (bytes, acked) = b.finish();
-            send_batch(&bytes, &acked).unwrap_err()
+            send_batch(&sock, &bytes, &acked).unwrap_err()
         })
         .join()
         .unwrap();

@@ -17,47 +17,62 @@ fn raw_socket(domain: libc::c_int, protocol: libc::c_int) -> Option<OwnedFd> {
 /// anybody else's; listings do not. `None` when it cannot be read.
 pub fn nft_generation() -> Option<u32> {
     const NETLINK_NETFILTER: libc::c_int = 12;
+    let fd = raw_socket(libc::AF_NETLINK, NETLINK_NETFILTER)?;
+    nft_generation_on(&fd)
+}
+
+/// [`nft_generation`] over a netfilter netlink socket the caller keeps open (a socket closed
+/// after a transaction that removed anything waits in the kernel for that transaction's
+/// deferred release, a grace period: ~10-25 ms here; one kept open never does). Replies to
+/// earlier requests still queued on it are skipped.
+pub fn nft_generation_on(fd: &impl AsRawFd) -> Option<u32> {
     const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_NEWGEN: u16 = 15;
     const NFT_MSG_GETGEN: u16 = 16;
     const NFTA_GEN_ID: u16 = 1;
-    const NLMSG_ERROR: u16 = 2;
     const NLM_F_REQUEST: u16 = 1;
-    let fd = raw_socket(libc::AF_NETLINK, NETLINK_NETFILTER)?;
+    const NLMSG_ERROR: u16 = 2;
+    /// Our request's sequence number, apart from the batches' (which count up from 1).
+    const SEQ: u32 = 0x6e66_7467;
     // nlmsghdr (16 bytes) + nfgenmsg (4 bytes: family AF_UNSPEC, version 0, res_id 0).
     let mut req = [0u8; 20];
     req[0..4].copy_from_slice(&20u32.to_ne_bytes());
     req[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
     req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[8..12].copy_from_slice(&SEQ.to_ne_bytes());
     // SAFETY: `req` is valid for reads of its length; the kernel is the default destination.
     let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if usize::try_from(sent).ok() != Some(req.len()) {
         return None;
     }
-    let mut buf = [0u8; 512];
-    // SAFETY: `buf` is valid for writes of its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    let msg = buf.get(..usize::try_from(n).ok()?)?;
     let u16_at = |b: &[u8], i: usize| Some(u16::from_ne_bytes(b.get(i..i + 2)?.try_into().ok()?));
-    let len = usize::try_from(u32::from_ne_bytes(msg.get(0..4)?.try_into().ok()?)).ok()?;
-    let kind = u16_at(msg, 4)?;
-    if kind == NLMSG_ERROR || kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+    for _ in 0..16 {
+        let mut buf = [0u8; 512];
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let msg = buf.get(..usize::try_from(n).ok()?)?;
+        let len = usize::try_from(u32::from_ne_bytes(msg.get(0..4)?.try_into().ok()?)).ok()?;
+        let ours = msg.get(8..12)? == SEQ.to_ne_bytes();
+        match u16_at(msg, 4)? {
+            NLMSG_ERROR if ours => return None,
+            kind if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN && ours => {}
+            _ => continue, // a reply to an earlier request
+        }
+        // Attributes after the 16-byte header and the 4-byte nfgenmsg, each 4-byte aligned.
+        let msg = msg.get(..len)?;
+        let mut at = 20;
+        while at + 4 <= msg.len() {
+            let alen = usize::from(u16_at(msg, at)?);
+            let atype = u16_at(msg, at + 2)? & 0x3fff;
+            if alen < 4 {
+                return None;
+            }
+            if atype == NFTA_GEN_ID && alen >= 8 {
+                return Some(u32::from_be_bytes(msg.get(at + 4..at + 8)?.try_into().ok()?));
+            }
+            at += (alen + 3) & !3;
+        }
         return None;
-    }
-    // Attributes after the 16-byte header and the 4-byte nfgenmsg, each 4-byte aligned.
-    let msg = msg.get(..len)?;
-    let mut at = 20;
-    while at + 4 <= msg.len() {
-        let alen = usize::from(u16_at(msg, at)?);
-        let atype = u16_at(msg, at + 2)? & 0x3fff;
-        if alen < 4 {
-            return None;
-        }
-        if atype == NFTA_GEN_ID && alen >= 8 {
-            return Some(u32::from_be_bytes(msg.get(at + 4..at + 8)?.try_into().ok()?));
-        }
-        at += (alen + 3) & !3;
     }
     None
 }

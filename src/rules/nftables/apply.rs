@@ -50,6 +50,9 @@ pub struct NftApplier {
     kube_proxy_probed: Option<std::time::Instant>,
     /// The next netlink sequence number.
     seq: u32,
+    /// The netfilter netlink socket of the batches and the generation reads (see
+    /// [`netfilter_socket`]); opened when first needed, dropped after an error.
+    netlink: Option<socket2::Socket>,
 }
 
 /// Batches up to this size go over netlink (the default socket send buffer is ~208 KiB); a
@@ -58,18 +61,13 @@ const BATCH_MAX: usize = 128 << 10;
 
 /// Send one nf_tables batch and wait for the acknowledgement of every message that asked for
 /// one; the first error (the kernel then applied nothing of the batch) names its errno.
-pub fn send_batch(bytes: &[u8], acked: &[u32]) -> Result<(), String> {
-    use socket2::{Domain, Protocol, Socket, Type};
+pub fn send_batch(sock: &socket2::Socket, bytes: &[u8], acked: &[u32]) -> Result<(), String> {
     use std::io::Read as _;
-    const NETLINK_NETFILTER: i32 = 12;
-    let sock = Socket::new(Domain::from(libc::AF_NETLINK), Type::RAW, Some(Protocol::from(NETLINK_NETFILTER)))
-        .map_err(|e| format!("netfilter netlink socket: {e}"))?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
     sock.send(bytes).map_err(|e| format!("send: {e}"))?;
     let mut waiting: std::collections::BTreeSet<u32> = acked.iter().copied().collect();
     let mut buf = vec![0u8; 64 * 1024];
     while !waiting.is_empty() {
-        let n = (&sock).read(&mut buf).map_err(|e| format!("receive: {e}"))?;
+        let n = (&*sock).read(&mut buf).map_err(|e| format!("receive: {e}"))?;
         for m in parse_netlink(&buf[..n]).map_err(|e| e.to_string())? {
             if let Message::Ack { seq, errno } = m {
                 if errno != 0 {
@@ -80,6 +78,18 @@ pub fn send_batch(bytes: &[u8], acked: &[u32]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A netfilter netlink socket, kept by the applier for its life: a socket closed right after a
+/// transaction that removed elements waits in the kernel for that transaction's deferred
+/// release (an RCU grace period, 10-25 ms measured here), which a sync would otherwise pay.
+pub fn netfilter_socket() -> Result<socket2::Socket, String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    const NETLINK_NETFILTER: i32 = 12;
+    let sock = Socket::new(Domain::from(libc::AF_NETLINK), Type::RAW, Some(Protocol::from(NETLINK_NETFILTER)))
+        .map_err(|e| format!("netfilter netlink socket: {e}"))?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    Ok(sock)
 }
 
 /// How often the guard looks for kube-proxy (its appearance changes which services are ours
@@ -133,6 +143,7 @@ impl NftApplier {
             kube_proxy: std::cell::Cell::new(false),
             kube_proxy_probed: None,
             seq: 1,
+            netlink: None,
         })
     }
 
@@ -145,6 +156,23 @@ impl NftApplier {
         &self.refused
     }
 
+    /// The ruleset generation, over the kept socket when there is one.
+    fn generation(&mut self) -> Option<u32> {
+        match &self.netlink {
+            Some(s) => crate::sys::netfilter::nft_generation_on(s),
+            None => nft_generation(),
+        }
+    }
+
+    /// One batch over the kept socket (opened if needed; dropped after an error).
+    fn send(&mut self, bytes: &[u8], acked: &[u32]) -> Result<(), String> {
+        if self.netlink.is_none() {
+            self.netlink = Some(netfilter_socket()?);
+        }
+        let sock = self.netlink.as_ref().ok_or("no netfilter socket")?;
+        send_batch(sock, bytes, acked).inspect_err(|_| self.netlink = None)
+    }
+
     fn transaction(&mut self, text: &str) -> Result<(), ApplyError> {
         self.canary = None;
         self.runs += 1;
@@ -152,7 +180,7 @@ impl NftApplier {
         if out.status.success() {
             log::debug!("nft: applied {} input lines", text.lines().count());
             // Read after our transaction: if another came in between, the guard looks.
-            self.canary = nft_generation();
+            self.canary = self.generation();
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -209,10 +237,16 @@ impl NftApplier {
     pub fn apply(&mut self, set: &Arc<RuleSet>) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
         let rules = nft(set);
-        let Some(last) = self.last.as_ref().map(|l| nft(l)).filter(|l| !self.full_next && l.mark == rules.mark) else {
+        let last_set = self.last.clone().filter(|l| !self.full_next && nft(l).mark == rules.mark);
+        let Some(last_set) = last_set else {
             self.write_all(set, &mut report)?;
             return Ok(report);
         };
+        if Arc::ptr_eq(&last_set, set) {
+            report.rules = rules.entries();
+            return Ok(report);
+        }
+        let last = nft(&last_set);
         if Self::wanted(last, Family::V6) != Self::wanted(rules, Family::V6) {
             self.write_all(set, &mut report)?;
             return Ok(report);
@@ -224,24 +258,25 @@ impl NftApplier {
             self.write_all(set, &mut report)?;
             return Ok(report);
         }
-        if families.iter().all(|f| Changes::between(last.family(*f), rules.family(*f)).is_empty()) {
+        let changes: Vec<(Family, Changes)> =
+            families.iter().map(|f| (*f, Changes::between(last.family(*f), rules.family(*f)))).collect();
+        if changes.iter().all(|(_, c)| c.is_empty()) {
             return Ok(report);
         }
         // The changes as one netlink batch (costs what changed); `nft -f` when that fails or
         // the batch is big (it would not fit the socket's send buffer).
         let mut batch = Batch::new(self.seq);
-        for f in &families {
-            let c = Changes::between(last.family(*f), rules.family(*f));
+        for (f, c) in &changes {
             batch.delete(*f, &c.gone);
             batch.add(*f, &c.added);
         }
         let (bytes, acked) = batch.finish();
         self.seq = self.seq.wrapping_add(u32::try_from(acked.len() + 2).unwrap_or(u32::MAX));
-        let sent = if bytes.len() <= BATCH_MAX { send_batch(&bytes, &acked) } else { Err("batch too big".into()) };
+        let sent = if bytes.len() <= BATCH_MAX { self.send(&bytes, &acked) } else { Err("batch too big".into()) };
         match sent {
             Ok(()) => {
                 self.runs += 1;
-                self.canary = nft_generation();
+                self.canary = self.generation();
             }
             Err(e) => {
                 log::debug!("nf_tables batch: {e}; through nft -f instead");
@@ -263,7 +298,7 @@ impl NftApplier {
     pub fn reapply(&mut self, set: &Arc<RuleSet>) -> Result<SyncReport, ApplyError> {
         let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
         let unchanged = self.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, set) || **l == **set);
-        let generation = nft_generation();
+        let generation = self.generation();
         if unchanged && !self.full_next && generation.is_some() && generation == self.canary {
             report.rules = nft(set).entries();
             return Ok(report);
@@ -280,7 +315,7 @@ impl NftApplier {
             self.kube_proxy.set(kube_proxy_present());
         }
         let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
-        let generation = nft_generation();
+        let generation = self.generation();
         let Some(want) = self.last.clone() else {
             return Ok(report);
         };

@@ -170,11 +170,43 @@ pub struct Changes<'a> {
 }
 
 impl<'a> Changes<'a> {
+    /// One merge pass over both sorted maps (no lookups): a sync of 10,000 elements that
+    /// changes one costs a walk, not 20,000 searches.
     pub fn between(old: &'a NftTable, new: &'a NftTable) -> Changes<'a> {
-        Changes {
-            gone: old.elements.iter().filter(|(k, t)| new.elements.get(*k) != Some(*t)).map(|(k, _)| k).collect(),
-            added: new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).collect(),
+        let (mut gone, mut added) = (Vec::new(), Vec::new());
+        let (mut o, mut n) = (old.elements.iter().peekable(), new.elements.iter().peekable());
+        loop {
+            match (o.peek(), n.peek()) {
+                (None, None) => break,
+                (Some((ok, _)), None) => {
+                    gone.push(*ok);
+                    o.next();
+                }
+                (None, Some(&(nk, nt))) => {
+                    added.push((nk, nt));
+                    n.next();
+                }
+                (Some(&(ok, ot)), Some(&(nk, nt))) => match ok.cmp(nk) {
+                    std::cmp::Ordering::Less => {
+                        gone.push(ok);
+                        o.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        added.push((nk, nt));
+                        n.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if ot != nt {
+                            gone.push(ok);
+                            added.push((nk, nt));
+                        }
+                        o.next();
+                        n.next();
+                    }
+                },
+            }
         }
+        Changes { gone, added }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -151,3 +151,27 @@ fn kernel_ports_are_read_back_from_a_listing() {
         ["kernel path: t/web:http on ip daddr 10.96.0.10 tcp dport 80 -> 10.244.1.5:8080 10.244.1.6:8080"]
     );
 }
+
+/// The merge pass finds exactly what a lookup per element finds (seeded random tables).
+#[test]
+fn changes_by_merge_equal_changes_by_lookup() {
+    let mut rng = crate::rand::XorShift::new(7);
+    let table = |rng: &mut crate::rand::XorShift| {
+        let mut t = NftTable::default();
+        for _ in 0..rng.index(40) {
+            let k: Key = (format!("10.96.0.{}", rng.index(30)).parse().unwrap(), Protocol::Tcp, 80);
+            let port = 15000 + u16::try_from(rng.index(2)).unwrap();
+            t.elements.insert(k, Target { addr: "169.254.96.16".parse().unwrap(), port, name: "a/b".into() });
+        }
+        t
+    };
+    for _ in 0..500 {
+        let (old, new) = (table(&mut rng), table(&mut rng));
+        let c = Changes::between(&old, &new);
+        let gone: Vec<&Key> =
+            old.elements.iter().filter(|(k, t)| new.elements.get(*k) != Some(*t)).map(|(k, _)| k).collect();
+        let added: Vec<(&Key, &Target)> =
+            new.elements.iter().filter(|(k, t)| old.elements.get(*k) != Some(*t)).collect();
+        assert_eq!((c.gone, c.added), (gone, added));
+    }
+}
