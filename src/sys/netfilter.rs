@@ -21,10 +21,9 @@ pub fn nft_generation() -> Option<u32> {
     nft_generation_on(&fd)
 }
 
-/// [`nft_generation`] over a netfilter netlink socket the caller keeps open (a socket closed
-/// after a transaction that removed anything waits in the kernel for that transaction's
-/// deferred release, a grace period: ~10-25 ms here; one kept open never does). Replies to
-/// earlier requests still queued on it are skipped.
+/// [`nft_generation`] over a netfilter netlink socket the caller keeps open (closing one right
+/// after a transaction that removed anything waits in the kernel, ~10-25 ms here; one kept open
+/// never does). Replies to earlier requests still queued on it are skipped.
 pub fn nft_generation_on(fd: &impl AsRawFd) -> Option<u32> {
     const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_NEWGEN: u16 = 15;

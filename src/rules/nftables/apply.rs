@@ -80,9 +80,9 @@ pub fn send_batch(sock: &socket2::Socket, bytes: &[u8], acked: &[u32]) -> Result
     Ok(())
 }
 
-/// A netfilter netlink socket, kept by the applier for its life: a socket closed right after a
-/// transaction that removed elements waits in the kernel for that transaction's deferred
-/// release (an RCU grace period, 10-25 ms measured here), which a sync would otherwise pay.
+/// A netfilter netlink socket, kept by the applier for its life: closing one right after a
+/// transaction that removed elements waits in the kernel for 10-25 ms here (measured with
+/// `strace -T`; most likely the transaction's deferred release), which a sync would otherwise pay.
 pub fn netfilter_socket() -> Result<socket2::Socket, String> {
     use socket2::{Domain, Protocol, Socket, Type};
     const NETLINK_NETFILTER: i32 = 12;
