@@ -268,10 +268,13 @@ fn endpoints_that_loop_or_are_special_are_refused() {
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("EndpointSlice t/lo-1: endpoints[0].addresses[0]: 127.0.0.1 is a loopback address"), "{err}");
     assert!(err.contains("Service t/d: spec.clusterIP[0]: 169.254.1.1 is a link-local address"), "{err}");
-    assert!(out.contains("t/a 80/TCP: 0 endpoint(s) (every usable endpoint is a ClusterIP this node proxies"), "{out}");
-    assert!(out.contains("t/b 81/TCP: 0 endpoint(s)"), "{out}");
+    assert!(
+        out.contains("t/a 80/TCP: 0 endpoint(s), proxy path (every usable endpoint is a ClusterIP this node proxies"),
+        "{out}"
+    );
+    assert!(out.contains("t/b 81/TCP: 0 endpoint(s), proxy path"), "{out}");
     assert!(out.contains("(1 endpoint(s) refused: a ClusterIP:port this node proxies, a loop)"), "{out}");
-    assert!(out.contains("t/c 82/TCP: 1 endpoint(s)\n"), "{out}");
+    assert!(out.contains("t/c 82/TCP: 1 endpoint(s), proxy path\n"), "{out}");
 }
 
 /// An object over the API server's own 3 MiB request limit is refused by size, from any source;

@@ -233,6 +233,7 @@ fn element_changes_over_netlink_leave_the_map_a_full_write_would() {
         .thread(move || {
             let mut ap = NftApplier::new().unwrap();
             ap.apply(&set_a).unwrap();
+            assert_eq!(ap.full_batches(), 1, "the full write went over netlink");
             let runs = ap.restores();
             let r = ap.apply(&set_b).unwrap();
             (r, ap.restores() - runs)
@@ -271,4 +272,61 @@ fn element_changes_over_netlink_leave_the_map_a_full_write_would() {
     assert!(err.contains("No such file"), "{err}");
     let (v4, _) = list(&ns);
     assert!(v4.contains("10.96.9.9 . tcp . 8080 comment \"t/direct:web\" : 169.254.96.16 . 15001"), "{v4}");
+}
+
+/// The full write over netlink leaves the very tables `nft -f` of the layout's text leaves
+/// (listed whole: map type, elements with comments, chains, priorities, rules), with and
+/// without the mark rule, both families.
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn a_full_write_over_netlink_lists_as_nft_f_of_the_text() {
+    use edgeproxy::model::Protocol;
+    use edgeproxy::rules::nftables::apply::{netfilter_socket, send_batch};
+    use edgeproxy::rules::nftables::batch::Batch;
+    use edgeproxy::rules::nftables::full_text;
+    use edgeproxy::rules::{Family, NftRules, NftTarget};
+    require_root();
+    for mark in [0x0010_0000u32, 0] {
+        let mut r = NftRules { mark, ..NftRules::default() };
+        let target = |ip: &str, port: u16, name: &str| NftTarget { addr: ip.parse().unwrap(), port, name: name.into() };
+        for i in 0..300u16 {
+            let key = (format!("10.96.{}.{}", i / 200, i % 200 + 1).parse().unwrap(), Protocol::Tcp, 80 + i % 3);
+            r.v4.elements.insert(key, target("169.254.96.16", 15001, &format!("ns-{i}/svc-{i}:http")));
+        }
+        r.v4.elements
+            .insert(("10.96.9.1".parse().unwrap(), Protocol::Udp, 53), target("169.254.96.16", 15002, "k/dns:dns"));
+        r.v6.elements
+            .insert(("fd00:10::1".parse().unwrap(), Protocol::Tcp, 443), target("fd00:e16e::16", 15000, "t/six"));
+        let by_nft = Netns::new("nffn");
+        let mut text = String::new();
+        for f in [Family::V4, Family::V6] {
+            full_text(&mut text, f, r.family(f), r.mark);
+        }
+        let file = std::env::temp_dir().join(format!("ep-full-{}-{mark}.nft", std::process::id()));
+        std::fs::write(&file, &text).unwrap();
+        by_nft.ok(&["nft", "-f", file.to_str().unwrap()]);
+        std::fs::remove_file(&file).unwrap();
+        let by_netlink = Netns::new("nffb");
+        let r2 = r.clone();
+        by_netlink
+            .thread(move || {
+                let mut b = Batch::new(1);
+                for f in [Family::V4, Family::V6] {
+                    b.full_table(f, r2.family(f), r2.mark);
+                }
+                let (bytes, acked) = b.finish();
+                let sock = netfilter_socket().unwrap();
+                edgeproxy::sys::sockopt::force_send_buffer(&sock, bytes.len() + 65536).unwrap();
+                send_batch(&sock, &bytes, &acked).unwrap();
+                // Written twice: the second replaces the first in one transaction.
+                send_batch(&sock, &bytes, &acked).unwrap();
+            })
+            .join()
+            .unwrap();
+        for fam in ["ip", "ip6"] {
+            let a = by_nft.ok(&["nft", "list", "table", fam, "edgeproxy"]);
+            let b = by_netlink.ok(&["nft", "list", "table", fam, "edgeproxy"]);
+            assert_eq!(a, b, "mark {mark:#x}, {fam}");
+        }
+    }
 }

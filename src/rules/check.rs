@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::iptables::{save_table, Binaries};
 use super::listing::{chains_in, has_kube_proxy_jump};
-use super::nftables::apply::check_lines;
+use super::nftables::listing::check_lines;
 use super::{Family, RuleSet, TableRules, KERNEL_CHAIN, OWN_CHAINS};
 
 // ---- `edgeproxy check` ----------------------------------------------------------------------
@@ -167,7 +167,7 @@ pub fn check_nftables(bins: Binaries) -> CheckReport {
     };
     r.lines.push("layout: nftables (tables ip/ip6 edgeproxy)".into());
     r.lines.extend(lines);
-    r.lines.extend(super::nftables::apply::kernel_path_lines());
+    r.lines.extend(super::nftables::listing::kernel_path_lines());
     r.lines.extend(ahead.iter().map(|a| format!("ahead of ours: {a}")));
     let mut leftovers = Vec::new();
     if let Ok(v4) = save_table(&bins, Family::V4, "nat") {

@@ -1,9 +1,11 @@
-//! The [`NftApplier`]: puts the `nftables` layout into the kernel with `nft -f -`, one
-//! transaction per sync, and keeps it there.
+//! The [`NftApplier`]: puts the `nftables` layout into the kernel, one transaction per sync,
+//! and keeps it there.
 //!
 //! A sync sends only the map elements that changed since the last successful one; a full write
 //! (every table of ours, created, deleted and created again in the same transaction) happens on
-//! the first sync, after a failure, on a repair and on the periodic resync. The guard reads the
+//! the first sync, after a failure, on a repair and on the periodic resync. Both are nf_tables
+//! netlink batches (`batch`) over one socket kept for the applier's life; `nft -f -` writes
+//! kernel-path chains and is the fallback when a batch is refused. The guard reads the
 //! ruleset generation first (microseconds, no process); only when it moved does it list the
 //! ruleset's chains (`nft -j list chains`: a few ms whatever the number of services, where any
 //! listing of our table costs ~70 ms at 10,000 elements, because nft fetches them all) and look
@@ -17,15 +19,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::batch::Batch;
-use super::{delta_text, full_text, keyword, removal_text, Changes, NftRules, PRIORITY, TABLE};
+use super::{delta_text, full_text, removal_text, Changes, NftRules, TABLE};
 use crate::address::netlink::{parse as parse_netlink, Message};
 use crate::rules::applier::SyncReport;
-use crate::rules::iptables::{self, ApplyError};
-use crate::rules::{Family, Flavour, RuleSet};
+use crate::rules::iptables::ApplyError;
+use crate::rules::{Family, RuleSet};
 use crate::sys::netfilter::nft_generation;
 
-/// The binary.
-pub const NFT: &str = "nft";
+use super::listing::{kube_proxy_present, list_chains, missing_chains, run, NFT};
 
 /// Puts [`NftRules`] into the kernel and keeps them there. Blocking; use from one thread.
 pub struct NftApplier {
@@ -48,11 +49,15 @@ pub struct NftApplier {
     kube_proxy: std::cell::Cell<bool>,
     /// When the guard last probed for kube-proxy.
     kube_proxy_probed: Option<std::time::Instant>,
+    /// The nftables generation and the legacy nat table's summary at that probe.
+    kube_proxy_seen: Option<(Option<u32>, Option<crate::sys::netfilter::XtInfo>)>,
     /// The next netlink sequence number.
     seq: u32,
     /// The netfilter netlink socket of the batches and the generation reads (see
     /// [`netfilter_socket`]); opened when first needed, dropped after an error.
     netlink: Option<socket2::Socket>,
+    /// Full writes that went over netlink (the others through `nft -f`).
+    full_batches: u64,
 }
 
 /// Batches up to this size go over netlink (the default socket send buffer is ~208 KiB); a
@@ -92,13 +97,11 @@ pub fn netfilter_socket() -> Result<socket2::Socket, String> {
     Ok(sock)
 }
 
-/// How often the guard looks for kube-proxy (its appearance changes which services are ours
-/// under `defaultIgnores: auto`).
+/// How often at most the guard looks for kube-proxy (its appearance changes which services are
+/// ours under `defaultIgnores: auto`), once a change marker moved.
 const KUBE_PROXY_PROBE: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn run(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, ApplyError> {
-    crate::exec::run(NFT, args, stdin).map_err(|error| ApplyError::Spawn { binary: NFT.into(), error })
-}
+/// ... and at least this often, whatever the change markers say.
+const KUBE_PROXY_PROBE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The nftables rules of a set (none: empty tables).
 fn nft(set: &RuleSet) -> &NftRules {
@@ -142,8 +145,10 @@ impl NftApplier {
             refused: BTreeMap::new(),
             kube_proxy: std::cell::Cell::new(false),
             kube_proxy_probed: None,
+            kube_proxy_seen: None,
             seq: 1,
             netlink: None,
+            full_batches: 0,
         })
     }
 
@@ -218,12 +223,51 @@ impl NftApplier {
         text
     }
 
+    /// Everything in one netlink batch (no `nft` process), when there is no kernel-path port
+    /// (those chains are written by `nft -f`). An error means nothing was applied.
+    fn full_batch(&mut self, rules: &NftRules, had_v6: bool) -> Result<(), String> {
+        if !rules.v4.kernel.is_empty() || !rules.v6.kernel.is_empty() {
+            return Err("kernel-path ports are written by nft -f".into());
+        }
+        let mut batch = Batch::new(self.seq);
+        for f in [Family::V4, Family::V6] {
+            if Self::wanted(rules, f) {
+                batch.full_table(f, rules.family(f), rules.mark);
+            } else if had_v6 {
+                batch.remove_table(f);
+            }
+        }
+        let (bytes, acked) = batch.finish();
+        self.seq = self.seq.wrapping_add(u32::try_from(acked.len() + 2).unwrap_or(u32::MAX));
+        if self.netlink.is_none() {
+            self.netlink = Some(netfilter_socket()?);
+        }
+        let sock = self.netlink.as_ref().ok_or("no netfilter socket")?;
+        // A netlink message goes whole into the sender's buffer.
+        crate::sys::sockopt::force_send_buffer(sock, bytes.len() + (64 << 10))
+            .map_err(|e| format!("send buffer of {} bytes: {e}", bytes.len()))?;
+        self.canary = None;
+        self.runs += 1;
+        self.send(&bytes, &acked)?;
+        self.canary = self.generation();
+        self.full_batches += 1;
+        Ok(())
+    }
+
+    /// How many full writes went over netlink (the rest through `nft -f`).
+    pub fn full_batches(&self) -> u64 {
+        self.full_batches
+    }
+
     fn write_all(&mut self, set: &Arc<RuleSet>, report: &mut SyncReport) -> Result<(), ApplyError> {
         let rules = nft(set);
         // After a failure or at start, an IPv6 table of an earlier run may be there.
         let had_v6 = self.full_next || self.last.as_ref().is_some_and(|l| Self::wanted(nft(l), Family::V6));
-        let text = Self::full_input(rules, had_v6);
-        self.transaction(&text).inspect_err(|_| self.full_next = true)?;
+        if let Err(e) = self.full_batch(rules, had_v6) {
+            log::debug!("full write over netlink: {e}; through nft -f instead");
+            let text = Self::full_input(rules, had_v6);
+            self.transaction(&text).inspect_err(|_| self.full_next = true)?;
+        }
         self.full_next = false;
         self.last = Some(set.clone());
         report.restores += 1;
@@ -310,12 +354,20 @@ impl NftApplier {
     /// Are our tables there with our chains on their hooks at our priority? The generation
     /// first; the chain listing only when it moved; a full write when anything is missing.
     pub fn guard(&mut self) -> Result<SyncReport, ApplyError> {
-        if self.kube_proxy_probed.is_none_or(|t| t.elapsed() >= KUBE_PROXY_PROBE) {
+        let generation = self.generation();
+        // kube-proxy can only have come or gone if the nftables ruleset or the legacy nat table
+        // moved since the last look: then look (at most every 30 s; every 10 min regardless),
+        // else start no process at all.
+        let seen = (generation, crate::sys::netfilter::xt_info(false, "nat"));
+        let since = self.kube_proxy_probed.map(|t| t.elapsed());
+        let due = since
+            .is_none_or(|s| s >= KUBE_PROXY_PROBE_MAX || (s >= KUBE_PROXY_PROBE && self.kube_proxy_seen != Some(seen)));
+        if due {
             self.kube_proxy_probed = Some(std::time::Instant::now());
+            self.kube_proxy_seen = Some(seen);
             self.kube_proxy.set(kube_proxy_present());
         }
         let mut report = SyncReport { kube_proxy: self.kube_proxy.get(), ..SyncReport::default() };
-        let generation = self.generation();
         let Some(want) = self.last.clone() else {
             return Ok(report);
         };
@@ -378,168 +430,6 @@ pub fn remove_leftovers() -> Result<bool, ApplyError> {
     Ok(true)
 }
 
-/// kube-proxy's nftables tables (`ip kube-proxy`), its iptables-nft `KUBE-SERVICES` chain, or its
-/// jump in iptables-legacy: two processes, however big the ruleset.
-pub fn kube_proxy_present() -> bool {
-    // kube-proxy's nftables mode, and its iptables-nft chains, are in the nftables ruleset.
-    let in_nft = list_chains()
-        .is_ok_and(|c| c.iter().any(|c| c.table == "kube-proxy" || (c.table == "nat" && c.name == "KUBE-SERVICES")));
-    in_nft || iptables::kube_proxy_present(Flavour::Legacy).unwrap_or(false)
-}
-
-/// Every chain of the ruleset (`nft -j list chains`: cheap, no rules, no set elements).
-pub fn list_chains() -> Result<Vec<ListedChain>, ApplyError> {
-    let out = run(&["-j", "list", "chains"], None)?;
-    if !out.status.success() {
-        return Err(ApplyError::Read { binary: NFT.into(), stderr: String::from_utf8_lossy(&out.stderr).into() });
-    }
-    Ok(parse_chains(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// What is missing of our chains in `listed` for `families`: each nat, on its hook, at our
-/// priority (empty: all in place).
-pub fn missing_chains(listed: &[ListedChain], families: &[Family]) -> Vec<String> {
-    let mut missing = Vec::new();
-    for f in families {
-        let kw = keyword(*f);
-        for hook in ["prerouting", "output"] {
-            let ok = listed.iter().any(|c| {
-                c.family == kw
-                    && c.table == TABLE
-                    && c.name == hook
-                    && c.hook.as_deref() == Some(hook)
-                    && c.kind.as_deref() == Some("nat")
-                    && c.prio == i64::from(PRIORITY)
-            });
-            if !ok {
-                missing.push(format!("{kw} {TABLE}: nat chain {hook} at priority {PRIORITY} missing"));
-            }
-        }
-    }
-    missing
-}
-
-/// `edgeproxy check` for this layout: our tables and their chains, and every other nat chain on
-/// prerouting or output at a priority that runs before ours.
-pub fn check_lines() -> Result<(Vec<String>, bool, Vec<String>), ApplyError> {
-    let chains = list_chains()?;
-    let mut lines = Vec::new();
-    let mut ahead = Vec::new();
-    let mut installed = true;
-    for (fam, hook) in [("ip", "prerouting"), ("ip", "output")] {
-        match chains.iter().find(|c| c.family == fam && c.table == TABLE && c.hook.as_deref() == Some(hook)) {
-            Some(c) => lines.push(format!("{fam} {TABLE}: chain {} on {hook} at priority {}", c.name, c.prio)),
-            None => {
-                installed = false;
-                lines.push(format!("{fam} {TABLE}: no chain on {hook}"));
-            }
-        }
-    }
-    for c in &chains {
-        let nat = c.kind.as_deref() == Some("nat");
-        let hooked = matches!(c.hook.as_deref(), Some("prerouting" | "output"));
-        if nat
-            && hooked
-            && c.table != TABLE
-            && c.prio <= i64::from(super::PRIORITY)
-            && matches!(c.family.as_str(), "ip" | "ip6" | "inet")
-        {
-            ahead.push(format!(
-                "{} {} chain {} on {} at priority {}: runs before ours",
-                c.family,
-                c.table,
-                c.name,
-                c.hook.as_deref().unwrap_or("?"),
-                c.prio
-            ));
-        }
-    }
-    lines.push(format!("kube-proxy: {}", if kube_proxy_present() { "present" } else { "absent" }));
-    Ok((lines, installed, ahead))
-}
-
-/// `check`: the kernel-path service ports in our tables' `kernel` chains, and their endpoints.
-pub fn kernel_path_lines() -> Vec<String> {
-    let mut lines = Vec::new();
-    for f in [Family::V4, Family::V6] {
-        let kw = keyword(f);
-        let Ok(out) = run(&["list", "table", kw, TABLE], None) else { continue };
-        if out.status.success() {
-            lines.extend(kernel_ports_in(&String::from_utf8_lossy(&out.stdout)));
-        }
-    }
-    lines
-}
-
-/// From `nft list table` text (pure): per kernel-path port its endpoints, by following the
-/// `kernel` chain's verdict maps to the `ep-` chains' DNATs.
-pub fn kernel_ports_in(listing: &str) -> Vec<String> {
-    let mut dnat_of: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut chain = "";
-    for line in listing.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix("chain ").and_then(|s| s.strip_suffix(" {")) {
-            chain = name;
-        } else if line.contains("dnat ") {
-            dnat_of.insert(chain, line.rsplit(' ').next().unwrap_or("?"));
-        }
-    }
-    let mut out = Vec::new();
-    let mut in_kernel = false;
-    for line in listing.lines().map(str::trim) {
-        if line.starts_with("chain ") {
-            in_kernel = line == format!("chain {} {{", super::KERNEL_CHAIN);
-            continue;
-        }
-        if !in_kernel || !line.contains(" vmap ") {
-            continue;
-        }
-        let name = line.split("comment \"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("?");
-        let dest = line.split_whitespace().take(6).collect::<Vec<_>>().join(" ");
-        let eps: Vec<&str> = line
-            .split("goto ")
-            .skip(1)
-            .filter_map(|s| s.split([',', ' ', '}']).next())
-            .map(|c| dnat_of.get(c).copied().unwrap_or("?"))
-            .collect();
-        out.push(format!("kernel path: {name} on {dest} -> {}", eps.join(" ")));
-    }
-    out
-}
-
-/// One base or regular chain of `nft -j list chains`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ListedChain {
-    pub family: String,
-    pub table: String,
-    pub name: String,
-    pub kind: Option<String>,
-    pub hook: Option<String>,
-    pub prio: i64,
-}
-
-/// The chains of `nft -j list chains` output (unknown or malformed entries are skipped).
-pub fn parse_chains(json: &str) -> Vec<ListedChain> {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-        return Vec::new();
-    };
-    let items = v.get("nftables").and_then(|n| n.as_array()).cloned().unwrap_or_default();
-    items
-        .iter()
-        .filter_map(|i| i.get("chain"))
-        .filter_map(|c| {
-            let s = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-            Some(ListedChain {
-                family: s("family")?,
-                table: s("table")?,
-                name: s("name")?,
-                kind: s("type"),
-                hook: s("hook"),
-                prio: c.get("prio").and_then(serde_json::Value::as_i64).unwrap_or(0),
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,37 +439,6 @@ mod tests {
         let stderr = "/dev/stdin:12:5-20: Error: Could not process rule: No such file or directory\nadd element ...";
         assert_eq!(blamed_line(stderr), Some(12));
         assert_eq!(blamed_line("Error: syntax error"), None);
-    }
-
-    #[test]
-    fn listed_chains_parse_and_garbage_gives_none() {
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
-            {"chain": {"family": "ip", "table": "edgeproxy", "name": "prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -101, "policy": "accept"}},
-            {"chain": {"family": "ip", "table": "kube-proxy", "name": "services", "handle": 2}}]}"#;
-        let c = parse_chains(json);
-        assert_eq!(c.len(), 2);
-        assert_eq!((c[0].hook.as_deref(), c[0].prio), (Some("prerouting"), -101));
-        assert_eq!(c[1].hook, None);
-        assert!(parse_chains("not json").is_empty());
-        assert!(parse_chains(r#"{"nftables": 3}"#).is_empty());
-    }
-
-    #[test]
-    fn the_guard_wants_both_chains_nat_on_their_hooks_at_our_priority() {
-        let chain = |family: &str, name: &str, prio: i64| ListedChain {
-            family: family.into(),
-            table: TABLE.into(),
-            name: name.into(),
-            kind: Some("nat".into()),
-            hook: Some(name.into()),
-            prio,
-        };
-        let good = vec![chain("ip", "prerouting", -101), chain("ip", "output", -101)];
-        assert!(missing_chains(&good, &[Family::V4]).is_empty());
-        assert_eq!(missing_chains(&good, &[Family::V4, Family::V6]).len(), 2, "no ip6 table");
-        let moved = vec![chain("ip", "prerouting", -101), chain("ip", "output", 0)];
-        assert_eq!(missing_chains(&moved, &[Family::V4]), ["ip edgeproxy: nat chain output at priority -101 missing"]);
-        assert_eq!(missing_chains(&[], &[Family::V4]).len(), 2, "flushed");
     }
 
     #[test]

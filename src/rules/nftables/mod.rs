@@ -17,10 +17,13 @@
 //! A sync changes only map elements (`delete element` / `add element` in one transaction):
 //! what changed, never the table. A full write (at start, after a failure, a repair, the
 //! periodic resync) creates, deletes and recreates the table in one transaction, so a reader
-//! never sees it half written.
+//! never sees it half written. Both go to the kernel as nf_tables netlink batches written by
+//! the binary (`batch`); the `nft -f` text here is what `edgeproxy rules` prints, what writes
+//! kernel-path chains, and the fallback when a batch is refused.
 
 pub mod apply;
 pub mod batch;
+pub mod listing;
 
 use std::fmt::Write as _;
 

@@ -147,7 +147,7 @@ fn kernel_ports_are_read_back_from_a_listing() {
 	}
 }";
     assert_eq!(
-        super::apply::kernel_ports_in(listing),
+        super::listing::kernel_ports_in(listing),
         ["kernel path: t/web:http on ip daddr 10.96.0.10 tcp dport 80 -> 10.244.1.5:8080 10.244.1.6:8080"]
     );
 }
