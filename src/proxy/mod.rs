@@ -154,6 +154,10 @@ pub async fn run(
 /// Forget load-balancing and counter state of removed services; expire ClientIP affinity.
 async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
     let mut closed = false;
+    // The affinity timeouts of the table in use, rebuilt only when the table changes (a second's
+    // tick over thousands of idle services then costs a lookup per affinity state held).
+    let mut affinity: HashMap<crate::model::ServicePortName, Duration> = HashMap::new();
+    let mut first = true;
     loop {
         let changed = match closed {
             true => {
@@ -169,13 +173,19 @@ async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<
                 Err(_) => false,
             },
         };
-        let table = tables.borrow().clone();
-        let timeouts: HashMap<&str, Option<Duration>> =
-            table.tcp.values().chain(table.udp.values()).map(|e| (&*e.name, e.affinity)).collect();
         let mut guard = shared.lb.lock().unwrap_or_else(|p| p.into_inner());
-        if changed {
-            guard.0.retain(timeouts.keys().copied());
-            shared.stats.retain(|n| timeouts.contains_key(n));
+        if changed || std::mem::take(&mut first) {
+            let table = tables.borrow().clone();
+            let names: std::collections::HashSet<&str> =
+                table.tcp.values().chain(table.udp.values()).map(|e| &*e.name).collect();
+            affinity = table
+                .tcp
+                .values()
+                .chain(table.udp.values())
+                .filter_map(|e| e.affinity.map(|t| (e.name.clone(), t)))
+                .collect();
+            guard.0.retain(names.iter().copied());
+            shared.stats.retain(|n| names.contains(n));
             let upstreams: std::collections::HashSet<(&str, SocketAddr)> =
                 probe::probed(&table).flat_map(|e| e.upstreams.iter().map(move |u| (&*e.name, u.addr))).collect();
             shared.stats.retain_endpoints(|n, a| upstreams.contains(&(n, a)));
@@ -185,6 +195,6 @@ async fn housekeeping(mut tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<
                 shared.report_set_aside(&guard.2);
             }
         }
-        guard.0.expire(Instant::now(), |name| timeouts.get(name).copied().flatten());
+        guard.0.expire(Instant::now(), |name| affinity.get(name).copied());
     }
 }
