@@ -62,6 +62,15 @@ pub struct PlannedPort {
     pub kernel: Option<KernelRoute>,
 }
 
+#[cfg(test)]
+impl PlannedPort {
+    /// A proxy-path port (the renderers' tests).
+    pub fn proxied(name: &str, ip: &str, protocol: Protocol, port: u16, proxy_port: u16, has_endpoints: bool) -> Self {
+        let cluster_ip = ip.parse().expect("a test address");
+        PlannedPort { name: name.into(), cluster_ip, protocol, port, proxy_port, has_endpoints, kernel: None }
+    }
+}
+
 /// Where a kernel-path service port on one ClusterIP goes: one of `endpoints` (of the
 /// ClusterIP's family) at random, or for `affinity` seconds the one a client had last.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,15 +16,7 @@ fn listen() -> ListenConfig {
 }
 
 fn port(name: &str, ip: &str, protocol: Protocol, port: u16, proxy_port: u16, has_endpoints: bool) -> PlannedPort {
-    PlannedPort {
-        name: ServicePortName::from(name),
-        cluster_ip: ip.parse().unwrap(),
-        protocol,
-        port,
-        proxy_port,
-        has_endpoints,
-        kernel: None,
-    }
+    PlannedPort::proxied(name, ip, protocol, port, proxy_port, has_endpoints)
 }
 
 fn ports() -> Vec<PlannedPort> {

@@ -3,15 +3,7 @@ use super::*;
 use crate::config::Config;
 
 fn port(comment: &str, ip: &str, protocol: Protocol, port: u16, proxy_port: u16, has_endpoints: bool) -> PlannedPort {
-    PlannedPort {
-        name: comment.into(),
-        cluster_ip: ip.parse().unwrap(),
-        protocol,
-        port,
-        proxy_port,
-        has_endpoints,
-        kernel: None,
-    }
+    PlannedPort::proxied(comment, ip, protocol, port, proxy_port, has_endpoints)
 }
 
 fn render_with(layout: Layout, ports: &[PlannedPort], ignored: &[Ignored]) -> RuleSet {
