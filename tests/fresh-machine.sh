@@ -126,6 +126,8 @@ unshare --mount --propagation private --fork bash -euo pipefail -c '
 	mount --bind "$r" "$r"
 	mount -t proc proc "$r/proc"
 	mount -t sysfs sysfs "$r/sys"
+	# A machine has its cgroup hierarchy mounted; systemd-nspawn (the systemd boot test) reads it.
+	mount --rbind /sys/fs/cgroup "$r/sys/fs/cgroup"
 	mount --rbind /dev "$r/dev"
 	mount -t tmpfs -o mode=755 tmpfs "$r/run"
 	mkdir -p "$r/lib/modules" && [ -d /lib/modules ] && mount --bind -o ro /lib/modules "$r/lib/modules"
