@@ -88,25 +88,16 @@ fn endpoint_in_rules(node: &Netns, c: &Case, ip: &str) -> bool {
     node.sh(c.listing).contains(&format!("{ip}:8080"))
 }
 
+/// The settings `run` and `check` share: the config file, the layout, the iptables backend.
+fn layout_args<'a>(c: &'a Case, config: &'a Path) -> [&'a str; 6] {
+    ["--config", config.to_str().unwrap(), "--layout", c.layout, "--iptables-backend", c.backend]
+}
+
 fn start(node: &mut Netns, c: &Case, source: &Path, config: &Path) -> Agent {
     let src = format!("file:{}", source.display());
-    agent::start(
-        node,
-        &[
-            "--source",
-            &src,
-            "--config",
-            config.to_str().unwrap(),
-            "--layout",
-            c.layout,
-            "--iptables-backend",
-            c.backend,
-            "--guard-period",
-            "300ms",
-            "--min-sync-period",
-            "100ms",
-        ],
-    )
+    let mut args = vec!["--source", &src, "--guard-period", "300ms", "--min-sync-period", "100ms"];
+    args.extend(layout_args(c, config));
+    agent::start(node, &args)
 }
 
 #[test]
@@ -182,18 +173,9 @@ fn kernel_path_spreads_keeps_affinity_refuses_and_follows_the_probes() {
         }
         // `check` names the kernel-path ports and the endpoints they go to.
         let run_dir = node.dir("run");
-        let check = node.exec(&[
-            agent::BIN,
-            "check",
-            "--config",
-            config.to_str().unwrap(),
-            "--layout",
-            c.layout,
-            "--iptables-backend",
-            c.backend,
-            "--run-dir",
-            &run_dir,
-        ]);
+        let mut argv = vec![agent::BIN, "check", "--run-dir", &run_dir];
+        argv.extend(layout_args(c, &config));
+        let check = node.exec(&argv);
         let text = String::from_utf8_lossy(&check.stdout);
         assert!(
             text.contains("kernel path: t/pruned:http") && text.contains("kernel path: t/sticky:http"),

@@ -56,13 +56,15 @@ pub struct NftApplier {
     /// The netfilter netlink socket of the batches and the generation reads (see
     /// [`netfilter_socket`]); opened when first needed, dropped after an error.
     netlink: Option<socket2::Socket>,
+    /// The biggest batch the socket's send buffer holds (a netlink message goes in whole).
+    send_capacity: usize,
     /// Full writes that went over netlink (the others through `nft -f`).
     full_batches: u64,
 }
 
-/// Batches up to this size go over netlink (the default socket send buffer is ~208 KiB); a
-/// bigger change (thousands of elements at once) goes through `nft -f`.
-const BATCH_MAX: usize = 128 << 10;
+/// Batches up to this size fit a socket's default send buffer (~208 KiB); the buffer of the kept
+/// socket is grown (SO_SNDBUFFORCE) for a bigger one (a full write of thousands of elements).
+const DEFAULT_SEND_CAPACITY: usize = 128 << 10;
 
 /// Send one nf_tables batch and wait for the acknowledgement of every message that asked for
 /// one; the first error (the kernel then applied nothing of the batch) names its errno.
@@ -148,6 +150,7 @@ impl NftApplier {
             kube_proxy_seen: None,
             seq: 1,
             netlink: None,
+            send_capacity: DEFAULT_SEND_CAPACITY,
             full_batches: 0,
         })
     }
@@ -169,13 +172,27 @@ impl NftApplier {
         }
     }
 
-    /// One batch over the kept socket (opened if needed; dropped after an error).
-    fn send(&mut self, bytes: &[u8], acked: &[u32]) -> Result<(), String> {
+    /// One batch, one transaction, over the kept socket (opened if needed, its send buffer
+    /// grown to hold the batch; dropped after an error). An error means nothing was applied.
+    fn send(&mut self, batch: Batch) -> Result<(), String> {
+        self.seq = batch.next_seq();
+        let (bytes, acked) = batch.finish();
         if self.netlink.is_none() {
             self.netlink = Some(netfilter_socket()?);
+            self.send_capacity = DEFAULT_SEND_CAPACITY;
         }
         let sock = self.netlink.as_ref().ok_or("no netfilter socket")?;
-        send_batch(sock, bytes, acked).inspect_err(|_| self.netlink = None)
+        if bytes.len() > self.send_capacity {
+            let grown = bytes.len() + (64 << 10);
+            crate::sys::sockopt::force_send_buffer(sock, grown)
+                .map_err(|e| format!("send buffer of {} bytes: {e}", bytes.len()))?;
+            self.send_capacity = grown;
+        }
+        send_batch(sock, &bytes, &acked).inspect_err(|_| self.netlink = None)?;
+        self.runs += 1;
+        // Read after our transaction: if another came in between, the guard looks.
+        self.canary = self.generation();
+        Ok(())
     }
 
     fn transaction(&mut self, text: &str) -> Result<(), ApplyError> {
@@ -223,12 +240,8 @@ impl NftApplier {
         text
     }
 
-    /// Everything in one netlink batch (no `nft` process), when there is no kernel-path port
-    /// (those chains are written by `nft -f`). An error means nothing was applied.
+    /// Everything in one netlink batch (no `nft` process). An error means nothing was applied.
     fn full_batch(&mut self, rules: &NftRules, had_v6: bool) -> Result<(), String> {
-        if !rules.v4.kernel.is_empty() || !rules.v6.kernel.is_empty() {
-            return Err("kernel-path ports are written by nft -f".into());
-        }
         let mut batch = Batch::new(self.seq);
         for f in [Family::V4, Family::V6] {
             if Self::wanted(rules, f) {
@@ -237,19 +250,7 @@ impl NftApplier {
                 batch.remove_table(f);
             }
         }
-        let (bytes, acked) = batch.finish();
-        self.seq = self.seq.wrapping_add(u32::try_from(acked.len() + 2).unwrap_or(u32::MAX));
-        if self.netlink.is_none() {
-            self.netlink = Some(netfilter_socket()?);
-        }
-        let sock = self.netlink.as_ref().ok_or("no netfilter socket")?;
-        // A netlink message goes whole into the sender's buffer.
-        crate::sys::sockopt::force_send_buffer(sock, bytes.len() + (64 << 10))
-            .map_err(|e| format!("send buffer of {} bytes: {e}", bytes.len()))?;
-        self.canary = None;
-        self.runs += 1;
-        self.send(&bytes, &acked)?;
-        self.canary = self.generation();
+        self.send(batch)?;
         self.full_batches += 1;
         Ok(())
     }
@@ -263,8 +264,14 @@ impl NftApplier {
         let rules = nft(set);
         // After a failure or at start, an IPv6 table of an earlier run may be there.
         let had_v6 = self.full_next || self.last.as_ref().is_some_and(|l| Self::wanted(nft(l), Family::V6));
-        if let Err(e) = self.full_batch(rules, had_v6) {
-            log::debug!("full write over netlink: {e}; through nft -f instead");
+        // Kernel-path ports have chains of their own, which only `nft -f` writes (they are few).
+        let kernel = !rules.v4.kernel.is_empty() || !rules.v6.kernel.is_empty();
+        let batched = !kernel
+            && self
+                .full_batch(rules, had_v6)
+                .inspect_err(|e| log::debug!("full write over netlink: {e}; through nft -f"))
+                .is_ok();
+        if !batched {
             let text = Self::full_input(rules, had_v6);
             self.transaction(&text).inspect_err(|_| self.full_next = true)?;
         }
@@ -307,29 +314,19 @@ impl NftApplier {
         if changes.iter().all(|(_, c)| c.is_empty()) {
             return Ok(report);
         }
-        // The changes as one netlink batch (costs what changed); `nft -f` when that fails or
-        // the batch is big (it would not fit the socket's send buffer).
+        // The changes as one netlink batch (costs what changed); `nft -f` when that fails.
         let mut batch = Batch::new(self.seq);
         for (f, c) in &changes {
             batch.delete(*f, &c.gone);
             batch.add(*f, &c.added);
         }
-        let (bytes, acked) = batch.finish();
-        self.seq = self.seq.wrapping_add(u32::try_from(acked.len() + 2).unwrap_or(u32::MAX));
-        let sent = if bytes.len() <= BATCH_MAX { self.send(&bytes, &acked) } else { Err("batch too big".into()) };
-        match sent {
-            Ok(()) => {
-                self.runs += 1;
-                self.canary = self.generation();
+        if let Err(e) = self.send(batch) {
+            log::debug!("nf_tables batch: {e}; through nft -f instead");
+            let mut text = String::new();
+            for f in &families {
+                delta_text(&mut text, *f, last.family(*f), rules.family(*f));
             }
-            Err(e) => {
-                log::debug!("nf_tables batch: {e}; through nft -f instead");
-                let mut text = String::new();
-                for f in &families {
-                    delta_text(&mut text, *f, last.family(*f), rules.family(*f));
-                }
-                self.transaction(&text).inspect_err(|_| self.full_next = true)?;
-            }
+            self.transaction(&text).inspect_err(|_| self.full_next = true)?;
         }
         self.last = Some(set.clone());
         report.restores = 1;

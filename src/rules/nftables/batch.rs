@@ -234,6 +234,11 @@ impl Batch {
         });
     }
 
+    /// The sequence number after this batch's end marker (the next batch's first).
+    pub fn next_seq(&self) -> u32 {
+        self.seq.wrapping_add(1)
+    }
+
     /// The whole batch, its end marker written.
     pub fn finish(mut self) -> (Vec<u8>, Vec<u32>) {
         self.message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, |_| {});
