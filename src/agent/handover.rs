@@ -12,6 +12,7 @@
 //! Anything else (`systemctl stop`, SIGTERM or SIGINT by hand, a shutdown of the machine) is a
 //! stop: connections end, then the rules and the address go.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
 use crate::exec;
@@ -37,12 +38,43 @@ pub fn restart_pending(run_dir: &Path) -> bool {
     let Some(unit) = own_unit() else {
         return false;
     };
-    let Some(jobs) = exec::stdout_if_ok("systemctl", &["list-jobs", "--no-legend", "--plain", "--full"]) else {
+    // Under a unit with the default KillMode=control-group, systemd's stop sends SIGTERM to
+    // every process of the cgroup, again and again while new ones appear: this `systemctl` can
+    // be killed before it answers (the shipped unit has KillMode=mixed, but a unit written by
+    // hand may not). Asked again then: the kill loop ends as soon as it finds no new process.
+    let mut jobs = None;
+    for _ in 0..5 {
+        match exec::run("systemctl", &["list-jobs", "--no-legend", "--plain", "--full"], None) {
+            Ok(o) if o.status.success() => {
+                jobs = Some(String::from_utf8_lossy(&o.stdout).into_owned());
+                break;
+            }
+            Ok(o) if o.status.signal().is_some() => {
+                log::warn!("systemctl list-jobs was killed ({}): asking again", o.status);
+            }
+            Ok(o) => {
+                log::warn!(
+                    "systemctl list-jobs: {}: {}: taken as a stop",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return false;
+            }
+            Err(e) => {
+                log::warn!("systemctl list-jobs: {e}: taken as a stop");
+                return false;
+            }
+        }
+    }
+    let Some(jobs) = jobs else {
+        log::warn!("systemctl list-jobs was killed five times: taken as a stop");
         return false;
     };
     let restarting = restart_job(&jobs, &unit);
     if restarting {
         log::info!("systemd restarts {unit}: the rules and the address stay for the next agent");
+    } else {
+        log::info!("no restart job queued for {unit}: a stop");
     }
     restarting
 }
