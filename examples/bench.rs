@@ -63,6 +63,10 @@ struct Args {
     /// a config file for the edgeproxy under test (for tuning experiments; default none)
     #[argh(option)]
     edgeproxy_config: Option<PathBuf>,
+    /// the edgeproxy under test's `workers` (auto, the default, or a number; with
+    /// --edgeproxy-config that file's setting counts)
+    #[argh(option)]
+    edgeproxy_workers: Option<String>,
     /// comma-separated figure groups to measure, for profiling (throughput, latency, rate,
     /// conns, udp; default all, plus the resource figures)
     #[argh(option)]
@@ -224,6 +228,7 @@ fn settings_json(args: &Args, w: &Windows, paths: &[Path]) -> Value {
         "idle_connections": IDLE_CONNS,
         "generated_services": GENERATED_SERVICES,
         "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        "edgeproxy_workers": args.edgeproxy_workers.as_deref().unwrap_or("auto"),
         "haproxy": "mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
     })
 }
@@ -520,7 +525,14 @@ fn edgeproxy_config(args: &Args, work: &std::path::Path) -> Res<PathBuf> {
         return Ok(c.clone());
     }
     let path = work.join("edgeproxy.json");
-    write(&path, &format!("{{\"tcp\": {{\"maxConnectionsPerSource\": {}}}}}\n", 2 * IDLE_CONNS))?;
+    let workers = args.edgeproxy_workers.as_deref().unwrap_or("auto");
+    if workers != "auto" && workers.parse::<u16>().is_err() {
+        return Err(format!("--edgeproxy-workers {workers:?}: auto or a number"));
+    }
+    write(
+        &path,
+        &format!("{{\"tcp\": {{\"maxConnectionsPerSource\": {}}}, \"workers\": \"{workers}\"}}\n", 2 * IDLE_CONNS),
+    )?;
     Ok(path)
 }
 

@@ -210,6 +210,9 @@ pub struct RunCmd {
     /// edgeproxy.io/data-path annotation wins)
     #[argh(option)]
     pub data_path: Option<String>,
+    /// the proxy's event loops: auto (default: one per usable CPU, at most 4) or a number
+    #[argh(option)]
+    pub workers: Option<String>,
     /// auto (default), nft or legacy
     #[argh(option)]
     pub iptables_backend: Option<String>,
@@ -251,6 +254,7 @@ impl RunCmd {
         o.set("tcp-port", self.tcp_port.clone());
         o.set("load-balancer", self.load_balancer.clone());
         o.set("data-path", self.data_path.clone());
+        o.set("workers", self.workers.clone());
         o.set("iptables-backend", self.iptables_backend.clone());
         o.set("metrics-address", self.metrics_address.clone());
         o.set("state-dir", self.state_dir.clone());

@@ -657,6 +657,7 @@ config edgeproxy 'main'
 	option tcp_port '15101'
 	option load_balancer 'random'
 	option data_path 'kernel'
+	option workers '2'
 	option iptables_backend 'nft'
 	option min_sync_period '500ms'
 	option guard_period '5s'
@@ -736,6 +737,8 @@ fn all_options_command() -> Vec<&'static str> {
         "random",
         "--data-path",
         "kernel",
+        "--workers",
+        "2",
         "--iptables-backend",
         "nft",
         "--min-sync-period",
@@ -811,6 +814,7 @@ const UCI_OPTION_OF_FIELD: &[(&str, &str)] = &[
     ("source.endpointsApi", "endpoints_api"),
     ("loadBalancer", "load_balancer"),
     ("dataPath", "data_path"),
+    ("workers", "workers"),
     ("tcp.dialTimeout", "dial_timeout"),
     ("tcp.dialAttempts", "dial_attempts"),
     ("tcp.bufferSize", "tcp_buffer_size"),
@@ -872,6 +876,7 @@ const ALL_OPTIONS_CONFIG: &str = r#"{
   },
   "loadBalancer": "random",
   "dataPath": "kernel",
+  "workers": 2,
   "tcp": {
     "dialTimeout": "3s",
     "dialAttempts": 5,

@@ -31,6 +31,8 @@ pub const META_SERVER: &str = "http://127.0.0.1:10550";
 pub const WATCH: bool = true;
 pub const POLL_INTERVAL: Duration = Duration::from_secs(30);
 
+/// `workers`: one event loop per usable CPU, capped (see `proxy::workers`).
+pub const WORKERS: crate::proxy::Workers = crate::proxy::Workers::Auto;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DIAL_ATTEMPTS: u32 = 3;
 /// Active probes started per second at most (when `tcp.probeInterval` turns them on).

@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub load_balancer: Option<String>,
     /// `proxy` | `kernel`: how proxied services reach endpoints (a Service's annotation wins).
     pub data_path: Option<String>,
+    /// `"auto"` or a number: the proxy's event loops.
+    pub workers: Option<CountOrWord>,
     pub tcp: Option<TcpFile>,
     pub udp: Option<UdpFile>,
     pub iptables: Option<IptablesFile>,
@@ -45,6 +47,14 @@ pub struct FileConfig {
     /// How long a start waits for the source's first complete list before it installs from the
     /// cache.
     pub offline_after: Option<String>,
+}
+
+/// A setting written as a number or as a word (`"workers": 2` or `"workers": "auto"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum CountOrWord {
+    Count(u64),
+    Word(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +218,10 @@ fn top_level_flag(f: &mut FileConfig, flag: &str, v: &str) -> Result<Option<&'st
         "data-path" => {
             f.data_path = Some(s);
             "dataPath"
+        }
+        "workers" => {
+            f.workers = Some(CountOrWord::Word(s));
+            "workers"
         }
         "state-dir" => {
             f.state_dir = Some(s);

@@ -49,6 +49,7 @@ impl From<&Config> for ProxyConfig {
             tcp_idle_timeout: c.tcp_idle_timeout,
             probe_interval: c.probe_interval,
             probes_per_second: c.probes_per_second,
+            workers: c.workers,
         }
     }
 }

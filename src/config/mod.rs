@@ -23,6 +23,7 @@ use crate::filter::{DefaultIgnores, FilterConfig, FilterMode, Profile};
 use crate::listen::ListenConfig;
 use crate::model::DataPath;
 use crate::proxy::table::LbPolicy;
+use crate::proxy::Workers;
 use crate::rules::render::Layout;
 use crate::rules::Flavour;
 use crate::source::{EndpointsApi, SourceConfig, SourceKind};
@@ -66,6 +67,8 @@ pub struct Config {
     pub lb_policy: LbPolicy,
     /// `dataPath`: the path of proxied services without their own annotation.
     pub data_path: DataPath,
+    /// `workers`: the proxy's event loops.
+    pub workers: Workers,
     pub dial_timeout: Duration,
     pub dial_attempts: u32,
     pub tcp_buffer: usize,
@@ -205,6 +208,7 @@ impl Config {
             None => DataPath::Proxy,
             Some(s) => b.at("dataPath", one_of(s, &[("proxy", DataPath::Proxy), ("kernel", DataPath::Kernel)]))?,
         };
+        let workers = b.at("workers", workers(f.workers.as_ref()))?;
         let metrics_address = match f.metrics_address.as_deref() {
             None | Some("") => None,
             Some(a) => Some(
@@ -222,6 +226,7 @@ impl Config {
             source,
             lb_policy,
             data_path,
+            workers,
             dial_timeout: defaults::DIAL_TIMEOUT,
             dial_attempts: defaults::DIAL_ATTEMPTS,
             tcp_buffer: defaults::TCP_BUFFER,
@@ -393,6 +398,24 @@ fn source_settings(s: SourceFile, b: &Blame) -> Result<SourceConfig, ConfigError
             .at("source.pollInterval", dur_in(s.poll_interval.as_deref(), defaults::POLL_INTERVAL, SECOND, HOUR))?,
         endpoints_api,
     })
+}
+
+/// `workers`: `auto`, or a count (a number, or a number written as a word, as a flag gives it).
+fn workers(v: Option<&file::CountOrWord>) -> Result<Workers, String> {
+    let n = match v {
+        None => return Ok(defaults::WORKERS),
+        Some(file::CountOrWord::Word(w)) if w == "auto" => return Ok(Workers::Auto),
+        Some(file::CountOrWord::Word(w)) => {
+            w.parse::<u64>().map_err(|_| format!("{w:?} is neither auto nor a number"))?
+        }
+        Some(file::CountOrWord::Count(n)) => *n,
+    };
+    u16::try_from(n)
+        .ok()
+        .filter(|n| *n <= crate::proxy::workers::MAX)
+        .and_then(std::num::NonZeroU16::new)
+        .map(Workers::Count)
+        .ok_or_else(|| format!("{n} is outside the accepted range 1..={} (or auto)", crate::proxy::workers::MAX))
 }
 
 fn proxy_settings(c: &mut Config, tcp: &TcpFile, udp: &UdpFile, b: &Blame) -> Result<(), ConfigError> {

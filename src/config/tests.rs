@@ -147,3 +147,29 @@ fn the_tcp_port_may_take_the_default_udp_range_once_that_moves() {
     assert_eq!(e.path, "listen.tcpPort");
     assert!(from_json(r#"{"listen": {"tcpPort": 15500}}"#).is_err(), "inside the default UDP range");
 }
+
+#[test]
+fn workers_are_auto_or_a_count_in_range_written_either_way() {
+    use crate::proxy::Workers;
+    use std::num::NonZeroU16;
+    assert_eq!(Config::defaults().workers, Workers::Auto);
+    assert_eq!(from_json(r#"{"workers": "auto"}"#).unwrap().workers, Workers::Auto);
+    let two = Workers::Count(NonZeroU16::new(2).unwrap());
+    assert_eq!(from_json(r#"{"workers": 2}"#).unwrap().workers, two);
+    assert_eq!(from_json(r#"{"workers": "2"}"#).unwrap().workers, two);
+    let mut o = Overrides::default();
+    o.set("workers", Some("2"));
+    assert_eq!(Config::from_text("{}", "test", &o).unwrap().workers, two);
+    for (text, says) in [
+        (r#"{"workers": 0}"#, "0 is outside the accepted range 1..=64 (or auto)"),
+        (r#"{"workers": 65}"#, "65 is outside the accepted range 1..=64"),
+        (r#"{"workers": "many\u001b"}"#, r#""many\u{1b}" is neither auto nor a number"#),
+    ] {
+        let e = from_json(text).unwrap_err();
+        assert_eq!(e.path, "workers", "{text}: {e}");
+        assert!(e.message.contains(says), "{text}: {e}");
+    }
+    // Neither a number nor a word: refused by the file's shape, naming the field.
+    let e = from_json(r#"{"workers": true}"#).unwrap_err();
+    assert_eq!(e.path, "workers", "{e}");
+}

@@ -1,21 +1,24 @@
-//! The data path: a single-threaded (tokio `current_thread`) TCP and UDP proxy.
+//! The data path: a TCP and UDP proxy of one or more event loops, each single-threaded (tokio
+//! `current_thread`).
 //!
-//! Owns the sockets of the proxy address: one TCP listener per family on `<listen ip>:<tcp
-//! port>` (every TCP service port is DNATed there; the service is recovered from the original
-//! destination), and one UDP socket per UDP service port (the port *is* the service). It reads
-//! the current [`ProxyTable`] from a `watch` channel for every new connection or flow, so a new
-//! table takes effect at once without stopping anything; open connections run on.
+//! Owns the sockets of the proxy address: per worker, one TCP listener per family on `<listen
+//! ip>:<tcp port>` (every TCP service port is DNATed there; the service is recovered from the
+//! original destination), and one UDP socket per UDP service port (the port *is* the service);
+//! with several workers each of those is bound once per worker with SO_REUSEPORT (see
+//! `workers`). It reads the current [`ProxyTable`] from a `watch` channel for every new
+//! connection or flow, so a new table takes effect at once without stopping anything; open
+//! connections run on.
 //!
 //! What it never does: it never touches iptables, routes or addresses (the rules applier and the
-//! agent put the proxy address on its device before [`run`]); it never blocks the loop (dials
+//! agent put the proxy address on its device before [`run`]); it never blocks a loop (dials
 //! are per-connection tasks with a timeout); it never relays to a destination that is not a
 //! proxied service port (no open relay).
 //!
-//! Layout: `shared` (the settings, the events and what every task shares), `tcp` (listener,
-//! dial), `relay` (both directions of a connection: buffers, splice), `udp` (port sockets),
-//! `flow` (a UDP flow and the table of all of them), `admission` (pure: who may open a
-//! connection or flow), `lb` (pure load balancing), `stats` (counters), `limits`
-//! (RLIMIT_NOFILE), `table` (what `state` builds).
+//! Layout: `shared` (the settings, the events and what every task shares), `workers` (the
+//! event loops), `tcp` (listener, dial), `relay` (both directions of a connection: buffers,
+//! splice), `udp` (port sockets), `flow` (a UDP flow and the table of all of them), `admission`
+//! (pure: who may open a connection or flow), `lb` (pure load balancing), `stats` (counters),
+//! `limits` (RLIMIT_NOFILE), `table` (what `state` builds).
 
 pub mod admission;
 mod flow;
@@ -29,6 +32,7 @@ pub mod stats;
 pub mod table;
 mod tcp;
 mod udp;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,6 +50,7 @@ use shared::Shared;
 pub use shared::{ProxyConfig, ProxyEvent};
 use stats::ProxyStats;
 use table::ProxyTable;
+pub use workers::Workers;
 
 /// How long a stop waits for relayed connections to end cleanly (see `tcp::serve`) before it
 /// drops what is left.
@@ -70,9 +75,10 @@ impl From<()> for FinWait {
 /// UDP sockets close, and this returns: the caller removes rules and addresses after.
 ///
 /// Must be called inside a tokio runtime (meant for a `current_thread` one; a `LocalSet` is
-/// fine). Fails only when the IPv4 TCP listener cannot be bound. `tables` delivers the current
-/// table; `events` receives [`ProxyEvent`]s (a closed receiver is ignored); `stats` is updated
-/// as traffic flows.
+/// fine): it is worker 0, and `cfg.workers` says how many more threads to start. Fails only
+/// when the IPv4 TCP listener cannot be bound or a worker thread cannot start. `tables`
+/// delivers the current table; `events` receives [`ProxyEvent`]s (a closed receiver is
+/// ignored); `stats` is updated as traffic flows.
 pub async fn run(
     cfg: ProxyConfig,
     tables: watch::Receiver<Arc<ProxyTable>>,
@@ -109,13 +115,17 @@ pub async fn run(
         events: events.clone(),
     });
 
-    let v4 = tcp::bind_v4(&cfg)?;
-    let mut addrs: Vec<SocketAddr> = v4.local_addr().into_iter().collect();
+    let n = cfg.workers.resolve();
+    let shared_port = n > 1;
+    let v4s = (0..n).map(|_| tcp::bind_v4(&cfg, shared_port)).collect::<std::io::Result<Vec<_>>>()?;
+    let mut addrs: Vec<SocketAddr> = v4s[0].local_addr().into_iter().collect();
     let v6 = cfg.listen_v6.map(|ip| SocketAddr::from((ip, cfg.tcp_port)));
     addrs.extend(v6);
+    let pool = workers::Pool::start(n)?;
     log::info!(
-        "proxy listening on {} (TCP); per client address at most {} connections and {} UDP flows; UDP idle timeout {:?}, at most {} flows; {} descriptors for connections and flows; dial timeout {:?} x {} attempts",
+        "proxy listening on {} (TCP) with {n} worker(s) (workers: {}); per client address at most {} connections and {} UDP flows; UDP idle timeout {:?}, at most {} flows; {} descriptors for connections and flows; dial timeout {:?} x {} attempts",
         addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        cfg.workers,
         cfg.tcp_max_per_source,
         cfg.udp_max_flows_per_source,
         cfg.udp_idle_timeout,
@@ -127,12 +137,14 @@ pub async fn run(
     // The TCP side ends by itself at a stop (listeners close, connections end); the rest runs
     // until it is dropped.
     let mut tcp_tasks = JoinSet::new();
-    tcp_tasks.spawn(tcp::accept_loop(v4, tables.clone(), shared.clone()));
-    if let Some(v6) = v6 {
-        tcp_tasks.spawn(tcp::serve_v6(v6, tables.clone(), shared.clone()));
+    for (i, v4) in v4s.into_iter().enumerate() {
+        workers::spawn_on(&mut tcp_tasks, &pool, i, tcp::serve_v4(v4, tables.clone(), shared.clone()));
+        if let Some(v6) = v6 {
+            workers::spawn_on(&mut tcp_tasks, &pool, i, tcp::serve_v6(v6, shared_port, tables.clone(), shared.clone()));
+        }
     }
     let mut tasks = JoinSet::new();
-    tasks.spawn(udp::reconcile_loop(tables.clone(), events.clone(), shared.clone()));
+    tasks.spawn(udp::reconcile_loop(tables.clone(), events.clone(), shared.clone(), pool.handles().to_vec()));
     tasks.spawn(probe::probe_loop(tables.clone(), shared.clone()));
     tasks.spawn(housekeeping(tables, shared));
     let _ = events.send(ProxyEvent::Listening(addrs));
@@ -148,6 +160,8 @@ pub async fn run(
     // its sockets.
     tcp_tasks.shutdown().await;
     tasks.shutdown().await;
+    // The worker threads end with whatever they still run (their UDP flows).
+    drop(pool);
     Ok(())
 }
 

@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     pub probe_interval: Option<Duration>,
     /// At most this many probes start per second.
     pub probes_per_second: u32,
+    /// How many event loops serve connections and datagrams (see `workers`).
+    pub workers: super::workers::Workers,
 }
 
 impl ProxyConfig {
@@ -88,8 +90,8 @@ pub enum ProxyEvent {
     SetAside(Vec<(ServicePortName, SocketAddr)>),
 }
 
-/// What every task of the proxy shares. Single-threaded, so the mutexes are never contended;
-/// no lock is held across an `await`.
+/// What every task of every worker shares. Each mutex is held for a short computation, never
+/// across an `await`; with one worker they are never contended.
 pub(super) struct Shared {
     pub cfg: ProxyConfig,
     pub stats: Arc<ProxyStats>,

@@ -41,10 +41,24 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(6)
 }
 
-/// Bind the IPv4 listener (required).
-pub(super) fn bind_v4(cfg: &ProxyConfig) -> io::Result<TcpListener> {
+/// Bind the IPv4 listener (required); one per worker, with SO_REUSEPORT when `shared_port`.
+/// Bound here, on the caller's thread, so a failure stops the start; each worker registers its
+/// own with its runtime ([`serve_v4`]).
+pub(super) fn bind_v4(cfg: &ProxyConfig, shared_port: bool) -> io::Result<std::net::TcpListener> {
     let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
-    listen(v4).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
+    listen(v4, shared_port).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
+}
+
+/// Serve a listener bound by [`bind_v4`] on the worker this runs on.
+pub(super) async fn serve_v4(
+    listener: std::net::TcpListener,
+    tables: watch::Receiver<Arc<ProxyTable>>,
+    shared: Arc<Shared>,
+) {
+    match TcpListener::from_std(listener) {
+        Ok(l) => accept_loop(l, tables, shared).await,
+        Err(e) => log::error!("a proxy worker cannot take its IPv4 listener: {e}; the others serve"),
+    }
 }
 
 /// How long the IPv6 listener is retried when its address is not usable yet (tentative, or
@@ -54,11 +68,17 @@ const V6_RETRY_EVERY: Duration = Duration::from_millis(250);
 
 /// Bind the IPv6 listener and serve it; retried for a while when the address is not usable
 /// yet (a warning when it never becomes so: IPv6 services are then refused).
-pub(super) async fn serve_v6(addr: SocketAddr, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+/// `shared_port`: one listener per worker, with SO_REUSEPORT.
+pub(super) async fn serve_v6(
+    addr: SocketAddr,
+    shared_port: bool,
+    tables: watch::Receiver<Arc<ProxyTable>>,
+    shared: Arc<Shared>,
+) {
     let started = tokio::time::Instant::now();
     let mut stopping = shared.stopping.clone();
     let listener = loop {
-        match listen(addr) {
+        match listen(addr, shared_port).and_then(TcpListener::from_std) {
             Ok(l) => break l,
             Err(e) if started.elapsed() >= V6_RETRY_FOR => {
                 log::warn!("no IPv6 TCP listener on {addr} ({e}); IPv6 services are refused");
@@ -89,9 +109,13 @@ pub(super) async fn serve_v6(addr: SocketAddr, tables: watch::Receiver<Arc<Proxy
     accept_loop(listener, tables, shared).await;
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+fn listen(addr: SocketAddr, shared_port: bool) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     s.set_reuse_address(true)?;
+    if shared_port {
+        // Every worker's listener on the same address: the kernel spreads connections over them.
+        s.set_reuse_port(true)?;
+    }
     // Accepted connections inherit TCP_NODELAY from the listener: one setsockopt per listener
     // instead of one per connection.
     s.set_tcp_nodelay(true)?;
@@ -102,7 +126,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     s.bind(&addr.into())?;
     s.listen(1024)?;
-    TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// Dial `addr` from a socket carrying the proxy's mark (set before the SYN leaves).
@@ -402,7 +426,7 @@ mod tests {
     fn accepted_sockets_inherit_nodelay_and_keepalive() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
         rt.block_on(async {
-            let l = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            let l = TcpListener::from_std(listen("127.0.0.1:0".parse().unwrap(), false).unwrap()).unwrap();
             let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (a, _) = l.accept().await.unwrap();
             let s = SockRef::from(&a);

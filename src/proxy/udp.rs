@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::UdpSocket;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
@@ -42,11 +43,14 @@ thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
 }
 
-/// Keeps the bound UDP ports equal to the table's, binding and dropping as tables change.
+/// Keeps the bound UDP ports equal to the table's, binding and dropping as tables change. Every
+/// port gets one socket per worker (SO_REUSEPORT when there are several), served on that
+/// worker's runtime; the kernel's 4-tuple hash keeps a client's datagrams on one of them.
 pub(super) async fn reconcile_loop(
     mut tables: watch::Receiver<Arc<ProxyTable>>,
     events: mpsc::UnboundedSender<ProxyEvent>,
     shared: Arc<Shared>,
+    workers: Vec<Handle>,
 ) {
     let mut ports: BTreeMap<u16, Vec<AbortHandle>> = BTreeMap::new();
     let mut tasks = JoinSet::new();
@@ -64,11 +68,14 @@ pub(super) async fn reconcile_loop(
             if ports.contains_key(&port) {
                 continue;
             }
-            match bind(&shared, port) {
+            match bind(&shared, port, workers.len()) {
                 Ok(socks) => {
                     let handles = socks
                         .into_iter()
-                        .map(|s| tasks.spawn(serve_port(Arc::new(s), port, tables.clone(), shared.clone())))
+                        .map(|(i, s)| {
+                            let serve = serve_std(s, port, tables.clone(), shared.clone());
+                            tasks.spawn_on(serve, &workers[i])
+                        })
                         .collect();
                     ports.insert(port, handles);
                 }
@@ -87,13 +94,23 @@ pub(super) async fn reconcile_loop(
     }
 }
 
-/// The IPv4 socket (required) and the IPv6 one (when the IPv6 proxy address is usable).
-fn bind(shared: &Shared, port: u16) -> io::Result<Vec<UdpSocket>> {
-    let mut out = vec![udp_socket(SocketAddr::from((shared.cfg.listen_v4, port)))?];
+/// Per worker (its index, the socket): the IPv4 socket (required) and the IPv6 one (when the
+/// IPv6 proxy address is usable).
+fn bind(shared: &Shared, port: u16, workers: usize) -> io::Result<Vec<(usize, std::net::UdpSocket)>> {
+    let shared_port = workers > 1;
+    let mut out = Vec::with_capacity(2 * workers);
+    for i in 0..workers {
+        out.push((i, udp_socket(SocketAddr::from((shared.cfg.listen_v4, port)), shared_port)?));
+    }
     if let Some(ip) = shared.cfg.listen_v6 {
-        match udp_socket(SocketAddr::from((ip, port))) {
-            Ok(s) => out.push(s),
-            Err(e) => log::debug!("no IPv6 socket for UDP port {port}: {e}"),
+        for i in 0..workers {
+            match udp_socket(SocketAddr::from((ip, port)), shared_port) {
+                Ok(s) => out.push((i, s)),
+                Err(e) => {
+                    log::debug!("no IPv6 socket for UDP port {port}: {e}");
+                    break;
+                }
+            }
         }
     }
     Ok(out)
@@ -111,14 +128,31 @@ fn grow_receive_buffer(s: &Socket) {
     }
 }
 
-fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// A service socket (`shared_port`: with SO_REUSEPORT, one of the workers' group).
+fn udp_socket(addr: SocketAddr, shared_port: bool) -> io::Result<std::net::UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    if shared_port {
+        s.set_reuse_port(true)?;
+    }
     grow_receive_buffer(&s);
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
+}
+
+/// Serve a socket bound by [`bind`] on the worker this runs on.
+async fn serve_std(
+    sock: std::net::UdpSocket,
+    port: u16,
+    tables: watch::Receiver<Arc<ProxyTable>>,
+    shared: Arc<Shared>,
+) {
+    match UdpSocket::from_std(sock) {
+        Ok(s) => serve_port(Arc::new(s), port, tables, shared).await,
+        Err(e) => log::warn!("UDP port {port}: a worker cannot take its socket: {e}"),
+    }
 }
 
 /// Removes a socket's flows from the shared table however its task ends (a closed port aborts
@@ -380,8 +414,7 @@ mod tests {
     /// case), at least the kernel's cap otherwise.
     #[test]
     fn service_sockets_get_a_large_receive_buffer() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
-        let s = rt.block_on(async { udp_socket("127.0.0.1:0".parse().unwrap()).unwrap() });
+        let s = udp_socket("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let got = SockRef::from(&s).recv_buffer_size().unwrap();
         if crate::sys::is_root() {
             assert!(got >= UDP_RCVBUF, "root: {got} bytes");

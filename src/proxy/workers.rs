@@ -1,0 +1,187 @@
+//! One event loop per core: the proxy's workers.
+//!
+//! Worker 0 is the agent's own thread (its `current_thread` runtime). Workers 1.. are threads of
+//! their own, each running a `current_thread` tokio runtime that does nothing until the proxy
+//! hands it tasks: an accept loop on its own TCP listener, one task per UDP service socket. The
+//! kernel spreads the load: every worker's listener and UDP socket is bound to the same address
+//! and port with SO_REUSEPORT, and the kernel picks one per connection or datagram by a hash of
+//! the 4-tuple, so a UDP flow's datagrams always reach the same worker (as long as the set of
+//! sockets does not change). A connection or flow lives on the worker that accepted it, with its
+//! timers and buffers; nothing moves between workers.
+//!
+//! Shared by all (behind `Shared`): the read-only proxy table (a `watch`), the balancer and the
+//! health state, the admission counts, the descriptor budget, the UDP flow table and the
+//! counters (atomics). Each is one short lock or one atomic add per connection, flow or read,
+//! never held across an `await`.
+//!
+//! `workers: 1` starts no thread and binds no socket with SO_REUSEPORT: the proxy is exactly the
+//! single loop it was.
+
+use std::future::Future;
+use std::io;
+use std::num::NonZeroU16;
+use std::thread::JoinHandle;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// How many event loops the proxy runs (`workers` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    /// One per usable CPU (affinity and cgroup quota count), at most [`AUTO_CAP`].
+    Auto,
+    /// Exactly this many.
+    Count(NonZeroU16),
+}
+
+/// `auto` never runs more loops than this: an edge machine's other cores are for its
+/// workloads, and past a handful of cores the kernel's own work per packet dominates anyway.
+pub const AUTO_CAP: usize = 4;
+
+/// The most `workers` accepts.
+pub const MAX: u16 = 64;
+
+impl Workers {
+    /// The number of loops, given the CPUs this process may use (`None`: unknown, one).
+    pub fn count(self, usable_cpus: Option<usize>) -> usize {
+        match self {
+            Workers::Auto => usable_cpus.unwrap_or(1).clamp(1, AUTO_CAP),
+            Workers::Count(n) => usize::from(n.get()),
+        }
+    }
+
+    /// The number of loops on this machine.
+    pub fn resolve(self) -> usize {
+        self.count(std::thread::available_parallelism().ok().map(std::num::NonZeroUsize::get))
+    }
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workers::Auto => f.write_str("auto"),
+            Workers::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Stack of a worker thread: only the poll of one task at a time lives there (tasks' states
+/// are on the heap), so a small one bounds what each worker can cost.
+const STACK: usize = 512 * 1024;
+
+/// The runtimes of workers 1.. (worker 0 is the caller's), and how to stop them.
+pub(super) struct Pool {
+    handles: Vec<Handle>,
+    threads: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Pool {
+    /// Start `n - 1` worker threads (none for `n` <= 1). Must be called inside the caller's
+    /// runtime: its handle is worker 0's.
+    pub fn start(n: usize) -> io::Result<Pool> {
+        let mut pool = Pool { handles: vec![Handle::current()], threads: Vec::new() };
+        for i in 1..n {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            pool.handles.push(rt.handle().clone());
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let thread =
+                std::thread::Builder::new().name(format!("proxy-worker-{i}")).stack_size(STACK).spawn(move || {
+                    // Runs the tasks handed to it until told to stop (or the sender is gone);
+                    // dropping the runtime then drops whatever tasks are left, with their sockets.
+                    let _ = rt.block_on(stop_rx);
+                    drop(rt);
+                });
+            match thread {
+                Ok(t) => pool.threads.push((stop_tx, t)),
+                Err(e) => {
+                    pool.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(pool)
+    }
+
+    /// The runtime of worker `i`.
+    pub fn handle(&self, i: usize) -> &Handle {
+        &self.handles[i % self.handles.len()]
+    }
+
+    /// Every worker's runtime, worker 0's first.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// Stop workers 1.. and wait for their threads: their remaining tasks are dropped.
+    pub fn stop(&mut self) {
+        for (stop, thread) in self.threads.drain(..) {
+            let _ = stop.send(());
+            if thread.join().is_err() {
+                log::warn!("a proxy worker thread panicked");
+            }
+        }
+        self.handles.truncate(1);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Run `f` on worker `i`'s runtime as a task of `set`.
+pub(super) fn spawn_on<F>(set: &mut tokio::task::JoinSet<F::Output>, pool: &Pool, i: usize, f: F)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    set.spawn_on(f, pool.handle(i));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_follows_the_usable_cpus_up_to_the_cap() {
+        assert_eq!(Workers::Auto.count(Some(1)), 1);
+        assert_eq!(Workers::Auto.count(Some(2)), 2);
+        assert_eq!(Workers::Auto.count(Some(64)), AUTO_CAP);
+        assert_eq!(Workers::Auto.count(None), 1);
+        let three = Workers::Count(NonZeroU16::new(3).unwrap());
+        assert_eq!(three.count(Some(1)), 3);
+        assert_eq!(three.to_string(), "3");
+        assert_eq!(Workers::Auto.to_string(), "auto");
+    }
+
+    #[test]
+    fn tasks_run_on_their_worker_and_stop_drops_what_is_left() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut pool = Pool::start(3).unwrap();
+            assert_eq!(pool.handles().len(), 3);
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..3 {
+                spawn_on(&mut set, &pool, i, async move { (i, std::thread::current().name().map(str::to_string)) });
+            }
+            let mut seen = Vec::new();
+            while let Some(r) = set.join_next().await {
+                seen.push(r.unwrap());
+            }
+            seen.sort();
+            assert_eq!(seen[1], (1, Some("proxy-worker-1".into())));
+            assert_eq!(seen[2], (2, Some("proxy-worker-2".into())));
+            assert_ne!(seen[0].1.as_deref(), Some("proxy-worker-1"));
+            // A task that never ends is dropped when its worker stops.
+            let (tx, rx) = oneshot::channel::<()>();
+            pool.handle(1).spawn(async move {
+                let _keep = tx;
+                std::future::pending::<()>().await;
+            });
+            pool.stop();
+            assert!(rx.await.is_err(), "the pending task was dropped with its runtime");
+            assert_eq!(pool.handles().len(), 1);
+        });
+    }
+}
