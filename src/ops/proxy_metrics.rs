@@ -158,6 +158,19 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
         "Times accepting paused because file descriptors ran out.",
         [(String::new(), stats.accept_fd_exhausted.get())],
     );
+    let workers = stats.workers();
+    o.family(
+        "edgeproxy_worker_connections_total",
+        "counter",
+        "TCP connections accepted per proxy worker (event loop); the kernel spreads them (SO_REUSEPORT).",
+        workers.iter().enumerate().map(|(i, w)| (format!("{{worker=\"{i}\"}}"), w.connections.get())),
+    );
+    o.family(
+        "edgeproxy_worker_datagrams_total",
+        "counter",
+        "UDP datagrams received from clients per proxy worker (event loop).",
+        workers.iter().enumerate().map(|(i, w)| (format!("{{worker=\"{i}\"}}"), w.datagrams.get())),
+    );
 }
 
 #[cfg(test)]

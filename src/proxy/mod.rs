@@ -122,6 +122,8 @@ pub async fn run(
     let v6 = cfg.listen_v6.map(|ip| SocketAddr::from((ip, cfg.tcp_port)));
     addrs.extend(v6);
     let pool = workers::Pool::start(n)?;
+    // Every worker's counters exist from the start (a scrape shows the idle ones as 0).
+    let _ = shared.stats.worker(n - 1);
     log::info!(
         "proxy listening on {} (TCP) with {n} worker(s) (workers: {}); per client address at most {} connections and {} UDP flows; UDP idle timeout {:?}, at most {} flows; {} descriptors for connections and flows; dial timeout {:?} x {} attempts",
         addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
@@ -138,9 +140,10 @@ pub async fn run(
     // until it is dropped.
     let mut tcp_tasks = JoinSet::new();
     for (i, v4) in v4s.into_iter().enumerate() {
-        workers::spawn_on(&mut tcp_tasks, &pool, i, tcp::serve_v4(v4, tables.clone(), shared.clone()));
+        workers::spawn_on(&mut tcp_tasks, &pool, i, tcp::serve_v4(v4, i, tables.clone(), shared.clone()));
         if let Some(v6) = v6 {
-            workers::spawn_on(&mut tcp_tasks, &pool, i, tcp::serve_v6(v6, shared_port, tables.clone(), shared.clone()));
+            let serve = tcp::serve_v6(v6, (i, shared_port), tables.clone(), shared.clone());
+            workers::spawn_on(&mut tcp_tasks, &pool, i, serve);
         }
     }
     let mut tasks = JoinSet::new();

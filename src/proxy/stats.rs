@@ -127,6 +127,16 @@ impl ServiceCounters {
     }
 }
 
+/// What one worker (event loop) handled: each worker adds to its own, so these never bounce
+/// between cores; the totals elsewhere are their sums.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Connections its listener accepted.
+    pub connections: Counter,
+    /// Datagrams its UDP service sockets received from clients.
+    pub datagrams: Counter,
+}
+
 /// Everything the proxy counts.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
@@ -167,6 +177,8 @@ pub struct ProxyStats {
     pub connection_duration: Latencies,
     /// Dials per (service port, endpoint): bounded by the table, pruned with it.
     endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointCounters>>>,
+    /// Per worker, in worker order (as many as the proxy started).
+    workers: Mutex<Vec<Arc<WorkerCounters>>>,
 }
 
 impl ProxyStats {
@@ -217,6 +229,20 @@ impl ProxyStats {
     pub fn retain_endpoints(&self, keep: impl Fn(&str, SocketAddr) -> bool) {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|(name, addr), _| keep(name, *addr));
+    }
+
+    /// The counters of worker `i`, created (with those before it) on first use.
+    pub fn worker(&self, i: usize) -> Arc<WorkerCounters> {
+        let mut v = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        while v.len() <= i {
+            v.push(Arc::default());
+        }
+        v[i].clone()
+    }
+
+    /// Every worker's counters, in worker order (for the metrics endpoint and tests).
+    pub fn workers(&self) -> Vec<Arc<WorkerCounters>> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Count one finished connection setup, per service and in total.

@@ -49,14 +49,15 @@ pub(super) fn bind_v4(cfg: &ProxyConfig, shared_port: bool) -> io::Result<std::n
     listen(v4, shared_port).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
 }
 
-/// Serve a listener bound by [`bind_v4`] on the worker this runs on.
+/// Serve a listener bound by [`bind_v4`] on the worker this runs on (`worker`: its index).
 pub(super) async fn serve_v4(
     listener: std::net::TcpListener,
+    worker: usize,
     tables: watch::Receiver<Arc<ProxyTable>>,
     shared: Arc<Shared>,
 ) {
     match TcpListener::from_std(listener) {
-        Ok(l) => accept_loop(l, tables, shared).await,
+        Ok(l) => accept_loop(l, worker, tables, shared).await,
         Err(e) => log::error!("a proxy worker cannot take its IPv4 listener: {e}; the others serve"),
     }
 }
@@ -71,7 +72,7 @@ const V6_RETRY_EVERY: Duration = Duration::from_millis(250);
 /// `shared_port`: one listener per worker, with SO_REUSEPORT.
 pub(super) async fn serve_v6(
     addr: SocketAddr,
-    shared_port: bool,
+    (worker, shared_port): (usize, bool),
     tables: watch::Receiver<Arc<ProxyTable>>,
     shared: Arc<Shared>,
 ) {
@@ -106,7 +107,7 @@ pub(super) async fn serve_v6(
     if started.elapsed() > V6_RETRY_EVERY {
         log::info!("IPv6 TCP listener on {addr} after {:?}", started.elapsed());
     }
-    accept_loop(listener, tables, shared).await;
+    accept_loop(listener, worker, tables, shared).await;
 }
 
 fn listen(addr: SocketAddr, shared_port: bool) -> io::Result<std::net::TcpListener> {
@@ -155,8 +156,14 @@ fn original_dst(s: &TcpStream, v6: bool) -> io::Result<SocketAddr> {
     addr.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
 }
 
-pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    worker: usize,
+    tables: watch::Receiver<Arc<ProxyTable>>,
+    shared: Arc<Shared>,
+) {
     let stats = &shared.stats;
+    let mine = stats.worker(worker);
     let mut conns = JoinSet::new();
     let v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut refusal_log = Every::new(std::time::Duration::from_secs(10));
@@ -189,6 +196,7 @@ pub(super) async fn accept_loop(listener: TcpListener, tables: watch::Receiver<A
             }
         };
         stats.tcp_accepted.inc();
+        mine.connections.inc();
         while conns.try_join_next().is_some() {}
         let orig = match original_dst(&client, v6) {
             Ok(o) => o,

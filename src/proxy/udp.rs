@@ -73,7 +73,7 @@ pub(super) async fn reconcile_loop(
                     let handles = socks
                         .into_iter()
                         .map(|(i, s)| {
-                            let serve = serve_std(s, port, tables.clone(), shared.clone());
+                            let serve = serve_std(s, (port, i), tables.clone(), shared.clone());
                             tasks.spawn_on(serve, &workers[i])
                         })
                         .collect();
@@ -142,15 +142,15 @@ fn udp_socket(addr: SocketAddr, shared_port: bool) -> io::Result<std::net::UdpSo
     Ok(s.into())
 }
 
-/// Serve a socket bound by [`bind`] on the worker this runs on.
+/// Serve a socket bound by [`bind`] for `port` on the worker (`worker`) this runs on.
 async fn serve_std(
     sock: std::net::UdpSocket,
-    port: u16,
+    (port, worker): (u16, usize),
     tables: watch::Receiver<Arc<ProxyTable>>,
     shared: Arc<Shared>,
 ) {
     match UdpSocket::from_std(sock) {
-        Ok(s) => serve_port(Arc::new(s), port, tables, shared).await,
+        Ok(s) => serve_port(Arc::new(s), (port, worker), tables, shared).await,
         Err(e) => log::warn!("UDP port {port}: a worker cannot take its socket: {e}"),
     }
 }
@@ -174,8 +174,14 @@ impl Drop for PortFlows {
 
 /// Serve one listening socket: route client datagrams into flows (creating them as needed).
 /// Aborting this task drops the socket and every flow of it.
-async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc<ProxyTable>>, shared: Arc<Shared>) {
+async fn serve_port(
+    sock: Arc<UdpSocket>,
+    (port, worker): (u16, usize),
+    tables: watch::Receiver<Arc<ProxyTable>>,
+    shared: Arc<Shared>,
+) {
     let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mine = shared.stats.worker(worker);
     let _flows = PortFlows { shared: shared.clone(), port, v6 };
     let mut flow_tasks: JoinSet<()> = JoinSet::new();
     let mut per_source_log = Every::new(Duration::from_secs(10));
@@ -190,6 +196,7 @@ async fn serve_port(sock: Arc<UdpSocket>, port: u16, tables: watch::Receiver<Arc
                 let mut buf = b.borrow_mut();
                 match sock.try_recv_from(&mut buf) {
                     Ok((n, client)) => {
+                        mine.datagrams.inc();
                         let ctx = PortCtx { port, sock: &sock, tables: &tables, shared: &shared };
                         on_datagram(&buf[..n], client, &ctx, &mut flow_tasks, &mut per_source_log);
                         true

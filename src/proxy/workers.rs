@@ -1,8 +1,11 @@
 //! One event loop per core: the proxy's workers.
 //!
-//! Worker 0 is the agent's own thread (its `current_thread` runtime). Workers 1.. are threads of
-//! their own, each running a `current_thread` tokio runtime that does nothing until the proxy
-//! hands it tasks: an accept loop on its own TCP listener, one task per UDP service socket. The
+//! With one worker, it is the agent's own thread (its `current_thread` runtime), as before
+//! workers existed. With more, every worker is a thread of its own, each running a
+//! `current_thread` tokio runtime that does nothing until the proxy hands it tasks: an accept
+//! loop on its own TCP listener, one task per UDP service socket. The agent's thread then keeps
+//! only what is not traffic (planning, the UDP ports' reconciliation, probes, housekeeping), so
+//! a long plan of a big cluster never stalls a connection. The
 //! kernel spreads the load: every worker's listener and UDP socket is bound to the same address
 //! and port with SO_REUSEPORT, and the kernel picks one per connection or datagram by a hash of
 //! the 4-tuple, so a UDP flow's datagrams always reach the same worker (as long as the set of
@@ -69,18 +72,21 @@ impl std::fmt::Display for Workers {
 /// are on the heap), so a small one bounds what each worker can cost.
 const STACK: usize = 512 * 1024;
 
-/// The runtimes of workers 1.. (worker 0 is the caller's), and how to stop them.
+/// The workers' runtimes, and how to stop their threads.
 pub(super) struct Pool {
     handles: Vec<Handle>,
     threads: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Pool {
-    /// Start `n - 1` worker threads (none for `n` <= 1). Must be called inside the caller's
-    /// runtime: its handle is worker 0's.
+    /// One worker (`n` <= 1): the caller's runtime, no thread. More: `n` threads. Must be
+    /// called inside the caller's runtime.
     pub fn start(n: usize) -> io::Result<Pool> {
-        let mut pool = Pool { handles: vec![Handle::current()], threads: Vec::new() };
-        for i in 1..n {
+        if n <= 1 {
+            return Ok(Pool { handles: vec![Handle::current()], threads: Vec::new() });
+        }
+        let mut pool = Pool { handles: Vec::new(), threads: Vec::new() };
+        for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             pool.handles.push(rt.handle().clone());
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -107,20 +113,23 @@ impl Pool {
         &self.handles[i % self.handles.len()]
     }
 
-    /// Every worker's runtime, worker 0's first.
+    /// Every worker's runtime, in order.
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
 
-    /// Stop workers 1.. and wait for their threads: their remaining tasks are dropped.
+    /// Stop the worker threads and wait for them: their remaining tasks are dropped.
     pub fn stop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
         for (stop, thread) in self.threads.drain(..) {
             let _ = stop.send(());
             if thread.join().is_err() {
                 log::warn!("a proxy worker thread panicked");
             }
         }
-        self.handles.truncate(1);
+        self.handles.clear();
     }
 }
 
@@ -159,20 +168,31 @@ mod tests {
     fn tasks_run_on_their_worker_and_stop_drops_what_is_left() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
+            let here = std::thread::current().id();
+            // One worker: the caller's own loop.
+            let one = Pool::start(1).unwrap();
+            let mut set = tokio::task::JoinSet::new();
+            spawn_on(&mut set, &one, 0, async { std::thread::current().id() });
+            assert_eq!(set.join_next().await.unwrap().unwrap(), here);
+            drop(one);
+            // More: a thread each, none of them the caller's.
             let mut pool = Pool::start(3).unwrap();
             assert_eq!(pool.handles().len(), 3);
             let mut set = tokio::task::JoinSet::new();
             for i in 0..3 {
-                spawn_on(&mut set, &pool, i, async move { (i, std::thread::current().name().map(str::to_string)) });
+                spawn_on(&mut set, &pool, i, async move {
+                    let me = std::thread::current();
+                    (i, me.name().map(str::to_string), me.id() == here)
+                });
             }
             let mut seen = Vec::new();
             while let Some(r) = set.join_next().await {
                 seen.push(r.unwrap());
             }
             seen.sort();
-            assert_eq!(seen[1], (1, Some("proxy-worker-1".into())));
-            assert_eq!(seen[2], (2, Some("proxy-worker-2".into())));
-            assert_ne!(seen[0].1.as_deref(), Some("proxy-worker-1"));
+            for (i, got) in seen.into_iter().enumerate() {
+                assert_eq!(got, (i, Some(format!("proxy-worker-{i}")), false));
+            }
             // A task that never ends is dropped when its worker stops.
             let (tx, rx) = oneshot::channel::<()>();
             pool.handle(1).spawn(async move {
@@ -181,7 +201,7 @@ mod tests {
             });
             pool.stop();
             assert!(rx.await.is_err(), "the pending task was dropped with its runtime");
-            assert_eq!(pool.handles().len(), 1);
+            assert!(pool.handles().is_empty());
         });
     }
 }
