@@ -1,8 +1,9 @@
 //! Side-by-side benchmark of edgeproxy against a direct connection, the kernel's DNAT path
-//! (kube-proxy style) and HAProxy, on one topology of network namespaces. Needs root.
+//! (kube-proxy style) and HAProxy (one thread, and its default threads), on one topology of
+//! network namespaces. Needs root.
 //!
 //! ```text
-//! sudo cargo run --release --example bench -- [--quick] [--json FILE]
+//! sudo cargo run --release --example bench -- [--quick] [--json FILE] [--paths a,b,...]
 //! ```
 //!
 //! Topology: `client` (10.77.1.2) -- `node` (10.77.1.1 | 10.77.2.1, forwarding on) --
@@ -11,12 +12,18 @@
 //! - direct: the client dials 10.77.2.2;
 //! - kernel-dnat: 10.96.77.10, kube-proxy-shaped SERVICES -> SVC -> SEP chains, DNAT to the backend;
 //! - edgeproxy: 10.96.77.20, the release binary's `edgeproxy run --source file:` in the node;
-//! - haproxy: 10.96.77.30, DNAT to HAProxy (mode tcp, nbthread 1) on 169.254.96.17 in the node;
+//! - haproxy: 10.96.77.30, DNAT to HAProxy, 1 thread (mode tcp, nbthread 1) on 169.254.96.17 in
+//!   the node;
 //! - edgeproxy-kernel: 10.96.77.40, a service of the same edgeproxy annotated
-//!   `edgeproxy.io/data-path: kernel`: its own DNAT straight to the backend, no proxy hop.
+//!   `edgeproxy.io/data-path: kernel`: its own DNAT straight to the backend, no proxy hop;
+//! - haproxy-mt: 10.96.77.50, DNAT to a second HAProxy with its default threads (no nbthread
+//!   line: HAProxy starts one thread per CPU it may use) on 169.254.96.18 in the node; its own
+//!   process, config and log. Neither HAProxy proxies UDP.
 //!
 //! Owns the orchestration only: set up, run every figure for every path in each round (the path
-//! order rotates per round), collect, report. Everything it creates (namespaces, processes,
+//! order rotates per round), collect, report. The report judges edgeproxy against each HAProxy
+//! that ran; a "better than" verdict passes only when edgeproxy's median is better AND it won a
+//! strict majority of the rounds (`report`). Everything it creates (namespaces, processes,
 //! files under a temporary directory) is removed at the end, also on error, panic or Ctrl-C. It
 //! never changes the root namespace's routes, iptables or sysctls.
 
@@ -26,6 +33,8 @@ mod load;
 mod paired;
 #[path = "bench/paths.rs"]
 mod paths;
+#[path = "bench/programs.rs"]
+mod programs;
 #[path = "bench/report.rs"]
 mod report;
 #[path = "bench/topo.rs"]
@@ -39,6 +48,7 @@ use argh::FromArgs;
 use serde_json::{json, Value};
 
 use paths::Path;
+use programs::{cpu_seconds, rss_kib, spawn_edgeproxy, spawn_haproxy, which, write};
 use report::Results;
 use topo::{Ns, Proc, Res, Topology};
 
@@ -54,7 +64,8 @@ struct Args {
     /// number of rounds (default 5, or 2 with --quick)
     #[argh(option)]
     rounds: Option<usize>,
-    /// comma-separated paths to run (default direct,kernel-dnat,edgeproxy,edgeproxy-kernel,haproxy)
+    /// comma-separated paths to run (default direct,kernel-dnat,edgeproxy,edgeproxy-kernel,haproxy,
+    /// haproxy-mt)
     #[argh(option)]
     paths: Option<String>,
     /// the edgeproxy binary (default: build and use target/release/edgeproxy)
@@ -126,11 +137,7 @@ fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
         None => Path::ALL.to_vec(),
         Some(list) => list
             .split(',')
-            .map(|s| {
-                Path::parse(s.trim()).ok_or_else(|| {
-                    format!("--paths: unknown path {s:?} (direct, kernel-dnat, edgeproxy, edgeproxy-kernel, haproxy)")
-                })
-            })
+            .map(|s| Path::parse(s.trim()).ok_or_else(|| format!("--paths: unknown path {s:?} ({})", Path::names())))
             .collect::<Res<_>>()?,
     };
     if !paths.contains(&Path::Kernel) {
@@ -204,7 +211,7 @@ fn measure_resources(
     }
     for (p, _) in procs {
         eprintln!("{}: {GENERATED_SERVICES} services", p.name());
-        match rss_with_services(*p, binary, Some(&edgeproxy_config(args, work)?), work) {
+        match programs::rss_with_services(*p, GENERATED_SERVICES, binary, Some(&edgeproxy_config(args, work)?), work) {
             Ok(kib) => {
                 results.resources.entry("rss_1000_services").or_default().insert(p.name(), kib);
             }
@@ -229,7 +236,12 @@ fn settings_json(args: &Args, w: &Windows, paths: &[Path]) -> Value {
         "generated_services": GENERATED_SERVICES,
         "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "edgeproxy_workers": args.edgeproxy_workers.as_deref().unwrap_or("auto"),
-        "haproxy": "mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
+        "haproxy": "HAProxy, 1 thread: mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
+        "haproxy_mt": format!(
+            "HAProxy, default threads: mode tcp, no nbthread line (HAProxy starts one thread per CPU it may use: {} here), \
+             default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.18 in the node namespace",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        ),
     })
 }
 
@@ -250,18 +262,20 @@ fn run(args: &Args) -> Res<()> {
     let all_figures = w.groups.len() == FIGURE_GROUPS.len();
     let started = Instant::now();
     let binary = if paths.contains(&Path::Edgeproxy) || paths.contains(&Path::EdgeproxyKernel) {
-        Some(edgeproxy_binary(args)?)
+        Some(programs::edgeproxy_binary(args.edgeproxy.as_ref())?)
     } else {
         None
     };
-    let mut facts = machine_facts(binary.as_ref());
+    let mut facts = programs::machine_facts(binary.as_ref());
     let work = tempdir()?;
 
     let topo = Topology::build(args.congestion_control.as_deref())?;
     let cc = topo.node.ok(&["sysctl", "-n", "net.ipv4.tcp_congestion_control"])?;
     facts.push(("tcp congestion control".into(), cc.trim().to_string()));
     paths::kernel_rules(&topo.node)?;
-    topo.node.ok(&["ip", "addr", "add", &format!("{}/32", paths::HAPROXY_IP), "dev", "lo"])?;
+    for ip in Path::HAPROXIES.iter().filter_map(|p| p.haproxy_ip()) {
+        topo.node.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+    }
     start_backend(&topo.backend)?;
     let _iperf = topo.backend.spawn(&["iperf3", "-s", "-p", &load::IPERF_PORT.to_string()], true)?;
 
@@ -281,10 +295,11 @@ fn run(args: &Args) -> Res<()> {
             )?,
         ));
     }
-    if paths.contains(&Path::Haproxy) {
-        let cfg = work.0.join("haproxy.cfg");
-        write(&cfg, &paths::haproxy_bench_config(HAPROXY_MAXCONN))?;
-        procs.push((Path::Haproxy, spawn_haproxy(&topo.node, &cfg, &work.0.join("haproxy.log"))?));
+    for p in Path::HAPROXIES.into_iter().filter(|p| paths.contains(p)) {
+        // haproxy.cfg / haproxy.log, haproxy-mt.cfg / haproxy-mt.log.
+        let cfg = work.0.join(format!("{}.cfg", p.name()));
+        write(&cfg, &paths::haproxy_bench_config(p, HAPROXY_MAXCONN))?;
+        procs.push((p, spawn_haproxy(&topo.node, &cfg, &work.0.join(format!("{}.log", p.name())))?));
     }
     for p in &paths {
         let (tcp, udp) = (p.echo(), p.has_udp().then(|| p.echo()));
@@ -310,7 +325,7 @@ fn run(args: &Args) -> Res<()> {
     drop(procs);
     drop(topo);
 
-    facts.push(("load after".into(), loadavg()));
+    facts.push(("load after".into(), programs::loadavg()));
     facts.push(("rounds".into(), w.rounds.to_string()));
     facts.push(("duration".into(), format!("{:.0} s", started.elapsed().as_secs_f64())));
     print!("\n{}", report::table(&results, &paths, &facts));
@@ -536,152 +551,6 @@ fn edgeproxy_config(args: &Args, work: &std::path::Path) -> Res<PathBuf> {
     Ok(path)
 }
 
-fn spawn_edgeproxy(
-    node: &Ns,
-    bin: &std::path::Path,
-    file: &std::path::Path,
-    config: Option<&std::path::Path>,
-    log: &std::path::Path,
-) -> Res<Proc> {
-    let source = format!("file:{}", file.display());
-    let bin = bin.display().to_string();
-    // The agent's lock and records live beside its inputs, never in the host's /run/edgeproxy.
-    let run_dir = file.with_extension("run").display().to_string();
-    let mut argv = vec![
-        bin.as_str(),
-        "--log-level",
-        "warn",
-        "run",
-        "--run-dir",
-        &run_dir,
-        "--state-dir",
-        "",
-        "--source",
-        &source,
-        "--node-name",
-        "node",
-        "--metrics-address",
-        "",
-        "--iptables-backend",
-        "nft",
-    ];
-    let config = config.map(|c| c.display().to_string());
-    if let Some(c) = &config {
-        argv.extend(["--config", c.as_str()]);
-    }
-    spawn_logged(node, &argv, log)
-}
-
-fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) -> Res<Proc> {
-    // Started through a symlink named `bench-haproxy`, so the process name is not `haproxy`:
-    // an admin's `pkill haproxy` or `systemctl stop haproxy` for the packaged daemon must not
-    // end the benchmark's HAProxy mid-run.
-    let dir = cfg.parent().ok_or("config without a directory")?;
-    let link = dir.join("bench-haproxy");
-    if !link.exists() {
-        let real = which("haproxy").ok_or("haproxy not found")?;
-        std::os::unix::fs::symlink(&real, &link).map_err(|e| format!("symlink {}: {e}", link.display()))?;
-    }
-    spawn_logged(node, &[&link.display().to_string(), "-db", "-f", &cfg.display().to_string()], log)
-}
-
-/// Start a process in `ns` with stdout and stderr to `log`; errors quote the log's tail if it
-/// is gone 200 ms later.
-fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> {
-    let log_file = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let err_file = log_file.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut c = ns.cmd(argv);
-    c.stdin(std::process::Stdio::null()).stdout(log_file).stderr(err_file);
-    let child = c.spawn().map_err(|e| format!("cannot start {argv:?}: {e}"))?;
-    let mut p = Proc::adopt(child);
-    std::thread::sleep(Duration::from_millis(200));
-    if !p.alive() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        return Err(format!("{} exited at start: {}", argv[0], tail.into_iter().rev().collect::<Vec<_>>().join(" | ")));
-    }
-    Ok(p)
-}
-
-/// Start a second instance of the proxy alone in a fresh namespace with 1,000 services, wait
-/// until it has loaded them, read its RSS.
-fn rss_with_services(
-    p: Path,
-    binary: Option<&PathBuf>,
-    config: Option<&std::path::Path>,
-    work: &std::path::Path,
-) -> Res<f64> {
-    let ns = Ns::new("rss")?;
-    let mut proc = match p {
-        Path::Edgeproxy => {
-            let bin = binary.ok_or("no edgeproxy binary")?;
-            let file = work.join("generated.json");
-            write(&file, &paths::generated_cluster_json(GENERATED_SERVICES))?;
-            spawn_edgeproxy(&ns, bin, &file, config, &work.join("edgeproxy-1000.log"))?
-        }
-        Path::Haproxy => {
-            ns.ok(&["ip", "addr", "add", &format!("{}/32", paths::HAPROXY_IP), "dev", "lo"])?;
-            let cfg = work.join("haproxy-1000.cfg");
-            write(&cfg, &paths::haproxy_generated_config(GENERATED_SERVICES))?;
-            spawn_haproxy(&ns, &cfg, &work.join("haproxy-1000.log"))?
-        }
-        _ => return Err("not a proxy".into()),
-    };
-    let last = paths::generated_ip(GENERATED_SERVICES - 1).to_string();
-    let start = Instant::now();
-    loop {
-        if !proc.alive() {
-            return Err("the proxy exited while loading".into());
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err("not loaded after 30 s".into());
-        }
-        let loaded = match p {
-            // Loaded when its rules for the last service are in the nat table.
-            Path::Edgeproxy => ns.ok(&["iptables-nft-save", "-t", "nat"]).map(|s| s.contains(&last)).unwrap_or(false),
-            // Loaded when it listens on the last port.
-            _ => ns
-                .ok(&["ss", "-Htln", &format!("sport = :{}", 20000 + GENERATED_SERVICES - 1)])
-                .map(|s| !s.trim().is_empty())
-                .unwrap_or(false),
-        };
-        if loaded {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let kib = rss_kib(proc.pid())?;
-    proc.stop();
-    Ok(kib)
-}
-
-/// VmRSS of a process, KiB.
-fn rss_kib(pid: u32) -> Res<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .ok_or_else(|| format!("/proc/{pid}/status has no VmRSS"))
-}
-
-/// utime + stime of a process (all its threads), seconds.
-fn cpu_seconds(pid: u32) -> Res<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // Fields after the command name (which may contain spaces) start at ')'.
-    let rest = s.rsplit_once(')').map(|x| x.1).ok_or("bad /proc/pid/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime 15.
-    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-    let (Some(u), Some(s)) = (ticks(14), ticks(15)) else {
-        return Err(format!("/proc/{pid}/stat: no utime/stime"));
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = f64::from(i32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
-    Ok((u + s) / hz)
-}
-
 /// Raise our soft open-file limit to the hard limit (children inherit it).
 fn raise_nofile() -> Res<()> {
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -699,83 +568,6 @@ fn raise_nofile() -> Res<()> {
         return Err(format!("open-file limit {} is too low for {IDLE_CONNS} idle connections", l.rlim_cur));
     }
     Ok(())
-}
-
-/// The release edgeproxy: `--edgeproxy PATH`, or build `target/release/edgeproxy` now.
-fn edgeproxy_binary(args: &Args) -> Res<PathBuf> {
-    if let Some(p) = &args.edgeproxy {
-        return p.canonicalize().map_err(|e| format!("--edgeproxy {}: {e}", p.display()));
-    }
-    let manifest = env!("CARGO_MANIFEST_DIR");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building the release edgeproxy (cargo build --release --bin edgeproxy)");
-    let mut c = std::process::Command::new(&cargo);
-    c.current_dir(manifest).args(["build", "--release", "--bin", "edgeproxy"]);
-    // `cargo run` sets CARGO_PKG_* and friends for us; build scripts that watch such variables
-    // would see a different environment than a plain `cargo build` and rebuild every time.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k == "OUT_DIR" {
-            c.env_remove(&*k);
-        }
-    }
-    topo::run(&mut c)?;
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{manifest}/target"));
-    let bin = PathBuf::from(target).join("release/edgeproxy");
-    if !bin.exists() {
-        return Err(format!("{} not found after the build", bin.display()));
-    }
-    Ok(bin)
-}
-
-fn machine_facts(bin: Option<&PathBuf>) -> Vec<(String, String)> {
-    let cmd = |argv: &[&str]| {
-        std::process::Command::new(argv[0])
-            .args(&argv[1..])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_default();
-    let manifest = env!("CARGO_MANIFEST_DIR");
-    let commit = cmd(&["git", "-C", manifest, "rev-parse", "--short", "HEAD"]);
-    let dirty = !cmd(&["git", "-C", manifest, "status", "--porcelain", "--untracked-files=no"]).is_empty();
-    let mut v = vec![
-        ("date".to_string(), cmd(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])),
-        ("commit".into(), format!("{commit}{}", if dirty { " (dirty)" } else { "" })),
-        ("cpu".into(), format!("{} x {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))),
-        ("kernel".into(), cmd(&["uname", "-r"])),
-        ("load before".into(), loadavg()),
-        ("haproxy".into(), cmd(&["haproxy", "-v"]).lines().next().unwrap_or("").to_string()),
-        ("iperf3".into(), cmd(&["iperf3", "--version"]).lines().next().unwrap_or("").to_string()),
-    ];
-    if let Some(b) = bin {
-        let size = std::fs::metadata(b).map(|m| m.len()).unwrap_or(0);
-        v.push(("edgeproxy".into(), format!("{} ({size} bytes)", b.display())));
-    }
-    v
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(tool)).find(|p| p.exists())
-}
-
-fn write(path: &std::path::Path, text: &str) -> Res<()> {
-    std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// A temporary directory, removed on drop.

@@ -1,8 +1,9 @@
 //! The data paths under test and how each is installed in the node namespace.
 //!
 //! Owns the inputs each path needs: the kube-proxy-style DNAT rules (kernel path and the
-//! HAProxy path's redirect), the cluster file for `edgeproxy run --source file:`, the HAProxy
-//! configuration, and the generated 1,000-service cluster for the memory figure. Every path has
+//! HAProxy paths' redirects), the cluster file for `edgeproxy run --source file:`, the HAProxy
+//! configurations (one thread, and HAProxy's default threads), and the generated 1,000-service
+//! cluster for the memory figure. Every path has
 //! its own ClusterIP, so all are installed at once and none switches the others off. It never
 //! measures anything.
 
@@ -15,8 +16,11 @@ use crate::topo::{Ns, Res, BACKEND_IP};
 /// Chain names deliberately not `KUBE-*`: edgeproxy reads `KUBE-SERVICES` to detect kube-proxy,
 /// and the benchmark must not change what it does.
 const CHAIN_PREFIX: &str = "BENCH";
-/// Where HAProxy listens in the node namespace (on `lo`); ClusterIP traffic is DNATed to it.
+/// Where HAProxy (1 thread) listens in the node namespace (on `lo`); ClusterIP traffic is
+/// DNATed to it.
 pub const HAPROXY_IP: &str = "169.254.96.17";
+/// Where HAProxy with its default threads listens in the node namespace (on `lo`).
+pub const HAPROXY_MT_IP: &str = "169.254.96.18";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Path {
@@ -25,11 +29,17 @@ pub enum Path {
     Edgeproxy,
     /// The same edgeproxy process, a service annotated `edgeproxy.io/data-path: kernel`.
     EdgeproxyKernel,
+    /// HAProxy, 1 thread (`nbthread 1`).
     Haproxy,
+    /// HAProxy with its default threads (no `nbthread`: one thread per CPU it may use).
+    HaproxyMt,
 }
 
 impl Path {
-    pub const ALL: [Path; 5] = [Path::Direct, Path::Kernel, Path::Edgeproxy, Path::EdgeproxyKernel, Path::Haproxy];
+    pub const ALL: [Path; 6] =
+        [Path::Direct, Path::Kernel, Path::Edgeproxy, Path::EdgeproxyKernel, Path::Haproxy, Path::HaproxyMt];
+    /// The HAProxy paths, each its own process.
+    pub const HAPROXIES: [Path; 2] = [Path::Haproxy, Path::HaproxyMt];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,7 +48,13 @@ impl Path {
             Path::Edgeproxy => "edgeproxy",
             Path::EdgeproxyKernel => "edgeproxy-kernel",
             Path::Haproxy => "haproxy",
+            Path::HaproxyMt => "haproxy-mt",
         }
+    }
+
+    /// Every path's name, for messages: "direct, kernel-dnat, ...".
+    pub fn names() -> String {
+        Path::ALL.map(Path::name).join(", ")
     }
 
     pub fn parse(s: &str) -> Option<Path> {
@@ -53,6 +69,16 @@ impl Path {
             Path::Edgeproxy => Ipv4Addr::new(10, 96, 77, 20),
             Path::Haproxy => Ipv4Addr::new(10, 96, 77, 30),
             Path::EdgeproxyKernel => Ipv4Addr::new(10, 96, 77, 40),
+            Path::HaproxyMt => Ipv4Addr::new(10, 96, 77, 50),
+        }
+    }
+
+    /// An HAProxy path's listen address in the node namespace (None for the other paths).
+    pub fn haproxy_ip(self) -> Option<&'static str> {
+        match self {
+            Path::Haproxy => Some(HAPROXY_IP),
+            Path::HaproxyMt => Some(HAPROXY_MT_IP),
+            _ => None,
         }
     }
 
@@ -66,18 +92,17 @@ impl Path {
 
     /// HAProxy 2.6 has no UDP proxying.
     pub fn has_udp(self) -> bool {
-        self != Path::Haproxy
+        self.haproxy_ip().is_none()
     }
 }
 
 /// kube-proxy's shape (SERVICES -> SVC -> SEP with the DNAT) for the kernel path, and the same
-/// jump for the HAProxy path, whose DNAT goes to HAProxy's listen address instead.
+/// jump for each HAProxy path, whose DNAT goes to that HAProxy's listen address instead.
 pub fn kernel_rules(node: &Ns) -> Res<()> {
     let p = CHAIN_PREFIX;
     let mut t = String::from("*nat\n");
     let _ = writeln!(t, ":{p}-SERVICES - [0:0]");
     let kernel = Path::Kernel.target();
-    let ha = Path::Haproxy.target();
     let mut body = String::new();
     for (proto, port) in [("tcp", ECHO_PORT), ("tcp", IPERF_PORT), ("udp", ECHO_PORT)] {
         let tag = format!("{}{port}", proto.to_uppercase());
@@ -88,10 +113,11 @@ pub fn kernel_rules(node: &Ns) -> Res<()> {
              -A {p}-SVC-{tag} -m comment --comment \"bench/kernel:{tag} -> {BACKEND_IP}:{port}\" -j {p}-SEP-{tag}\n\
              -A {p}-SEP-{tag} -p {proto} -m comment --comment \"bench/kernel:{tag}\" -m {proto} -j DNAT --to-destination {BACKEND_IP}:{port}"
         );
-        if proto == "tcp" {
+        for ha in Path::HAPROXIES.into_iter().filter(|_| proto == "tcp") {
+            let (cip, lip, name) = (ha.target(), ha.haproxy_ip().unwrap_or(HAPROXY_IP), ha.name());
             let _ = writeln!(
                 body,
-                "-A {p}-SERVICES -d {ha}/32 -p tcp -m comment --comment \"bench/haproxy:{tag}\" -m tcp --dport {port} -j DNAT --to-destination {HAPROXY_IP}:{port}"
+                "-A {p}-SERVICES -d {cip}/32 -p tcp -m comment --comment \"bench/{name}:{tag}\" -m tcp --dport {port} -j DNAT --to-destination {lip}:{port}"
             );
         }
     }
@@ -210,34 +236,40 @@ fn slice_json(ns: &str, svc: &str, addrs: &[&str], ports: &[(&str, &str, u16)]) 
     )
 }
 
-/// HAProxy in TCP mode, one thread (our proxy is single-threaded too), its default buffers
-/// (16 KiB), no splicing (not its default). `listens` = (bind port, server address).
-pub fn haproxy_config(listens: &[(u16, String)], maxconn: usize) -> String {
+/// HAProxy in TCP mode for path `p` (an HAProxy path), listening on its address: for
+/// [`Path::Haproxy`] one thread (`nbthread 1`), for [`Path::HaproxyMt`] no `nbthread` line, so
+/// HAProxy starts one thread per CPU it may use; its default buffers (16 KiB), no splicing (not
+/// its default). `listens` = (bind port, server address).
+pub fn haproxy_config(p: Path, listens: &[(u16, String)], maxconn: usize) -> String {
+    let threads = if p == Path::Haproxy { "    nbthread 1\n" } else { "" };
+    let ip = p.haproxy_ip().unwrap_or(HAPROXY_IP);
     let mut c = format!(
-        "global\n    nbthread 1\n    maxconn {maxconn}\n\n\
+        "global\n{threads}    maxconn {maxconn}\n\n\
          defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\n"
     );
     for (port, server) in listens {
-        let _ = writeln!(c, "listen l{port}\n    bind {HAPROXY_IP}:{port}\n    server s1 {server}\n");
+        let _ = writeln!(c, "listen l{port}\n    bind {ip}:{port}\n    server s1 {server}\n");
     }
     c
 }
 
-/// HAProxy for the benchmark path: echo and iperf3 ports to the backend.
-pub fn haproxy_bench_config(maxconn: usize) -> String {
+/// HAProxy for benchmark path `p`: echo and iperf3 ports to the backend.
+pub fn haproxy_bench_config(p: Path, maxconn: usize) -> String {
     haproxy_config(
+        p,
         &[(ECHO_PORT, format!("{BACKEND_IP}:{ECHO_PORT}")), (IPERF_PORT, format!("{BACKEND_IP}:{IPERF_PORT}"))],
         maxconn,
     )
 }
 
-/// HAProxy with the same 1,000 services as [`generated_cluster_json`] (one listener each).
-pub fn haproxy_generated_config(n: usize) -> String {
+/// HAProxy (path `p`'s threads and address) with the same 1,000 services as
+/// [`generated_cluster_json`] (one listener each).
+pub fn haproxy_generated_config(p: Path, n: usize) -> String {
     let listens: Vec<(u16, String)> = (0..n)
         .map(|i| {
             let a = format!("10.78.{}.{}:8080", (2 * i) >> 8 & 255, (2 * i) & 255);
             (20000 + u16::try_from(i).expect("a port index fits u16"), a)
         })
         .collect();
-    haproxy_config(&listens, 1000)
+    haproxy_config(p, &listens, 1000)
 }

@@ -3,6 +3,13 @@
 //!
 //! Owns the arithmetic on measured numbers (min/median/max, per-round ratios) and their
 //! presentation. It never measures and never touches the system.
+//!
+//! Beside edgeproxy's own targets, it judges edgeproxy against every peer that ran ([`PEERS`]:
+//! HAProxy with 1 thread, HAProxy with its default threads), one row per figure per peer plus the
+//! resource rows. A "better than" row passes only when edgeproxy is ahead beyond the noise: its
+//! median is better (per-round ratios to kernel DNAT compared when both have them, else the
+//! medians) AND it won a strict majority of the rounds, counted from the per-round values (3 of
+//! 5, 2 of 2); a lead won in 2 of 5 rounds is a MISS. [`VERDICT_RULE`] says so in the output.
 
 use std::collections::BTreeMap;
 
@@ -121,7 +128,22 @@ pub struct Target {
     /// How the rounds spread (a ratio's range, or in how many rounds edgeproxy won), so a
     /// verdict inside the noise reads as such.
     pub rounds: String,
+    /// For a "better than" row: the peer's path name.
+    pub peer: Option<&'static str>,
+    /// For a "better than" row of a per-round figure: (rounds edgeproxy won, rounds compared).
+    pub won: Option<(usize, usize)>,
 }
+
+/// The peers edgeproxy is judged against (each when it ran), with the label of their rows.
+pub const PEERS: [(Path, &str); 2] =
+    [(Path::Haproxy, "HAProxy 1 thread"), (Path::HaproxyMt, "HAProxy default threads")];
+
+/// How the "better than" rows are decided; printed above the targets, kept in the JSON.
+pub const VERDICT_RULE: [&str; 3] = [
+    "A \"better than\" row: value = edgeproxy / that peer, from the medians of the per-round ratios to kernel DNAT when both have them, else the medians.",
+    "PASS only when edgeproxy's median is better AND it won a strict majority of the rounds (more than half: 3 of 5, 2 of 2); a lead inside the noise is a MISS.",
+    "Resource rows are one measurement each: PASS when edgeproxy's is lower.",
+];
 
 pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
     let ep = Path::Edgeproxy.name();
@@ -137,7 +159,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             (_, Some(m)) => format!("<= {m}x kernel DNAT"),
             _ => String::new(),
         };
-        t.push(Target { name: name.into(), value: v, bound, pass, rounds });
+        t.push(Target { name: name.into(), value: v, bound, pass, rounds, peer: None, won: None });
     };
     if !paths.contains(&Path::Edgeproxy) || !paths.contains(&Path::Kernel) {
         return Vec::new();
@@ -155,6 +177,8 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
         bound: "<= 0.25 CPU-s/GB".into(),
         pass: cpu.map(|c| c <= 0.25),
         rounds: spread(&r.values("cpu_per_gb", ep)).map(|(lo, _, hi)| format!("{lo:.2}-{hi:.2}")).unwrap_or_default(),
+        peer: None,
+        won: None,
     });
     for (key, bound_mib) in [("rss_1000_services", 8.0), ("rss_5000_conns", 40.0)] {
         let v = r.resource_mib(key, ep);
@@ -164,6 +188,8 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
             bound: format!("< {bound_mib} MiB"),
             pass: v.map(|v| v < bound_mib),
             rounds: "one measurement".into(),
+            peer: None,
+            won: None,
         });
     }
     if paths.contains(&Path::EdgeproxyKernel) {
@@ -181,95 +207,116 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
                 bound: bound.into(),
                 pass: Some(pass),
                 rounds,
+                peer: None,
+                won: None,
             });
         }
     }
-    if paths.contains(&Path::Haproxy) {
-        let ha = Path::Haproxy.name();
-        for f in FIGURES {
-            // Compare the per-round ratios to kernel DNAT (each proxy against the same round's
-            // kernel figure, so load drift between rounds cancels); proxy-only figures (CPU)
-            // have no kernel value and compare their medians directly.
-            let pair = match (med_ratio_of(r, f.key, ep), med_ratio_of(r, f.key, ha)) {
-                (Some(a), Some(b)) => Some((a, b)),
-                _ => med(f.key, ep).zip(med(f.key, ha)),
-            };
-            let Some((a, b)) = pair else {
-                continue;
-            };
-            let better = |a: f64, b: f64| if f.higher_is_better { a > b } else { a < b };
-            // Both proxies run in every round: count the rounds edgeproxy won outright.
-            let (e, h) = (r.values(f.key, ep), r.values(f.key, ha));
-            let pairs: Vec<(f64, f64)> =
-                e.iter().zip(h.iter()).map(|(a, b)| (*a, *b)).filter(|(a, b)| a.is_finite() && b.is_finite()).collect();
-            let won = pairs.iter().filter(|(a, b)| better(*a, *b)).count();
-            t.push(Target {
-                name: format!("better than HAProxy: {}", f.label),
-                value: Some(a / b),
-                bound: format!("{} HAProxy (value = edgeproxy / HAProxy)", if f.higher_is_better { ">" } else { "<" }),
-                pass: Some(better(a, b)),
-                rounds: format!("won {won} of {} rounds", pairs.len()),
-            });
-        }
-        for (key, _) in RESOURCES {
-            let get = |p: &str| r.resource_mib(key, p);
-            if let (Some(a), Some(b)) = (get(ep), get(ha)) {
-                t.push(Target {
-                    name: format!("better than HAProxy: {key}"),
-                    value: Some(a / b),
-                    bound: "< HAProxy (value = edgeproxy / HAProxy)".into(),
-                    pass: Some(a < b),
-                    rounds: "one measurement".into(),
-                });
-            }
+    for (peer, label) in PEERS {
+        if paths.contains(&peer) {
+            peer_targets(r, peer, label, &mut t);
         }
     }
     t
+}
+
+/// edgeproxy against one peer: a row per figure both have, then the resource rows. A row passes
+/// when edgeproxy's median is better and it won a strict majority of the rounds.
+fn peer_targets(r: &Results, peer: Path, label: &str, t: &mut Vec<Target>) {
+    let (ep, pn) = (Path::Edgeproxy.name(), peer.name());
+    let med = |key: &str, p: &str| spread(&r.values(key, p)).map(|s| s.1);
+    for f in FIGURES {
+        // Compare the per-round ratios to kernel DNAT (each proxy against the same round's
+        // kernel figure, so load drift between rounds cancels); proxy-only figures (CPU)
+        // have no kernel value and compare their medians directly.
+        let pair = match (med_ratio_of(r, f.key, ep), med_ratio_of(r, f.key, pn)) {
+            (Some(a), Some(b)) => Some((a, b)),
+            _ => med(f.key, ep).zip(med(f.key, pn)),
+        };
+        let Some((a, b)) = pair else {
+            continue;
+        };
+        let better = |a: f64, b: f64| if f.higher_is_better { a > b } else { a < b };
+        // Both proxies run in every round: count the rounds edgeproxy won outright.
+        let (e, h) = (r.values(f.key, ep), r.values(f.key, pn));
+        let pairs: Vec<(f64, f64)> =
+            e.iter().zip(h.iter()).map(|(a, b)| (*a, *b)).filter(|(a, b)| a.is_finite() && b.is_finite()).collect();
+        let won = pairs.iter().filter(|(a, b)| better(*a, *b)).count();
+        let n = pairs.len();
+        t.push(Target {
+            name: format!("better than {label}: {}", f.label),
+            value: Some(a / b),
+            bound: format!("{} {label}, won > half the rounds", if f.higher_is_better { ">" } else { "<" }),
+            pass: Some(better(a, b) && 2 * won > n),
+            rounds: format!("won {won} of {n} rounds"),
+            peer: Some(pn),
+            won: Some((won, n)),
+        });
+    }
+    for (key, _) in RESOURCES {
+        let get = |p: &str| r.resource_mib(key, p);
+        if let (Some(a), Some(b)) = (get(ep), get(pn)) {
+            t.push(Target {
+                name: format!("better than {label}: {key}"),
+                value: Some(a / b),
+                bound: format!("< {label}"),
+                pass: Some(a < b),
+                rounds: "one measurement".into(),
+                peer: Some(pn),
+                won: None,
+            });
+        }
+    }
 }
 
 fn med_ratio_of(r: &Results, key: &str, path: &str) -> Option<f64> {
     spread(&r.ratios(key, path)).map(|s| s.1)
 }
 
-/// The stdout table.
+/// The stdout table. Every column is as wide as its widest cell, so all paths (eight columns)
+/// stay aligned.
 pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String {
     let mut s = String::new();
     for (k, v) in facts {
         s.push_str(&format!("{k:<12} {v}\n"));
     }
     s.push_str("\nEach cell: median [min-max] over rounds, then the median per-round ratio to kernel-dnat.\n\n");
-    let w = 28;
-    s.push_str(&format!("{:<34} {:<9}", "figure", "unit"));
-    for p in paths {
-        s.push_str(&format!(" {:<w$}", p.name()));
-    }
-    s.push('\n');
+    // Rows of cells; an empty row is a blank line.
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let head = ["figure".to_string(), "unit".to_string()];
+    rows.push(head.into_iter().chain(paths.iter().map(|p| p.name().to_string())).collect());
     for f in FIGURES {
-        s.push_str(&format!("{:<34} {:<9}", f.label, f.unit));
+        let mut row = vec![f.label.to_string(), f.unit.to_string()];
         for p in paths {
-            let cell = match spread(&r.values(f.key, p.name())) {
+            row.push(match spread(&r.values(f.key, p.name())) {
                 None => "n/a".to_string(),
                 Some((lo, med, hi)) => {
                     let ratio = spread(&r.ratios(f.key, p.name())).map(|x| format!(" {:.2}x", x.1)).unwrap_or_default();
                     format!("{} [{}-{}]{ratio}", num(med), num(lo), num(hi))
                 }
-            };
-            s.push_str(&format!(" {cell:<w$}"));
+            });
         }
-        s.push('\n');
+        rows.push(row);
     }
-    s.push('\n');
+    rows.push(Vec::new());
     for (key, label) in RESOURCES {
-        s.push_str(&format!("{:<34} {:<9}", label, "MiB"));
-        for p in paths {
-            let cell = r.resource_mib(key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.2}"));
-            s.push_str(&format!(" {cell:<w$}"));
-        }
-        s.push('\n');
+        let mut row = vec![label.to_string(), "MiB".to_string()];
+        row.extend(
+            paths.iter().map(|p| r.resource_mib(key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.2}"))),
+        );
+        rows.push(row);
     }
+    s.push_str(&aligned(&rows));
     let t = targets(r, paths);
     if !t.is_empty() {
         s.push_str("\nTargets (edgeproxy; ratios are medians of per-round ratios):\n");
+        if t.iter().any(|t| t.peer.is_some()) {
+            for line in VERDICT_RULE {
+                s.push_str(&format!("  {line}\n"));
+            }
+        }
+        let name_w = t.iter().map(|t| t.name.len()).max().unwrap_or(0);
+        let bound_w = t.iter().map(|t| t.bound.len()).max().unwrap_or(0);
         for t in &t {
             let mark = match t.pass {
                 Some(true) => "PASS",
@@ -277,7 +324,9 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
                 None => "n/a ",
             };
             let v = t.value.map(num).unwrap_or_else(|| "n/a".into());
-            s.push_str(&format!("  {mark}  {:<56} {:>8}   target {:<48} {}\n", t.name, v, t.bound, t.rounds));
+            let line = format!("  {mark}  {:<name_w$} {v:>8}   target {:<bound_w$}   {}", t.name, t.bound, t.rounds);
+            s.push_str(line.trim_end());
+            s.push('\n');
         }
     }
     if !r.errors.is_empty() {
@@ -285,6 +334,29 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
         for e in &r.errors {
             s.push_str(&format!("  {e}\n"));
         }
+    }
+    s
+}
+
+/// Rows of cells, each column padded to its widest cell, one space between columns (two after
+/// the unit, before the first path); an empty row is a blank line.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|x| x.chars().count()).max().unwrap_or(0)).collect();
+    let mut s = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let sep = match c {
+                0 => "",
+                2 => "  ",
+                _ => " ",
+            };
+            line.push_str(&format!("{sep}{cell:<w$}", w = widths[c]));
+        }
+        s.push_str(line.trim_end());
+        s.push('\n');
     }
     s
 }
@@ -321,7 +393,18 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: &
     }
     let targets: Vec<Value> = targets(r, paths)
         .into_iter()
-        .map(|t| json!({"name": t.name, "value": t.value, "target": t.bound, "pass": t.pass, "rounds": t.rounds}))
+        .map(|t| {
+            let mut v =
+                json!({"name": t.name, "value": t.value, "target": t.bound, "pass": t.pass, "rounds": t.rounds});
+            if let Some(peer) = t.peer {
+                v["peer"] = json!(peer);
+            }
+            if let Some((won, of)) = t.won {
+                v["rounds_won"] = json!(won);
+                v["rounds_compared"] = json!(of);
+            }
+            v
+        })
         .collect();
     let machine: serde_json::Map<String, Value> =
         facts.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
@@ -331,6 +414,7 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: &
         "figures": figures,
         "resources": resources,
         "targets": targets,
+        "verdict_rule": VERDICT_RULE.join(" "),
         "errors": r.errors,
     })
 }
@@ -384,6 +468,9 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
     }
     let t = targets(r, paths);
     if !t.is_empty() {
+        if t.iter().any(|t| t.peer.is_some()) {
+            s.push_str(&format!("\n{}\n", VERDICT_RULE.join(" ")));
+        }
         s.push_str("\n| target (edgeproxy) | measured | bound | | rounds |\n|---|---:|---|---|---|\n");
         for t in &t {
             let mark = match t.pass {

@@ -158,6 +158,11 @@ pub fn render_proxy(stats: &ProxyStats, out: &mut String) {
         "Times accepting paused because file descriptors ran out.",
         [(String::new(), stats.accept_fd_exhausted.get())],
     );
+    render_workers(&mut o, stats);
+}
+
+/// Per worker (event loop): what each accepted and received.
+fn render_workers(o: &mut Out<'_>, stats: &ProxyStats) {
     let workers = stats.workers();
     o.family(
         "edgeproxy_worker_connections_total",
