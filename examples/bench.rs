@@ -450,8 +450,12 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
     }
     if on("conns") {
         let dur = w.conns;
+        let cpu0 = pid.map(cpu_seconds).transpose()?;
         let s = in_ns(&topo.client, move || load::new_conns(addr, NEW_CONN_THREADS, dur))?;
         r.push("new_conns", p, round, s.rate());
+        if let (Some(pid), Some(c0)) = (pid, cpu0) {
+            r.push("cpu_per_conn", p, round, (cpu_seconds(pid)? - c0) * 1e6 / load::float(s.ns.len()));
+        }
         r.push("new_conn_p99", p, round, s.quantile_us(0.99));
     }
     if on("udp") && p.has_udp() {

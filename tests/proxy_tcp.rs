@@ -361,3 +361,23 @@ fn idle_connections_close_at_the_idle_timeout_busy_ones_do_not() {
     }
     assert_eq!(t.stats.tcp_idle_closed.get(), 1, "the busy connection was closed");
 }
+
+#[test]
+#[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
+fn the_upstream_leg_gets_keepalive_only_once_the_connection_has_lived_ten_seconds() {
+    let t = Topo::new(test_config());
+    let (mut s, _) = connect(&t.node, WEB).unwrap();
+    greeting(&mut s).unwrap();
+    // The proxy's socket to the backend, as the node sees it (only the proxy dials backends).
+    let upstream = || t.node.ok(&["ss", "-tnoH", "state", "established", "(", "dport", "=", ":8080", ")"]);
+    let early = upstream();
+    assert_eq!(early.lines().count(), 1, "one upstream socket: {early}");
+    assert!(!early.contains("keepalive"), "no keepalive yet (short connections never pay for it): {early}");
+    std::thread::sleep(Duration::from_millis(10_500));
+    let later = upstream();
+    assert!(later.contains("timer:(keepalive"), "keepalive after 10 s: {later}");
+    // The client's leg had it from the start (inherited from the listener): the proxy's
+    // accepted socket, seen from the node as the one whose local port is the proxy port.
+    let client_leg = t.node.ok(&["ss", "-tnoH", "state", "established", "(", "sport", "=", ":15001", ")"]);
+    assert!(client_leg.contains("timer:(keepalive"), "{client_leg}");
+}

@@ -51,6 +51,7 @@ pub const FIGURES: &[Figure] = &[
     fig("paired_udp_p99", "paired: UDP req/resp, p99", "us", false),
     fig("cpu_per_gb", "proxy CPU per GB moved", "CPU-s/GB", false),
     fig("cpu_per_req", "proxy CPU per request (16 conns)", "CPU-us", false),
+    fig("cpu_per_conn", "proxy CPU per new connection", "CPU-us", false),
 ];
 
 /// Resource figures, measured once per run per proxy.

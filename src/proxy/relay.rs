@@ -75,8 +75,8 @@ impl<'a> Relay<'a> {
     ) -> Poll<io::Result<()>> {
         let up = self.up.poll(
             cx,
-            client,
-            upstream.as_ref(),
+            (client, upstream.as_ref()),
+            self.down.done,
             self.size,
             [&self.svc.bytes_to_backend, &self.stats.total.bytes_to_backend],
         );
@@ -85,8 +85,8 @@ impl<'a> Relay<'a> {
         }
         let down = self.down.poll(
             cx,
-            upstream,
-            client.as_ref(),
+            (upstream, client.as_ref()),
+            self.up.done,
             self.size,
             [&self.svc.bytes_to_client, &self.stats.total.bytes_to_client],
         );
@@ -121,11 +121,13 @@ struct Direction {
 }
 
 impl Direction {
+    /// `other_done`: the opposite direction has ended (its EOF read), so once this one ends
+    /// too both sockets are closed at once, and a close sends the FIN a shutdown would.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from_half: &mut ReadHalf<'_>,
-        to: &TcpStream,
+        (from_half, to): (&mut ReadHalf<'_>, &TcpStream),
+        other_done: bool,
         size: usize,
         counters: [&Counter; 2],
     ) -> Poll<io::Result<()>> {
@@ -168,6 +170,11 @@ impl Direction {
                 self.done = true;
                 pool_put(self.buf.take());
                 pipe_put(self.kpipe.take());
+                if other_done {
+                    // Everything `to` sent has been read (its EOF too): closing it, which comes
+                    // next, sends a FIN, not a reset; the shutdown would be one more syscall.
+                    return Poll::Ready(Ok(()));
+                }
                 // ENOTCONN: the peer is already gone; the other direction will see it.
                 match SockRef::from(to).shutdown(Shutdown::Write) {
                     Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => return Poll::Ready(Err(e)),

@@ -41,6 +41,12 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(6)
 }
 
+/// The client's leg has keepalive from the listener for free; the upstream leg gets it (four
+/// setsockopt calls) only once the connection has lived this long, so the short connections of
+/// request/response traffic never pay for it. A dead upstream is then found at most this much
+/// later than with keepalive from the start.
+const UPSTREAM_KEEPALIVE_AFTER: Duration = Duration::from_secs(10);
+
 /// Bind the IPv4 listener (required); one per worker, with SO_REUSEPORT when `shared_port`.
 /// Bound here, on the caller's thread, so a failure stops the start; each worker registers its
 /// own with its runtime ([`serve_v4`]).
@@ -281,9 +287,9 @@ async fn serve(
         }
     };
     stats.outcome(&svc, Outcome::Ok);
-    // The client's socket has TCP_NODELAY and keepalive from the listener.
+    // The client's socket has TCP_NODELAY and keepalive from the listener; the upstream's
+    // keepalive comes later (`UPSTREAM_KEEPALIVE_AFTER`, in `relay_until`).
     let _ = upstream.set_nodelay(true);
-    let _ = SockRef::from(&upstream).set_tcp_keepalive(&keepalive());
     stats.total.tcp_active.inc();
     svc.tcp_active.inc();
     let _active = Active(&stats.total.tcp_active, &svc.tcp_active);
@@ -348,6 +354,9 @@ async fn relay_until(
     let (mut upstream_r, _) = upstream.split();
     let stop = stopped(stopping);
     tokio::pin!(stop);
+    let arm_keepalive = tokio::time::sleep(UPSTREAM_KEEPALIVE_AFTER);
+    tokio::pin!(arm_keepalive);
+    let mut keepalive_set = false;
     // One timer, looked at only when it fires: traffic since it was set pushes it on by another
     // `idle` (so an idle connection ends between one and two timeouts after its last byte), and
     // no byte costs a clock read or a timer reset.
@@ -359,6 +368,10 @@ async fn relay_until(
         }
         if let Poll::Ready(r) = relay.poll(cx, &mut client_r, &mut upstream_r) {
             return Poll::Ready(r.map(|()| End::Done));
+        }
+        if !keepalive_set && arm_keepalive.as_mut().poll(cx).is_ready() {
+            keepalive_set = true;
+            let _ = SockRef::from(upstream_r.as_ref()).set_tcp_keepalive(&keepalive());
         }
         if let (Some(t), Some(d)) = (timer.as_mut(), idle) {
             while t.as_mut().poll(cx).is_ready() {
