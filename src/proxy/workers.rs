@@ -87,7 +87,11 @@ impl Pool {
         }
         let mut pool = Pool { handles: Vec::new(), threads: Vec::new() };
         for i in 0..n {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let named = |e: io::Error| {
+                // A thread cap (systemd's TasksMax, ulimit -u) shows up here: say which setting.
+                io::Error::new(e.kind(), format!("cannot start proxy worker {i} of {n} (setting workers): {e}"))
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(named)?;
             pool.handles.push(rt.handle().clone());
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let thread =
@@ -101,7 +105,7 @@ impl Pool {
                 Ok(t) => pool.threads.push((stop_tx, t)),
                 Err(e) => {
                     pool.stop();
-                    return Err(e);
+                    return Err(named(e));
                 }
             }
         }
