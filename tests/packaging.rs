@@ -658,6 +658,7 @@ config edgeproxy 'main'
 	option load_balancer 'random'
 	option data_path 'kernel'
 	option workers '2'
+	option pin_workers '1'
 	option iptables_backend 'nft'
 	option min_sync_period '500ms'
 	option guard_period '5s'
@@ -815,6 +816,7 @@ const UCI_OPTION_OF_FIELD: &[(&str, &str)] = &[
     ("loadBalancer", "load_balancer"),
     ("dataPath", "data_path"),
     ("workers", "workers"),
+    ("pinWorkers", "pin_workers"),
     ("tcp.dialTimeout", "dial_timeout"),
     ("tcp.dialAttempts", "dial_attempts"),
     ("tcp.bufferSize", "tcp_buffer_size"),
@@ -877,6 +879,7 @@ const ALL_OPTIONS_CONFIG: &str = r#"{
   "loadBalancer": "random",
   "dataPath": "kernel",
   "workers": 2,
+  "pinWorkers": true,
   "tcp": {
     "dialTimeout": "3s",
     "dialAttempts": 5,

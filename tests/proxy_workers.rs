@@ -1,8 +1,8 @@
 //! The proxy's workers, end to end in namespaces: with `workers: 2` connections and UDP flows
 //! are spread over two event loops by the kernel (SO_REUSEPORT), every one is served, a UDP
 //! flow's datagrams stay on one worker; with `workers: 1` no worker thread exists (the single
-//! loop runs on the caller's thread, as before workers). Own binary: it reads this process's
-//! thread names.
+//! loop runs on the caller's thread, as before workers); with `pinWorkers` each worker runs on
+//! a CPU of its own. Own binary: it reads this process's threads.
 mod proxy_support;
 mod support;
 
@@ -84,7 +84,7 @@ fn udp_round(t: &Topo, flows: usize, each: usize) {
 
 #[test]
 #[ignore = "needs root: network namespaces (sudo tests/run-all.sh)"]
-fn two_workers_share_connections_and_flows_one_worker_starts_no_thread() {
+fn two_workers_share_connections_and_flows_one_worker_starts_no_thread_pinned_ones_keep_their_cpu() {
     {
         let t = with_workers(2);
         // A thread names itself once it runs: give it that moment.
@@ -109,11 +109,54 @@ fn two_workers_share_connections_and_flows_one_worker_starts_no_thread() {
     // The Topo's drop stopped the proxy: its threads are gone.
     wait_for(|| worker_threads().is_empty(), "worker threads end with the proxy");
 
-    let t = with_workers(1);
-    assert!(worker_threads().is_empty(), "one worker runs on the caller's thread: {:?}", worker_threads());
-    tcp_round(&t, 8);
+    {
+        let t = with_workers(1);
+        assert!(worker_threads().is_empty(), "one worker runs on the caller's thread: {:?}", worker_threads());
+        tcp_round(&t, 8);
+        udp_round(&t, 4, 3);
+        let w = t.stats.workers();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].connections.get(), w[0].datagrams.get()), (8, 12));
+    }
+
+    // pinWorkers: worker i runs on the i-th CPU this process may use, and still serves.
+    let allowed = cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let mut cfg = test_config();
+    cfg.workers = Workers::Count(NonZeroU16::new(2).unwrap());
+    cfg.pin_workers = true;
+    (cfg.udp_max_flows, cfg.udp_max_flows_per_source) = (1024, 1024);
+    let t = Topo::new(cfg);
+    wait_for(|| worker_threads().len() == 2, "two worker threads");
+    let want: Vec<Vec<usize>> = (0..2).map(|i| vec![allowed[i % allowed.len()]]).collect();
+    // Each thread pins itself as it starts: give it that moment.
+    wait_for(|| worker_affinities() == want, "each worker on its CPU");
+    assert_eq!(worker_affinities(), want, "allowed CPUs {allowed:?}");
+    tcp_round(&t, 16);
     udp_round(&t, 4, 3);
-    let w = t.stats.workers();
-    assert_eq!(w.len(), 1);
-    assert_eq!((w[0].connections.get(), w[0].datagrams.get()), (8, 12));
+}
+
+/// `Cpus_allowed_list:` of a /proc status file, expanded (`0-2,5` -> 0, 1, 2, 5).
+fn cpus_allowed(status: &str) -> Vec<usize> {
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list").trim();
+    list.split(',')
+        .flat_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
+/// The allowed CPUs of each proxy worker thread, in worker order.
+fn worker_affinities() -> Vec<Vec<usize>> {
+    let mut v: Vec<(String, Vec<usize>)> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim().to_string();
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            name.starts_with("proxy-worker").then(|| (name, cpus_allowed(&status)))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, c)| c).collect()
 }

@@ -426,7 +426,7 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
     let get = |k: &str| facts.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str()).unwrap_or("");
     let mut s = format!(
         "Measured {} on {} (kernel {}, TCP congestion control {}), commit {}, load average {} before / {} \
-         after; median of {} rounds, ratio to kernel DNAT in parentheses (median of per-round ratios).\n\n",
+         after. Each cell: the median of {} rounds [min-max over the rounds], then the median per-round ratio to kernel DNAT.\n\n",
         get("date"),
         get("cpu"),
         get("kernel"),
@@ -448,12 +448,13 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
     for f in FIGURES {
         s.push_str(&format!("| {} | {} |", f.label, f.unit));
         for p in paths {
+            // As on stdout: the median, its range over the rounds, the median per-round ratio.
             let cell = match spread(&r.values(f.key, p.name())) {
                 None => "n/a".to_string(),
-                Some((_, med, _)) => match spread(&r.ratios(f.key, p.name())) {
-                    Some((_, ratio, _)) => format!("{} ({ratio:.2}x)", num(med)),
-                    None => num(med),
-                },
+                Some((lo, med, hi)) => {
+                    let ratio = spread(&r.ratios(f.key, p.name())).map(|x| format!(" {:.2}x", x.1)).unwrap_or_default();
+                    format!("{} [{}-{}]{ratio}", num(med), num(lo), num(hi))
+                }
             };
             s.push_str(&format!(" {cell} |"));
         }

@@ -33,6 +33,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(30);
 
 /// `workers`: one event loop per usable CPU, capped (see `proxy::workers`).
 pub const WORKERS: crate::proxy::Workers = crate::proxy::Workers::Auto;
+/// `pinWorkers`: off; the scheduler places the workers.
+pub const PIN_WORKERS: bool = false;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DIAL_ATTEMPTS: u32 = 3;
 /// Active probes started per second at most (when `tcp.probeInterval` turns them on).

@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub data_path: Option<String>,
     /// `"auto"` or a number: the proxy's event loops.
     pub workers: Option<CountOrWord>,
+    /// Pin each worker to a CPU of its own (default false).
+    pub pin_workers: Option<bool>,
     pub tcp: Option<TcpFile>,
     pub udp: Option<UdpFile>,
     pub iptables: Option<IptablesFile>,

@@ -50,6 +50,7 @@ impl From<&Config> for ProxyConfig {
             probe_interval: c.probe_interval,
             probes_per_second: c.probes_per_second,
             workers: c.workers,
+            pin_workers: c.pin_workers,
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct Config {
     pub data_path: DataPath,
     /// `workers`: the proxy's event loops.
     pub workers: Workers,
+    /// `pinWorkers`: each worker on a CPU of its own.
+    pub pin_workers: bool,
     pub dial_timeout: Duration,
     pub dial_attempts: u32,
     pub tcp_buffer: usize,
@@ -227,6 +229,7 @@ impl Config {
             lb_policy,
             data_path,
             workers,
+            pin_workers: f.pin_workers.unwrap_or(defaults::PIN_WORKERS),
             dial_timeout: defaults::DIAL_TIMEOUT,
             dial_attempts: defaults::DIAL_ATTEMPTS,
             tcp_buffer: defaults::TCP_BUFFER,

@@ -169,6 +169,8 @@ fn workers_are_auto_or_a_count_in_range_written_either_way() {
         assert_eq!(e.path, "workers", "{text}: {e}");
         assert!(e.message.contains(says), "{text}: {e}");
     }
+    assert!(!Config::defaults().pin_workers);
+    assert!(from_json(r#"{"pinWorkers": true}"#).unwrap().pin_workers);
     // Neither a number nor a word: refused by the file's shape, naming the field.
     let e = from_json(r#"{"workers": true}"#).unwrap_err();
     assert_eq!(e.path, "workers", "{e}");

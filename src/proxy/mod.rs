@@ -117,11 +117,13 @@ pub async fn run(
 
     let n = cfg.workers.resolve();
     let shared_port = n > 1;
-    let v4s = (0..n).map(|_| tcp::bind_v4(&cfg, shared_port)).collect::<std::io::Result<Vec<_>>>()?;
+    let cpus = pinned_cpus(&cfg, n);
+    let cpu = |i: usize| cpus.as_ref().map(|c| c[i]);
+    let v4s = (0..n).map(|i| tcp::bind_v4(&cfg, shared_port, cpu(i))).collect::<std::io::Result<Vec<_>>>()?;
     let mut addrs: Vec<SocketAddr> = v4s[0].local_addr().into_iter().collect();
     let v6 = cfg.listen_v6.map(|ip| SocketAddr::from((ip, cfg.tcp_port)));
     addrs.extend(v6);
-    let pool = workers::Pool::start(n)?;
+    let pool = workers::Pool::start(n, cpus.as_deref())?;
     // Every worker's counters exist from the start (a scrape shows the idle ones as 0).
     let _ = shared.stats.worker(n - 1);
     log::info!(
@@ -166,6 +168,26 @@ pub async fn run(
     // The worker threads end with whatever they still run (their UDP flows).
     drop(pool);
     Ok(())
+}
+
+/// The CPUs the workers are pinned to, when `pinWorkers` asks for it (and says so).
+fn pinned_cpus(cfg: &ProxyConfig, n: usize) -> Option<Vec<usize>> {
+    if !cfg.pin_workers {
+        return None;
+    }
+    let allowed = match crate::sys::affinity::allowed_cpus() {
+        Ok(a) => a,
+        Err(e) => {
+            log::warn!("pinWorkers: cannot read this process's CPUs ({e}); workers run unpinned");
+            return None;
+        }
+    };
+    let cpus = workers::cpus_for(n, &allowed);
+    match &cpus {
+        Some(c) => log::info!("pinWorkers: worker i on CPU {c:?}[i]; each TCP listener prefers its worker's CPU"),
+        None => log::info!("pinWorkers: one worker (the agent's thread) is not pinned"),
+    }
+    cpus
 }
 
 /// Forget load-balancing and counter state of removed services; expire ClientIP affinity.

@@ -59,6 +59,8 @@ pub struct ProxyConfig {
     pub probes_per_second: u32,
     /// How many event loops serve connections and datagrams (see `workers`).
     pub workers: super::workers::Workers,
+    /// Pin each worker to a CPU of its own (`pinWorkers`; see `workers::cpus_for`).
+    pub pin_workers: bool,
 }
 
 impl ProxyConfig {

@@ -50,9 +50,18 @@ const UPSTREAM_KEEPALIVE_AFTER: Duration = Duration::from_secs(10);
 /// Bind the IPv4 listener (required); one per worker, with SO_REUSEPORT when `shared_port`.
 /// Bound here, on the caller's thread, so a failure stops the start; each worker registers its
 /// own with its runtime ([`serve_v4`]).
-pub(super) fn bind_v4(cfg: &ProxyConfig, shared_port: bool) -> io::Result<std::net::TcpListener> {
+/// `cpu`: the CPU its worker is pinned to (`pinWorkers`): SO_INCOMING_CPU then makes the kernel
+/// prefer this listener for connections whose SYN that CPU handled, so a connection stays on
+/// one CPU from its first packet (no wake-up of a thread on another CPU).
+pub(super) fn bind_v4(cfg: &ProxyConfig, shared_port: bool, cpu: Option<usize>) -> io::Result<std::net::TcpListener> {
     let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
-    listen(v4, shared_port).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
+    let l = listen(v4, shared_port).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?;
+    if let Some(cpu) = cpu {
+        if let Err(e) = SockRef::from(&l).set_cpu_affinity(cpu) {
+            log::warn!("SO_INCOMING_CPU {cpu} on a listener of {v4}: {e}; connections are spread by hash");
+        }
+    }
+    Ok(l)
 }
 
 /// Serve a listener bound by [`bind_v4`] on the worker this runs on (`worker`: its index).

@@ -68,6 +68,16 @@ impl std::fmt::Display for Workers {
     }
 }
 
+/// The CPUs to pin `n` workers to (`pinWorkers`): worker `i` to the `i`-th CPU this process may
+/// use (affinity and cpusets narrow the set), wrapping round when there are fewer CPUs than
+/// workers. `None` for a single worker (it is the agent's thread, which is not pinned).
+pub fn cpus_for(n: usize, allowed: &[usize]) -> Option<Vec<usize>> {
+    if n <= 1 || allowed.is_empty() {
+        return None;
+    }
+    Some((0..n).map(|i| allowed[i % allowed.len()]).collect())
+}
+
 /// Stack of a worker thread: only the poll of one task at a time lives there (tasks' states
 /// are on the heap), so a small one bounds what each worker can cost.
 const STACK: usize = 512 * 1024;
@@ -79,9 +89,9 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    /// One worker (`n` <= 1): the caller's runtime, no thread. More: `n` threads. Must be
-    /// called inside the caller's runtime.
-    pub fn start(n: usize) -> io::Result<Pool> {
+    /// One worker (`n` <= 1): the caller's runtime, no thread. More: `n` threads, worker `i`
+    /// pinned to `cpus[i]` when `cpus` is given. Must be called inside the caller's runtime.
+    pub fn start(n: usize, cpus: Option<&[usize]>) -> io::Result<Pool> {
         if n <= 1 {
             return Ok(Pool { handles: vec![Handle::current()], threads: Vec::new() });
         }
@@ -94,8 +104,14 @@ impl Pool {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(named)?;
             pool.handles.push(rt.handle().clone());
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let cpu = cpus.and_then(|c| c.get(i)).copied();
             let thread =
                 std::thread::Builder::new().name(format!("proxy-worker-{i}")).stack_size(STACK).spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if let Err(e) = crate::sys::affinity::pin_current_thread(cpu) {
+                            log::warn!("proxy worker {i}: cannot pin it to CPU {cpu}: {e}; it runs unpinned");
+                        }
+                    }
                     // Runs the tasks handed to it until told to stop (or the sender is gone);
                     // dropping the runtime then drops whatever tasks are left, with their sockets.
                     let _ = rt.block_on(stop_rx);
@@ -169,18 +185,35 @@ mod tests {
     }
 
     #[test]
+    fn pinned_workers_take_the_allowed_cpus_in_turn() {
+        assert_eq!(cpus_for(1, &[0, 1]), None, "one worker is the agent's thread");
+        assert_eq!(cpus_for(2, &[]), None);
+        assert_eq!(cpus_for(2, &[2, 5]), Some(vec![2, 5]));
+        assert_eq!(cpus_for(3, &[2, 5]), Some(vec![2, 5, 2]));
+        // A pinned worker runs on its CPU only.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let last = *crate::sys::affinity::allowed_cpus().unwrap().last().unwrap();
+        rt.block_on(async {
+            let pool = Pool::start(2, Some(&[last, last])).unwrap();
+            let mut set = tokio::task::JoinSet::new();
+            spawn_on(&mut set, &pool, 1, async { crate::sys::affinity::allowed_cpus().unwrap() });
+            assert_eq!(set.join_next().await.unwrap().unwrap(), vec![last]);
+        });
+    }
+
+    #[test]
     fn tasks_run_on_their_worker_and_stop_drops_what_is_left() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let here = std::thread::current().id();
             // One worker: the caller's own loop.
-            let one = Pool::start(1).unwrap();
+            let one = Pool::start(1, None).unwrap();
             let mut set = tokio::task::JoinSet::new();
             spawn_on(&mut set, &one, 0, async { std::thread::current().id() });
             assert_eq!(set.join_next().await.unwrap().unwrap(), here);
             drop(one);
             // More: a thread each, none of them the caller's.
-            let mut pool = Pool::start(3).unwrap();
+            let mut pool = Pool::start(3, None).unwrap();
             assert_eq!(pool.handles().len(), 3);
             let mut set = tokio::task::JoinSet::new();
             for i in 0..3 {

@@ -4,6 +4,7 @@
 //!
 //! The rest of the crate is compiled with `#![deny(unsafe_code)]` (see `lib.rs`).
 
+pub mod affinity;
 pub mod netfilter;
 pub mod pipe;
 pub mod rlimit;

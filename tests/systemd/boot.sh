@@ -351,7 +351,10 @@ if [ "$(readlink "/proc/$cpid/ns/net")" = "$(readlink /proc/self/ns/net)" ]; the
 	exit 1
 fi
 
-ns() { nsenter --target "$cpid" --mount --uts --ipc --net --pid -- "$@"; }
+# --root/--wd: the container's own root and directory. Entering its mount namespace alone is not
+# enough where nspawn could not pivot_root (run from a chroot, as tests/fresh-machine.sh does):
+# the namespace's top is then the outer root, where systemctl finds no systemd ("offline").
+ns() { nsenter --target "$cpid" --mount --uts --ipc --net --pid --root --wd -- "$@"; }
 
 state=
 for _ in $(seq 1 90); do
