@@ -75,8 +75,9 @@ impl From<()> for FinWait {
 /// UDP sockets close, and this returns: the caller removes rules and addresses after.
 ///
 /// Must be called inside a tokio runtime (meant for a `current_thread` one; a `LocalSet` is
-/// fine): it is worker 0, and `cfg.workers` says how many more threads to start. Fails only
-/// when the IPv4 TCP listener cannot be bound or a worker thread cannot start. `tables`
+/// fine). With `workers: 1` that runtime is the one worker; with more, every worker is a thread
+/// of its own and this runtime keeps the UDP reconciliation, the probes and the housekeeping.
+/// Fails only when the IPv4 TCP listener cannot be bound or a worker thread cannot start. `tables`
 /// delivers the current table; `events` receives [`ProxyEvent`]s (a closed receiver is
 /// ignored); `stats` is updated as traffic flows.
 pub async fn run(
@@ -118,8 +119,9 @@ pub async fn run(
     let n = cfg.workers.resolve();
     let shared_port = n > 1;
     let cpus = pinned_cpus(&cfg, n);
-    let cpu = |i: usize| cpus.as_ref().map(|c| c[i]);
-    let v4s = (0..n).map(|i| tcp::bind_v4(&cfg, shared_port, cpu(i))).collect::<std::io::Result<Vec<_>>>()?;
+    let seats: Vec<tcp::Seat> =
+        (0..n).map(|worker| tcp::Seat { worker, shared_port, cpu: cpus.as_ref().map(|c| c[worker]) }).collect();
+    let v4s = seats.iter().map(|s| tcp::bind_v4(&cfg, *s)).collect::<std::io::Result<Vec<_>>>()?;
     let mut addrs: Vec<SocketAddr> = v4s[0].local_addr().into_iter().collect();
     let v6 = cfg.listen_v6.map(|ip| SocketAddr::from((ip, cfg.tcp_port)));
     addrs.extend(v6);
@@ -141,11 +143,11 @@ pub async fn run(
     // The TCP side ends by itself at a stop (listeners close, connections end); the rest runs
     // until it is dropped.
     let mut tcp_tasks = JoinSet::new();
-    for (i, v4) in v4s.into_iter().enumerate() {
-        workers::spawn_on(&mut tcp_tasks, &pool, i, tcp::serve_v4(v4, i, tables.clone(), shared.clone()));
+    for (seat, v4) in seats.into_iter().zip(v4s) {
+        let rt = pool.handle(seat.worker);
+        tcp_tasks.spawn_on(tcp::serve_v4(v4, seat, tables.clone(), shared.clone()), rt);
         if let Some(v6) = v6 {
-            let serve = tcp::serve_v6(v6, (i, shared_port), tables.clone(), shared.clone());
-            workers::spawn_on(&mut tcp_tasks, &pool, i, serve);
+            tcp_tasks.spawn_on(tcp::serve_v6(v6, seat, tables.clone(), shared.clone()), rt);
         }
     }
     let mut tasks = JoinSet::new();
@@ -184,7 +186,7 @@ fn pinned_cpus(cfg: &ProxyConfig, n: usize) -> Option<Vec<usize>> {
     };
     let cpus = workers::cpus_for(n, &allowed);
     match &cpus {
-        Some(c) => log::info!("pinWorkers: worker i on CPU {c:?}[i]; each TCP listener prefers its worker's CPU"),
+        Some(c) => log::info!("pinWorkers: workers on CPUs {c:?} in order; each TCP listener prefers its worker's CPU"),
         None => log::info!("pinWorkers: one worker (the agent's thread) is not pinned"),
     }
     cpus

@@ -47,32 +47,35 @@ fn keepalive() -> socket2::TcpKeepalive {
 /// later than with keepalive from the start.
 const UPSTREAM_KEEPALIVE_AFTER: Duration = Duration::from_secs(10);
 
-/// Bind the IPv4 listener (required); one per worker, with SO_REUSEPORT when `shared_port`.
-/// Bound here, on the caller's thread, so a failure stops the start; each worker registers its
-/// own with its runtime ([`serve_v4`]).
-/// `cpu`: the CPU its worker is pinned to (`pinWorkers`): SO_INCOMING_CPU then makes the kernel
-/// prefer this listener for connections whose SYN that CPU handled, so a connection stays on
-/// one CPU from its first packet (no wake-up of a thread on another CPU).
-pub(super) fn bind_v4(cfg: &ProxyConfig, shared_port: bool, cpu: Option<usize>) -> io::Result<std::net::TcpListener> {
-    let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
-    let l = listen(v4, shared_port).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))?;
-    if let Some(cpu) = cpu {
-        if let Err(e) = SockRef::from(&l).set_cpu_affinity(cpu) {
-            log::warn!("SO_INCOMING_CPU {cpu} on a listener of {v4}: {e}; connections are spread by hash");
-        }
-    }
-    Ok(l)
+/// Where a worker's listeners sit among the workers' (the same for both families).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Seat {
+    /// The worker's index (its counters).
+    pub worker: usize,
+    /// Several workers listen on the address: SO_REUSEPORT.
+    pub shared_port: bool,
+    /// The CPU the worker is pinned to (`pinWorkers`): SO_INCOMING_CPU then makes the kernel
+    /// prefer this listener for connections whose SYN that CPU handled, so a connection stays
+    /// on one CPU from its first packet (no wake-up of a thread on another CPU).
+    pub cpu: Option<usize>,
 }
 
-/// Serve a listener bound by [`bind_v4`] on the worker this runs on (`worker`: its index).
+/// Bind a worker's IPv4 listener (required). Bound on the caller's thread, so a failure stops
+/// the start; the worker registers it with its runtime ([`serve_v4`]).
+pub(super) fn bind_v4(cfg: &ProxyConfig, seat: Seat) -> io::Result<std::net::TcpListener> {
+    let v4 = SocketAddr::from((cfg.listen_v4, cfg.tcp_port));
+    listen(v4, seat).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4}: {e}")))
+}
+
+/// Serve a listener bound by [`bind_v4`] on the worker this runs on.
 pub(super) async fn serve_v4(
     listener: std::net::TcpListener,
-    worker: usize,
+    seat: Seat,
     tables: watch::Receiver<Arc<ProxyTable>>,
     shared: Arc<Shared>,
 ) {
     match TcpListener::from_std(listener) {
-        Ok(l) => accept_loop(l, worker, tables, shared).await,
+        Ok(l) => accept_loop(l, seat.worker, tables, shared).await,
         Err(e) => log::error!("a proxy worker cannot take its IPv4 listener: {e}; the others serve"),
     }
 }
@@ -84,17 +87,16 @@ const V6_RETRY_EVERY: Duration = Duration::from_millis(250);
 
 /// Bind the IPv6 listener and serve it; retried for a while when the address is not usable
 /// yet (a warning when it never becomes so: IPv6 services are then refused).
-/// `shared_port`: one listener per worker, with SO_REUSEPORT.
 pub(super) async fn serve_v6(
     addr: SocketAddr,
-    (worker, shared_port): (usize, bool),
+    seat: Seat,
     tables: watch::Receiver<Arc<ProxyTable>>,
     shared: Arc<Shared>,
 ) {
     let started = tokio::time::Instant::now();
     let mut stopping = shared.stopping.clone();
     let listener = loop {
-        match listen(addr, shared_port).and_then(TcpListener::from_std) {
+        match listen(addr, seat).and_then(TcpListener::from_std) {
             Ok(l) => break l,
             Err(e) if started.elapsed() >= V6_RETRY_FOR => {
                 log::warn!("no IPv6 TCP listener on {addr} ({e}); IPv6 services are refused");
@@ -122,15 +124,20 @@ pub(super) async fn serve_v6(
     if started.elapsed() > V6_RETRY_EVERY {
         log::info!("IPv6 TCP listener on {addr} after {:?}", started.elapsed());
     }
-    accept_loop(listener, worker, tables, shared).await;
+    accept_loop(listener, seat.worker, tables, shared).await;
 }
 
-fn listen(addr: SocketAddr, shared_port: bool) -> io::Result<std::net::TcpListener> {
+fn listen(addr: SocketAddr, seat: Seat) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     s.set_reuse_address(true)?;
-    if shared_port {
+    if seat.shared_port {
         // Every worker's listener on the same address: the kernel spreads connections over them.
         s.set_reuse_port(true)?;
+    }
+    if let Some(cpu) = seat.cpu {
+        if let Err(e) = s.set_cpu_affinity(cpu) {
+            log::warn!("SO_INCOMING_CPU {cpu} on a listener of {addr}: {e}; connections are spread by hash");
+        }
     }
     // Accepted connections inherit TCP_NODELAY from the listener: one setsockopt per listener
     // instead of one per connection.
@@ -456,7 +463,8 @@ mod tests {
     fn accepted_sockets_inherit_nodelay_and_keepalive() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
         rt.block_on(async {
-            let l = TcpListener::from_std(listen("127.0.0.1:0".parse().unwrap(), false).unwrap()).unwrap();
+            let alone = Seat { worker: 0, shared_port: false, cpu: None };
+            let l = TcpListener::from_std(listen("127.0.0.1:0".parse().unwrap(), alone).unwrap()).unwrap();
             let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let (a, _) = l.accept().await.unwrap();
             let s = SockRef::from(&a);

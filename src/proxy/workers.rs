@@ -5,11 +5,11 @@
 //! `current_thread` tokio runtime that does nothing until the proxy hands it tasks: an accept
 //! loop on its own TCP listener, one task per UDP service socket. The agent's thread then keeps
 //! only what is not traffic (planning, the UDP ports' reconciliation, probes, housekeeping), so
-//! a long plan of a big cluster never stalls a connection. The
-//! kernel spreads the load: every worker's listener and UDP socket is bound to the same address
-//! and port with SO_REUSEPORT, and the kernel picks one per connection or datagram by a hash of
-//! the 4-tuple, so a UDP flow's datagrams always reach the same worker (as long as the set of
-//! sockets does not change). A connection or flow lives on the worker that accepted it, with its
+//! a long plan of a big cluster never stalls a connection. The kernel spreads the load: every
+//! worker's listener and UDP socket is bound to the same address and port with SO_REUSEPORT,
+//! and the kernel picks one per connection or datagram by a hash of the 4-tuple, so a UDP
+//! flow's datagrams always reach the same worker (as long as the set of sockets does not
+//! change). A connection or flow lives on the worker that accepted it, with its
 //! timers and buffers; nothing moves between workers.
 //!
 //! Shared by all (behind `Shared`): the read-only proxy table (a `watch`), the balancer and the
@@ -20,7 +20,6 @@
 //! `workers: 1` starts no thread and binds no socket with SO_REUSEPORT: the proxy is exactly the
 //! single loop it was.
 
-use std::future::Future;
 use std::io;
 use std::num::NonZeroU16;
 use std::thread::JoinHandle;
@@ -130,7 +129,7 @@ impl Pool {
 
     /// The runtime of worker `i`.
     pub fn handle(&self, i: usize) -> &Handle {
-        &self.handles[i % self.handles.len()]
+        &self.handles[i]
     }
 
     /// Every worker's runtime, in order.
@@ -157,15 +156,6 @@ impl Drop for Pool {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Run `f` on worker `i`'s runtime as a task of `set`.
-pub(super) fn spawn_on<F>(set: &mut tokio::task::JoinSet<F::Output>, pool: &Pool, i: usize, f: F)
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    set.spawn_on(f, pool.handle(i));
 }
 
 #[cfg(test)]
@@ -196,7 +186,7 @@ mod tests {
         rt.block_on(async {
             let pool = Pool::start(2, Some(&[last, last])).unwrap();
             let mut set = tokio::task::JoinSet::new();
-            spawn_on(&mut set, &pool, 1, async { crate::sys::affinity::allowed_cpus().unwrap() });
+            set.spawn_on(async { crate::sys::affinity::allowed_cpus().unwrap() }, pool.handle(1));
             assert_eq!(set.join_next().await.unwrap().unwrap(), vec![last]);
         });
     }
@@ -209,7 +199,7 @@ mod tests {
             // One worker: the caller's own loop.
             let one = Pool::start(1, None).unwrap();
             let mut set = tokio::task::JoinSet::new();
-            spawn_on(&mut set, &one, 0, async { std::thread::current().id() });
+            set.spawn_on(async { std::thread::current().id() }, one.handle(0));
             assert_eq!(set.join_next().await.unwrap().unwrap(), here);
             drop(one);
             // More: a thread each, none of them the caller's.
@@ -217,10 +207,11 @@ mod tests {
             assert_eq!(pool.handles().len(), 3);
             let mut set = tokio::task::JoinSet::new();
             for i in 0..3 {
-                spawn_on(&mut set, &pool, i, async move {
+                let task = async move {
                     let me = std::thread::current();
                     (i, me.name().map(str::to_string), me.id() == here)
-                });
+                };
+                set.spawn_on(task, pool.handle(i));
             }
             let mut seen = Vec::new();
             while let Some(r) = set.join_next().await {
