@@ -3,7 +3,7 @@
 //! network namespaces. Needs root.
 //!
 //! ```text
-//! sudo cargo run --release --example bench -- [--quick] [--json FILE] [--paths a,b,...]
+//! sudo cargo run --release --example bench -- [--quick] [--json FILE] [--paths a,b,...] [--edgemesh BIN]
 //! ```
 //!
 //! Topology: `client` (10.77.1.2) -- `node` (10.77.1.1 | 10.77.2.1, forwarding on) --
@@ -18,15 +18,21 @@
 //!   `edgeproxy.io/data-path: kernel`: its own DNAT straight to the backend, no proxy hop;
 //! - haproxy-mt: 10.96.77.50, DNAT to a second HAProxy with its default threads (no nbthread
 //!   line: HAProxy starts one thread per CPU it may use) on 169.254.96.18 in the node; its own
-//!   process, config and log. Neither HAProxy proxies UDP.
+//!   process, config and log. Neither HAProxy proxies UDP;
+//! - edgemesh (only with `--edgemesh PATH`): 10.96.77.60, EdgeMesh's edgemesh-agent (proxy module
+//!   only) in a node namespace of its own, `em` (10.77.3.1 | 10.77.4.1), because its chains are
+//!   the `KUBE-PORTALS-*` chains edgeproxy owns; the client routes only this ClusterIP through it
+//!   and it dials the backend's second address, 10.77.4.2 (`edgemesh`).
 //!
 //! Owns the orchestration only: set up, run every figure for every path in each round (the path
-//! order rotates per round), collect, report. The report judges edgeproxy against each HAProxy
-//! that ran; a "better than" verdict passes only when edgeproxy's median is better AND it won a
+//! order rotates per round), collect, report. The report judges edgeproxy against each peer
+//! that ran (either HAProxy, EdgeMesh); a "better than" verdict passes only when edgeproxy's median is better AND it won a
 //! strict majority of the rounds (`report`). Everything it creates (namespaces, processes,
 //! files under a temporary directory) is removed at the end, also on error, panic or Ctrl-C. It
 //! never changes the root namespace's routes, iptables or sysctls.
 
+#[path = "bench/edgemesh.rs"]
+mod edgemesh;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/paired.rs"]
@@ -71,6 +77,10 @@ struct Args {
     /// the edgeproxy binary (default: build and use target/release/edgeproxy)
     #[argh(option)]
     edgeproxy: Option<PathBuf>,
+    /// the edgemesh-agent of EdgeMesh (v1.12 or later; README "Benchmarks" says how to build one):
+    /// adds the edgemesh path, in a node namespace of its own
+    #[argh(option)]
+    edgemesh: Option<PathBuf>,
     /// a config file for the edgeproxy under test (for tuning experiments; default none)
     #[argh(option)]
     edgeproxy_config: Option<PathBuf>,
@@ -134,7 +144,7 @@ fn main() {
 /// The paths and figure groups asked for, and the measuring windows.
 fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
     let paths: Vec<Path> = match &args.paths {
-        None => Path::ALL.to_vec(),
+        None => Path::ALL.into_iter().chain(args.edgemesh.is_some().then_some(Path::Edgemesh)).collect(),
         Some(list) => list
             .split(',')
             .map(|s| Path::parse(s.trim()).ok_or_else(|| format!("--paths: unknown path {s:?} ({})", Path::names())))
@@ -142,6 +152,9 @@ fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
     };
     if !paths.contains(&Path::Kernel) {
         return Err("--paths must include kernel-dnat: every figure is a ratio to it".into());
+    }
+    if paths.contains(&Path::Edgemesh) && args.edgemesh.is_none() {
+        return Err("--paths edgemesh needs --edgemesh PATH (an edgemesh-agent binary)".into());
     }
     let groups: Vec<&'static str> = match &args.figures {
         None => FIGURE_GROUPS.to_vec(),
@@ -190,7 +203,7 @@ fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
 fn measure_resources(
     topo: &Topology,
     procs: &[(Path, Proc)],
-    binary: Option<&PathBuf>,
+    (binary, edgemesh_bin): (Option<&PathBuf>, Option<&PathBuf>),
     args: &Args,
     work: &std::path::Path,
     results: &mut Results,
@@ -211,7 +224,13 @@ fn measure_resources(
     }
     for (p, _) in procs {
         eprintln!("{}: {GENERATED_SERVICES} services", p.name());
-        match programs::rss_with_services(*p, GENERATED_SERVICES, binary, Some(&edgeproxy_config(args, work)?), work) {
+        let got = match (p, edgemesh_bin) {
+            (Path::Edgemesh, Some(bin)) => edgemesh::rss_with_services(GENERATED_SERVICES, bin, work),
+            _ => {
+                programs::rss_with_services(*p, GENERATED_SERVICES, binary, Some(&edgeproxy_config(args, work)?), work)
+            }
+        };
+        match got {
             Ok(kib) => {
                 results.resources.entry("rss_1000_services").or_default().insert(p.name(), kib);
             }
@@ -236,6 +255,7 @@ fn settings_json(args: &Args, w: &Windows, paths: &[Path]) -> Value {
         "generated_services": GENERATED_SERVICES,
         "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "edgeproxy_workers": args.edgeproxy_workers.as_deref().unwrap_or("auto"),
+        "edgemesh": "EdgeMesh edgemesh-agent (--edgemesh), proxy module only, in a node namespace of its own (10.77.3.1 | 10.77.4.1) against a stand-in API server; ClusterIP 10.96.77.60 redirected by its own KUBE-PORTALS-CONTAINER rule to its listener on 169.254.96.16",
         "haproxy": "HAProxy, 1 thread: mode tcp, nbthread 1, default buffers, no splice; reached by DNAT of its ClusterIP to 169.254.96.17 in the node namespace",
         "haproxy_mt": format!(
             "HAProxy, default threads: mode tcp, no nbthread line (HAProxy starts one thread per CPU it may use: {} here), \
@@ -257,7 +277,7 @@ fn run(args: &Args) -> Res<()> {
     }
     topo::install_cleanup_handlers()?;
     topo::remove_stale();
-    raise_nofile()?;
+    programs::raise_nofile(2 * IDLE_CONNS + 1000)?;
     let (paths, w) = selection(args)?;
     let all_figures = w.groups.len() == FIGURE_GROUPS.len();
     let started = Instant::now();
@@ -267,6 +287,14 @@ fn run(args: &Args) -> Res<()> {
         None
     };
     let mut facts = programs::machine_facts(binary.as_ref());
+    let edgemesh_bin = match &args.edgemesh {
+        Some(b) if paths.contains(&Path::Edgemesh) => Some(edgemesh::binary(b)?),
+        _ => None,
+    };
+    if let Some(b) = &edgemesh_bin {
+        let size = std::fs::metadata(b).map(|m| m.len()).unwrap_or(0);
+        facts.push(("edgemesh".into(), format!("{} ({size} bytes)", b.display())));
+    }
     let work = tempdir()?;
 
     let topo = Topology::build(args.congestion_control.as_deref())?;
@@ -280,27 +308,7 @@ fn run(args: &Args) -> Res<()> {
     let _iperf = topo.backend.spawn(&["iperf3", "-s", "-p", &load::IPERF_PORT.to_string()], true)?;
 
     let mut results = Results::default();
-    let mut procs: Vec<(Path, Proc)> = Vec::new();
-    if let Some(bin) = &binary {
-        let file = work.0.join("cluster.json");
-        write(&file, &paths::bench_cluster_json())?;
-        procs.push((
-            Path::Edgeproxy,
-            spawn_edgeproxy(
-                &topo.node,
-                bin,
-                &file,
-                Some(&edgeproxy_config(args, &work.0)?),
-                &work.0.join("edgeproxy.log"),
-            )?,
-        ));
-    }
-    for p in Path::HAPROXIES.into_iter().filter(|p| paths.contains(p)) {
-        // haproxy.cfg / haproxy.log, haproxy-mt.cfg / haproxy-mt.log.
-        let cfg = work.0.join(format!("{}.cfg", p.name()));
-        write(&cfg, &paths::haproxy_bench_config(p, HAPROXY_MAXCONN))?;
-        procs.push((p, spawn_haproxy(&topo.node, &cfg, &work.0.join(format!("{}.log", p.name())))?));
-    }
+    let (mut procs, em) = start_proxies(&topo, &paths, (binary.as_ref(), edgemesh_bin.as_ref()), args, &work.0)?;
     for p in &paths {
         let (tcp, udp) = (p.echo(), p.has_udp().then(|| p.echo()));
         in_ns(&topo.client, move || load::probe(tcp, udp, Duration::from_secs(15)))
@@ -314,7 +322,7 @@ fn run(args: &Args) -> Res<()> {
     rounds(&topo, &paths, &mut procs, &w, started, &mut results)?;
 
     if all_figures {
-        measure_resources(&topo, &procs, binary.as_ref(), args, &work.0, &mut results)?;
+        measure_resources(&topo, &procs, (binary.as_ref(), edgemesh_bin.as_ref()), args, &work.0, &mut results)?;
     }
     for (p, proc) in &mut procs {
         if let Some(st) = proc.exit_status() {
@@ -323,6 +331,7 @@ fn run(args: &Args) -> Res<()> {
         proc.stop();
     }
     drop(procs);
+    drop(em);
     drop(topo);
 
     facts.push(("load after".into(), programs::loadavg()));
@@ -340,6 +349,43 @@ fn run(args: &Args) -> Res<()> {
     write(&md, &report::markdown(&results, &paths, &facts))?;
     println!("\nJSON: {}\nMarkdown table: {}", args.json.display(), md.display());
     Ok(())
+}
+
+/// The proxies' processes, and EdgeMesh's namespace and stand-in API server when it runs.
+type Started = (Vec<(Path, Proc)>, Option<(Ns, edgemesh::ApiServer)>);
+
+/// The proxies under test, each in its namespace: edgeproxy, the HAProxies asked for, and
+/// EdgeMesh in a node namespace of its own with its stand-in API server (returned, so both live
+/// to the end of the run).
+fn start_proxies(
+    topo: &Topology,
+    paths: &[Path],
+    (binary, edgemesh_bin): (Option<&PathBuf>, Option<&PathBuf>),
+    args: &Args,
+    work: &std::path::Path,
+) -> Res<Started> {
+    let mut procs: Vec<(Path, Proc)> = Vec::new();
+    if let Some(bin) = binary {
+        let file = work.join("cluster.json");
+        write(&file, &paths::bench_cluster_json())?;
+        let cfg = edgeproxy_config(args, work)?;
+        procs
+            .push((Path::Edgeproxy, spawn_edgeproxy(&topo.node, bin, &file, Some(&cfg), &work.join("edgeproxy.log"))?));
+    }
+    for p in Path::HAPROXIES.into_iter().filter(|p| paths.contains(p)) {
+        // haproxy.cfg / haproxy.log, haproxy-mt.cfg / haproxy-mt.log.
+        let cfg = work.join(format!("{}.cfg", p.name()));
+        write(&cfg, &paths::haproxy_bench_config(p, HAPROXY_MAXCONN))?;
+        procs.push((p, spawn_haproxy(&topo.node, &cfg, &work.join(format!("{}.log", p.name())))?));
+    }
+    let mut em = None;
+    if let Some(bin) = edgemesh_bin {
+        let ns = edgemesh::node(topo, args.congestion_control.as_deref())?;
+        let (proc, api) = edgemesh::spawn(&ns, bin, edgemesh::Lists::bench(), work, "bench", Duration::from_secs(60))?;
+        procs.push((Path::Edgemesh, proc));
+        em = Some((ns, api));
+    }
+    Ok((procs, em))
 }
 
 /// Every round: each figure group for every path back to back.
@@ -419,8 +465,8 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
     if on("throughput") {
         // Throughput (iperf3) and the proxy's CPU time around it.
         let cpu0 = pid.map(cpu_seconds).transpose()?;
-        let one = iperf(&topo.client, p, 1, w.throughput)?;
-        let eight = iperf(&topo.client, p, 8, w.throughput)?;
+        let one = load::iperf(&topo.client, p.iperf(), 1, w.throughput)?;
+        let eight = load::iperf(&topo.client, p.iperf(), 8, w.throughput)?;
         if let (Some(pid), Some(c0)) = (pid, cpu0) {
             let used = cpu_seconds(pid)? - c0;
             let gb = (one.1 + eight.1) / 1e9;
@@ -467,49 +513,6 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
     Ok(())
 }
 
-/// iperf3 from the client: (bits/s received, bytes received).
-fn iperf(client: &Ns, p: Path, streams: u32, secs: u32) -> Res<(f64, f64)> {
-    let target = p.iperf();
-    let mut last = String::new();
-    for _attempt in 0..4 {
-        let out = client
-            .cmd(&[
-                "iperf3",
-                "-c",
-                &target.ip().to_string(),
-                "-p",
-                &target.port().to_string(),
-                "-t",
-                &secs.to_string(),
-                "-P",
-                &streams.to_string(),
-                "-J",
-            ])
-            .output()
-            .map_err(|e| format!("iperf3: {e}"))?;
-        let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
-            Ok(v) => v,
-            Err(e) => {
-                last = format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr));
-                std::thread::sleep(Duration::from_millis(300));
-                continue;
-            }
-        };
-        if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
-            // "the server is busy" right after the previous test: wait and retry.
-            last = format!("iperf3 to {target}: {err}");
-            std::thread::sleep(Duration::from_millis(300));
-            continue;
-        }
-        let sum = &v["end"]["sum_received"];
-        let (Some(bps), Some(bytes)) = (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) else {
-            return Err(format!("iperf3 to {target}: no end.sum_received in its JSON"));
-        };
-        return Ok((bps, bytes));
-    }
-    Err(last)
-}
-
 fn in_ns<T: Send + 'static>(ns: &Ns, f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
     ns.thread(f)?.join().map_err(|_| "a benchmark thread panicked".to_string())?
 }
@@ -553,25 +556,6 @@ fn edgeproxy_config(args: &Args, work: &std::path::Path) -> Res<PathBuf> {
         &format!("{{\"tcp\": {{\"maxConnectionsPerSource\": {}}}, \"workers\": \"{workers}\"}}\n", 2 * IDLE_CONNS),
     )?;
     Ok(path)
-}
-
-/// Raise our soft open-file limit to the hard limit (children inherit it).
-fn raise_nofile() -> Res<()> {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
-        }
-        l.rlim_cur = l.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
-        }
-    }
-    if usize::try_from(l.rlim_cur).unwrap_or(usize::MAX) < 2 * IDLE_CONNS + 1000 {
-        return Err(format!("open-file limit {} is too low for {IDLE_CONNS} idle connections", l.rlim_cur));
-    }
-    Ok(())
 }
 
 /// A temporary directory, removed on drop.

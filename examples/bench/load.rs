@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::topo::Res;
+use crate::topo::{Ns, Res};
 
 /// The echo port (TCP and UDP) of the backend.
 pub const ECHO_PORT: u16 = 7000;
@@ -362,4 +362,46 @@ pub fn nanos(d: std::time::Duration) -> u64 {
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn whole_seconds(secs: f64) -> u32 {
     secs.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
+/// iperf3 from the client to `target`: (bits/s received, bytes received).
+pub fn iperf(client: &Ns, target: SocketAddr, streams: u32, secs: u32) -> Res<(f64, f64)> {
+    let mut last = String::new();
+    for _attempt in 0..4 {
+        let out = client
+            .cmd(&[
+                "iperf3",
+                "-c",
+                &target.ip().to_string(),
+                "-p",
+                &target.port().to_string(),
+                "-t",
+                &secs.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ])
+            .output()
+            .map_err(|e| format!("iperf3: {e}"))?;
+        let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+            Ok(v) => v,
+            Err(e) => {
+                last = format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr));
+                std::thread::sleep(Duration::from_millis(300));
+                continue;
+            }
+        };
+        if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+            // "the server is busy" right after the previous test: wait and retry.
+            last = format!("iperf3 to {target}: {err}");
+            std::thread::sleep(Duration::from_millis(300));
+            continue;
+        }
+        let sum = &v["end"]["sum_received"];
+        let (Some(bps), Some(bytes)) = (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) else {
+            return Err(format!("iperf3 to {target}: no end.sum_received in its JSON"));
+        };
+        return Ok((bps, bytes));
+    }
+    Err(last)
 }

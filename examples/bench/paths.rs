@@ -33,11 +33,24 @@ pub enum Path {
     Haproxy,
     /// HAProxy with its default threads (no `nbthread`: one thread per CPU it may use).
     HaproxyMt,
+    /// EdgeMesh's edge proxy (`--edgemesh PATH`), in a node namespace of its own (`edgemesh`).
+    Edgemesh,
 }
 
 impl Path {
+    /// The paths run by default; EdgeMesh is added when a binary is given.
     pub const ALL: [Path; 6] =
         [Path::Direct, Path::Kernel, Path::Edgeproxy, Path::EdgeproxyKernel, Path::Haproxy, Path::HaproxyMt];
+    /// Every path `--paths` knows.
+    pub const KNOWN: [Path; 7] = [
+        Path::Direct,
+        Path::Kernel,
+        Path::Edgeproxy,
+        Path::EdgeproxyKernel,
+        Path::Haproxy,
+        Path::HaproxyMt,
+        Path::Edgemesh,
+    ];
     /// The HAProxy paths, each its own process.
     pub const HAPROXIES: [Path; 2] = [Path::Haproxy, Path::HaproxyMt];
 
@@ -49,16 +62,17 @@ impl Path {
             Path::EdgeproxyKernel => "edgeproxy-kernel",
             Path::Haproxy => "haproxy",
             Path::HaproxyMt => "haproxy-mt",
+            Path::Edgemesh => "edgemesh",
         }
     }
 
     /// Every path's name, for messages: "direct, kernel-dnat, ...".
     pub fn names() -> String {
-        Path::ALL.map(Path::name).join(", ")
+        Path::KNOWN.map(Path::name).join(", ")
     }
 
     pub fn parse(s: &str) -> Option<Path> {
-        Path::ALL.into_iter().find(|p| p.name() == s || (s == "kernel" && *p == Path::Kernel))
+        Path::KNOWN.into_iter().find(|p| p.name() == s || (s == "kernel" && *p == Path::Kernel))
     }
 
     /// The address the client dials for this path.
@@ -70,6 +84,7 @@ impl Path {
             Path::Haproxy => Ipv4Addr::new(10, 96, 77, 30),
             Path::EdgeproxyKernel => Ipv4Addr::new(10, 96, 77, 40),
             Path::HaproxyMt => Ipv4Addr::new(10, 96, 77, 50),
+            Path::Edgemesh => Ipv4Addr::new(10, 96, 77, 60),
         }
     }
 
@@ -187,11 +202,15 @@ pub fn generated_cluster_json(n: usize) -> String {
             tports.push(("dns", "UDP", 5353));
         }
         items.push(service_json("gen", &name, &generated_ip(i).to_string(), &ports));
-        let a = format!("10.78.{}.{}", (2 * i) >> 8 & 255, (2 * i) & 255);
-        let b = format!("10.78.{}.{}", (2 * i + 1) >> 8 & 255, (2 * i + 1) & 255);
+        let [a, b] = generated_endpoints(i);
         items.push(slice_json("gen", &name, &[&a, &b], &tports));
     }
     list_json(&items)
+}
+
+/// The two endpoint addresses of the `i`-th generated service (10.78.0.0/16, unreachable).
+pub fn generated_endpoints(i: usize) -> [String; 2] {
+    [2 * i, 2 * i + 1].map(|k| format!("10.78.{}.{}", k >> 8 & 255, k & 255))
 }
 
 fn list_json(items: &[String]) -> String {
@@ -267,7 +286,8 @@ pub fn haproxy_bench_config(p: Path, maxconn: usize) -> String {
 pub fn haproxy_generated_config(p: Path, n: usize) -> String {
     let listens: Vec<(u16, String)> = (0..n)
         .map(|i| {
-            let a = format!("10.78.{}.{}:8080", (2 * i) >> 8 & 255, (2 * i) & 255);
+            let [a, _] = generated_endpoints(i);
+            let a = format!("{a}:8080");
             (20000 + u16::try_from(i).expect("a port index fits u16"), a)
         })
         .collect();

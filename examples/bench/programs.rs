@@ -65,7 +65,7 @@ pub fn spawn_haproxy(node: &Ns, cfg: &std::path::Path, log: &std::path::Path) ->
 
 /// Start a process in `ns` with stdout and stderr to `log`; errors quote the log's tail if it
 /// is gone 200 ms later.
-fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> {
+pub fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> {
     let log_file = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let err_file = log_file.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
     let mut c = ns.cmd(argv);
@@ -241,4 +241,24 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 
 pub fn write(path: &std::path::Path, text: &str) -> Res<()> {
     std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Raise our soft open-file limit to the hard limit (children inherit it); error when that is
+/// below `need`.
+pub fn raise_nofile(need: usize) -> Res<()> {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
+        }
+        l.rlim_cur = l.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+        }
+    }
+    if usize::try_from(l.rlim_cur).unwrap_or(usize::MAX) < need {
+        return Err(format!("open-file limit {} is too low: the benchmark needs {need}", l.rlim_cur));
+    }
+    Ok(())
 }

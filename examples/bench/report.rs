@@ -5,7 +5,7 @@
 //! presentation. It never measures and never touches the system.
 //!
 //! Beside edgeproxy's own targets, it judges edgeproxy against every peer that ran ([`PEERS`]:
-//! HAProxy with 1 thread, HAProxy with its default threads), one row per figure per peer plus the
+//! HAProxy with 1 thread, HAProxy with its default threads, EdgeMesh when given), one row per figure per peer plus the
 //! resource rows. A "better than" row passes only when edgeproxy is ahead beyond the noise: its
 //! median is better (per-round ratios to kernel DNAT compared when both have them, else the
 //! medians) AND it won a strict majority of the rounds, counted from the per-round values (3 of
@@ -136,8 +136,8 @@ pub struct Target {
 }
 
 /// The peers edgeproxy is judged against (each when it ran), with the label of their rows.
-pub const PEERS: [(Path, &str); 2] =
-    [(Path::Haproxy, "HAProxy 1 thread"), (Path::HaproxyMt, "HAProxy default threads")];
+pub const PEERS: [(Path, &str); 3] =
+    [(Path::Haproxy, "HAProxy 1 thread"), (Path::HaproxyMt, "HAProxy default threads"), (Path::Edgemesh, "EdgeMesh")];
 
 /// How the "better than" rows are decided; printed above the targets, kept in the JSON.
 pub const VERDICT_RULE: [&str; 3] = [
