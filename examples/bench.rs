@@ -125,6 +125,8 @@ impl Windows {
 }
 
 const IDLE_CONNS: usize = 5000;
+/// Idle connections opened first to count the proxy's descriptors per connection.
+const FD_PROBE_CONNS: usize = 1000;
 /// HAProxy needs 2 fds per connection and refuses to start above the hard limit (20000 here).
 const HAPROXY_MAXCONN: usize = 9000;
 const GENERATED_SERVICES: usize = 1000;
@@ -212,15 +214,31 @@ fn measure_resources(
         eprintln!("{}: {IDLE_CONNS} idle connections", p.name());
         let addr = p.echo();
         let pid = proc.pid();
-        match in_ns(&topo.client, move || load::idle_conns(addr, IDLE_CONNS)) {
-            Ok(conns) => {
+        // Descriptors per connection from the first FD_PROBE_CONNS (before any limit bites),
+        // then RSS with all of them.
+        let fds0 = programs::fd_count(pid)?;
+        let first = match in_ns(&topo.client, move || load::idle_conns(addr, FD_PROBE_CONNS)) {
+            Ok(conns) => conns,
+            Err(e) => {
+                results.errors.push(format!("{}: {FD_PROBE_CONNS} idle connections: {e}", p.name()));
+                continue;
+            }
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let per_conn = load::float(programs::fd_count(pid)?.saturating_sub(fds0)) / load::float(FD_PROBE_CONNS);
+        results.resources.entry("fds_per_idle_conn").or_default().insert(p.name(), per_conn);
+        match in_ns(&topo.client, move || load::idle_conns(addr, IDLE_CONNS - FD_PROBE_CONNS)) {
+            Ok(rest) => {
                 std::thread::sleep(Duration::from_millis(300));
                 let rss = rss_kib(pid)?;
                 results.resources.entry("rss_5000_conns").or_default().insert(p.name(), rss);
-                drop(conns);
+                drop(rest);
             }
-            Err(e) => results.errors.push(format!("{}: {IDLE_CONNS} idle connections: {e}", p.name())),
+            Err(e) => results
+                .errors
+                .push(format!("{}: {IDLE_CONNS} idle connections ({per_conn:.1} descriptors each), after the first {FD_PROBE_CONNS}: {e}", p.name())),
         }
+        drop(first);
     }
     for (p, _) in procs {
         eprintln!("{}: {GENERATED_SERVICES} services", p.name());
@@ -326,7 +344,10 @@ fn run(args: &Args) -> Res<()> {
     }
     for (p, proc) in &mut procs {
         if let Some(st) = proc.exit_status() {
-            results.errors.push(format!("{} exited during the benchmark ({st})", p.name()));
+            // The bench's proxies log to `<path>.log` (EdgeMesh: `edgemesh-bench.log`).
+            let tag = if *p == Path::Edgemesh { "edgemesh-bench" } else { p.name() };
+            let why = programs::last_words(&work.0.join(format!("{tag}.log")));
+            results.errors.push(format!("{} exited during the benchmark ({st}): {why}", p.name()));
         }
         proc.stop();
     }

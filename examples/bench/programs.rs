@@ -147,6 +147,25 @@ pub fn rss_kib(pid: u32) -> Res<f64> {
         .ok_or_else(|| format!("/proc/{pid}/status has no VmRSS"))
 }
 
+/// What a log says about why its process ended: its last line naming a panic or a fatal error
+/// (Go's `panic:`, klog's `F<date>`), else its last line.
+pub fn last_words(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let telling = lines.iter().rev().find(|l| l.starts_with("panic:") || l.contains("fatal") || is_klog_fatal(l));
+    telling.or(lines.last()).map_or_else(|| format!("{} is empty", log.display()), |l| (*l).to_string())
+}
+
+fn is_klog_fatal(line: &str) -> bool {
+    line.strip_prefix('F').is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// How many descriptors a process has open.
+pub fn fd_count(pid: u32) -> Res<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?.count())
+}
+
 /// utime + stime of a process (all its threads), seconds.
 pub fn cpu_seconds(pid: u32) -> Res<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;

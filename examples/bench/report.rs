@@ -54,11 +54,49 @@ pub const FIGURES: &[Figure] = &[
     fig("cpu_per_conn", "proxy CPU per new connection", "CPU-us", false),
 ];
 
-/// Resource figures, measured once per run per proxy.
-pub const RESOURCES: &[(&str, &str)] = &[
-    ("rss_idle", "RSS idle (the bench service)"),
-    ("rss_1000_services", "RSS idle, 1,000 services loaded"),
-    ("rss_5000_conns", "RSS with 5,000 idle connections"),
+/// A resource figure, measured once per run per proxy; lower is better.
+pub struct Resource {
+    pub key: &'static str,
+    pub label: &'static str,
+    /// The unit shown.
+    pub unit: &'static str,
+    /// The unit of the stored value (the JSON's).
+    pub raw_unit: &'static str,
+    /// Shown value = stored value x scale.
+    pub scale: f64,
+}
+
+const KIB_AS_MIB: f64 = 1.0 / 1024.0;
+
+pub const RESOURCES: &[Resource] = &[
+    Resource {
+        key: "rss_idle",
+        label: "RSS idle (the bench service)",
+        unit: "MiB",
+        raw_unit: "KiB",
+        scale: KIB_AS_MIB,
+    },
+    Resource {
+        key: "rss_1000_services",
+        label: "RSS idle, 1,000 services loaded",
+        unit: "MiB",
+        raw_unit: "KiB",
+        scale: KIB_AS_MIB,
+    },
+    Resource {
+        key: "rss_5000_conns",
+        label: "RSS with 5,000 idle connections",
+        unit: "MiB",
+        raw_unit: "KiB",
+        scale: KIB_AS_MIB,
+    },
+    Resource {
+        key: "fds_per_idle_conn",
+        label: "descriptors per idle connection",
+        unit: "fds",
+        raw_unit: "fds",
+        scale: 1.0,
+    },
 ];
 
 #[derive(Default)]
@@ -80,9 +118,10 @@ impl Results {
         vals[round] = v;
     }
 
-    /// A resource figure in MiB.
-    fn resource_mib(&self, key: &str, path: &str) -> Option<f64> {
-        self.resources.get(key).and_then(|m| m.get(path)).map(|kib| kib / 1024.0)
+    /// A resource figure in its shown unit (RSS in MiB).
+    fn resource(&self, key: &str, path: &str) -> Option<f64> {
+        let scale = RESOURCES.iter().find(|r| r.key == key).map_or(1.0, |r| r.scale);
+        self.resources.get(key).and_then(|m| m.get(path)).map(|v| v * scale)
     }
 
     fn values(&self, key: &str, path: &str) -> Vec<f64> {
@@ -182,7 +221,7 @@ pub fn targets(r: &Results, paths: &[Path]) -> Vec<Target> {
         won: None,
     });
     for (key, bound_mib) in [("rss_1000_services", 8.0), ("rss_5000_conns", 40.0)] {
-        let v = r.resource_mib(key, ep);
+        let v = r.resource(key, ep);
         t.push(Target {
             name: format!("{key} (MiB)"),
             value: v,
@@ -254,8 +293,8 @@ fn peer_targets(r: &Results, peer: Path, label: &str, t: &mut Vec<Target>) {
             won: Some((won, n)),
         });
     }
-    for (key, _) in RESOURCES {
-        let get = |p: &str| r.resource_mib(key, p);
+    for Resource { key, .. } in RESOURCES {
+        let get = |p: &str| r.resource(key, p);
         if let (Some(a), Some(b)) = (get(ep), get(pn)) {
             t.push(Target {
                 name: format!("better than {label}: {key}"),
@@ -300,10 +339,10 @@ pub fn table(r: &Results, paths: &[Path], facts: &[(String, String)]) -> String 
         rows.push(row);
     }
     rows.push(Vec::new());
-    for (key, label) in RESOURCES {
-        let mut row = vec![label.to_string(), "MiB".to_string()];
+    for res in RESOURCES {
+        let mut row = vec![res.label.to_string(), res.unit.to_string()];
         row.extend(
-            paths.iter().map(|p| r.resource_mib(key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.2}"))),
+            paths.iter().map(|p| r.resource(res.key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.2}"))),
         );
         rows.push(row);
     }
@@ -388,9 +427,9 @@ pub fn json(r: &Results, paths: &[Path], facts: &[(String, String)], settings: &
         );
     }
     let mut resources = serde_json::Map::new();
-    for (key, label) in RESOURCES {
-        let m = r.resources.get(key).cloned().unwrap_or_default();
-        resources.insert((*key).into(), json!({"label": label, "unit": "KiB", "paths": m}));
+    for res in RESOURCES {
+        let m = r.resources.get(res.key).cloned().unwrap_or_default();
+        resources.insert(res.key.into(), json!({"label": res.label, "unit": res.raw_unit, "paths": m}));
     }
     let targets: Vec<Value> = targets(r, paths)
         .into_iter()
@@ -460,10 +499,10 @@ pub fn markdown(r: &Results, paths: &[Path], facts: &[(String, String)]) -> Stri
         }
         s.push('\n');
     }
-    for (key, label) in RESOURCES {
-        s.push_str(&format!("| {label} | MiB |"));
+    for res in RESOURCES {
+        s.push_str(&format!("| {} | {} |", res.label, res.unit));
         for p in paths {
-            let cell = r.resource_mib(key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.1}"));
+            let cell = r.resource(res.key, p.name()).map_or_else(|| "n/a".into(), |v| format!("{v:.1}"));
             s.push_str(&format!(" {cell} |"));
         }
         s.push('\n');
