@@ -338,6 +338,15 @@ fn run(args: &Args) -> Res<()> {
     }
 
     rounds(&topo, &paths, &mut procs, &w, started, &mut results)?;
+    // What each proxy keeps once the load is gone (its pools and caches).
+    std::thread::sleep(Duration::from_millis(500));
+    for (p, proc) in &mut procs {
+        if proc.alive() {
+            results.resources.entry("rss_after_load").or_default().insert(p.name(), rss_kib(proc.pid())?);
+            let fds = load::float(programs::fd_count(proc.pid())?);
+            results.resources.entry("fds_after_load").or_default().insert(p.name(), fds);
+        }
+    }
 
     if all_figures {
         measure_resources(&topo, &procs, (binary.as_ref(), edgemesh_bin.as_ref()), args, &work.0, &mut results)?;

@@ -77,6 +77,13 @@ pub const RESOURCES: &[Resource] = &[
         scale: KIB_AS_MIB,
     },
     Resource {
+        key: "rss_after_load",
+        label: "RSS idle after the rounds",
+        unit: "MiB",
+        raw_unit: "KiB",
+        scale: KIB_AS_MIB,
+    },
+    Resource {
         key: "rss_1000_services",
         label: "RSS idle, 1,000 services loaded",
         unit: "MiB",
@@ -89,6 +96,13 @@ pub const RESOURCES: &[Resource] = &[
         unit: "MiB",
         raw_unit: "KiB",
         scale: KIB_AS_MIB,
+    },
+    Resource {
+        key: "fds_after_load",
+        label: "descriptors idle after the rounds",
+        unit: "fds",
+        raw_unit: "fds",
+        scale: 1.0,
     },
     Resource {
         key: "fds_per_idle_conn",

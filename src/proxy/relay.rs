@@ -8,7 +8,7 @@
 //! per-thread pools), and backpressure comes from not reading while the pipe or buffer is
 //! unwritten.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
@@ -24,8 +24,12 @@ use tokio::net::TcpStream;
 use super::stats::{Counter, ProxyStats, ServiceCounters};
 use crate::sys::pipe::{splice, Pipe};
 
-/// Idle buffers (and idle pipes) kept per thread for reuse.
-const POOL_MAX: usize = 64;
+/// Idle pipes kept for reuse, per process: a worker's pool keeps its share (see
+/// [`share_pools`]), so more workers never mean more idle descriptors.
+const POOL_PIPES: usize = 64;
+/// Idle buffer bytes kept for reuse, per process, shared the same way: 64 buffers of the
+/// default 16 KiB, one of the largest `tcp.bufferSize` (1 MiB).
+const POOL_BYTES: usize = 1 << 20;
 /// Most bytes one splice(2) moves; the pipe's capacity caps it further.
 const SPLICE_MAX: usize = 1 << 20;
 /// The capacity asked for the kernel pipes of bulk transfers: the default fs.pipe-max-size.
@@ -305,7 +309,7 @@ fn pipe_put(p: Option<KernelPipe>) {
     if let Some(p) = p {
         let _ = PIPES.try_with(|pool| {
             let mut pool = pool.borrow_mut();
-            if pool.len() < POOL_MAX {
+            if pool.len() < share().0 {
                 pool.push(p);
             }
         });
@@ -315,6 +319,27 @@ fn pipe_put(p: Option<KernelPipe>) {
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
     static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
+    /// This thread's share of the process's pool caps: (pipes, buffer bytes).
+    static SHARE: Cell<(usize, usize)> = const { Cell::new((POOL_PIPES, POOL_BYTES)) };
+}
+
+/// This thread is one of `workers` threads that relay: its pools keep a `1/workers` share of
+/// the process's caps (at least one pipe and one buffer's worth), so the idle memory and
+/// descriptors of the pools stay those of one loop whatever `workers` says. A thread that
+/// never calls it (the single loop on the agent's thread) keeps the whole caps.
+pub(super) fn share_pools(workers: usize) {
+    let n = workers.max(1);
+    SHARE.with(|s| s.set(((POOL_PIPES / n).max(1), (POOL_BYTES / n).max(1))));
+}
+
+/// This thread's (pipes, buffer bytes) share; the whole caps while the thread is torn down.
+fn share() -> (usize, usize) {
+    SHARE.try_with(Cell::get).unwrap_or((POOL_PIPES, POOL_BYTES))
+}
+
+/// How many idle buffers of `size` bytes this thread keeps.
+fn buffers_kept(size: usize) -> usize {
+    (share().1 / size.max(1)).max(1)
 }
 
 fn pool_take(size: usize) -> Box<[u8]> {
@@ -334,7 +359,7 @@ fn pool_put(buf: Option<Box<[u8]>>) {
         // try_with: during thread teardown the pool may already be gone; then just free.
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
+            if p.len() < buffers_kept(b.len()) {
                 p.push(b);
             }
         });
@@ -344,6 +369,40 @@ fn pool_put(buf: Option<Box<[u8]>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pools filled past their caps on a thread of `workers`: (idle pipes, idle buffers of
+    /// `size`) it keeps. Plain pipes (not grown), so the big-pipe budget is not touched.
+    fn kept_on_a_worker(workers: Option<usize>, size: usize) -> (usize, usize) {
+        std::thread::spawn(move || {
+            if let Some(n) = workers {
+                share_pools(n);
+            }
+            for _ in 0..POOL_PIPES + 8 {
+                pipe_put(Some(KernelPipe { pipe: Pipe::new().expect("pipe2"), big: false }));
+            }
+            for _ in 0..POOL_BYTES / size + 8 {
+                pool_put(Some(vec![0u8; size].into_boxed_slice()));
+            }
+            (PIPES.with(|p| p.borrow().len()), POOL.with(|p| p.borrow().len()))
+        })
+        .join()
+        .expect("the pool thread")
+    }
+
+    #[test]
+    fn workers_share_the_pool_caps_of_one_loop() {
+        const KIB16: usize = 16 * 1024;
+        // The single loop (no share set) keeps the whole caps: 64 pipes, 1 MiB of buffers.
+        assert_eq!(kept_on_a_worker(None, KIB16), (64, 64));
+        assert_eq!(kept_on_a_worker(Some(1), KIB16), (64, 64));
+        // Each of 4 workers keeps a quarter, so the process keeps what one loop did.
+        assert_eq!(kept_on_a_worker(Some(4), KIB16), (16, 16));
+        // 64 workers: still at least one of each per worker.
+        assert_eq!(kept_on_a_worker(Some(64), KIB16), (1, 1));
+        // The largest buffers (1 MiB): one per thread, never 64 MiB.
+        assert_eq!(kept_on_a_worker(None, 1 << 20), (64, 1));
+        assert_eq!(kept_on_a_worker(Some(2), 1 << 20), (32, 1));
+    }
 
     #[test]
     fn only_a_bounded_number_of_pipes_grow() {

@@ -106,6 +106,7 @@ impl Pool {
             let cpu = cpus.and_then(|c| c.get(i)).copied();
             let thread =
                 std::thread::Builder::new().name(format!("proxy-worker-{i}")).stack_size(STACK).spawn(move || {
+                    super::relay::share_pools(n);
                     if let Some(cpu) = cpu {
                         if let Err(e) = crate::sys::affinity::pin_current_thread(cpu) {
                             log::warn!("proxy worker {i}: cannot pin it to CPU {cpu}: {e}; it runs unpinned");
