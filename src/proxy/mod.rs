@@ -151,6 +151,10 @@ pub async fn run(
         }
     }
     let mut tasks = JoinSet::new();
+    // Every relaying thread gives back the pipes and buffers its pools did not need.
+    for rt in pool.handles() {
+        tasks.spawn_on(relay::trim_pools_every(), rt);
+    }
     tasks.spawn(udp::reconcile_loop(tables.clone(), events.clone(), shared.clone(), pool.handles().to_vec()));
     tasks.spawn(probe::probe_loop(tables.clone(), shared.clone()));
     tasks.spawn(housekeeping(tables, shared));

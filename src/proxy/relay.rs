@@ -5,8 +5,8 @@
 //! through a kernel pipe (socket -> pipe -> socket, no copy to user space) until a splice moves
 //! less than a buffer's worth again. When no pipe can be had (out of descriptors) it copies. Memory and descriptors are bounded: a pipe or
 //! buffer per direction only while data is in flight, none while idle (both go back to small
-//! per-thread pools), and backpressure comes from not reading while the pipe or buffer is
-//! unwritten.
+//! per-thread pools, capped per process and emptied of what went unused for a trim period), and
+//! backpressure comes from not reading while the pipe or buffer is unwritten.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -264,7 +264,13 @@ impl Drop for KernelPipe {
 /// An empty pipe from the pool, or a new one; None when none can be made (out of
 /// descriptors): the caller copies through a buffer instead.
 fn pipe_take() -> Option<KernelPipe> {
-    if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+    let pooled = PIPES.with(|p| {
+        let mut p = p.borrow_mut();
+        let pipe = p.pop();
+        note_low(|low| low.0 = low.0.min(p.len()));
+        pipe
+    });
+    if let Some(p) = pooled {
         return Some(p);
     }
     let pipe = match Pipe::new() {
@@ -321,6 +327,51 @@ thread_local! {
     static PIPES: RefCell<Vec<KernelPipe>> = const { RefCell::new(Vec::new()) };
     /// This thread's share of the process's pool caps: (pipes, buffer bytes).
     static SHARE: Cell<(usize, usize)> = const { Cell::new((POOL_PIPES, POOL_BYTES)) };
+    /// The fewest (pipes, buffers) the pools held since the last trim: that many went unused.
+    static LOW: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
+
+/// How often each relaying thread gives back what its pools did not need: a pooled pipe or
+/// buffer that sat unused for a whole period is closed or freed, so an idle proxy returns to
+/// its idle descriptors and memory within two periods of the last traffic.
+pub(super) const POOL_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn note_low(f: impl FnOnce(&mut (usize, usize))) {
+    let _ = LOW.try_with(|l| {
+        let mut v = l.get();
+        f(&mut v);
+        l.set(v);
+    });
+}
+
+/// Close the pooled pipes and free the pooled buffers of this thread that were not needed since
+/// the last trim (the pools' low-water marks); returns how many (pipes, buffers) went.
+fn trim_pools() -> (usize, usize) {
+    let (low_pipes, low_bufs) = LOW.with(Cell::get);
+    let pipes = PIPES.with(|p| {
+        let mut p = p.borrow_mut();
+        let n = low_pipes.min(p.len());
+        // The oldest first: the pool is a stack, its bottom is what waited longest.
+        p.drain(..n).count()
+    });
+    let bufs = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let n = low_bufs.min(p.len());
+        p.drain(..n).count()
+    });
+    LOW.with(|l| l.set((PIPES.with(|p| p.borrow().len()), POOL.with(|p| p.borrow().len()))));
+    (pipes, bufs)
+}
+
+/// Trim this thread's pools every [`POOL_TRIM_EVERY`]; spawned on every relaying runtime.
+pub(super) async fn trim_pools_every() {
+    loop {
+        tokio::time::sleep(POOL_TRIM_EVERY).await;
+        let (pipes, bufs) = trim_pools();
+        if pipes + bufs > 0 {
+            log::debug!("relay pools: {pipes} idle pipes closed, {bufs} idle buffers freed");
+        }
+    }
 }
 
 /// This thread is one of `workers` threads that relay: its pools keep a `1/workers` share of
@@ -346,6 +397,7 @@ fn pool_take(size: usize) -> Box<[u8]> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         while let Some(b) = p.pop() {
+            note_low(|low| low.1 = low.1.min(p.len()));
             if b.len() == size {
                 return b;
             }
@@ -387,6 +439,35 @@ mod tests {
         })
         .join()
         .expect("the pool thread")
+    }
+
+    #[test]
+    fn trims_give_back_what_went_unused() {
+        std::thread::spawn(|| {
+            let pipes = || PIPES.with(|p| p.borrow().len());
+            let bufs = || POOL.with(|p| p.borrow().len());
+            for _ in 0..10 {
+                pipe_put(Some(KernelPipe { pipe: Pipe::new().expect("pipe2"), big: false }));
+                pool_put(Some(vec![0u8; 1024].into_boxed_slice()));
+            }
+            // The first trim only marks: nothing was watched yet.
+            assert_eq!(trim_pools(), (0, 0));
+            // Three of each are needed in this period (and come back).
+            let taken: Vec<_> = (0..3).map(|_| (pipe_take().expect("pooled"), pool_take(1024))).collect();
+            assert_eq!((pipes(), bufs()), (7, 7));
+            for (p, b) in taken {
+                pipe_put(Some(p));
+                pool_put(Some(b));
+            }
+            // Seven sat unused the whole period: they go, the three in use stay.
+            assert_eq!(trim_pools(), (7, 7));
+            assert_eq!((pipes(), bufs()), (3, 3));
+            // A period without traffic: the rest go.
+            assert_eq!(trim_pools(), (3, 3));
+            assert_eq!((pipes(), bufs()), (0, 0));
+        })
+        .join()
+        .expect("the pool thread");
     }
 
     #[test]
