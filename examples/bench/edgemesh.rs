@@ -66,7 +66,7 @@ pub fn spawn(ns: &Ns, bin: &FsPath, lists: Lists, work: &FsPath, tag: &str, wait
     let start = Instant::now();
     loop {
         if let Some(st) = p.exit_status() {
-            return Err(format!("edgemesh-agent exited ({st}); its log: {}", log.display()));
+            return Err(format!("edgemesh-agent exited ({st}): {}", crate::programs::last_words(&log)));
         }
         // EdgeMesh runs the `iptables` the machine's alternatives name; read the same one.
         let missing = ns.ok(&["iptables-save", "-t", "nat"]).map_or(api.cluster_ips.len(), |s| api.missing(&s));
@@ -75,9 +75,9 @@ pub fn spawn(ns: &Ns, bin: &FsPath, lists: Lists, work: &FsPath, tag: &str, wait
         }
         if start.elapsed() > wait {
             return Err(format!(
-                "edgemesh-agent has no rule for {missing} of {} ClusterIPs after {wait:?}; its log: {}",
+                "edgemesh-agent has no rule for {missing} of {} ClusterIPs after {wait:?}; its log ends: {}",
                 api.cluster_ips.len(),
-                log.display()
+                crate::programs::last_words(&log)
             ));
         }
         std::thread::sleep(Duration::from_millis(200));
