@@ -26,8 +26,8 @@
 //!
 //! Owns the orchestration only: set up, run every figure for every path in each round (the path
 //! order rotates per round), collect, report. The report judges edgeproxy against each peer
-//! that ran (either HAProxy, EdgeMesh); a "better than" verdict passes only when edgeproxy's median is better AND it won a
-//! strict majority of the rounds (`report`). Everything it creates (namespaces, processes,
+//! that ran (either HAProxy, EdgeMesh); a "better than" verdict passes only when edgeproxy's
+//! median is better AND it won a strict majority of the rounds (`report`). Everything it creates (namespaces, processes,
 //! files under a temporary directory) is removed at the end, also on error, panic or Ctrl-C. It
 //! never changes the root namespace's routes, iptables or sysctls.
 
@@ -146,7 +146,7 @@ fn main() {
 /// The paths and figure groups asked for, and the measuring windows.
 fn selection(args: &Args) -> Res<(Vec<Path>, Windows)> {
     let paths: Vec<Path> = match &args.paths {
-        None => Path::ALL.into_iter().chain(args.edgemesh.is_some().then_some(Path::Edgemesh)).collect(),
+        None => Path::ALL.into_iter().filter(|p| *p != Path::Edgemesh || args.edgemesh.is_some()).collect(),
         Some(list) => list
             .split(',')
             .map(|s| Path::parse(s.trim()).ok_or_else(|| format!("--paths: unknown path {s:?} ({})", Path::names())))
@@ -353,9 +353,7 @@ fn run(args: &Args) -> Res<()> {
     }
     for (p, proc) in &mut procs {
         if let Some(st) = proc.exit_status() {
-            // The bench's proxies log to `<path>.log` (EdgeMesh: `edgemesh-bench.log`).
-            let tag = if *p == Path::Edgemesh { "edgemesh-bench" } else { p.name() };
-            let why = programs::last_words(&work.0.join(format!("{tag}.log")));
+            let why = proc.log.as_deref().map(programs::last_words).unwrap_or_default();
             results.errors.push(format!("{} exited during the benchmark ({st}): {why}", p.name()));
         }
         proc.stop();

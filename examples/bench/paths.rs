@@ -38,11 +38,8 @@ pub enum Path {
 }
 
 impl Path {
-    /// The paths run by default; EdgeMesh is added when a binary is given.
-    pub const ALL: [Path; 6] =
-        [Path::Direct, Path::Kernel, Path::Edgeproxy, Path::EdgeproxyKernel, Path::Haproxy, Path::HaproxyMt];
-    /// Every path `--paths` knows.
-    pub const KNOWN: [Path; 7] = [
+    /// Every path, in the order they run; all by default, EdgeMesh only when a binary is given.
+    pub const ALL: [Path; 7] = [
         Path::Direct,
         Path::Kernel,
         Path::Edgeproxy,
@@ -68,11 +65,11 @@ impl Path {
 
     /// Every path's name, for messages: "direct, kernel-dnat, ...".
     pub fn names() -> String {
-        Path::KNOWN.map(Path::name).join(", ")
+        Path::ALL.map(Path::name).join(", ")
     }
 
     pub fn parse(s: &str) -> Option<Path> {
-        Path::KNOWN.into_iter().find(|p| p.name() == s || (s == "kernel" && *p == Path::Kernel))
+        Path::ALL.into_iter().find(|p| p.name() == s || (s == "kernel" && *p == Path::Kernel))
     }
 
     /// The address the client dials for this path.

@@ -72,6 +72,7 @@ pub fn spawn_logged(ns: &Ns, argv: &[&str], log: &std::path::Path) -> Res<Proc> 
     c.stdin(std::process::Stdio::null()).stdout(log_file).stderr(err_file);
     let child = c.spawn().map_err(|e| format!("cannot start {argv:?}: {e}"))?;
     let mut p = Proc::adopt(child);
+    p.log = Some(log.to_path_buf());
     std::thread::sleep(Duration::from_millis(200));
     if !p.alive() {
         let text = std::fs::read_to_string(log).unwrap_or_default();

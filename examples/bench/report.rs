@@ -5,8 +5,8 @@
 //! presentation. It never measures and never touches the system.
 //!
 //! Beside edgeproxy's own targets, it judges edgeproxy against every peer that ran ([`PEERS`]:
-//! HAProxy with 1 thread, HAProxy with its default threads, EdgeMesh when given), one row per figure per peer plus the
-//! resource rows. A "better than" row passes only when edgeproxy is ahead beyond the noise: its
+//! HAProxy with 1 thread, HAProxy with its default threads, EdgeMesh when given), one row per
+//! figure per peer plus the resource rows. A "better than" row passes only when edgeproxy is ahead beyond the noise: its
 //! median is better (per-round ratios to kernel DNAT compared when both have them, else the
 //! medians) AND it won a strict majority of the rounds, counted from the per-round values (3 of
 //! 5, 2 of 2); a lead won in 2 of 5 rounds is a MISS. [`VERDICT_RULE`] says so in the output.
@@ -66,51 +66,23 @@ pub struct Resource {
     pub scale: f64,
 }
 
-const KIB_AS_MIB: f64 = 1.0 / 1024.0;
+/// A memory figure: stored in KiB (as /proc says), shown in MiB.
+const fn kib(key: &'static str, label: &'static str) -> Resource {
+    Resource { key, label, unit: "MiB", raw_unit: "KiB", scale: 1.0 / 1024.0 }
+}
+
+/// A count of open descriptors.
+const fn fds(key: &'static str, label: &'static str) -> Resource {
+    Resource { key, label, unit: "fds", raw_unit: "fds", scale: 1.0 }
+}
 
 pub const RESOURCES: &[Resource] = &[
-    Resource {
-        key: "rss_idle",
-        label: "RSS idle (the bench service)",
-        unit: "MiB",
-        raw_unit: "KiB",
-        scale: KIB_AS_MIB,
-    },
-    Resource {
-        key: "rss_after_load",
-        label: "RSS idle after the rounds",
-        unit: "MiB",
-        raw_unit: "KiB",
-        scale: KIB_AS_MIB,
-    },
-    Resource {
-        key: "rss_1000_services",
-        label: "RSS idle, 1,000 services loaded",
-        unit: "MiB",
-        raw_unit: "KiB",
-        scale: KIB_AS_MIB,
-    },
-    Resource {
-        key: "rss_5000_conns",
-        label: "RSS with 5,000 idle connections",
-        unit: "MiB",
-        raw_unit: "KiB",
-        scale: KIB_AS_MIB,
-    },
-    Resource {
-        key: "fds_after_load",
-        label: "descriptors idle after the rounds",
-        unit: "fds",
-        raw_unit: "fds",
-        scale: 1.0,
-    },
-    Resource {
-        key: "fds_per_idle_conn",
-        label: "descriptors per idle connection",
-        unit: "fds",
-        raw_unit: "fds",
-        scale: 1.0,
-    },
+    kib("rss_idle", "RSS idle (the bench service)"),
+    kib("rss_after_load", "RSS idle after the rounds"),
+    kib("rss_1000_services", "RSS idle, 1,000 services loaded"),
+    kib("rss_5000_conns", "RSS with 5,000 idle connections"),
+    fds("fds_after_load", "descriptors idle after the rounds"),
+    fds("fds_per_idle_conn", "descriptors per idle connection"),
 ];
 
 #[derive(Default)]

@@ -103,13 +103,15 @@ impl Drop for Ns {
 /// A child process; SIGTERM, then SIGKILL after 2 s, on drop.
 pub struct Proc {
     pub child: Child,
+    /// Where its stdout and stderr go, when they go to a file.
+    pub log: Option<std::path::PathBuf>,
 }
 
 impl Proc {
     /// Own a child started elsewhere (it is killed by the emergency cleanup too).
     pub fn adopt(child: Child) -> Proc {
         lock(&CHILDREN).push(child.id());
-        Proc { child }
+        Proc { child, log: None }
     }
 
     pub fn pid(&self) -> u32 {

@@ -348,19 +348,17 @@ fn note_low(f: impl FnOnce(&mut (usize, usize))) {
 /// the last trim (the pools' low-water marks); returns how many (pipes, buffers) went.
 fn trim_pools() -> (usize, usize) {
     let (low_pipes, low_bufs) = LOW.with(Cell::get);
-    let pipes = PIPES.with(|p| {
-        let mut p = p.borrow_mut();
-        let n = low_pipes.min(p.len());
-        // The oldest first: the pool is a stack, its bottom is what waited longest.
-        p.drain(..n).count()
-    });
-    let bufs = POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let n = low_bufs.min(p.len());
-        p.drain(..n).count()
-    });
-    LOW.with(|l| l.set((PIPES.with(|p| p.borrow().len()), POOL.with(|p| p.borrow().len()))));
+    let (pipes, pipes_left) = PIPES.with(|p| drain_unused(&mut p.borrow_mut(), low_pipes));
+    let (bufs, bufs_left) = POOL.with(|p| drain_unused(&mut p.borrow_mut(), low_bufs));
+    LOW.with(|l| l.set((pipes_left, bufs_left)));
     (pipes, bufs)
+}
+
+/// Drop the `low` items at the bottom of a pool (a stack: they waited longest); (dropped, left).
+fn drain_unused<T>(pool: &mut Vec<T>, low: usize) -> (usize, usize) {
+    let n = low.min(pool.len());
+    pool.drain(..n);
+    (n, pool.len())
 }
 
 /// Trim this thread's pools every [`POOL_TRIM_EVERY`]; spawned on every relaying runtime.
