@@ -534,8 +534,12 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
     }
     if on("udp") && p.has_udp() {
         let dur = w.udp;
+        let cpu0 = pid.map(cpu_seconds).transpose()?;
         let (s, _lost) = in_ns(&topo.client, move || load::udp_rr(addr, UDP_FLOWS, dur))?;
         r.push("udp_rr", p, round, s.rate());
+        if let (Some(pid), Some(c0)) = (pid, cpu0) {
+            r.push("cpu_per_udp_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / load::float(s.ns.len()));
+        }
         r.push("udp_p99", p, round, s.quantile_us(0.99));
     }
     Ok(())

@@ -52,6 +52,7 @@ pub const FIGURES: &[Figure] = &[
     fig("cpu_per_gb", "proxy CPU per GB moved", "CPU-s/GB", false),
     fig("cpu_per_req", "proxy CPU per request (16 conns)", "CPU-us", false),
     fig("cpu_per_conn", "proxy CPU per new connection", "CPU-us", false),
+    fig("cpu_per_udp_req", "proxy CPU per UDP request", "CPU-us", false),
 ];
 
 /// A resource figure, measured once per run per proxy; lower is better.
