@@ -47,7 +47,6 @@ mod report;
 mod topo;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
@@ -322,7 +321,7 @@ fn run(args: &Args) -> Res<()> {
     for ip in Path::HAPROXIES.iter().filter_map(|p| p.haproxy_ip()) {
         topo.node.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
     }
-    start_backend(&topo.backend)?;
+    load::start_backend(&topo.backend)?;
     let _iperf = topo.backend.spawn(&["iperf3", "-s", "-p", &load::IPERF_PORT.to_string()], true)?;
 
     let mut results = Results::default();
@@ -547,28 +546,6 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
 
 fn in_ns<T: Send + 'static>(ns: &Ns, f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
     ns.thread(f)?.join().map_err(|_| "a benchmark thread panicked".to_string())?
-}
-
-fn start_backend(backend: &Ns) -> Res<()> {
-    let ready = Arc::new(Barrier::new(2 * load::BACKEND_THREADS + 1));
-    for _ in 0..load::BACKEND_THREADS {
-        let r = ready.clone();
-        backend.thread(move || {
-            if let Err(e) = load::tcp_echo_server(load::ECHO_PORT, r) {
-                eprintln!("backend TCP echo: {e}");
-                std::process::abort();
-            }
-        })?;
-        let r = ready.clone();
-        backend.thread(move || {
-            if let Err(e) = load::udp_echo_server(load::ECHO_PORT, &r) {
-                eprintln!("backend UDP echo: {e}");
-                std::process::abort();
-            }
-        })?;
-    }
-    ready.wait();
-    Ok(())
 }
 
 /// `--edgeproxy-config`, else a config of the benchmark's own: the defaults, but one client

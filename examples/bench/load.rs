@@ -405,3 +405,27 @@ pub fn iperf(client: &Ns, target: SocketAddr, streams: u32, secs: u32) -> Res<(f
     }
     Err(last)
 }
+
+/// The backend's echo servers (TCP and UDP, `BACKEND_THREADS` of each), listening once this
+/// returns.
+pub fn start_backend(backend: &Ns) -> Res<()> {
+    let ready = Arc::new(Barrier::new(2 * BACKEND_THREADS + 1));
+    for _ in 0..BACKEND_THREADS {
+        let r = ready.clone();
+        backend.thread(move || {
+            if let Err(e) = tcp_echo_server(ECHO_PORT, r) {
+                eprintln!("backend TCP echo: {e}");
+                std::process::abort();
+            }
+        })?;
+        let r = ready.clone();
+        backend.thread(move || {
+            if let Err(e) = udp_echo_server(ECHO_PORT, &r) {
+                eprintln!("backend UDP echo: {e}");
+                std::process::abort();
+            }
+        })?;
+    }
+    ready.wait();
+    Ok(())
+}
