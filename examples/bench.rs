@@ -27,9 +27,10 @@
 //! Owns the orchestration only: set up, run every figure for every path in each round (the path
 //! order rotates per round), collect, report. The report judges edgeproxy against each peer
 //! that ran (either HAProxy, EdgeMesh); a "better than" verdict passes only when edgeproxy's
-//! median is better AND it won a strict majority of the rounds (`report`). Everything it creates (namespaces, processes,
-//! files under a temporary directory) is removed at the end, also on error, panic or Ctrl-C. It
-//! never changes the root namespace's routes, iptables or sysctls.
+//! median is better AND it won a strict majority of the rounds (`report`). Everything it
+//! creates (namespaces, processes, files under a temporary directory) is removed at the end,
+//! also on error, panic or Ctrl-C. It never changes the root namespace's routes, iptables or
+//! sysctls.
 
 #[path = "bench/edgemesh.rs"]
 mod edgemesh;
@@ -491,11 +492,10 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
     let on = |g: &str| w.groups.contains(&g);
     if on("throughput") {
         // Throughput (iperf3) and the proxy's CPU time around it.
-        let cpu0 = pid.map(cpu_seconds).transpose()?;
+        let cpu = CpuSince::start(pid)?;
         let one = load::iperf(&topo.client, p.iperf(), 1, w.throughput)?;
         let eight = load::iperf(&topo.client, p.iperf(), 8, w.throughput)?;
-        if let (Some(pid), Some(c0)) = (pid, cpu0) {
-            let used = cpu_seconds(pid)? - c0;
+        if let Some(used) = cpu.used()? {
             let gb = (one.1 + eight.1) / 1e9;
             r.push("cpu_per_gb", p, round, used / gb);
         }
@@ -514,34 +514,48 @@ fn measure(topo: &Topology, p: Path, pid: Option<u32>, round: usize, w: &Windows
         r.push("rr_4k_p999", p, round, s.quantile_us(0.999));
     }
     if on("rate") {
-        let cpu0 = pid.map(cpu_seconds).transpose()?;
+        let cpu = CpuSince::start(pid)?;
         let s = in_ns(&topo.client, move || load::concurrent_rr(addr, 16, dur))?;
         r.push("rr_16_conns", p, round, s.rate());
-        if let (Some(pid), Some(c0)) = (pid, cpu0) {
-            r.push("cpu_per_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / load::float(s.ns.len()));
+        if let Some(used) = cpu.used()? {
+            r.push("cpu_per_req", p, round, used * 1e6 / load::float(s.ns.len()));
         }
     }
     if on("conns") {
         let dur = w.conns;
-        let cpu0 = pid.map(cpu_seconds).transpose()?;
+        let cpu = CpuSince::start(pid)?;
         let s = in_ns(&topo.client, move || load::new_conns(addr, NEW_CONN_THREADS, dur))?;
         r.push("new_conns", p, round, s.rate());
-        if let (Some(pid), Some(c0)) = (pid, cpu0) {
-            r.push("cpu_per_conn", p, round, (cpu_seconds(pid)? - c0) * 1e6 / load::float(s.ns.len()));
+        if let Some(used) = cpu.used()? {
+            r.push("cpu_per_conn", p, round, used * 1e6 / load::float(s.ns.len()));
         }
         r.push("new_conn_p99", p, round, s.quantile_us(0.99));
     }
     if on("udp") && p.has_udp() {
         let dur = w.udp;
-        let cpu0 = pid.map(cpu_seconds).transpose()?;
+        let cpu = CpuSince::start(pid)?;
         let (s, _lost) = in_ns(&topo.client, move || load::udp_rr(addr, UDP_FLOWS, dur))?;
         r.push("udp_rr", p, round, s.rate());
-        if let (Some(pid), Some(c0)) = (pid, cpu0) {
-            r.push("cpu_per_udp_req", p, round, (cpu_seconds(pid)? - c0) * 1e6 / load::float(s.ns.len()));
+        if let Some(used) = cpu.used()? {
+            r.push("cpu_per_udp_req", p, round, used * 1e6 / load::float(s.ns.len()));
         }
         r.push("udp_p99", p, round, s.quantile_us(0.99));
     }
     Ok(())
+}
+
+/// The proxy's CPU time (utime + stime) since a window began; nothing for a path without one.
+struct CpuSince(Option<(u32, f64)>);
+
+impl CpuSince {
+    fn start(pid: Option<u32>) -> Res<CpuSince> {
+        Ok(CpuSince(pid.map(|pid| cpu_seconds(pid).map(|c| (pid, c))).transpose()?))
+    }
+
+    /// Seconds of CPU used since `start`.
+    fn used(&self) -> Res<Option<f64>> {
+        self.0.map(|(pid, c0)| cpu_seconds(pid).map(|c| c - c0)).transpose()
+    }
 }
 
 fn in_ns<T: Send + 'static>(ns: &Ns, f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {

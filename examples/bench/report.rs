@@ -6,10 +6,11 @@
 //!
 //! Beside edgeproxy's own targets, it judges edgeproxy against every peer that ran ([`PEERS`]:
 //! HAProxy with 1 thread, HAProxy with its default threads, EdgeMesh when given), one row per
-//! figure per peer plus the resource rows. A "better than" row passes only when edgeproxy is ahead beyond the noise: its
-//! median is better (per-round ratios to kernel DNAT compared when both have them, else the
-//! medians) AND it won a strict majority of the rounds, counted from the per-round values (3 of
-//! 5, 2 of 2); a lead won in 2 of 5 rounds is a MISS. [`VERDICT_RULE`] says so in the output.
+//! figure per peer plus the resource rows. A "better than" row passes only when edgeproxy is ahead
+//! beyond the noise: its median is better (per-round ratios to kernel DNAT compared when both have
+//! them, else the medians) AND it won a strict majority of the rounds, counted from the per-round
+//! values (3 of 5, 2 of 2); a lead won in 2 of 5 rounds is a MISS. [`VERDICT_RULE`] says so in the
+//! output.
 
 use std::collections::BTreeMap;
 

@@ -1,12 +1,13 @@
-//! The relay of one TCP connection: it copies both ways with half-close: when one side's read ends, writing is shut down
-//! on the other and the opposite direction carries on until it ends too. An error on either side
-//! (a reset) resets the other. Small messages are copied through a buffer of `tcp_buffer` bytes;
-//! once a read fills the whole buffer (a bulk transfer), that direction switches to splice(2)
-//! through a kernel pipe (socket -> pipe -> socket, no copy to user space) until a splice moves
-//! less than a buffer's worth again. When no pipe can be had (out of descriptors) it copies. Memory and descriptors are bounded: a pipe or
-//! buffer per direction only while data is in flight, none while idle (both go back to small
-//! per-thread pools, capped per process and emptied of what went unused for a trim period), and
-//! backpressure comes from not reading while the pipe or buffer is unwritten.
+//! The relay of one TCP connection: it copies both ways with half-close: when one side's read ends,
+//! writing is shut down on the other and the opposite direction carries on until it ends too. An
+//! error on either side (a reset) resets the other. Small messages are copied through a buffer of
+//! `tcp_buffer` bytes; once a read fills the whole buffer (a bulk transfer), that direction
+//! switches to splice(2) through a kernel pipe (socket -> pipe -> socket, no copy to user space)
+//! until a splice moves less than a buffer's worth again. When no pipe can be had (out of
+//! descriptors) it copies. Memory and descriptors are bounded: a pipe or buffer per direction only
+//! while data is in flight, none while idle (both go back to small per-thread pools, capped per
+//! process and emptied of what went unused for a trim period), and backpressure comes from not
+//! reading while the pipe or buffer is unwritten.
 
 use std::cell::{Cell, RefCell};
 use std::io;
